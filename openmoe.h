@@ -1,0 +1,574 @@
+// openmoe.h: what both backends (openmoe.c, openmoe.cu) and all programs share.
+//
+//   1. checked C library calls (fopen_check, malloc_check, ...)
+//   2. the config, presets and their validation                  (SPEC §1)
+//   3. the parameter table: one fp32 buffer, offsets in file order (SPEC §6)
+//   4. initialisation with a portable RNG                          (SPEC §5)
+//   5. model file and debug state file I/O                         (SPEC §6, §7)
+//   6. the backend API, implemented by openmoe.c and by openmoe.cu
+//
+// Everything above the backend API is host code defined here as static
+// functions, so that each program is one translation unit plus one backend.
+#ifndef OPENMOE_H
+#define OPENMOE_H
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdarg.h>
+#include <string.h>
+#include <math.h>
+#include <errno.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ----------------------------------------------------------------------------
+// 1. checked calls: every failure names what failed and where, then exits 1
+
+static inline void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(1);
+}
+
+static inline FILE *fopen_check(const char *path, const char *mode, const char *file, int line) {
+    FILE *f = fopen(path, mode);
+    if (!f) die("%s: cannot open (mode %s): %s  [%s:%d]", path, mode, strerror(errno), file, line);
+    return f;
+}
+#define fopenCheck(path, mode) fopen_check(path, mode, __FILE__, __LINE__)
+
+// fread that names the file and says how much was missing (a truncated file)
+static inline void fread_check(void *ptr, size_t size, size_t n, FILE *f, const char *path,
+                               const char *file, int line) {
+    size_t got = fread(ptr, size, n, f);
+    if (got != n) die("%s: truncated: wanted %zu items of %zu bytes, got %zu  [%s:%d]",
+                      path, n, size, got, file, line);
+}
+#define freadCheck(ptr, size, n, f, path) fread_check(ptr, size, n, f, path, __FILE__, __LINE__)
+
+static inline void fwrite_check(const void *ptr, size_t size, size_t n, FILE *f, const char *path,
+                                const char *file, int line) {
+    if (fwrite(ptr, size, n, f) != n)
+        die("%s: write failed: %s  [%s:%d]", path, strerror(errno), file, line);
+}
+#define fwriteCheck(ptr, size, n, f, path) fwrite_check(ptr, size, n, f, path, __FILE__, __LINE__)
+
+static inline void fclose_check(FILE *f, const char *path, const char *file, int line) {
+    if (fclose(f) != 0) die("%s: close failed: %s  [%s:%d]", path, strerror(errno), file, line);
+}
+#define fcloseCheck(f, path) fclose_check(f, path, __FILE__, __LINE__)
+
+static inline void *malloc_check(size_t size, const char *file, int line) {
+    void *p = malloc(size ? size : 1);
+    if (!p) die("out of memory allocating %zu bytes  [%s:%d]", size, file, line);
+    return p;
+}
+#define mallocCheck(size) malloc_check(size, __FILE__, __LINE__)
+
+static inline void *calloc_check(size_t n, size_t size, const char *file, int line) {
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (!p) die("out of memory allocating %zu x %zu bytes  [%s:%d]", n, size, file, line);
+    return p;
+}
+#define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
+
+// size of an open file in bytes, leaving the position at the start
+static inline long file_size(FILE *f, const char *path) {
+    if (fseek(f, 0, SEEK_END) != 0) die("%s: cannot seek: %s", path, strerror(errno));
+    long n = ftell(f);
+    if (n < 0) die("%s: cannot tell size: %s", path, strerror(errno));
+    rewind(f);
+    return n;
+}
+
+// write to PATH.tmp, then rename over PATH, so that PATH is never half written
+static inline FILE *atomic_open(const char *path, char *tmp, size_t ntmp) {
+    snprintf(tmp, ntmp, "%s.tmp", path);
+    return fopenCheck(tmp, "wb");
+}
+static inline void atomic_commit(FILE *f, const char *tmp, const char *path) {
+    if (fflush(f) != 0) die("%s: flush failed: %s", tmp, strerror(errno));
+    fcloseCheck(f, tmp);
+    if (rename(tmp, path) != 0) die("%s: cannot rename to %s: %s", tmp, path, strerror(errno));
+}
+
+// ----------------------------------------------------------------------------
+// 2. config (SPEC §1)
+
+#define MODEL_MAGIC 240201739
+#define STATE_MAGIC 240201740
+#define TOKENS_MAGIC 240201741   // token data files, see tokenizer.bin-spec
+#define TRACE_MAGIC 240201742    // routing traces, see dev/analyze_routing.py
+#define HEADER_INTS 256
+
+typedef struct {
+    int V;            // vocabulary size
+    int max_seq_len;  // context length
+    int L;            // decoder layers
+    int D;            // model width
+    int H, Hd;        // heads, head width (H*Hd may differ from D)
+    int F;            // dense FFN hidden width
+    int E, K;         // experts, experts per token
+    int moe_every;    // layer l is MoE iff (l+1) % moe_every == 0
+    int Fe;           // expert FFN hidden width
+    int extra_ffn;    // MoE layers also carry a dense FFN after the MoE
+} Config;
+
+static inline int is_moe_layer(const Config *c, int l) { return (l + 1) % c->moe_every == 0; }
+static inline int n_moe_layers(const Config *c) { return c->L / c->moe_every; }
+
+// the presets of SPEC §1; returns 0 when the name is unknown
+static inline int config_preset(const char *name, Config *c) {
+    static const struct { const char *name; Config c; } presets[] = {
+        //           V    ctx   L     D   H   Hd      F   E  K  every    Fe  extra
+        {"tiny",  {  4096,  256,  4,  128,  4,  32,   384,  8, 2, 2,   384, 1}},
+        {"small", { 32000, 1024,  8,  512,  8,  64,  1536,  8, 2, 2,  1536, 1}},
+        {"base",  {256384, 2048, 12,  768, 12,  64,  2048, 16, 2, 4,  2048, 1}},
+        {"8b",    {256384, 2048, 24, 2048, 24, 128,  8192, 32, 2, 6,  8192, 1}},
+        {"34b",   {256384, 2048, 32, 3072, 24, 128, 12288, 32, 2, 4, 12288, 1}},
+    };
+    for (size_t i = 0; i < sizeof(presets) / sizeof(presets[0]); i++) {
+        if (strcmp(name, presets[i].name) == 0) { *c = presets[i].c; return 1; }
+    }
+    return 0;
+}
+
+// checks a config as SPEC §6 asks of a header; on failure writes why and returns 0
+static inline int config_check(const Config *c, char *why, size_t nwhy) {
+    const int *v = &c->V;
+    static const char *names[] = {"V", "max_seq_len", "L", "D", "H", "Hd", "F", "E", "K",
+                                  "moe_every", "Fe"};
+    for (int i = 0; i < 11; i++) {
+        if (v[i] <= 0) { snprintf(why, nwhy, "%s = %d, must be > 0", names[i], v[i]); return 0; }
+    }
+    if (c->K > c->E) { snprintf(why, nwhy, "K = %d > E = %d", c->K, c->E); return 0; }
+    if (c->Hd % 2) { snprintf(why, nwhy, "Hd = %d is odd (RoPE pairs i with i+Hd/2)", c->Hd); return 0; }
+    if (c->extra_ffn != 0 && c->extra_ffn != 1) {
+        snprintf(why, nwhy, "extra_ffn = %d, must be 0 or 1", c->extra_ffn);
+        return 0;
+    }
+    return 1;
+}
+
+// ----------------------------------------------------------------------------
+// 3. the parameter table: every tensor's offset into one fp32 buffer, in the
+// order of the model file (SPEC §6). Expert stacks [E, rows, cols] are one
+// tensor of E slices; optimizers and tests treat each slice as a matrix.
+
+typedef struct {
+    size_t attn_norm, wq, wk, wv, wo;  // wq,wk,wv [H*Hd, D], wo [D, H*Hd]
+    size_t mlp_norm;
+    size_t w_gate, w_up, w_down;       // dense: [2F,D] [F,D] [D,F]; MoE: [E,2Fe,D] [E,Fe,D] [E,D,Fe]
+    size_t router;                     // MoE: [E, D]
+    size_t extra_norm, x_gate, x_up, x_down;  // MoE with extra_ffn: [D] [2F,D] [F,D] [D,F]
+    int moe;
+} LayerParams;
+
+typedef struct {
+    char name[32];   // e.g. "l3.w_gate", "l3.router", "wte"
+    size_t offset;   // into the parameter buffer
+    int slices;      // E for expert stacks, else 1
+    int rows, cols;  // each slice is rows x cols; vectors have rows 1
+    int matrix;      // 1 for weight matrices (weight decay, factored Adafactor), 0 for norm weights
+} TensorInfo;
+
+typedef struct {
+    size_t wte, final_norm, lm_head;
+    LayerParams *layer;    // [L]
+    TensorInfo *tensors;   // in file order
+    int n_tensors;
+    size_t n_params;
+} ParamTable;
+
+static inline size_t tensor_numel(const TensorInfo *t) {
+    return (size_t)t->slices * t->rows * t->cols;
+}
+
+static inline size_t param_table_add(ParamTable *p, const char *name, int slices, int rows, int cols,
+                                     int matrix) {
+    TensorInfo *t = &p->tensors[p->n_tensors++];
+    snprintf(t->name, sizeof(t->name), "%s", name);
+    t->offset = p->n_params;
+    t->slices = slices;
+    t->rows = rows;
+    t->cols = cols;
+    t->matrix = matrix;
+    p->n_params += tensor_numel(t);
+    return t->offset;
+}
+
+static inline void param_table_build(ParamTable *p, const Config *c) {
+    int HHd = c->H * c->Hd;
+    memset(p, 0, sizeof(*p));
+    p->layer = (LayerParams *)callocCheck(c->L, sizeof(LayerParams));
+    p->tensors = (TensorInfo *)callocCheck(3 + 14 * (size_t)c->L, sizeof(TensorInfo));
+    char n[32];
+    p->wte = param_table_add(p, "wte", 1, c->V, c->D, 1);
+    for (int l = 0; l < c->L; l++) {
+        LayerParams *lp = &p->layer[l];
+        lp->moe = is_moe_layer(c, l);
+#define ADD(field, slices, rows, cols, matrix) \
+        (snprintf(n, sizeof(n), "l%d.%s", l, #field), \
+         lp->field = param_table_add(p, n, slices, rows, cols, matrix))
+        ADD(attn_norm, 1, 1, c->D, 0);
+        ADD(wq, 1, HHd, c->D, 1);
+        ADD(wk, 1, HHd, c->D, 1);
+        ADD(wv, 1, HHd, c->D, 1);
+        ADD(wo, 1, c->D, HHd, 1);
+        ADD(mlp_norm, 1, 1, c->D, 0);
+        if (!lp->moe) {
+            ADD(w_gate, 1, 2 * c->F, c->D, 1);
+            ADD(w_up, 1, c->F, c->D, 1);
+            ADD(w_down, 1, c->D, c->F, 1);
+        } else {
+            ADD(router, 1, c->E, c->D, 1);
+            ADD(w_gate, c->E, 2 * c->Fe, c->D, 1);
+            ADD(w_up, c->E, c->Fe, c->D, 1);
+            ADD(w_down, c->E, c->D, c->Fe, 1);
+            if (c->extra_ffn) {
+                ADD(extra_norm, 1, 1, c->D, 0);
+                ADD(x_gate, 1, 2 * c->F, c->D, 1);
+                ADD(x_up, 1, c->F, c->D, 1);
+                ADD(x_down, 1, c->D, c->F, 1);
+            }
+        }
+#undef ADD
+    }
+    p->final_norm = param_table_add(p, "final_norm", 1, 1, c->D, 0);
+    p->lm_head = param_table_add(p, "lm_head", 1, c->V, c->D, 1);
+}
+
+static inline void param_table_free(ParamTable *p) {
+    free(p->layer);
+    free(p->tensors);
+    memset(p, 0, sizeof(*p));
+}
+
+// ----------------------------------------------------------------------------
+// 4. RNG and initialisation (SPEC §5). The RNG is splitmix64: a 64-bit state
+// that checkpoints save, identical on every platform and backend.
+
+typedef struct { uint64_t s; } Rng;
+
+static inline uint64_t rng_u64(Rng *r) {
+    uint64_t z = (r->s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+// uniform in [0, 1) with 24 random bits
+static inline float rng_uniform(Rng *r) { return (float)(rng_u64(r) >> 40) * (1.0f / 16777216.0f); }
+// standard normal (Box-Muller in double, one value per call)
+static inline double rng_normal(Rng *r) {
+    double u1 = ((rng_u64(r) >> 11) + 1.0) * (1.0 / 9007199254740993.0);  // (0, 1]
+    double u2 = (rng_u64(r) >> 11) * (1.0 / 9007199254740992.0);
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+// normal with std sigma, truncated at 2 sigma by resampling
+static inline float rng_truncnormal(Rng *r, double sigma) {
+    double z;
+    do { z = rng_normal(r); } while (z > 2.0 || z < -2.0);
+    return (float)(z * sigma);
+}
+
+// SPEC §5: wte ~ N(0,1); matrices ~ N(0, 0.1/fan_in) truncated at 2 sigma,
+// wq also scaled by 1/sqrt(Hd) (OpenMoE's folded attention scale);
+// router ~ N(0, 0.02^2); norm weights 1.
+static inline void params_init(const ParamTable *p, const Config *c, float *params, uint64_t seed) {
+    Rng r = {seed};
+    for (int i = 0; i < p->n_tensors; i++) {
+        const TensorInfo *t = &p->tensors[i];
+        float *w = params + t->offset;
+        size_t n = tensor_numel(t);
+        const char *leaf = strchr(t->name, '.') ? strchr(t->name, '.') + 1 : t->name;
+        if (!t->matrix) {
+            for (size_t j = 0; j < n; j++) w[j] = 1.0f;
+        } else if (strcmp(leaf, "wte") == 0) {
+            for (size_t j = 0; j < n; j++) w[j] = (float)rng_normal(&r);
+        } else if (strcmp(leaf, "router") == 0) {
+            for (size_t j = 0; j < n; j++) w[j] = (float)(0.02 * rng_normal(&r));
+        } else {
+            double sigma = sqrt(0.1 / t->cols);
+            if (strcmp(leaf, "wq") == 0) sigma /= sqrt((double)c->Hd);
+            for (size_t j = 0; j < n; j++) w[j] = rng_truncnormal(&r, sigma);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// 5. files. Model file (SPEC §6): int32 header[256], then fp32 parameters.
+
+static inline void config_to_header(const Config *c, int32_t *h) {
+    memset(h, 0, HEADER_INTS * sizeof(int32_t));
+    h[0] = MODEL_MAGIC;
+    h[1] = 1;
+    memcpy(&h[2], &c->V, 12 * sizeof(int32_t));
+}
+
+// reads a model file; exits with a message naming PATH on any problem.
+// Returns the parameters (malloc'd, n_params floats) and fills *c.
+static inline float *model_file_load(const char *path, Config *c) {
+    FILE *f = fopenCheck(path, "rb");
+    long size = file_size(f, path);
+    int32_t h[HEADER_INTS];
+    if (size < (long)sizeof(h)) die("%s: not a model file: %ld bytes, shorter than the 1024-byte header", path, size);
+    freadCheck(h, sizeof(int32_t), HEADER_INTS, f, path);
+    if (h[0] != MODEL_MAGIC) die("%s: bad magic %d (a model file starts with %d)", path, h[0], MODEL_MAGIC);
+    if (h[1] != 1) die("%s: unknown version %d (this build reads version 1)", path, h[1]);
+    for (int i = 14; i < HEADER_INTS; i++)
+        if (h[i] != 0) die("%s: header word %d is %d, must be 0", path, i, h[i]);
+    memcpy(&c->V, &h[2], 12 * sizeof(int32_t));
+    char why[128];
+    if (!config_check(c, why, sizeof(why))) die("%s: inconsistent header: %s", path, why);
+    ParamTable p;
+    param_table_build(&p, c);
+    size_t n = p.n_params;
+    param_table_free(&p);
+    long want = (long)sizeof(h) + (long)(4 * n);
+    if (size != want) die("%s: size %ld bytes, but its header describes %zu parameters (%ld bytes)",
+                          path, size, n, want);
+    float *params = (float *)mallocCheck(n * sizeof(float));
+    freadCheck(params, sizeof(float), n, f, path);
+    fcloseCheck(f, path);
+    return params;
+}
+
+static inline void model_file_save(const char *path, const Config *c, const float *params) {
+    ParamTable p;
+    param_table_build(&p, c);
+    int32_t h[HEADER_INTS];
+    config_to_header(c, h);
+    char tmp[4096];
+    FILE *f = atomic_open(path, tmp, sizeof(tmp));
+    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
+    fwriteCheck(params, sizeof(float), p.n_params, f, tmp);
+    atomic_commit(f, tmp, path);
+    param_table_free(&p);
+}
+
+// Per-call settings of routing and losses (SPEC §3, §4); the debug state
+// file stores them in its header.
+typedef struct {
+    int cf1000;        // capacity factor x 1000: 1250 train, 2000 eval
+    int min_capacity;  // 4
+    int group_size;    // tokens per routing group, 0 = all B*T tokens of the call
+    float lb_coef, rz_coef, lz_coef;  // 0.01, 1e-4, 1e-4
+} MoeSettings;
+
+static inline MoeSettings moe_settings_default(void) {
+    MoeSettings s = {1250, 4, 4096, 0.01f, 1e-4f, 1e-4f};
+    return s;
+}
+
+// Debug state file (SPEC §7): one batch, its settings, and what a correct
+// implementation computes from it.
+enum { LOSS_TOTAL, LOSS_CE, LOSS_LB, LOSS_RZ, LOSS_LZ, LOSS_DROPPED, N_LOSSES = 8 };
+
+typedef struct {
+    int B, T;
+    MoeSettings s;
+    int32_t *x, *y;   // [B*T] tokens, targets (-1 = ignored)
+    float *logits;    // [B*T*V]
+    float losses[N_LOSSES];
+    float *grads;     // [n_params]
+} DebugState;
+
+static inline void state_file_load(const char *path, const Config *c, DebugState *st) {
+    FILE *f = fopenCheck(path, "rb");
+    long size = file_size(f, path);
+    int32_t h[HEADER_INTS];
+    if (size < (long)sizeof(h)) die("%s: not a state file: %ld bytes, shorter than the 1024-byte header", path, size);
+    freadCheck(h, sizeof(int32_t), HEADER_INTS, f, path);
+    if (h[0] != STATE_MAGIC) die("%s: bad magic %d (a state file starts with %d)", path, h[0], STATE_MAGIC);
+    if (h[1] != 1) die("%s: unknown version %d (this build reads version 1)", path, h[1]);
+    for (int i = 10; i < HEADER_INTS; i++)
+        if (h[i] != 0) die("%s: header word %d is %d, must be 0", path, i, h[i]);
+    st->B = h[2];
+    st->T = h[3];
+    st->s.cf1000 = h[4];
+    st->s.min_capacity = h[5];
+    st->s.lb_coef = h[6] * 1e-6f;
+    st->s.rz_coef = h[7] * 1e-6f;
+    st->s.lz_coef = h[8] * 1e-6f;
+    st->s.group_size = h[9];
+    if (st->B <= 0 || st->T <= 0) die("%s: B = %d, T = %d, both must be > 0", path, st->B, st->T);
+    if (st->T > c->max_seq_len) die("%s: T = %d is longer than the model's context %d", path, st->T, c->max_seq_len);
+    if (st->s.cf1000 <= 0 || st->s.min_capacity < 0 || st->s.group_size < 0 || h[6] < 0 || h[7] < 0 || h[8] < 0)
+        die("%s: bad settings: cf1000 %d, min_capacity %d, group_size %d, coefs %d %d %d", path,
+            st->s.cf1000, st->s.min_capacity, st->s.group_size, h[6], h[7], h[8]);
+    ParamTable p;
+    param_table_build(&p, c);
+    size_t BT = (size_t)st->B * st->T;
+    size_t nfloat = 2 * BT + BT * c->V + N_LOSSES + p.n_params;
+    long want = (long)sizeof(h) + (long)(4 * nfloat);
+    if (size != want) die("%s: size %ld bytes, but B=%d T=%d V=%d and %zu parameters make %ld bytes",
+                          path, size, st->B, st->T, c->V, p.n_params, want);
+    st->x = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+    st->y = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+    st->logits = (float *)mallocCheck(BT * c->V * sizeof(float));
+    st->grads = (float *)mallocCheck(p.n_params * sizeof(float));
+    freadCheck(st->x, sizeof(int32_t), BT, f, path);
+    freadCheck(st->y, sizeof(int32_t), BT, f, path);
+    freadCheck(st->logits, sizeof(float), BT * c->V, f, path);
+    freadCheck(st->losses, sizeof(float), N_LOSSES, f, path);
+    freadCheck(st->grads, sizeof(float), p.n_params, f, path);
+    fcloseCheck(f, path);
+    param_table_free(&p);
+    for (size_t i = 0; i < BT; i++) {
+        if (st->x[i] < 0 || st->x[i] >= c->V) die("%s: token x[%zu] = %d is out of range [0, %d)", path, i, st->x[i], c->V);
+        if (st->y[i] < -1 || st->y[i] >= c->V) die("%s: target y[%zu] = %d is out of range [-1, %d)", path, i, st->y[i], c->V);
+    }
+}
+
+static inline void state_file_save(const char *path, const Config *c, const DebugState *st) {
+    int32_t h[HEADER_INTS] = {0};
+    h[0] = STATE_MAGIC;
+    h[1] = 1;
+    h[2] = st->B;
+    h[3] = st->T;
+    h[4] = st->s.cf1000;
+    h[5] = st->s.min_capacity;
+    h[6] = (int32_t)lrint(st->s.lb_coef * 1e6);
+    h[7] = (int32_t)lrint(st->s.rz_coef * 1e6);
+    h[8] = (int32_t)lrint(st->s.lz_coef * 1e6);
+    h[9] = st->s.group_size;
+    ParamTable p;
+    param_table_build(&p, c);
+    size_t BT = (size_t)st->B * st->T;
+    char tmp[4096];
+    FILE *f = atomic_open(path, tmp, sizeof(tmp));
+    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
+    fwriteCheck(st->x, sizeof(int32_t), BT, f, tmp);
+    fwriteCheck(st->y, sizeof(int32_t), BT, f, tmp);
+    fwriteCheck(st->logits, sizeof(float), BT * c->V, f, tmp);
+    fwriteCheck(st->losses, sizeof(float), N_LOSSES, f, tmp);
+    fwriteCheck(st->grads, sizeof(float), p.n_params, f, tmp);
+    atomic_commit(f, tmp, path);
+    param_table_free(&p);
+}
+
+static inline void state_free(DebugState *st) {
+    free(st->x);
+    free(st->y);
+    free(st->logits);
+    free(st->grads);
+    memset(st, 0, sizeof(*st));
+}
+
+// ----------------------------------------------------------------------------
+// 6. the backend API. openmoe.c implements it on the CPU, openmoe.cu on one
+// GPU; train.c, run.c and test/test_model.c link with either.
+
+typedef struct Model Model;
+
+typedef enum { PRECISION_FP32 = 0, PRECISION_BF16 = 1 } Precision;
+
+// Optimizers (SPEC §5). The caller applies the learning-rate schedule.
+//
+// AdamW, per parameter, step t = 1, 2, ...; first the gradient is scaled by
+// min(1, grad_clip / global_norm):
+//   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+//   w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps) + lr * wd * w   (wd on matrices only)
+// Adafactor (Shazeer & Stern 2018, as T5X ran it for OpenMoE), no momentum,
+// no weight decay, no global clipping; per matrix slice [rows, cols] with
+// rows >= min_dim and cols >= min_dim (else per element), beta = 1 - t^(-decay):
+//   g2 = g^2 + eps1
+//   factored: r = beta r + (1-beta) rowmean(g2);  c = beta c + (1-beta) colmean(g2)
+//             u = g / sqrt(r / mean(r)) / sqrt(c)
+//   else:     v = beta v + (1-beta) g2;  u = g / sqrt(v)
+//   u /= max(1, rms(u) / clip_threshold)
+//   w -= lr * max(eps2, rms(w)) * u       (rms(w) before the update, per slice)
+typedef enum { OPT_ADAMW = 0, OPT_ADAFACTOR = 1 } OptKind;
+
+typedef struct {
+    OptKind kind;
+    float lr;
+    float beta1, beta2, eps, weight_decay, grad_clip;    // AdamW
+    float decay, clip_threshold, eps1, eps2;             // Adafactor
+    int min_dim;                                         // Adafactor: factor slices with both dims >= this
+} OptSettings;
+
+static inline OptSettings opt_settings_default(OptKind kind) {
+    OptSettings o = {kind, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 0.8f, 1.0f, 1e-30f, 1e-3f, 128};
+    if (kind == OPT_ADAFACTOR) o.lr = 0.01f;
+    return o;
+}
+
+// Optimizer state layout, shared so that checkpoints move between backends.
+// AdamW: m [n_params], then v [n_params]. Adafactor: per tensor, per slice in
+// file order: factored slices r [rows] then c [cols], others v [rows*cols].
+static inline int adafactor_factored(const TensorInfo *t, int min_dim) {
+    return t->matrix && t->rows >= min_dim && t->cols >= min_dim;
+}
+static inline size_t opt_state_floats(const ParamTable *p, OptKind kind, int min_dim) {
+    if (kind == OPT_ADAMW) return 2 * p->n_params;
+    size_t n = 0;
+    for (int i = 0; i < p->n_tensors; i++) {
+        const TensorInfo *t = &p->tensors[i];
+        n += adafactor_factored(t, min_dim) ? (size_t)t->slices * (t->rows + t->cols) : tensor_numel(t);
+    }
+    return n;
+}
+
+// Router statistics of the last forward, one entry per MoE layer.
+typedef struct {
+    float lb;         // load-balance loss (mean over groups), before its coefficient
+    float rz;         // router z-loss
+    float dropped;    // dropped share of this layer's B*T*K assignments
+    int *routed;      // [E] top-K choices per expert, before dropping
+    int *kept;        // [E] assignments kept per expert
+} RouterStats;
+
+// Allocates parameters (zero), activations for batches up to B x T, and a
+// KV cache of max_seq_len positions for model_decode. With opt (not NULL)
+// also gradients and the state of optimizer opt->kind (zero); model_update
+// must then be called with the same kind and min_dim. Nothing is allocated
+// after this call. Exits with a message when memory or the backend fails.
+Model *model_create(const Config *c, int B, int T, Precision precision, const OptSettings *opt);
+void model_free(Model *m);
+
+const Config *model_config(const Model *m);
+const ParamTable *model_param_table(const Model *m);
+
+void model_set_params(Model *m, const float *params);   // host [n_params]
+void model_get_params(const Model *m, float *params);
+void model_get_grads(const Model *m, float *grads);
+
+// Forward of one batch: x, y [B*T] host arrays (y = -1 ignored; y may be
+// NULL for logits only). Returns the losses (N_LOSSES, indexed by LOSS_*).
+void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T,
+                   const MoeSettings *s, float *losses);
+void model_get_logits(const Model *m, float *logits);   // host [B*T*V] of the last forward
+const RouterStats *model_router_stats(const Model *m);  // [n_moe_layers] of the last forward
+// Routing of MoE layer i (0-based among MoE layers) in the last forward, host
+// arrays [B*T*K], rank-major per token: expert id, full-softmax probability,
+// 1 if the assignment was kept, 0 if capacity dropped it.
+void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint8_t *kept);
+
+// Gradients of the total loss of the last forward (which needs y).
+void model_backward(Model *m);
+// One optimizer step t (1-based) with the gradients of the last backward;
+// returns the global gradient norm before clipping.
+float model_update(Model *m, const OptSettings *o, int t);
+// optimizer state, host [opt_state_floats(...)], for checkpoints
+void model_get_opt_state(const Model *m, float *state);
+void model_set_opt_state(Model *m, const float *state);
+
+// Inference with a KV cache: feeds token at position pos (0 <= pos <
+// max_seq_len; positions before pos must have been fed) and returns the
+// host logits [V] for the next token. Each token is routed on its own (a
+// group of one), so capacity never drops it: generation matches
+// model_forward with group_size 1.
+const float *model_decode(Model *m, int token, int pos);
+
+#ifdef __cplusplus
+}
+#endif
+#endif  // OPENMOE_H

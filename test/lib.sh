@@ -1,0 +1,17 @@
+# shared helpers for test/t_*.sh: verdict lines that test/run_tests.sh counts
+pass() { echo "PASS $*"; }
+fail() { echo "FAIL $*"; }
+# expect_ok NAME CMD...: passes when CMD exits 0
+expect_ok() { local name=$1; shift; if "$@"; then pass "$name"; else fail "$name"; fi; }
+# expect_error NAME PATTERN CMD...: passes when CMD exits non-zero and its
+# stderr matches PATTERN (a clear message, not a crash)
+expect_error() {
+    local name=$1 pattern=$2; shift 2
+    local err rc
+    err=$("$@" 2>&1 >/dev/null); rc=$?
+    if [ $rc -ne 0 ] && [ $rc -lt 128 ] && echo "$err" | grep -q -- "$pattern"; then
+        pass "$name"
+    else
+        fail "$name (exit $rc, stderr: $(echo "$err" | head -3))"
+    fi
+}
