@@ -106,6 +106,7 @@ static inline void atomic_commit(FILE *f, const char *tmp, const char *path) {
 #define STATE_MAGIC 240201740
 #define TOKENS_MAGIC 240201741   // token data files, see tokenizer.bin-spec
 #define TRACE_MAGIC 240201742    // routing traces, see dev/analyze_routing.py
+#define CKPT_MAGIC 240201743     // training state checkpoints, see train.c
 #define HEADER_INTS 256
 
 typedef struct {
@@ -540,6 +541,7 @@ const ParamTable *model_param_table(const Model *m);
 void model_set_params(Model *m, const float *params);   // host [n_params]
 void model_get_params(const Model *m, float *params);
 void model_get_grads(const Model *m, float *grads);
+void model_set_grads(Model *m, const float *grads);     // tests: feed known gradients to model_update
 
 // Forward of one batch: x, y [B*T] host arrays (y = -1 ignored; y may be
 // NULL for logits only). Returns the losses (N_LOSSES, indexed by LOSS_*).
