@@ -1,0 +1,1217 @@
+// openmoe.c: OpenMoE on the CPU in plain C with OpenMP. Forward, backward,
+// router, capacity, losses and optimizers, exactly as ../shared/SPEC.md says.
+//
+// Reading order: the matmul (the one kernel that matters for speed), then the
+// layers, each _forward beside its _backward, then the router and the MoE
+// plumbing, the losses, the model (forward, backward), the optimizers, and
+// inference with a KV cache. Shapes use B batch, T time, D width, HHd = H*Hd,
+// BT = B*T tokens, E experts, K experts per token, V vocabulary.
+//
+// Determinism: every output element is summed by one thread in a fixed order,
+// so results do not depend on the number of threads, and a token's result does
+// not depend on which rows it was batched with (model_decode reproduces
+// model_forward bit for bit).
+#include "openmoe.h"
+#include <float.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// ----------------------------------------------------------------------------
+// matmul. One kernel: C[M,N] (+)= A[M,K] B[K,N], with C and B row-major and A
+// read through strides (A[i*ars + k*aks]) so that it can be a transposed view.
+// Each C element is one chain c = c + a*b over k in order (fused multiply-adds
+// under -ffp-contract=fast), so any tiling, any thread count and the matvec
+// below give identical bits.
+
+#define MR 6    // rows of C per register tile
+#define NR 16   // columns of C per register tile: two 8-float vectors
+#define KC 256  // depth of one pass, so that a B panel stays in L1
+#define MC 96   // rows of C per thread task
+
+typedef float vec8 __attribute__((vector_size(32), aligned(4)));  // 8 floats, any float alignment
+
+// a full MR x NR tile, its accumulators held in 12 vector registers
+static inline void gemm_tile(float *C, int ldc, const float *A, int ars, int aks, const float *B,
+                             int ldb, int K, int load_c) {
+    vec8 acc[MR][2];
+    for (int r = 0; r < MR; r++) {
+        vec8 zero = {0};
+        acc[r][0] = load_c ? *(const vec8 *)(C + (size_t)r * ldc) : zero;
+        acc[r][1] = load_c ? *(const vec8 *)(C + (size_t)r * ldc + 8) : zero;
+    }
+    for (int k = 0; k < K; k++) {
+        const float *b = B + (size_t)k * ldb;
+        vec8 b0 = *(const vec8 *)b, b1 = *(const vec8 *)(b + 8);
+        for (int r = 0; r < MR; r++) {
+            float a = A[(size_t)r * ars + (size_t)k * aks];
+            acc[r][0] = acc[r][0] + a * b0;
+            acc[r][1] = acc[r][1] + a * b1;
+        }
+    }
+    for (int r = 0; r < MR; r++) {
+        *(vec8 *)(C + (size_t)r * ldc) = acc[r][0];
+        *(vec8 *)(C + (size_t)r * ldc + 8) = acc[r][1];
+    }
+}
+
+// the same computation for a ragged tile at the edges (mr <= MR, nr <= NR)
+static void gemm_tile_edge(float *C, int ldc, const float *A, int ars, int aks, const float *B,
+                           int ldb, int K, int load_c, int mr, int nr) {
+    for (int r = 0; r < mr; r++) {
+        for (int j = 0; j < nr; j++) {
+            float acc = load_c ? C[(size_t)r * ldc + j] : 0.0f;
+            for (int k = 0; k < K; k++) acc = acc + A[(size_t)r * ars + (size_t)k * aks] * B[(size_t)k * ldb + j];
+            C[(size_t)r * ldc + j] = acc;
+        }
+    }
+}
+
+static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
+                 int M, int N, int K, int accumulate) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {  // an empty sum: C stays, or becomes 0
+        if (!accumulate)
+            for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, N * sizeof(float));
+        return;
+    }
+    int n_tasks = (M + MC - 1) / MC;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int task = 0; task < n_tasks; task++) {
+        int i_end = task * MC + MC < M ? task * MC + MC : M;
+        for (int j0 = 0; j0 < N; j0 += NR) {
+            int nr = N - j0 < NR ? N - j0 : NR;
+            for (int k0 = 0; k0 < K; k0 += KC) {
+                int kc = K - k0 < KC ? K - k0 : KC;
+                int load_c = accumulate || k0 > 0;
+                for (int i0 = task * MC; i0 < i_end; i0 += MR) {
+                    int mr = i_end - i0 < MR ? i_end - i0 : MR;
+                    float *c = C + (size_t)i0 * ldc + j0;
+                    const float *a = A + (size_t)i0 * ars + (size_t)k0 * aks;
+                    const float *b = B + (size_t)k0 * ldb + j0;
+                    if (mr == MR && nr == NR) gemm_tile(c, ldc, a, ars, aks, b, ldb, kc, load_c);
+                    else gemm_tile_edge(c, ldc, a, ars, aks, b, ldb, kc, load_c, mr, nr);
+                }
+            }
+        }
+    }
+}
+
+// out [OUT] = w [OUT,IN] @ inp [IN]: one token (inference), same bits as gemm
+static void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT) {
+#pragma omp parallel for schedule(static) if (OUT * IN > 65536)
+    for (int o = 0; o < OUT; o++) {
+        const float *wo = w + (size_t)o * IN;
+        float acc = 0.0f;
+        for (int i = 0; i < IN; i++) acc = acc + inp[i] * wo[i];
+        out[o] = acc;
+    }
+}
+
+// wt [IN,OUT] = w [OUT,IN]^T
+static void transpose(float *wt, const float *w, int OUT, int IN) {
+#pragma omp parallel for schedule(static)
+    for (int i0 = 0; i0 < IN; i0 += 32)
+        for (int o = 0; o < OUT; o++)
+            for (int i = i0; i < IN && i < i0 + 32; i++) wt[(size_t)i * OUT + o] = w[(size_t)o * IN + i];
+}
+
+// out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T; scratch holds OUT*IN floats
+static void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT,
+                           float *scratch) {
+    transpose(scratch, w, OUT, IN);
+    gemm(out, OUT, inp, IN, 1, scratch, OUT, N, OUT, IN, 0);
+}
+
+// dinp (N,IN) = (or +=, with accumulate) dout (N,OUT) @ w (OUT,IN);
+// dw (OUT,IN) += dout^T @ inp
+static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                            const float *w, int N, int IN, int OUT, int accumulate) {
+    if (dinp) gemm(dinp, IN, dout, OUT, 1, w, IN, N, IN, OUT, accumulate);
+    gemm(dw, IN, dout, 1, OUT, inp, IN, OUT, IN, N, 1);
+}
+
+// ----------------------------------------------------------------------------
+// embedding
+
+// out (BT,D) = wte[x]
+static void encoder_forward(float *out, const int *x, const float *wte, int BT, int D) {
+    for (int n = 0; n < BT; n++) memcpy(out + (size_t)n * D, wte + (size_t)x[n] * D, D * sizeof(float));
+}
+
+// dwte[x[n]] += dout[n], in token order
+static void encoder_backward(float *dwte, const float *dout, const int *x, int BT, int D) {
+    for (int n = 0; n < BT; n++) {
+        float *dw = dwte + (size_t)x[n] * D;
+        const float *d = dout + (size_t)n * D;
+        for (int i = 0; i < D; i++) dw[i] += d[i];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// RMSNorm: y = x * rsqrt(mean(x^2) + 1e-6) * w
+
+static void rmsnorm_row(float *out, float *rstd, const float *x, const float *w, int D) {
+    double ss = 0.0;
+    for (int i = 0; i < D; i++) ss += (double)x[i] * x[i];
+    float r = (float)(1.0 / sqrt(ss / D + 1e-6));
+    for (int i = 0; i < D; i++) out[i] = x[i] * r * w[i];
+    if (rstd) *rstd = r;
+}
+
+// inp (N,D) -> out (N,D), rstd (N)
+static void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int N, int D) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) rmsnorm_row(out + (size_t)n * D, rstd + n, inp + (size_t)n * D, w, D);
+}
+
+// dinp += d/dx, dw += d/dw, from dout (N,D)
+static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                             const float *w, const float *rstd, int N, int D) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * D, *dy = dout + (size_t)n * D;
+        float r = rstd[n];
+        double dot = 0.0;  // sum_i dy_i w_i x_i
+        for (int i = 0; i < D; i++) dot += (double)dy[i] * w[i] * x[i];
+        float c = (float)(dot * r * r * r / D);
+        float *dx = dinp + (size_t)n * D;
+        for (int i = 0; i < D; i++) dx[i] += dy[i] * w[i] * r - x[i] * c;
+    }
+    // dw[i] = sum_n dy[n,i] x[n,i] rstd[n]: threads own columns, rows summed in order
+#pragma omp parallel for schedule(static)
+    for (int i0 = 0; i0 < D; i0 += 16) {
+        int i1 = i0 + 16 < D ? i0 + 16 : D;
+        for (int n = 0; n < N; n++)
+            for (int i = i0; i < i1; i++) dw[i] += dout[(size_t)n * D + i] * inp[(size_t)n * D + i] * rstd[n];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// RoPE, rotate-half: element i pairs with i + Hd/2, angle pos * 10000^(-2i/Hd)
+
+static void rope_row(float *x, int pos, int Hd, int sign) {
+    int half = Hd / 2;
+    for (int i = 0; i < half; i++) {
+        double theta = pos * pow(10000.0, -2.0 * i / Hd);
+        float c = (float)cos(theta), s = (float)(sign * sin(theta));
+        float a = x[i], b = x[i + half];
+        x[i] = a * c - b * s;
+        x[i + half] = b * c + a * s;
+    }
+}
+
+// in place on q or k (B,T,H,Hd); backward is the rotation by -angle
+static void rope_forward(float *x, int B, int T, int H, int Hd) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < H; h++) rope_row(x + (((size_t)b * T + t) * H + h) * Hd, t, Hd, 1);
+}
+static void rope_backward(float *dx, int B, int T, int H, int Hd) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < H; h++) rope_row(dx + (((size_t)b * T + t) * H + h) * Hd, t, Hd, -1);
+}
+
+// ----------------------------------------------------------------------------
+// causal attention, no 1/sqrt(Hd) (OpenMoE folds it into Wq's init)
+
+// one query row: q (Hd), keys/values at rows 0..t of k, v with stride ld;
+// att (t+1) gets the probabilities, out (Hd) = sum_s att[s] v[s]
+static void attention_row(float *out, float *att, const float *q, const float *k, const float *v,
+                          int t, int ld, int Hd) {
+    float maxs = -FLT_MAX;
+    for (int s = 0; s <= t; s++) {
+        const float *ks = k + (size_t)s * ld;
+        float dot = 0.0f;
+        for (int i = 0; i < Hd; i++) dot = dot + q[i] * ks[i];
+        att[s] = dot;
+        if (dot > maxs) maxs = dot;
+    }
+    float sum = 0.0f;
+    for (int s = 0; s <= t; s++) {
+        att[s] = expf(att[s] - maxs);
+        sum += att[s];
+    }
+    float inv = 1.0f / sum;
+    for (int s = 0; s <= t; s++) att[s] *= inv;
+    for (int i = 0; i < Hd; i++) out[i] = 0.0f;
+    for (int s = 0; s <= t; s++) {
+        const float *vs = v + (size_t)s * ld;
+        for (int i = 0; i < Hd; i++) out[i] = out[i] + att[s] * vs[i];
+    }
+}
+
+// q, k, v (B,T,H,Hd) -> out (B,T,H,Hd), att (B,H,T,T) probabilities (row t uses 0..t)
+static void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
+                              int B, int T, int H, int Hd) {
+    int ld = H * Hd;
+#pragma omp parallel for collapse(3) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                size_t base = (size_t)b * T * ld + h * Hd;
+                attention_row(out + base + (size_t)t * ld, att + (((size_t)b * H + h) * T + t) * T,
+                              q + base + (size_t)t * ld, k + base, v + base, t, ld, Hd);
+            }
+}
+
+// dout (B,T,H,Hd) -> dq, dk, dv (B,T,H,Hd), overwritten; dscore (B,H,T) scratch
+static void attention_backward(float *dq, float *dk, float *dv, float *dscore, const float *dout,
+                               const float *att, const float *q, const float *k, const float *v,
+                               int B, int T, int H, int Hd) {
+    int ld = H * Hd;
+    // each (b, h) owns its slices of dq, dk, dv, so the sums run in a fixed order
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            size_t base = (size_t)b * T * ld + h * Hd;
+            float *ds = dscore + ((size_t)b * H + h) * T;
+            for (int t = 0; t < T; t++)
+                for (int i = 0; i < Hd; i++) {
+                    dq[base + (size_t)t * ld + i] = 0.0f;
+                    dk[base + (size_t)t * ld + i] = 0.0f;
+                    dv[base + (size_t)t * ld + i] = 0.0f;
+                }
+            for (int t = 0; t < T; t++) {
+                const float *p = att + (((size_t)b * H + h) * T + t) * T;
+                const float *dy = dout + base + (size_t)t * ld;
+                // dp[s] = dy . v[s]; dscore[s] = p[s] (dp[s] - sum_s' p[s'] dp[s'])
+                float pdp = 0.0f;
+                for (int s = 0; s <= t; s++) {
+                    const float *vs = v + base + (size_t)s * ld;
+                    float dp = 0.0f;
+                    for (int i = 0; i < Hd; i++) dp += dy[i] * vs[i];
+                    ds[s] = dp;
+                    pdp += p[s] * dp;
+                }
+                const float *qt = q + base + (size_t)t * ld;
+                float *dqt = dq + base + (size_t)t * ld;
+                for (int s = 0; s <= t; s++) {
+                    float g = p[s] * (ds[s] - pdp);
+                    const float *ks = k + base + (size_t)s * ld;
+                    float *dks = dk + base + (size_t)s * ld, *dvs = dv + base + (size_t)s * ld;
+                    for (int i = 0; i < Hd; i++) {
+                        dqt[i] += g * ks[i];
+                        dks[i] += g * qt[i];
+                        dvs[i] += p[s] * dy[i];
+                    }
+                }
+            }
+        }
+}
+
+// ----------------------------------------------------------------------------
+// the gated FFN of OpenMoE (dense, extra and every expert):
+//   [a | b] = x Wg^T,  h = a * silu(b) * (x Wu^T),  out = h Wd^T
+
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// gated product of one row: g (2F), u (F) -> h (F)
+static void ffn_gate_row(float *h, const float *g, const float *u, int F) {
+    for (int i = 0; i < F; i++) {
+        float b = g[F + i];
+        h[i] = g[i] * (b * sigmoidf(b)) * u[i];
+    }
+}
+
+// inp (N,D) -> out (N,D); keeps g (N,2F), u (N,F), h (N,F) for the backward
+static void ffn_forward(float *out, float *g, float *u, float *h, const float *inp, const float *wg,
+                        const float *wu, const float *wd, int N, int D, int F, float *scratch) {
+    matmul_forward(g, inp, wg, N, D, 2 * F, scratch);
+    matmul_forward(u, inp, wu, N, D, F, scratch);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) ffn_gate_row(h + (size_t)n * F, g + (size_t)n * 2 * F, u + (size_t)n * F, F);
+    matmul_forward(out, h, wd, N, F, D, scratch);
+}
+
+// dout (N,D) -> dinp (N,D) overwritten, dwg, dwu, dwd accumulated;
+// dg (N,2F), du (N,F), dh (N,F) scratch
+static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const float *dout,
+                         const float *inp, const float *g, const float *u, const float *h,
+                         const float *wg, const float *wu, const float *wd, int N, int D, int F,
+                         float *dg, float *du, float *dh) {
+    matmul_backward(dh, dwd, dout, h, wd, N, F, D, 0);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *gn = g + (size_t)n * 2 * F, *un = u + (size_t)n * F, *dhn = dh + (size_t)n * F;
+        float *dgn = dg + (size_t)n * 2 * F, *dun = du + (size_t)n * F;
+        for (int i = 0; i < F; i++) {
+            float a = gn[i], b = gn[F + i], s = sigmoidf(b), silu = b * s;
+            dgn[i] = dhn[i] * silu * un[i];
+            dgn[F + i] = dhn[i] * a * un[i] * s * (1.0f + b * (1.0f - s));
+            dun[i] = dhn[i] * a * silu;
+        }
+    }
+    matmul_backward(dinp, dwg, dg, inp, wg, N, D, 2 * F, 0);
+    matmul_backward(dinp, dwu, du, inp, wu, N, D, F, 1);
+}
+
+// ----------------------------------------------------------------------------
+// router: fp32 softmax over all E experts, top-K (ties to the lower index)
+
+// one token: logits z (E) -> p (E), returns logsumexp(z); top (K) best first
+static float router_row(float *p, int *top, const float *z, int E, int K) {
+    float maxz = -FLT_MAX;
+    for (int e = 0; e < E; e++) maxz = z[e] > maxz ? z[e] : maxz;
+    float sum = 0.0f;
+    for (int e = 0; e < E; e++) {
+        p[e] = expf(z[e] - maxz);
+        sum += p[e];
+    }
+    for (int e = 0; e < E; e++) p[e] /= sum;
+    for (int r = 0; r < K; r++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int q = 0; q < r; q++) taken |= top[q] == e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        top[r] = best;
+    }
+    return maxz + logf(sum);
+}
+
+// inp (N,D), wr (E,D) -> z, p (N,E), lse (N), top (N,K)
+static void router_forward(float *z, float *p, float *lse, int *top, const float *inp, const float *wr,
+                           int N, int D, int E, int K, float *scratch) {
+    matmul_forward(z, inp, wr, N, D, E, scratch);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        lse[n] = router_row(p + (size_t)n * E, top + (size_t)n * K, z + (size_t)n * E, E, K);
+}
+
+// dp (N,E) holds dLoss/dp; adds the router z-loss term (coefficient rz_w on
+// mean lse^2) and returns dz (N,E) through the softmax, in place of dp
+static void router_backward(float *dp, const float *p, const float *lse, float rz_w, int N, int E) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *d = dp + (size_t)n * E;
+        const float *pn = p + (size_t)n * E;
+        float pd = 0.0f;
+        for (int e = 0; e < E; e++) pd += pn[e] * d[e];
+        float zl = rz_w * 2.0f * lse[n] / N;  // d(rz_w * mean lse^2)/dlse, and dlse/dz = p
+        for (int e = 0; e < E; e++) d[e] = pn[e] * (d[e] - pd) + zl * pn[e];
+    }
+}
+
+// routing groups: tokens [g*G, min((g+1)*G, N)) with G = group_size (0: all)
+static inline int group_len(int N, int group_size) { return group_size <= 0 || group_size > N ? N : group_size; }
+
+// expert capacity of a group of n tokens (SPEC §3), in integers
+static inline int moe_capacity_of(int n, int E, const MoeSettings *s) {
+    long c = ((long)s->cf1000 * n + 500L * E) / (1000L * E);
+    return c > s->min_capacity ? (int)c : s->min_capacity;
+}
+
+// Hands out expert slots in priority order within each group: all rank-0
+// choices in token order, then rank 1, ... An assignment to a full expert is
+// dropped. top (N,K) -> kept (N,K) 0/1; count (E) scratch. Returns drops.
+static int moe_capacity(int *kept, const int *top, int N, int K, int E, const MoeSettings *s, int *count) {
+    int G = group_len(N, s->group_size), dropped = 0;
+    for (int g0 = 0; g0 < N; g0 += G) {
+        int n1 = g0 + G < N ? g0 + G : N;
+        int C = moe_capacity_of(n1 - g0, E, s);
+        memset(count, 0, E * sizeof(int));
+        for (int r = 0; r < K; r++)
+            for (int n = g0; n < n1; n++) {
+                int e = top[(size_t)n * K + r];
+                kept[(size_t)n * K + r] = count[e] < C;
+                if (count[e] < C) count[e]++;
+                else dropped++;
+            }
+    }
+    return dropped;
+}
+
+// Load-balance loss of one layer, the mean over groups of E sum_e f_e P_e
+// (f_e: share of the group's tokens whose top-K holds e, P_e: mean p_e).
+// With dp not NULL, adds d(lb_w * lb)/dp to dp (N,E) instead. f, P (E) scratch.
+static float moe_load_balance(float *dp, const float *p, const int *top, int N, int K, int E,
+                              int group_size, float lb_w, float *f, float *P) {
+    int G = group_len(N, group_size), n_groups = (N + G - 1) / G;
+    double lb = 0.0;
+    for (int g0 = 0; g0 < N; g0 += G) {
+        int n1 = g0 + G < N ? g0 + G : N, len = n1 - g0;
+        for (int e = 0; e < E; e++) f[e] = P[e] = 0.0f;
+        for (int n = g0; n < n1; n++) {
+            for (int r = 0; r < K; r++) f[top[(size_t)n * K + r]] += 1.0f;
+            for (int e = 0; e < E; e++) P[e] += p[(size_t)n * E + e];
+        }
+        double sum = 0.0;
+        for (int e = 0; e < E; e++) {
+            f[e] /= len;
+            sum += (double)f[e] * (P[e] / len);
+        }
+        lb += E * sum;
+        if (dp) {  // d lb_group / d p[n,e] = E f_e / len; the layer's lb is the mean over groups
+            for (int n = g0; n < n1; n++)
+                for (int e = 0; e < E; e++) dp[(size_t)n * E + e] += lb_w * E * f[e] / len / n_groups;
+        }
+    }
+    return (float)(lb / n_groups);
+}
+
+// ----------------------------------------------------------------------------
+// MoE dispatch and combine. The kept assignments become rows of per-expert
+// buffers: expert e owns rows start[e] .. start[e+1]-1, in token order, so each
+// expert runs its FFN only on the tokens it keeps.
+
+// kept, top (N,K) -> start (E+1), row_token (rows), row_of (N,K) (-1: dropped);
+// xe (rows,D) = inp[row_token]; cursor (E) scratch
+static void moe_dispatch(float *xe, int *start, int *row_token, int *row_of, const float *inp,
+                         const int *top, const int *kept, int N, int K, int E, int D, int *cursor) {
+    memset(start, 0, (E + 1) * sizeof(int));
+    for (int i = 0; i < N * K; i++)
+        if (kept[i]) start[top[i] + 1]++;
+    for (int e = 0; e < E; e++) start[e + 1] += start[e];
+    memcpy(cursor, start, E * sizeof(int));
+    for (int i = 0; i < N * K; i++) {  // token order, then rank
+        row_of[i] = kept[i] ? cursor[top[i]]++ : -1;
+        if (kept[i]) row_token[row_of[i]] = i / K;
+    }
+    int rows = start[E];
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < rows; i++)
+        memcpy(xe + (size_t)i * D, inp + (size_t)row_token[i] * D, D * sizeof(float));
+}
+
+// out (N,D) = res + sum over kept (n, rank) of p[n, e] * ye[row], in rank order
+static void moe_combine(float *out, const float *res, const float *ye, const float *p, const int *top,
+                        const int *row_of, int N, int K, int E, int D) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *o = out + (size_t)n * D;
+        for (int i = 0; i < D; i++) o[i] = 0.0f;
+        for (int r = 0; r < K; r++) {
+            int row = row_of[n * K + r];
+            if (row < 0) continue;
+            float w = p[(size_t)n * E + top[n * K + r]];
+            const float *y = ye + (size_t)row * D;
+            for (int i = 0; i < D; i++) o[i] = o[i] + w * y[i];
+        }
+        for (int i = 0; i < D; i++) o[i] += res[(size_t)n * D + i];
+    }
+}
+
+// from dout (N,D): dye (rows,D) = p * dout[token], and dp (N,E) (overwritten)
+// gets dout[n] . ye[row] at each kept choice, 0 elsewhere
+static void moe_combine_backward(float *dye, float *dp, const float *dout, const float *ye, const float *p,
+                                 const int *top, const int *row_of, int N, int K, int E, int D) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *dpn = dp + (size_t)n * E;
+        for (int e = 0; e < E; e++) dpn[e] = 0.0f;
+        const float *d = dout + (size_t)n * D;
+        for (int r = 0; r < K; r++) {
+            int row = row_of[n * K + r];
+            if (row < 0) continue;
+            int e = top[n * K + r];
+            const float *y = ye + (size_t)row * D;
+            float *dy = dye + (size_t)row * D, dot = 0.0f;
+            for (int i = 0; i < D; i++) {
+                dy[i] = p[(size_t)n * E + e] * d[i];
+                dot += d[i] * y[i];
+            }
+            dpn[e] = dot;
+        }
+    }
+}
+
+// dinp (N,D) += the rows' input gradients dxe (rows,D), in rank order
+static void moe_dispatch_backward(float *dinp, const float *dxe, const int *row_of, int N, int K, int D) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int r = 0; r < K; r++) {
+            int row = row_of[n * K + r];
+            if (row < 0) continue;
+            for (int i = 0; i < D; i++) dinp[(size_t)n * D + i] += dxe[(size_t)row * D + i];
+        }
+}
+
+// ----------------------------------------------------------------------------
+// output losses: cross-entropy fused with the output z-loss (mean lse^2)
+
+// logits (N,V), y (N) -> lse (N); returns sums of ce and lse^2 over targets, and their count
+static void crossentropy_forward(double *ce_sum, double *lz_sum, int *count, float *lse,
+                                 const float *logits, const int *y, int N, int V) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *l = logits + (size_t)n * V;
+        float maxl = -FLT_MAX;
+        for (int v = 0; v < V; v++) maxl = l[v] > maxl ? l[v] : maxl;
+        double sum = 0.0;
+        for (int v = 0; v < V; v++) sum += expf(l[v] - maxl);
+        lse[n] = maxl + (float)log(sum);
+    }
+    double ce = 0.0, lz = 0.0;
+    int m = 0;
+    for (int n = 0; n < N; n++) {
+        if (y[n] < 0) continue;
+        ce += lse[n] - logits[(size_t)n * V + y[n]];
+        lz += (double)lse[n] * lse[n];
+        m++;
+    }
+    *ce_sum = ce;
+    *lz_sum = lz;
+    *count = m;
+}
+
+// dlogits (N,V) = d(ce + lz_coef * lz)/dlogits, with ce and lz means over the m targets
+static void crossentropy_backward(float *dlogits, const float *logits, const float *lse, const int *y,
+                                  int N, int V, int m, float lz_coef) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *d = dlogits + (size_t)n * V;
+        if (y[n] < 0) {
+            memset(d, 0, V * sizeof(float));
+            continue;
+        }
+        const float *l = logits + (size_t)n * V;
+        float scale = (1.0f + lz_coef * 2.0f * lse[n]) / m;  // softmax * (1 + 2 lz_coef lse) / m
+        for (int v = 0; v < V; v++) d[v] = expf(l[v] - lse[n]) * scale;
+        d[y[n]] -= 1.0f / m;
+    }
+}
+
+
+// out = a + b, elementwise over n
+static void residual_forward(float *out, const float *a, const float *b, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+// ----------------------------------------------------------------------------
+// the model: parameters, gradients and activations, each in one buffer
+
+typedef struct {  // what one layer keeps for the backward; NULL where unused
+    float *in;                // (BT,D) the residual stream entering the layer
+    float *ln1, *rstd1;       // (BT,D), (BT)
+    float *q, *k, *v;         // (BT,HHd), q and k after RoPE
+    float *att;               // (B,H,T,T) attention probabilities
+    float *atty;              // (BT,HHd) attention output before Wo
+    float *mid;               // (BT,D) residual after attention
+    float *ln2, *rstd2;       // (BT,D), (BT) the FFN's or the MoE's input
+    float *g, *u, *h;         // dense FFN: (BT,2F), (BT,F), (BT,F)
+    float *z, *p, *lse;       // MoE router: logits, probabilities (BT,E), logsumexp (BT)
+    int *top, *kept, *row_of; // (BT,K): choices best first, kept flags, row in the expert buffers (-1: dropped)
+    int *start, *row_token;   // (E+1), (BT*K): expert e owns rows start[e]..start[e+1]-1
+    float *xe, *ge, *ue, *he, *ye;  // (BT*K, D | 2Fe | Fe | Fe | D) the experts' rows
+    float *moe_out;           // (BT,D) residual after the MoE (the layer's output without extra FFN)
+    float *ln3, *rstd3;       // extra FFN: its norm,
+    float *gx, *ux, *hx;      // and its hidden states
+} LayerActs;
+
+struct Model {
+    Config c;
+    ParamTable table;
+    int Bmax, Tmax;
+    float *params;            // (n_params)
+    float *grads;             // (n_params), NULL without an optimizer
+    float *opt_state;         // (n_opt_state), layout of opt_state_floats()
+    size_t n_opt_state;
+    OptKind opt_kind;
+    int opt_min_dim;
+    // activations: one float buffer and one int buffer, carved by acts_layout
+    float *acts;
+    int *iacts;
+    LayerActs *la;            // [L]
+    float *resid;             // (L+1, BT, D): layer l reads resid[l], writes resid[l+1]
+    float *lnf, *rstdf, *logits, *lse;  // (BT,D), (BT), (BT,V), (BT)
+    float *tmp;               // (BT,D) a sublayer's output before the residual add
+    int *x, *y;               // (BT) the batch of the last forward
+    float *scratch;           // the largest weight matrix, transposed for the matmul
+    float *lbf, *lbP;         // (E) load-balance scratch
+    int *cursor;              // (E)
+    // backward scratch (with an optimizer only)
+    float *d_res, *d_ln;      // (BT,D) residual gradient, gradient at a norm's output
+    float *dq, *dk, *dv, *datty, *dscore;  // (BT,HHd) x4, (B,H,T)
+    float *dg, *du, *dh;      // (BT*K, 2Fmax | Fmax | Fmax)
+    float *dxe, *dye;         // (BT*K, D)
+    float *dp;                // (BT,E)
+    float *dlogits;           // (BT,V)
+    // the last forward
+    int B, T, has_targets, n_targets;
+    MoeSettings s;
+    RouterStats *stats;       // [n_moe]
+    int *stat_ints;           // the routed and kept counts behind stats
+    // inference: KV cache (L, max_seq_len, HHd) and one token's buffers
+    float *dec;
+    float *kcache, *vcache;
+    float *t_x, *t_xn, *t_q, *t_att, *t_aty, *t_out, *t_acc, *t_g, *t_u, *t_h, *t_z, *t_p, *t_logits;
+    int *t_top;
+};
+
+const Config *model_config(const Model *m) { return &m->c; }
+const ParamTable *model_param_table(const Model *m) { return &m->table; }
+
+// a bump allocator over one buffer: a first pass with base NULL only counts
+static float *carve(float *base, size_t *used, size_t n) {
+    float *p = base ? base + *used : NULL;
+    *used += n;
+    return p;
+}
+static int *carve_int(int *base, size_t *used, size_t n) {
+    int *p = base ? base + *used : NULL;
+    *used += n;
+    return p;
+}
+
+// every activation at its offset in fb (floats) and ib (ints)
+static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
+    const Config *c = &m->c;
+    size_t BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D, E = c->E, K = c->K;
+    size_t Fmax = c->F > c->Fe ? c->F : c->Fe;
+    *nf = *ni = 0;
+    m->resid = carve(fb, nf, (c->L + 1) * BT * D);
+    for (int l = 0; l < c->L; l++) {
+        LayerActs *a = &m->la[l];
+        memset(a, 0, sizeof(*a));
+        a->in = m->resid ? m->resid + l * BT * D : NULL;
+        a->ln1 = carve(fb, nf, BT * D);
+        a->rstd1 = carve(fb, nf, BT);
+        a->q = carve(fb, nf, BT * HHd);
+        a->k = carve(fb, nf, BT * HHd);
+        a->v = carve(fb, nf, BT * HHd);
+        a->att = carve(fb, nf, BT * m->Tmax * c->H);
+        a->atty = carve(fb, nf, BT * HHd);
+        a->mid = carve(fb, nf, BT * D);
+        a->ln2 = carve(fb, nf, BT * D);
+        a->rstd2 = carve(fb, nf, BT);
+        if (!is_moe_layer(c, l)) {
+            a->g = carve(fb, nf, BT * 2 * c->F);
+            a->u = carve(fb, nf, BT * c->F);
+            a->h = carve(fb, nf, BT * c->F);
+            continue;
+        }
+        a->z = carve(fb, nf, BT * E);
+        a->p = carve(fb, nf, BT * E);
+        a->lse = carve(fb, nf, BT);
+        a->top = carve_int(ib, ni, BT * K);
+        a->kept = carve_int(ib, ni, BT * K);
+        a->row_of = carve_int(ib, ni, BT * K);
+        a->start = carve_int(ib, ni, E + 1);
+        a->row_token = carve_int(ib, ni, BT * K);
+        a->xe = carve(fb, nf, BT * K * D);
+        a->ge = carve(fb, nf, BT * K * 2 * c->Fe);
+        a->ue = carve(fb, nf, BT * K * c->Fe);
+        a->he = carve(fb, nf, BT * K * c->Fe);
+        a->ye = carve(fb, nf, BT * K * D);
+        if (c->extra_ffn) {
+            a->moe_out = carve(fb, nf, BT * D);
+            a->ln3 = carve(fb, nf, BT * D);
+            a->rstd3 = carve(fb, nf, BT);
+            a->gx = carve(fb, nf, BT * 2 * c->F);
+            a->ux = carve(fb, nf, BT * c->F);
+            a->hx = carve(fb, nf, BT * c->F);
+        } else {
+            a->moe_out = m->resid ? m->resid + (l + 1) * BT * D : NULL;
+        }
+    }
+    m->lnf = carve(fb, nf, BT * D);
+    m->rstdf = carve(fb, nf, BT);
+    m->logits = carve(fb, nf, BT * c->V);
+    m->lse = carve(fb, nf, BT);
+    m->tmp = carve(fb, nf, BT * D);
+    m->x = carve_int(ib, ni, BT);
+    m->y = carve_int(ib, ni, BT);
+    size_t wmax = (size_t)c->V * D;
+    size_t sizes[] = {2 * (size_t)c->F * D, 2 * (size_t)c->Fe * D, HHd * D, E * D};
+    for (int i = 0; i < 4; i++) wmax = sizes[i] > wmax ? sizes[i] : wmax;
+    m->scratch = carve(fb, nf, wmax);
+    m->lbf = carve(fb, nf, E);
+    m->lbP = carve(fb, nf, E);
+    m->cursor = carve_int(ib, ni, E);
+    if (!m->grads) return;
+    m->d_res = carve(fb, nf, BT * D);
+    m->d_ln = carve(fb, nf, BT * D);
+    m->dq = carve(fb, nf, BT * HHd);
+    m->dk = carve(fb, nf, BT * HHd);
+    m->dv = carve(fb, nf, BT * HHd);
+    m->datty = carve(fb, nf, BT * HHd);
+    m->dscore = carve(fb, nf, BT * c->H);
+    m->dg = carve(fb, nf, BT * K * 2 * Fmax);
+    m->du = carve(fb, nf, BT * K * Fmax);
+    m->dh = carve(fb, nf, BT * K * Fmax);
+    m->dxe = carve(fb, nf, BT * K * D);
+    m->dye = carve(fb, nf, BT * K * D);
+    m->dp = carve(fb, nf, BT * E);
+    m->dlogits = carve(fb, nf, BT * c->V);
+}
+
+// the KV cache and one token's buffers for model_decode
+static void decode_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
+    const Config *c = &m->c;
+    size_t HHd = (size_t)c->H * c->Hd, Fmax = c->F > c->Fe ? c->F : c->Fe;
+    *nf = *ni = 0;
+    m->kcache = carve(fb, nf, (size_t)c->L * c->max_seq_len * HHd);
+    m->vcache = carve(fb, nf, (size_t)c->L * c->max_seq_len * HHd);
+    m->t_x = carve(fb, nf, c->D);
+    m->t_xn = carve(fb, nf, c->D);
+    m->t_q = carve(fb, nf, HHd);
+    m->t_att = carve(fb, nf, c->max_seq_len);
+    m->t_aty = carve(fb, nf, HHd);
+    m->t_out = carve(fb, nf, c->D);
+    m->t_acc = carve(fb, nf, c->D);
+    m->t_g = carve(fb, nf, 2 * Fmax);
+    m->t_u = carve(fb, nf, Fmax);
+    m->t_h = carve(fb, nf, Fmax);
+    m->t_z = carve(fb, nf, c->E);
+    m->t_p = carve(fb, nf, c->E);
+    m->t_logits = carve(fb, nf, c->V);
+    m->t_top = carve_int(ib, ni, c->K);
+}
+
+Model *model_create(const Config *c, int B, int T, Precision precision, const OptSettings *opt) {
+    char why[128];
+    if (!config_check(c, why, sizeof(why))) die("model_create: bad config: %s", why);
+    if (precision != PRECISION_FP32) die("model_create: the CPU backend computes in fp32 only (bf16 is openmoe.cu's)");
+    if (B <= 0 || T <= 0 || T > c->max_seq_len)
+        die("model_create: B = %d, T = %d: need B > 0 and 0 < T <= max_seq_len = %d", B, T, c->max_seq_len);
+    Model *m = (Model *)callocCheck(1, sizeof(Model));
+    m->c = *c;
+    param_table_build(&m->table, c);
+    m->Bmax = B;
+    m->Tmax = T;
+    size_t n = m->table.n_params;
+    m->params = (float *)callocCheck(n, sizeof(float));
+    if (opt) {
+        m->opt_kind = opt->kind;
+        m->opt_min_dim = opt->min_dim;
+        m->grads = (float *)callocCheck(n, sizeof(float));
+        m->n_opt_state = opt_state_floats(&m->table, opt->kind, opt->min_dim);
+        m->opt_state = (float *)callocCheck(m->n_opt_state, sizeof(float));
+    }
+    m->la = (LayerActs *)callocCheck(c->L, sizeof(LayerActs));
+    size_t nf, ni, dnf, dni;
+    acts_layout(m, NULL, NULL, &nf, &ni);
+    decode_layout(m, NULL, NULL, &dnf, &dni);
+    m->acts = (float *)callocCheck(nf + dnf, sizeof(float));
+    m->iacts = (int *)callocCheck(ni + dni, sizeof(int));
+    acts_layout(m, m->acts, m->iacts, &nf, &ni);
+    decode_layout(m, m->acts + nf, m->iacts + ni, &dnf, &dni);
+    int nm = n_moe_layers(c) > 0 ? n_moe_layers(c) : 1;
+    m->stats = (RouterStats *)callocCheck(nm, sizeof(RouterStats));
+    m->stat_ints = (int *)callocCheck(2 * (size_t)nm * c->E, sizeof(int));
+    for (int i = 0; i < nm; i++) {
+        m->stats[i].routed = m->stat_ints + (size_t)2 * i * c->E;
+        m->stats[i].kept = m->stat_ints + (size_t)(2 * i + 1) * c->E;
+    }
+    return m;
+}
+
+void model_free(Model *m) {
+    if (!m) return;
+    free(m->params);
+    free(m->grads);
+    free(m->opt_state);
+    free(m->acts);
+    free(m->iacts);
+    free(m->la);
+    free(m->stats);
+    free(m->stat_ints);
+    param_table_free(&m->table);
+    free(m);
+}
+
+void model_set_params(Model *m, const float *params) { memcpy(m->params, params, m->table.n_params * sizeof(float)); }
+void model_get_params(const Model *m, float *params) { memcpy(params, m->params, m->table.n_params * sizeof(float)); }
+void model_get_grads(const Model *m, float *grads) {
+    if (!m->grads) die("model_get_grads: the model was created without an optimizer, so it has no gradients");
+    memcpy(grads, m->grads, m->table.n_params * sizeof(float));
+}
+void model_set_grads(Model *m, const float *grads) {
+    if (!m->grads) die("model_set_grads: the model was created without an optimizer, so it has no gradients");
+    memcpy(m->grads, grads, m->table.n_params * sizeof(float));
+}
+void model_get_logits(const Model *m, float *logits) {
+    memcpy(logits, m->logits, (size_t)m->B * m->T * m->c.V * sizeof(float));
+}
+const RouterStats *model_router_stats(const Model *m) { return m->stats; }
+
+void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint8_t *kept) {
+    int nm = n_moe_layers(&m->c), BTK = m->B * m->T * m->c.K, K = m->c.K;
+    if (i < 0 || i >= nm) die("model_get_routing: MoE layer %d out of range [0, %d)", i, nm);
+    const LayerActs *a = &m->la[(i + 1) * m->c.moe_every - 1];
+    for (int j = 0; j < BTK; j++) {
+        expert[j] = a->top[j];
+        prob[j] = a->p[(size_t)(j / K) * m->c.E + a->top[j]];
+        kept[j] = (uint8_t)a->kept[j];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// forward
+
+// the MoE sublayer: out (BT,D) = mid + MoE(RMSNorm(mid)); fills the layer's
+// router statistics and returns its number of dropped assignments
+static int moe_forward(Model *m, LayerActs *a, const LayerParams *lp, RouterStats *st, int BT) {
+    const Config *c = &m->c;
+    int D = c->D, E = c->E, K = c->K, Fe = c->Fe;
+    const float *W = m->params;
+    rmsnorm_forward(a->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
+    router_forward(a->z, a->p, a->lse, a->top, a->ln2, W + lp->router, BT, D, E, K, m->scratch);
+    int dropped = moe_capacity(a->kept, a->top, BT, K, E, &m->s, m->cursor);
+    moe_dispatch(a->xe, a->start, a->row_token, a->row_of, a->ln2, a->top, a->kept, BT, K, E, D, m->cursor);
+    for (int e = 0; e < E; e++) {
+        size_t r0 = a->start[e];
+        int rows = a->start[e + 1] - a->start[e];
+        if (rows == 0) continue;
+        ffn_forward(a->ye + r0 * D, a->ge + r0 * 2 * Fe, a->ue + r0 * Fe, a->he + r0 * Fe, a->xe + r0 * D,
+                    W + lp->w_gate + (size_t)e * 2 * Fe * D, W + lp->w_up + (size_t)e * Fe * D,
+                    W + lp->w_down + (size_t)e * D * Fe, rows, D, Fe, m->scratch);
+    }
+    moe_combine(a->moe_out, a->mid, a->ye, a->p, a->top, a->row_of, BT, K, E, D);
+    double rz = 0.0;
+    for (int n = 0; n < BT; n++) rz += (double)a->lse[n] * a->lse[n];
+    st->rz = (float)(rz / BT);
+    st->lb = moe_load_balance(NULL, a->p, a->top, BT, K, E, m->s.group_size, 0.0f, m->lbf, m->lbP);
+    st->dropped = (float)((double)dropped / ((double)BT * K));
+    memset(st->routed, 0, E * sizeof(int));
+    memset(st->kept, 0, E * sizeof(int));
+    for (int i = 0; i < BT * K; i++) {
+        st->routed[a->top[i]]++;
+        st->kept[a->top[i]] += a->kept[i];
+    }
+    return dropped;
+}
+
+void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s,
+                   float *losses) {
+    const Config *c = &m->c;
+    if (B <= 0 || T <= 0 || B > m->Bmax || T > m->Tmax)
+        die("model_forward: batch %d x %d does not fit the model's %d x %d", B, T, m->Bmax, m->Tmax);
+    if (s->cf1000 <= 0 || s->min_capacity < 0 || s->group_size < 0)
+        die("model_forward: bad MoE settings (cf1000 %d, min_capacity %d, group_size %d)", s->cf1000,
+            s->min_capacity, s->group_size);
+    int BT = B * T, D = c->D, HHd = c->H * c->Hd, V = c->V;
+    m->B = B;
+    m->T = T;
+    m->s = *s;
+    m->has_targets = y != NULL;
+    for (int n = 0; n < BT; n++) {
+        if (x[n] < 0 || x[n] >= V) die("model_forward: token x[%d] = %d out of range [0, %d)", n, x[n], V);
+        if (y && (y[n] < -1 || y[n] >= V)) die("model_forward: target y[%d] = %d out of range [-1, %d)", n, y[n], V);
+        m->x[n] = x[n];
+        m->y[n] = y ? y[n] : -1;
+    }
+    const float *W = m->params;
+    encoder_forward(m->resid, m->x, W + m->table.wte, BT, D);
+    int im = 0;
+    long dropped = 0;
+    for (int l = 0; l < c->L; l++) {
+        LayerActs *a = &m->la[l];
+        const LayerParams *lp = &m->table.layer[l];
+        float *out = m->resid + (size_t)(l + 1) * BT * D;
+        // mid = in + Attn(RMSNorm(in))
+        rmsnorm_forward(a->ln1, a->rstd1, a->in, W + lp->attn_norm, BT, D);
+        matmul_forward(a->q, a->ln1, W + lp->wq, BT, D, HHd, m->scratch);
+        matmul_forward(a->k, a->ln1, W + lp->wk, BT, D, HHd, m->scratch);
+        matmul_forward(a->v, a->ln1, W + lp->wv, BT, D, HHd, m->scratch);
+        rope_forward(a->q, B, T, c->H, c->Hd);
+        rope_forward(a->k, B, T, c->H, c->Hd);
+        attention_forward(a->atty, a->att, a->q, a->k, a->v, B, T, c->H, c->Hd);
+        matmul_forward(m->tmp, a->atty, W + lp->wo, BT, HHd, D, m->scratch);
+        residual_forward(a->mid, a->in, m->tmp, (size_t)BT * D);
+        if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
+            rmsnorm_forward(a->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
+            ffn_forward(m->tmp, a->g, a->u, a->h, a->ln2, W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D,
+                        c->F, m->scratch);
+            residual_forward(out, a->mid, m->tmp, (size_t)BT * D);
+            continue;
+        }
+        // moe_out = mid + MoE(RMSNorm(mid)); then out = moe_out + FFN_extra(RMSNorm(moe_out))
+        dropped += moe_forward(m, a, lp, &m->stats[im++], BT);
+        if (c->extra_ffn) {
+            rmsnorm_forward(a->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
+            ffn_forward(m->tmp, a->gx, a->ux, a->hx, a->ln3, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D,
+                        c->F, m->scratch);
+            residual_forward(out, a->moe_out, m->tmp, (size_t)BT * D);
+        }
+    }
+    const float *final_in = m->resid + (size_t)c->L * BT * D;
+    rmsnorm_forward(m->lnf, m->rstdf, final_in, W + m->table.final_norm, BT, D);
+    matmul_forward(m->logits, m->lnf, W + m->table.lm_head, BT, D, V, m->scratch);
+
+    double ce_sum, lz_sum;
+    crossentropy_forward(&ce_sum, &lz_sum, &m->n_targets, m->lse, m->logits, m->y, BT, V);
+    double lb = 0.0, rz = 0.0;
+    for (int i = 0; i < im; i++) {
+        lb += m->stats[i].lb;
+        rz += m->stats[i].rz;
+    }
+    double ce = m->n_targets ? ce_sum / m->n_targets : 0.0, lz = m->n_targets ? lz_sum / m->n_targets : 0.0;
+    lb = im ? lb / im : 0.0;
+    rz = im ? rz / im : 0.0;
+    memset(losses, 0, N_LOSSES * sizeof(float));
+    losses[LOSS_TOTAL] = (float)(ce + s->lb_coef * lb + s->rz_coef * rz + s->lz_coef * lz);
+    losses[LOSS_CE] = (float)ce;
+    losses[LOSS_LB] = (float)lb;
+    losses[LOSS_RZ] = (float)rz;
+    losses[LOSS_LZ] = (float)lz;
+    losses[LOSS_DROPPED] = im ? (float)((double)dropped / ((double)BT * c->K * im)) : 0.0f;
+}
+
+// ----------------------------------------------------------------------------
+// backward. d_res carries the gradient of the residual stream from the top
+// down; each sublayer adds its input gradient to it through its RMSNorm.
+
+// d_res holds d moe_out; adds the gradient through the MoE and its norm
+static void moe_backward(Model *m, LayerActs *a, const LayerParams *lp, int BT) {
+    const Config *c = &m->c;
+    int D = c->D, E = c->E, K = c->K, Fe = c->Fe, nm = n_moe_layers(c);
+    const float *W = m->params;
+    float *G = m->grads;
+    moe_combine_backward(m->dye, m->dp, m->d_res, a->ye, a->p, a->top, a->row_of, BT, K, E, D);
+    for (int e = 0; e < E; e++) {
+        size_t r0 = a->start[e];
+        int rows = a->start[e + 1] - a->start[e];
+        if (rows == 0) continue;
+        size_t og = lp->w_gate + (size_t)e * 2 * Fe * D, ou = lp->w_up + (size_t)e * Fe * D,
+               od = lp->w_down + (size_t)e * D * Fe;
+        ffn_backward(m->dxe + r0 * D, G + og, G + ou, G + od, m->dye + r0 * D, a->xe + r0 * D, a->ge + r0 * 2 * Fe,
+                     a->ue + r0 * Fe, a->he + r0 * Fe, W + og, W + ou, W + od, rows, D, Fe, m->dg, m->du, m->dh);
+    }
+    // the router: combine weights, load balance and z-loss all act on p
+    moe_load_balance(m->dp, a->p, a->top, BT, K, E, m->s.group_size, m->s.lb_coef / nm, m->lbf, m->lbP);
+    router_backward(m->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
+    matmul_backward(m->d_ln, G + lp->router, m->dp, a->ln2, W + lp->router, BT, D, E, 0);
+    moe_dispatch_backward(m->d_ln, m->dxe, a->row_of, BT, K, D);
+    rmsnorm_backward(m->d_res, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
+}
+
+void model_backward(Model *m) {
+    const Config *c = &m->c;
+    if (!m->grads) die("model_backward: the model was created without an optimizer, so it has no gradients");
+    if (!m->has_targets) die("model_backward: the last model_forward had no targets (y == NULL)");
+    int B = m->B, T = m->T, BT = B * T, D = c->D, HHd = c->H * c->Hd, V = c->V;
+    const float *W = m->params;
+    float *G = m->grads;
+    const ParamTable *pt = &m->table;
+    memset(G, 0, pt->n_params * sizeof(float));
+
+    crossentropy_backward(m->dlogits, m->logits, m->lse, m->y, BT, V, m->n_targets, m->s.lz_coef);
+    matmul_backward(m->d_ln, G + pt->lm_head, m->dlogits, m->lnf, W + pt->lm_head, BT, D, V, 0);
+    memset(m->d_res, 0, (size_t)BT * D * sizeof(float));
+    rmsnorm_backward(m->d_res, G + pt->final_norm, m->d_ln, m->resid + (size_t)c->L * BT * D, W + pt->final_norm,
+                     m->rstdf, BT, D);
+    for (int l = c->L - 1; l >= 0; l--) {
+        LayerActs *a = &m->la[l];
+        const LayerParams *lp = &pt->layer[l];
+        if (!lp->moe) {
+            ffn_backward(m->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, m->d_res, a->ln2, a->g, a->u, a->h,
+                         W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D, c->F, m->dg, m->du, m->dh);
+            rmsnorm_backward(m->d_res, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
+        } else {
+            if (c->extra_ffn) {
+                ffn_backward(m->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, m->d_res, a->ln3, a->gx, a->ux,
+                             a->hx, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D, c->F, m->dg, m->du, m->dh);
+                rmsnorm_backward(m->d_res, G + lp->extra_norm, m->d_ln, a->moe_out, W + lp->extra_norm, a->rstd3, BT, D);
+            }
+            moe_backward(m, a, lp, BT);
+        }
+        // d_res now holds d mid; attention: mid = in + Wo attn(...)
+        matmul_backward(m->datty, G + lp->wo, m->d_res, a->atty, W + lp->wo, BT, HHd, D, 0);
+        attention_backward(m->dq, m->dk, m->dv, m->dscore, m->datty, a->att, a->q, a->k, a->v, B, T, c->H, c->Hd);
+        rope_backward(m->dq, B, T, c->H, c->Hd);
+        rope_backward(m->dk, B, T, c->H, c->Hd);
+        matmul_backward(m->d_ln, G + lp->wq, m->dq, a->ln1, W + lp->wq, BT, D, HHd, 0);
+        matmul_backward(m->d_ln, G + lp->wk, m->dk, a->ln1, W + lp->wk, BT, D, HHd, 1);
+        matmul_backward(m->d_ln, G + lp->wv, m->dv, a->ln1, W + lp->wv, BT, D, HHd, 1);
+        rmsnorm_backward(m->d_res, G + lp->attn_norm, m->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D);
+    }
+    encoder_backward(G + pt->wte, m->d_res, m->x, BT, D);
+}
+
+// ----------------------------------------------------------------------------
+// optimizers (formulas in openmoe.h, section 6)
+
+// sum of squares in double over fixed chunks, so the result does not depend on the threads
+static double sum_squares(const float *x, size_t n) {
+    enum { CHUNKS = 64 };
+    double part[CHUNKS];
+#pragma omp parallel for schedule(static)
+    for (int ch = 0; ch < CHUNKS; ch++) {
+        size_t i0 = n * ch / CHUNKS, i1 = n * (ch + 1) / CHUNKS;
+        double s = 0.0;
+        for (size_t i = i0; i < i1; i++) s += (double)x[i] * x[i];
+        part[ch] = s;
+    }
+    double s = 0.0;
+    for (int ch = 0; ch < CHUNKS; ch++) s += part[ch];
+    return s;
+}
+
+// w, g, mom, vel (n); g is scaled by gscale (clipping); weight decay when decay
+static void adamw_update(float *w, const float *g, float *mom, float *vel, size_t n, const OptSettings *o,
+                         int t, float gscale, int decay) {
+    float b1c = 1.0f - powf(o->beta1, (float)t), b2c = 1.0f - powf(o->beta2, (float)t);
+    float wd = decay ? o->weight_decay : 0.0f;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        float gi = g[i] * gscale;
+        mom[i] = o->beta1 * mom[i] + (1.0f - o->beta1) * gi;
+        vel[i] = o->beta2 * vel[i] + (1.0f - o->beta2) * gi * gi;
+        float mhat = mom[i] / b1c, vhat = vel[i] / b2c;
+        w[i] -= o->lr * (mhat / (sqrtf(vhat) + o->eps) + wd * w[i]);
+    }
+}
+
+// one slice w, g (rows,cols); state r (rows) then c (cols) when factored, else v (rows*cols)
+static void adafactor_update(float *w, const float *g, float *state, int rows, int cols, int factored,
+                             const OptSettings *o, int t) {
+    size_t n = (size_t)rows * cols;
+    float beta = 1.0f - powf((float)t, -o->decay);
+    float scale = o->lr * fmaxf(o->eps2, sqrtf((float)(sum_squares(w, n) / n)));
+    float *r = state, *cs = state + rows, *v = state;
+    double rmean = 0.0;
+    if (factored) {
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < rows; i++) {
+            double s = 0.0;
+            for (int j = 0; j < cols; j++) s += (double)g[(size_t)i * cols + j] * g[(size_t)i * cols + j] + o->eps1;
+            r[i] = beta * r[i] + (1.0f - beta) * (float)(s / cols);
+        }
+#pragma omp parallel for schedule(static)
+        for (int j0 = 0; j0 < cols; j0 += 16) {
+            int j1 = j0 + 16 < cols ? j0 + 16 : cols;
+            double s[16] = {0};
+            for (int i = 0; i < rows; i++)
+                for (int j = j0; j < j1; j++) s[j - j0] += (double)g[(size_t)i * cols + j] * g[(size_t)i * cols + j] + o->eps1;
+            for (int j = j0; j < j1; j++) cs[j] = beta * cs[j] + (1.0f - beta) * (float)(s[j - j0] / rows);
+        }
+        for (int i = 0; i < rows; i++) rmean += r[i];
+        rmean /= rows;
+    } else {
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) v[i] = beta * v[i] + (1.0f - beta) * (g[i] * g[i] + o->eps1);
+    }
+    // u = g / sqrt(second moment); two passes: rms(u) first, then the clipped update
+    double uu = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : uu)
+    for (int i = 0; i < rows; i++) {
+        double s = 0.0;
+        for (int j = 0; j < cols; j++) {
+            size_t k = (size_t)i * cols + j;
+            float u = factored ? g[k] / sqrtf((float)(r[i] / rmean)) / sqrtf(cs[j]) : g[k] / sqrtf(v[k]);
+            s += (double)u * u;
+        }
+        uu += s;
+    }
+    float clip = fmaxf(1.0f, (float)sqrt(uu / n) / o->clip_threshold);
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) {
+            size_t k = (size_t)i * cols + j;
+            float u = factored ? g[k] / sqrtf((float)(r[i] / rmean)) / sqrtf(cs[j]) : g[k] / sqrtf(v[k]);
+            w[k] -= scale * (u / clip);
+        }
+}
+
+float model_update(Model *m, const OptSettings *o, int t) {
+    if (!m->grads) die("model_update: the model was created without an optimizer");
+    if (o->kind != m->opt_kind || (o->kind == OPT_ADAFACTOR && o->min_dim != m->opt_min_dim))
+        die("model_update: optimizer settings differ from those the model was created with");
+    if (t < 1) die("model_update: step %d, steps count from 1", t);
+    const ParamTable *pt = &m->table;
+    float norm = (float)sqrt(sum_squares(m->grads, pt->n_params));
+    if (o->kind == OPT_ADAMW) {
+        float gscale = o->grad_clip > 0.0f && norm > o->grad_clip ? o->grad_clip / norm : 1.0f;
+        float *mom = m->opt_state, *vel = m->opt_state + pt->n_params;
+        for (int i = 0; i < pt->n_tensors; i++) {
+            const TensorInfo *ti = &pt->tensors[i];
+            size_t off = ti->offset;
+            adamw_update(m->params + off, m->grads + off, mom + off, vel + off, tensor_numel(ti), o, t, gscale,
+                         ti->matrix);
+        }
+        return norm;
+    }
+    float *state = m->opt_state;
+    for (int i = 0; i < pt->n_tensors; i++) {
+        const TensorInfo *ti = &pt->tensors[i];
+        int factored = adafactor_factored(ti, o->min_dim);
+        for (int sl = 0; sl < ti->slices; sl++) {
+            size_t off = ti->offset + (size_t)sl * ti->rows * ti->cols;
+            adafactor_update(m->params + off, m->grads + off, state, ti->rows, ti->cols, factored, o, t);
+            state += factored ? (size_t)ti->rows + ti->cols : (size_t)ti->rows * ti->cols;
+        }
+    }
+    return norm;
+}
+
+void model_get_opt_state(const Model *m, float *state) {
+    if (!m->opt_state) die("model_get_opt_state: the model was created without an optimizer");
+    memcpy(state, m->opt_state, m->n_opt_state * sizeof(float));
+}
+void model_set_opt_state(Model *m, const float *state) {
+    if (!m->opt_state) die("model_set_opt_state: the model was created without an optimizer");
+    memcpy(m->opt_state, state, m->n_opt_state * sizeof(float));
+}
+
+// ----------------------------------------------------------------------------
+// inference: one token at a time with a KV cache. Every step is the row
+// version of the batched code above, with the same order of operations.
+
+// one token's gated FFN: x (D) -> out (D)
+static void ffn_token(Model *m, float *out, const float *x, const float *wg, const float *wu, const float *wd, int F) {
+    int D = m->c.D;
+    matvec_forward(m->t_g, x, wg, D, 2 * F);
+    matvec_forward(m->t_u, x, wu, D, F);
+    ffn_gate_row(m->t_h, m->t_g, m->t_u, F);
+    matvec_forward(out, m->t_h, wd, F, D);
+}
+
+const float *model_decode(Model *m, int token, int pos) {
+    const Config *c = &m->c;
+    if (token < 0 || token >= c->V) die("model_decode: token %d out of range [0, %d)", token, c->V);
+    if (pos < 0 || pos >= c->max_seq_len) die("model_decode: position %d outside the context [0, %d)", pos, c->max_seq_len);
+    int D = c->D, HHd = c->H * c->Hd, E = c->E, K = c->K;
+    const float *W = m->params;
+    const ParamTable *pt = &m->table;
+    float *x = m->t_x, *xn = m->t_xn;
+    memcpy(x, W + pt->wte + (size_t)token * D, D * sizeof(float));
+    for (int l = 0; l < c->L; l++) {
+        const LayerParams *lp = &pt->layer[l];
+        float *kc = m->kcache + (size_t)l * c->max_seq_len * HHd, *vc = m->vcache + (size_t)l * c->max_seq_len * HHd;
+        rmsnorm_row(xn, NULL, x, W + lp->attn_norm, D);
+        matvec_forward(m->t_q, xn, W + lp->wq, D, HHd);
+        matvec_forward(kc + (size_t)pos * HHd, xn, W + lp->wk, D, HHd);
+        matvec_forward(vc + (size_t)pos * HHd, xn, W + lp->wv, D, HHd);
+        for (int h = 0; h < c->H; h++) {
+            rope_row(m->t_q + h * c->Hd, pos, c->Hd, 1);
+            rope_row(kc + (size_t)pos * HHd + h * c->Hd, pos, c->Hd, 1);
+        }
+        for (int h = 0; h < c->H; h++)
+            attention_row(m->t_aty + h * c->Hd, m->t_att, m->t_q + h * c->Hd, kc + h * c->Hd, vc + h * c->Hd, pos,
+                          HHd, c->Hd);
+        matvec_forward(m->t_out, m->t_aty, W + lp->wo, HHd, D);
+        residual_forward(x, x, m->t_out, D);
+        rmsnorm_row(xn, NULL, x, W + lp->mlp_norm, D);
+        if (!lp->moe) {
+            ffn_token(m, m->t_out, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->F);
+            residual_forward(x, x, m->t_out, D);
+            continue;
+        }
+        // a group of one token: capacity never binds, every choice is kept
+        matvec_forward(m->t_z, xn, W + lp->router, D, E);
+        router_row(m->t_p, m->t_top, m->t_z, E, K);
+        for (int i = 0; i < D; i++) m->t_acc[i] = 0.0f;
+        for (int r = 0; r < K; r++) {
+            int e = m->t_top[r];
+            ffn_token(m, m->t_out, xn, W + lp->w_gate + (size_t)e * 2 * c->Fe * D, W + lp->w_up + (size_t)e * c->Fe * D,
+                      W + lp->w_down + (size_t)e * D * c->Fe, c->Fe);
+            for (int i = 0; i < D; i++) m->t_acc[i] = m->t_acc[i] + m->t_p[e] * m->t_out[i];
+        }
+        residual_forward(x, m->t_acc, x, D);
+        if (c->extra_ffn) {
+            rmsnorm_row(xn, NULL, x, W + lp->extra_norm, D);
+            ffn_token(m, m->t_out, xn, W + lp->x_gate, W + lp->x_up, W + lp->x_down, c->F);
+            residual_forward(x, x, m->t_out, D);
+        }
+    }
+    rmsnorm_row(xn, NULL, x, W + pt->final_norm, D);
+    matvec_forward(m->t_logits, xn, W + pt->lm_head, D, c->V);
+    return m->t_logits;
+}

@@ -1,0 +1,323 @@
+// test_model.c: one source for test_cpu (linked with openmoe.c) and test_gpu
+// (linked with openmoe.cu). Three checks:
+//
+//   test_cpu MODEL STATE [-o OUT] [--bf16] [--tol-scale S]
+//       one forward and backward on STATE's batch and settings, compared with
+//       what STATE holds, at SPEC §7's tolerances (times S); -o writes what
+//       this build computed as a state file, so that any two builds can be diffed
+//   test_cpu MODEL STATE --update adamw|adafactor EXPECTED
+//       three optimizer steps t = 1, 2, 3, each fed STATE's gradients, compared
+//       with the parameters in EXPECTED (test/reference.py writes it)
+//   test_cpu --gradcheck [--break]
+//       central finite differences of the total loss against the backward on a
+//       micro config, routing held fixed; --break scales the backward's
+//       gradients by 1.1, which the check must catch
+//
+// Exit status 0 only when every comparison holds.
+#include "openmoe.h"
+
+static float opt_tol_scale = 1.0f;
+
+// ----------------------------------------------------------------------------
+// comparisons: each prints its worst error against what it allows
+
+// element-wise |a-b| <= tol (1 + |b|); returns 1 when all hold
+static int compare_elementwise(const char *what, const float *a, const float *b, size_t n, float tol) {
+    double worst = 0.0, worst_ratio = 0.0;
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        double err = fabs((double)a[i] - b[i]), ratio = err / (tol * (1.0 + fabs(b[i])));
+        if (!(ratio <= worst_ratio)) {  // also catches NaN
+            worst_ratio = ratio;
+            worst = err;
+            at = i;
+        }
+    }
+    int ok = worst_ratio <= 1.0;
+    printf("%-6s %-24s worst |a-b| %.3e at %zu (%.3g of allowed)\n", ok ? "ok" : "FAILED", what, worst, at, worst_ratio);
+    return ok;
+}
+
+// per gradient tensor, expert stacks one slice at a time:
+// max|a-b| <= tol max|b| + 1e-7 (both scaled by the tolerance scale)
+static int compare_grads(const ParamTable *pt, const float *a, const float *b, float tol) {
+    int ok = 1, n_checked = 0;
+    double worst_ratio = 0.0;
+    char worst_name[48] = "";
+    for (int i = 0; i < pt->n_tensors; i++) {
+        const TensorInfo *t = &pt->tensors[i];
+        size_t n = (size_t)t->rows * t->cols;
+        for (int s = 0; s < t->slices; s++) {
+            const float *as = a + t->offset + s * n, *bs = b + t->offset + s * n;
+            double maxb = 0.0, maxerr = 0.0;
+            for (size_t j = 0; j < n; j++) {
+                maxb = fmax(maxb, fabs(bs[j]));
+                double err = fabs((double)as[j] - bs[j]);
+                if (!(err <= maxerr)) maxerr = err;
+            }
+            double allowed = tol * maxb + 1e-7 * opt_tol_scale, ratio = maxerr / allowed;
+            char name[48];
+            if (t->slices > 1) snprintf(name, sizeof(name), "%s[%d]", t->name, s);
+            else snprintf(name, sizeof(name), "%s", t->name);
+            if (!(ratio <= 1.0)) {
+                printf("FAILED grad %-18s max|a-b| %.3e, allowed %.3e (max|b| %.3e)\n", name, maxerr, allowed, maxb);
+                ok = 0;
+            }
+            if (!(ratio <= worst_ratio)) {
+                worst_ratio = ratio;
+                snprintf(worst_name, sizeof(worst_name), "%s", name);
+            }
+            n_checked++;
+        }
+    }
+    printf("%-6s grads (%d tensors/slices)   worst %s at %.3g of allowed\n", ok ? "ok" : "FAILED", n_checked,
+           worst_name, worst_ratio);
+    return ok;
+}
+
+// ----------------------------------------------------------------------------
+// check 1: forward and backward against a state file
+
+static int check_state(const char *model_path, const char *state_path, const char *out_path, Precision prec) {
+    Config c;
+    float *params = model_file_load(model_path, &c);
+    DebugState st;
+    state_file_load(state_path, &c, &st);
+    OptSettings opt = opt_settings_default(OPT_ADAMW);
+    Model *m = model_create(&c, st.B, st.T, prec, &opt);
+    model_set_params(m, params);
+    size_t BT = (size_t)st.B * st.T, n = model_param_table(m)->n_params;
+    DebugState mine = st;
+    mine.logits = (float *)mallocCheck(BT * c.V * sizeof(float));
+    mine.grads = (float *)mallocCheck(n * sizeof(float));
+    model_forward(m, st.x, st.y, st.B, st.T, &st.s, mine.losses);
+    model_get_logits(m, mine.logits);
+    model_backward(m);
+    model_get_grads(m, mine.grads);
+
+    float tol = 1e-4f * opt_tol_scale;
+    printf("%s: B=%d T=%d V=%d L=%d D=%d E=%d K=%d, cf %.3f, group %d, %zu params\n", state_path, st.B, st.T, c.V, c.L,
+           c.D, c.E, c.K, st.s.cf1000 / 1000.0, st.s.group_size, n);
+    printf("losses: total %.6f ce %.6f lb %.6f rz %.6f lz %.6f dropped %.6f (reference %.6f %.6f %.6f %.6f %.6f %.6f)\n",
+           mine.losses[0], mine.losses[1], mine.losses[2], mine.losses[3], mine.losses[4], mine.losses[5],
+           st.losses[0], st.losses[1], st.losses[2], st.losses[3], st.losses[4], st.losses[5]);
+    int ok = compare_elementwise("logits", mine.logits, st.logits, BT * c.V, tol);
+    static const char *names[] = {"loss total", "loss ce", "loss lb", "loss rz", "loss lz"};
+    for (int i = 0; i < 5; i++) ok &= compare_elementwise(names[i], &mine.losses[i], &st.losses[i], 1, tol);
+    double derr = fabs((double)mine.losses[LOSS_DROPPED] - st.losses[LOSS_DROPPED]);
+    int dok = derr <= 1e-7 * opt_tol_scale;
+    printf("%-6s %-24s |a-b| %.3e (allowed %.1e)\n", dok ? "ok" : "FAILED", "dropped fraction", derr, 1e-7 * opt_tol_scale);
+    ok &= dok;
+    ok &= compare_grads(model_param_table(m), mine.grads, st.grads, tol);
+    if (out_path) {
+        state_file_save(out_path, &c, &mine);
+        printf("wrote %s\n", out_path);
+    }
+    printf("%s\n", ok ? "PASS" : "FAIL");
+    free(mine.logits);
+    free(mine.grads);
+    state_free(&st);
+    free(params);
+    model_free(m);
+    return ok;
+}
+
+// ----------------------------------------------------------------------------
+// check 2: three optimizer steps with the state's gradients. The settings are
+// the ones test/reference.py uses for its expected files.
+
+static int check_update(const char *model_path, const char *state_path, const char *kind, const char *expect_path,
+                        Precision prec) {
+    Config c, ce;
+    float *params = model_file_load(model_path, &c);
+    float *expect = model_file_load(expect_path, &ce);
+    if (memcmp(&c, &ce, sizeof(c)) != 0) die("%s: its config differs from %s's", expect_path, model_path);
+    DebugState st;
+    state_file_load(state_path, &c, &st);
+    OptSettings o;
+    if (strcmp(kind, "adamw") == 0) {
+        o = opt_settings_default(OPT_ADAMW);
+        o.lr = 1e-3f;
+    } else if (strcmp(kind, "adafactor") == 0) {
+        o = opt_settings_default(OPT_ADAFACTOR);
+        o.lr = 0.01f;
+        o.min_dim = 8;
+    } else {
+        die("--update: unknown optimizer '%s' (adamw or adafactor)", kind);
+    }
+    Model *m = model_create(&c, 1, 1, prec, &o);
+    model_set_params(m, params);
+    for (int t = 1; t <= 3; t++) {
+        model_set_grads(m, st.grads);
+        model_update(m, &o, t);
+    }
+    const ParamTable *pt = model_param_table(m);
+    float *mine = (float *)mallocCheck(pt->n_params * sizeof(float));
+    model_get_params(m, mine);
+    // per tensor slice: max|a-b| <= 1e-4 max|b - p0| + 1e-6 max|b|: the
+    // update is what is tested, so its size sets the scale
+    int ok = 1;
+    double worst = 0.0;
+    for (int i = 0; i < pt->n_tensors; i++) {
+        const TensorInfo *t = &pt->tensors[i];
+        size_t n = (size_t)t->rows * t->cols;
+        for (int s = 0; s < t->slices; s++) {
+            size_t o0 = t->offset + s * n;
+            double maxd = 0.0, maxb = 0.0, maxerr = 0.0;
+            for (size_t j = o0; j < o0 + n; j++) {
+                maxd = fmax(maxd, fabs((double)expect[j] - params[j]));
+                maxb = fmax(maxb, fabs(expect[j]));
+                double err = fabs((double)mine[j] - expect[j]);
+                if (!(err <= maxerr)) maxerr = err;
+            }
+            double ratio = maxerr / ((1e-4 * maxd + 1e-6 * maxb) * opt_tol_scale);
+            if (!(ratio <= 1.0)) {
+                printf("FAILED %s slice %d: max|a-b| %.3e, update size %.3e\n", t->name, s, maxerr, maxd);
+                ok = 0;
+            }
+            if (!(ratio <= worst)) worst = ratio;
+        }
+    }
+    printf("%-6s %s, 3 steps: worst parameter error at %.3g of allowed\n%s\n", ok ? "ok" : "FAILED", kind, worst,
+           ok ? "PASS" : "FAIL");
+    free(mine);
+    free(params);
+    free(expect);
+    state_free(&st);
+    model_free(m);
+    return ok;
+}
+
+// ----------------------------------------------------------------------------
+// check 3: finite differences on a micro config, every tensor, routing fixed
+
+static int same_routing(Model *m, int n_moe, int BTK, int32_t *e0, uint8_t *k0, int32_t *e1, float *p1, uint8_t *k1) {
+    for (int i = 0; i < n_moe; i++) {
+        model_get_routing(m, i, e1, p1, k1);
+        if (memcmp(e1, e0 + (size_t)i * BTK, BTK * sizeof(int32_t)) || memcmp(k1, k0 + (size_t)i * BTK, BTK))
+            return 0;
+    }
+    return 1;
+}
+
+static int check_gradients(int broken, Precision prec) {
+    //          V  ctx  L  D  H Hd   F  E  K  every Fe extra
+    Config c = {23, 8, 4, 12, 2, 6, 10, 4, 2, 2, 8, 1};
+    int B = 2, T = 6, BT = B * T, K = c.K, n_moe = n_moe_layers(&c);
+    MoeSettings s = {800, 1, 5, 0.05f, 0.01f, 0.01f};  // groups of 5, 5, 2; capacity 1-2: drops happen
+    OptSettings opt = opt_settings_default(OPT_ADAMW);
+    Model *m = model_create(&c, B, T, prec, &opt);
+    const ParamTable *pt = model_param_table(m);
+    size_t n = pt->n_params;
+    float *w = (float *)mallocCheck(n * sizeof(float)), *g = (float *)mallocCheck(n * sizeof(float));
+    params_init(pt, &c, w, 1234);
+    Rng r = {99};
+    for (int i = 0; i < pt->n_tensors; i++) {  // make routing decisive and norm weights non-trivial
+        const TensorInfo *t = &pt->tensors[i];
+        for (size_t j = t->offset; j < t->offset + tensor_numel(t); j++) {
+            if (strstr(t->name, "router")) w[j] *= 40.0f;
+            if (!t->matrix) w[j] = 0.5f + rng_uniform(&r);
+        }
+    }
+    int32_t x[12], y[12];
+    for (int i = 0; i < BT; i++) {
+        x[i] = (int32_t)(rng_u64(&r) % c.V);
+        y[i] = i % 5 == 3 ? -1 : (int32_t)(rng_u64(&r) % c.V);
+    }
+    float losses[N_LOSSES];
+    model_set_params(m, w);
+    model_forward(m, x, y, B, T, &s, losses);
+    model_backward(m);
+    model_get_grads(m, g);
+    if (broken)
+        for (size_t j = 0; j < n; j++) g[j] *= 1.1f;
+    printf("gradcheck: micro config, loss %.5f, dropped %.3f%s\n", losses[LOSS_TOTAL], losses[LOSS_DROPPED],
+           broken ? " (gradients deliberately scaled by 1.1)" : "");
+    int BTK = BT * K;
+    int32_t *e0 = (int32_t *)mallocCheck((size_t)n_moe * BTK * sizeof(int32_t)), e1[24];
+    uint8_t *k0 = (uint8_t *)mallocCheck((size_t)n_moe * BTK), k1[24];
+    float p1[24];
+    for (int i = 0; i < n_moe; i++) model_get_routing(m, i, e0 + (size_t)i * BTK, p1, k0 + (size_t)i * BTK);
+
+    const float eps = 2e-2f;
+    int ok = 1, skipped = 0;
+    for (int i = 0; i < pt->n_tensors; i++) {
+        const TensorInfo *t = &pt->tensors[i];
+        size_t numel = tensor_numel(t);
+        double maxerr = 0.0, maxg = 0.0;
+        int samples = numel < 16 ? (int)numel : 16;
+        for (int k = 0; k < samples; k++) {
+            size_t j = t->offset + (numel <= 16 ? (size_t)k : rng_u64(&r) % numel);
+            float w0 = w[j], lp[N_LOSSES], lm[N_LOSSES];
+            w[j] = w0 + eps;
+            model_set_params(m, w);
+            model_forward(m, x, y, B, T, &s, lp);
+            int same = same_routing(m, n_moe, BTK, e0, k0, e1, p1, k1);
+            w[j] = w0 - eps;
+            model_set_params(m, w);
+            model_forward(m, x, y, B, T, &s, lm);
+            same &= same_routing(m, n_moe, BTK, e0, k0, e1, p1, k1);
+            w[j] = w0;
+            if (!same) {  // the perturbation moved a routing decision: no derivative there
+                skipped++;
+                continue;
+            }
+            double fd = ((double)lp[LOSS_TOTAL] - lm[LOSS_TOTAL]) / (2.0 * eps);
+            maxerr = fmax(maxerr, fabs(fd - g[j]));
+            maxg = fmax(maxg, fabs(g[j]));
+        }
+        // fp32 losses give finite differences with noise near 1e-5; 2% of the
+        // largest gradient sampled covers the truncation error
+        double allowed = 0.02 * maxg + 3e-5;
+        int tok = maxerr <= allowed;
+        if (!tok || broken) printf("%-6s %-14s max|fd-grad| %.3e, allowed %.3e\n", tok ? "ok" : "FAILED", t->name, maxerr, allowed);
+        ok &= tok;
+    }
+    printf("gradcheck: %d tensors, %d samples skipped for a routing change\n%s\n", pt->n_tensors, skipped,
+           ok ? "PASS" : "FAIL");
+    free(w);
+    free(g);
+    free(e0);
+    free(k0);
+    model_free(m);
+    return ok;
+}
+
+// ----------------------------------------------------------------------------
+
+static void usage(const char *prog) {
+    fprintf(stderr,
+            "usage: %s MODEL STATE [-o OUT] [--bf16] [--tol-scale S]\n"
+            "       %s MODEL STATE --update adamw|adafactor EXPECTED\n"
+            "       %s --gradcheck [--break]\n"
+            "Compares one forward+backward (or three optimizer steps) with a debug state\n"
+            "file at SPEC §7's tolerances; exits 0 only if all hold.\n",
+            prog, prog, prog);
+    exit(2);
+}
+
+int main(int argc, char **argv) {
+    const char *pos[2] = {NULL, NULL}, *out = NULL, *update = NULL, *expect = NULL;
+    int npos = 0, gradcheck = 0, broken = 0;
+    Precision prec = PRECISION_FP32;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "-o") == 0 && i + 1 < argc) out = argv[++i];
+        else if (strcmp(argv[i], "--bf16") == 0) prec = PRECISION_BF16;
+        else if (strcmp(argv[i], "--tol-scale") == 0 && i + 1 < argc) opt_tol_scale = (float)atof(argv[++i]);
+        else if (strcmp(argv[i], "--update") == 0 && i + 2 < argc) {
+            update = argv[++i];
+            expect = argv[++i];
+        } else if (strcmp(argv[i], "--gradcheck") == 0) gradcheck = 1;
+        else if (strcmp(argv[i], "--break") == 0) broken = 1;
+        else if (argv[i][0] != '-' && npos < 2) pos[npos++] = argv[i];
+        else usage(argv[0]);
+    }
+    if (prec == PRECISION_BF16 && opt_tol_scale == 1.0f) opt_tol_scale = 30.0f;  // SPEC §7, documented in test/
+    if (!(opt_tol_scale > 0.0f)) die("--tol-scale must be > 0");
+    int ok;
+    if (gradcheck) ok = check_gradients(broken, prec);
+    else if (npos != 2) usage(argv[0]);
+    else if (update) ok = check_update(pos[0], pos[1], update, expect, prec);
+    else ok = check_state(pos[0], pos[1], out, prec);
+    return ok ? 0 : 1;
+}
