@@ -26,14 +26,14 @@
 
 #define MR 6    // rows of C per register tile
 #define NR 16   // columns of C per register tile: two 8-float vectors
-#define KC 256  // depth of one pass, so that a B panel stays in L1
-#define MC 96   // rows of C per thread task
+#define KC 256  // depth of one pass: a KC x NR panel of B stays in L1
+#define MC 96   // rows of C per thread task: its packed A (MC x KC) stays in L2
 
 typedef float vec8 __attribute__((vector_size(32), aligned(4)));  // 8 floats, any float alignment
 
-// a full MR x NR tile, its accumulators held in 12 vector registers
-static inline void gemm_tile(float *C, int ldc, const float *A, int ars, int aks, const float *B,
-                             int ldb, int K, int load_c) {
+// ap: an MR x K panel of A packed k-major (ap[k*MR + r]); C (MR,NR) with
+// leading dim ldc. The 12 accumulators live in vector registers.
+static inline void gemm_tile(float *C, int ldc, const float *ap, const float *B, int ldb, int K, int load_c) {
     vec8 acc[MR][2];
     for (int r = 0; r < MR; r++) {
         vec8 zero = {0};
@@ -44,7 +44,7 @@ static inline void gemm_tile(float *C, int ldc, const float *A, int ars, int aks
         const float *b = B + (size_t)k * ldb;
         vec8 b0 = *(const vec8 *)b, b1 = *(const vec8 *)(b + 8);
         for (int r = 0; r < MR; r++) {
-            float a = A[(size_t)r * ars + (size_t)k * aks];
+            float a = ap[k * MR + r];
             acc[r][0] = acc[r][0] + a * b0;
             acc[r][1] = acc[r][1] + a * b1;
         }
@@ -55,45 +55,69 @@ static inline void gemm_tile(float *C, int ldc, const float *A, int ars, int aks
     }
 }
 
-// the same computation for a ragged tile at the edges (mr <= MR, nr <= NR)
-static void gemm_tile_edge(float *C, int ldc, const float *A, int ars, int aks, const float *B,
-                           int ldb, int K, int load_c, int mr, int nr) {
-    for (int r = 0; r < mr; r++) {
+// the same sums for a ragged tile (mr <= MR rows, nr < NR columns)
+static void gemm_tile_edge(float *C, int ldc, const float *ap, const float *B, int ldb, int K, int load_c,
+                           int mr, int nr) {
+    for (int r = 0; r < mr; r++)
         for (int j = 0; j < nr; j++) {
             float acc = load_c ? C[(size_t)r * ldc + j] : 0.0f;
-            for (int k = 0; k < K; k++) acc = acc + A[(size_t)r * ars + (size_t)k * aks] * B[(size_t)k * ldb + j];
+            for (int k = 0; k < K; k++) acc = acc + ap[k * MR + r] * B[(size_t)k * ldb + j];
             C[(size_t)r * ldc + j] = acc;
+        }
+}
+
+// rows i0..i1-1 of C (at most MC), on the calling thread
+static void gemm_block(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
+                       int i0, int i1, int N, int K, int accumulate) {
+    float apack[MC * KC];  // on the stack: no allocation in the step
+    if (K <= 0 && !accumulate)  // an empty sum
+        for (int i = i0; i < i1; i++) memset(C + (size_t)i * ldc, 0, N * sizeof(float));
+    for (int k0 = 0; k0 < K; k0 += KC) {
+        int kc = K - k0 < KC ? K - k0 : KC, load_c = accumulate || k0 > 0;
+        // pack A[i0:i1, k0:k0+kc] as MR-row panels, zero rows past i1
+        for (int i = i0; i < i1; i += MR) {
+            float *ap = apack + (size_t)(i - i0) * kc;
+            for (int k = 0; k < kc; k++)
+                for (int r = 0; r < MR; r++)
+                    ap[k * MR + r] = i + r < i1 ? A[(size_t)(i + r) * ars + (size_t)(k0 + k) * aks] : 0.0f;
+        }
+        for (int j0 = 0; j0 < N; j0 += NR) {
+            int nr = N - j0 < NR ? N - j0 : NR;
+            const float *b = B + (size_t)k0 * ldb + j0;
+            for (int i = i0; i < i1; i += MR) {
+                int mr = i1 - i < MR ? i1 - i : MR;
+                const float *ap = apack + (size_t)(i - i0) * kc;
+                float *c = C + (size_t)i * ldc + j0;
+                if (nr < NR) {
+                    gemm_tile_edge(c, ldc, ap, b, ldb, kc, load_c, mr, nr);
+                } else if (mr == MR) {
+                    gemm_tile(c, ldc, ap, b, ldb, kc, load_c);
+                } else {  // a short tile goes through a full one in a buffer
+                    float tile[MR * NR] = {0};
+                    for (int r = 0; r < mr; r++) memcpy(tile + r * NR, c + (size_t)r * ldc, NR * sizeof(float));
+                    gemm_tile(tile, NR, ap, b, ldb, kc, load_c);
+                    for (int r = 0; r < mr; r++) memcpy(c + (size_t)r * ldc, tile + r * NR, NR * sizeof(float));
+                }
+            }
         }
     }
 }
 
+// rows i0..i1-1 of C, on the calling thread
+static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
+                      int i0, int i1, int N, int K, int accumulate) {
+    for (int i = i0; i < i1; i += MC)
+        gemm_block(C, ldc, A, ars, aks, B, ldb, i, i + MC < i1 ? i + MC : i1, N, K, accumulate);
+}
+
+// all of C, in tasks of MC rows spread over the threads
 static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                  int M, int N, int K, int accumulate) {
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) {  // an empty sum: C stays, or becomes 0
-        if (!accumulate)
-            for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, N * sizeof(float));
-        return;
-    }
     int n_tasks = (M + MC - 1) / MC;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int task = 0; task < n_tasks; task++) {
-        int i_end = task * MC + MC < M ? task * MC + MC : M;
-        for (int j0 = 0; j0 < N; j0 += NR) {
-            int nr = N - j0 < NR ? N - j0 : NR;
-            for (int k0 = 0; k0 < K; k0 += KC) {
-                int kc = K - k0 < KC ? K - k0 : KC;
-                int load_c = accumulate || k0 > 0;
-                for (int i0 = task * MC; i0 < i_end; i0 += MR) {
-                    int mr = i_end - i0 < MR ? i_end - i0 : MR;
-                    float *c = C + (size_t)i0 * ldc + j0;
-                    const float *a = A + (size_t)i0 * ars + (size_t)k0 * aks;
-                    const float *b = B + (size_t)k0 * ldb + j0;
-                    if (mr == MR && nr == NR) gemm_tile(c, ldc, a, ars, aks, b, ldb, kc, load_c);
-                    else gemm_tile_edge(c, ldc, a, ars, aks, b, ldb, kc, load_c, mr, nr);
-                }
-            }
-        }
+        int i1 = task * MC + MC < M ? task * MC + MC : M;
+        gemm_block(C, ldc, A, ars, aks, B, ldb, task * MC, i1, N, K, accumulate);
     }
 }
 
@@ -108,12 +132,15 @@ static void matvec_forward(float *out, const float *inp, const float *w, int IN,
     }
 }
 
-// wt [IN,OUT] = w [OUT,IN]^T
+// wt [IN,OUT] = w [OUT,IN]^T, w's rows ldw apart
+static void transpose_rows(float *wt, const float *w, int OUT, int IN, int ldw, int i0, int i1) {
+    for (int ib = i0; ib < i1; ib += 32)
+        for (int o = 0; o < OUT; o++)
+            for (int i = ib; i < i1 && i < ib + 32; i++) wt[(size_t)i * OUT + o] = w[(size_t)o * ldw + i];
+}
 static void transpose(float *wt, const float *w, int OUT, int IN) {
 #pragma omp parallel for schedule(static)
-    for (int i0 = 0; i0 < IN; i0 += 32)
-        for (int o = 0; o < OUT; o++)
-            for (int i = i0; i < IN && i < i0 + 32; i++) wt[(size_t)i * OUT + o] = w[(size_t)o * IN + i];
+    for (int i0 = 0; i0 < IN; i0 += 32) transpose_rows(wt, w, OUT, IN, IN, i0, i0 + 32 < IN ? i0 + 32 : IN);
 }
 
 // out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T; scratch holds OUT*IN floats
@@ -188,48 +215,52 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
 }
 
 // ----------------------------------------------------------------------------
-// RoPE, rotate-half: element i pairs with i + Hd/2, angle pos * 10000^(-2i/Hd)
+// RoPE, rotate-half: element i pairs with i + Hd/2, angle pos * 10000^(-2i/Hd).
+// The angles' cos and sin come from tables (max_seq_len, Hd/2) made once.
 
-static void rope_row(float *x, int pos, int Hd, int sign) {
+static void rope_tables(float *cosv, float *sinv, int max_seq_len, int Hd) {
+    for (int pos = 0; pos < max_seq_len; pos++)
+        for (int i = 0; i < Hd / 2; i++) {
+            double theta = pos * pow(10000.0, -2.0 * i / Hd);
+            cosv[(size_t)pos * (Hd / 2) + i] = (float)cos(theta);
+            sinv[(size_t)pos * (Hd / 2) + i] = (float)sin(theta);
+        }
+}
+
+// one head's vector x (Hd) at its position's table row; sign -1 rotates back
+static void rope_row(float *x, const float *cosv, const float *sinv, int Hd, float sign) {
     int half = Hd / 2;
     for (int i = 0; i < half; i++) {
-        double theta = pos * pow(10000.0, -2.0 * i / Hd);
-        float c = (float)cos(theta), s = (float)(sign * sin(theta));
-        float a = x[i], b = x[i + half];
+        float c = cosv[i], s = sign * sinv[i], a = x[i], b = x[i + half];
         x[i] = a * c - b * s;
         x[i + half] = b * c + a * s;
     }
 }
 
-// in place on q or k (B,T,H,Hd); backward is the rotation by -angle
-static void rope_forward(float *x, int B, int T, int H, int Hd) {
+// in place on q or k (B,T,H,Hd); the backward is the rotation by -angle
+static void rope_forward(float *x, const float *cosv, const float *sinv, int B, int T, int H, int Hd, float sign) {
+    int half = Hd / 2;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++)
-            for (int h = 0; h < H; h++) rope_row(x + (((size_t)b * T + t) * H + h) * Hd, t, Hd, 1);
+            for (int h = 0; h < H; h++)
+                rope_row(x + (((size_t)b * T + t) * H + h) * Hd, cosv + (size_t)t * half, sinv + (size_t)t * half, Hd, sign);
 }
-static void rope_backward(float *dx, int B, int T, int H, int Hd) {
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++)
-            for (int h = 0; h < H; h++) rope_row(dx + (((size_t)b * T + t) * H + h) * Hd, t, Hd, -1);
+static void rope_backward(float *dx, const float *cosv, const float *sinv, int B, int T, int H, int Hd) {
+    rope_forward(dx, cosv, sinv, B, T, H, Hd, -1.0f);
 }
 
 // ----------------------------------------------------------------------------
-// causal attention, no 1/sqrt(Hd) (OpenMoE folds it into Wq's init)
+// causal attention, no 1/sqrt(Hd) (OpenMoE folds it into Wq's init). Per
+// (batch, head) it is three small matmuls on strided views of q, k, v
+// (rows H*Hd apart): scores = q k^T, softmax over s <= t, out = P v. The
+// masked probabilities are exactly 0, so the sums equal those of the one-token
+// path in model_decode bit for bit.
 
-// one query row: q (Hd), keys/values at rows 0..t of k, v with stride ld;
-// att (t+1) gets the probabilities, out (Hd) = sum_s att[s] v[s]
-static void attention_row(float *out, float *att, const float *q, const float *k, const float *v,
-                          int t, int ld, int Hd) {
+// scores att[0..t] -> probabilities in place; att[t+1..T-1] = 0
+static void attention_softmax_row(float *att, int t, int T) {
     float maxs = -FLT_MAX;
-    for (int s = 0; s <= t; s++) {
-        const float *ks = k + (size_t)s * ld;
-        float dot = 0.0f;
-        for (int i = 0; i < Hd; i++) dot = dot + q[i] * ks[i];
-        att[s] = dot;
-        if (dot > maxs) maxs = dot;
-    }
+    for (int s = 0; s <= t; s++) maxs = att[s] > maxs ? att[s] : maxs;
     float sum = 0.0f;
     for (int s = 0; s <= t; s++) {
         att[s] = expf(att[s] - maxs);
@@ -237,69 +268,49 @@ static void attention_row(float *out, float *att, const float *q, const float *k
     }
     float inv = 1.0f / sum;
     for (int s = 0; s <= t; s++) att[s] *= inv;
-    for (int i = 0; i < Hd; i++) out[i] = 0.0f;
-    for (int s = 0; s <= t; s++) {
-        const float *vs = v + (size_t)s * ld;
-        for (int i = 0; i < Hd; i++) out[i] = out[i] + att[s] * vs[i];
-    }
+    for (int s = t + 1; s < T; s++) att[s] = 0.0f;
 }
 
-// q, k, v (B,T,H,Hd) -> out (B,T,H,Hd), att (B,H,T,T) probabilities (row t uses 0..t)
-static void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
+// q, k, v (B,T,H,Hd) -> out (B,T,H,Hd), att (B,H,T,T) probabilities; kt (B,H,Hd,T) scratch
+static void attention_forward(float *out, float *att, float *kt, const float *q, const float *k, const float *v,
                               int B, int T, int H, int Hd) {
     int ld = H * Hd;
-#pragma omp parallel for collapse(3) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
-                size_t base = (size_t)b * T * ld + h * Hd;
-                attention_row(out + base + (size_t)t * ld, att + (((size_t)b * H + h) * T + t) * T,
-                              q + base + (size_t)t * ld, k + base, v + base, t, ld, Hd);
-            }
-}
-
-// dout (B,T,H,Hd) -> dq, dk, dv (B,T,H,Hd), overwritten; dscore (B,H,T) scratch
-static void attention_backward(float *dq, float *dk, float *dv, float *dscore, const float *dout,
-                               const float *att, const float *q, const float *k, const float *v,
-                               int B, int T, int H, int Hd) {
-    int ld = H * Hd;
-    // each (b, h) owns its slices of dq, dk, dv, so the sums run in a fixed order
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
-            size_t base = (size_t)b * T * ld + h * Hd;
-            float *ds = dscore + ((size_t)b * H + h) * T;
-            for (int t = 0; t < T; t++)
-                for (int i = 0; i < Hd; i++) {
-                    dq[base + (size_t)t * ld + i] = 0.0f;
-                    dk[base + (size_t)t * ld + i] = 0.0f;
-                    dv[base + (size_t)t * ld + i] = 0.0f;
-                }
+            size_t base = (size_t)b * T * ld + h * Hd, bh = (size_t)b * H + h;
+            float *P = att + bh * T * T, *kT = kt + bh * Hd * T;
+            transpose_rows(kT, k + base, T, Hd, ld, 0, Hd);
+            gemm_rows(P, T, q + base, ld, 1, kT, T, 0, T, T, Hd, 0);
+            for (int t = 0; t < T; t++) attention_softmax_row(P + (size_t)t * T, t, T);
+            gemm_rows(out + base, ld, P, T, 1, v + base, ld, 0, T, Hd, T, 0);
+        }
+}
+
+// dout (B,T,H,Hd) -> dq, dk, dv (B,T,H,Hd), overwritten; dscore (B,H,T,T), vt (B,H,Hd,T) scratch
+static void attention_backward(float *dq, float *dk, float *dv, float *dscore, float *vt, const float *dout,
+                               const float *att, const float *q, const float *k, const float *v,
+                               int B, int T, int H, int Hd) {
+    int ld = H * Hd;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            size_t base = (size_t)b * T * ld + h * Hd, bh = (size_t)b * H + h;
+            const float *P = att + bh * T * T;
+            float *dS = dscore + bh * T * T, *vT = vt + bh * Hd * T;
+            // dP = dout v^T, then through the softmax: dS = P (dP - rowsum(P dP))
+            transpose_rows(vT, v + base, T, Hd, ld, 0, Hd);
+            gemm_rows(dS, T, dout + base, ld, 1, vT, T, 0, T, T, Hd, 0);
             for (int t = 0; t < T; t++) {
-                const float *p = att + (((size_t)b * H + h) * T + t) * T;
-                const float *dy = dout + base + (size_t)t * ld;
-                // dp[s] = dy . v[s]; dscore[s] = p[s] (dp[s] - sum_s' p[s'] dp[s'])
-                float pdp = 0.0f;
-                for (int s = 0; s <= t; s++) {
-                    const float *vs = v + base + (size_t)s * ld;
-                    float dp = 0.0f;
-                    for (int i = 0; i < Hd; i++) dp += dy[i] * vs[i];
-                    ds[s] = dp;
-                    pdp += p[s] * dp;
-                }
-                const float *qt = q + base + (size_t)t * ld;
-                float *dqt = dq + base + (size_t)t * ld;
-                for (int s = 0; s <= t; s++) {
-                    float g = p[s] * (ds[s] - pdp);
-                    const float *ks = k + base + (size_t)s * ld;
-                    float *dks = dk + base + (size_t)s * ld, *dvs = dv + base + (size_t)s * ld;
-                    for (int i = 0; i < Hd; i++) {
-                        dqt[i] += g * ks[i];
-                        dks[i] += g * qt[i];
-                        dvs[i] += p[s] * dy[i];
-                    }
-                }
+                const float *p = P + (size_t)t * T;
+                float *ds = dS + (size_t)t * T, pdp = 0.0f;
+                for (int s = 0; s <= t; s++) pdp += p[s] * ds[s];
+                for (int s = 0; s <= t; s++) ds[s] = p[s] * (ds[s] - pdp);
+                for (int s = t + 1; s < T; s++) ds[s] = 0.0f;
             }
+            gemm_rows(dq + base, ld, dS, T, 1, k + base, ld, 0, T, Hd, T, 0);     // dq = dS k
+            gemm_rows(dk + base, ld, dS, 1, T, q + base, ld, 0, T, Hd, T, 0);     // dk = dS^T q
+            gemm_rows(dv + base, ld, P, 1, T, dout + base, ld, 0, T, Hd, T, 0);   // dv = P^T dout
         }
 }
 
@@ -621,13 +632,15 @@ struct Model {
     float *resid;             // (L+1, BT, D): layer l reads resid[l], writes resid[l+1]
     float *lnf, *rstdf, *logits, *lse;  // (BT,D), (BT), (BT,V), (BT)
     float *tmp;               // (BT,D) a sublayer's output before the residual add
+    float *kt;                // (B,H,Hd,T) k (forward) or v (backward) transposed per head
     int *x, *y;               // (BT) the batch of the last forward
     float *scratch;           // the largest weight matrix, transposed for the matmul
     float *lbf, *lbP;         // (E) load-balance scratch
     int *cursor;              // (E)
     // backward scratch (with an optimizer only)
     float *d_res, *d_ln;      // (BT,D) residual gradient, gradient at a norm's output
-    float *dq, *dk, *dv, *datty, *dscore;  // (BT,HHd) x4, (B,H,T)
+    float *dq, *dk, *dv, *datty;  // (BT,HHd)
+    float *dscore;            // (B,H,T,T)
     float *dg, *du, *dh;      // (BT*K, 2Fmax | Fmax | Fmax)
     float *dxe, *dye;         // (BT*K, D)
     float *dp;                // (BT,E)
@@ -637,8 +650,8 @@ struct Model {
     MoeSettings s;
     RouterStats *stats;       // [n_moe]
     int *stat_ints;           // the routed and kept counts behind stats
+    float *rope_cos, *rope_sin;  // (max_seq_len, Hd/2)
     // inference: KV cache (L, max_seq_len, HHd) and one token's buffers
-    float *dec;
     float *kcache, *vcache;
     float *t_x, *t_xn, *t_q, *t_att, *t_aty, *t_out, *t_acc, *t_g, *t_u, *t_h, *t_z, *t_p, *t_logits;
     int *t_top;
@@ -715,6 +728,7 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     m->logits = carve(fb, nf, BT * c->V);
     m->lse = carve(fb, nf, BT);
     m->tmp = carve(fb, nf, BT * D);
+    m->kt = carve(fb, nf, BT * HHd);
     m->x = carve_int(ib, ni, BT);
     m->y = carve_int(ib, ni, BT);
     size_t wmax = (size_t)c->V * D;
@@ -731,7 +745,7 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     m->dk = carve(fb, nf, BT * HHd);
     m->dv = carve(fb, nf, BT * HHd);
     m->datty = carve(fb, nf, BT * HHd);
-    m->dscore = carve(fb, nf, BT * c->H);
+    m->dscore = carve(fb, nf, BT * m->Tmax * c->H);
     m->dg = carve(fb, nf, BT * K * 2 * Fmax);
     m->du = carve(fb, nf, BT * K * Fmax);
     m->dh = carve(fb, nf, BT * K * Fmax);
@@ -741,11 +755,13 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     m->dlogits = carve(fb, nf, BT * c->V);
 }
 
-// the KV cache and one token's buffers for model_decode
+// the RoPE tables, the KV cache and one token's buffers for model_decode
 static void decode_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     const Config *c = &m->c;
     size_t HHd = (size_t)c->H * c->Hd, Fmax = c->F > c->Fe ? c->F : c->Fe;
     *nf = *ni = 0;
+    m->rope_cos = carve(fb, nf, (size_t)c->max_seq_len * (c->Hd / 2));
+    m->rope_sin = carve(fb, nf, (size_t)c->max_seq_len * (c->Hd / 2));
     m->kcache = carve(fb, nf, (size_t)c->L * c->max_seq_len * HHd);
     m->vcache = carve(fb, nf, (size_t)c->L * c->max_seq_len * HHd);
     m->t_x = carve(fb, nf, c->D);
@@ -792,6 +808,7 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     m->iacts = (int *)callocCheck(ni + dni, sizeof(int));
     acts_layout(m, m->acts, m->iacts, &nf, &ni);
     decode_layout(m, m->acts + nf, m->iacts + ni, &dnf, &dni);
+    rope_tables(m->rope_cos, m->rope_sin, c->max_seq_len, c->Hd);
     int nm = n_moe_layers(c) > 0 ? n_moe_layers(c) : 1;
     m->stats = (RouterStats *)callocCheck(nm, sizeof(RouterStats));
     m->stat_ints = (int *)callocCheck(2 * (size_t)nm * c->E, sizeof(int));
@@ -910,9 +927,9 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
         matmul_forward(a->q, a->ln1, W + lp->wq, BT, D, HHd, m->scratch);
         matmul_forward(a->k, a->ln1, W + lp->wk, BT, D, HHd, m->scratch);
         matmul_forward(a->v, a->ln1, W + lp->wv, BT, D, HHd, m->scratch);
-        rope_forward(a->q, B, T, c->H, c->Hd);
-        rope_forward(a->k, B, T, c->H, c->Hd);
-        attention_forward(a->atty, a->att, a->q, a->k, a->v, B, T, c->H, c->Hd);
+        rope_forward(a->q, m->rope_cos, m->rope_sin, B, T, c->H, c->Hd, 1.0f);
+        rope_forward(a->k, m->rope_cos, m->rope_sin, B, T, c->H, c->Hd, 1.0f);
+        attention_forward(a->atty, a->att, m->kt, a->q, a->k, a->v, B, T, c->H, c->Hd);
         matmul_forward(m->tmp, a->atty, W + lp->wo, BT, HHd, D, m->scratch);
         residual_forward(a->mid, a->in, m->tmp, (size_t)BT * D);
         if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
@@ -1014,9 +1031,10 @@ void model_backward(Model *m) {
         }
         // d_res now holds d mid; attention: mid = in + Wo attn(...)
         matmul_backward(m->datty, G + lp->wo, m->d_res, a->atty, W + lp->wo, BT, HHd, D, 0);
-        attention_backward(m->dq, m->dk, m->dv, m->dscore, m->datty, a->att, a->q, a->k, a->v, B, T, c->H, c->Hd);
-        rope_backward(m->dq, B, T, c->H, c->Hd);
-        rope_backward(m->dk, B, T, c->H, c->Hd);
+        attention_backward(m->dq, m->dk, m->dv, m->dscore, m->kt, m->datty, a->att, a->q, a->k, a->v, B, T, c->H,
+                           c->Hd);
+        rope_backward(m->dq, m->rope_cos, m->rope_sin, B, T, c->H, c->Hd);
+        rope_backward(m->dk, m->rope_cos, m->rope_sin, B, T, c->H, c->Hd);
         matmul_backward(m->d_ln, G + lp->wq, m->dq, a->ln1, W + lp->wq, BT, D, HHd, 0);
         matmul_backward(m->d_ln, G + lp->wk, m->dk, a->ln1, W + lp->wk, BT, D, HHd, 1);
         matmul_backward(m->d_ln, G + lp->wv, m->dv, a->ln1, W + lp->wv, BT, D, HHd, 1);
@@ -1179,13 +1197,25 @@ const float *model_decode(Model *m, int token, int pos) {
         matvec_forward(m->t_q, xn, W + lp->wq, D, HHd);
         matvec_forward(kc + (size_t)pos * HHd, xn, W + lp->wk, D, HHd);
         matvec_forward(vc + (size_t)pos * HHd, xn, W + lp->wv, D, HHd);
+        const float *cs = m->rope_cos + (size_t)pos * (c->Hd / 2), *sn = m->rope_sin + (size_t)pos * (c->Hd / 2);
         for (int h = 0; h < c->H; h++) {
-            rope_row(m->t_q + h * c->Hd, pos, c->Hd, 1);
-            rope_row(kc + (size_t)pos * HHd + h * c->Hd, pos, c->Hd, 1);
+            rope_row(m->t_q + h * c->Hd, cs, sn, c->Hd, 1.0f);
+            rope_row(kc + (size_t)pos * HHd + h * c->Hd, cs, sn, c->Hd, 1.0f);
         }
-        for (int h = 0; h < c->H; h++)
-            attention_row(m->t_aty + h * c->Hd, m->t_att, m->t_q + h * c->Hd, kc + h * c->Hd, vc + h * c->Hd, pos,
-                          HHd, c->Hd);
+        for (int h = 0; h < c->H; h++) {  // the row pos of attention_forward's three steps
+            const float *q = m->t_q + h * c->Hd;
+            float *att = m->t_att, *out = m->t_aty + h * c->Hd;
+            for (int s = 0; s <= pos; s++) {
+                const float *ks = kc + (size_t)s * HHd + h * c->Hd;
+                float dot = 0.0f;
+                for (int i = 0; i < c->Hd; i++) dot = dot + q[i] * ks[i];
+                att[s] = dot;
+            }
+            attention_softmax_row(att, pos, pos + 1);
+            for (int i = 0; i < c->Hd; i++) out[i] = 0.0f;
+            for (int s = 0; s <= pos; s++)
+                for (int i = 0; i < c->Hd; i++) out[i] = out[i] + att[s] * vc[(size_t)s * HHd + h * c->Hd + i];
+        }
         matvec_forward(m->t_out, m->t_aty, W + lp->wo, HHd, D);
         residual_forward(x, x, m->t_out, D);
         rmsnorm_row(xn, NULL, x, W + lp->mlp_norm, D);
