@@ -1,8 +1,12 @@
 # shared helpers for test/t_*.sh: verdict lines that test/run_tests.sh counts
 pass() { echo "PASS $*"; }
 fail() { echo "FAIL $*"; }
-# expect_ok NAME CMD...: passes when CMD exits 0
-expect_ok() { local name=$1; shift; if "$@"; then pass "$name"; else fail "$name"; fi; }
+# expect_ok NAME CMD...: passes when CMD exits 0; its output goes to
+# $BUILD/last.log and is shown when it fails
+expect_ok() {
+    local name=$1; shift
+    if "$@" > "$BUILD/last.log" 2>&1; then pass "$name"; else tail -20 "$BUILD/last.log"; fail "$name"; fi
+}
 # expect_error NAME PATTERN CMD...: passes when CMD exits non-zero and its
 # stderr matches PATTERN (a clear message, not a crash)
 expect_error() {

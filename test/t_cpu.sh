@@ -1,0 +1,83 @@
+# The CPU reference against the PyTorch float64 reference (test/reference.py),
+# the finite-difference gradient check, and the rejection of bad files.
+source test/lib.sh
+cases=$BUILD/cases
+$PYTHON test/reference.py $cases > $BUILD/reference.log || { fail "reference.py could not write the cases"; exit 1; }
+
+# 1. every case: logits, losses, dropped fraction and every gradient at SPEC §7
+#    tolerances; -o writes this build's numbers, which must then pass against itself
+while read -r name opts; do
+    expect_ok "test_cpu $name" ./test_cpu $cases/$name.model.bin $cases/$name.state.bin -o $BUILD/$name.cpu.bin
+    grep -E "^ok +(logits|grads)" $BUILD/last.log | sed 's/^ok  */    /'
+    expect_ok "test_cpu $name -o round trip" ./test_cpu $cases/$name.model.bin $BUILD/$name.cpu.bin
+    for opt in $opts; do  # three optimizer steps against the reference's
+        expect_ok "$opt steps $name" ./test_cpu $cases/$name.model.bin $cases/$name.state.bin --update $opt $cases/$name.$opt.bin
+    done
+done < $cases/cases.txt
+
+# 2. the comparisons must be able to fail: a state off by a little beyond the
+#    tolerance is rejected, element by element
+corrupt() {  # corrupt STATE OUT WHAT V: WHAT is grad, logit or dropped; V the model's vocabulary
+    $PYTHON - "$@" <<'EOF'
+import sys, numpy as np
+src, dst, what, V = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+buf = np.fromfile(src, dtype=np.uint8).copy()
+h = buf[:1024].view(np.int32)
+BT = int(h[2]) * int(h[3])
+f = buf[1024:].view(np.float32)           # x, y, logits, losses, grads as 4-byte words
+logits, losses, grads = 2 * BT, 2 * BT + BT * V, 2 * BT + BT * V + 8
+if what == "grad":       # the largest gradient of the first tensors, off by 1e-3 of itself
+    i = grads + int(np.argmax(np.abs(f[grads:grads + 1000])))
+    f[i] *= 1.001
+elif what == "logit":
+    f[logits + 7] += 1e-3 * (1 + abs(f[logits + 7]))
+elif what == "dropped":
+    f[losses + 5] += 1e-6
+buf.tofile(dst)
+EOF
+}
+V=$(od -An -t d4 -j 8 -N 4 $cases/moe_drop.model.bin | tr -d ' ')
+for what in grad logit dropped; do
+    corrupt $cases/moe_drop.state.bin $BUILD/bad_$what.state.bin $what $V
+    if ./test_cpu $cases/moe_drop.model.bin $BUILD/bad_$what.state.bin > $BUILD/bad_$what.log; then
+        fail "a state with a corrupted $what passed"
+    else
+        pass "a state with a corrupted $what is rejected"
+    fi
+done
+if ./test_cpu $cases/moe_drop.model.bin $cases/moe_drop.state.bin --update adamw $cases/moe_drop.adafactor.bin > /dev/null; then
+    fail "adamw steps matched adafactor's parameters"
+else
+    pass "the optimizer check tells adamw from adafactor"
+fi
+
+# 3. finite differences, and a deliberately wrong backward that they must catch
+expect_ok "gradcheck (finite differences, micro config)" ./test_cpu --gradcheck
+if ./test_cpu --gradcheck --break > $BUILD/gradcheck_break.log; then
+    fail "gradcheck missed gradients scaled by 1.1"
+else
+    pass "gradcheck catches gradients scaled by 1.1"
+fi
+
+# 4. malformed model and state files get a clear message naming the file
+m=$cases/moe_basic.model.bin s=$cases/moe_basic.state.bin
+patch_word() {  # patch_word IN OUT WORD VALUE: set int32 header word WORD
+    cp "$1" "$2"
+    printf "$(printf '\\%03o\\%03o\\%03o\\%03o' $(( $4 & 255 )) $(( ($4 >> 8) & 255 )) $(( ($4 >> 16) & 255 )) $(( ($4 >> 24) & 255 )))" |
+        dd of="$2" bs=4 seek="$3" conv=notrunc status=none
+}
+patch_word $m $BUILD/m_magic.bin 0 1234;     expect_error "model: wrong magic" "m_magic.bin: bad magic" ./test_cpu $BUILD/m_magic.bin $s
+patch_word $m $BUILD/m_version.bin 1 2;      expect_error "model: unknown version" "unknown version 2" ./test_cpu $BUILD/m_version.bin $s
+head -c 5000 $m > $BUILD/m_trunc.bin;        expect_error "model: truncated" "m_trunc.bin: size 5000 bytes" ./test_cpu $BUILD/m_trunc.bin $s
+head -c 100 $m > $BUILD/m_short.bin;         expect_error "model: shorter than its header" "shorter than the 1024-byte header" ./test_cpu $BUILD/m_short.bin $s
+patch_word $m $BUILD/m_k.bin 10 99;          expect_error "model: K > E" "K = 99 > E" ./test_cpu $BUILD/m_k.bin $s
+patch_word $m $BUILD/m_hd.bin 7 7;           expect_error "model: odd Hd" "Hd = 7 is odd" ./test_cpu $BUILD/m_hd.bin $s
+patch_word $m $BUILD/m_d.bin 5 0;            expect_error "model: a size of 0" "D = 0, must be > 0" ./test_cpu $BUILD/m_d.bin $s
+patch_word $m $BUILD/m_extra.bin 13 2;       expect_error "model: extra_ffn not 0/1" "extra_ffn = 2" ./test_cpu $BUILD/m_extra.bin $s
+patch_word $m $BUILD/m_word.bin 100 1;       expect_error "model: reserved word not 0" "header word 100 is 1" ./test_cpu $BUILD/m_word.bin $s
+patch_word $m $BUILD/m_l.bin 4 5;            expect_error "model: header disagrees with size" "its header describes" ./test_cpu $BUILD/m_l.bin $s
+expect_error "model: missing file" "cannot open" ./test_cpu $BUILD/no_such_model.bin $s
+patch_word $s $BUILD/s_magic.bin 0 1234;     expect_error "state: wrong magic" "s_magic.bin: bad magic" ./test_cpu $m $BUILD/s_magic.bin
+head -c 3000 $s > $BUILD/s_trunc.bin;        expect_error "state: truncated" "s_trunc.bin: size 3000 bytes" ./test_cpu $m $BUILD/s_trunc.bin
+patch_word $s $BUILD/s_t.bin 3 100000;       expect_error "state: T longer than the context" "longer than the model's context" ./test_cpu $m $BUILD/s_t.bin
+patch_word $s $BUILD/s_x.bin 256 100000;     expect_error "state: token out of range" "token x\[0\] = 100000 is out of range" ./test_cpu $m $BUILD/s_x.bin
