@@ -31,9 +31,10 @@
 
 typedef float vec8 __attribute__((vector_size(32), aligned(4)));  // 8 floats, any float alignment
 
-// ap: an MR x K panel of A packed k-major (ap[k*MR + r]); C (MR,NR) with
-// leading dim ldc. The 12 accumulators live in vector registers.
-static inline void gemm_tile(float *C, int ldc, const float *ap, const float *B, int ldb, int K, int load_c) {
+// ap, bp: an MR x K panel of A and a K x NR panel of B, packed k-major
+// (ap[k*MR + r], bp[k*NR + j]); C (MR,NR) with leading dim ldc. The 12
+// accumulators live in vector registers.
+static inline void gemm_tile(float *C, int ldc, const float *ap, const float *bp, int K, int load_c) {
     vec8 acc[MR][2];
     for (int r = 0; r < MR; r++) {
         vec8 zero = {0};
@@ -41,8 +42,7 @@ static inline void gemm_tile(float *C, int ldc, const float *ap, const float *B,
         acc[r][1] = load_c ? *(const vec8 *)(C + (size_t)r * ldc + 8) : zero;
     }
     for (int k = 0; k < K; k++) {
-        const float *b = B + (size_t)k * ldb;
-        vec8 b0 = *(const vec8 *)b, b1 = *(const vec8 *)(b + 8);
+        vec8 b0 = *(const vec8 *)(bp + k * NR), b1 = *(const vec8 *)(bp + k * NR + 8);
         for (int r = 0; r < MR; r++) {
             float a = ap[k * MR + r];
             acc[r][0] = acc[r][0] + a * b0;
@@ -55,26 +55,16 @@ static inline void gemm_tile(float *C, int ldc, const float *ap, const float *B,
     }
 }
 
-// the same sums for a ragged tile (mr <= MR rows, nr < NR columns)
-static void gemm_tile_edge(float *C, int ldc, const float *ap, const float *B, int ldb, int K, int load_c,
-                           int mr, int nr) {
-    for (int r = 0; r < mr; r++)
-        for (int j = 0; j < nr; j++) {
-            float acc = load_c ? C[(size_t)r * ldc + j] : 0.0f;
-            for (int k = 0; k < K; k++) acc = acc + ap[k * MR + r] * B[(size_t)k * ldb + j];
-            C[(size_t)r * ldc + j] = acc;
-        }
-}
-
-// rows i0..i1-1 of C (at most MC), on the calling thread
+// rows i0..i1-1 of C (at most MC), on the calling thread. Both operands are
+// packed into stack buffers (no allocation in the step), zero-padded at the
+// edges, so that one kernel serves every tile: an edge tile runs in a buffer.
 static void gemm_block(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                        int i0, int i1, int N, int K, int accumulate) {
-    float apack[MC * KC];  // on the stack: no allocation in the step
+    float apack[MC * KC], bpack[KC * NR];
     if (K <= 0 && !accumulate)  // an empty sum
         for (int i = i0; i < i1; i++) memset(C + (size_t)i * ldc, 0, N * sizeof(float));
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC, load_c = accumulate || k0 > 0;
-        // pack A[i0:i1, k0:k0+kc] as MR-row panels, zero rows past i1
         for (int i = i0; i < i1; i += MR) {
             float *ap = apack + (size_t)(i - i0) * kc;
             for (int k = 0; k < kc; k++)
@@ -83,21 +73,23 @@ static void gemm_block(float *C, int ldc, const float *A, int ars, int aks, cons
         }
         for (int j0 = 0; j0 < N; j0 += NR) {
             int nr = N - j0 < NR ? N - j0 : NR;
-            const float *b = B + (size_t)k0 * ldb + j0;
+            for (int k = 0; k < kc; k++)
+                for (int j = 0; j < NR; j++)
+                    bpack[k * NR + j] = j < nr ? B[(size_t)(k0 + k) * ldb + j0 + j] : 0.0f;
             for (int i = i0; i < i1; i += MR) {
                 int mr = i1 - i < MR ? i1 - i : MR;
                 const float *ap = apack + (size_t)(i - i0) * kc;
                 float *c = C + (size_t)i * ldc + j0;
-                if (nr < NR) {
-                    gemm_tile_edge(c, ldc, ap, b, ldb, kc, load_c, mr, nr);
-                } else if (mr == MR) {
-                    gemm_tile(c, ldc, ap, b, ldb, kc, load_c);
-                } else {  // a short tile goes through a full one in a buffer
-                    float tile[MR * NR] = {0};
-                    for (int r = 0; r < mr; r++) memcpy(tile + r * NR, c + (size_t)r * ldc, NR * sizeof(float));
-                    gemm_tile(tile, NR, ap, b, ldb, kc, load_c);
-                    for (int r = 0; r < mr; r++) memcpy(c + (size_t)r * ldc, tile + r * NR, NR * sizeof(float));
+                if (mr == MR && nr == NR) {
+                    gemm_tile(c, ldc, ap, bpack, kc, load_c);
+                    continue;
                 }
+                float tile[MR * NR] = {0};
+                for (int r = 0; r < mr; r++)
+                    for (int j = 0; j < nr; j++) tile[r * NR + j] = c[(size_t)r * ldc + j];
+                gemm_tile(tile, NR, ap, bpack, kc, load_c);
+                for (int r = 0; r < mr; r++)
+                    for (int j = 0; j < nr; j++) c[(size_t)r * ldc + j] = tile[r * NR + j];
             }
         }
     }
