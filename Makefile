@@ -48,7 +48,10 @@ test: $(CPU_TARGETS)
 data:
 	bash dev/prepare_kjv.sh
 
-bench: $(CPU_TARGETS)
+build/bench_cpu: dev/bench_cpu.c openmoe.c openmoe.h
+	@mkdir -p build
+	$(CC) $(CFLAGS) dev/bench_cpu.c -o $@ $(LDLIBS)
+bench: build/bench_cpu
 	bash dev/bench.sh
 
 RUN_DIR ?= out/tiny
