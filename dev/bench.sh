@@ -25,12 +25,17 @@ for cfg in tiny:$tiny:8:256 wide:$wide:4:256; do
     tv=$(py step $conf $B $T 5 | field step_ms)
     row "train step $name B=$B T=$T (ms)" "$cv" "$tv" 0
 done
+peak=$(c peak | field peak_gflops)
+echo "fp32 FMA peak of this machine, measured: $peak GFLOP/s"
 # the matmuls of a tiny step: (tokens, in, out)
 for shape in 2048:128:128 2048:128:768 2048:384:128 2048:128:4096; do
     IFS=: read -r n i o <<< "$shape"
     cl=$(c matmul $n $i $o); tl=$(py matmul $n $i $o)
-    row "matmul ${n}x${i} @ ${i}x${o} fwd (GFLOP/s)" "$(echo "$cl" | field fwd_gflops)" "$(echo "$tl" | field fwd_gflops)" 1
-    row "matmul ${n}x${i} @ ${i}x${o} bwd (GFLOP/s)" "$(echo "$cl" | field bwd_gflops)" "$(echo "$tl" | field bwd_gflops)" 1
+    for dir in fwd bwd; do
+        cg=$(echo "$cl" | field ${dir}_gflops)
+        row "matmul ${n}x${i} @ ${i}x${o} $dir (GFLOP/s)" "$cg" "$(echo "$tl" | field ${dir}_gflops)" 1
+        awk -v g="$cg" -v p="$peak" 'BEGIN { printf "%-38s %11.0f%%\n", "    C at share of peak", 100 * g / p }'
+    done
 done
 cv=$(c decode $tiny 200 | field decode_tok_s)
 tv=$(py decode $tiny 200 | field decode_tok_s)

@@ -4,6 +4,7 @@
 //   bench_cpu step CONFIG B T STEPS   median ms of a training step (forward, backward, AdamW)
 //   bench_cpu matmul N IN OUT         GFLOP/s of out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T and its backward
 //   bench_cpu decode CONFIG TOKENS    tokens/s of model_decode with a KV cache
+//   bench_cpu peak                    GFLOP/s of independent vector FMAs on every thread: the ceiling
 //
 // CONFIG: V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn (as SPEC §1), or a preset name.
 #include "../openmoe.c"
@@ -104,6 +105,27 @@ static void bench_decode(const Config *c, int tokens) {
     model_free(m);
 }
 
+// ten independent chains of 8-float multiply-adds per thread: what the cores
+// can do when nothing waits on memory
+static void bench_peak(void) {
+    const long iters = 100000000L;
+    double t0 = now();
+    int threads = 1;
+#pragma omp parallel
+    {
+        vec8 acc[10], b = (vec8){0} + 0.999f, c = (vec8){0} + 1e-4f;
+        for (int i = 0; i < 10; i++) acc[i] = (vec8){0} + (float)i;
+        for (long it = 0; it < iters; it++)
+            for (int i = 0; i < 10; i++) acc[i] = acc[i] * b + c;
+        float sum = 0.0f;
+        for (int i = 0; i < 10; i++) sum += acc[i][0];
+        if (sum == 12345.0f) printf("%f\n", sum);  // keeps the loop alive
+#pragma omp single
+        threads = omp_get_num_threads();
+    }
+    printf("peak_gflops %.1f\n", threads * iters * 10 * 16.0 / (now() - t0) / 1e9);
+}
+
 int main(int argc, char **argv) {
     if (argc == 6 && strcmp(argv[1], "step") == 0) {
         Config c = parse_config(argv[2]);
@@ -113,8 +135,10 @@ int main(int argc, char **argv) {
     } else if (argc == 4 && strcmp(argv[1], "decode") == 0) {
         Config c = parse_config(argv[2]);
         bench_decode(&c, atoi(argv[3]));
+    } else if (argc == 2 && strcmp(argv[1], "peak") == 0) {
+        bench_peak();
     } else {
-        fprintf(stderr, "usage: bench_cpu step CONFIG B T STEPS | matmul N IN OUT | decode CONFIG TOKENS\n");
+        fprintf(stderr, "usage: bench_cpu step CONFIG B T STEPS | matmul N IN OUT | decode CONFIG TOKENS | peak\n");
         return 2;
     }
     return 0;
