@@ -263,6 +263,8 @@ static void attention_softmax_row(float *att, int t, int T) {
     for (int s = t + 1; s < T; s++) att[s] = 0.0f;
 }
 
+#define AB 64  // attention rows per block: a block needs keys 0..its last row only
+
 // q, k, v (B,T,H,Hd) -> out (B,T,H,Hd), att (B,H,T,T) probabilities; kt (B,H,Hd,T) scratch
 static void attention_forward(float *out, float *att, float *kt, const float *q, const float *k, const float *v,
                               int B, int T, int H, int Hd) {
@@ -273,9 +275,12 @@ static void attention_forward(float *out, float *att, float *kt, const float *q,
             size_t base = (size_t)b * T * ld + h * Hd, bh = (size_t)b * H + h;
             float *P = att + bh * T * T, *kT = kt + bh * Hd * T;
             transpose_rows(kT, k + base, T, Hd, ld, 0, Hd);
-            gemm_rows(P, T, q + base, ld, 1, kT, T, 0, T, T, Hd, 0);
-            for (int t = 0; t < T; t++) attention_softmax_row(P + (size_t)t * T, t, T);
-            gemm_rows(out + base, ld, P, T, 1, v + base, ld, 0, T, Hd, T, 0);
+            for (int i0 = 0; i0 < T; i0 += AB) {
+                int i1 = i0 + AB < T ? i0 + AB : T;
+                gemm_rows(P + (size_t)i0 * T, T, q + base + (size_t)i0 * ld, ld, 1, kT, T, 0, i1 - i0, i1, Hd, 0);
+                for (int t = i0; t < i1; t++) attention_softmax_row(P + (size_t)t * T, t, T);
+                gemm_rows(out + base + (size_t)i0 * ld, ld, P + (size_t)i0 * T, T, 1, v + base, ld, 0, i1 - i0, Hd, i1, 0);
+            }
         }
 }
 
@@ -290,19 +295,28 @@ static void attention_backward(float *dq, float *dk, float *dv, float *dscore, f
             size_t base = (size_t)b * T * ld + h * Hd, bh = (size_t)b * H + h;
             const float *P = att + bh * T * T;
             float *dS = dscore + bh * T * T, *vT = vt + bh * Hd * T;
-            // dP = dout v^T, then through the softmax: dS = P (dP - rowsum(P dP))
             transpose_rows(vT, v + base, T, Hd, ld, 0, Hd);
-            gemm_rows(dS, T, dout + base, ld, 1, vT, T, 0, T, T, Hd, 0);
-            for (int t = 0; t < T; t++) {
-                const float *p = P + (size_t)t * T;
-                float *ds = dS + (size_t)t * T, pdp = 0.0f;
-                for (int s = 0; s <= t; s++) pdp += p[s] * ds[s];
-                for (int s = 0; s <= t; s++) ds[s] = p[s] * (ds[s] - pdp);
-                for (int s = t + 1; s < T; s++) ds[s] = 0.0f;
+            for (int i0 = 0; i0 < T; i0 += AB) {  // query rows i0..i1-1 see keys 0..i1-1
+                int i1 = i0 + AB < T ? i0 + AB : T;
+                // dP = dout v^T, then through the softmax: dS = P (dP - rowsum(P dP))
+                gemm_rows(dS + (size_t)i0 * T, T, dout + base + (size_t)i0 * ld, ld, 1, vT, T, 0, i1 - i0, i1, Hd, 0);
+                for (int t = i0; t < i1; t++) {
+                    const float *p = P + (size_t)t * T;
+                    float *ds = dS + (size_t)t * T, pdp = 0.0f;
+                    for (int s = 0; s <= t; s++) pdp += p[s] * ds[s];
+                    for (int s = 0; s <= t; s++) ds[s] = p[s] * (ds[s] - pdp);
+                    for (int s = t + 1; s < T; s++) ds[s] = 0.0f;
+                }
+                gemm_rows(dq + base + (size_t)i0 * ld, ld, dS + (size_t)i0 * T, T, 1, k + base, ld, 0, i1 - i0, Hd, i1, 0);
             }
-            gemm_rows(dq + base, ld, dS, T, 1, k + base, ld, 0, T, Hd, T, 0);     // dq = dS k
-            gemm_rows(dk + base, ld, dS, 1, T, q + base, ld, 0, T, Hd, T, 0);     // dk = dS^T q
-            gemm_rows(dv + base, ld, P, 1, T, dout + base, ld, 0, T, Hd, T, 0);   // dv = P^T dout
+            for (int s0 = 0; s0 < T; s0 += AB) {  // key rows s0..s1-1 are seen by queries s0..T-1
+                int s1 = s0 + AB < T ? s0 + AB : T;
+                size_t at = (size_t)s0 * T + s0;
+                gemm_rows(dk + base + (size_t)s0 * ld, ld, dS + at, 1, T, q + base + (size_t)s0 * ld, ld, 0, s1 - s0,
+                          Hd, T - s0, 0);  // dk = dS^T q
+                gemm_rows(dv + base + (size_t)s0 * ld, ld, P + at, 1, T, dout + base + (size_t)s0 * ld, ld, 0, s1 - s0,
+                          Hd, T - s0, 0);  // dv = P^T dout
+            }
         }
 }
 
