@@ -102,7 +102,7 @@ static inline void atomic_commit(FILE *f, const char *tmp, const char *path) {
 // ----------------------------------------------------------------------------
 // 2. config (SPEC §1)
 
-#define MODEL_MAGIC 240201739
+#define MODEL_MAGIC 240201739     // 240201738 is the tokenizer file's (tokenizer.h)
 #define STATE_MAGIC 240201740
 #define TOKENS_MAGIC 240201741   // token data files, see tokenizer.bin-spec
 #define TRACE_MAGIC 240201742    // routing traces, see dev/analyze_routing.py

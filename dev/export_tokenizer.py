@@ -1,0 +1,290 @@
+#!/usr/bin/python3
+"""Converts a SentencePiece model (.model, a serialized ModelProto) to the
+tokenizer.bin format of tokenizer.bin-spec, read by tokenizer.h.
+
+    /usr/bin/python3 dev/export_tokenizer.py IN.model OUT.bin
+
+The protobuf is parsed by hand (Debian's python3-sentencepiece ships
+sentencepiece_model_pb2.py, but that needs python3-protobuf, which is not a
+dependency): only the fields tokenizer.h needs are read, every other field is
+skipped. The checks SentencePiece makes when it loads a model
+(model_interface.cc InitializePieces) are made here too, so that a model
+spm_encode refuses is refused here, with a message.
+"""
+import struct
+import sys
+
+TOKENIZER_MAGIC = 240201738
+TOKENIZER_VERSION = 1
+HEADER_INTS = 256
+
+UNIGRAM, BPE = 1, 2
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# flag bits of header[8] (and, for the denormalizer, header[12])
+F_ADD_DUMMY_PREFIX = 1
+F_REMOVE_EXTRA_WHITESPACES = 2
+F_ESCAPE_WHITESPACES = 4
+F_BYTE_FALLBACK = 8
+F_TREAT_WHITESPACE_AS_SUFFIX = 16
+
+
+class ProtoError(Exception):
+    pass
+
+
+def varint(buf, pos):
+    result, shift = 0, 0
+    while True:
+        if pos >= len(buf):
+            raise ProtoError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ProtoError("varint too long")
+
+
+def fields(buf):
+    """Yields (field number, wire type, value) of one serialized message;
+    value is an int (varint, fixed32 and fixed64 as raw ints) or bytes."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = varint(buf, pos)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            val, pos = varint(buf, pos)
+        elif wt == 1:
+            if pos + 8 > len(buf):
+                raise ProtoError("truncated fixed64")
+            val = struct.unpack_from("<Q", buf, pos)[0]
+            pos += 8
+        elif wt == 2:
+            n, pos = varint(buf, pos)
+            if pos + n > len(buf):
+                raise ProtoError("truncated length-delimited field %d" % num)
+            val = bytes(buf[pos:pos + n])
+            pos += n
+        elif wt == 5:
+            if pos + 4 > len(buf):
+                raise ProtoError("truncated fixed32")
+            val = struct.unpack_from("<I", buf, pos)[0]
+            pos += 4
+        else:
+            raise ProtoError("unsupported wire type %d (field %d)" % (wt, num))
+        yield num, wt, val
+
+
+def as_int32(v):
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def parse_piece(buf):
+    p = {"piece": b"", "score": 0, "type": NORMAL}  # score as float32 bits
+    for num, wt, val in fields(buf):
+        if num == 1 and wt == 2:
+            p["piece"] = val
+        elif num == 2 and wt == 5:
+            p["score"] = val
+        elif num == 3 and wt == 0:
+            p["type"] = as_int32(val)
+    return p
+
+
+def parse_trainer_spec(buf):
+    t = {"model_type": UNIGRAM, "byte_fallback": False, "treat_whitespace_as_suffix": False,
+         "unk_surface": " \xe2\x81\x87 ".encode("latin-1"),
+         "unk_piece": b"<unk>", "bos_piece": b"<s>", "eos_piece": b"</s>", "pad_piece": b"<pad>"}
+    strings = {44: "unk_surface", 45: "unk_piece", 46: "bos_piece", 47: "eos_piece", 48: "pad_piece"}
+    for num, wt, val in fields(buf):
+        if num == 3 and wt == 0:
+            t["model_type"] = as_int32(val)
+        elif num == 35 and wt == 0:
+            t["byte_fallback"] = val != 0
+        elif num == 24 and wt == 0:
+            t["treat_whitespace_as_suffix"] = val != 0
+        elif num in strings and wt == 2:
+            t[strings[num]] = val
+    # model_interface.cc: an empty piece name means the default
+    for k, d in (("unk_piece", b"<unk>"), ("bos_piece", b"<s>"), ("eos_piece", b"</s>"),
+                 ("pad_piece", b"<pad>")):
+        if not t[k]:
+            t[k] = d
+    return t
+
+
+def parse_normalizer_spec(buf):
+    n = {"name": b"", "charsmap": b"", "add_dummy_prefix": True,
+         "remove_extra_whitespaces": True, "escape_whitespaces": True}
+    for num, wt, val in fields(buf):
+        if num == 1 and wt == 2:
+            n["name"] = val
+        elif num == 2 and wt == 2:
+            n["charsmap"] = val
+        elif num == 3 and wt == 0:
+            n["add_dummy_prefix"] = val != 0
+        elif num == 4 and wt == 0:
+            n["remove_extra_whitespaces"] = val != 0
+        elif num == 5 and wt == 0:
+            n["escape_whitespaces"] = val != 0
+    return n
+
+
+def parse_model(buf):
+    pieces, trainer, normalizer, denormalizer = [], b"", b"", None
+    for num, wt, val in fields(buf):
+        if num == 1 and wt == 2:
+            pieces.append(parse_piece(val))
+        elif num == 2 and wt == 2:
+            trainer += val          # protobuf merges repeated occurrences
+        elif num == 3 and wt == 2:
+            normalizer += val
+        elif num == 5 and wt == 2:
+            denormalizer = (denormalizer or b"") + val
+    return (pieces, parse_trainer_spec(trainer), parse_normalizer_spec(normalizer),
+            parse_normalizer_spec(denormalizer) if denormalizer is not None else None)
+
+
+def check_charsmap(blob, what):
+    # normalizer.cc DecodePrecompiledCharsMap: <uint32 trie size><trie><strings>
+    if len(blob) <= 4:
+        raise ProtoError("%s: precompiled charsmap of %d bytes is broken" % (what, len(blob)))
+    trie_size = struct.unpack_from("<I", blob, 0)[0]
+    if trie_size >= len(blob) or trie_size + 4 > len(blob) or trie_size % 4 != 0:
+        raise ProtoError("%s: charsmap trie size %d does not fit in the %d byte blob"
+                         % (what, trie_size, len(blob)))
+
+
+def flags_of(norm):
+    f = 0
+    if norm["add_dummy_prefix"]:
+        f |= F_ADD_DUMMY_PREFIX
+    if norm["remove_extra_whitespaces"]:
+        f |= F_REMOVE_EXTRA_WHITESPACES
+    if norm["escape_whitespaces"]:
+        f |= F_ESCAPE_WHITESPACES
+    return f
+
+
+def export(model_path, out_path):
+    with open(model_path, "rb") as f:
+        buf = f.read()
+    try:
+        pieces, trainer, norm, denorm = parse_model(buf)
+    except ProtoError as e:
+        raise SystemExit("error: %s: not a SentencePiece model: %s" % (model_path, e))
+
+    def bad(msg):
+        raise SystemExit("error: %s: %s" % (model_path, msg))
+
+    if not pieces:
+        bad("no pieces (not a SentencePiece model?)")
+    if trainer["model_type"] not in (UNIGRAM, BPE):
+        bad("model_type %d is not supported (only 1 = unigram and 2 = BPE)" % trainer["model_type"])
+
+    # the checks of model_interface.cc InitializePieces
+    seen, unk_id, byte_found = {}, -1, set()
+    for i, p in enumerate(pieces):
+        s, t = p["piece"], p["type"]
+        if not s:
+            bad("piece %d is empty" % i)
+        if t not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE):
+            bad("piece %d has unknown type %d" % (i, t))
+        if s in seen:
+            # SentencePiece refuses duplicates within a class; a string both
+            # in the normal and the reserved class is refused here as well.
+            bad("piece %d %r is already defined as piece %d" % (i, s, seen[s]))
+        seen[s] = i
+        if len(s) > 65535:
+            bad("piece %d is longer than 65535 bytes" % i)
+        if t == UNKNOWN:
+            if unk_id >= 0:
+                bad("unk is already defined (pieces %d and %d)" % (unk_id, i))
+            unk_id = i
+        if t == BYTE:
+            if not trainer["byte_fallback"]:
+                bad("byte piece %r is found although byte_fallback is false" % s)
+            ok = len(s) == 6 and s[:3] == b"<0x" and s[5:] == b">"
+            try:
+                ok = ok and ("<0x%02X>" % int(s[3:5], 16)).encode() == s
+            except ValueError:
+                ok = False
+            if not ok:
+                bad("byte piece %r is invalid" % s)
+            byte_found.add(s)
+    if unk_id < 0:
+        bad("unk is not defined")
+    if trainer["byte_fallback"] and len(byte_found) != 256:
+        bad("there are not 256 byte pieces although byte_fallback is true")
+
+    def control_id(name):  # sentencepiece_processor.cc bos_id() etc.
+        i = seen.get(trainer[name], -1)
+        return i if i >= 0 and pieces[i]["type"] == CONTROL else -1
+
+    bos_id, eos_id, pad_id = control_id("bos_piece"), control_id("eos_piece"), control_id("pad_piece")
+
+    flags = flags_of(norm)
+    if trainer["byte_fallback"]:
+        flags |= F_BYTE_FALLBACK
+    if trainer["treat_whitespace_as_suffix"]:
+        flags |= F_TREAT_WHITESPACE_AS_SUFFIX
+    charsmap = norm["charsmap"]
+    if charsmap:
+        check_charsmap(charsmap, "normalizer")
+    # spm uses a denormalizer only when it has a charsmap
+    denorm_flags, denorm_charsmap = 0, b""
+    if denorm is not None and denorm["charsmap"]:
+        check_charsmap(denorm["charsmap"], "denormalizer")
+        denorm_flags, denorm_charsmap = flags_of(denorm), denorm["charsmap"]
+
+    table = bytearray()
+    for p in pieces:
+        table += struct.pack("<IBH", p["score"], p["type"], len(p["piece"]))
+        table += p["piece"]
+
+    name = norm["name"]
+    unk_surface = trainer["unk_surface"]
+    h = [0] * HEADER_INTS
+    h[0] = TOKENIZER_MAGIC
+    h[1] = TOKENIZER_VERSION
+    h[2] = len(pieces)
+    h[3] = trainer["model_type"]
+    h[4], h[5], h[6], h[7] = unk_id, bos_id, eos_id, pad_id
+    h[8] = flags
+    h[9] = len(name)
+    h[10] = len(unk_surface)
+    h[11] = len(table)
+    h[12] = len(charsmap)
+    h[13] = denorm_flags
+    h[14] = len(denorm_charsmap)
+    h[15] = max(len(p["piece"]) for p in pieces)
+
+    tmp = out_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<%di" % HEADER_INTS, *h))
+        f.write(name)
+        f.write(unk_surface)
+        f.write(table)
+        f.write(charsmap)
+        f.write(denorm_charsmap)
+    import os
+    os.replace(tmp, out_path)
+    kinds = {UNIGRAM: "unigram", BPE: "bpe"}
+    print("%s: %d pieces, %s, normalizer %s (charsmap %d bytes), unk %d bos %d eos %d pad %d, "
+          "flags 0x%x" % (out_path, len(pieces), kinds[trainer["model_type"]],
+                          name.decode("utf-8", "replace") or "-", len(charsmap),
+                          unk_id, bos_id, eos_id, pad_id, flags))
+
+
+def main():
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: %s IN.model OUT.bin" % sys.argv[0])
+    export(sys.argv[1], sys.argv[2])
+
+
+if __name__ == "__main__":
+    main()
