@@ -304,7 +304,24 @@ static inline void params_init(const ParamTable *p, const Config *c, float *para
 }
 
 // ----------------------------------------------------------------------------
-// 5. files. Model file (SPEC §6): int32 header[256], then fp32 parameters.
+// 5. files. Every file of the project starts with int32 header[256]: a magic
+// number, a version (1), the file's own words, then zeros.
+
+// reads and checks the header of an open file (kind names it in messages);
+// words n_used.. must be 0. Returns the file's size in bytes.
+static inline long header_read(FILE *f, const char *path, const char *kind, int32_t magic, int n_used, int32_t *h) {
+    long size = file_size(f, path);
+    if (size < (long)(HEADER_INTS * sizeof(int32_t)))
+        die("%s: not a %s file: %ld bytes, shorter than the 1024-byte header", path, kind, size);
+    freadCheck(h, sizeof(int32_t), HEADER_INTS, f, path);
+    if (h[0] != magic) die("%s: bad magic %d (a %s file starts with %d)", path, h[0], kind, magic);
+    if (h[1] != 1) die("%s: unknown version %d (this build reads version 1)", path, h[1]);
+    for (int i = n_used; i < HEADER_INTS; i++)
+        if (h[i] != 0) die("%s: header word %d is %d, must be 0", path, i, h[i]);
+    return size;
+}
+
+// Model file (SPEC §6): the header, then the fp32 parameters.
 
 static inline void config_to_header(const Config *c, int32_t *h) {
     memset(h, 0, HEADER_INTS * sizeof(int32_t));
@@ -317,14 +334,8 @@ static inline void config_to_header(const Config *c, int32_t *h) {
 // Returns the parameters (malloc'd, n_params floats) and fills *c.
 static inline float *model_file_load(const char *path, Config *c) {
     FILE *f = fopenCheck(path, "rb");
-    long size = file_size(f, path);
     int32_t h[HEADER_INTS];
-    if (size < (long)sizeof(h)) die("%s: not a model file: %ld bytes, shorter than the 1024-byte header", path, size);
-    freadCheck(h, sizeof(int32_t), HEADER_INTS, f, path);
-    if (h[0] != MODEL_MAGIC) die("%s: bad magic %d (a model file starts with %d)", path, h[0], MODEL_MAGIC);
-    if (h[1] != 1) die("%s: unknown version %d (this build reads version 1)", path, h[1]);
-    for (int i = 14; i < HEADER_INTS; i++)
-        if (h[i] != 0) die("%s: header word %d is %d, must be 0", path, i, h[i]);
+    long size = header_read(f, path, "model", MODEL_MAGIC, 14, h);
     memcpy(&c->V, &h[2], 12 * sizeof(int32_t));
     char why[128];
     if (!config_check(c, why, sizeof(why))) die("%s: inconsistent header: %s", path, why);
@@ -383,14 +394,8 @@ typedef struct {
 
 static inline void state_file_load(const char *path, const Config *c, DebugState *st) {
     FILE *f = fopenCheck(path, "rb");
-    long size = file_size(f, path);
     int32_t h[HEADER_INTS];
-    if (size < (long)sizeof(h)) die("%s: not a state file: %ld bytes, shorter than the 1024-byte header", path, size);
-    freadCheck(h, sizeof(int32_t), HEADER_INTS, f, path);
-    if (h[0] != STATE_MAGIC) die("%s: bad magic %d (a state file starts with %d)", path, h[0], STATE_MAGIC);
-    if (h[1] != 1) die("%s: unknown version %d (this build reads version 1)", path, h[1]);
-    for (int i = 10; i < HEADER_INTS; i++)
-        if (h[i] != 0) die("%s: header word %d is %d, must be 0", path, i, h[i]);
+    long size = header_read(f, path, "state", STATE_MAGIC, 10, h);
     st->B = h[2];
     st->T = h[3];
     st->s.cf1000 = h[4];
