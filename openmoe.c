@@ -636,6 +636,7 @@ struct Model {
     int *iacts;
     LayerActs *la;            // [L]
     float *resid;             // (L+1, BT, D): layer l reads resid[l], writes resid[l+1]
+    float *final_in;          // resid[L], the input of the final norm
     float *lnf, *rstdf, *logits, *lse;  // (BT,D), (BT), (BT,V), (BT)
     float *tmp;               // (BT,D) a sublayer's output before the residual add
     float *kt;                // (B,H,Hd,T) k (forward) or v (backward) transposed per head
@@ -688,7 +689,7 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     for (int l = 0; l < c->L; l++) {
         LayerActs *a = &m->la[l];
         memset(a, 0, sizeof(*a));
-        a->in = m->resid ? m->resid + l * BT * D : NULL;
+        a->in = m->resid ? m->resid + l * BT * D : NULL;  // BT here is the largest batch's
         a->ln1 = carve(fb, nf, BT * D);
         a->rstd1 = carve(fb, nf, BT);
         a->q = carve(fb, nf, BT * HHd);
@@ -729,6 +730,7 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
             a->moe_out = m->resid ? m->resid + (l + 1) * BT * D : NULL;
         }
     }
+    m->final_in = m->resid ? m->resid + c->L * BT * D : NULL;
     m->lnf = carve(fb, nf, BT * D);
     m->rstdf = carve(fb, nf, BT);
     m->logits = carve(fb, nf, BT * c->V);
@@ -927,7 +929,7 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
     for (int l = 0; l < c->L; l++) {
         LayerActs *a = &m->la[l];
         const LayerParams *lp = &m->table.layer[l];
-        float *out = m->resid + (size_t)(l + 1) * BT * D;
+        float *out = l + 1 < c->L ? m->la[l + 1].in : m->final_in;
         // mid = in + Attn(RMSNorm(in))
         rmsnorm_forward(a->ln1, a->rstd1, a->in, W + lp->attn_norm, BT, D);
         matmul_forward(a->q, a->ln1, W + lp->wq, BT, D, HHd, m->scratch);
@@ -954,8 +956,7 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
             residual_forward(out, a->moe_out, m->tmp, (size_t)BT * D);
         }
     }
-    const float *final_in = m->resid + (size_t)c->L * BT * D;
-    rmsnorm_forward(m->lnf, m->rstdf, final_in, W + m->table.final_norm, BT, D);
+    rmsnorm_forward(m->lnf, m->rstdf, m->final_in, W + m->table.final_norm, BT, D);
     matmul_forward(m->logits, m->lnf, W + m->table.lm_head, BT, D, V, m->scratch);
 
     double ce_sum, lz_sum;
@@ -1018,7 +1019,7 @@ void model_backward(Model *m) {
     crossentropy_backward(m->dlogits, m->logits, m->lse, m->y, BT, V, m->n_targets, m->s.lz_coef);
     matmul_backward(m->d_ln, G + pt->lm_head, m->dlogits, m->lnf, W + pt->lm_head, BT, D, V, 0);
     memset(m->d_res, 0, (size_t)BT * D * sizeof(float));
-    rmsnorm_backward(m->d_res, G + pt->final_norm, m->d_ln, m->resid + (size_t)c->L * BT * D, W + pt->final_norm,
+    rmsnorm_backward(m->d_res, G + pt->final_norm, m->d_ln, m->final_in, W + pt->final_norm,
                      m->rstdf, BT, D);
     for (int l = c->L - 1; l >= 0; l--) {
         LayerActs *a = &m->la[l];

@@ -90,7 +90,7 @@ static inline long file_size(FILE *f, const char *path) {
 
 // write to PATH.tmp, then rename over PATH, so that PATH is never half written
 static inline FILE *atomic_open(const char *path, char *tmp, size_t ntmp) {
-    snprintf(tmp, ntmp, "%s.tmp", path);
+    if ((size_t)snprintf(tmp, ntmp, "%s.tmp", path) >= ntmp) die("%s: path too long", path);
     return fopenCheck(tmp, "wb");
 }
 static inline void atomic_commit(FILE *f, const char *tmp, const char *path) {

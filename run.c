@@ -1,0 +1,199 @@
+// run.c: generates text from a trained model with a KV cache (either backend:
+// run, run_gpu), and the tokenizer's command-line modes.
+//
+//   ./run MODEL.bin -z TOK.bin -i "And God said" -n 200 -t 0.8 -p 0.9 -s 42
+//   ./run -z TOK.bin --encode < text     one line of ids per line, as spm_encode
+//   ./run -z TOK.bin --decode < ids      text, as spm_decode
+//
+// Each token is routed on its own (a group of one), as model_decode does, so
+// capacity never drops a token at generation time. --verify checks greedy
+// output against the argmax of one full forward pass over the same tokens.
+#include "openmoe.h"
+#include "tokenizer.h"
+#include <time.h>
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+// ----------------------------------------------------------------------------
+// sampling: temperature, then top-p (nucleus) over the sorted probabilities
+
+typedef struct {
+    float p;
+    int id;
+} ProbIndex;
+
+static int cmp_prob_desc(const void *a, const void *b) {
+    const ProbIndex *x = (const ProbIndex *)a, *y = (const ProbIndex *)b;
+    if (x->p != y->p) return x->p < y->p ? 1 : -1;
+    return x->id - y->id;
+}
+
+static int argmax(const float *v, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) best = v[i] > v[best] ? i : best;
+    return best;
+}
+
+// logits (V) -> a token; temp 0 is greedy. sorted (V) scratch
+static int sample(const float *logits, int V, float temp, float topp, Rng *rng, ProbIndex *sorted) {
+    if (temp == 0.0f) return argmax(logits, V);
+    float maxl = logits[argmax(logits, V)], sum = 0.0f;
+    for (int v = 0; v < V; v++) {
+        sorted[v].p = expf((logits[v] - maxl) / temp);
+        sorted[v].id = v;
+        sum += sorted[v].p;
+    }
+    qsort(sorted, V, sizeof(ProbIndex), cmp_prob_desc);
+    int n = 0;  // the smallest head of the sorted list whose mass reaches topp
+    float mass = 0.0f;
+    while (n < V && (n == 0 || mass < topp * sum)) mass += sorted[n++].p;
+    float coin = rng_uniform(rng) * mass, cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += sorted[i].p;
+        if (coin < cdf) return sorted[i].id;
+    }
+    return sorted[n - 1].id;
+}
+
+// ----------------------------------------------------------------------------
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: ./run MODEL.bin [options]      generate text\n"
+            "       ./run -z TOK.bin --encode       stdin text -> one line of ids per line (as spm_encode)\n"
+            "       ./run -z TOK.bin --decode       stdin ids -> text (as spm_decode)\n"
+            "  -z FILE   tokenizer (data/kjv/tokenizer.bin)\n"
+            "  -i TEXT   prompt (empty: start from BOS)\n"
+            "  -n N      tokens to generate (200)\n"
+            "  -t T      temperature, 0 = greedy (0.8)\n"
+            "  -p P      top-p (0.9)\n"
+            "  -s SEED   sampling seed (42)\n"
+            "  -g CF     capacity factor (2.0; a token routed alone is never dropped)\n"
+            "  --verify  with -t 0: check each generated token against the argmax of a\n"
+            "            full forward pass over the same tokens (exit 1 on a mismatch)\n");
+    exit(2);
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *tok_path = "data/kjv/tokenizer.bin", *prompt = "";
+    int steps = 200, encode = 0, decode = 0, verify = 0;
+    float temp = 0.8f, topp = 0.9f, cf = 2.0f;
+    uint64_t seed = 42;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) usage();
+        else if (strcmp(a, "--encode") == 0) encode = 1;
+        else if (strcmp(a, "--decode") == 0) decode = 1;
+        else if (strcmp(a, "--verify") == 0) verify = 1;
+        else if (a[0] != '-') {
+            if (model_path) die("two model files given: %s and %s", model_path, a);
+            model_path = a;
+        } else if (strlen(a) == 2 && i + 1 < argc) {
+            const char *v = argv[++i];
+            char *end;
+            double d = strtod(v, &end);
+            int num = *v && *end == '\0';
+            switch (a[1]) {
+            case 'z': tok_path = v; break;
+            case 'i': prompt = v; break;
+            case 'n': if (!num || d < 0 || d != (int)d) die("-n %s: needs a whole number >= 0", v); steps = (int)d; break;
+            case 't': if (!num || d < 0) die("-t %s: needs a temperature >= 0", v); temp = (float)d; break;
+            case 'p': if (!num || d <= 0 || d > 1) die("-p %s: needs 0 < p <= 1", v); topp = (float)d; break;
+            case 's': if (!num || d < 0) die("-s %s: needs a seed >= 0", v); seed = (uint64_t)d; break;
+            case 'g': if (!num || d <= 0) die("-g %s: needs a capacity factor > 0", v); cf = (float)d; break;
+            default: fprintf(stderr, "error: unknown option '%s'\n", a); usage();
+            }
+        } else {
+            fprintf(stderr, "error: unknown or incomplete option '%s'\n", a);
+            usage();
+        }
+    }
+    Tokenizer tok;
+    if (encode || decode) {
+        tokenizer_load(&tok, tok_path);
+        if (encode) tokenizer_encode_stream(&tok, stdin, stdout);
+        else tokenizer_decode_stream(&tok, stdin, stdout);
+        tokenizer_free(&tok);
+        return 0;
+    }
+    if (!model_path) usage();
+    if (verify && temp != 0.0f) die("--verify needs greedy decoding (-t 0)");
+
+    Config c;
+    float *params = model_file_load(model_path, &c);
+    tokenizer_load(&tok, tok_path);
+    if (tok.vocab_size != c.V) die("%s: the tokenizer has %d pieces, but %s has vocabulary %d", tok_path, tok.vocab_size, model_path, c.V);
+
+    // the prompt: BOS, then its pieces
+    int max_len = c.max_seq_len;
+    int32_t *tokens = (int32_t *)mallocCheck((size_t)(max_len + strlen(prompt) + 2) * sizeof(int32_t));
+    int n_prompt = 0;
+    if (tok.bos_id >= 0) tokens[n_prompt++] = tok.bos_id;
+    n_prompt += tokenizer_encode(&tok, prompt, strlen(prompt), tokens + n_prompt, (int)strlen(prompt) + 1);
+    if (n_prompt == 0) die("the prompt is empty and the tokenizer has no BOS to start from");
+    if (n_prompt > max_len) die("the prompt is %d tokens, longer than the model's context %d", n_prompt, max_len);
+    if (n_prompt + steps > max_len) {
+        fprintf(stderr, "note: -n %d with a %d-token prompt exceeds the context %d: generating %d tokens\n", steps,
+                n_prompt, max_len, max_len - n_prompt);
+        steps = max_len - n_prompt;
+    }
+
+    // a verifying run also needs activations for one full sequence
+    Model *m = model_create(&c, 1, verify ? max_len : 1, PRECISION_FP32, NULL);
+    model_set_params(m, params);
+    ProbIndex *sorted = (ProbIndex *)mallocCheck(c.V * sizeof(ProbIndex));
+    Rng rng = {seed};
+    int first_text = 1;  // the first piece printed loses its dummy-prefix space
+    for (int i = 0; i < n_prompt; i++) {
+        if (tokens[i] == tok.bos_id) continue;
+        size_t len;
+        const char *piece = tokenizer_piece_text(&tok, tokens[i], first_text, &len);
+        fwrite(piece, 1, len, stdout);
+        first_text = 0;
+    }
+    fflush(stdout);
+    double t0 = now();
+    int n = n_prompt;
+    for (int pos = 0; n < n_prompt + steps; pos++) {
+        const float *logits = model_decode(m, tokens[pos], pos);
+        if (pos + 1 < n) continue;  // still reading the prompt
+        int next = sample(logits, c.V, temp, topp, &rng, sorted);
+        tokens[n++] = next;
+        size_t len = 1;  // EOS ends a verse: a new line
+        const char *piece = next == tok.eos_id ? "\n" : tokenizer_piece_text(&tok, next, first_text, &len);
+        fwrite(piece, 1, len, stdout);
+        fflush(stdout);
+        first_text = next == tok.eos_id;
+    }
+    double secs = now() - t0;
+    printf("\n");
+    fprintf(stderr, "%d tokens (%d prompt, %d generated) in %.2f s: %.1f tokens/s\n", n, n_prompt, n - n_prompt, secs,
+            n / secs);
+
+    int status = 0;
+    if (verify && n > n_prompt) {
+        // one forward over tokens 0..n-2, each token its own routing group, as in model_decode
+        MoeSettings s = moe_settings_default();
+        s.cf1000 = (int)lrintf(cf * 1000);
+        s.group_size = 1;
+        float losses[N_LOSSES];
+        model_forward(m, tokens, NULL, 1, n - 1, &s, losses);
+        float *all = (float *)mallocCheck((size_t)(n - 1) * c.V * sizeof(float));
+        model_get_logits(m, all);
+        int match = 0;
+        for (int p = n_prompt - 1; p < n - 1; p++) match += argmax(all + (size_t)p * c.V, c.V) == tokens[p + 1];
+        printf("verify: %d/%d positions match\n", match, n - n_prompt);
+        status = match == n - n_prompt ? 0 : 1;
+        free(all);
+    }
+    free(sorted);
+    free(tokens);
+    free(params);
+    tokenizer_free(&tok);
+    model_free(m);
+    return status;
+}

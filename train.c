@@ -1,0 +1,544 @@
+// train.c: trains OpenMoE on token files, linked with either backend
+// (openmoe.c -> train, openmoe.cu -> train_gpu).
+//
+//   ./train -c tiny -o out/tiny -n 1000          train the tiny preset on the KJV
+//   ./train -c tiny -o out/tiny -n 1000 -r       resume from the latest checkpoint
+//
+// Every step prints one line and appends a row to DIR/log.tsv; every -v steps
+// a validation loss at the evaluation capacity factor and a short sample;
+// every -e steps (and at the end) a checkpoint: DIR/model_NNNNNNNN.bin (SPEC
+// §6, usable by ./run) and DIR/state_NNNNNNNN.bin (optimizer state, step, RNG),
+// each written to a temporary name and renamed. With -a N, routing traces of N
+// validation and N out-of-domain sequences for dev/analyze_routing.py.
+#include "openmoe.h"
+#include "tokenizer.h"
+#include <time.h>
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+// ----------------------------------------------------------------------------
+// token data files (tokenizer.bin-spec, section 2): the header, then the ids
+// as uint16 (vocab <= 65536) or int32; kept in memory as int32
+
+typedef struct {
+    int32_t *tokens;
+    long n;
+    int V;
+} TokenData;
+
+static void tokens_load(TokenData *d, const char *path) {
+    FILE *f = fopenCheck(path, "rb");
+    int32_t h[HEADER_INTS];
+    long size = header_read(f, path, "token data", TOKENS_MAGIC, 5, h);
+    int bytes = h[2];
+    d->V = h[3];
+    d->n = h[4];
+    if ((bytes != 2 && bytes != 4) || d->V <= 0 || d->n <= 0 || (bytes == 2 && d->V > 65536))
+        die("%s: bad header: %d bytes per token, vocab %d, %ld tokens", path, bytes, d->V, d->n);
+    long want = (long)sizeof(h) + d->n * bytes;
+    if (size != want) die("%s: size %ld bytes, but its header describes %ld tokens of %d bytes (%ld bytes)", path,
+                          size, d->n, bytes, want);
+    d->tokens = (int32_t *)mallocCheck(d->n * sizeof(int32_t));
+    if (bytes == 4) {
+        freadCheck(d->tokens, 4, d->n, f, path);
+    } else {
+        uint16_t *u = (uint16_t *)mallocCheck(d->n * sizeof(uint16_t));
+        freadCheck(u, 2, d->n, f, path);
+        for (long i = 0; i < d->n; i++) d->tokens[i] = u[i];
+        free(u);
+    }
+    fcloseCheck(f, path);
+    for (long i = 0; i < d->n; i++)
+        if (d->tokens[i] < 0 || d->tokens[i] >= d->V)
+            die("%s: token %ld is %d, out of range [0, %d)", path, i, d->tokens[i], d->V);
+}
+
+// x, y (B*T): B windows of T+1 tokens starting at starts[b]
+static void batch_fill(int32_t *x, int32_t *y, const TokenData *d, const long *starts, int B, int T) {
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            x[b * T + t] = d->tokens[starts[b] + t];
+            y[b * T + t] = d->tokens[starts[b] + t + 1];
+        }
+}
+
+// ----------------------------------------------------------------------------
+// the training-state checkpoint DIR/state_NNNNNNNN.bin: int32 header[256]
+//   [0] CKPT_MAGIC  [1] version 1  [2] step  [3] optimizer kind  [4] B  [5] T
+//   [6..7] the data RNG (uint64, low word first)  [8] adafactor min_dim
+//   [9..10] optimizer state floats (uint64)
+// then the optimizer state (openmoe.h section 6 layout) as fp32.
+
+static void ckpt_save(const char *path, int step, const OptSettings *o, int B, int T, const Rng *rng,
+                      const float *state, size_t n) {
+    int32_t h[HEADER_INTS] = {0};
+    h[0] = CKPT_MAGIC;
+    h[1] = 1;
+    h[2] = step;
+    h[3] = o->kind;
+    h[4] = B;
+    h[5] = T;
+    memcpy(&h[6], &rng->s, 8);
+    h[8] = o->min_dim;
+    uint64_t n64 = n;
+    memcpy(&h[9], &n64, 8);
+    char tmp[4096];
+    FILE *f = atomic_open(path, tmp, sizeof(tmp));
+    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
+    fwriteCheck(state, sizeof(float), n, f, tmp);
+    atomic_commit(f, tmp, path);
+}
+
+// returns the step; checks that the run's settings match the checkpoint's
+static int ckpt_load(const char *path, const OptSettings *o, int B, int T, Rng *rng, float *state, size_t n) {
+    FILE *f = fopenCheck(path, "rb");
+    int32_t h[HEADER_INTS];
+    long size = header_read(f, path, "training state", CKPT_MAGIC, 11, h);
+    uint64_t n64;
+    memcpy(&n64, &h[9], 8);
+    if (h[3] != (int)o->kind || h[8] != o->min_dim || h[4] != B || h[5] != T)
+        die("%s: saved with optimizer %d, B %d, T %d; this run has optimizer %d, B %d, T %d", path, h[3], h[4], h[5],
+            o->kind, B, T);
+    if (n64 != n || size != (long)(sizeof(h) + 4 * n))
+        die("%s: size %ld bytes, but this model's optimizer state is %zu floats", path, size, n);
+    memcpy(&rng->s, &h[6], 8);
+    freadCheck(state, sizeof(float), n, f, path);
+    fcloseCheck(f, path);
+    return h[2];
+}
+
+// the latest step for which both DIR/model_N.bin and DIR/state_N.bin exist
+// (each is renamed into place whole, so an interrupted write leaves only a .tmp)
+static int latest_checkpoint(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int best = -1;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        int step;
+        char tail[8], path[4096];
+        if (sscanf(e->d_name, "state_%8d.bin%7s", &step, tail) != 1 || strlen(e->d_name) != 18) continue;
+        snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
+        if (access(path, R_OK) == 0 && step > best) best = step;
+    }
+    closedir(d);
+    return best;
+}
+
+// ----------------------------------------------------------------------------
+// the log: DIR/log.tsv, a header row, then one row per step
+
+static FILE *log_open(const char *dir, int resume_step, int n_moe) {
+    char path[4096], tmp[4096];
+    snprintf(path, sizeof(path), "%s/log.tsv", dir);
+    if (resume_step > 0) {  // keep the rows up to the resumed step, so that the log reads as one run
+        FILE *in = fopen(path, "r");
+        FILE *out = atomic_open(path, tmp, sizeof(tmp));
+        char line[8192];
+        int first = 1;
+        while (in && fgets(line, sizeof(line), in)) {
+            if (first || atoi(line) <= resume_step) fputs(line, out);
+            first = 0;
+        }
+        if (in) fclose(in);
+        atomic_commit(out, tmp, path);
+        return fopenCheck(path, "a");
+    }
+    FILE *f = fopenCheck(path, "w");
+    fprintf(f, "step\tloss\tce\tlb\trz\tlz\tdropped\tlr\tnorm\tms\ttok_s\tval_ce\tval_loss");
+    for (int i = 0; i < n_moe; i++) fprintf(f, "\tdrop_moe%d", i);
+    fprintf(f, "\n");
+    return f;
+}
+
+// ----------------------------------------------------------------------------
+// validation, samples and routing traces
+
+// mean losses over the first n_batches windows of val, at the settings s
+static void validate(Model *m, const TokenData *val, int B, int T, int n_batches, const MoeSettings *s,
+                     int32_t *x, int32_t *y, double *ce, double *total) {
+    long starts[4096];
+    float losses[N_LOSSES];
+    *ce = *total = 0.0;
+    for (int i = 0; i < n_batches; i++) {
+        for (int b = 0; b < B; b++) starts[b] = ((long)i * B + b) * T;
+        batch_fill(x, y, val, starts, B, T);
+        model_forward(m, x, y, B, T, s, losses);
+        *ce += losses[LOSS_CE] / n_batches;
+        *total += losses[LOSS_TOTAL] / n_batches;
+    }
+}
+
+// index of a sample from probs (V) that sum to 1
+static int sample_index(const float *probs, int V, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < V; i++) {
+        cdf += probs[i];
+        if (coin < cdf) return i;
+    }
+    return V - 1;
+}
+
+// generates n tokens after BOS with temperature 1, printing text when a tokenizer is at hand
+static void print_sample(Model *m, const Tokenizer *tok, int n, uint64_t seed, float *probs) {
+    const Config *c = model_config(m);
+    Rng r = {seed};
+    int token = tok && tok->bos_id >= 0 ? tok->bos_id : 0;
+    printf("sample: ");
+    for (int pos = 0; pos < n && pos + 1 < c->max_seq_len; pos++) {
+        const float *logits = model_decode(m, token, pos);
+        float maxl = logits[0], sum = 0.0f;
+        for (int v = 1; v < c->V; v++) maxl = logits[v] > maxl ? logits[v] : maxl;
+        for (int v = 0; v < c->V; v++) sum += probs[v] = expf(logits[v] - maxl);
+        for (int v = 0; v < c->V; v++) probs[v] /= sum;
+        token = sample_index(probs, c->V, rng_uniform(&r));
+        if (!tok) {
+            printf("%d ", token);
+            continue;
+        }
+        size_t len;
+        const char *piece = tokenizer_piece_text(tok, token, pos == 0, &len);
+        if (token == tok->eos_id) printf(" / ");
+        else fwrite(piece, 1, len, stdout);
+    }
+    printf("\n");
+}
+
+// DIR/trace/sNNNNNNNN_dD_cfCCCC.bin: the routing of the first n_seq sequences
+// of data (format in dev/analyze_routing.py)
+static void trace_write(Model *m, const char *dir, int step, const TokenData *data, int domain, int n_seq, int B,
+                        int T, const MoeSettings *s, int32_t *x, int32_t *y) {
+    const Config *c = model_config(m);
+    int nm = n_moe_layers(c), K = c->K;
+    long N = (long)n_seq * T;
+    if (nm == 0) return;
+    if ((long)n_seq * T + 1 > data->n) die("-a %d: the trace needs %ld tokens, the data has %ld", n_seq, N + 1, data->n);
+    int32_t *tokens = (int32_t *)mallocCheck(N * sizeof(int32_t));
+    int32_t *expert = (int32_t *)mallocCheck((size_t)nm * N * K * sizeof(int32_t));
+    float *prob = (float *)mallocCheck((size_t)nm * N * K * sizeof(float));
+    uint8_t *kept = (uint8_t *)mallocCheck((size_t)nm * N * K);
+    float losses[N_LOSSES];
+    long starts[4096];
+    for (int s0 = 0; s0 < n_seq; s0 += B) {  // batches of B sequences, as in training
+        int nb = n_seq - s0 < B ? n_seq - s0 : B;
+        for (int b = 0; b < nb; b++) starts[b] = (long)(s0 + b) * T;
+        batch_fill(x, y, data, starts, nb, T);
+        model_forward(m, x, y, nb, T, s, losses);
+        memcpy(tokens + (long)s0 * T, x, (size_t)nb * T * sizeof(int32_t));
+        for (int i = 0; i < nm; i++) {
+            size_t at = ((size_t)i * N + (size_t)s0 * T) * K;
+            model_get_routing(m, i, expert + at, prob + at, kept + at);
+        }
+    }
+    int32_t h[HEADER_INTS] = {0};
+    h[0] = TRACE_MAGIC;
+    h[1] = 1;
+    h[2] = step;
+    h[3] = nm;
+    h[4] = c->E;
+    h[5] = K;
+    h[6] = (int32_t)N;
+    h[7] = T;
+    h[8] = s->cf1000;
+    h[9] = s->group_size;
+    h[10] = domain;
+    h[11] = c->L;
+    for (int i = 0; i < nm; i++) h[16 + i] = (i + 1) * c->moe_every - 1;
+    char path[4096], tmp[4096];
+    snprintf(path, sizeof(path), "%s/trace/s%08d_d%d_cf%d.bin", dir, step, domain, s->cf1000);
+    FILE *f = atomic_open(path, tmp, sizeof(tmp));
+    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
+    fwriteCheck(tokens, sizeof(int32_t), N, f, tmp);
+    for (int i = 0; i < nm; i++) {
+        size_t at = (size_t)i * N * K;
+        fwriteCheck(expert + at, sizeof(int32_t), N * K, f, tmp);
+        fwriteCheck(prob + at, sizeof(float), N * K, f, tmp);
+        fwriteCheck(kept + at, 1, N * K, f, tmp);
+    }
+    atomic_commit(f, tmp, path);
+    free(tokens);
+    free(expert);
+    free(prob);
+    free(kept);
+}
+
+// mkdir -p: makes dir and its missing parents (errors show when it is written to)
+static void make_dirs(const char *dir) {
+    char p[4096];
+    snprintf(p, sizeof(p), "%s", dir);
+    for (char *s = p + 1; *s; s++)
+        if (*s == '/') {
+            *s = '\0';
+            mkdir(p, 0755);
+            *s = '/';
+        }
+    mkdir(p, 0755);
+}
+
+// ----------------------------------------------------------------------------
+// learning rate: AdamW warms up linearly then follows a cosine to lr/10 at
+// step n; Adafactor is OpenMoE's lr * sqrt(warmup / max(step, warmup))
+
+static float learning_rate(OptKind kind, float lr, int warmup, int step, int n) {
+    if (kind == OPT_ADAFACTOR) return lr * sqrtf((float)warmup / (float)(step > warmup ? step : warmup));
+    if (step <= warmup) return lr * step / warmup;
+    float progress = (float)(step - warmup) / (float)(n > warmup ? n - warmup : 1);
+    return lr * (0.1f + 0.9f * 0.5f * (1.0f + cosf(3.14159265f * (progress < 1.0f ? progress : 1.0f))));
+}
+
+// ----------------------------------------------------------------------------
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: ./train [options]\n"
+            "  -c NAME|FILE  preset (tiny small base 8b 34b) or model file to start from (tiny)\n"
+            "  -i FILE       training tokens (data/kjv/train.bin)\n"
+            "  -j FILE       validation tokens (data/kjv/val.bin)\n"
+            "  -k FILE       out-of-domain tokens for -a traces (data/kjv/ood.bin)\n"
+            "  -z FILE       tokenizer for samples (data/kjv/tokenizer.bin; ids if missing)\n"
+            "  -o DIR        output directory: log.tsv, checkpoints, traces (out/tiny)\n"
+            "  -b N          batch size (8)\n"
+            "  -t N          sequence length (256)\n"
+            "  -n N          steps (1000)\n"
+            "  -y N          stop after step N, as if interrupted (the schedule still spans -n)\n"
+            "  -x adamw|adafactor  optimizer (adamw)\n"
+            "  -l LR         peak learning rate (adamw 3e-3, adafactor 0.01)\n"
+            "  -w N          warmup steps (adamw 2%% of -n, adafactor 10000)\n"
+            "  -f CF         training capacity factor (1.25)\n"
+            "  -g CF         evaluation capacity factor (2.0)\n"
+            "  -q N          routing group size in tokens, 0 = the whole batch (4096)\n"
+            "  -s SEED       seed of the initialisation and the data order (1337)\n"
+            "  -e N          checkpoint every N steps, and at the end (250)\n"
+            "  -v N          validate and sample every N steps (100)\n"
+            "  -V N          validation batches (8)\n"
+            "  -a N          routing traces of N sequences at step 0, each checkpoint and the end (0: off)\n"
+            "  -r            resume from the latest checkpoint in DIR\n"
+            "  --bf16        bf16 mixed precision (the CUDA backend)\n");
+    exit(2);
+}
+
+int main(int argc, char **argv) {
+    const char *init = "tiny", *train_path = "data/kjv/train.bin", *val_path = "data/kjv/val.bin";
+    const char *ood_path = "data/kjv/ood.bin", *tok_path = "data/kjv/tokenizer.bin", *dir = "out/tiny";
+    int B = 8, T = 256, n_steps = 1000, stop = -1, warmup = -1, group = 4096, seed = 1337;
+    int ckpt_every = 250, val_every = 100, val_batches = 8, trace_seqs = 0, resume = 0;
+    float lr = -1.0f, cf_train = 1.25f, cf_eval = 2.0f;
+    OptKind kind = OPT_ADAMW;
+    Precision prec = PRECISION_FP32;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) usage();
+        if (strcmp(a, "-r") == 0) { resume = 1; continue; }
+        if (strcmp(a, "--bf16") == 0) { prec = PRECISION_BF16; continue; }
+        if (a[0] != '-' || strlen(a) != 2 || i + 1 >= argc) {
+            fprintf(stderr, "error: unknown or incomplete option '%s'\n", a);
+            usage();
+        }
+        const char *v = argv[++i];
+        char *end;
+        long iv = strtol(v, &end, 10);
+        int is_int = *v && *end == '\0';
+        float fv = strtof(v, &end);
+        int is_num = *v && *end == '\0';
+        switch (a[1]) {
+        case 'c': init = v; break;
+        case 'i': train_path = v; break;
+        case 'j': val_path = v; break;
+        case 'k': ood_path = v; break;
+        case 'z': tok_path = v; break;
+        case 'o': dir = v; break;
+        case 'x':
+            if (strcmp(v, "adamw") == 0) kind = OPT_ADAMW;
+            else if (strcmp(v, "adafactor") == 0) kind = OPT_ADAFACTOR;
+            else die("-x %s: the optimizer is adamw or adafactor", v);
+            break;
+        case 'l': case 'f': case 'g':
+            if (!is_num || !(fv > 0.0f)) die("-%c %s: needs a number > 0", a[1], v);
+            if (a[1] == 'l') lr = fv;
+            else if (a[1] == 'f') cf_train = fv;
+            else cf_eval = fv;
+            break;
+        default: {
+            if (!is_int || iv < 0 || iv > 1000000000) die("-%c %s: needs a whole number >= 0", a[1], v);
+            int n = (int)iv;
+            switch (a[1]) {
+            case 'b': B = n; break;
+            case 't': T = n; break;
+            case 'n': n_steps = n; break;
+            case 'y': stop = n; break;
+            case 'w': warmup = n; break;
+            case 'q': group = n; break;
+            case 's': seed = n; break;
+            case 'e': ckpt_every = n; break;
+            case 'v': val_every = n; break;
+            case 'V': val_batches = n; break;
+            case 'a': trace_seqs = n; break;
+            default: fprintf(stderr, "error: unknown option '%s'\n", a); usage();
+            }
+        }
+        }
+    }
+    if (B < 1 || T < 1 || n_steps < 1 || B > 4096) die("-b %d, -t %d, -n %d: need 1 <= B <= 4096, T >= 1, n >= 1", B, T, n_steps);
+    if (stop < 0 || stop > n_steps) stop = n_steps;
+
+    // data first: with a preset, V follows the data's tokenizer
+    TokenData train, val, ood = {NULL, 0, 0};
+    tokens_load(&train, train_path);
+    tokens_load(&val, val_path);
+    if (val.V != train.V) die("%s has vocabulary %d, %s has %d", val_path, val.V, train_path, train.V);
+    if (trace_seqs > 0 && access(ood_path, R_OK) == 0) tokens_load(&ood, ood_path);
+    Config c;
+    float *init_params = NULL;
+    if (config_preset(init, &c)) c.V = train.V;
+    else init_params = model_file_load(init, &c);
+    if (c.V != train.V) die("%s: the model's vocabulary is %d, the data's (%s) is %d", init, c.V, train_path, train.V);
+    if (T > c.max_seq_len) die("-t %d is longer than the model's context %d", T, c.max_seq_len);
+    if ((long)B * T + 1 > train.n) die("%s: %ld tokens, fewer than one batch of %d x %d + 1", train_path, train.n, B, T);
+    long val_fit = (val.n - 1) / ((long)B * T);
+    if (val_fit < 1) die("%s: %ld tokens, fewer than one batch of %d x %d + 1", val_path, val.n, B, T);
+    if (val_batches > val_fit) val_batches = (int)val_fit;
+    if (trace_seqs > 0 && (long)trace_seqs * T + 1 > val.n) die("-a %d: %s holds fewer than %d sequences of %d", trace_seqs, val_path, trace_seqs, T);
+    Tokenizer tokenizer, *tok = NULL;
+    if (access(tok_path, R_OK) == 0) {
+        tokenizer_load(&tokenizer, tok_path);
+        if (tokenizer.vocab_size != c.V) die("%s: the tokenizer has %d pieces, the model %d", tok_path, tokenizer.vocab_size, c.V);
+        tok = &tokenizer;
+    }
+
+    // the output directory, checked for writing before any work
+    make_dirs(dir);
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/.write_test", dir);
+    FILE *probe = fopen(path, "w");
+    if (!probe) die("-o %s: cannot write there: %s", dir, strerror(errno));
+    fclose(probe);
+    remove(path);
+    if (trace_seqs > 0) {
+        snprintf(path, sizeof(path), "%s/trace", dir);
+        mkdir(path, 0755);
+    }
+
+    OptSettings opt = opt_settings_default(kind);
+    float peak_lr = lr > 0.0f ? lr : kind == OPT_ADAMW ? 3e-3f : 0.01f;
+    opt.lr = peak_lr;
+    if (warmup < 0) warmup = kind == OPT_ADAFACTOR ? 10000 : (n_steps / 50 > 1 ? n_steps / 50 : 1);
+    MoeSettings s_train = moe_settings_default(), s_eval = moe_settings_default();
+    s_train.cf1000 = (int)lrintf(cf_train * 1000);
+    s_eval.cf1000 = (int)lrintf(cf_eval * 1000);
+    s_train.group_size = s_eval.group_size = group;
+
+    Model *m = model_create(&c, B, T, prec, &opt);
+    const ParamTable *pt = model_param_table(m);
+    float *params = (float *)mallocCheck(pt->n_params * sizeof(float));
+    size_t n_state = opt_state_floats(pt, kind, opt.min_dim);
+    float *state = (float *)callocCheck(n_state, sizeof(float));
+    Rng data_rng = {(uint64_t)seed * 0x9E3779B97F4A7C15ull + 1};
+    int step = 0;
+    if (resume && (step = latest_checkpoint(dir)) >= 0) {
+        snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
+        Config cc;
+        float *p = model_file_load(path, &cc);
+        if (memcmp(&cc, &c, sizeof(c)) != 0) die("%s: its config differs from this run's (-c %s)", path, init);
+        model_set_params(m, p);
+        free(p);
+        snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
+        if (ckpt_load(path, &opt, B, T, &data_rng, state, n_state) != step) die("%s: its step differs from its name", path);
+        model_set_opt_state(m, state);
+        printf("resumed from %s/model_%08d.bin at step %d\n", dir, step, step);
+    } else {
+        if (resume) printf("no checkpoint in %s: starting from scratch\n", dir);
+        step = 0;
+        if (init_params) model_set_params(m, init_params);
+        else {
+            params_init(pt, &c, params, (uint64_t)seed);
+            model_set_params(m, params);
+        }
+    }
+    free(init_params);
+    int nm = n_moe_layers(&c);
+    printf("model: L %d D %d H %d Hd %d F %d E %d K %d Fe %d every %d, V %d, %zu parameters (%.1f MB)\n", c.L, c.D,
+           c.H, c.Hd, c.F, c.E, c.K, c.Fe, c.moe_every, c.V, pt->n_params, pt->n_params * 4 / 1e6);
+    printf("data: %s %ld tokens, %s %ld tokens; batch %d x %d, %d steps, %s lr %.2e warmup %d, cf %.2f/%.2f\n",
+           train_path, train.n, val_path, val.n, B, T, n_steps, kind == OPT_ADAMW ? "adamw" : "adafactor", opt.lr,
+           warmup, cf_train, cf_eval);
+
+    FILE *logf = log_open(dir, step, nm);
+    int32_t *x = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t)), *y = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t));
+    float *probs = (float *)mallocCheck(c.V * sizeof(float));
+    long starts[4096];
+    float losses[N_LOSSES];
+    if (trace_seqs > 0 && step == 0) {
+        trace_write(m, dir, 0, &val, 0, trace_seqs, B, T, &s_train, x, y);
+        trace_write(m, dir, 0, &val, 0, trace_seqs, B, T, &s_eval, x, y);
+        if (ood.n) {
+            trace_write(m, dir, 0, &ood, 1, trace_seqs, B, T, &s_train, x, y);
+            trace_write(m, dir, 0, &ood, 1, trace_seqs, B, T, &s_eval, x, y);
+        }
+    }
+    while (step < stop) {
+        step++;
+        double t0 = now();
+        for (int b = 0; b < B; b++) starts[b] = (long)(rng_u64(&data_rng) % (uint64_t)(train.n - T));
+        batch_fill(x, y, &train, starts, B, T);
+        model_forward(m, x, y, B, T, &s_train, losses);
+        model_backward(m);
+        opt.lr = learning_rate(kind, peak_lr, warmup, step, n_steps);
+        float norm = model_update(m, &opt, step);
+        double ms = 1e3 * (now() - t0);
+        const RouterStats *rs = model_router_stats(m);
+        printf("step %5d/%d | loss %.4f (ce %.4f lb %.4f rz %.4f lz %.2f) | drop %.3f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s\n",
+               step, n_steps, losses[LOSS_TOTAL], losses[LOSS_CE], losses[LOSS_LB], losses[LOSS_RZ], losses[LOSS_LZ],
+               losses[LOSS_DROPPED], opt.lr, norm, ms, B * T / (ms / 1e3));
+        double val_ce = NAN, val_loss = NAN;
+        if ((val_every > 0 && step % val_every == 0) || step == n_steps) {
+            validate(m, &val, B, T, val_batches, &s_eval, x, y, &val_ce, &val_loss);
+            printf("val %5d | ce %.4f | loss %.4f | cf %.2f | drop per MoE layer:", step, val_ce, val_loss, cf_eval);
+            for (int i = 0; i < nm; i++) printf(" %.3f", model_router_stats(m)[i].dropped);
+            printf("\n");
+            print_sample(m, tok, 48, (uint64_t)seed + step, probs);
+        }
+        fprintf(logf, "%d\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6e\t%.6f\t%.2f\t%.0f\t%.6f\t%.6f", step,
+                losses[LOSS_TOTAL], losses[LOSS_CE], losses[LOSS_LB], losses[LOSS_RZ], losses[LOSS_LZ],
+                losses[LOSS_DROPPED], opt.lr, norm, ms, B * T / (ms / 1e3), val_ce, val_loss);
+        for (int i = 0; i < nm; i++) fprintf(logf, "\t%.6f", rs[i].dropped);
+        fprintf(logf, "\n");
+        fflush(logf);
+        fflush(stdout);
+        if ((ckpt_every > 0 && step % ckpt_every == 0) || step == stop) {
+            model_get_params(m, params);
+            snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
+            model_file_save(path, &c, params);  // the model first: a state file always has its model
+            model_get_opt_state(m, state);
+            snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
+            ckpt_save(path, step, &opt, B, T, &data_rng, state, n_state);
+            printf("checkpoint %s/model_%08d.bin\n", dir, step);
+            if (trace_seqs > 0) {
+                trace_write(m, dir, step, &val, 0, trace_seqs, B, T, &s_train, x, y);
+                trace_write(m, dir, step, &val, 0, trace_seqs, B, T, &s_eval, x, y);
+                if (ood.n) {
+                    trace_write(m, dir, step, &ood, 1, trace_seqs, B, T, &s_train, x, y);
+                    trace_write(m, dir, step, &ood, 1, trace_seqs, B, T, &s_eval, x, y);
+                }
+            }
+        }
+    }
+    fcloseCheck(logf, "log.tsv");
+    if (tok) tokenizer_free(tok);
+    free(train.tokens);
+    free(val.tokens);
+    free(ood.tokens);
+    free(params);
+    free(state);
+    free(x);
+    free(y);
+    free(probs);
+    model_free(m);
+    return 0;
+}
