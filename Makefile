@@ -6,6 +6,7 @@ LDLIBS = -lm
 PYTHON ?= /usr/bin/python3
 
 NVCC := $(shell which nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+HAVE_CUDA := $(and $(NVCC),$(wildcard openmoe.cu))
 NVCC_FLAGS = -O3 -std=c++17 -arch=sm_90 -I. -Xcompiler -fopenmp -diag-suppress 177
 NVCC_LDLIBS = -lcublas -lcublasLt -lm -lgomp
 
@@ -13,7 +14,7 @@ CPU_TARGETS = train run test_cpu
 GPU_TARGETS = train_gpu run_gpu test_gpu
 
 .PHONY: all gpu test data bench analyze clean
-all: $(CPU_TARGETS) $(if $(NVCC),gpu)
+all: $(CPU_TARGETS) $(if $(HAVE_CUDA),gpu)
 
 train: train.c openmoe.c openmoe.h tokenizer.h
 	$(CC) $(CFLAGS) train.c openmoe.c -o $@ $(LDLIBS)
