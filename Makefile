@@ -13,7 +13,7 @@ NVCC_LDLIBS = -lcublas -lcublasLt -lm -lgomp
 CPU_TARGETS = train run test_cpu
 GPU_TARGETS = train_gpu run_gpu test_gpu
 
-.PHONY: all gpu test data bench analyze clean
+.PHONY: all gpu test data bench analyze tiny clean
 all: $(CPU_TARGETS) $(if $(HAVE_CUDA),gpu)
 
 train: train.c openmoe.c openmoe.h tokenizer.h
@@ -48,6 +48,18 @@ test: $(CPU_TARGETS)
 
 data:
 	bash dev/prepare_kjv.sh
+
+# the README's main job on a fresh machine: install what is missing, build,
+# make the KJV data, train tiny on the CPU, plot, sample, analyse routing
+STEPS ?= 1000
+tiny:
+	bash dev/setup.sh
+	$(MAKE) train run
+	$(MAKE) data
+	./train -c tiny -o out/tiny -n $(STEPS) -e 100 -v 100 -a 32
+	$(PYTHON) dev/plot_loss.py out/tiny
+	./run out/tiny/model_$$(printf %08d $(STEPS)).bin -i "And God said" -n 200
+	$(MAKE) analyze RUN_DIR=out/tiny
 
 build/bench_cpu: dev/bench_cpu.c openmoe.c openmoe.h
 	@mkdir -p build
