@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The PyTorch reference checks itself (test/reference.py --selfcheck):
+#   - fp32 against fp64 on every test case, under SPEC §7's tolerances, with
+#     at least 100x headroom (the worst tolerance/error ratio is printed);
+#   - the vectorised router against a plain loop, and fp32 routing == fp64;
+#   - the comparison catches a perturbed gradient (one element off by
+#     1e-3*max), a perturbed expert slice, logit, loss and dropped fraction;
+#   - file round trips, determinism of the cases, AdamW against
+#     torch.optim.AdamW, Adafactor's factored path against its per-element one.
+# The reference prints its own PASS/FAIL lines; this script adds a FAIL when
+# it crashes or prints no verdict.
+cd "$(dirname "$0")/.." || exit 1
+source test/lib.sh
+PYTHON=${PYTHON:-/usr/bin/python3}
+
+if ! "$PYTHON" -c 'import torch, numpy' 2>/dev/null; then
+    echo "SKIP reference selfcheck ($PYTHON has no torch/numpy)"
+    exit 0
+fi
+out=$("$PYTHON" test/reference.py --selfcheck 2>&1)
+rc=$?
+echo "$out"
+if [ $rc -ne 0 ] && ! echo "$out" | grep -q '^FAIL '; then
+    fail "reference selfcheck exited with status $rc: $(echo "$out" | tail -3)"
+fi
+if ! echo "$out" | grep -q '^PASS reference fp32-vs-fp64'; then
+    fail "reference selfcheck printed no fp32-vs-fp64 PASS"
+fi
+exit 0
