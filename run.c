@@ -61,13 +61,13 @@ static int sample(const float *logits, int V, float temp, float topp, Rng *rng, 
 
 // ----------------------------------------------------------------------------
 
-static void usage(void) {
-    fprintf(stderr,
+static void usage(int status) {
+    fprintf(status ? stderr : stdout,
             "usage: ./run MODEL.bin [options]      generate text\n"
             "       ./run -z TOK.bin --encode       stdin text -> one line of ids per line (as spm_encode)\n"
             "       ./run -z TOK.bin --decode       stdin ids -> text (as spm_decode)\n"
             "  -z FILE   tokenizer (data/kjv/tokenizer.bin)\n"
-            "  -i TEXT   prompt (empty: start from BOS)\n"
+            "  -i TEXT   prompt, read after an EOS as a verse start (empty: generate from EOS)\n"
             "  -n N      tokens to generate (200)\n"
             "  -t T      temperature, 0 = greedy (0.8)\n"
             "  -p P      top-p (0.9)\n"
@@ -75,7 +75,7 @@ static void usage(void) {
             "  -g CF     capacity factor (2.0; a token routed alone is never dropped)\n"
             "  --verify  with -t 0: check each generated token against the argmax of a\n"
             "            full forward pass over the same tokens (exit 1 on a mismatch)\n");
-    exit(2);
+    exit(status);
 }
 
 int main(int argc, char **argv) {
@@ -85,7 +85,7 @@ int main(int argc, char **argv) {
     uint64_t seed = 42;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) usage();
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) usage(0);
         else if (strcmp(a, "--encode") == 0) encode = 1;
         else if (strcmp(a, "--decode") == 0) decode = 1;
         else if (strcmp(a, "--verify") == 0) verify = 1;
@@ -105,11 +105,11 @@ int main(int argc, char **argv) {
             case 'p': if (!num || d <= 0 || d > 1) die("-p %s: needs 0 < p <= 1", v); topp = (float)d; break;
             case 's': if (!num || d < 0) die("-s %s: needs a seed >= 0", v); seed = (uint64_t)d; break;
             case 'g': if (!num || d <= 0) die("-g %s: needs a capacity factor > 0", v); cf = (float)d; break;
-            default: fprintf(stderr, "error: unknown option '%s'\n", a); usage();
+            default: fprintf(stderr, "error: unknown option '%s'\n", a); usage(2);
             }
         } else {
             fprintf(stderr, "error: unknown or incomplete option '%s'\n", a);
-            usage();
+            usage(2);
         }
     }
     Tokenizer tok;
@@ -120,7 +120,10 @@ int main(int argc, char **argv) {
         tokenizer_free(&tok);
         return 0;
     }
-    if (!model_path) usage();
+    if (!model_path) {
+        fprintf(stderr, "error: no model file given\n");
+        usage(2);
+    }
     if (verify && temp != 0.0f) die("--verify needs greedy decoding (-t 0)");
 
     Config c;
@@ -128,13 +131,15 @@ int main(int argc, char **argv) {
     tokenizer_load(&tok, tok_path);
     if (tok.vocab_size != c.V) die("%s: the tokenizer has %d pieces, but %s has vocabulary %d", tok_path, tok.vocab_size, model_path, c.V);
 
-    // the prompt: BOS, then its pieces
+    // the prompt: EOS, which ends every verse of the training data and so is
+    // what a verse follows (BOS when the tokenizer has no EOS), then its pieces
     int max_len = c.max_seq_len;
-    int32_t *tokens = (int32_t *)mallocCheck((size_t)(max_len + strlen(prompt) + 2) * sizeof(int32_t));
-    int n_prompt = 0;
-    if (tok.bos_id >= 0) tokens[n_prompt++] = tok.bos_id;
-    n_prompt += tokenizer_encode(&tok, prompt, strlen(prompt), tokens + n_prompt, (int)strlen(prompt) + 1);
-    if (n_prompt == 0) die("the prompt is empty and the tokenizer has no BOS to start from");
+    int room = 16 * (int)strlen(prompt) + 16;  // NFKC can expand a character, byte fallback splits it
+    int32_t *tokens = (int32_t *)mallocCheck((size_t)(max_len + room + 1) * sizeof(int32_t));
+    int n_prompt = 0, start = tok.eos_id >= 0 ? tok.eos_id : tok.bos_id;
+    if (start >= 0) tokens[n_prompt++] = start;
+    n_prompt += tokenizer_encode(&tok, prompt, strlen(prompt), tokens + n_prompt, room);
+    if (n_prompt == 0) die("the prompt is empty and the tokenizer has no EOS or BOS to start from");
     if (n_prompt > max_len) die("the prompt is %d tokens, longer than the model's context %d", n_prompt, max_len);
     if (n_prompt + steps > max_len) {
         fprintf(stderr, "note: -n %d with a %d-token prompt exceeds the context %d: generating %d tokens\n", steps,
@@ -148,8 +153,7 @@ int main(int argc, char **argv) {
     ProbIndex *sorted = (ProbIndex *)mallocCheck(c.V * sizeof(ProbIndex));
     Rng rng = {seed};
     int first_text = 1;  // the first piece printed loses its dummy-prefix space
-    for (int i = 0; i < n_prompt; i++) {
-        if (tokens[i] == tok.bos_id) continue;
+    for (int i = start >= 0; i < n_prompt; i++) {
         size_t len;
         const char *piece = tokenizer_piece_text(&tok, tokens[i], first_text, &len);
         fwrite(piece, 1, len, stdout);

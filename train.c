@@ -72,12 +72,23 @@ static void batch_fill(int32_t *x, int32_t *y, const TokenData *d, const long *s
 // ----------------------------------------------------------------------------
 // the training-state checkpoint DIR/state_NNNNNNNN.bin: int32 header[256]
 //   [0] CKPT_MAGIC  [1] version 1  [2] step  [3] optimizer kind  [4] B  [5] T
-//   [6..7] the data RNG (uint64, low word first)  [8] adafactor min_dim
+//   [6..7] the data RNG state (uint64, low word first)  [8] Adafactor min_dim
 //   [9..10] optimizer state floats (uint64)
-// then the optimizer state (openmoe.h section 6 layout) as fp32.
+//   [11] -n steps  [12] warmup  [13] peak lr (float32 bits)  [14] train cf1000
+//   [15] routing group size  [16] seed
+//   [17..255] 0
+// then the optimizer state (openmoe.h section 6 layout) as fp32. The model's
+// parameters are DIR/model_NNNNNNNN.bin. Words 2..10 must match the resuming
+// run (else it could not continue exactly); 11..16 are the schedule and
+// settings of the saved run, and a resuming run that differs is told so.
+
+typedef struct {
+    int n_steps, warmup, cf1000, group, seed;
+    float lr;
+} RunSettings;
 
 static void ckpt_save(const char *path, int step, const OptSettings *o, int B, int T, const Rng *rng,
-                      const float *state, size_t n) {
+                      const RunSettings *rs, const float *state, size_t n) {
     int32_t h[HEADER_INTS] = {0};
     h[0] = CKPT_MAGIC;
     h[1] = 1;
@@ -89,6 +100,12 @@ static void ckpt_save(const char *path, int step, const OptSettings *o, int B, i
     h[8] = o->min_dim;
     uint64_t n64 = n;
     memcpy(&h[9], &n64, 8);
+    h[11] = rs->n_steps;
+    h[12] = rs->warmup;
+    memcpy(&h[13], &rs->lr, 4);
+    h[14] = rs->cf1000;
+    h[15] = rs->group;
+    h[16] = rs->seed;
     char tmp[4096];
     FILE *f = atomic_open(path, tmp, sizeof(tmp));
     fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
@@ -96,66 +113,86 @@ static void ckpt_save(const char *path, int step, const OptSettings *o, int B, i
     atomic_commit(f, tmp, path);
 }
 
-// returns the step; checks that the run's settings match the checkpoint's
-static int ckpt_load(const char *path, const OptSettings *o, int B, int T, Rng *rng, float *state, size_t n) {
+// reads the optimizer state and the data RNG; returns the step
+static int ckpt_load(const char *path, const OptSettings *o, int B, int T, const RunSettings *rs, Rng *rng,
+                     float *state, size_t n) {
     FILE *f = fopenCheck(path, "rb");
     int32_t h[HEADER_INTS];
-    long size = header_read(f, path, "training state", CKPT_MAGIC, 11, h);
+    long size = header_read(f, path, "training state", CKPT_MAGIC, 17, h);
     uint64_t n64;
     memcpy(&n64, &h[9], 8);
     if (h[3] != (int)o->kind || h[8] != o->min_dim || h[4] != B || h[5] != T)
-        die("%s: saved with optimizer %d, B %d, T %d; this run has optimizer %d, B %d, T %d", path, h[3], h[4], h[5],
-            o->kind, B, T);
+        die("%s: saved by a run with optimizer %s, B %d, T %d; this run has %s, B %d, T %d", path,
+            h[3] == OPT_ADAMW ? "adamw" : "adafactor", h[4], h[5], o->kind == OPT_ADAMW ? "adamw" : "adafactor", B, T);
     if (n64 != n || size != (long)(sizeof(h) + 4 * n))
         die("%s: size %ld bytes, but this model's optimizer state is %zu floats", path, size, n);
+    float lr;
+    memcpy(&lr, &h[13], 4);
+    if (h[11] != rs->n_steps || h[12] != rs->warmup || lr != rs->lr || h[14] != rs->cf1000 || h[15] != rs->group ||
+        h[16] != rs->seed)
+        printf("note: %s was saved with -n %d -w %d -l %g -f %g -q %d -s %d; this run continues with -n %d -w %d "
+               "-l %g -f %g -q %d -s %d\n", path, h[11], h[12], lr, h[14] / 1000.0, h[15], h[16], rs->n_steps,
+               rs->warmup, rs->lr, rs->cf1000 / 1000.0, rs->group, rs->seed);
     memcpy(&rng->s, &h[6], 8);
     freadCheck(state, sizeof(float), n, f, path);
     fcloseCheck(f, path);
     return h[2];
 }
 
-// the latest step for which both DIR/model_N.bin and DIR/state_N.bin exist
-// (each is renamed into place whole, so an interrupted write leaves only a .tmp)
-static int latest_checkpoint(const char *dir) {
+// 1 if path exists with the given magic and exactly the given size
+static int file_looks_whole(const char *path, int32_t magic, long bytes) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    int32_t word = 0;
+    int ok = fread(&word, 4, 1, f) == 1 && word == magic && fseek(f, 0, SEEK_END) == 0 && ftell(f) == bytes;
+    fclose(f);
+    return ok;
+}
+
+// The latest step for which both DIR/model_N.bin and DIR/state_N.bin are
+// whole (right magic, right size), -1 if none. The model is written first and
+// the state last, each to a .tmp renamed into place, so an interrupted write
+// leaves a .tmp or a model without its state: neither counts.
+static int latest_checkpoint(const char *dir, long model_bytes, long state_bytes) {
     DIR *d = opendir(dir);
     if (!d) return -1;
     int best = -1;
     struct dirent *e;
     while ((e = readdir(d))) {
-        int step;
-        char tail[8], path[4096];
-        if (sscanf(e->d_name, "state_%8d.bin%7s", &step, tail) != 1 || strlen(e->d_name) != 18) continue;
-        snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
-        if (access(path, R_OK) == 0 && step > best) best = step;
+        int step, end = 0;
+        if (sscanf(e->d_name, "state_%8d.bin%n", &step, &end) != 1 || end != 18 || e->d_name[end] != '\0') continue;
+        char model[4096], state[4096];
+        snprintf(model, sizeof(model), "%s/model_%08d.bin", dir, step);
+        snprintf(state, sizeof(state), "%s/state_%08d.bin", dir, step);
+        if (file_looks_whole(model, MODEL_MAGIC, model_bytes) && file_looks_whole(state, CKPT_MAGIC, state_bytes))
+            best = step > best ? step : best;
+        else printf("note: checkpoint %d in %s is incomplete or not this model's: skipped\n", step, dir);
     }
     closedir(d);
     return best;
 }
 
 // ----------------------------------------------------------------------------
-// the log: DIR/log.tsv, a header row, then one row per step
+// the log: DIR/log.tsv, a header row, then one row per step. A resumed run
+// keeps the rows up to its checkpoint and appends from there, so that the log
+// reads as one run.
 
 static FILE *log_open(const char *dir, int resume_step, int n_moe) {
-    char path[4096], tmp[4096];
+    char path[4096], tmp[4096], line[8192];
     snprintf(path, sizeof(path), "%s/log.tsv", dir);
-    if (resume_step > 0) {  // keep the rows up to the resumed step, so that the log reads as one run
-        FILE *in = fopen(path, "r");
-        FILE *out = atomic_open(path, tmp, sizeof(tmp));
-        char line[8192];
-        int first = 1;
-        while (in && fgets(line, sizeof(line), in)) {
-            if (first || atoi(line) <= resume_step) fputs(line, out);
-            first = 0;
-        }
-        if (in) fclose(in);
-        atomic_commit(out, tmp, path);
-        return fopenCheck(path, "a");
+    FILE *in = resume_step > 0 ? fopen(path, "r") : NULL;
+    FILE *out = atomic_open(path, tmp, sizeof(tmp));
+    if (in && fgets(line, sizeof(line), in) && strncmp(line, "step\t", 5) == 0) {
+        fputs(line, out);
+        while (fgets(line, sizeof(line), in) && atoi(line) <= resume_step) fputs(line, out);
+    } else {
+        fprintf(out, "step\tloss\tce\tlb\trz\tlz\tdropped\tlr\tnorm\tms\ttok_s\tval_ce\tval_loss");
+        for (int i = 0; i < n_moe; i++) fprintf(out, "\tdrop_moe%d", i);
+        fprintf(out, "\n");
     }
-    FILE *f = fopenCheck(path, "w");
-    fprintf(f, "step\tloss\tce\tlb\trz\tlz\tdropped\tlr\tnorm\tms\ttok_s\tval_ce\tval_loss");
-    for (int i = 0; i < n_moe; i++) fprintf(f, "\tdrop_moe%d", i);
-    fprintf(f, "\n");
-    return f;
+    if (in) fclose(in);
+    atomic_commit(out, tmp, path);
+    return fopenCheck(path, "a");
 }
 
 // ----------------------------------------------------------------------------
@@ -176,64 +213,62 @@ static void validate(Model *m, const TokenData *val, int B, int T, int n_batches
     }
 }
 
-// index of a sample from probs (V) that sum to 1
-static int sample_index(const float *probs, int V, float coin) {
-    float cdf = 0.0f;
-    for (int i = 0; i < V; i++) {
-        cdf += probs[i];
-        if (coin < cdf) return i;
-    }
-    return V - 1;
-}
-
-// generates n tokens after BOS with temperature 1, printing text when a tokenizer is at hand
-static void print_sample(Model *m, const Tokenizer *tok, int n, uint64_t seed, float *probs) {
+// generates n tokens with temperature 1 after the token start (EOS, which
+// precedes every verse of the data), printing text when a tokenizer is at hand
+static void print_sample(Model *m, const Tokenizer *tok, int start, int n, uint64_t seed, float *probs) {
     const Config *c = model_config(m);
     Rng r = {seed};
-    int token = tok && tok->bos_id >= 0 ? tok->bos_id : 0;
+    int token = start;
     printf("sample: ");
     for (int pos = 0; pos < n && pos + 1 < c->max_seq_len; pos++) {
         const float *logits = model_decode(m, token, pos);
         float maxl = logits[0], sum = 0.0f;
         for (int v = 1; v < c->V; v++) maxl = logits[v] > maxl ? logits[v] : maxl;
         for (int v = 0; v < c->V; v++) sum += probs[v] = expf(logits[v] - maxl);
-        for (int v = 0; v < c->V; v++) probs[v] /= sum;
-        token = sample_index(probs, c->V, rng_uniform(&r));
+        float coin = rng_uniform(&r) * sum, cdf = 0.0f;
+        for (token = 0; token < c->V - 1; token++) {
+            cdf += probs[token];
+            if (coin < cdf) break;
+        }
         if (!tok) {
             printf("%d ", token);
-            continue;
+        } else if (token == tok->eos_id) {
+            printf(" / ");
+        } else {
+            size_t len;
+            const char *piece = tokenizer_piece_text(tok, token, pos == 0, &len);
+            fwrite(piece, 1, len, stdout);
         }
-        size_t len;
-        const char *piece = tokenizer_piece_text(tok, token, pos == 0, &len);
-        if (token == tok->eos_id) printf(" / ");
-        else fwrite(piece, 1, len, stdout);
     }
     printf("\n");
 }
 
 // DIR/trace/sNNNNNNNN_dD_cfCCCC.bin: the routing of the first n_seq sequences
-// of data (format in dev/analyze_routing.py)
+// of T tokens of data (n_seq a multiple of B, so that every forward is a full
+// batch as in training), read by dev/analyze_routing.py. int32 header[256]:
+//   [0] TRACE_MAGIC [1] 1 [2] step [3] n_moe [4] E [5] K [6] N = n_seq*T
+//   [7] T [8] cf1000 [9] group_size [10] domain (0 validation, 1 out of domain)
+//   [11] L [16..16+n_moe) the model layer of each MoE layer, rest 0
+// then int32 tokens[N]; then per MoE layer: int32 expert[N*K], float32
+// prob[N*K], uint8 kept[N*K], entry n*K+r being token n's rank-r choice.
 static void trace_write(Model *m, const char *dir, int step, const TokenData *data, int domain, int n_seq, int B,
                         int T, const MoeSettings *s, int32_t *x, int32_t *y) {
     const Config *c = model_config(m);
     int nm = n_moe_layers(c), K = c->K;
-    long N = (long)n_seq * T;
-    if (nm == 0) return;
-    if ((long)n_seq * T + 1 > data->n) die("-a %d: the trace needs %ld tokens, the data has %ld", n_seq, N + 1, data->n);
+    size_t N = (size_t)n_seq * T;
     int32_t *tokens = (int32_t *)mallocCheck(N * sizeof(int32_t));
-    int32_t *expert = (int32_t *)mallocCheck((size_t)nm * N * K * sizeof(int32_t));
-    float *prob = (float *)mallocCheck((size_t)nm * N * K * sizeof(float));
-    uint8_t *kept = (uint8_t *)mallocCheck((size_t)nm * N * K);
+    int32_t *expert = (int32_t *)mallocCheck(nm * N * K * sizeof(int32_t));
+    float *prob = (float *)mallocCheck(nm * N * K * sizeof(float));
+    uint8_t *kept = (uint8_t *)mallocCheck(nm * N * K);
     float losses[N_LOSSES];
     long starts[4096];
-    for (int s0 = 0; s0 < n_seq; s0 += B) {  // batches of B sequences, as in training
-        int nb = n_seq - s0 < B ? n_seq - s0 : B;
-        for (int b = 0; b < nb; b++) starts[b] = (long)(s0 + b) * T;
-        batch_fill(x, y, data, starts, nb, T);
-        model_forward(m, x, y, nb, T, s, losses);
-        memcpy(tokens + (long)s0 * T, x, (size_t)nb * T * sizeof(int32_t));
+    for (int s0 = 0; s0 < n_seq; s0 += B) {
+        for (int b = 0; b < B; b++) starts[b] = (long)(s0 + b) * T;
+        batch_fill(x, y, data, starts, B, T);
+        model_forward(m, x, y, B, T, s, losses);
+        memcpy(tokens + (size_t)s0 * T, x, (size_t)B * T * sizeof(int32_t));
         for (int i = 0; i < nm; i++) {
-            size_t at = ((size_t)i * N + (size_t)s0 * T) * K;
+            size_t at = i * N * K + (size_t)s0 * T * K;
             model_get_routing(m, i, expert + at, prob + at, kept + at);
         }
     }
@@ -250,23 +285,35 @@ static void trace_write(Model *m, const char *dir, int step, const TokenData *da
     h[9] = s->group_size;
     h[10] = domain;
     h[11] = c->L;
-    for (int i = 0; i < nm; i++) h[16 + i] = (i + 1) * c->moe_every - 1;
+    for (int i = 0, l = 0; l < c->L; l++)
+        if (is_moe_layer(c, l)) h[16 + i++] = l;
     char path[4096], tmp[4096];
     snprintf(path, sizeof(path), "%s/trace/s%08d_d%d_cf%d.bin", dir, step, domain, s->cf1000);
     FILE *f = atomic_open(path, tmp, sizeof(tmp));
     fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
     fwriteCheck(tokens, sizeof(int32_t), N, f, tmp);
     for (int i = 0; i < nm; i++) {
-        size_t at = (size_t)i * N * K;
-        fwriteCheck(expert + at, sizeof(int32_t), N * K, f, tmp);
-        fwriteCheck(prob + at, sizeof(float), N * K, f, tmp);
-        fwriteCheck(kept + at, 1, N * K, f, tmp);
+        fwriteCheck(expert + i * N * K, sizeof(int32_t), N * K, f, tmp);
+        fwriteCheck(prob + i * N * K, sizeof(float), N * K, f, tmp);
+        fwriteCheck(kept + i * N * K, 1, N * K, f, tmp);
     }
     atomic_commit(f, tmp, path);
     free(tokens);
     free(expert);
     free(prob);
     free(kept);
+}
+
+// the four traces of one step: validation and out-of-domain data (when
+// given), each at the training and the evaluation capacity factor
+static void traces_write(Model *m, const char *dir, int step, const TokenData *val, const TokenData *ood, int n_seq,
+                         int B, int T, const MoeSettings *s_train, const MoeSettings *s_eval, int32_t *x, int32_t *y) {
+    trace_write(m, dir, step, val, 0, n_seq, B, T, s_train, x, y);
+    trace_write(m, dir, step, val, 0, n_seq, B, T, s_eval, x, y);
+    if (ood->n) {
+        trace_write(m, dir, step, ood, 1, n_seq, B, T, s_train, x, y);
+        trace_write(m, dir, step, ood, 1, n_seq, B, T, s_eval, x, y);
+    }
 }
 
 // mkdir -p: makes dir and its missing parents (errors show when it is written to)
@@ -295,51 +342,54 @@ static float learning_rate(OptKind kind, float lr, int warmup, int step, int n) 
 
 // ----------------------------------------------------------------------------
 
-static void usage(void) {
-    fprintf(stderr,
+static void usage(int status) {
+    fprintf(status ? stderr : stdout,
             "usage: ./train [options]\n"
-            "  -c NAME|FILE  preset (tiny small base 8b 34b) or model file to start from (tiny)\n"
+            "  -c NAME|FILE  preset (tiny small base 8b 34b; V follows the data) or model file to start from (tiny)\n"
             "  -i FILE       training tokens (data/kjv/train.bin)\n"
             "  -j FILE       validation tokens (data/kjv/val.bin)\n"
-            "  -k FILE       out-of-domain tokens for -a traces (data/kjv/ood.bin)\n"
-            "  -z FILE       tokenizer for samples (data/kjv/tokenizer.bin; ids if missing)\n"
+            "  -k FILE       out-of-domain tokens for the -a traces (data/kjv/ood.bin; skipped if missing)\n"
+            "  -z FILE       tokenizer for the samples (data/kjv/tokenizer.bin; token ids if missing)\n"
             "  -o DIR        output directory: log.tsv, checkpoints, traces (out/tiny)\n"
             "  -b N          batch size (8)\n"
             "  -t N          sequence length (256)\n"
             "  -n N          steps (1000)\n"
-            "  -y N          stop after step N, as if interrupted (the schedule still spans -n)\n"
             "  -x adamw|adafactor  optimizer (adamw)\n"
             "  -l LR         peak learning rate (adamw 3e-3, adafactor 0.01)\n"
             "  -w N          warmup steps (adamw 2%% of -n, adafactor 10000)\n"
+            "                adamw: linear warmup, then cosine to lr/10 at step n;\n"
+            "                adafactor: lr * sqrt(warmup / max(step, warmup)), as OpenMoE\n"
             "  -f CF         training capacity factor (1.25)\n"
             "  -g CF         evaluation capacity factor (2.0)\n"
             "  -q N          routing group size in tokens, 0 = the whole batch (4096)\n"
             "  -s SEED       seed of the initialisation and the data order (1337)\n"
-            "  -e N          checkpoint every N steps, and at the end (250)\n"
-            "  -v N          validate and sample every N steps (100)\n"
-            "  -V N          validation batches (8)\n"
-            "  -a N          routing traces of N sequences at step 0, each checkpoint and the end (0: off)\n"
-            "  -r            resume from the latest checkpoint in DIR\n"
+            "  -e N          checkpoint every N steps, 0 = only at the end (250)\n"
+            "  -v N          validate and sample every N steps, 0 = only at the end (100)\n"
+            "  -V N          validation batches, read in order from the start of -j (8)\n"
+            "  -a N          routing traces of N sequences (rounded up to a multiple of -b) at\n"
+            "                step 0, each checkpoint and the end, into DIR/trace (0: off)\n"
+            "  -r            resume from the latest complete checkpoint in DIR\n"
+            "  -y N          stop after step N as if interrupted (the schedule still spans -n)\n"
             "  --bf16        bf16 mixed precision (the CUDA backend)\n");
-    exit(2);
+    exit(status);
 }
 
 int main(int argc, char **argv) {
     const char *init = "tiny", *train_path = "data/kjv/train.bin", *val_path = "data/kjv/val.bin";
     const char *ood_path = "data/kjv/ood.bin", *tok_path = "data/kjv/tokenizer.bin", *dir = "out/tiny";
     int B = 8, T = 256, n_steps = 1000, stop = -1, warmup = -1, group = 4096, seed = 1337;
-    int ckpt_every = 250, val_every = 100, val_batches = 8, trace_seqs = 0, resume = 0;
+    int ckpt_every = 250, val_every = 100, val_batches = 8, trace_seqs = 0, resume = 0, tok_given = 0;
     float lr = -1.0f, cf_train = 1.25f, cf_eval = 2.0f;
     OptKind kind = OPT_ADAMW;
     Precision prec = PRECISION_FP32;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) usage();
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) usage(0);
         if (strcmp(a, "-r") == 0) { resume = 1; continue; }
         if (strcmp(a, "--bf16") == 0) { prec = PRECISION_BF16; continue; }
         if (a[0] != '-' || strlen(a) != 2 || i + 1 >= argc) {
             fprintf(stderr, "error: unknown or incomplete option '%s'\n", a);
-            usage();
+            usage(2);
         }
         const char *v = argv[++i];
         char *end;
@@ -352,7 +402,7 @@ int main(int argc, char **argv) {
         case 'i': train_path = v; break;
         case 'j': val_path = v; break;
         case 'k': ood_path = v; break;
-        case 'z': tok_path = v; break;
+        case 'z': tok_path = v; tok_given = 1; break;
         case 'o': dir = v; break;
         case 'x':
             if (strcmp(v, "adamw") == 0) kind = OPT_ADAMW;
@@ -380,37 +430,58 @@ int main(int argc, char **argv) {
             case 'v': val_every = n; break;
             case 'V': val_batches = n; break;
             case 'a': trace_seqs = n; break;
-            default: fprintf(stderr, "error: unknown option '%s'\n", a); usage();
+            default: fprintf(stderr, "error: unknown option '%s'\n", a); usage(2);
             }
         }
         }
     }
-    if (B < 1 || T < 1 || n_steps < 1 || B > 4096) die("-b %d, -t %d, -n %d: need 1 <= B <= 4096, T >= 1, n >= 1", B, T, n_steps);
+    if (B < 1 || B > 4096 || T < 1 || n_steps < 1 || val_batches < 1)
+        die("-b %d -t %d -n %d -V %d: need 1 <= B <= 4096 and T, n, V >= 1", B, T, n_steps, val_batches);
     if (stop < 0 || stop > n_steps) stop = n_steps;
+    if (warmup < 0) warmup = kind == OPT_ADAFACTOR ? 10000 : n_steps / 50;
+    if (warmup < 1) warmup = 1;
+    int trace_seq_n = (trace_seqs + B - 1) / B * B;  // whole batches
 
     // data first: with a preset, V follows the data's tokenizer
     TokenData train, val, ood = {NULL, 0, 0};
     tokens_load(&train, train_path);
     tokens_load(&val, val_path);
-    if (val.V != train.V) die("%s has vocabulary %d, %s has %d", val_path, val.V, train_path, train.V);
-    if (trace_seqs > 0 && access(ood_path, R_OK) == 0) tokens_load(&ood, ood_path);
+    if (val.V != train.V) die("%s has vocabulary %d, but %s has %d", val_path, val.V, train_path, train.V);
     Config c;
     float *init_params = NULL;
     if (config_preset(init, &c)) c.V = train.V;
     else init_params = model_file_load(init, &c);
-    if (c.V != train.V) die("%s: the model's vocabulary is %d, the data's (%s) is %d", init, c.V, train_path, train.V);
+    if (c.V != train.V) die("%s: the model's vocabulary is %d, but the data's (%s) is %d", init, c.V, train_path, train.V);
     if (T > c.max_seq_len) die("-t %d is longer than the model's context %d", T, c.max_seq_len);
     if ((long)B * T + 1 > train.n) die("%s: %ld tokens, fewer than one batch of %d x %d + 1", train_path, train.n, B, T);
-    long val_fit = (val.n - 1) / ((long)B * T);
+    long val_fit = (val.n - 1) / ((long)B * T);  // whole batches in the validation data
     if (val_fit < 1) die("%s: %ld tokens, fewer than one batch of %d x %d + 1", val_path, val.n, B, T);
     if (val_batches > val_fit) val_batches = (int)val_fit;
-    if (trace_seqs > 0 && (long)trace_seqs * T + 1 > val.n) die("-a %d: %s holds fewer than %d sequences of %d", trace_seqs, val_path, trace_seqs, T);
+    if (trace_seq_n > 0) {
+        if ((long)trace_seq_n * T + 1 > val.n)
+            die("-a %d: %s holds fewer than %d sequences of %d tokens (+1)", trace_seqs, val_path, trace_seq_n, T);
+        if (access(ood_path, R_OK) != 0) {
+            printf("note: no out-of-domain data %s: routing traces of the validation data only\n", ood_path);
+        } else {
+            tokens_load(&ood, ood_path);
+            if (ood.V != c.V) die("%s has vocabulary %d, but the model has %d", ood_path, ood.V, c.V);
+            if ((long)trace_seq_n * T + 1 > ood.n) {
+                printf("note: %s holds fewer than %d sequences of %d tokens (+1): not traced\n", ood_path,
+                       trace_seq_n, T);
+                free(ood.tokens);
+                ood.tokens = NULL;
+                ood.n = 0;
+            }
+        }
+    }
     Tokenizer tokenizer, *tok = NULL;
-    if (access(tok_path, R_OK) == 0) {
+    if (tok_given || access(tok_path, R_OK) == 0) {
         tokenizer_load(&tokenizer, tok_path);
-        if (tokenizer.vocab_size != c.V) die("%s: the tokenizer has %d pieces, the model %d", tok_path, tokenizer.vocab_size, c.V);
+        if (tokenizer.vocab_size != c.V)
+            die("%s: the tokenizer has %d pieces, but the model's vocabulary is %d", tok_path, tokenizer.vocab_size, c.V);
         tok = &tokenizer;
     }
+    int sample_start = tok && tok->eos_id >= 0 ? tok->eos_id : tok && tok->bos_id >= 0 ? tok->bos_id : 0;
 
     // the output directory, checked for writing before any work
     make_dirs(dir);
@@ -420,7 +491,7 @@ int main(int argc, char **argv) {
     if (!probe) die("-o %s: cannot write there: %s", dir, strerror(errno));
     fclose(probe);
     remove(path);
-    if (trace_seqs > 0) {
+    if (trace_seq_n > 0) {
         snprintf(path, sizeof(path), "%s/trace", dir);
         mkdir(path, 0755);
     }
@@ -428,20 +499,20 @@ int main(int argc, char **argv) {
     OptSettings opt = opt_settings_default(kind);
     float peak_lr = lr > 0.0f ? lr : kind == OPT_ADAMW ? 3e-3f : 0.01f;
     opt.lr = peak_lr;
-    if (warmup < 0) warmup = kind == OPT_ADAFACTOR ? 10000 : (n_steps / 50 > 1 ? n_steps / 50 : 1);
     MoeSettings s_train = moe_settings_default(), s_eval = moe_settings_default();
     s_train.cf1000 = (int)lrintf(cf_train * 1000);
     s_eval.cf1000 = (int)lrintf(cf_eval * 1000);
     s_train.group_size = s_eval.group_size = group;
+    RunSettings run = {n_steps, warmup, s_train.cf1000, group, seed, peak_lr};
 
     Model *m = model_create(&c, B, T, prec, &opt);
     const ParamTable *pt = model_param_table(m);
     float *params = (float *)mallocCheck(pt->n_params * sizeof(float));
     size_t n_state = opt_state_floats(pt, kind, opt.min_dim);
     float *state = (float *)callocCheck(n_state, sizeof(float));
-    Rng data_rng = {(uint64_t)seed * 0x9E3779B97F4A7C15ull + 1};
-    int step = 0;
-    if (resume && (step = latest_checkpoint(dir)) >= 0) {
+    Rng data_rng = {(uint64_t)seed * 0x9E3779B97F4A7C15ull + 1};  // the batches' offsets
+    int step = resume ? latest_checkpoint(dir, 1024 + 4 * (long)pt->n_params, 1024 + 4 * (long)n_state) : -1;
+    if (step >= 0) {
         snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
         Config cc;
         float *p = model_file_load(path, &cc);
@@ -449,11 +520,12 @@ int main(int argc, char **argv) {
         model_set_params(m, p);
         free(p);
         snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
-        if (ckpt_load(path, &opt, B, T, &data_rng, state, n_state) != step) die("%s: its step differs from its name", path);
+        if (ckpt_load(path, &opt, B, T, &run, &data_rng, state, n_state) != step)
+            die("%s: its step differs from its name", path);
         model_set_opt_state(m, state);
-        printf("resumed from %s/model_%08d.bin at step %d\n", dir, step, step);
+        printf("resumed from %s/model_%08d.bin and state_%08d.bin at step %d\n", dir, step, step, step);
     } else {
-        if (resume) printf("no checkpoint in %s: starting from scratch\n", dir);
+        if (resume) printf("no complete checkpoint in %s: starting from scratch\n", dir);
         step = 0;
         if (init_params) model_set_params(m, init_params);
         else {
@@ -463,27 +535,24 @@ int main(int argc, char **argv) {
     }
     free(init_params);
     int nm = n_moe_layers(&c);
-    printf("model: L %d D %d H %d Hd %d F %d E %d K %d Fe %d every %d, V %d, %zu parameters (%.1f MB)\n", c.L, c.D,
-           c.H, c.Hd, c.F, c.E, c.K, c.Fe, c.moe_every, c.V, pt->n_params, pt->n_params * 4 / 1e6);
-    printf("data: %s %ld tokens, %s %ld tokens; batch %d x %d, %d steps, %s lr %.2e warmup %d, cf %.2f/%.2f\n",
-           train_path, train.n, val_path, val.n, B, T, n_steps, kind == OPT_ADAMW ? "adamw" : "adafactor", opt.lr,
-           warmup, cf_train, cf_eval);
+    printf("model: L %d D %d H %d Hd %d F %d E %d K %d Fe %d moe_every %d, V %d, ctx %d, %zu parameters (%.1f MB)\n",
+           c.L, c.D, c.H, c.Hd, c.F, c.E, c.K, c.Fe, c.moe_every, c.V, c.max_seq_len, pt->n_params,
+           pt->n_params * 4 / 1e6);
+    printf("data: %s %ld tokens, %s %ld tokens; batch %d x %d, %d steps, %s lr %.2e warmup %d, cf %.2f train "
+           "%.2f eval, group %d\n", train_path, train.n, val_path, val.n, B, T, n_steps,
+           kind == OPT_ADAMW ? "adamw" : "adafactor", peak_lr, warmup, cf_train, cf_eval, group);
 
     FILE *logf = log_open(dir, step, nm);
-    int32_t *x = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t)), *y = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t));
+    int32_t *x = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t));
+    int32_t *y = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t));
     float *probs = (float *)mallocCheck(c.V * sizeof(float));
+    float *drop = (float *)mallocCheck(nm * sizeof(float));  // dropped share per MoE layer of the step
     long starts[4096];
     float losses[N_LOSSES];
-    if (trace_seqs > 0 && step == 0) {
-        trace_write(m, dir, 0, &val, 0, trace_seqs, B, T, &s_train, x, y);
-        trace_write(m, dir, 0, &val, 0, trace_seqs, B, T, &s_eval, x, y);
-        if (ood.n) {
-            trace_write(m, dir, 0, &ood, 1, trace_seqs, B, T, &s_train, x, y);
-            trace_write(m, dir, 0, &ood, 1, trace_seqs, B, T, &s_eval, x, y);
-        }
-    }
+    if (trace_seq_n > 0 && step == 0) traces_write(m, dir, 0, &val, &ood, trace_seq_n, B, T, &s_train, &s_eval, x, y);
     while (step < stop) {
         step++;
+        // one step: B windows of T+1 tokens at random offsets, forward, backward, update
         double t0 = now();
         for (int b = 0; b < B; b++) starts[b] = (long)(rng_u64(&data_rng) % (uint64_t)(train.n - T));
         batch_fill(x, y, &train, starts, B, T);
@@ -492,41 +561,46 @@ int main(int argc, char **argv) {
         opt.lr = learning_rate(kind, peak_lr, warmup, step, n_steps);
         float norm = model_update(m, &opt, step);
         double ms = 1e3 * (now() - t0);
-        const RouterStats *rs = model_router_stats(m);
-        printf("step %5d/%d | loss %.4f (ce %.4f lb %.4f rz %.4f lz %.2f) | drop %.3f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s\n",
-               step, n_steps, losses[LOSS_TOTAL], losses[LOSS_CE], losses[LOSS_LB], losses[LOSS_RZ], losses[LOSS_LZ],
-               losses[LOSS_DROPPED], opt.lr, norm, ms, B * T / (ms / 1e3));
+        printf("step %5d/%d | loss %.4f (ce %.4f lb %.4f rz %.4f lz %.2f) | drop %.3f | lr %.2e | norm %.3f | "
+               "%.1f ms | %.0f tok/s\n", step, n_steps, losses[LOSS_TOTAL], losses[LOSS_CE], losses[LOSS_LB],
+               losses[LOSS_RZ], losses[LOSS_LZ], losses[LOSS_DROPPED], opt.lr, norm, ms, B * T / (ms / 1e3));
+        fprintf(logf, "%d\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6e\t%.6f\t%.2f\t%.0f", step, losses[LOSS_TOTAL],
+                losses[LOSS_CE], losses[LOSS_LB], losses[LOSS_RZ], losses[LOSS_LZ], losses[LOSS_DROPPED], opt.lr,
+                norm, ms, B * T / (ms / 1e3));
+        for (int i = 0; i < nm; i++) drop[i] = model_router_stats(m)[i].dropped;  // before validation's forward
+
+        // validation at the evaluation capacity factor, router load of its last batch, a sample
         double val_ce = NAN, val_loss = NAN;
         if ((val_every > 0 && step % val_every == 0) || step == n_steps) {
             validate(m, &val, B, T, val_batches, &s_eval, x, y, &val_ce, &val_loss);
-            printf("val %5d | ce %.4f | loss %.4f | cf %.2f | drop per MoE layer:", step, val_ce, val_loss, cf_eval);
-            for (int i = 0; i < nm; i++) printf(" %.3f", model_router_stats(m)[i].dropped);
-            printf("\n");
-            print_sample(m, tok, 48, (uint64_t)seed + step, probs);
+            printf("val  %5d | ce %.4f | loss %.4f | cf %.2f; per MoE layer, last batch:\n", step, val_ce, val_loss,
+                   cf_eval);
+            const RouterStats *rs = model_router_stats(m);
+            for (int i = 0, l = 0; l < c.L; l++) {
+                if (!is_moe_layer(&c, l)) continue;
+                printf("  layer %2d: lb %.3f rz %.3f drop %.3f | routed %%:", l, rs[i].lb, rs[i].rz, rs[i].dropped);
+                for (int e = 0; e < c.E; e++) printf(" %.0f", 100.0 * rs[i].routed[e] / ((double)B * T * c.K));
+                printf("\n");
+                i++;
+            }
+            print_sample(m, tok, sample_start, 48, (uint64_t)seed + step, probs);
         }
-        fprintf(logf, "%d\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6e\t%.6f\t%.2f\t%.0f\t%.6f\t%.6f", step,
-                losses[LOSS_TOTAL], losses[LOSS_CE], losses[LOSS_LB], losses[LOSS_RZ], losses[LOSS_LZ],
-                losses[LOSS_DROPPED], opt.lr, norm, ms, B * T / (ms / 1e3), val_ce, val_loss);
-        for (int i = 0; i < nm; i++) fprintf(logf, "\t%.6f", rs[i].dropped);
+        fprintf(logf, "\t%.6f\t%.6f", val_ce, val_loss);
+        for (int i = 0; i < nm; i++) fprintf(logf, "\t%.6f", drop[i]);
         fprintf(logf, "\n");
         fflush(logf);
         fflush(stdout);
+
+        // checkpoint: the model first, the state last, so a state file always has its model
         if ((ckpt_every > 0 && step % ckpt_every == 0) || step == stop) {
             model_get_params(m, params);
             snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
-            model_file_save(path, &c, params);  // the model first: a state file always has its model
+            model_file_save(path, &c, params);
             model_get_opt_state(m, state);
             snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
-            ckpt_save(path, step, &opt, B, T, &data_rng, state, n_state);
+            ckpt_save(path, step, &opt, B, T, &data_rng, &run, state, n_state);
             printf("checkpoint %s/model_%08d.bin\n", dir, step);
-            if (trace_seqs > 0) {
-                trace_write(m, dir, step, &val, 0, trace_seqs, B, T, &s_train, x, y);
-                trace_write(m, dir, step, &val, 0, trace_seqs, B, T, &s_eval, x, y);
-                if (ood.n) {
-                    trace_write(m, dir, step, &ood, 1, trace_seqs, B, T, &s_train, x, y);
-                    trace_write(m, dir, step, &ood, 1, trace_seqs, B, T, &s_eval, x, y);
-                }
-            }
+            if (trace_seq_n > 0) traces_write(m, dir, step, &val, &ood, trace_seq_n, B, T, &s_train, &s_eval, x, y);
         }
     }
     fcloseCheck(logf, "log.tsv");
@@ -539,6 +613,7 @@ int main(int argc, char **argv) {
     free(x);
     free(y);
     free(probs);
+    free(drop);
     model_free(m);
     return 0;
 }
