@@ -106,7 +106,7 @@ static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const
 static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                  int M, int N, int K, int accumulate) {
     int n_tasks = (M + MC - 1) / MC;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (n_tasks > 1)
     for (int task = 0; task < n_tasks; task++) {
         int i1 = task * MC + MC < M ? task * MC + MC : M;
         gemm_block(C, ldc, A, ars, aks, B, ldb, task * MC, i1, N, K, accumulate);
@@ -115,7 +115,7 @@ static void gemm(float *C, int ldc, const float *A, int ars, int aks, const floa
 
 // out [OUT] = w [OUT,IN] @ inp [IN]: one token (inference), same bits as gemm
 static void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT) {
-#pragma omp parallel for schedule(static) if (OUT * IN > 65536)
+#pragma omp parallel for schedule(static) if ((size_t)OUT * IN > (1 << 20))
     for (int o = 0; o < OUT; o++) {
         const float *wo = w + (size_t)o * IN;
         float acc = 0.0f;
@@ -131,7 +131,7 @@ static void transpose_rows(float *wt, const float *w, int OUT, int IN, int ldw, 
             for (int i = ib; i < i1 && i < ib + 32; i++) wt[(size_t)i * OUT + o] = w[(size_t)o * ldw + i];
 }
 static void transpose(float *wt, const float *w, int OUT, int IN) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)OUT * IN > 65536)
     for (int i0 = 0; i0 < IN; i0 += 32) transpose_rows(wt, w, OUT, IN, IN, i0, i0 + 32 < IN ? i0 + 32 : IN);
 }
 
@@ -596,7 +596,7 @@ static void crossentropy_backward(float *dlogits, const float *logits, const flo
 
 // out = a + b, elementwise over n
 static void residual_forward(float *out, const float *a, const float *b, size_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > 65536)
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
