@@ -1,0 +1,2215 @@
+// openmoe.cu: OpenMoE on one NVIDIA GPU, CUDA kernels and cuBLAS. The same
+// API (openmoe.h section 6) and the same math (../shared/SPEC.md) as the CPU
+// backend openmoe.c; each layer's kernels are named like their CPU twins
+// (rmsnorm_forward_kernel + its launcher rmsnorm_forward, ...) and sit in the
+// same order, so that the two files can be read side by side.
+//
+// Reading order: checked calls and small device helpers; the matmul (cuBLAS);
+// the layers, each _forward beside its _backward; the router and the MoE
+// plumbing; the losses; the model (buffers, forward, backward); the
+// optimizers; inference with a KV cache. Shapes as in openmoe.c: B batch, T
+// time, D width, HHd = H*Hd, BT = B*T tokens, E experts, K experts per token,
+// V vocabulary.
+//
+// Precision. PRECISION_FP32: every tensor fp32, cuBLAS in CUBLAS_COMPUTE_32F
+// with the default math mode, so no TF32 (parity with the CPU at SPEC §7's
+// tolerances). PRECISION_BF16: mixed precision. Master weights, gradients and
+// optimizer state are fp32; the matmul operands (weights, and the activations
+// a matmul reads) are bf16 with fp32 accumulation; the residual stream, the
+// norms' statistics, the router (its input, weights, logits, softmax), the
+// attention scores and softmax, the logits and every loss stay fp32. The code
+// is one set of templates over X, the storage type of the matmul operands
+// (float or __nv_bfloat16): struct LayerActsX<X> holds those tensors, struct
+// LayerActs the ones that are fp32 in both modes. A bf16 copy of the weights
+// (params_x) is refreshed after every change of the master weights.
+//
+// Routing on the GPU (SPEC §3). router_forward_kernel: softmax and top-K per
+// token (one thread each). moe_capacity_kernel: one block per routing group,
+// one thread per expert scans the group's assignments in priority order
+// (rank 0 of every token in token order, then rank 1, ...) and numbers the
+// assignments to its expert: pos = how many earlier ones chose the same
+// expert. An assignment is kept iff pos < C, which is exactly "an expert
+// holds at most C": the first C are kept, the rest dropped. moe_offsets_kernel
+// then gives expert e the rows start[e] .. start[e+1]-1 of the expert buffers
+// (groups one after the other, each group's rows in priority order), and the
+// host reads start[] (one small copy per MoE layer, the only sync in the
+// forward besides the losses) to run each expert's FFN as cuBLAS matmuls on
+// exactly its kept rows.
+//
+// Determinism: one stream, cuBLAS with a fixed workspace, and no float
+// atomics: every sum is done by one thread or one block in a fixed order, so
+// the same build on the same GPU gives the same bits.
+#include "openmoe.h"
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cublas_v2.h>
+#include <mma.h>
+#include <float.h>
+#include <type_traits>
+
+typedef __nv_bfloat16 bf16;
+#ifndef DYNAMIC_SMEM  // (dev/cuda_emu defines its own)
+#define DYNAMIC_SMEM(name) extern __shared__ __align__(128) char name[]
+#endif
+
+// ----------------------------------------------------------------------------
+// checked CUDA and cuBLAS calls: print what failed, file:line, then exit 1
+
+static void cuda_check(cudaError_t err, const char *what, const char *file, int line) {
+    if (err != cudaSuccess) die("CUDA error: %s (%s)  [%s:%d]", cudaGetErrorString(err), what, file, line);
+}
+#define cudaCheck(call) cuda_check((call), #call, __FILE__, __LINE__)
+// after a kernel launch: a bad configuration shows here, a fault at the next sync
+#define launchCheck() cuda_check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+static void cublas_check(cublasStatus_t st, const char *what, const char *file, int line) {
+    if (st != CUBLAS_STATUS_SUCCESS) die("cuBLAS error: %s (%s)  [%s:%d]", cublasGetStatusString(st), what, file, line);
+}
+#define cublasCheck(call) cublas_check((call), #call, __FILE__, __LINE__)
+
+static inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
+
+// ----------------------------------------------------------------------------
+// device helpers
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
+template <typename X> __device__ __forceinline__ X from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16(x); }  // nearest even
+
+// Sums over a warp or a block, returned to every thread. The order is fixed
+// (butterfly shuffles, then the warps' sums in warp order), and every thread
+// gets the same bits: a butterfly adds the same pairs in every lane, only
+// swapped, and float addition is commutative. blockDim must be a multiple of 32.
+template <typename T> __device__ __forceinline__ T warp_sum(T v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+template <typename T> __device__ T block_sum(T v) {
+    __shared__ T s[32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    v = warp_sum(v);
+    __syncthreads();  // s may still be read by the previous call
+    if (lane == 0) s[warp] = v;
+    __syncthreads();
+    T t = 0;
+    for (int w = 0; w < nw; w++) t += s[w];
+    return t;
+}
+__device__ float block_max(float v) {
+    __shared__ float s[32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) s[warp] = v;
+    __syncthreads();
+    float t = -FLT_MAX;
+    for (int w = 0; w < nw; w++) t = fmaxf(t, s[w]);
+    return t;
+}
+
+// expert capacity of a group of n tokens (SPEC §3), in integers, as openmoe.c
+__host__ __device__ inline int moe_capacity_of(int n, int E, int cf1000, int min_capacity) {
+    long long c = ((long long)cf1000 * n + 500LL * E) / (1000LL * E);
+    return c > min_capacity ? (int)c : min_capacity;
+}
+// routing groups: tokens [g*G, min((g+1)*G, N)) with G = group_size (0: all)
+static inline int group_len(int N, int group_size) { return group_size <= 0 || group_size > N ? N : group_size; }
+
+// ----------------------------------------------------------------------------
+// the model's buffers (all allocated in model_create)
+
+typedef struct {  // one layer's fp32 and int activations; NULL where unused
+    float *in;                // (BT,D) the residual stream entering the layer
+    float *rstd1;             // (BT)
+    float *mid;               // (BT,D) residual after attention
+    float *rstd2;             // (BT)
+    float *ln2f;              // MoE: (BT,D) RMSNorm(mid), the router's input and the experts' source
+    float *z, *p, *lse;       // MoE router: logits, probabilities (BT,E), logsumexp (BT)
+    int *top, *pos, *kept;    // (BT,K): choices best first; place in the (group, expert) queue; kept 0/1
+    int *row_of;              // (BT,K) row in the expert buffers, -1: dropped
+    int *row_token;           // (BT*K) token of each expert row
+    int *count;               // (groups,E) assignments per group and expert, before dropping
+    int *goff;                // (groups,E) first row of (group, expert)
+    int *start;               // (E+1) expert e owns rows start[e] .. start[e+1]-1
+    int *start_host;          // host copy of start, read after the router: the rows of each expert
+    float *lbf;               // (groups,E) f_e of the load-balance loss
+    double *lb_group;         // (groups) E sum_e f_e P_e per group
+    float *moe_out;           // (BT,D) residual after the MoE
+    float *rstd3;             // extra FFN: (BT)
+    float *att_lse;           // flash attention: (B,H,T) logsumexp of each attention row
+} LayerActs;
+
+template <typename X> struct LayerActsX {  // one layer's tensors in the matmul type X
+    X *ln1;                   // (BT,D)
+    X *qkv;                   // (BT,3*HHd): q | k | v of each token, q and k after RoPE
+    X *att;                   // (B,H,T,T) attention probabilities (not with flash attention)
+    X *atty;                  // (BT,HHd) attention output before Wo
+    X *ln2;                   // dense: (BT,D) the FFN's input
+    X *gu, *h;                // dense FFN: (BT,3F) = [a | b | u], (BT,F) gated product
+    X *xe, *gue, *he, *ye;    // MoE: the experts' rows (BT*K, D | 3Fe | Fe | D)
+    X *ln3, *gux, *hx;        // extra FFN: (BT,D), (BT,3F), (BT,F)
+};
+
+template <typename X> struct ActsX {  // the model's tensors in the matmul type X
+    LayerActsX<X> *layer;     // [L]
+    X *params_x;              // (n_params) the weights in X; == params when X is float
+    X *lnf;                   // (BT,D) final norm output
+    // backward
+    X *dres_x;                // (BT,D) d_res in X (the matmuls' operand); == d_res when X is float
+    X *datty;                 // (BT,HHd)
+    X *dqkv;                  // (BT,3*HHd)
+    X *dscore;                // (B,H,T,T)
+    X *dgu, *dh;              // (BT*K, 3*Fmax | Fmax)
+    X *dye;                   // (BT*K, D)
+    X *dlogits;               // (BT,V)
+};
+
+struct Model {
+    Config c;
+    ParamTable table;
+    int Bmax, Tmax;
+    Precision precision;
+    int flash;                // attention by the flash kernels (bf16 mode), else by cuBLAS with (T,T) matrices
+    cublasHandle_t cublas;
+    void *cublas_workspace;
+    float *params;            // (n_params) fp32 master weights
+    float *grads;             // (n_params), NULL without an optimizer
+    float *opt_state;         // (n_opt_state), layout of opt_state_floats()
+    size_t n_opt_state;
+    OptKind opt_kind;
+    int opt_min_dim;
+    // activations: one device allocation carved by acts_layout
+    char *acts;
+    size_t acts_bytes;
+    LayerActs *la;            // [L]
+    ActsX<float> x32;         // used in fp32 mode
+    ActsX<bf16> x16;          // used in bf16 mode
+    float *resid;             // (L+1, BT, D): layer l reads resid[l], writes resid[l+1]
+    float *final_in;          // resid[L]
+    float *rstdf, *logits, *lse;  // (BT), (BT,V), (BT)
+    float *scores;            // (B,H,T,T) attention scores (forward), dP (backward)
+    int *d_x, *d_y;           // (BT) the batch of the last forward
+    float *rope_cos, *rope_sin;   // (max_seq_len, Hd/2)
+    double *sums;             // (2 + 2 n_moe): ce and lz sums, then per MoE layer the lb sum over groups and the rz sum
+    int *stat_counts;         // (n_moe, 2, E) routed and kept per expert
+    // backward scratch (with an optimizer only)
+    float *d_res, *d_ln;      // (BT,D) residual gradient, gradient at a norm's output
+    float *dxe;               // (BT*K, D) the experts' input gradients
+    float *dp;                // (BT,E)
+    float *dvec;              // flash attention: (B,H,T) rowsum(dout * out)
+    float *dw_partial;        // (ceil(BT/64), D) RMSNorm weight-gradient partial sums
+    int *d_order, *d_ustart, *d_utok;  // (BT), (BT+1), (BT) the tokens grouped by id (encoder_backward)
+    // optimizer scratch
+    double *opt_partial;      // partial sums of the reductions
+    float *opt_scale, *opt_clip;  // (max slices) Adafactor per slice
+    double *opt_rmean;        // (max slices)
+    size_t n_opt_partial;
+    // inference: KV cache (L, max_seq_len, HHd) and one token's buffers, fp32
+    float *kcache, *vcache;
+    float *t_x, *t_xn, *t_qkv, *t_att, *t_aty, *t_gu, *t_h, *t_out, *t_acc, *t_z, *t_p, *t_lse, *t_logits;
+    int *t_top;
+    // host side
+    int *h_x, *h_y;           // (BT) pinned staging of the batch
+    int *h_order, *h_ustart, *h_utok;  // pinned: the encoder_backward buckets
+    int *h_bucket;            // (V) counting sort scratch
+    int *h_ints;              // (BT*K) model_get_routing scratch
+    float *h_p;               // (BT*E)
+    float *h_logits;          // (V) pinned, model_decode's result
+    double *h_sums;           // host copy of sums
+    cudaEvent_t buckets_copied;  // the last copy out of h_order etc. is done: they may be rewritten
+    // the last forward
+    int B, T, has_targets, n_targets;
+    MoeSettings s;
+    RouterStats *stats;       // [n_moe]
+    int *stat_ints;           // host: the routed and kept counts behind stats
+};
+
+template <typename X> static ActsX<X> &acts_x(Model *m);
+template <> ActsX<float> &acts_x<float>(Model *m) { return m->x32; }
+template <> ActsX<bf16> &acts_x<bf16>(Model *m) { return m->x16; }
+
+// ----------------------------------------------------------------------------
+// matmul: cuBLAS in column-major terms. A row-major (R,C) matrix with row
+// stride ld is a column-major (C,R) matrix with leading dimension ld, so the
+// row-major product out = inp @ w^T is the column-major out^T = w^T' inp^T'
+// with w read transposed. Operands of type TI (float or bf16), output TO,
+// always fp32 accumulation (CUBLAS_COMPUTE_32F: no TF32 in fp32 mode).
+
+template <typename T> struct CudaType;
+template <> struct CudaType<float> { static const cudaDataType_t value = CUDA_R_32F; };
+template <> struct CudaType<bf16> { static const cudaDataType_t value = CUDA_R_16BF; };
+
+// column-major C (M,N) = op(A) op(B) + beta C, `batch` times at strides sA, sB, sC
+template <typename TI, typename TO>
+static void gemm(Model *m, cublasOperation_t ta, cublasOperation_t tb, int M, int N, int K, const TI *A, int lda,
+                 long long sA, const TI *B, int ldb, long long sB, TO *C, int ldc, long long sC, int batch, float beta) {
+    if (M <= 0 || N <= 0 || batch <= 0) return;
+    const float alpha = 1.0f;
+    cudaDataType_t ti = CudaType<TI>::value, to = CudaType<TO>::value;
+    if (batch == 1)
+        cublasCheck(cublasGemmEx(m->cublas, ta, tb, M, N, K, &alpha, A, ti, lda, B, ti, ldb, &beta, C, to, ldc,
+                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    else
+        cublasCheck(cublasGemmStridedBatchedEx(m->cublas, ta, tb, M, N, K, &alpha, A, ti, lda, sA, B, ti, ldb, sB,
+                                               &beta, C, to, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// out (N,OUT; row stride ldo) = (or += with accumulate) inp (N,IN; ldi) @ w (OUT,IN)^T
+template <typename TI, typename TO>
+static void matmul_forward(Model *m, TO *out, int ldo, const TI *inp, int ldi, const TI *w, int N, int IN, int OUT,
+                           int accumulate) {
+    gemm(m, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, w, IN, 0, inp, ldi, 0, out, ldo, 0, 1, accumulate ? 1.0f : 0.0f);
+}
+
+// dinp (N,IN; ldd) = (or += with accumulate) dout (N,OUT; ldo) @ w (OUT,IN), when dinp is not NULL;
+// dw (OUT,IN) += dout^T @ inp (N,IN; ldi)
+template <typename TI, typename TD>
+static void matmul_backward(Model *m, TD *dinp, int ldd, float *dw, const TI *dout, int ldo, const TI *inp, int ldi,
+                            const TI *w, int N, int IN, int OUT, int accumulate) {
+    if (dinp) gemm(m, CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, w, IN, 0, dout, ldo, 0, dinp, ldd, 0, 1, accumulate ? 1.0f : 0.0f);
+    gemm(m, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, ldi, 0, dout, ldo, 0, dw, IN, 0, 1, 1.0f);
+}
+
+// ----------------------------------------------------------------------------
+// elementwise helpers
+
+template <typename X> __global__ void cast_kernel(X *out, const float *inp, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = from_float<X>(inp[i]);
+}
+// out (n) = X(inp); nothing when X is float and out is inp
+template <typename X> static void cast_to_x(X *out, const float *inp, size_t n) {
+    if ((const void *)out == (const void *)inp || n == 0) return;
+    cast_kernel<X><<<ceil_div(n, 256), 256>>>(out, inp, n);
+    launchCheck();
+}
+
+static void copy_floats(float *dst, const float *src, size_t n) {
+    cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice));
+}
+
+// ----------------------------------------------------------------------------
+// embedding
+
+// out (BT,D) = wte[x]: one block per token
+__global__ void encoder_forward_kernel(float *out, const int *x, const float *wte, int D) {
+    int n = blockIdx.x;
+    const float *w = wte + (size_t)x[n] * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) out[(size_t)n * D + i] = w[i];
+}
+static void encoder_forward(float *out, const int *x, const float *wte, int BT, int D) {
+    encoder_forward_kernel<<<BT, 128>>>(out, x, wte, D);
+    launchCheck();
+}
+
+// dwte[tok] += dout[n] over the positions n of each distinct token, in token
+// order: one block per distinct token (utok[u]), its positions order[ustart[u]
+// .. ustart[u+1]-1] ascending (sorted on the host), so no two blocks share a row
+__global__ void encoder_backward_kernel(float *dwte, const float *dout, const int *order, const int *ustart,
+                                        const int *utok, int D) {
+    int u = blockIdx.x;
+    float *dw = dwte + (size_t)utok[u] * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float acc = dw[i];
+        for (int j = ustart[u]; j < ustart[u + 1]; j++) acc += dout[(size_t)order[j] * D + i];
+        dw[i] = acc;
+    }
+}
+static void encoder_backward(float *dwte, const float *dout, const int *order, const int *ustart, const int *utok,
+                             int n_unique, int D) {
+    encoder_backward_kernel<<<n_unique, 128>>>(dwte, dout, order, ustart, utok, D);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// RMSNorm: y = x * rsqrt(mean(x^2) + 1e-6) * w; one warp per row
+
+template <typename X>
+__global__ void rmsnorm_forward_kernel(X *out, float *rstd, const float *inp, const float *w, int N, int D) {
+    int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (n >= N) return;  // the whole warp
+    const float *x = inp + (size_t)n * D;
+    float ss = 0.0f;
+    for (int i = lane; i < D; i += 32) ss += x[i] * x[i];
+    ss = warp_sum(ss);
+    float r = 1.0f / sqrtf(ss / D + 1e-6f);
+    for (int i = lane; i < D; i += 32) out[(size_t)n * D + i] = from_float<X>(x[i] * r * w[i]);
+    if (lane == 0 && rstd) rstd[n] = r;
+}
+// inp (N,D) -> out (N,D), rstd (N) (rstd may be NULL)
+template <typename X> static void rmsnorm_forward(X *out, float *rstd, const float *inp, const float *w, int N, int D) {
+    rmsnorm_forward_kernel<X><<<ceil_div(N, 4), 128>>>(out, rstd, inp, w, N, D);
+    launchCheck();
+}
+
+// dinp += d/dx (and dinp_x = X(dinp) unless it is dinp itself): one warp per row
+template <typename X>
+__global__ void rmsnorm_backward_kernel(float *dinp, X *dinp_x, const float *dout, const float *inp, const float *w,
+                                        const float *rstd, int N, int D) {
+    int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const float *x = inp + (size_t)n * D, *dy = dout + (size_t)n * D;
+    float r = rstd[n], dot = 0.0f;  // sum_i dy_i w_i x_i
+    for (int i = lane; i < D; i += 32) dot += dy[i] * w[i] * x[i];
+    dot = warp_sum(dot);
+    float c = dot * r * r * r / D;
+    float *dx = dinp + (size_t)n * D;
+    int write_x = (void *)dinp_x != (void *)dinp;
+    for (int i = lane; i < D; i += 32) {
+        float v = dx[i] + (dy[i] * w[i] * r - x[i] * c);
+        dx[i] = v;
+        if (write_x) dinp_x[(size_t)n * D + i] = from_float<X>(v);
+    }
+}
+
+#define DW_ROWS 64  // rows per partial sum of the weight gradient
+
+// dw[i] = sum_n dy[n,i] x[n,i] rstd[n] in two fixed-order steps: partial sums
+// over chunks of DW_ROWS rows (grid.y), then the chunks in order
+__global__ void rmsnorm_dw_partial_kernel(float *partial, const float *dout, const float *inp, const float *rstd,
+                                          int N, int D) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
+    if (i >= D) return;
+    int n0 = chunk * DW_ROWS, n1 = n0 + DW_ROWS < N ? n0 + DW_ROWS : N;
+    float s = 0.0f;
+    for (int n = n0; n < n1; n++) s += dout[(size_t)n * D + i] * inp[(size_t)n * D + i] * rstd[n];
+    partial[(size_t)chunk * D + i] = s;
+}
+__global__ void rmsnorm_dw_sum_kernel(float *dw, const float *partial, int n_chunks, int D) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= D) return;
+    float s = 0.0f;
+    for (int ch = 0; ch < n_chunks; ch++) s += partial[(size_t)ch * D + i];
+    dw[i] += s;
+}
+
+// dinp += d/dx (dinp_x its copy in X), dw += d/dw, from dout (N,D)
+template <typename X>
+static void rmsnorm_backward(Model *m, float *dinp, X *dinp_x, float *dw, const float *dout, const float *inp,
+                             const float *w, const float *rstd, int N, int D) {
+    rmsnorm_backward_kernel<X><<<ceil_div(N, 4), 128>>>(dinp, dinp_x, dout, inp, w, rstd, N, D);
+    launchCheck();
+    int n_chunks = ceil_div(N, DW_ROWS);
+    rmsnorm_dw_partial_kernel<<<dim3(ceil_div(D, 128), n_chunks), 128>>>(m->dw_partial, dout, inp, rstd, N, D);
+    launchCheck();
+    rmsnorm_dw_sum_kernel<<<ceil_div(D, 128), 128>>>(dw, m->dw_partial, n_chunks, D);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// RoPE, rotate-half: element i pairs with i + Hd/2, angle pos * 10000^(-2i/Hd),
+// from tables (max_seq_len, Hd/2) made once on the host, as openmoe.c does.
+// Applied in place to the q and k parts of qkv rows (row stride ld); token n
+// is at position pos0 + n % T. sign -1 rotates back (the backward).
+
+template <typename X>
+__global__ void rope_forward_kernel(X *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int ld,
+                                    int pos0, float sign) {
+    int half = Hd / 2;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, total = (size_t)N * 2 * H * half;
+    if (idx >= total) return;
+    int i = idx % half;
+    size_t rest = idx / half;
+    int h = rest % H;
+    rest /= H;
+    int part = rest % 2;  // 0: q, 1: k
+    int n = (int)(rest / 2), pos = pos0 + n % T;
+    X *x = qkv + (size_t)n * ld + (size_t)part * H * Hd + (size_t)h * Hd;
+    float c = cosv[(size_t)pos * half + i], s = sign * sinv[(size_t)pos * half + i];
+    float a = to_float(x[i]), b = to_float(x[i + half]);
+    x[i] = from_float<X>(a * c - b * s);
+    x[i + half] = from_float<X>(b * c + a * s);
+}
+template <typename X>
+static void rope_forward(X *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int ld, int pos0,
+                         float sign) {
+    size_t total = (size_t)N * 2 * H * (Hd / 2);
+    rope_forward_kernel<X><<<ceil_div(total, 256), 256>>>(qkv, cosv, sinv, N, T, H, Hd, ld, pos0, sign);
+    launchCheck();
+}
+template <typename X>
+static void rope_backward(X *dqkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int ld) {
+    rope_forward(dqkv, cosv, sinv, N, T, H, Hd, ld, 0, -1.0f);
+}
+
+// ----------------------------------------------------------------------------
+// causal attention, no 1/sqrt(Hd) (folded into Wq's init). Per batch b one
+// strided-batched cuBLAS call over the H heads for each product: scores =
+// q k^T (fp32), the softmax over s <= t (fp32, probabilities stored in X, 0
+// above the diagonal), out = P v. Head h of token n is at qkv[n*3HHd + h*Hd]
+// (q), + HHd (k), + 2HHd (v).
+
+// one warp per row (b, h, t) of scores (B*H*T rows of T)
+template <typename X>
+__global__ void attention_softmax_kernel(X *att, const float *scores, int T, int rows) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int t = row % T;
+    const float *sc = scores + (size_t)row * T;
+    X *p = att + (size_t)row * T;
+    float maxs = -FLT_MAX;
+    for (int s = lane; s <= t; s += 32) maxs = fmaxf(maxs, sc[s]);
+    maxs = warp_max(maxs);
+    float sum = 0.0f;
+    for (int s = lane; s <= t; s += 32) sum += expf(sc[s] - maxs);
+    sum = warp_sum(sum);
+    float inv = 1.0f / sum;
+    for (int s = lane; s < T; s += 32) p[s] = from_float<X>(s <= t ? expf(sc[s] - maxs) * inv : 0.0f);
+}
+
+// through the softmax: dS = P (dP - rowsum(P dP)) for s <= t, 0 above; one warp per row
+template <typename X>
+__global__ void attention_softmax_backward_kernel(X *dscore, const float *dP, const X *att, int T, int rows) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int t = row % T;
+    const float *dp = dP + (size_t)row * T;
+    const X *p = att + (size_t)row * T;
+    X *ds = dscore + (size_t)row * T;
+    float pdp = 0.0f;
+    for (int s = lane; s <= t; s += 32) pdp += to_float(p[s]) * dp[s];
+    pdp = warp_sum(pdp);
+    for (int s = lane; s < T; s += 32) ds[s] = from_float<X>(s <= t ? to_float(p[s]) * (dp[s] - pdp) : 0.0f);
+}
+
+// qkv (BT,3HHd) -> out (BT,HHd), att (B,H,T,T); scores (B,H,T,T) fp32 scratch
+template <typename X>
+static void attention_forward(Model *m, X *out, X *att, float *scores, const X *qkv, int B, int T, int H, int Hd) {
+    int HHd = H * Hd, ld = 3 * HHd;
+    long long TT = (long long)T * T;
+    for (int b = 0; b < B; b++) {
+        const X *q = qkv + (size_t)b * T * ld, *k = q + HHd, *v = q + 2 * HHd;
+        float *S = scores + (size_t)b * H * TT;
+        // S (T,T) = q (T,Hd) @ k (T,Hd)^T per head
+        gemm(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, Hd, k, ld, Hd, q, ld, Hd, S, T, TT, H, 0.0f);
+    }
+    int rows = B * H * T;
+    attention_softmax_kernel<X><<<ceil_div(rows, 4), 128>>>(att, scores, T, rows);
+    launchCheck();
+    for (int b = 0; b < B; b++) {
+        const X *v = qkv + (size_t)b * T * ld + 2 * HHd;
+        // out (T,Hd; ld HHd) = P (T,T) @ v (T,Hd) per head
+        gemm(m, CUBLAS_OP_N, CUBLAS_OP_N, Hd, T, T, v, ld, Hd, att + (size_t)b * H * TT, T, TT,
+             out + (size_t)b * T * HHd, HHd, Hd, H, 0.0f);
+    }
+}
+
+// dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; dP (B,H,T,T) fp32 scratch, dscore (B,H,T,T)
+template <typename X>
+static void attention_backward(Model *m, X *dqkv, X *dscore, float *dP, const X *dout, const X *att, const X *qkv,
+                               int B, int T, int H, int Hd) {
+    int HHd = H * Hd, ld = 3 * HHd;
+    long long TT = (long long)T * T;
+    for (int b = 0; b < B; b++) {  // dP (T,T) = dout (T,Hd) @ v^T
+        const X *v = qkv + (size_t)b * T * ld + 2 * HHd;
+        gemm(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, Hd, v, ld, Hd, dout + (size_t)b * T * HHd, HHd, Hd,
+             dP + (size_t)b * H * TT, T, TT, H, 0.0f);
+    }
+    int rows = B * H * T;
+    attention_softmax_backward_kernel<X><<<ceil_div(rows, 4), 128>>>(dscore, dP, att, T, rows);
+    launchCheck();
+    for (int b = 0; b < B; b++) {
+        const X *q = qkv + (size_t)b * T * ld, *k = q + HHd;
+        const X *dS = dscore + (size_t)b * H * TT, *P = att + (size_t)b * H * TT, *dy = dout + (size_t)b * T * HHd;
+        X *dq = dqkv + (size_t)b * T * ld, *dk = dq + HHd, *dv = dq + 2 * HHd;
+        // dq = dS k;  dk = dS^T q;  dv = P^T dout
+        gemm(m, CUBLAS_OP_N, CUBLAS_OP_N, Hd, T, T, k, ld, Hd, dS, T, TT, dq, ld, Hd, H, 0.0f);
+        gemm(m, CUBLAS_OP_N, CUBLAS_OP_T, Hd, T, T, q, ld, Hd, dS, T, TT, dk, ld, Hd, H, 0.0f);
+        gemm(m, CUBLAS_OP_N, CUBLAS_OP_T, Hd, T, T, dy, HHd, Hd, P, T, TT, dv, ld, Hd, H, 0.0f);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// flash attention (bf16 mode): the same causal attention without the (T,T)
+// matrices. A block owns 64 query rows (forward, dq) or 64 key rows (dk, dv)
+// of one (batch, head); tiles of 64 keys or queries stream through shared
+// memory; the products run on tensor cores (WMMA, bf16 in, fp32 out) from
+// shared memory, and the softmax is done in fp32 by the warps on the stored
+// scores (no reliance on WMMA's register layout). Warp w of 4 owns rows
+// 16w..16w+15 of its block's 64. The forward keeps the running max and sum
+// of each row (online softmax) and stores lse = max + log(sum); the backward
+// recomputes P = exp(S - lse) and has two kernels, so that no two blocks add
+// to the same gradient (no atomics: deterministic): one per key tile for dk,
+// dv (over the query tiles that see it), one per query tile for dq.
+
+#define FA_TILE 64     // query and key rows per tile
+#define FA_THREADS 128 // 4 warps
+
+// the shared-memory layout of the flash kernels for head width HD; row
+// strides are padded (fewer bank conflicts) and keep WMMA's rules: 32-byte
+// aligned tiles, strides a multiple of 8 (bf16) or 4 (fp32) elements
+template <int HD> struct FlashSmem {
+    static const int LDH = HD + 8;       // bf16 tiles of head rows: q, k, v, dout
+    static const int LDS = FA_TILE + 4;  // fp32 score tiles: S (then P), dP
+    static const int LDP = FA_TILE + 8;  // bf16 score tiles: P, dS
+    static const int LDO = HD + 4;       // fp32 accumulators: out, dq, dk, dv
+    bf16 *t[4];                          // four (64, LDH) tiles
+    float *s[2];                         // two (64, LDS)
+    bf16 *p[2];                          // two (64, LDP)
+    float *o[2];                         // two (64, LDO)
+    float *row[3];                       // three (64) per-row values
+    __host__ __device__ static size_t bytes() {
+        return 4 * (size_t)FA_TILE * LDH * 2 + 2 * (size_t)FA_TILE * LDS * 4 + 2 * (size_t)FA_TILE * LDP * 2 +
+               2 * (size_t)FA_TILE * LDO * 4 + 3 * (size_t)FA_TILE * 4;
+    }
+    __device__ FlashSmem(char *base) {
+        char *q = base;
+        for (int i = 0; i < 4; i++, q += (size_t)FA_TILE * LDH * 2) t[i] = (bf16 *)q;
+        for (int i = 0; i < 2; i++, q += (size_t)FA_TILE * LDS * 4) s[i] = (float *)q;
+        for (int i = 0; i < 2; i++, q += (size_t)FA_TILE * LDP * 2) p[i] = (bf16 *)q;
+        for (int i = 0; i < 2; i++, q += (size_t)FA_TILE * LDO * 4) o[i] = (float *)q;
+        for (int i = 0; i < 3; i++, q += (size_t)FA_TILE * 4) row[i] = (float *)q;
+    }
+};
+
+// dst (64, HD; stride LDH) = rows r0..r0+63 of src (row stride ld), zero past row T; 8 bf16 per load
+template <int HD> __device__ void flash_load_tile(bf16 *dst, const bf16 *src, int ld, int r0, int T) {
+    const int LDH = FlashSmem<HD>::LDH, per_row = HD / 8;
+    for (int idx = threadIdx.x; idx < FA_TILE * per_row; idx += blockDim.x) {
+        int r = idx / per_row, c = (idx % per_row) * 8;
+        uint4 v = {0, 0, 0, 0};
+        if (r0 + r < T) v = *(const uint4 *)(src + (size_t)(r0 + r) * ld + c);
+        *(uint4 *)(dst + r * LDH + c) = v;
+    }
+}
+
+// C (16 rows of the warp, NC 16-wide column tiles; fp32, stride ldc) = (or += with
+// accumulate) A (16, K) @ B (K, 16 NC). A: row-major a[r*lda + k], or transposed
+// (a_t: A(r,k) = a[k*lda + r]). B: row-major b[k*ldb + n], or transposed (b_t: B(k,n) = b[n*ldb + k]).
+template <int K, int NC, bool A_T, bool B_T>
+__device__ void flash_mma(float *c, int ldc, const bf16 *a, int lda, const bf16 *b, int ldb, bool accumulate) {
+    using namespace nvcuda;
+    typedef typename std::conditional<A_T, wmma::col_major, wmma::row_major>::type LA;
+    typedef typename std::conditional<B_T, wmma::col_major, wmma::row_major>::type LB;
+    for (int j = 0; j < NC; j++) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        if (accumulate) wmma::load_matrix_sync(acc, c + j * 16, ldc, wmma::mem_row_major);
+        else wmma::fill_fragment(acc, 0.0f);
+        for (int k = 0; k < K; k += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
+            wmma::load_matrix_sync(fa, A_T ? a + (size_t)k * lda : a + k, lda);
+            wmma::load_matrix_sync(fb, B_T ? b + (size_t)j * 16 * ldb + k : b + (size_t)k * ldb + j * 16, ldb);
+            wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(c + j * 16, acc, ldc, wmma::mem_row_major);
+    }
+}
+
+// out (B,T,HHd) and lse (B,H,T) from qkv (B,T,3HHd): block (query tile, b*H + h)
+template <int HD> __global__ void attention_forward_flash_kernel(bf16 *out, float *lse, const bf16 *qkv, int T, int H) {
+    typedef FlashSmem<HD> L;
+    DYNAMIC_SMEM(smem);
+    L sm(smem);
+    bf16 *sQ = sm.t[0], *sK = sm.t[1], *sV = sm.t[2], *sP = sm.p[0];
+    float *sS = sm.s[0], *sO = sm.o[0], *sMax = sm.row[0], *sSum = sm.row[1];
+    int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, q0 = blockIdx.x * FA_TILE;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
+    const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *k = q + HHd, *v = q + 2 * HHd;
+    flash_load_tile<HD>(sQ, q, ld, q0, T);
+    for (int i = threadIdx.x; i < FA_TILE * L::LDO; i += blockDim.x) sO[i] = 0.0f;
+    for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
+        sMax[i] = -INFINITY;
+        sSum[i] = 0.0f;
+    }
+    int last = (q0 + FA_TILE < T ? q0 + FA_TILE : T) - 1;  // the last key any row of the tile sees
+    for (int k0 = 0; k0 <= last; k0 += FA_TILE) {
+        __syncthreads();  // the previous tiles are consumed
+        flash_load_tile<HD>(sK, k, ld, k0, T);
+        flash_load_tile<HD>(sV, v, ld, k0, T);
+        __syncthreads();
+        // S (the warp's 16 rows, 64 keys) = q k^T
+        flash_mma<HD, FA_TILE / 16, false, true>(sS + r0 * L::LDS, L::LDS, sQ + r0 * L::LDH, L::LDH, sK, L::LDH, false);
+        __syncwarp();
+        // online softmax of the warp's rows: the new max, P = exp(S - max), out and sum rescaled
+        for (int r = r0; r < r0 + 16; r++) {
+            int t = q0 + r;
+            float *sr = sS + r * L::LDS, mx = -INFINITY;
+            for (int c = lane; c < FA_TILE; c += 32) {
+                int s = k0 + c;
+                float x = s <= t && s < T ? sr[c] : -INFINITY;
+                sr[c] = x;
+                mx = fmaxf(mx, x);
+            }
+            mx = warp_max(mx);
+            float m_old = sMax[r], m_new = fmaxf(m_old, mx), sum = 0.0f;  // m_new is finite: key 0 is in the first tile
+            for (int c = lane; c < FA_TILE; c += 32) {
+                float pv = sr[c] == -INFINITY ? 0.0f : expf(sr[c] - m_new);
+                sP[r * L::LDP + c] = from_float<bf16>(pv);
+                sum += pv;
+            }
+            sum = warp_sum(sum);
+            float scale = expf(m_old - m_new);  // 0 at the first tile (m_old = -inf)
+            for (int i = lane; i < HD; i += 32) sO[r * L::LDO + i] *= scale;
+            __syncwarp();  // every lane has read sMax[r] and sSum[r]
+            if (lane == 0) {
+                sMax[r] = m_new;
+                sSum[r] = sSum[r] * scale + sum;
+            }
+        }
+        __syncwarp();
+        // out (the warp's rows) += P v
+        flash_mma<FA_TILE, HD / 16, false, false>(sO + r0 * L::LDO, L::LDO, sP + r0 * L::LDP, L::LDP, sV, L::LDH, true);
+    }
+    __syncwarp();
+    for (int r = r0; r < r0 + 16; r++) {
+        int t = q0 + r;
+        if (t >= T) break;
+        float inv = 1.0f / sSum[r];
+        for (int i = lane; i < HD; i += 32)
+            out[((size_t)b * T + t) * HHd + (size_t)h * HD + i] = from_float<bf16>(sO[r * L::LDO + i] * inv);
+        if (lane == 0) lse[(size_t)bh * T + t] = sMax[r] + logf(sSum[r]);
+    }
+}
+
+// dvec (B,H,T) = rowsum(dout * out) per head: one warp per (token, head)
+__global__ void attention_backward_dot_kernel(float *dvec, const bf16 *dout, const bf16 *out, int BT, int T, int H,
+                                              int Hd) {
+    int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (w >= BT * H) return;
+    int n = w / H, h = w % H, b = n / T, t = n % T;
+    const bf16 *d = dout + (size_t)n * H * Hd + (size_t)h * Hd, *o = out + (size_t)n * H * Hd + (size_t)h * Hd;
+    float s = 0.0f;
+    for (int i = lane; i < Hd; i += 32) s += to_float(d[i]) * to_float(o[i]);
+    s = warp_sum(s);
+    if (lane == 0) dvec[((size_t)b * H + h) * T + t] = s;
+}
+
+// the backward's shared step for one (query tile, key tile) pair, on the warp's
+// 16 query rows: S = q k^T, P = exp(S - lse) where s <= t (fp32, in sS),
+// dP = dout v^T (sdP), dS = P (dP - dvec) -> sdS (bf16); P -> sP (bf16) when sP
+template <int HD>
+__device__ void flash_backward_scores(float *sS, float *sdP, bf16 *sP, bf16 *sdS, const bf16 *sQ, const bf16 *sdO,
+                                      const bf16 *sK, const bf16 *sV, const float *sLse, const float *sDvec, int q0,
+                                      int k0, int T) {
+    typedef FlashSmem<HD> L;
+    int lane = threadIdx.x % 32, r0 = (threadIdx.x / 32) * 16;
+    flash_mma<HD, FA_TILE / 16, false, true>(sS + r0 * L::LDS, L::LDS, sQ + r0 * L::LDH, L::LDH, sK, L::LDH, false);
+    flash_mma<HD, FA_TILE / 16, false, true>(sdP + r0 * L::LDS, L::LDS, sdO + r0 * L::LDH, L::LDH, sV, L::LDH, false);
+    __syncwarp();
+    for (int r = r0; r < r0 + 16; r++) {
+        int t = q0 + r;
+        for (int c = lane; c < FA_TILE; c += 32) {
+            int s = k0 + c;
+            float pv = s <= t && t < T ? expf(sS[r * L::LDS + c] - sLse[r]) : 0.0f;
+            if (sP) sP[r * L::LDP + c] = from_float<bf16>(pv);
+            sdS[r * L::LDP + c] = from_float<bf16>(pv * (sdP[r * L::LDS + c] - sDvec[r]));
+        }
+    }
+}
+
+// rows r0.. of the (B,T) stream of tile rows (64, HD; fp32, stride LDO) -> X rows of dst (row stride ld)
+template <int HD> __device__ void flash_store_rows(bf16 *dst, int ld, const float *src, int t0, int T) {
+    const int LDO = FlashSmem<HD>::LDO;
+    for (int idx = threadIdx.x; idx < FA_TILE * HD; idx += blockDim.x) {
+        int r = idx / HD, i = idx % HD;
+        if (t0 + r < T) dst[(size_t)(t0 + r) * ld + i] = from_float<bf16>(src[r * LDO + i]);
+    }
+}
+
+// dk, dv of one key tile (blockIdx.x) of (b, h) = blockIdx.y, over the query tiles that see it
+template <int HD>
+__global__ void attention_backward_flash_dkv_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
+                                                    const float *dvec, int T, int H) {
+    typedef FlashSmem<HD> L;
+    DYNAMIC_SMEM(smem);
+    L sm(smem);
+    bf16 *sQ = sm.t[0], *sdO = sm.t[1], *sK = sm.t[2], *sV = sm.t[3], *sP = sm.p[0], *sdS = sm.p[1];
+    float *sS = sm.s[0], *sdP = sm.s[1], *sdK = sm.o[0], *sdV = sm.o[1], *sLse = sm.row[0], *sDvec = sm.row[1];
+    int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, k0 = blockIdx.x * FA_TILE;
+    int r0 = (threadIdx.x / 32) * 16;
+    const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *dy = dout + (size_t)b * T * HHd + (size_t)h * HD;
+    flash_load_tile<HD>(sK, q + HHd, ld, k0, T);
+    flash_load_tile<HD>(sV, q + 2 * HHd, ld, k0, T);
+    for (int i = threadIdx.x; i < FA_TILE * L::LDO; i += blockDim.x) sdK[i] = sdV[i] = 0.0f;
+    for (int q0 = k0; q0 < T; q0 += FA_TILE) {  // queries before k0 do not see these keys
+        __syncthreads();
+        flash_load_tile<HD>(sQ, q, ld, q0, T);
+        flash_load_tile<HD>(sdO, dy, HHd, q0, T);
+        for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
+            sLse[i] = q0 + i < T ? lse[(size_t)bh * T + q0 + i] : 0.0f;
+            sDvec[i] = q0 + i < T ? dvec[(size_t)bh * T + q0 + i] : 0.0f;
+        }
+        __syncthreads();
+        flash_backward_scores<HD>(sS, sdP, sP, sdS, sQ, sdO, sK, sV, sLse, sDvec, q0, k0, T);
+        __syncthreads();  // dk, dv need every warp's rows of P and dS
+        // the warp's 16 key rows: dv += P^T dout, dk += dS^T q
+        flash_mma<FA_TILE, HD / 16, true, false>(sdV + r0 * L::LDO, L::LDO, sP + r0, L::LDP, sdO, L::LDH, true);
+        flash_mma<FA_TILE, HD / 16, true, false>(sdK + r0 * L::LDO, L::LDO, sdS + r0, L::LDP, sQ, L::LDH, true);
+    }
+    __syncthreads();
+    bf16 *dq = dqkv + (size_t)b * T * ld + (size_t)h * HD;
+    flash_store_rows<HD>(dq + HHd, ld, sdK, k0, T);
+    flash_store_rows<HD>(dq + 2 * HHd, ld, sdV, k0, T);
+}
+
+// dq of one query tile (blockIdx.x) of (b, h) = blockIdx.y, over the key tiles it sees
+template <int HD>
+__global__ void attention_backward_flash_dq_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
+                                                   const float *dvec, int T, int H) {
+    typedef FlashSmem<HD> L;
+    DYNAMIC_SMEM(smem);
+    L sm(smem);
+    bf16 *sQ = sm.t[0], *sdO = sm.t[1], *sK = sm.t[2], *sV = sm.t[3], *sdS = sm.p[1];
+    float *sS = sm.s[0], *sdP = sm.s[1], *sdQ = sm.o[0], *sLse = sm.row[0], *sDvec = sm.row[1];
+    int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, q0 = blockIdx.x * FA_TILE;
+    int r0 = (threadIdx.x / 32) * 16;
+    const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *dy = dout + (size_t)b * T * HHd + (size_t)h * HD;
+    flash_load_tile<HD>(sQ, q, ld, q0, T);
+    flash_load_tile<HD>(sdO, dy, HHd, q0, T);
+    for (int i = threadIdx.x; i < FA_TILE * L::LDO; i += blockDim.x) sdQ[i] = 0.0f;
+    for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
+        sLse[i] = q0 + i < T ? lse[(size_t)bh * T + q0 + i] : 0.0f;
+        sDvec[i] = q0 + i < T ? dvec[(size_t)bh * T + q0 + i] : 0.0f;
+    }
+    int last = (q0 + FA_TILE < T ? q0 + FA_TILE : T) - 1;
+    for (int k0 = 0; k0 <= last; k0 += FA_TILE) {
+        __syncthreads();
+        flash_load_tile<HD>(sK, q + HHd, ld, k0, T);
+        flash_load_tile<HD>(sV, q + 2 * HHd, ld, k0, T);
+        __syncthreads();
+        flash_backward_scores<HD>(sS, sdP, NULL, sdS, sQ, sdO, sK, sV, sLse, sDvec, q0, k0, T);
+        __syncwarp();
+        // the warp's 16 query rows: dq += dS k
+        flash_mma<FA_TILE, HD / 16, false, false>(sdQ + r0 * L::LDO, L::LDO, sdS + r0 * L::LDP, L::LDP, sK, L::LDH, true);
+    }
+    __syncthreads();
+    flash_store_rows<HD>(dqkv + (size_t)b * T * ld + (size_t)h * HD, ld, sdQ, q0, T);
+}
+
+// head widths with a flash kernel (WMMA: a multiple of 16; one warp's lanes span <= 128 columns)
+static int flash_supported(int Hd) { return Hd == 16 || Hd == 32 || Hd == 64 || Hd == 128; }
+
+template <int HD> static void flash_set_smem(void) {
+    int bytes = (int)FlashSmem<HD>::bytes();
+    cudaCheck(cudaFuncSetAttribute(attention_forward_flash_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    cudaCheck(cudaFuncSetAttribute(attention_backward_flash_dkv_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    cudaCheck(cudaFuncSetAttribute(attention_backward_flash_dq_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+static void flash_init(int Hd) {
+    switch (Hd) {
+    case 16: flash_set_smem<16>(); break;
+    case 32: flash_set_smem<32>(); break;
+    case 64: flash_set_smem<64>(); break;
+    case 128: flash_set_smem<128>(); break;
+    default: die("flash attention: head width %d not supported", Hd);
+    }
+}
+
+template <int HD> static void attention_forward_flash_hd(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H) {
+    dim3 grid(ceil_div(T, FA_TILE), B * H);
+    attention_forward_flash_kernel<HD><<<grid, FA_THREADS, FlashSmem<HD>::bytes()>>>(out, lse, qkv, T, H);
+    launchCheck();
+}
+template <int HD>
+static void attention_backward_flash_hd(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
+                                        const float *dvec, int B, int T, int H) {
+    dim3 grid(ceil_div(T, FA_TILE), B * H);
+    attention_backward_flash_dkv_kernel<HD><<<grid, FA_THREADS, FlashSmem<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec, T, H);
+    launchCheck();
+    attention_backward_flash_dq_kernel<HD><<<grid, FA_THREADS, FlashSmem<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec, T, H);
+    launchCheck();
+}
+
+// qkv (BT,3HHd) -> out (BT,HHd), lse (B,H,T)
+static void attention_forward_flash(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int Hd) {
+    switch (Hd) {
+    case 16: attention_forward_flash_hd<16>(out, lse, qkv, B, T, H); break;
+    case 32: attention_forward_flash_hd<32>(out, lse, qkv, B, T, H); break;
+    case 64: attention_forward_flash_hd<64>(out, lse, qkv, B, T, H); break;
+    case 128: attention_forward_flash_hd<128>(out, lse, qkv, B, T, H); break;
+    default: die("flash attention: head width %d not supported", Hd);
+    }
+}
+static void attention_forward_flash(float *, float *, const float *, int, int, int, int) {
+    die("flash attention runs in bf16 mode only");
+}
+
+// dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; out, lse from the forward; dvec (B,H,T) scratch
+static void attention_backward_flash(bf16 *dqkv, float *dvec, const bf16 *dout, const bf16 *out, const float *lse,
+                                     const bf16 *qkv, int B, int T, int H, int Hd) {
+    int BT = B * T;
+    attention_backward_dot_kernel<<<ceil_div((size_t)BT * H, 4), 128>>>(dvec, dout, out, BT, T, H, Hd);
+    launchCheck();
+    switch (Hd) {
+    case 16: attention_backward_flash_hd<16>(dqkv, dout, qkv, lse, dvec, B, T, H); break;
+    case 32: attention_backward_flash_hd<32>(dqkv, dout, qkv, lse, dvec, B, T, H); break;
+    case 64: attention_backward_flash_hd<64>(dqkv, dout, qkv, lse, dvec, B, T, H); break;
+    case 128: attention_backward_flash_hd<128>(dqkv, dout, qkv, lse, dvec, B, T, H); break;
+    default: die("flash attention: head width %d not supported", Hd);
+    }
+}
+static void attention_backward_flash(float *, float *, const float *, const float *, const float *, const float *,
+                                     int, int, int, int) {
+    die("flash attention runs in bf16 mode only");
+}
+
+// ----------------------------------------------------------------------------
+// the gated FFN of OpenMoE (dense, extra and every expert):
+//   [a | b] = x Wg^T,  h = a * silu(b) * (x Wu^T),  out = h Wd^T
+// The matmuls write a and b and u side by side, gu (N,3F) = [a | b | u]; when
+// Wu follows Wg in the parameter buffer (dense and extra FFNs: w_gate, w_up
+// are adjacent in the file order) that is one matmul with OUT = 3F.
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// h (N,F) = a * silu(b) * u, from gu (N,3F)
+template <typename X> __global__ void ffn_gate_kernel(X *h, const X *gu, int N, int F) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * F) return;
+    size_t n = idx / F;
+    int i = idx % F;
+    const X *g = gu + n * 3 * F;
+    float a = to_float(g[i]), b = to_float(g[F + i]), u = to_float(g[2 * F + i]);
+    h[idx] = from_float<X>(a * (b * sigmoidf_(b)) * u);
+}
+
+// dgu (N,3F) from dh (N,F) and gu
+template <typename X> __global__ void ffn_gate_backward_kernel(X *dgu, const X *dh, const X *gu, int N, int F) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * F) return;
+    size_t n = idx / F;
+    int i = idx % F;
+    const X *g = gu + n * 3 * F;
+    X *dg = dgu + n * 3 * F;
+    float a = to_float(g[i]), b = to_float(g[F + i]), u = to_float(g[2 * F + i]), d = to_float(dh[idx]);
+    float s = sigmoidf_(b), silu = b * s;
+    dg[i] = from_float<X>(d * silu * u);
+    dg[F + i] = from_float<X>(d * a * u * s * (1.0f + b * (1.0f - s)));
+    dg[2 * F + i] = from_float<X>(d * a * silu);
+}
+
+// inp (N,D) -> out (N,D) (= or += with accumulate); keeps gu (N,3F), h (N,F)
+template <typename X, typename TO>
+static void ffn_forward(Model *m, TO *out, X *gu, X *h, const X *inp, const X *wg, const X *wu, const X *wd, int N,
+                        int D, int F, int accumulate) {
+    if (N <= 0) return;
+    if (wu == wg + (size_t)2 * F * D) {
+        matmul_forward(m, gu, 3 * F, inp, D, wg, N, D, 3 * F, 0);
+    } else {
+        matmul_forward(m, gu, 3 * F, inp, D, wg, N, D, 2 * F, 0);
+        matmul_forward(m, gu + 2 * F, 3 * F, inp, D, wu, N, D, F, 0);
+    }
+    ffn_gate_kernel<X><<<ceil_div((size_t)N * F, 256), 256>>>(h, gu, N, F);
+    launchCheck();
+    matmul_forward(m, out, D, h, F, wd, N, F, D, accumulate);
+}
+
+// dout (N,D) -> dinp (N,D) overwritten; dwg, dwu, dwd accumulated (dwu follows
+// dwg wherever wu follows wg); dgu (N,3F), dh (N,F) scratch
+template <typename X>
+static void ffn_backward(Model *m, float *dinp, float *dwg, float *dwu, float *dwd, const X *dout, const X *inp,
+                         const X *gu, const X *h, const X *wg, const X *wu, const X *wd, int N, int D, int F, X *dgu,
+                         X *dh) {
+    if (N <= 0) return;
+    matmul_backward(m, dh, F, dwd, dout, D, h, F, wd, N, F, D, 0);
+    ffn_gate_backward_kernel<X><<<ceil_div((size_t)N * F, 256), 256>>>(dgu, dh, gu, N, F);
+    launchCheck();
+    if (wu == wg + (size_t)2 * F * D) {
+        matmul_backward(m, dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 3 * F, 0);
+    } else {
+        matmul_backward(m, dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 2 * F, 0);
+        matmul_backward(m, dinp, D, dwu, dgu + 2 * F, 3 * F, inp, D, wu, N, D, F, 1);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// router: fp32 softmax over all E experts, top-K (ties to the lower index)
+
+// z (N,E) -> p (N,E), lse (N), top (N,K) best first; one thread per token
+__global__ void router_forward_kernel(float *p, float *lse, int *top, const float *z, int N, int E, int K) {
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const float *zn = z + (size_t)n * E;
+    float *pn = p + (size_t)n * E;
+    int *tn = top + (size_t)n * K;
+    float maxz = -FLT_MAX;
+    for (int e = 0; e < E; e++) maxz = fmaxf(maxz, zn[e]);
+    float sum = 0.0f;
+    for (int e = 0; e < E; e++) {
+        pn[e] = expf(zn[e] - maxz);
+        sum += pn[e];
+    }
+    for (int e = 0; e < E; e++) pn[e] /= sum;
+    for (int r = 0; r < K; r++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int q = 0; q < r; q++) taken |= tn[q] == e;
+            if (!taken && (best < 0 || pn[e] > pn[best])) best = e;  // strict: ties keep the lower index
+        }
+        tn[r] = best;
+    }
+    lse[n] = maxz + logf(sum);
+}
+
+// inp (N,D) fp32, wr (E,D) fp32 -> z, p (N,E), lse (N), top (N,K)
+static void router_forward(Model *m, float *z, float *p, float *lse, int *top, const float *inp, const float *wr,
+                           int N, int D, int E, int K) {
+    matmul_forward(m, z, E, inp, D, wr, N, D, E, 0);
+    router_forward_kernel<<<ceil_div(N, 128), 128>>>(p, lse, top, z, N, E, K);
+    launchCheck();
+}
+
+// dp (N,E) holds dLoss/dp; adds the router z-loss term (coefficient rz_w on
+// mean lse^2) and turns it into dz through the softmax, in place
+__global__ void router_backward_kernel(float *dp, const float *p, const float *lse, float rz_w, int N, int E) {
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    float *d = dp + (size_t)n * E;
+    const float *pn = p + (size_t)n * E;
+    float pd = 0.0f;
+    for (int e = 0; e < E; e++) pd += pn[e] * d[e];
+    float zl = rz_w * 2.0f * lse[n] / N;  // d(rz_w * mean lse^2)/dlse, and dlse/dz = p
+    for (int e = 0; e < E; e++) d[e] = pn[e] * (d[e] - pd) + zl * pn[e];
+}
+static void router_backward(float *dp, const float *p, const float *lse, float rz_w, int N, int E) {
+    router_backward_kernel<<<ceil_div(N, 128), 128>>>(dp, p, lse, rz_w, N, E);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// capacity (SPEC §3): slots in priority order within each group
+
+#define CAP_CHUNK 1024  // assignments staged in shared memory at a time
+#define MAX_EXPERTS 256 // one thread per expert in the capacity kernels
+
+// One block per group g, thread e < E owns expert e. The group's N_g*K
+// assignments are visited in priority order q = r*N_g + (n - g0) (rank-major,
+// then token order), CAP_CHUNK at a time staged in shared memory; thread e
+// numbers the ones that chose e: pos = earlier assignments to e in the group.
+// An assignment is kept iff pos < C (the first C of each expert). count (E per
+// group) = assignments per expert before dropping.
+__global__ void moe_capacity_kernel(int *pos, int *count, const int *top, int N, int K, int E, int G) {
+    __shared__ int s_top[CAP_CHUNK], s_pos[CAP_CHUNK];
+    int g = blockIdx.x, g0 = g * G, len = g0 + G < N ? G : N - g0, e = threadIdx.x;
+    int total = len * K, cnt = 0;
+    for (int q0 = 0; q0 < total; q0 += CAP_CHUNK) {
+        int nq = total - q0 < CAP_CHUNK ? total - q0 : CAP_CHUNK;
+        for (int j = threadIdx.x; j < nq; j += blockDim.x) {
+            int q = q0 + j, r = q / len, n = g0 + q % len;
+            s_top[j] = top[(size_t)n * K + r];
+        }
+        __syncthreads();
+        if (e < E)
+            for (int j = 0; j < nq; j++)
+                if (s_top[j] == e) s_pos[j] = cnt++;
+        __syncthreads();
+        for (int j = threadIdx.x; j < nq; j += blockDim.x) {
+            int q = q0 + j, r = q / len, n = g0 + q % len;
+            pos[(size_t)n * K + r] = s_pos[j];
+        }
+        __syncthreads();  // s_top and s_pos are refilled next
+    }
+    if (e < E) count[(size_t)g * E + e] = cnt;
+}
+
+// One block, thread e < E: expert e keeps min(count, C_g) rows of each group;
+// start (E+1) = prefix over experts, goff (groups,E) = first row of (g, e),
+// routed/kept (E) the statistics of model_router_stats.
+__global__ void moe_offsets_kernel(int *start, int *goff, int *routed, int *kept, const int *count, int n_groups,
+                                   int N, int G, int E, int cf1000, int min_capacity) {
+    __shared__ int s_rows[MAX_EXPERTS], s_start[MAX_EXPERTS + 1];
+    int e = threadIdx.x;
+    if (e < E) {
+        int rows = 0, all = 0;
+        for (int g = 0; g < n_groups; g++) {
+            int len = (g + 1) * G < N ? G : N - g * G, C = moe_capacity_of(len, E, cf1000, min_capacity);
+            int cnt = count[(size_t)g * E + e];
+            all += cnt;
+            rows += cnt < C ? cnt : C;
+        }
+        s_rows[e] = rows;
+        routed[e] = all;
+        kept[e] = rows;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        s_start[0] = 0;
+        for (int i = 0; i < E; i++) s_start[i + 1] = s_start[i] + s_rows[i];
+        for (int i = 0; i <= E; i++) start[i] = s_start[i];
+    }
+    __syncthreads();
+    if (e < E) {
+        int run = s_start[e];
+        for (int g = 0; g < n_groups; g++) {
+            int len = (g + 1) * G < N ? G : N - g * G, C = moe_capacity_of(len, E, cf1000, min_capacity);
+            int cnt = count[(size_t)g * E + e];
+            goff[(size_t)g * E + e] = run;
+            run += cnt < C ? cnt : C;
+        }
+    }
+}
+
+// one thread per assignment i = n*K + r: kept flag, its row (or -1), and the row's token
+__global__ void moe_rows_kernel(int *row_of, int *row_token, int *kept, const int *top, const int *pos,
+                                const int *goff, int N, int K, int E, int G, int cf1000, int min_capacity) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * K) return;
+    int n = (int)(i / K), g = n / G, len = (g + 1) * G < N ? G : N - g * G;
+    int C = moe_capacity_of(len, E, cf1000, min_capacity), e = top[i];
+    if (pos[i] < C) {
+        int row = goff[(size_t)g * E + e] + pos[i];
+        row_of[i] = row;
+        row_token[row] = n;
+        kept[i] = 1;
+    } else {
+        row_of[i] = -1;
+        kept[i] = 0;
+    }
+}
+
+// top (N,K) -> pos, kept, row_of (N,K), row_token, start (E+1) on the device
+// and in start_host; routed/kept counts (E each) for the statistics
+static void moe_capacity(Model *m, LayerActs *a, int *routed, int *kept_cnt, int N, int K, int E,
+                         const MoeSettings *s) {
+    int G = group_len(N, s->group_size), n_groups = (N + G - 1) / G;
+    moe_capacity_kernel<<<n_groups, MAX_EXPERTS>>>(a->pos, a->count, a->top, N, K, E, G);
+    launchCheck();
+    moe_offsets_kernel<<<1, MAX_EXPERTS>>>(a->start, a->goff, routed, kept_cnt, a->count, n_groups, N, G, E, s->cf1000,
+                                           s->min_capacity);
+    launchCheck();
+    moe_rows_kernel<<<ceil_div((size_t)N * K, 256), 256>>>(a->row_of, a->row_token, a->kept, a->top, a->pos, a->goff,
+                                                            N, K, E, G, s->cf1000, s->min_capacity);
+    launchCheck();
+    // the host needs each expert's rows to size its matmuls: the one sync of the MoE layer
+    cudaCheck(cudaMemcpy(a->start_host, a->start, (E + 1) * sizeof(int), cudaMemcpyDeviceToHost));
+}
+
+// ----------------------------------------------------------------------------
+// load balance (SPEC §4): per group E sum_e f_e P_e; the layer's lb is the mean over groups
+
+// one block per group, thread e < E: f_e (share of the group's tokens whose
+// top-K holds e) and P_e (mean p_e), summed in token order; then thread 0
+// sums the E products in expert order
+__global__ void moe_load_balance_kernel(double *lb_group, float *lbf, const float *p, const int *top, int N, int K,
+                                        int E, int G) {
+    __shared__ double s_term[MAX_EXPERTS];
+    int g = blockIdx.x, g0 = g * G, n1 = g0 + G < N ? g0 + G : N, len = n1 - g0, e = threadIdx.x;
+    if (e < E) {
+        float f = 0.0f, P = 0.0f;
+        for (int n = g0; n < n1; n++) {
+            for (int r = 0; r < K; r++) f += top[(size_t)n * K + r] == e ? 1.0f : 0.0f;
+            P += p[(size_t)n * E + e];
+        }
+        f /= len;
+        lbf[(size_t)g * E + e] = f;
+        s_term[e] = (double)f * (P / len);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double sum = 0.0;
+        for (int i = 0; i < E; i++) sum += s_term[i];
+        lb_group[g] = E * sum;
+    }
+}
+
+// dp (N,E) += d(lb_w * lb)/dp = lb_w E f_e / len / n_groups
+__global__ void moe_load_balance_backward_kernel(float *dp, const float *lbf, int N, int E, int G, int n_groups,
+                                                 float lb_w) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * E) return;
+    int n = (int)(idx / E), e = idx % E, g = n / G, len = (g + 1) * G < N ? G : N - g * G;
+    dp[idx] += lb_w * E * lbf[(size_t)g * E + e] / len / n_groups;
+}
+
+// ----------------------------------------------------------------------------
+// MoE dispatch and combine. Expert e owns rows start[e] .. start[e+1]-1 of the
+// expert buffers, so each expert runs its FFN only on the tokens it keeps.
+
+// xe (rows,D) = X(inp[row_token]): one block per row
+template <typename X> __global__ void moe_dispatch_kernel(X *xe, const int *row_token, const float *inp, int D) {
+    int row = blockIdx.x;
+    const float *x = inp + (size_t)row_token[row] * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) xe[(size_t)row * D + i] = from_float<X>(x[i]);
+}
+template <typename X> static void moe_dispatch(X *xe, const int *row_token, const float *inp, int rows, int D) {
+    if (rows <= 0) return;
+    moe_dispatch_kernel<X><<<rows, 128>>>(xe, row_token, inp, D);
+    launchCheck();
+}
+
+// out (N,D) = res + sum over kept (n, rank) of p[n, e] * ye[row], in rank order: one block per token
+template <typename X>
+__global__ void moe_combine_kernel(float *out, const float *res, const X *ye, const float *p, const int *top,
+                                   const int *row_of, int K, int E, int D) {
+    int n = blockIdx.x;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int r = 0; r < K; r++) {
+            int row = row_of[(size_t)n * K + r];
+            if (row < 0) continue;
+            float w = p[(size_t)n * E + top[(size_t)n * K + r]];
+            acc = acc + w * to_float(ye[(size_t)row * D + i]);
+        }
+        out[(size_t)n * D + i] = acc + res[(size_t)n * D + i];
+    }
+}
+template <typename X>
+static void moe_combine(float *out, const float *res, const X *ye, const float *p, const int *top, const int *row_of,
+                        int N, int K, int E, int D) {
+    moe_combine_kernel<X><<<N, 128>>>(out, res, ye, p, top, row_of, K, E, D);
+    launchCheck();
+}
+
+// from dout (N,D): dye (rows,D) = X(p * dout[token]), and dp (N,E) (overwritten)
+// gets dout[n] . ye[row] at each kept choice, 0 elsewhere: one block per token
+template <typename X>
+__global__ void moe_combine_backward_kernel(X *dye, float *dp, const float *dout, const X *ye, const float *p,
+                                            const int *top, const int *row_of, int K, int E, int D) {
+    int n = blockIdx.x;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) dp[(size_t)n * E + e] = 0.0f;
+    __syncthreads();
+    const float *d = dout + (size_t)n * D;
+    for (int r = 0; r < K; r++) {
+        int row = row_of[(size_t)n * K + r];
+        if (row < 0) continue;  // the same for the whole block
+        int e = top[(size_t)n * K + r];
+        float w = p[(size_t)n * E + e], dot = 0.0f;
+        for (int i = threadIdx.x; i < D; i += blockDim.x) {
+            dye[(size_t)row * D + i] = from_float<X>(w * d[i]);
+            dot += d[i] * to_float(ye[(size_t)row * D + i]);
+        }
+        dot = block_sum(dot);
+        if (threadIdx.x == 0) dp[(size_t)n * E + e] = dot;
+    }
+}
+
+// dinp (N,D) += the rows' input gradients dxe (rows,D), in rank order: one block per token
+__global__ void moe_dispatch_backward_kernel(float *dinp, const float *dxe, const int *row_of, int K, int D) {
+    int n = blockIdx.x;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float acc = dinp[(size_t)n * D + i];
+        for (int r = 0; r < K; r++) {
+            int row = row_of[(size_t)n * K + r];
+            if (row >= 0) acc += dxe[(size_t)row * D + i];
+        }
+        dinp[(size_t)n * D + i] = acc;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// reductions in a fixed order: one block of 1024 threads
+
+#define RED_THREADS 1024
+
+// out[0] = sum of x (n doubles)
+__global__ void sum_kernel(double *out, const double *x, int n) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
+    s = block_sum(s);
+    if (threadIdx.x == 0) out[0] = s;
+}
+// out[0] = sum of x^2 (n floats, squared in double)
+__global__ void sumsq_kernel(double *out, const float *x, int n) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += (double)x[i] * x[i];
+    s = block_sum(s);
+    if (threadIdx.x == 0) out[0] = s;
+}
+
+// ----------------------------------------------------------------------------
+// output losses: cross-entropy fused with the output z-loss (mean lse^2)
+
+// lse (N) of logits (N,V): one block per row
+__global__ void crossentropy_forward_kernel(float *lse, const float *logits, int V) {
+    int n = blockIdx.x;
+    const float *l = logits + (size_t)n * V;
+    float maxl = -FLT_MAX;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) maxl = fmaxf(maxl, l[v]);
+    maxl = block_max(maxl);
+    float sum = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(l[v] - maxl);
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) lse[n] = maxl + logf(sum);
+}
+// out[0] = sum of ce, out[1] = sum of lse^2 over the targets (y >= 0)
+__global__ void crossentropy_sum_kernel(double *out, const float *lse, const float *logits, const int *y, int N, int V) {
+    double ce = 0.0, lz = 0.0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) {
+        if (y[n] < 0) continue;
+        ce += lse[n] - logits[(size_t)n * V + y[n]];
+        lz += (double)lse[n] * lse[n];
+    }
+    ce = block_sum(ce);
+    lz = block_sum(lz);
+    if (threadIdx.x == 0) {
+        out[0] = ce;
+        out[1] = lz;
+    }
+}
+// logits (N,V), y (N) -> lse (N); out[0..1] the sums of ce and lse^2 over targets
+static void crossentropy_forward(double *out, float *lse, const float *logits, const int *y, int N, int V) {
+    crossentropy_forward_kernel<<<N, 1024>>>(lse, logits, V);
+    launchCheck();
+    crossentropy_sum_kernel<<<1, RED_THREADS>>>(out, lse, logits, y, N, V);
+    launchCheck();
+}
+
+// dlogits (N,V) = d(ce + lz_coef * lz)/dlogits, ce and lz means over the m targets: one block per row
+template <typename X>
+__global__ void crossentropy_backward_kernel(X *dlogits, const float *logits, const float *lse, const int *y, int V,
+                                             int m, float lz_coef) {
+    int n = blockIdx.x;
+    X *d = dlogits + (size_t)n * V;
+    if (y[n] < 0) {
+        for (int v = threadIdx.x; v < V; v += blockDim.x) d[v] = from_float<X>(0.0f);
+        return;
+    }
+    const float *l = logits + (size_t)n * V;
+    float ln = lse[n], scale = (1.0f + lz_coef * 2.0f * ln) / m;  // softmax * (1 + 2 lz_coef lse) / m
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        float dv = expf(l[v] - ln) * scale;
+        if (v == y[n]) dv -= 1.0f / m;
+        d[v] = from_float<X>(dv);
+    }
+}
+template <typename X>
+static void crossentropy_backward(X *dlogits, const float *logits, const float *lse, const int *y, int N, int V, int m,
+                                  float lz_coef) {
+    crossentropy_backward_kernel<X><<<N, 256>>>(dlogits, logits, lse, y, V, m > 0 ? m : 1, lz_coef);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// the model: parameters, gradients and activations, each in one allocation
+
+const Config *model_config(const Model *m) { return &m->c; }
+const ParamTable *model_param_table(const Model *m) { return &m->table; }
+
+// a bump allocator over one buffer, 256-byte aligned: a first pass with base NULL only counts
+template <typename T> static T *carve(char *base, size_t *used, size_t n) {
+    *used = (*used + 255) & ~(size_t)255;
+    T *p = base ? (T *)(base + *used) : NULL;
+    *used += n * sizeof(T);
+    return p;
+}
+
+// number of blocks of the two-step sums over n values (a function of n only, so the order is fixed)
+static int partial_blocks(size_t n) {
+    size_t nb = (n + 16383) / 16384;
+    return (int)(nb < 1 ? 1 : nb > 1024 ? 1024 : nb);
+}
+
+// the optimizer's scratch: the largest need over all tensors
+static size_t opt_partial_size(const Model *m, int *max_slices) {
+    const ParamTable *pt = &m->table;
+    size_t need = partial_blocks(pt->n_params);
+    *max_slices = 1;
+    for (int i = 0; i < pt->n_tensors; i++) {
+        const TensorInfo *t = &pt->tensors[i];
+        size_t n = (size_t)t->rows * t->cols, s = t->slices;
+        if (t->slices > *max_slices) *max_slices = t->slices;
+        if (s * partial_blocks(n) > need) need = s * partial_blocks(n);
+        if (m->opt_kind == OPT_ADAFACTOR && adafactor_factored(t, m->opt_min_dim)) {
+            size_t cols_partial = s * ceil_div(t->rows, 256) * (size_t)t->cols;
+            if (cols_partial > need) need = cols_partial;
+        }
+    }
+    return need;
+}
+
+// every device buffer at its offset in base (NULL: only count); returns the bytes
+template <typename X> static size_t acts_layout(Model *m, char *base) {
+    const Config *c = &m->c;
+    ActsX<X> &ax = acts_x<X>(m);
+    size_t u = 0, BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D, E = c->E, K = c->K;
+    size_t F = c->F, Fe = c->Fe, Fmax = F > Fe ? F : Fe, BHTT = (size_t)m->Bmax * c->H * m->Tmax * m->Tmax;
+    size_t rows = BT * K;  // expert rows: at most every assignment kept
+    int nm = n_moe_layers(c);
+    m->resid = carve<float>(base, &u, (c->L + 1) * BT * D);
+    for (int l = 0; l < c->L; l++) {
+        LayerActs *a = &m->la[l];
+        LayerActsX<X> *b = &ax.layer[l];
+        int *start_host = a->start_host;  // host memory, kept
+        memset(a, 0, sizeof(*a));
+        memset(b, 0, sizeof(*b));
+        a->start_host = start_host;
+        a->in = m->resid ? m->resid + l * BT * D : NULL;
+        b->ln1 = carve<X>(base, &u, BT * D);
+        a->rstd1 = carve<float>(base, &u, BT);
+        b->qkv = carve<X>(base, &u, BT * 3 * HHd);
+        if (m->flash) a->att_lse = carve<float>(base, &u, BT * c->H);
+        else b->att = carve<X>(base, &u, BHTT);
+        b->atty = carve<X>(base, &u, BT * HHd);
+        a->mid = carve<float>(base, &u, BT * D);
+        a->rstd2 = carve<float>(base, &u, BT);
+        if (!is_moe_layer(c, l)) {
+            b->ln2 = carve<X>(base, &u, BT * D);
+            b->gu = carve<X>(base, &u, BT * 3 * F);
+            b->h = carve<X>(base, &u, BT * F);
+            continue;
+        }
+        a->ln2f = carve<float>(base, &u, BT * D);
+        a->z = carve<float>(base, &u, BT * E);
+        a->p = carve<float>(base, &u, BT * E);
+        a->lse = carve<float>(base, &u, BT);
+        a->top = carve<int>(base, &u, BT * K);
+        a->pos = carve<int>(base, &u, BT * K);
+        a->kept = carve<int>(base, &u, BT * K);
+        a->row_of = carve<int>(base, &u, BT * K);
+        a->row_token = carve<int>(base, &u, rows);
+        a->count = carve<int>(base, &u, BT * E);  // groups <= BT (group_size 1)
+        a->goff = carve<int>(base, &u, BT * E);
+        a->start = carve<int>(base, &u, E + 1);
+        a->lbf = carve<float>(base, &u, BT * E);
+        a->lb_group = carve<double>(base, &u, BT);
+        b->xe = carve<X>(base, &u, rows * D);
+        b->gue = carve<X>(base, &u, rows * 3 * Fe);
+        b->he = carve<X>(base, &u, rows * Fe);
+        b->ye = carve<X>(base, &u, rows * D);
+        if (c->extra_ffn) {
+            a->moe_out = carve<float>(base, &u, BT * D);
+            b->ln3 = carve<X>(base, &u, BT * D);
+            a->rstd3 = carve<float>(base, &u, BT);
+            b->gux = carve<X>(base, &u, BT * 3 * F);
+            b->hx = carve<X>(base, &u, BT * F);
+        } else {
+            a->moe_out = m->resid ? m->resid + (l + 1) * BT * D : NULL;
+        }
+    }
+    m->final_in = m->resid ? m->resid + c->L * BT * D : NULL;
+    ax.lnf = carve<X>(base, &u, BT * D);
+    m->rstdf = carve<float>(base, &u, BT);
+    m->logits = carve<float>(base, &u, BT * c->V);
+    m->lse = carve<float>(base, &u, BT);
+    m->scores = m->flash ? NULL : carve<float>(base, &u, BHTT);
+    m->d_x = carve<int>(base, &u, BT);
+    m->d_y = carve<int>(base, &u, BT);
+    m->rope_cos = carve<float>(base, &u, (size_t)c->max_seq_len * (c->Hd / 2));
+    m->rope_sin = carve<float>(base, &u, (size_t)c->max_seq_len * (c->Hd / 2));
+    m->sums = carve<double>(base, &u, 2 + 2 * (size_t)nm);
+    m->stat_counts = carve<int>(base, &u, (size_t)(nm > 0 ? nm : 1) * 2 * E);
+    // the weights in X (bf16 mode); in fp32 mode the master weights themselves
+    ax.params_x = sizeof(X) == sizeof(float) ? (X *)m->params : carve<X>(base, &u, m->table.n_params);
+    // inference
+    m->kcache = carve<float>(base, &u, (size_t)c->L * c->max_seq_len * HHd);
+    m->vcache = carve<float>(base, &u, (size_t)c->L * c->max_seq_len * HHd);
+    m->t_x = carve<float>(base, &u, D);
+    m->t_xn = carve<float>(base, &u, D);
+    m->t_qkv = carve<float>(base, &u, 3 * HHd);
+    m->t_att = carve<float>(base, &u, (size_t)c->H * c->max_seq_len);
+    m->t_aty = carve<float>(base, &u, HHd);
+    m->t_gu = carve<float>(base, &u, 3 * Fmax);
+    m->t_h = carve<float>(base, &u, Fmax);
+    m->t_out = carve<float>(base, &u, D);
+    m->t_acc = carve<float>(base, &u, D);
+    m->t_z = carve<float>(base, &u, E);
+    m->t_p = carve<float>(base, &u, E);
+    m->t_lse = carve<float>(base, &u, 1);
+    m->t_logits = carve<float>(base, &u, c->V);
+    m->t_top = carve<int>(base, &u, K);
+    if (!m->grads) return u;
+    m->d_res = carve<float>(base, &u, BT * D);
+    m->d_ln = carve<float>(base, &u, BT * D);
+    ax.dres_x = sizeof(X) == sizeof(float) ? (X *)m->d_res : carve<X>(base, &u, BT * D);
+    ax.datty = carve<X>(base, &u, BT * HHd);
+    ax.dqkv = carve<X>(base, &u, BT * 3 * HHd);
+    ax.dscore = m->flash ? NULL : carve<X>(base, &u, BHTT);
+    m->dvec = m->flash ? carve<float>(base, &u, BT * c->H) : NULL;
+    ax.dgu = carve<X>(base, &u, rows * 3 * Fmax);
+    ax.dh = carve<X>(base, &u, rows * Fmax);
+    m->dxe = carve<float>(base, &u, rows * D);
+    ax.dye = carve<X>(base, &u, rows * D);
+    m->dp = carve<float>(base, &u, BT * E);
+    ax.dlogits = carve<X>(base, &u, BT * c->V);
+    m->dw_partial = carve<float>(base, &u, (size_t)ceil_div(BT, DW_ROWS) * D);
+    m->d_order = carve<int>(base, &u, BT);
+    m->d_ustart = carve<int>(base, &u, BT + 1);
+    m->d_utok = carve<int>(base, &u, BT);
+    int max_slices;
+    m->n_opt_partial = opt_partial_size(m, &max_slices);
+    m->opt_partial = carve<double>(base, &u, m->n_opt_partial + 1);
+    m->opt_scale = carve<float>(base, &u, max_slices);
+    m->opt_clip = carve<float>(base, &u, max_slices);
+    m->opt_rmean = carve<double>(base, &u, max_slices);
+    return u;
+}
+
+// the RoPE tables, in double on the host as openmoe.c makes them
+static void rope_tables(float *cosv, float *sinv, int max_seq_len, int Hd) {
+    for (int pos = 0; pos < max_seq_len; pos++)
+        for (int i = 0; i < Hd / 2; i++) {
+            double theta = pos * pow(10000.0, -2.0 * i / Hd);
+            cosv[(size_t)pos * (Hd / 2) + i] = (float)cos(theta);
+            sinv[(size_t)pos * (Hd / 2) + i] = (float)sin(theta);
+        }
+}
+
+// refresh the matmul copy of the weights after the master weights changed
+static void params_to_x(Model *m) {
+    if (m->precision == PRECISION_BF16) cast_to_x(m->x16.params_x, m->params, m->table.n_params);
+}
+
+Model *model_create(const Config *c, int B, int T, Precision precision, const OptSettings *opt) {
+    char why[128];
+    if (!config_check(c, why, sizeof(why))) die("model_create: bad config: %s", why);
+    if (precision != PRECISION_FP32 && precision != PRECISION_BF16) die("model_create: unknown precision %d", precision);
+    if (B <= 0 || T <= 0 || T > c->max_seq_len)
+        die("model_create: B = %d, T = %d: need B > 0 and 0 < T <= max_seq_len = %d", B, T, c->max_seq_len);
+    if (c->E > MAX_EXPERTS) die("model_create: E = %d experts, the CUDA backend handles at most %d", c->E, MAX_EXPERTS);
+    if ((long long)B * T * c->K >= (1LL << 31) || (long long)B * c->H * T >= (1LL << 31) ||
+        ((long long)B * T + DW_ROWS - 1) / DW_ROWS > 65535)
+        die("model_create: batch %d x %d is too large for this backend's index types and grids", B, T);
+    int ndev = 0;
+    cudaError_t err = cudaGetDeviceCount(&ndev);
+    if (err != cudaSuccess) die("no CUDA device: %s", cudaGetErrorString(err));
+    if (ndev == 0) die("no CUDA device: cudaGetDeviceCount found none");
+    cudaCheck(cudaSetDevice(0));
+
+    Model *m = (Model *)callocCheck(1, sizeof(Model));
+    m->c = *c;
+    param_table_build(&m->table, c);
+    m->Bmax = B;
+    m->Tmax = T;
+    m->precision = precision;
+    // attention: the flash kernels in bf16 mode for the head widths they have;
+    // OPENMOE_ATTENTION=cublas forces the (T,T) path (fp32 mode always uses it)
+    const char *att = getenv("OPENMOE_ATTENTION");
+    if (att && strcmp(att, "cublas") != 0 && strcmp(att, "flash") != 0)
+        die("OPENMOE_ATTENTION=%s: use cublas or flash", att);
+    m->flash = precision == PRECISION_BF16 && flash_supported(c->Hd) && !(att && strcmp(att, "cublas") == 0);
+    if (att && strcmp(att, "flash") == 0 && !m->flash)
+        die("OPENMOE_ATTENTION=flash: the flash kernels need bf16 mode and a head width of 16, 32, 64 or 128 (Hd = %d)", c->Hd);
+    if (m->flash) {
+        int optin = 0;
+        cudaCheck(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
+        size_t need = c->Hd == 16 ? FlashSmem<16>::bytes() : c->Hd == 32 ? FlashSmem<32>::bytes()
+                    : c->Hd == 64 ? FlashSmem<64>::bytes() : FlashSmem<128>::bytes();
+        if ((size_t)optin < need) m->flash = 0;  // this GPU's shared memory is too small: the cuBLAS path
+        else flash_init(c->Hd);
+    }
+    const ParamTable *pt = &m->table;
+    int HHd = c->H * c->Hd;
+    for (int l = 0; l < c->L; l++) {  // the fused matmuls rely on the file order (SPEC §6)
+        const LayerParams *lp = &pt->layer[l];
+        if (lp->wk != lp->wq + (size_t)HHd * c->D || lp->wv != lp->wk + (size_t)HHd * c->D)
+            die("model_create: layer %d: wq, wk, wv are not adjacent in the parameter table", l);
+    }
+    size_t n = pt->n_params;
+    cudaCheck(cudaMalloc(&m->params, n * sizeof(float)));
+    cudaCheck(cudaMemset(m->params, 0, n * sizeof(float)));
+    if (opt) {
+        m->opt_kind = opt->kind;
+        m->opt_min_dim = opt->min_dim;
+        m->n_opt_state = opt_state_floats(pt, opt->kind, opt->min_dim);
+        cudaCheck(cudaMalloc(&m->grads, n * sizeof(float)));
+        cudaCheck(cudaMemset(m->grads, 0, n * sizeof(float)));
+        cudaCheck(cudaMalloc(&m->opt_state, m->n_opt_state * sizeof(float)));
+        cudaCheck(cudaMemset(m->opt_state, 0, m->n_opt_state * sizeof(float)));
+    }
+    m->la = (LayerActs *)callocCheck(c->L, sizeof(LayerActs));
+    for (int l = 0; l < c->L; l++) m->la[l].start_host = (int *)callocCheck(c->E + 1, sizeof(int));
+    m->x32.layer = (LayerActsX<float> *)callocCheck(c->L, sizeof(LayerActsX<float>));
+    m->x16.layer = (LayerActsX<bf16> *)callocCheck(c->L, sizeof(LayerActsX<bf16>));
+    size_t bytes = precision == PRECISION_BF16 ? acts_layout<bf16>(m, NULL) : acts_layout<float>(m, NULL);
+    cudaError_t aerr = cudaMalloc(&m->acts, bytes);
+    if (aerr != cudaSuccess)
+        die("model_create: cannot allocate %.2f GB of activations for batch %d x %d on the GPU: %s", bytes / 1e9, B, T,
+            cudaGetErrorString(aerr));
+    cudaCheck(cudaMemset(m->acts, 0, bytes));
+    m->acts_bytes = bytes;
+    if (precision == PRECISION_BF16) acts_layout<bf16>(m, m->acts);
+    else acts_layout<float>(m, m->acts);
+
+    cublasCheck(cublasCreate(&m->cublas));
+    cublasCheck(cublasSetMathMode(m->cublas, CUBLAS_DEFAULT_MATH));  // no TF32 for fp32 matmuls
+    size_t ws = 32u << 20;  // a fixed workspace: cuBLAS then picks the same algorithms every run
+    cudaCheck(cudaMalloc(&m->cublas_workspace, ws));
+    cublasCheck(cublasSetWorkspace(m->cublas, m->cublas_workspace, ws));
+    cublasCheck(cublasSetStream(m->cublas, 0));
+
+    size_t half = (size_t)c->max_seq_len * (c->Hd / 2);
+    float *cs = (float *)mallocCheck(2 * half * sizeof(float));
+    rope_tables(cs, cs + half, c->max_seq_len, c->Hd);
+    cudaCheck(cudaMemcpy(m->rope_cos, cs, half * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(m->rope_sin, cs + half, half * sizeof(float), cudaMemcpyHostToDevice));
+    free(cs);
+
+    size_t BT = (size_t)B * T;
+    int nm = n_moe_layers(c) > 0 ? n_moe_layers(c) : 1;
+    cudaCheck(cudaMallocHost(&m->h_x, BT * sizeof(int)));
+    cudaCheck(cudaMallocHost(&m->h_y, BT * sizeof(int)));
+    cudaCheck(cudaMallocHost(&m->h_order, BT * sizeof(int)));
+    cudaCheck(cudaMallocHost(&m->h_ustart, (BT + 1) * sizeof(int)));
+    cudaCheck(cudaMallocHost(&m->h_utok, BT * sizeof(int)));
+    cudaCheck(cudaMallocHost(&m->h_logits, c->V * sizeof(float)));
+    cudaCheck(cudaEventCreateWithFlags(&m->buckets_copied, cudaEventDisableTiming));
+    m->h_bucket = (int *)callocCheck(c->V + 1, sizeof(int));
+    m->h_ints = (int *)callocCheck(BT * c->K, sizeof(int));
+    m->h_p = (float *)callocCheck(BT * c->E, sizeof(float));
+    m->h_sums = (double *)callocCheck(2 + 2 * (size_t)nm, sizeof(double));
+    m->stats = (RouterStats *)callocCheck(nm, sizeof(RouterStats));
+    m->stat_ints = (int *)callocCheck(2 * (size_t)nm * c->E, sizeof(int));
+    for (int i = 0; i < nm; i++) {
+        m->stats[i].routed = m->stat_ints + (size_t)2 * i * c->E;
+        m->stats[i].kept = m->stat_ints + (size_t)(2 * i + 1) * c->E;
+    }
+    cudaCheck(cudaDeviceSynchronize());
+    return m;
+}
+
+void model_free(Model *m) {
+    if (!m) return;
+    cudaCheck(cudaDeviceSynchronize());
+    cublasCheck(cublasDestroy(m->cublas));
+    cudaCheck(cudaFree(m->cublas_workspace));
+    cudaCheck(cudaFree(m->params));
+    cudaCheck(cudaFree(m->grads));
+    cudaCheck(cudaFree(m->opt_state));
+    cudaCheck(cudaFree(m->acts));
+    cudaCheck(cudaFreeHost(m->h_x));
+    cudaCheck(cudaFreeHost(m->h_y));
+    cudaCheck(cudaFreeHost(m->h_order));
+    cudaCheck(cudaFreeHost(m->h_ustart));
+    cudaCheck(cudaFreeHost(m->h_utok));
+    cudaCheck(cudaFreeHost(m->h_logits));
+    cudaCheck(cudaEventDestroy(m->buckets_copied));
+    for (int l = 0; l < m->c.L; l++) free(m->la[l].start_host);
+    free(m->la);
+    free(m->x32.layer);
+    free(m->x16.layer);
+    free(m->h_bucket);
+    free(m->h_ints);
+    free(m->h_p);
+    free(m->h_sums);
+    free(m->stats);
+    free(m->stat_ints);
+    param_table_free(&m->table);
+    free(m);
+}
+
+void model_set_params(Model *m, const float *params) {
+    cudaCheck(cudaMemcpy(m->params, params, m->table.n_params * sizeof(float), cudaMemcpyHostToDevice));
+    params_to_x(m);
+    cudaCheck(cudaDeviceSynchronize());
+}
+void model_get_params(const Model *m, float *params) {
+    cudaCheck(cudaMemcpy(params, m->params, m->table.n_params * sizeof(float), cudaMemcpyDeviceToHost));
+}
+void model_get_grads(const Model *m, float *grads) {
+    if (!m->grads) die("model_get_grads: the model was created without an optimizer, so it has no gradients");
+    cudaCheck(cudaMemcpy(grads, m->grads, m->table.n_params * sizeof(float), cudaMemcpyDeviceToHost));
+}
+void model_set_grads(Model *m, const float *grads) {
+    if (!m->grads) die("model_set_grads: the model was created without an optimizer, so it has no gradients");
+    cudaCheck(cudaMemcpy(m->grads, grads, m->table.n_params * sizeof(float), cudaMemcpyHostToDevice));
+}
+void model_get_logits(const Model *m, float *logits) {
+    cudaCheck(cudaMemcpy(logits, m->logits, (size_t)m->B * m->T * m->c.V * sizeof(float), cudaMemcpyDeviceToHost));
+}
+const RouterStats *model_router_stats(const Model *m) { return m->stats; }
+
+void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint8_t *kept) {
+    int nm = n_moe_layers(&m->c), K = m->c.K, E = m->c.E;
+    size_t BT = (size_t)m->B * m->T, BTK = BT * K;
+    if (i < 0 || i >= nm) die("model_get_routing: MoE layer %d out of range [0, %d)", i, nm);
+    const LayerActs *a = &m->la[(i + 1) * m->c.moe_every - 1];
+    cudaCheck(cudaMemcpy(expert, a->top, BTK * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(m->h_ints, a->kept, BTK * sizeof(int), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(m->h_p, a->p, BT * E * sizeof(float), cudaMemcpyDeviceToHost));
+    for (size_t j = 0; j < BTK; j++) {
+        prob[j] = m->h_p[(j / K) * E + expert[j]];
+        kept[j] = (uint8_t)m->h_ints[j];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// forward
+
+// the MoE sublayer: moe_out (BT,D) = mid + MoE(RMSNorm(mid)). The router runs
+// in fp32; the experts in X, each on its kept rows. Leaves the layer's lb and
+// rz sums in m->sums and its routed/kept counts in m->stat_counts (slot im).
+template <typename X>
+static void moe_forward(Model *m, LayerActs *a, LayerActsX<X> *b, const LayerParams *lp, int im, int BT) {
+    const Config *c = &m->c;
+    int D = c->D, E = c->E, K = c->K, Fe = c->Fe;
+    const float *W = m->params;
+    const X *WX = acts_x<X>(m).params_x;
+    rmsnorm_forward(a->ln2f, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
+    router_forward(m, a->z, a->p, a->lse, a->top, a->ln2f, W + lp->router, BT, D, E, K);
+    int *routed = m->stat_counts + (size_t)2 * im * E, *kept = routed + E;
+    moe_capacity(m, a, routed, kept, BT, K, E, &m->s);
+    const int *start = a->start_host;
+    moe_dispatch(b->xe, a->row_token, a->ln2f, start[E], D);
+    for (int e = 0; e < E; e++) {
+        size_t r0 = start[e];
+        int rows = start[e + 1] - start[e];
+        ffn_forward(m, b->ye + r0 * D, b->gue + r0 * 3 * Fe, b->he + r0 * Fe, b->xe + r0 * D,
+                    WX + lp->w_gate + (size_t)e * 2 * Fe * D, WX + lp->w_up + (size_t)e * Fe * D,
+                    WX + lp->w_down + (size_t)e * D * Fe, rows, D, Fe, 0);
+    }
+    moe_combine(a->moe_out, a->mid, b->ye, a->p, a->top, a->row_of, BT, K, E, D);
+    int G = group_len(BT, m->s.group_size), n_groups = (BT + G - 1) / G;
+    moe_load_balance_kernel<<<n_groups, MAX_EXPERTS>>>(a->lb_group, a->lbf, a->p, a->top, BT, K, E, G);
+    launchCheck();
+    sum_kernel<<<1, RED_THREADS>>>(m->sums + 2 + 2 * im, a->lb_group, n_groups);
+    launchCheck();
+    sumsq_kernel<<<1, RED_THREADS>>>(m->sums + 3 + 2 * im, a->lse, BT);
+    launchCheck();
+}
+
+template <typename X> static void forward_impl(Model *m, int B, int T) {
+    const Config *c = &m->c;
+    ActsX<X> &ax = acts_x<X>(m);
+    int BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, V = c->V;
+    const float *W = m->params;
+    const X *WX = ax.params_x;
+    encoder_forward(m->resid, m->d_x, W + m->table.wte, BT, D);
+    int im = 0;
+    for (int l = 0; l < c->L; l++) {
+        LayerActs *a = &m->la[l];
+        LayerActsX<X> *b = &ax.layer[l];
+        const LayerParams *lp = &m->table.layer[l];
+        float *out = l + 1 < c->L ? m->la[l + 1].in : m->final_in;
+        // mid = in + Attn(RMSNorm(in)): q, k, v in one matmul (wq, wk, wv are adjacent)
+        rmsnorm_forward(b->ln1, a->rstd1, a->in, W + lp->attn_norm, BT, D);
+        matmul_forward(m, b->qkv, 3 * HHd, b->ln1, D, WX + lp->wq, BT, D, 3 * HHd, 0);
+        rope_forward(b->qkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 3 * HHd, 0, 1.0f);
+        if (m->flash) attention_forward_flash(b->atty, a->att_lse, b->qkv, B, T, H, Hd);
+        else attention_forward(m, b->atty, b->att, m->scores, b->qkv, B, T, H, Hd);
+        copy_floats(a->mid, a->in, (size_t)BT * D);  // the residual, then += atty Wo^T
+        matmul_forward(m, a->mid, D, b->atty, HHd, WX + lp->wo, BT, HHd, D, 1);
+        if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
+            rmsnorm_forward(b->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
+            copy_floats(out, a->mid, (size_t)BT * D);
+            ffn_forward(m, out, b->gu, b->h, b->ln2, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, 1);
+            continue;
+        }
+        // moe_out = mid + MoE(RMSNorm(mid)); then out = moe_out + FFN_extra(RMSNorm(moe_out))
+        moe_forward(m, a, b, lp, im++, BT);
+        if (c->extra_ffn) {
+            rmsnorm_forward(b->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
+            copy_floats(out, a->moe_out, (size_t)BT * D);
+            ffn_forward(m, out, b->gux, b->hx, b->ln3, WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, 1);
+        }
+    }
+    rmsnorm_forward(ax.lnf, m->rstdf, m->final_in, W + m->table.final_norm, BT, D);
+    matmul_forward(m, m->logits, V, ax.lnf, D, WX + m->table.lm_head, BT, D, V, 0);
+    crossentropy_forward(m->sums, m->lse, m->logits, m->d_y, BT, V);
+}
+
+void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s,
+                   float *losses) {
+    const Config *c = &m->c;
+    if (B <= 0 || T <= 0 || B > m->Bmax || T > m->Tmax)
+        die("model_forward: batch %d x %d does not fit the model's %d x %d", B, T, m->Bmax, m->Tmax);
+    if (s->cf1000 <= 0 || s->min_capacity < 0 || s->group_size < 0)
+        die("model_forward: bad MoE settings (cf1000 %d, min_capacity %d, group_size %d)", s->cf1000,
+            s->min_capacity, s->group_size);
+    int BT = B * T, V = c->V, K = c->K, E = c->E;
+    m->B = B;
+    m->T = T;
+    m->s = *s;
+    m->has_targets = y != NULL;
+    m->n_targets = 0;
+    for (int n = 0; n < BT; n++) {
+        if (x[n] < 0 || x[n] >= V) die("model_forward: token x[%d] = %d out of range [0, %d)", n, x[n], V);
+        if (y && (y[n] < -1 || y[n] >= V)) die("model_forward: target y[%d] = %d out of range [-1, %d)", n, y[n], V);
+        m->h_x[n] = x[n];
+        m->h_y[n] = y ? y[n] : -1;
+        m->n_targets += m->h_y[n] >= 0;
+    }
+    cudaCheck(cudaMemcpyAsync(m->d_x, m->h_x, BT * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpyAsync(m->d_y, m->h_y, BT * sizeof(int), cudaMemcpyHostToDevice));
+    if (m->precision == PRECISION_BF16) forward_impl<bf16>(m, B, T);
+    else forward_impl<float>(m, B, T);
+
+    // the sums and counts of the losses and router statistics (this syncs)
+    int nm = n_moe_layers(c);
+    cudaCheck(cudaMemcpy(m->h_sums, m->sums, (2 + 2 * (size_t)nm) * sizeof(double), cudaMemcpyDeviceToHost));
+    if (nm > 0)
+        cudaCheck(cudaMemcpy(m->stat_ints, m->stat_counts, (size_t)nm * 2 * E * sizeof(int), cudaMemcpyDeviceToHost));
+    int G = group_len(BT, s->group_size), n_groups = (BT + G - 1) / G;
+    double lb = 0.0, rz = 0.0;
+    long dropped = 0;
+    for (int i = 0; i < nm; i++) {
+        RouterStats *st = &m->stats[i];
+        st->lb = (float)(m->h_sums[2 + 2 * i] / n_groups);
+        st->rz = (float)(m->h_sums[3 + 2 * i] / BT);
+        long routed = 0, kept = 0;
+        for (int e = 0; e < E; e++) {
+            routed += st->routed[e];
+            kept += st->kept[e];
+        }
+        st->dropped = (float)((double)(routed - kept) / ((double)BT * K));
+        dropped += routed - kept;
+        lb += st->lb;
+        rz += st->rz;
+    }
+    int mt = m->n_targets;
+    double ce = mt ? m->h_sums[0] / mt : 0.0, lz = mt ? m->h_sums[1] / mt : 0.0;
+    lb = nm ? lb / nm : 0.0;
+    rz = nm ? rz / nm : 0.0;
+    memset(losses, 0, N_LOSSES * sizeof(float));
+    losses[LOSS_TOTAL] = (float)(ce + s->lb_coef * lb + s->rz_coef * rz + s->lz_coef * lz);
+    losses[LOSS_CE] = (float)ce;
+    losses[LOSS_LB] = (float)lb;
+    losses[LOSS_RZ] = (float)rz;
+    losses[LOSS_LZ] = (float)lz;
+    losses[LOSS_DROPPED] = nm ? (float)((double)dropped / ((double)BT * K * nm)) : 0.0f;
+}
+
+// ----------------------------------------------------------------------------
+// backward. d_res carries the gradient of the residual stream from the top
+// down (fp32; dres_x is its copy in X, written by each rmsnorm_backward for the
+// matmuls that read it); each sublayer adds its input gradient through its RMSNorm.
+
+// d_res holds d moe_out; adds the gradient through the MoE and its norm
+template <typename X> static void moe_backward(Model *m, LayerActs *a, LayerActsX<X> *b, const LayerParams *lp, int BT) {
+    const Config *c = &m->c;
+    ActsX<X> &ax = acts_x<X>(m);
+    int D = c->D, E = c->E, K = c->K, Fe = c->Fe, nm = n_moe_layers(c);
+    const float *W = m->params;
+    const X *WX = ax.params_x;
+    float *G = m->grads;
+    moe_combine_backward_kernel<X><<<BT, 128>>>(ax.dye, m->dp, m->d_res, b->ye, a->p, a->top, a->row_of, K, E, D);
+    launchCheck();
+    const int *start = a->start_host;  // each expert's rows, from the forward
+    for (int e = 0; e < E; e++) {
+        size_t r0 = start[e];
+        int rows = start[e + 1] - start[e];
+        size_t og = lp->w_gate + (size_t)e * 2 * Fe * D, ou = lp->w_up + (size_t)e * Fe * D,
+               od = lp->w_down + (size_t)e * D * Fe;
+        ffn_backward(m, m->dxe + r0 * D, G + og, G + ou, G + od, ax.dye + r0 * D, b->xe + r0 * D,
+                     b->gue + r0 * 3 * Fe, b->he + r0 * Fe, WX + og, WX + ou, WX + od, rows, D, Fe, ax.dgu, ax.dh);
+    }
+    // the router: combine weights, load balance and z-loss all act on p
+    int Gs = group_len(BT, m->s.group_size), n_groups = (BT + Gs - 1) / Gs;
+    moe_load_balance_backward_kernel<<<ceil_div((size_t)BT * E, 256), 256>>>(m->dp, a->lbf, BT, E, Gs, n_groups,
+                                                                             m->s.lb_coef / nm);
+    launchCheck();
+    router_backward(m->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
+    matmul_backward(m, m->d_ln, D, G + lp->router, m->dp, E, a->ln2f, D, W + lp->router, BT, D, E, 0);
+    if (start[E] > 0) {
+        moe_dispatch_backward_kernel<<<BT, 128>>>(m->d_ln, m->dxe, a->row_of, K, D);
+        launchCheck();
+    }
+    rmsnorm_backward(m, m->d_res, ax.dres_x, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
+}
+
+// encoder_backward's buckets, on the host: the positions of each distinct
+// token, ascending (a counting sort by token id); returns the distinct tokens
+static int encoder_buckets(Model *m, int BT) {
+    int V = m->c.V, *cnt = m->h_bucket, U = 0;
+    cudaCheck(cudaEventSynchronize(m->buckets_copied));  // the previous backward's copies
+    memset(cnt, 0, (V + 1) * sizeof(int));
+    for (int n = 0; n < BT; n++) cnt[m->h_x[n] + 1]++;
+    for (int v = 0; v < V; v++) cnt[v + 1] += cnt[v];  // cnt[v] = first slot of token v
+    for (int n = 0; n < BT; n++) m->h_order[cnt[m->h_x[n]]++] = n;  // cnt[v] ends at the slot after v's
+    for (int j = 0; j < BT; j++) {
+        if (j == 0 || m->h_x[m->h_order[j]] != m->h_x[m->h_order[j - 1]]) {
+            m->h_ustart[U] = j;
+            m->h_utok[U++] = m->h_x[m->h_order[j]];
+        }
+    }
+    m->h_ustart[U] = BT;
+    return U;
+}
+
+template <typename X> static void backward_impl(Model *m) {
+    const Config *c = &m->c;
+    ActsX<X> &ax = acts_x<X>(m);
+    int B = m->B, T = m->T, BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, V = c->V;
+    const float *W = m->params;
+    const X *WX = ax.params_x;
+    float *G = m->grads;
+    const ParamTable *pt = &m->table;
+    cudaCheck(cudaMemsetAsync(G, 0, pt->n_params * sizeof(float)));
+
+    crossentropy_backward(ax.dlogits, m->logits, m->lse, m->d_y, BT, V, m->n_targets, m->s.lz_coef);
+    matmul_backward(m, m->d_ln, D, G + pt->lm_head, ax.dlogits, V, ax.lnf, D, WX + pt->lm_head, BT, D, V, 0);
+    cudaCheck(cudaMemsetAsync(m->d_res, 0, (size_t)BT * D * sizeof(float)));
+    rmsnorm_backward(m, m->d_res, ax.dres_x, G + pt->final_norm, m->d_ln, m->final_in, W + pt->final_norm, m->rstdf,
+                     BT, D);
+    for (int l = c->L - 1; l >= 0; l--) {
+        LayerActs *a = &m->la[l];
+        LayerActsX<X> *b = &ax.layer[l];
+        const LayerParams *lp = &pt->layer[l];
+        if (!lp->moe) {
+            ffn_backward(m, m->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, ax.dres_x, b->ln2, b->gu, b->h,
+                         WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, ax.dgu, ax.dh);
+            rmsnorm_backward(m, m->d_res, ax.dres_x, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
+        } else {
+            if (c->extra_ffn) {
+                ffn_backward(m, m->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, ax.dres_x, b->ln3, b->gux,
+                             b->hx, WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, ax.dgu, ax.dh);
+                rmsnorm_backward(m, m->d_res, ax.dres_x, G + lp->extra_norm, m->d_ln, a->moe_out, W + lp->extra_norm,
+                                 a->rstd3, BT, D);
+            }
+            moe_backward(m, a, b, lp, BT);
+        }
+        // d_res now holds d mid; attention: mid = in + Wo attn(...)
+        matmul_backward(m, ax.datty, HHd, G + lp->wo, ax.dres_x, D, b->atty, HHd, WX + lp->wo, BT, HHd, D, 0);
+        if (m->flash) attention_backward_flash(ax.dqkv, m->dvec, ax.datty, b->atty, a->att_lse, b->qkv, B, T, H, Hd);
+        else attention_backward(m, ax.dqkv, ax.dscore, m->scores, ax.datty, b->att, b->qkv, B, T, H, Hd);
+        rope_backward(ax.dqkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 3 * HHd);
+        matmul_backward(m, m->d_ln, D, G + lp->wq, ax.dqkv, 3 * HHd, b->ln1, D, WX + lp->wq, BT, D, 3 * HHd, 0);
+        rmsnorm_backward(m, m->d_res, ax.dres_x, G + lp->attn_norm, m->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D);
+    }
+    // the host sorts the tokens while the GPU runs the layers above
+    int U = encoder_buckets(m, BT);
+    cudaCheck(cudaMemcpyAsync(m->d_order, m->h_order, BT * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpyAsync(m->d_ustart, m->h_ustart, (U + 1) * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpyAsync(m->d_utok, m->h_utok, U * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaEventRecord(m->buckets_copied, 0));
+    encoder_backward(G + pt->wte, m->d_res, m->d_order, m->d_ustart, m->d_utok, U, D);
+}
+
+void model_backward(Model *m) {
+    if (!m->grads) die("model_backward: the model was created without an optimizer, so it has no gradients");
+    if (!m->has_targets) die("model_backward: the last model_forward had no targets (y == NULL)");
+    if (m->precision == PRECISION_BF16) backward_impl<bf16>(m);
+    else backward_impl<float>(m);
+}
+
+// ----------------------------------------------------------------------------
+// optimizers (formulas in openmoe.h, section 6). Sums of squares in double,
+// in two fixed-order steps: per slice (blockIdx.y) nb partial sums over fixed
+// chunks (blockIdx.x), then the partials in order.
+
+// partial[s*nb + b] = sum of x^2 over chunk b of slice s (slices of n values, contiguous)
+__global__ void sumsq_partial_kernel(double *partial, const float *x, size_t n, int nb) {
+    int s = blockIdx.y, b = blockIdx.x;
+    const float *xs = x + (size_t)s * n;
+    size_t i0 = n * b / nb, i1 = n * (b + 1) / nb;
+    double acc = 0.0;
+    for (size_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) acc += (double)xs[i] * xs[i];
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partial[(size_t)s * nb + b] = acc;
+}
+
+// w, g, mom, vel (n); g is scaled by gscale (clipping); weight decay wd (0 for
+// norm weights); wx (bf16 mode, else NULL) gets the new weights in bf16
+__global__ void adamw_update_kernel(float *w, bf16 *wx, const float *g, float *mom, float *vel, size_t n, float lr,
+                                    float beta1, float beta2, float b1c, float b2c, float eps, float wd, float gscale) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gi = g[i] * gscale;
+    float mi = beta1 * mom[i] + (1.0f - beta1) * gi;
+    float vi = beta2 * vel[i] + (1.0f - beta2) * gi * gi;
+    mom[i] = mi;
+    vel[i] = vi;
+    float mhat = mi / b1c, vhat = vi / b2c, wi = w[i];
+    wi -= lr * (mhat / (sqrtf(vhat) + eps) + wd * wi);
+    w[i] = wi;
+    if (wx) wx[i] = from_float<bf16>(wi);
+}
+static void adamw_update(float *w, bf16 *wx, const float *g, float *mom, float *vel, size_t n, const OptSettings *o,
+                         int t, float gscale, int decay) {
+    float b1c = 1.0f - powf(o->beta1, (float)t), b2c = 1.0f - powf(o->beta2, (float)t);
+    adamw_update_kernel<<<ceil_div(n, 256), 256>>>(w, wx, g, mom, vel, n, o->lr, o->beta1, o->beta2, b1c, b2c, o->eps,
+                                                   decay ? o->weight_decay : 0.0f, gscale);
+    launchCheck();
+}
+
+// Adafactor, one tensor of S slices [rows, cols] at a time, slice s in blockIdx.y (or .z).
+// state of slice s: factored r (rows) then c (cols) at state + s*(rows+cols); else v at state + s*rows*cols.
+
+// scale[s] = lr * max(eps2, rms(w_s)), from the partial sums of w^2
+__global__ void adafactor_scale_kernel(float *scale, const double *partial, int nb, size_t n, float lr, float eps2) {
+    int s = blockIdx.x;
+    if (threadIdx.x != 0) return;
+    double ss = 0.0;
+    for (int b = 0; b < nb; b++) ss += partial[(size_t)s * nb + b];
+    scale[s] = lr * fmaxf(eps2, sqrtf((float)(ss / n)));
+}
+
+// r = beta r + (1-beta) rowmean(g^2 + eps1): one warp per row
+__global__ void adafactor_rows_kernel(float *state, const float *g, int rows, int cols, float beta, float eps1) {
+    int s = blockIdx.y, i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (i >= rows) return;
+    const float *gs = g + (size_t)s * rows * cols + (size_t)i * cols;
+    float *r = state + (size_t)s * (rows + cols);
+    double acc = 0.0;
+    for (int j = lane; j < cols; j += 32) acc += (double)gs[j] * gs[j] + eps1;
+    acc = warp_sum(acc);
+    if (lane == 0) r[i] = beta * r[i] + (1.0f - beta) * (float)(acc / cols);
+}
+
+// column sums of g^2 + eps1 over chunks of 256 rows (blockIdx.y), slice blockIdx.z
+__global__ void adafactor_cols_partial_kernel(double *partial, const float *g, int rows, int cols, float eps1) {
+    int s = blockIdx.z, chunk = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x, n_chunks = gridDim.y;
+    if (j >= cols) return;
+    const float *gs = g + (size_t)s * rows * cols;
+    int i0 = chunk * 256, i1 = i0 + 256 < rows ? i0 + 256 : rows;
+    double acc = 0.0;
+    for (int i = i0; i < i1; i++) acc += (double)gs[(size_t)i * cols + j] * gs[(size_t)i * cols + j] + eps1;
+    partial[((size_t)s * n_chunks + chunk) * cols + j] = acc;
+}
+// c = beta c + (1-beta) colmean(g^2 + eps1)
+__global__ void adafactor_cols_kernel(float *state, const double *partial, int n_chunks, int rows, int cols, float beta) {
+    int s = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= cols) return;
+    double acc = 0.0;
+    for (int ch = 0; ch < n_chunks; ch++) acc += partial[((size_t)s * n_chunks + ch) * cols + j];
+    float *c = state + (size_t)s * (rows + cols) + rows;
+    c[j] = beta * c[j] + (1.0f - beta) * (float)(acc / rows);
+}
+// rmean[s] = mean of r over the rows: one block per slice
+__global__ void adafactor_rmean_kernel(double *rmean, const float *state, int rows, int cols) {
+    int s = blockIdx.x;
+    const float *r = state + (size_t)s * (rows + cols);
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < rows; i += blockDim.x) acc += r[i];
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) rmean[s] = acc / rows;
+}
+// unfactored: v = beta v + (1-beta)(g^2 + eps1), all slices at once (n values)
+__global__ void adafactor_v_kernel(float *v, const float *g, size_t n, float beta, float eps1) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) v[i] = beta * v[i] + (1.0f - beta) * (g[i] * g[i] + eps1);
+}
+
+// u = g / sqrt(second moment) of element k of slice s
+__device__ __forceinline__ float adafactor_u(const float *g, const float *state, const double *rmean, int s, int rows,
+                                             int cols, int factored, size_t k) {
+    size_t n = (size_t)rows * cols;
+    float gk = g[(size_t)s * n + k];
+    if (!factored) return gk / sqrtf(state[(size_t)s * n + k]);
+    const float *r = state + (size_t)s * (rows + cols), *c = r + rows;
+    int i = (int)(k / cols), j = (int)(k % cols);
+    return gk / sqrtf((float)(r[i] / rmean[s])) / sqrtf(c[j]);
+}
+// partial sums of u^2 (as sumsq_partial_kernel)
+__global__ void adafactor_u_partial_kernel(double *partial, const float *g, const float *state, const double *rmean,
+                                           int rows, int cols, int factored, int nb) {
+    int s = blockIdx.y, b = blockIdx.x;
+    size_t n = (size_t)rows * cols, k0 = n * b / nb, k1 = n * (b + 1) / nb;
+    double acc = 0.0;
+    for (size_t k = k0 + threadIdx.x; k < k1; k += blockDim.x) {
+        float u = adafactor_u(g, state, rmean, s, rows, cols, factored, k);
+        acc += (double)u * u;
+    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partial[(size_t)s * nb + b] = acc;
+}
+// clip[s] = max(1, rms(u) / clip_threshold)
+__global__ void adafactor_clip_kernel(float *clip, const double *partial, int nb, size_t n, float clip_threshold) {
+    int s = blockIdx.x;
+    if (threadIdx.x != 0) return;
+    double uu = 0.0;
+    for (int b = 0; b < nb; b++) uu += partial[(size_t)s * nb + b];
+    clip[s] = fmaxf(1.0f, (float)sqrt(uu / n) / clip_threshold);
+}
+// w -= scale * u / clip
+__global__ void adafactor_apply_kernel(float *w, const float *g, const float *state, const double *rmean,
+                                       const float *scale, const float *clip, int rows, int cols, int factored) {
+    int s = blockIdx.y;
+    size_t n = (size_t)rows * cols, k = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n) return;
+    float u = adafactor_u(g, state, rmean, s, rows, cols, factored, k);
+    w[(size_t)s * n + k] -= scale[s] * (u / clip[s]);
+}
+
+// one tensor: S slices w, g (rows,cols) and their state
+static void adafactor_update(Model *m, float *w, const float *g, float *state, int S, int rows, int cols, int factored,
+                             const OptSettings *o, int t) {
+    size_t n = (size_t)rows * cols;
+    int nb = partial_blocks(n);
+    float beta = 1.0f - powf((float)t, -o->decay);
+    double *part = m->opt_partial;
+    sumsq_partial_kernel<<<dim3(nb, S), 256>>>(part, w, n, nb);
+    launchCheck();
+    adafactor_scale_kernel<<<S, 32>>>(m->opt_scale, part, nb, n, o->lr, o->eps2);
+    launchCheck();
+    if (factored) {
+        adafactor_rows_kernel<<<dim3(ceil_div(rows, 4), S), 128>>>(state, g, rows, cols, beta, o->eps1);
+        launchCheck();
+        int n_chunks = ceil_div(rows, 256);
+        adafactor_cols_partial_kernel<<<dim3(ceil_div(cols, 128), n_chunks, S), 128>>>(part, g, rows, cols, o->eps1);
+        launchCheck();
+        adafactor_cols_kernel<<<dim3(ceil_div(cols, 128), S), 128>>>(state, part, n_chunks, rows, cols, beta);
+        launchCheck();
+        adafactor_rmean_kernel<<<S, 256>>>(m->opt_rmean, state, rows, cols);
+        launchCheck();
+    } else {
+        adafactor_v_kernel<<<ceil_div(n * S, 256), 256>>>(state, g, n * S, beta, o->eps1);
+        launchCheck();
+    }
+    adafactor_u_partial_kernel<<<dim3(nb, S), 256>>>(part, g, state, m->opt_rmean, rows, cols, factored, nb);
+    launchCheck();
+    adafactor_clip_kernel<<<S, 32>>>(m->opt_clip, part, nb, n, o->clip_threshold);
+    launchCheck();
+    adafactor_apply_kernel<<<dim3(ceil_div(n, 256), S), 256>>>(w, g, state, m->opt_rmean, m->opt_scale, m->opt_clip,
+                                                               rows, cols, factored);
+    launchCheck();
+}
+
+float model_update(Model *m, const OptSettings *o, int t) {
+    if (!m->grads) die("model_update: the model was created without an optimizer");
+    if (o->kind != m->opt_kind || (o->kind == OPT_ADAFACTOR && o->min_dim != m->opt_min_dim))
+        die("model_update: optimizer settings differ from those the model was created with");
+    if (t < 1) die("model_update: step %d, steps count from 1", t);
+    const ParamTable *pt = &m->table;
+    size_t n = pt->n_params;
+    int nb = partial_blocks(n);
+    sumsq_partial_kernel<<<dim3(nb, 1), 256>>>(m->opt_partial, m->grads, n, nb);
+    launchCheck();
+    sum_kernel<<<1, RED_THREADS>>>(m->opt_partial + m->n_opt_partial, m->opt_partial, nb);
+    launchCheck();
+    double norm2;
+    cudaCheck(cudaMemcpy(&norm2, m->opt_partial + m->n_opt_partial, sizeof(double), cudaMemcpyDeviceToHost));
+    float norm = (float)sqrt(norm2);
+    if (o->kind == OPT_ADAMW) {
+        float gscale = o->grad_clip > 0.0f && norm > o->grad_clip ? o->grad_clip / norm : 1.0f;
+        float *mom = m->opt_state, *vel = m->opt_state + n;
+        bf16 *wx = m->precision == PRECISION_BF16 ? m->x16.params_x : NULL;
+        for (int i = 0; i < pt->n_tensors; i++) {
+            const TensorInfo *ti = &pt->tensors[i];
+            size_t off = ti->offset;
+            adamw_update(m->params + off, wx ? wx + off : NULL, m->grads + off, mom + off, vel + off,
+                         tensor_numel(ti), o, t, gscale, ti->matrix);
+        }
+        return norm;  // the bf16 weights were written by the update
+    } else {
+        float *state = m->opt_state;
+        for (int i = 0; i < pt->n_tensors; i++) {
+            const TensorInfo *ti = &pt->tensors[i];
+            int factored = adafactor_factored(ti, o->min_dim);
+            adafactor_update(m, m->params + ti->offset, m->grads + ti->offset, state, ti->slices, ti->rows, ti->cols,
+                             factored, o, t);
+            state += (size_t)ti->slices * (factored ? (size_t)ti->rows + ti->cols : (size_t)ti->rows * ti->cols);
+        }
+    }
+    params_to_x(m);
+    return norm;
+}
+
+void model_get_opt_state(const Model *m, float *state) {
+    if (!m->opt_state) die("model_get_opt_state: the model was created without an optimizer");
+    cudaCheck(cudaMemcpy(state, m->opt_state, m->n_opt_state * sizeof(float), cudaMemcpyDeviceToHost));
+}
+void model_set_opt_state(Model *m, const float *state) {
+    if (!m->opt_state) die("model_set_opt_state: the model was created without an optimizer");
+    cudaCheck(cudaMemcpy(m->opt_state, state, m->n_opt_state * sizeof(float), cudaMemcpyHostToDevice));
+}
+
+// ----------------------------------------------------------------------------
+// inference: one token at a time with a KV cache, in fp32 with the master
+// weights (in both precisions). Each step is the one-row version of the
+// batched code above; the expert matrices are picked on the device (sel), so
+// the only sync is the copy of the logits.
+
+// out (OUT) = (or += with accumulate) w (OUT,IN) @ inp (IN), w advanced by
+// sel[0] * sel_stride when sel is not NULL (an expert's slice): one warp per row
+__global__ void matvec_forward_kernel(float *out, const float *inp, const float *w, const int *sel, size_t sel_stride,
+                                      int IN, int OUT, int accumulate) {
+    int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (o >= OUT) return;
+    if (sel) w += (size_t)sel[0] * sel_stride;
+    const float *wo = w + (size_t)o * IN;
+    float acc = 0.0f;
+    for (int i = lane; i < IN; i += 32) acc += inp[i] * wo[i];
+    acc = warp_sum(acc);
+    if (lane == 0) out[o] = accumulate ? out[o] + acc : acc;
+}
+static void matvec_forward(float *out, const float *inp, const float *w, const int *sel, size_t sel_stride, int IN,
+                           int OUT, int accumulate) {
+    matvec_forward_kernel<<<ceil_div(OUT, 8), 256>>>(out, inp, w, sel, sel_stride, IN, OUT, accumulate);
+    launchCheck();
+}
+
+// one query per head (blockIdx.x) against the cached keys and values 0..pos
+__global__ void attention_decode_kernel(float *out, float *att, const float *qkv, const float *kc, const float *vc,
+                                        int pos, int H, int Hd, int max_seq_len) {
+    int h = blockIdx.x, HHd = H * Hd;
+    const float *q = qkv + (size_t)h * Hd;
+    float *a = att + (size_t)h * max_seq_len;
+    for (int s = threadIdx.x; s <= pos; s += blockDim.x) {
+        const float *k = kc + (size_t)s * HHd + (size_t)h * Hd;
+        float dot = 0.0f;
+        for (int i = 0; i < Hd; i++) dot += q[i] * k[i];
+        a[s] = dot;
+    }
+    __syncthreads();
+    float maxs = -FLT_MAX;
+    for (int s = threadIdx.x; s <= pos; s += blockDim.x) maxs = fmaxf(maxs, a[s]);
+    maxs = block_max(maxs);
+    float sum = 0.0f;
+    for (int s = threadIdx.x; s <= pos; s += blockDim.x) sum += expf(a[s] - maxs);
+    sum = block_sum(sum);
+    float inv = 1.0f / sum;
+    for (int s = threadIdx.x; s <= pos; s += blockDim.x) a[s] = expf(a[s] - maxs) * inv;  // each thread its own s
+    __syncthreads();
+    for (int i = threadIdx.x; i < Hd; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s <= pos; s++) acc += a[s] * vc[(size_t)s * HHd + (size_t)h * Hd + i];
+        out[(size_t)h * Hd + i] = acc;
+    }
+}
+
+// acc (D) = acc + p[top[0]] * y (one expert's weighted output); x (D) = acc + x when finish
+__global__ void moe_decode_accumulate_kernel(float *acc, const float *y, const float *p, const int *top, int D) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < D) acc[i] = acc[i] + p[top[0]] * y[i];
+}
+__global__ void residual_forward_kernel(float *out, const float *a, const float *b, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = a[i] + b[i];
+}
+
+// one token's gated FFN: x (D) += FFN(xn); the weights of expert sel[0] when sel is not NULL
+static void ffn_token(Model *m, float *x, const float *xn, const float *wg, const float *wu, const float *wd,
+                      const int *sel, int F, int accumulate, float *out) {
+    int D = m->c.D;
+    matvec_forward(m->t_gu, xn, wg, sel, (size_t)2 * F * D, D, 2 * F, 0);
+    matvec_forward(m->t_gu + 2 * F, xn, wu, sel, (size_t)F * D, D, F, 0);
+    ffn_gate_kernel<float><<<ceil_div(F, 256), 256>>>(m->t_h, m->t_gu, 1, F);
+    launchCheck();
+    matvec_forward(accumulate ? x : out, m->t_h, wd, sel, (size_t)D * F, F, D, accumulate);
+}
+
+const float *model_decode(Model *m, int token, int pos) {
+    const Config *c = &m->c;
+    if (token < 0 || token >= c->V) die("model_decode: token %d out of range [0, %d)", token, c->V);
+    if (pos < 0 || pos >= c->max_seq_len) die("model_decode: position %d outside the context [0, %d)", pos, c->max_seq_len);
+    int D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, E = c->E, K = c->K;
+    const float *W = m->params;
+    const ParamTable *pt = &m->table;
+    float *x = m->t_x, *xn = m->t_xn;
+    copy_floats(x, W + pt->wte + (size_t)token * D, D);
+    for (int l = 0; l < c->L; l++) {
+        const LayerParams *lp = &pt->layer[l];
+        float *kc = m->kcache + (size_t)l * c->max_seq_len * HHd, *vc = m->vcache + (size_t)l * c->max_seq_len * HHd;
+        rmsnorm_forward(xn, (float *)NULL, x, W + lp->attn_norm, 1, D);
+        matvec_forward(m->t_qkv, xn, W + lp->wq, NULL, 0, D, 3 * HHd, 0);  // q | k | v
+        rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, 1, 1, H, Hd, 3 * HHd, pos, 1.0f);
+        copy_floats(kc + (size_t)pos * HHd, m->t_qkv + HHd, HHd);
+        copy_floats(vc + (size_t)pos * HHd, m->t_qkv + 2 * HHd, HHd);
+        attention_decode_kernel<<<H, 128>>>(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, c->max_seq_len);
+        launchCheck();
+        matvec_forward(x, m->t_aty, W + lp->wo, NULL, 0, HHd, D, 1);  // x += Wo aty
+        rmsnorm_forward(xn, (float *)NULL, x, W + lp->mlp_norm, 1, D);
+        if (!lp->moe) {
+            ffn_token(m, x, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, NULL, c->F, 1, NULL);
+            continue;
+        }
+        // a group of one token: capacity never binds, every choice is kept
+        matvec_forward(m->t_z, xn, W + lp->router, NULL, 0, D, E, 0);
+        router_forward_kernel<<<1, 32>>>(m->t_p, m->t_lse, m->t_top, m->t_z, 1, E, K);
+        launchCheck();
+        cudaCheck(cudaMemsetAsync(m->t_acc, 0, D * sizeof(float)));
+        for (int r = 0; r < K; r++) {
+            ffn_token(m, NULL, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, m->t_top + r, c->Fe, 0, m->t_out);
+            moe_decode_accumulate_kernel<<<ceil_div(D, 256), 256>>>(m->t_acc, m->t_out, m->t_p, m->t_top + r, D);
+            launchCheck();
+        }
+        residual_forward_kernel<<<ceil_div(D, 256), 256>>>(x, m->t_acc, x, D);
+        launchCheck();
+        if (c->extra_ffn) {
+            rmsnorm_forward(xn, (float *)NULL, x, W + lp->extra_norm, 1, D);
+            ffn_token(m, x, xn, W + lp->x_gate, W + lp->x_up, W + lp->x_down, NULL, c->F, 1, NULL);
+        }
+    }
+    rmsnorm_forward(xn, (float *)NULL, x, W + pt->final_norm, 1, D);
+    matvec_forward(m->t_logits, xn, W + pt->lm_head, NULL, 0, D, c->V, 0);
+    cudaCheck(cudaMemcpy(m->h_logits, m->t_logits, c->V * sizeof(float), cudaMemcpyDeviceToHost));
+    return m->h_logits;
+}
