@@ -15,13 +15,20 @@
 // with the default math mode, so no TF32 (parity with the CPU at SPEC §7's
 // tolerances). PRECISION_BF16: mixed precision. Master weights, gradients and
 // optimizer state are fp32; the matmul operands (weights, and the activations
-// a matmul reads) are bf16 with fp32 accumulation; the residual stream, the
-// norms' statistics, the router (its input, weights, logits, softmax), the
-// attention scores and softmax, the logits and every loss stay fp32. The code
-// is one set of templates over X, the storage type of the matmul operands
-// (float or __nv_bfloat16): struct LayerActsX<X> holds those tensors, struct
-// LayerActs the ones that are fp32 in both modes. A bf16 copy of the weights
-// (params_x) is refreshed after every change of the master weights.
+// a matmul reads) are bf16 with fp32 accumulation, and so are the logits;
+// the residual stream, the norms' statistics, the router (its input, weights,
+// logits, softmax), the attention scores and softmax, and all loss math are
+// fp32. The code is one set of templates over X, the storage type of the
+// matmul operands (float or __nv_bfloat16): struct LayerActsX<X> holds those
+// tensors, struct LayerActs the ones that are fp32 in both modes. A bf16 copy
+// of the weights (params_x) is refreshed after every change of the master
+// weights (by the AdamW kernel itself). test/g_gpu.sh documents the bf16
+// tolerances.
+//
+// Attention: in fp32 mode, cuBLAS products with the (T,T) scores in memory;
+// in bf16 mode, flash-attention kernels (WMMA tensor cores, online softmax,
+// no (T,T) matrices) for head widths 16/32/64/128. OPENMOE_ATTENTION=cublas
+// selects the cuBLAS path in bf16 mode too.
 //
 // Routing on the GPU (SPEC §3). router_forward_kernel: softmax and top-K per
 // token (one thread each). moe_capacity_kernel: one block per routing group,
@@ -29,12 +36,16 @@
 // (rank 0 of every token in token order, then rank 1, ...) and numbers the
 // assignments to its expert: pos = how many earlier ones chose the same
 // expert. An assignment is kept iff pos < C, which is exactly "an expert
-// holds at most C": the first C are kept, the rest dropped. moe_offsets_kernel
-// then gives expert e the rows start[e] .. start[e+1]-1 of the expert buffers
-// (groups one after the other, each group's rows in priority order), and the
-// host reads start[] (one small copy per MoE layer, the only sync in the
-// forward besides the losses) to run each expert's FFN as cuBLAS matmuls on
-// exactly its kept rows.
+// holds at most C": the first C are kept, the rest dropped. The kept
+// assignments become rows of the expert buffers (moe_offsets_kernel,
+// moe_rows_kernel): by default the padded layout, expert e owning rows
+// e*R .. e*R+R-1 with R = sum over groups of min(C, group size), its kept
+// rows first (groups in order, each in priority order) and zero rows after,
+// so that the experts' FFNs are strided-batched cuBLAS matmuls over E and the
+// host needs no sync. Where E*R rows would not fit (routing groups smaller
+// than the capacity) or with OPENMOE_MOE_LAYOUT=exact, the exact layout:
+// expert e owns only its kept rows, the host reads the E+1 row offsets (one
+// small copy per MoE layer) and runs one set of matmuls per expert.
 //
 // Determinism: one stream, cuBLAS with a fixed workspace, and no float
 // atomics: every sum is done by one thread or one block in a fixed order, so
@@ -137,7 +148,8 @@ typedef struct {  // one layer's fp32 and int activations; NULL where unused
     int *count;               // (groups,E) assignments per group and expert, before dropping
     int *goff;                // (groups,E) first row of (group, expert)
     int *start;               // (E+1) expert e owns rows start[e] .. start[e+1]-1
-    int *start_host;          // host copy of start, read after the router: the rows of each expert
+    int *start_host;          // host copy of start: the rows of each expert
+    int R_pad;                // rows per expert in the padded layout, 0: the exact layout
     float *lbf;               // (groups,E) f_e of the load-balance loss
     double *lb_group;         // (groups) E sum_e f_e P_e per group
     float *moe_out;           // (BT,D) residual after the MoE
@@ -160,6 +172,7 @@ template <typename X> struct ActsX {  // the model's tensors in the matmul type 
     LayerActsX<X> *layer;     // [L]
     X *params_x;              // (n_params) the weights in X; == params when X is float
     X *lnf;                   // (BT,D) final norm output
+    X *logits;                // (BT,V) (bf16 in bf16 mode: the loss math reads it in fp32)
     // backward
     X *dres_x;                // (BT,D) d_res in X (the matmuls' operand); == d_res when X is float
     X *datty;                 // (BT,HHd)
@@ -176,6 +189,7 @@ struct Model {
     int Bmax, Tmax;
     Precision precision;
     int flash;                // attention by the flash kernels (bf16 mode), else by cuBLAS with (T,T) matrices
+    int moe_exact;            // always the exact expert-row layout (OPENMOE_MOE_LAYOUT=exact), see moe_rows_padded
     cublasHandle_t cublas;
     void *cublas_workspace;
     float *params;            // (n_params) fp32 master weights
@@ -192,7 +206,7 @@ struct Model {
     ActsX<bf16> x16;          // used in bf16 mode
     float *resid;             // (L+1, BT, D): layer l reads resid[l], writes resid[l+1]
     float *final_in;          // resid[L]
-    float *rstdf, *logits, *lse;  // (BT), (BT,V), (BT)
+    float *rstdf, *lse;       // (BT), (BT)
     float *scores;            // (B,H,T,T) attention scores (forward), dP (backward)
     int *d_x, *d_y;           // (BT) the batch of the last forward
     float *rope_cos, *rope_sin;   // (max_seq_len, Hd/2)
@@ -221,6 +235,7 @@ struct Model {
     int *h_ints;              // (BT*K) model_get_routing scratch
     float *h_p;               // (BT*E)
     float *h_logits;          // (V) pinned, model_decode's result
+    bf16 *h_stage;            // pinned, bf16 mode: model_get_logits converts through it
     double *h_sums;           // host copy of sums
     cudaEvent_t buckets_copied;  // the last copy out of h_order etc. is done: they may be rewritten
     // the last forward
@@ -260,20 +275,25 @@ static void gemm(Model *m, cublasOperation_t ta, cublasOperation_t tb, int M, in
                                                &beta, C, to, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-// out (N,OUT; row stride ldo) = (or += with accumulate) inp (N,IN; ldi) @ w (OUT,IN)^T
+// out (N,OUT; row stride ldo) = (or += with accumulate) inp (N,IN; ldi) @ w (OUT,IN)^T.
+// With batch > 1, `batch` such products (the experts): operand i at i*s_out, i*s_inp, i*s_w.
 template <typename TI, typename TO>
 static void matmul_forward(Model *m, TO *out, int ldo, const TI *inp, int ldi, const TI *w, int N, int IN, int OUT,
-                           int accumulate) {
-    gemm(m, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, w, IN, 0, inp, ldi, 0, out, ldo, 0, 1, accumulate ? 1.0f : 0.0f);
+                           int accumulate, int batch = 1, long long s_out = 0, long long s_inp = 0, long long s_w = 0) {
+    gemm(m, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, w, IN, s_w, inp, ldi, s_inp, out, ldo, s_out, batch,
+         accumulate ? 1.0f : 0.0f);
 }
 
 // dinp (N,IN; ldd) = (or += with accumulate) dout (N,OUT; ldo) @ w (OUT,IN), when dinp is not NULL;
-// dw (OUT,IN) += dout^T @ inp (N,IN; ldi)
+// dw (OUT,IN) += dout^T @ inp (N,IN; ldi). Batched as matmul_forward (dw at the weights' stride s_w).
 template <typename TI, typename TD>
 static void matmul_backward(Model *m, TD *dinp, int ldd, float *dw, const TI *dout, int ldo, const TI *inp, int ldi,
-                            const TI *w, int N, int IN, int OUT, int accumulate) {
-    if (dinp) gemm(m, CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, w, IN, 0, dout, ldo, 0, dinp, ldd, 0, 1, accumulate ? 1.0f : 0.0f);
-    gemm(m, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, ldi, 0, dout, ldo, 0, dw, IN, 0, 1, 1.0f);
+                            const TI *w, int N, int IN, int OUT, int accumulate, int batch = 1, long long s_dinp = 0,
+                            long long s_dout = 0, long long s_inp = 0, long long s_w = 0) {
+    if (dinp)
+        gemm(m, CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, w, IN, s_w, dout, ldo, s_dout, dinp, ldd, s_dinp, batch,
+             accumulate ? 1.0f : 0.0f);
+    gemm(m, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, ldi, s_inp, dout, ldo, s_dout, dw, IN, s_w, batch, 1.0f);
 }
 
 // ----------------------------------------------------------------------------
@@ -541,36 +561,50 @@ static void attention_backward(Model *m, X *dqkv, X *dscore, float *dP, const X 
 #define FA_TILE 64     // query and key rows per tile
 #define FA_THREADS 128 // 4 warps
 
-// the shared-memory layout of the flash kernels for head width HD; row
-// strides are padded (fewer bank conflicts) and keep WMMA's rules: 32-byte
-// aligned tiles, strides a multiple of 8 (bf16) or 4 (fp32) elements
-template <int HD> struct FlashSmem {
-    static const int LDH = HD + 8;       // bf16 tiles of head rows: q, k, v, dout
-    static const int LDS = FA_TILE + 4;  // fp32 score tiles: S (then P), dP
-    static const int LDP = FA_TILE + 8;  // bf16 score tiles: P, dS
-    static const int LDO = HD + 4;       // fp32 accumulators: out, dq, dk, dv
-    bf16 *t[4];                          // four (64, LDH) tiles
-    float *s[2];                         // two (64, LDS)
-    bf16 *p[2];                          // two (64, LDP)
-    float *o[2];                         // two (64, LDO)
-    float *row[3];                       // three (64) per-row values
+// the shared-memory layout of the flash kernels for head width HD: NT bf16
+// tiles of head rows (q, k, v, dout), NS fp32 score tiles (S, dP), NP bf16
+// score tiles (P, dS), NO fp32 accumulators (out, dq, dk, dv), 2 per-row
+// vectors. Row strides are padded (fewer bank conflicts) and keep WMMA's
+// rules: 32-byte aligned tiles, strides a multiple of 8 (bf16) or 4 (fp32).
+template <int HD, int NT, int NS, int NP, int NO> struct FlashSmem {
+    static const int LDH = HD + 8;       // bf16 tiles of head rows
+    static const int LDS = FA_TILE + 4;  // fp32 score tiles
+    static const int LDP = FA_TILE + 8;  // bf16 score tiles
+    static const int LDO = HD + 4;       // fp32 accumulators
+    bf16 *t[NT];
+    float *s[NS];
+    bf16 *p[NP];
+    float *o[NO];
+    float *row[2];
     __host__ __device__ static size_t bytes() {
-        return 4 * (size_t)FA_TILE * LDH * 2 + 2 * (size_t)FA_TILE * LDS * 4 + 2 * (size_t)FA_TILE * LDP * 2 +
-               2 * (size_t)FA_TILE * LDO * 4 + 3 * (size_t)FA_TILE * 4;
+        return NT * (size_t)FA_TILE * LDH * 2 + NS * (size_t)FA_TILE * LDS * 4 + NP * (size_t)FA_TILE * LDP * 2 +
+               NO * (size_t)FA_TILE * LDO * 4 + 2 * (size_t)FA_TILE * 4;
     }
     __device__ FlashSmem(char *base) {
         char *q = base;
-        for (int i = 0; i < 4; i++, q += (size_t)FA_TILE * LDH * 2) t[i] = (bf16 *)q;
-        for (int i = 0; i < 2; i++, q += (size_t)FA_TILE * LDS * 4) s[i] = (float *)q;
-        for (int i = 0; i < 2; i++, q += (size_t)FA_TILE * LDP * 2) p[i] = (bf16 *)q;
-        for (int i = 0; i < 2; i++, q += (size_t)FA_TILE * LDO * 4) o[i] = (float *)q;
-        for (int i = 0; i < 3; i++, q += (size_t)FA_TILE * 4) row[i] = (float *)q;
+        for (int i = 0; i < NT; i++, q += (size_t)FA_TILE * LDH * 2) t[i] = (bf16 *)q;
+        for (int i = 0; i < NS; i++, q += (size_t)FA_TILE * LDS * 4) s[i] = (float *)q;
+        for (int i = 0; i < NP; i++, q += (size_t)FA_TILE * LDP * 2) p[i] = (bf16 *)q;
+        for (int i = 0; i < NO; i++, q += (size_t)FA_TILE * LDO * 4) o[i] = (float *)q;
+        for (int i = 0; i < 2; i++, q += (size_t)FA_TILE * 4) row[i] = (float *)q;
     }
 };
+// each kernel's layout
+template <int HD> struct FlashFwd : FlashSmem<HD, 3, 1, 1, 1> {  // q, k, v; S; P; out
+    __device__ FlashFwd(char *b) : FlashSmem<HD, 3, 1, 1, 1>(b) {}
+};
+template <int HD> struct FlashDkv : FlashSmem<HD, 4, 2, 2, 2> {  // q, dout, k, v; S, dP; P, dS; dk, dv
+    __device__ FlashDkv(char *b) : FlashSmem<HD, 4, 2, 2, 2>(b) {}
+};
+template <int HD> struct FlashDq : FlashSmem<HD, 4, 2, 1, 1> {  // q, dout, k, v; S, dP; dS; dq
+    __device__ FlashDq(char *b) : FlashSmem<HD, 4, 2, 1, 1>(b) {}
+};
+// the strides, the same in every layout
+template <int HD> struct FlashLd : FlashSmem<HD, 1, 1, 1, 1> {};
 
 // dst (64, HD; stride LDH) = rows r0..r0+63 of src (row stride ld), zero past row T; 8 bf16 per load
 template <int HD> __device__ void flash_load_tile(bf16 *dst, const bf16 *src, int ld, int r0, int T) {
-    const int LDH = FlashSmem<HD>::LDH, per_row = HD / 8;
+    const int LDH = FlashLd<HD>::LDH, per_row = HD / 8;
     for (int idx = threadIdx.x; idx < FA_TILE * per_row; idx += blockDim.x) {
         int r = idx / per_row, c = (idx % per_row) * 8;
         uint4 v = {0, 0, 0, 0};
@@ -587,24 +621,26 @@ __device__ void flash_mma(float *c, int ldc, const bf16 *a, int lda, const bf16 
     using namespace nvcuda;
     typedef typename std::conditional<A_T, wmma::col_major, wmma::row_major>::type LA;
     typedef typename std::conditional<B_T, wmma::col_major, wmma::row_major>::type LB;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NC];
     for (int j = 0; j < NC; j++) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        if (accumulate) wmma::load_matrix_sync(acc, c + j * 16, ldc, wmma::mem_row_major);
-        else wmma::fill_fragment(acc, 0.0f);
-        for (int k = 0; k < K; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
-            wmma::load_matrix_sync(fa, A_T ? a + (size_t)k * lda : a + k, lda);
-            wmma::load_matrix_sync(fb, B_T ? b + (size_t)j * 16 * ldb + k : b + (size_t)k * ldb + j * 16, ldb);
-            wmma::mma_sync(acc, fa, fb, acc);
-        }
-        wmma::store_matrix_sync(c + j * 16, acc, ldc, wmma::mem_row_major);
+        if (accumulate) wmma::load_matrix_sync(acc[j], c + j * 16, ldc, wmma::mem_row_major);
+        else wmma::fill_fragment(acc[j], 0.0f);
     }
+    for (int k = 0; k < K; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
+        wmma::load_matrix_sync(fa, A_T ? a + (size_t)k * lda : a + k, lda);
+        for (int j = 0; j < NC; j++) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
+            wmma::load_matrix_sync(fb, B_T ? b + (size_t)j * 16 * ldb + k : b + (size_t)k * ldb + j * 16, ldb);
+            wmma::mma_sync(acc[j], fa, fb, acc[j]);
+        }
+    }
+    for (int j = 0; j < NC; j++) wmma::store_matrix_sync(c + j * 16, acc[j], ldc, wmma::mem_row_major);
 }
 
 // out (B,T,HHd) and lse (B,H,T) from qkv (B,T,3HHd): block (query tile, b*H + h)
 template <int HD> __global__ void attention_forward_flash_kernel(bf16 *out, float *lse, const bf16 *qkv, int T, int H) {
-    typedef FlashSmem<HD> L;
+    typedef FlashFwd<HD> L;
     DYNAMIC_SMEM(smem);
     L sm(smem);
     bf16 *sQ = sm.t[0], *sK = sm.t[1], *sV = sm.t[2], *sP = sm.p[0];
@@ -688,7 +724,7 @@ template <int HD>
 __device__ void flash_backward_scores(float *sS, float *sdP, bf16 *sP, bf16 *sdS, const bf16 *sQ, const bf16 *sdO,
                                       const bf16 *sK, const bf16 *sV, const float *sLse, const float *sDvec, int q0,
                                       int k0, int T) {
-    typedef FlashSmem<HD> L;
+    typedef FlashLd<HD> L;
     int lane = threadIdx.x % 32, r0 = (threadIdx.x / 32) * 16;
     flash_mma<HD, FA_TILE / 16, false, true>(sS + r0 * L::LDS, L::LDS, sQ + r0 * L::LDH, L::LDH, sK, L::LDH, false);
     flash_mma<HD, FA_TILE / 16, false, true>(sdP + r0 * L::LDS, L::LDS, sdO + r0 * L::LDH, L::LDH, sV, L::LDH, false);
@@ -706,7 +742,7 @@ __device__ void flash_backward_scores(float *sS, float *sdP, bf16 *sP, bf16 *sdS
 
 // rows r0.. of the (B,T) stream of tile rows (64, HD; fp32, stride LDO) -> X rows of dst (row stride ld)
 template <int HD> __device__ void flash_store_rows(bf16 *dst, int ld, const float *src, int t0, int T) {
-    const int LDO = FlashSmem<HD>::LDO;
+    const int LDO = FlashLd<HD>::LDO;
     for (int idx = threadIdx.x; idx < FA_TILE * HD; idx += blockDim.x) {
         int r = idx / HD, i = idx % HD;
         if (t0 + r < T) dst[(size_t)(t0 + r) * ld + i] = from_float<bf16>(src[r * LDO + i]);
@@ -717,7 +753,7 @@ template <int HD> __device__ void flash_store_rows(bf16 *dst, int ld, const floa
 template <int HD>
 __global__ void attention_backward_flash_dkv_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
                                                     const float *dvec, int T, int H) {
-    typedef FlashSmem<HD> L;
+    typedef FlashDkv<HD> L;
     DYNAMIC_SMEM(smem);
     L sm(smem);
     bf16 *sQ = sm.t[0], *sdO = sm.t[1], *sK = sm.t[2], *sV = sm.t[3], *sP = sm.p[0], *sdS = sm.p[1];
@@ -753,10 +789,10 @@ __global__ void attention_backward_flash_dkv_kernel(bf16 *dqkv, const bf16 *dout
 template <int HD>
 __global__ void attention_backward_flash_dq_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
                                                    const float *dvec, int T, int H) {
-    typedef FlashSmem<HD> L;
+    typedef FlashDq<HD> L;
     DYNAMIC_SMEM(smem);
     L sm(smem);
-    bf16 *sQ = sm.t[0], *sdO = sm.t[1], *sK = sm.t[2], *sV = sm.t[3], *sdS = sm.p[1];
+    bf16 *sQ = sm.t[0], *sdO = sm.t[1], *sK = sm.t[2], *sV = sm.t[3], *sdS = sm.p[0];
     float *sS = sm.s[0], *sdP = sm.s[1], *sdQ = sm.o[0], *sLse = sm.row[0], *sDvec = sm.row[1];
     int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, q0 = blockIdx.x * FA_TILE;
     int r0 = (threadIdx.x / 32) * 16;
@@ -787,10 +823,17 @@ __global__ void attention_backward_flash_dq_kernel(bf16 *dqkv, const bf16 *dout,
 static int flash_supported(int Hd) { return Hd == 16 || Hd == 32 || Hd == 64 || Hd == 128; }
 
 template <int HD> static void flash_set_smem(void) {
-    int bytes = (int)FlashSmem<HD>::bytes();
-    cudaCheck(cudaFuncSetAttribute(attention_forward_flash_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    cudaCheck(cudaFuncSetAttribute(attention_backward_flash_dkv_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    cudaCheck(cudaFuncSetAttribute(attention_backward_flash_dq_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    cudaCheck(cudaFuncSetAttribute(attention_forward_flash_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)FlashFwd<HD>::bytes()));
+    cudaCheck(cudaFuncSetAttribute(attention_backward_flash_dkv_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)FlashDkv<HD>::bytes()));
+    cudaCheck(cudaFuncSetAttribute(attention_backward_flash_dq_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)FlashDq<HD>::bytes()));
+}
+// the largest shared memory the flash kernels of head width Hd need
+static size_t flash_smem_bytes(int Hd) {
+    return Hd == 16 ? FlashDkv<16>::bytes() : Hd == 32 ? FlashDkv<32>::bytes() : Hd == 64 ? FlashDkv<64>::bytes()
+                                                                                          : FlashDkv<128>::bytes();
 }
 static void flash_init(int Hd) {
     switch (Hd) {
@@ -804,16 +847,16 @@ static void flash_init(int Hd) {
 
 template <int HD> static void attention_forward_flash_hd(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H) {
     dim3 grid(ceil_div(T, FA_TILE), B * H);
-    attention_forward_flash_kernel<HD><<<grid, FA_THREADS, FlashSmem<HD>::bytes()>>>(out, lse, qkv, T, H);
+    attention_forward_flash_kernel<HD><<<grid, FA_THREADS, FlashFwd<HD>::bytes()>>>(out, lse, qkv, T, H);
     launchCheck();
 }
 template <int HD>
 static void attention_backward_flash_hd(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
                                         const float *dvec, int B, int T, int H) {
     dim3 grid(ceil_div(T, FA_TILE), B * H);
-    attention_backward_flash_dkv_kernel<HD><<<grid, FA_THREADS, FlashSmem<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec, T, H);
+    attention_backward_flash_dkv_kernel<HD><<<grid, FA_THREADS, FlashDkv<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec, T, H);
     launchCheck();
-    attention_backward_flash_dq_kernel<HD><<<grid, FA_THREADS, FlashSmem<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec, T, H);
+    attention_backward_flash_dq_kernel<HD><<<grid, FA_THREADS, FlashDq<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec, T, H);
     launchCheck();
 }
 
@@ -885,37 +928,41 @@ template <typename X> __global__ void ffn_gate_backward_kernel(X *dgu, const X *
     dg[2 * F + i] = from_float<X>(d * a * silu);
 }
 
-// inp (N,D) -> out (N,D) (= or += with accumulate); keeps gu (N,3F), h (N,F)
+// inp (N,D) -> out (N,D) (= or += with accumulate); keeps gu (N,3F), h (N,F).
+// batch > 1: that many FFNs (the experts), FFN i on rows i*N .. i*N+N-1 with
+// weights wg + i*2FD, wu + i*FD, wd + i*DF.
 template <typename X, typename TO>
 static void ffn_forward(Model *m, TO *out, X *gu, X *h, const X *inp, const X *wg, const X *wu, const X *wd, int N,
-                        int D, int F, int accumulate) {
+                        int D, int F, int accumulate, int batch = 1) {
     if (N <= 0) return;
-    if (wu == wg + (size_t)2 * F * D) {
+    long long sD = (long long)N * D, sG = (long long)N * 3 * F, sH = (long long)N * F, FD = (long long)F * D;
+    if (batch == 1 && wu == wg + 2 * FD) {
         matmul_forward(m, gu, 3 * F, inp, D, wg, N, D, 3 * F, 0);
     } else {
-        matmul_forward(m, gu, 3 * F, inp, D, wg, N, D, 2 * F, 0);
-        matmul_forward(m, gu + 2 * F, 3 * F, inp, D, wu, N, D, F, 0);
+        matmul_forward(m, gu, 3 * F, inp, D, wg, N, D, 2 * F, 0, batch, sG, sD, 2 * FD);
+        matmul_forward(m, gu + 2 * F, 3 * F, inp, D, wu, N, D, F, 0, batch, sG, sD, FD);
     }
-    ffn_gate_kernel<X><<<ceil_div((size_t)N * F, 256), 256>>>(h, gu, N, F);
+    ffn_gate_kernel<X><<<ceil_div((size_t)batch * N * F, 256), 256>>>(h, gu, batch * N, F);
     launchCheck();
-    matmul_forward(m, out, D, h, F, wd, N, F, D, accumulate);
+    matmul_forward(m, out, D, h, F, wd, N, F, D, accumulate, batch, sD, sH, FD);
 }
 
 // dout (N,D) -> dinp (N,D) overwritten; dwg, dwu, dwd accumulated (dwu follows
-// dwg wherever wu follows wg); dgu (N,3F), dh (N,F) scratch
+// dwg wherever wu follows wg); dgu (N,3F), dh (N,F) scratch. Batched as ffn_forward.
 template <typename X>
 static void ffn_backward(Model *m, float *dinp, float *dwg, float *dwu, float *dwd, const X *dout, const X *inp,
                          const X *gu, const X *h, const X *wg, const X *wu, const X *wd, int N, int D, int F, X *dgu,
-                         X *dh) {
+                         X *dh, int batch = 1) {
     if (N <= 0) return;
-    matmul_backward(m, dh, F, dwd, dout, D, h, F, wd, N, F, D, 0);
-    ffn_gate_backward_kernel<X><<<ceil_div((size_t)N * F, 256), 256>>>(dgu, dh, gu, N, F);
+    long long sD = (long long)N * D, sG = (long long)N * 3 * F, sH = (long long)N * F, FD = (long long)F * D;
+    matmul_backward(m, dh, F, dwd, dout, D, h, F, wd, N, F, D, 0, batch, sH, sD, sH, FD);
+    ffn_gate_backward_kernel<X><<<ceil_div((size_t)batch * N * F, 256), 256>>>(dgu, dh, gu, batch * N, F);
     launchCheck();
-    if (wu == wg + (size_t)2 * F * D) {
+    if (batch == 1 && wu == wg + 2 * FD) {
         matmul_backward(m, dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 3 * F, 0);
     } else {
-        matmul_backward(m, dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 2 * F, 0);
-        matmul_backward(m, dinp, D, dwu, dgu + 2 * F, 3 * F, inp, D, wu, N, D, F, 1);
+        matmul_backward(m, dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 2 * F, 0, batch, sD, sG, sD, 2 * FD);
+        matmul_backward(m, dinp, D, dwu, dgu + 2 * F, 3 * F, inp, D, wu, N, D, F, 1, batch, sD, sG, sD, FD);
     }
 }
 
@@ -1011,10 +1058,12 @@ __global__ void moe_capacity_kernel(int *pos, int *count, const int *top, int N,
 }
 
 // One block, thread e < E: expert e keeps min(count, C_g) rows of each group;
-// start (E+1) = prefix over experts, goff (groups,E) = first row of (g, e),
+// start (E+1) = where each expert's rows begin: the prefix over experts of
+// their kept rows, or e * R_pad in the padded layout (R_pad > 0: every expert
+// owns R_pad rows, its kept rows first); goff (groups,E) = first row of (g, e);
 // routed/kept (E) the statistics of model_router_stats.
 __global__ void moe_offsets_kernel(int *start, int *goff, int *routed, int *kept, const int *count, int n_groups,
-                                   int N, int G, int E, int cf1000, int min_capacity) {
+                                   int N, int G, int E, int cf1000, int min_capacity, int R_pad) {
     __shared__ int s_rows[MAX_EXPERTS], s_start[MAX_EXPERTS + 1];
     int e = threadIdx.x;
     if (e < E) {
@@ -1032,7 +1081,7 @@ __global__ void moe_offsets_kernel(int *start, int *goff, int *routed, int *kept
     __syncthreads();
     if (threadIdx.x == 0) {
         s_start[0] = 0;
-        for (int i = 0; i < E; i++) s_start[i + 1] = s_start[i] + s_rows[i];
+        for (int i = 0; i < E; i++) s_start[i + 1] = s_start[i] + (R_pad > 0 ? R_pad : s_rows[i]);
         for (int i = 0; i <= E; i++) start[i] = s_start[i];
     }
     __syncthreads();
@@ -1065,21 +1114,44 @@ __global__ void moe_rows_kernel(int *row_of, int *row_token, int *kept, const in
     }
 }
 
+// The expert rows' layout. Padded (R_pad > 0): expert e owns rows e*R_pad ..
+// (e+1)*R_pad - 1, R_pad = sum over groups of min(C_g, N_g), the most it can
+// keep; its kept rows come first, the rest are zero. All experts then run as
+// one strided-batched matmul, and the host knows the layout without a sync.
+// When E*R_pad rows would not fit the buffers (BT*K rows; tiny routing groups,
+// where min_capacity exceeds the group), the exact layout: expert e owns its
+// kept rows only, and the host reads start[] to run one matmul per expert.
+static int moe_rows_padded(int N, int K, int E, const MoeSettings *s) {
+    int G = group_len(N, s->group_size);
+    long long R = 0;
+    for (int g0 = 0; g0 < N; g0 += G) {
+        int len = g0 + G < N ? G : N - g0, C = moe_capacity_of(len, E, s->cf1000, s->min_capacity);
+        R += C < len ? C : len;
+    }
+    return (long long)E * R <= (long long)N * K ? (int)R : 0;
+}
+
 // top (N,K) -> pos, kept, row_of (N,K), row_token, start (E+1) on the device
-// and in start_host; routed/kept counts (E each) for the statistics
-static void moe_capacity(Model *m, LayerActs *a, int *routed, int *kept_cnt, int N, int K, int E,
-                         const MoeSettings *s) {
+// and in start_host; routed/kept counts (E each) for the statistics. Returns R_pad (0: exact layout).
+static int moe_capacity(Model *m, LayerActs *a, int *routed, int *kept_cnt, int N, int K, int E,
+                        const MoeSettings *s) {
     int G = group_len(N, s->group_size), n_groups = (N + G - 1) / G;
+    int R = m->moe_exact ? 0 : moe_rows_padded(N, K, E, s);
     moe_capacity_kernel<<<n_groups, MAX_EXPERTS>>>(a->pos, a->count, a->top, N, K, E, G);
     launchCheck();
     moe_offsets_kernel<<<1, MAX_EXPERTS>>>(a->start, a->goff, routed, kept_cnt, a->count, n_groups, N, G, E, s->cf1000,
-                                           s->min_capacity);
+                                           s->min_capacity, R);
     launchCheck();
+    if (R > 0) cudaCheck(cudaMemsetAsync(a->row_token, 0xff, (size_t)E * R * sizeof(int)));  // -1: a padding row
     moe_rows_kernel<<<ceil_div((size_t)N * K, 256), 256>>>(a->row_of, a->row_token, a->kept, a->top, a->pos, a->goff,
                                                             N, K, E, G, s->cf1000, s->min_capacity);
     launchCheck();
-    // the host needs each expert's rows to size its matmuls: the one sync of the MoE layer
-    cudaCheck(cudaMemcpy(a->start_host, a->start, (E + 1) * sizeof(int), cudaMemcpyDeviceToHost));
+    if (R > 0) {
+        for (int e = 0; e <= E; e++) a->start_host[e] = e * R;
+    } else {  // the host needs each expert's rows to size its matmuls: the one sync of the MoE layer
+        cudaCheck(cudaMemcpy(a->start_host, a->start, (E + 1) * sizeof(int), cudaMemcpyDeviceToHost));
+    }
+    return R;
 }
 
 // ----------------------------------------------------------------------------
@@ -1123,11 +1195,11 @@ __global__ void moe_load_balance_backward_kernel(float *dp, const float *lbf, in
 // MoE dispatch and combine. Expert e owns rows start[e] .. start[e+1]-1 of the
 // expert buffers, so each expert runs its FFN only on the tokens it keeps.
 
-// xe (rows,D) = X(inp[row_token]): one block per row
+// xe (rows,D) = X(inp[row_token]), zero for a padding row (token -1): one block per row
 template <typename X> __global__ void moe_dispatch_kernel(X *xe, const int *row_token, const float *inp, int D) {
-    int row = blockIdx.x;
-    const float *x = inp + (size_t)row_token[row] * D;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) xe[(size_t)row * D + i] = from_float<X>(x[i]);
+    int row = blockIdx.x, n = row_token[row];
+    const float *x = inp + (size_t)(n < 0 ? 0 : n) * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) xe[(size_t)row * D + i] = from_float<X>(n < 0 ? 0.0f : x[i]);
 }
 template <typename X> static void moe_dispatch(X *xe, const int *row_token, const float *inp, int rows, int D) {
     if (rows <= 0) return;
@@ -1198,6 +1270,7 @@ __global__ void moe_dispatch_backward_kernel(float *dinp, const float *dxe, cons
 // reductions in a fixed order: one block of 1024 threads
 
 #define RED_THREADS 1024
+#define STAGE_ELEMS (4u << 20)  // bf16 values per chunk of model_get_logits
 
 // out[0] = sum of x (n doubles)
 __global__ void sum_kernel(double *out, const double *x, int n) {
@@ -1218,23 +1291,24 @@ __global__ void sumsq_kernel(double *out, const float *x, int n) {
 // output losses: cross-entropy fused with the output z-loss (mean lse^2)
 
 // lse (N) of logits (N,V): one block per row
-__global__ void crossentropy_forward_kernel(float *lse, const float *logits, int V) {
+template <typename X> __global__ void crossentropy_forward_kernel(float *lse, const X *logits, int V) {
     int n = blockIdx.x;
-    const float *l = logits + (size_t)n * V;
+    const X *l = logits + (size_t)n * V;
     float maxl = -FLT_MAX;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) maxl = fmaxf(maxl, l[v]);
+    for (int v = threadIdx.x; v < V; v += blockDim.x) maxl = fmaxf(maxl, to_float(l[v]));
     maxl = block_max(maxl);
     float sum = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(l[v] - maxl);
+    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(to_float(l[v]) - maxl);
     sum = block_sum(sum);
     if (threadIdx.x == 0) lse[n] = maxl + logf(sum);
 }
 // out[0] = sum of ce, out[1] = sum of lse^2 over the targets (y >= 0)
-__global__ void crossentropy_sum_kernel(double *out, const float *lse, const float *logits, const int *y, int N, int V) {
+template <typename X>
+__global__ void crossentropy_sum_kernel(double *out, const float *lse, const X *logits, const int *y, int N, int V) {
     double ce = 0.0, lz = 0.0;
     for (int n = threadIdx.x; n < N; n += blockDim.x) {
         if (y[n] < 0) continue;
-        ce += lse[n] - logits[(size_t)n * V + y[n]];
+        ce += lse[n] - to_float(logits[(size_t)n * V + y[n]]);
         lz += (double)lse[n] * lse[n];
     }
     ce = block_sum(ce);
@@ -1245,16 +1319,17 @@ __global__ void crossentropy_sum_kernel(double *out, const float *lse, const flo
     }
 }
 // logits (N,V), y (N) -> lse (N); out[0..1] the sums of ce and lse^2 over targets
-static void crossentropy_forward(double *out, float *lse, const float *logits, const int *y, int N, int V) {
-    crossentropy_forward_kernel<<<N, 1024>>>(lse, logits, V);
+template <typename X>
+static void crossentropy_forward(double *out, float *lse, const X *logits, const int *y, int N, int V) {
+    crossentropy_forward_kernel<X><<<N, 1024>>>(lse, logits, V);
     launchCheck();
-    crossentropy_sum_kernel<<<1, RED_THREADS>>>(out, lse, logits, y, N, V);
+    crossentropy_sum_kernel<X><<<1, RED_THREADS>>>(out, lse, logits, y, N, V);
     launchCheck();
 }
 
 // dlogits (N,V) = d(ce + lz_coef * lz)/dlogits, ce and lz means over the m targets: one block per row
 template <typename X>
-__global__ void crossentropy_backward_kernel(X *dlogits, const float *logits, const float *lse, const int *y, int V,
+__global__ void crossentropy_backward_kernel(X *dlogits, const X *logits, const float *lse, const int *y, int V,
                                              int m, float lz_coef) {
     int n = blockIdx.x;
     X *d = dlogits + (size_t)n * V;
@@ -1262,16 +1337,16 @@ __global__ void crossentropy_backward_kernel(X *dlogits, const float *logits, co
         for (int v = threadIdx.x; v < V; v += blockDim.x) d[v] = from_float<X>(0.0f);
         return;
     }
-    const float *l = logits + (size_t)n * V;
+    const X *l = logits + (size_t)n * V;
     float ln = lse[n], scale = (1.0f + lz_coef * 2.0f * ln) / m;  // softmax * (1 + 2 lz_coef lse) / m
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        float dv = expf(l[v] - ln) * scale;
+        float dv = expf(to_float(l[v]) - ln) * scale;
         if (v == y[n]) dv -= 1.0f / m;
         d[v] = from_float<X>(dv);
     }
 }
 template <typename X>
-static void crossentropy_backward(X *dlogits, const float *logits, const float *lse, const int *y, int N, int V, int m,
+static void crossentropy_backward(X *dlogits, const X *logits, const float *lse, const int *y, int N, int V, int m,
                                   float lz_coef) {
     crossentropy_backward_kernel<X><<<N, 256>>>(dlogits, logits, lse, y, V, m > 0 ? m : 1, lz_coef);
     launchCheck();
@@ -1377,7 +1452,7 @@ template <typename X> static size_t acts_layout(Model *m, char *base) {
     m->final_in = m->resid ? m->resid + c->L * BT * D : NULL;
     ax.lnf = carve<X>(base, &u, BT * D);
     m->rstdf = carve<float>(base, &u, BT);
-    m->logits = carve<float>(base, &u, BT * c->V);
+    ax.logits = carve<X>(base, &u, BT * c->V);
     m->lse = carve<float>(base, &u, BT);
     m->scores = m->flash ? NULL : carve<float>(base, &u, BHTT);
     m->d_x = carve<int>(base, &u, BT);
@@ -1475,14 +1550,16 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     if (att && strcmp(att, "cublas") != 0 && strcmp(att, "flash") != 0)
         die("OPENMOE_ATTENTION=%s: use cublas or flash", att);
     m->flash = precision == PRECISION_BF16 && flash_supported(c->Hd) && !(att && strcmp(att, "cublas") == 0);
+    const char *layout = getenv("OPENMOE_MOE_LAYOUT");
+    if (layout && strcmp(layout, "exact") != 0 && strcmp(layout, "padded") != 0)
+        die("OPENMOE_MOE_LAYOUT=%s: use padded (the default where it fits) or exact", layout);
+    m->moe_exact = layout && strcmp(layout, "exact") == 0;
     if (att && strcmp(att, "flash") == 0 && !m->flash)
         die("OPENMOE_ATTENTION=flash: the flash kernels need bf16 mode and a head width of 16, 32, 64 or 128 (Hd = %d)", c->Hd);
     if (m->flash) {
         int optin = 0;
         cudaCheck(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
-        size_t need = c->Hd == 16 ? FlashSmem<16>::bytes() : c->Hd == 32 ? FlashSmem<32>::bytes()
-                    : c->Hd == 64 ? FlashSmem<64>::bytes() : FlashSmem<128>::bytes();
-        if ((size_t)optin < need) m->flash = 0;  // this GPU's shared memory is too small: the cuBLAS path
+        if ((size_t)optin < flash_smem_bytes(c->Hd)) m->flash = 0;  // this GPU's shared memory is too small: the cuBLAS path
         else flash_init(c->Hd);
     }
     const ParamTable *pt = &m->table;
@@ -1540,6 +1617,7 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     cudaCheck(cudaMallocHost(&m->h_ustart, (BT + 1) * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_utok, BT * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_logits, c->V * sizeof(float)));
+    if (precision == PRECISION_BF16) cudaCheck(cudaMallocHost(&m->h_stage, STAGE_ELEMS * sizeof(bf16)));
     cudaCheck(cudaEventCreateWithFlags(&m->buckets_copied, cudaEventDisableTiming));
     m->h_bucket = (int *)callocCheck(c->V + 1, sizeof(int));
     m->h_ints = (int *)callocCheck(BT * c->K, sizeof(int));
@@ -1570,6 +1648,7 @@ void model_free(Model *m) {
     cudaCheck(cudaFreeHost(m->h_ustart));
     cudaCheck(cudaFreeHost(m->h_utok));
     cudaCheck(cudaFreeHost(m->h_logits));
+    if (m->h_stage) cudaCheck(cudaFreeHost(m->h_stage));
     cudaCheck(cudaEventDestroy(m->buckets_copied));
     for (int l = 0; l < m->c.L; l++) free(m->la[l].start_host);
     free(m->la);
@@ -1602,7 +1681,16 @@ void model_set_grads(Model *m, const float *grads) {
     cudaCheck(cudaMemcpy(m->grads, grads, m->table.n_params * sizeof(float), cudaMemcpyHostToDevice));
 }
 void model_get_logits(const Model *m, float *logits) {
-    cudaCheck(cudaMemcpy(logits, m->logits, (size_t)m->B * m->T * m->c.V * sizeof(float), cudaMemcpyDeviceToHost));
+    size_t n = (size_t)m->B * m->T * m->c.V;
+    if (m->precision == PRECISION_FP32) {
+        cudaCheck(cudaMemcpy(logits, m->x32.logits, n * sizeof(float), cudaMemcpyDeviceToHost));
+        return;
+    }
+    for (size_t i0 = 0; i0 < n; i0 += STAGE_ELEMS) {  // bf16 on the GPU: in chunks through the staging buffer
+        size_t k = n - i0 < STAGE_ELEMS ? n - i0 : STAGE_ELEMS;
+        cudaCheck(cudaMemcpy(m->h_stage, m->x16.logits + i0, k * sizeof(bf16), cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < k; i++) logits[i0 + i] = __bfloat162float(m->h_stage[i]);
+    }
 }
 const RouterStats *model_router_stats(const Model *m) { return m->stats; }
 
@@ -1635,15 +1723,20 @@ static void moe_forward(Model *m, LayerActs *a, LayerActsX<X> *b, const LayerPar
     rmsnorm_forward(a->ln2f, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
     router_forward(m, a->z, a->p, a->lse, a->top, a->ln2f, W + lp->router, BT, D, E, K);
     int *routed = m->stat_counts + (size_t)2 * im * E, *kept = routed + E;
-    moe_capacity(m, a, routed, kept, BT, K, E, &m->s);
+    a->R_pad = moe_capacity(m, a, routed, kept, BT, K, E, &m->s);
     const int *start = a->start_host;
     moe_dispatch(b->xe, a->row_token, a->ln2f, start[E], D);
-    for (int e = 0; e < E; e++) {
-        size_t r0 = start[e];
-        int rows = start[e + 1] - start[e];
-        ffn_forward(m, b->ye + r0 * D, b->gue + r0 * 3 * Fe, b->he + r0 * Fe, b->xe + r0 * D,
-                    WX + lp->w_gate + (size_t)e * 2 * Fe * D, WX + lp->w_up + (size_t)e * Fe * D,
-                    WX + lp->w_down + (size_t)e * D * Fe, rows, D, Fe, 0);
+    if (a->R_pad > 0) {  // all experts in one batch of matmuls
+        ffn_forward(m, b->ye, b->gue, b->he, b->xe, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, a->R_pad, D, Fe,
+                    0, E);
+    } else {
+        for (int e = 0; e < E; e++) {
+            size_t r0 = start[e];
+            int rows = start[e + 1] - start[e];
+            ffn_forward(m, b->ye + r0 * D, b->gue + r0 * 3 * Fe, b->he + r0 * Fe, b->xe + r0 * D,
+                        WX + lp->w_gate + (size_t)e * 2 * Fe * D, WX + lp->w_up + (size_t)e * Fe * D,
+                        WX + lp->w_down + (size_t)e * D * Fe, rows, D, Fe, 0);
+        }
     }
     moe_combine(a->moe_out, a->mid, b->ye, a->p, a->top, a->row_of, BT, K, E, D);
     int G = group_len(BT, m->s.group_size), n_groups = (BT + G - 1) / G;
@@ -1691,8 +1784,8 @@ template <typename X> static void forward_impl(Model *m, int B, int T) {
         }
     }
     rmsnorm_forward(ax.lnf, m->rstdf, m->final_in, W + m->table.final_norm, BT, D);
-    matmul_forward(m, m->logits, V, ax.lnf, D, WX + m->table.lm_head, BT, D, V, 0);
-    crossentropy_forward(m->sums, m->lse, m->logits, m->d_y, BT, V);
+    matmul_forward(m, ax.logits, V, ax.lnf, D, WX + m->table.lm_head, BT, D, V, 0);
+    crossentropy_forward(m->sums, m->lse, ax.logits, m->d_y, BT, V);
 }
 
 void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s,
@@ -1769,16 +1862,23 @@ template <typename X> static void moe_backward(Model *m, LayerActs *a, LayerActs
     const float *W = m->params;
     const X *WX = ax.params_x;
     float *G = m->grads;
+    const int *start = a->start_host;  // each expert's rows, from the forward
+    if (a->R_pad > 0)  // the padding rows' output gradients are 0
+        cudaCheck(cudaMemsetAsync(ax.dye, 0, (size_t)start[E] * D * sizeof(X)));
     moe_combine_backward_kernel<X><<<BT, 128>>>(ax.dye, m->dp, m->d_res, b->ye, a->p, a->top, a->row_of, K, E, D);
     launchCheck();
-    const int *start = a->start_host;  // each expert's rows, from the forward
-    for (int e = 0; e < E; e++) {
-        size_t r0 = start[e];
-        int rows = start[e + 1] - start[e];
-        size_t og = lp->w_gate + (size_t)e * 2 * Fe * D, ou = lp->w_up + (size_t)e * Fe * D,
-               od = lp->w_down + (size_t)e * D * Fe;
-        ffn_backward(m, m->dxe + r0 * D, G + og, G + ou, G + od, ax.dye + r0 * D, b->xe + r0 * D,
-                     b->gue + r0 * 3 * Fe, b->he + r0 * Fe, WX + og, WX + ou, WX + od, rows, D, Fe, ax.dgu, ax.dh);
+    if (a->R_pad > 0) {
+        ffn_backward(m, m->dxe, G + lp->w_gate, G + lp->w_up, G + lp->w_down, ax.dye, b->xe, b->gue, b->he,
+                     WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, a->R_pad, D, Fe, ax.dgu, ax.dh, E);
+    } else {
+        for (int e = 0; e < E; e++) {
+            size_t r0 = start[e];
+            int rows = start[e + 1] - start[e];
+            size_t og = lp->w_gate + (size_t)e * 2 * Fe * D, ou = lp->w_up + (size_t)e * Fe * D,
+                   od = lp->w_down + (size_t)e * D * Fe;
+            ffn_backward(m, m->dxe + r0 * D, G + og, G + ou, G + od, ax.dye + r0 * D, b->xe + r0 * D,
+                         b->gue + r0 * 3 * Fe, b->he + r0 * Fe, WX + og, WX + ou, WX + od, rows, D, Fe, ax.dgu, ax.dh);
+        }
     }
     // the router: combine weights, load balance and z-loss all act on p
     int Gs = group_len(BT, m->s.group_size), n_groups = (BT + Gs - 1) / Gs;
@@ -1823,7 +1923,7 @@ template <typename X> static void backward_impl(Model *m) {
     const ParamTable *pt = &m->table;
     cudaCheck(cudaMemsetAsync(G, 0, pt->n_params * sizeof(float)));
 
-    crossentropy_backward(ax.dlogits, m->logits, m->lse, m->d_y, BT, V, m->n_targets, m->s.lz_coef);
+    crossentropy_backward(ax.dlogits, ax.logits, m->lse, m->d_y, BT, V, m->n_targets, m->s.lz_coef);
     matmul_backward(m, m->d_ln, D, G + pt->lm_head, ax.dlogits, V, ax.lnf, D, WX + pt->lm_head, BT, D, V, 0);
     cudaCheck(cudaMemsetAsync(m->d_res, 0, (size_t)BT * D * sizeof(float)));
     rmsnorm_backward(m, m->d_res, ax.dres_x, G + pt->final_norm, m->d_ln, m->final_in, W + pt->final_norm, m->rstdf,

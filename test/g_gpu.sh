@@ -28,15 +28,20 @@ probe=$(./test_gpu --gradcheck 2>&1)
 if echo "$probe" | grep -q "no CUDA device"; then skip_all "no CUDA device ($(echo "$probe" | grep -m1 'no CUDA device'))"; fi
 echo "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
 
-# 1. every reference case: fp32 at SPEC §7's tolerances, bf16 at BF16_TOL x,
-#    the optimizers (fp32 master weights in both modes), and determinism: the
-#    same run twice gives the same bits
+# 1. every reference case: fp32 at SPEC §7's tolerances, bf16 at BF16_TOL x
+#    (with the flash attention kernels where the head width allows, and with
+#    the cuBLAS path), the experts' exact row layout (one matmul per expert)
+#    besides the default padded one (one batched matmul), the optimizers
+#    (fp32 master weights in both modes), and determinism: the same run twice
+#    gives the same bits
 while read -r name opts; do
     M=$cases/$name.model.bin S=$cases/$name.state.bin
     expect_ok "test_gpu $name" ./test_gpu $M $S -o $G/$name.gpu.bin
     grep -E "^ok +(logits|grads)" $BUILD/last.log | sed 's/^ok  */    /'
     expect_ok "test_gpu --bf16 $name (${BF16_TOL}x)" ./test_gpu $M $S --bf16 --tol-scale $BF16_TOL -o $G/$name.bf16.bin
     grep -E "^ok +(logits|grads)" $BUILD/last.log | sed 's/^ok  */    /'
+    expect_ok "test_gpu --bf16 $name, OPENMOE_ATTENTION=cublas" env OPENMOE_ATTENTION=cublas ./test_gpu $M $S --bf16 --tol-scale $BF16_TOL
+    expect_ok "test_gpu $name, OPENMOE_MOE_LAYOUT=exact" env OPENMOE_MOE_LAYOUT=exact ./test_gpu $M $S
     for opt in $opts; do
         expect_ok "test_gpu $opt steps $name" ./test_gpu $M $S --update $opt $cases/$name.$opt.bin
         expect_ok "test_gpu --bf16 $opt steps $name" ./test_gpu $M $S --update $opt $cases/$name.$opt.bin --bf16
@@ -58,34 +63,24 @@ else
     pass "test_gpu gradcheck catches gradients scaled by 1.1"
 fi
 
-# 3. GPU against CPU on preset-shaped batches (tiny, and small with fewer
-#    layers): reference states for these shapes (with the routing margin),
-#    then test_cpu -o writes the CPU's numbers and test_gpu is judged against them
-$PYTHON - $G/shapes <<'EOF' > $G/shapes.log || { fail "could not write the preset-shaped cases"; exit 1; }
-import os, sys
-sys.path.insert(0, "test")
-import reference as ref
-from dataclasses import replace
-tiny, small = ref.PRESETS["tiny"], ref.PRESETS["small"]
-cases = [
-    ref.Case("tiny_g64", tiny, 4, 64, ref.Settings(group_size=64), seed=11000,
-             about="tiny preset, 4 routing groups of 64"),
-    ref.Case("tiny_t256", tiny, 2, 256, ref.Settings(cf1000=1000, group_size=0), seed=12000, ignore=0.2,
-             about="tiny preset at its full context, CF 1.0, one group"),
-    ref.Case("small_l2", replace(small, L=2, max_seq_len=128), 2, 128, ref.Settings(group_size=128), seed=13000,
-             about="small preset's widths (V 32000, D 512, E 8), 2 layers"),
-]
-ref.write_cases(sys.argv[1], cases)
-EOF
+# 3. more cases (test/gpu_cases.py): preset shapes, flash attention over
+#    several tiles at head widths 32/64/128, sharp attention. Each against the
+#    reference (fp32; bf16 with the flash kernels and with the cuBLAS path),
+#    and against the CPU: test_cpu -o writes the CPU's numbers, test_gpu is
+#    judged against them
+$PYTHON test/gpu_cases.py $G/more > $G/more.log || { fail "test/gpu_cases.py could not write its cases"; exit 1; }
 while read -r name opts; do
-    M=$G/shapes/$name.model.bin S=$G/shapes/$name.state.bin
-    expect_ok "test_gpu $name (reference)" ./test_gpu $M $S
+    M=$G/more/$name.model.bin S=$G/more/$name.state.bin
+    expect_ok "test_gpu $name" ./test_gpu $M $S
+    expect_ok "test_gpu --bf16 $name (flash attention where Hd allows)" ./test_gpu $M $S --bf16 --tol-scale $BF16_TOL
+    grep -E "^ok +(logits|grads)" $BUILD/last.log | sed 's/^ok  */    /'
+    expect_ok "test_gpu --bf16 $name (OPENMOE_ATTENTION=cublas)" env OPENMOE_ATTENTION=cublas ./test_gpu $M $S --bf16 --tol-scale $BF16_TOL
     ./test_cpu $M $S -o $G/$name.cpu.bin > $G/$name.cpu.log 2>&1
     [ -f $G/$name.cpu.bin ] || { fail "test_cpu -o $name wrote nothing"; continue; }
     expect_ok "test_gpu $name against test_cpu -o" ./test_gpu $M $G/$name.cpu.bin
     grep -E "^ok +(logits|grads)" $BUILD/last.log | sed 's/^ok  */    /'
-    expect_ok "test_gpu --bf16 $name against test_cpu -o (${BF16_TOL}x)" ./test_gpu $M $G/$name.cpu.bin --bf16 --tol-scale $BF16_TOL
-done < $G/shapes/cases.txt
+    expect_ok "test_gpu --bf16 $name against test_cpu -o" ./test_gpu $M $G/$name.cpu.bin --bf16 --tol-scale $BF16_TOL
+done < $G/more/cases.txt
 
 # 4. training: train_gpu against train for a few AdamW steps on the same
 #    data and seed (fp32: the same losses to 1e-4; bf16: close), and train_gpu

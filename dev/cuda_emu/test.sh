@@ -19,10 +19,19 @@ E=build/emu
 while read -r name opts; do
     expect_ok "emu fp32 $name" $E/test_emu $cases/$name.model.bin $cases/$name.state.bin
     expect_ok "emu bf16 $name (tolerance ${BF16_TOL}x)" $E/test_emu $cases/$name.model.bin $cases/$name.state.bin --bf16 --tol-scale $BF16_TOL
+    expect_ok "emu fp32 $name, OPENMOE_MOE_LAYOUT=exact" env OPENMOE_MOE_LAYOUT=exact $E/test_emu $cases/$name.model.bin $cases/$name.state.bin
     for opt in $opts; do
         expect_ok "emu $opt steps $name" $E/test_emu $cases/$name.model.bin $cases/$name.state.bin --update $opt $cases/$name.$opt.bin
     done
 done < $cases/cases.txt
+# the CUDA backend's own cases (test/gpu_cases.py --quick): flash attention over several tiles, sharp attention
+$PYTHON test/gpu_cases.py $BUILD/emu_more --quick > $BUILD/emu_more.log || { fail "test/gpu_cases.py"; exit 1; }
+while read -r name opts; do
+    M=$BUILD/emu_more/$name.model.bin S=$BUILD/emu_more/$name.state.bin
+    expect_ok "emu fp32 $name" $E/test_emu $M $S
+    expect_ok "emu bf16 $name (flash attention where Hd allows)" $E/test_emu $M $S --bf16 --tol-scale $BF16_TOL
+    expect_ok "emu bf16 $name (OPENMOE_ATTENTION=cublas)" env OPENMOE_ATTENTION=cublas $E/test_emu $M $S --bf16 --tol-scale $BF16_TOL
+done < $BUILD/emu_more/cases.txt
 expect_ok "emu gradcheck" $E/test_emu --gradcheck
 if $E/test_emu --gradcheck --break > /dev/null 2>&1; then fail "emu gradcheck missed a broken backward"; else pass "emu gradcheck catches a broken backward"; fi
 # decode (KV cache, one token at a time) against one forward with group_size 1
