@@ -1157,25 +1157,44 @@ static int moe_capacity(Model *m, LayerActs *a, int *routed, int *kept_cnt, int 
 // ----------------------------------------------------------------------------
 // load balance (SPEC §4): per group E sum_e f_e P_e; the layer's lb is the mean over groups
 
-// one block per group, thread e < E: f_e (share of the group's tokens whose
-// top-K holds e) and P_e (mean p_e), summed in token order; then thread 0
-// sums the E products in expert order
+// one block per group: f_e (share of the group's tokens whose top-K holds e)
+// and P_e (mean p_e). Thread t < E*S (S = blockDim / E slices) sums expert
+// e = t % E over slice j = t / E of the group's tokens; thread e then adds the
+// S slices in order, and thread 0 the E products in expert order.
 __global__ void moe_load_balance_kernel(double *lb_group, float *lbf, const float *p, const int *top, int N, int K,
                                         int E, int G) {
+    __shared__ float s_f[MAX_EXPERTS], s_P[MAX_EXPERTS];
     __shared__ double s_term[MAX_EXPERTS];
-    int g = blockIdx.x, g0 = g * G, n1 = g0 + G < N ? g0 + G : N, len = n1 - g0, e = threadIdx.x;
-    if (e < E) {
-        float f = 0.0f, P = 0.0f;
-        for (int n = g0; n < n1; n++) {
+    int g = blockIdx.x, g0 = g * G, len = g0 + G < N ? G : N - g0;
+    int S = blockDim.x / E, t = threadIdx.x, e = t % E, j = t / E;
+    float f = 0.0f, P = 0.0f;
+    if (j < S) {
+        for (int n = g0 + (int)((long long)len * j / S); n < g0 + (int)((long long)len * (j + 1) / S); n++) {
             for (int r = 0; r < K; r++) f += top[(size_t)n * K + r] == e ? 1.0f : 0.0f;
             P += p[(size_t)n * E + e];
         }
-        f /= len;
-        lbf[(size_t)g * E + e] = f;
-        s_term[e] = (double)f * (P / len);
+    }
+    // the slices' partial sums, in shared memory one slice at a time (t < E*S covers each (e, j) once)
+    float fsum = 0.0f, Psum = 0.0f;
+    for (int jj = 0; jj < S; jj++) {
+        __syncthreads();
+        if (j == jj) {
+            s_f[e] = f;
+            s_P[e] = P;
+        }
+        __syncthreads();
+        if (t < E) {
+            fsum += s_f[t];
+            Psum += s_P[t];
+        }
+    }
+    if (t < E) {
+        float fe = fsum / len;
+        lbf[(size_t)g * E + t] = fe;
+        s_term[t] = (double)fe * (Psum / len);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (t == 0) {
         double sum = 0.0;
         for (int i = 0; i < E; i++) sum += s_term[i];
         lb_group[g] = E * sum;
@@ -1290,17 +1309,49 @@ __global__ void sumsq_kernel(double *out, const float *x, int n) {
 // ----------------------------------------------------------------------------
 // output losses: cross-entropy fused with the output z-loss (mean lse^2)
 
-// lse (N) of logits (N,V): one block per row
+// logsumexp in one pass: each thread keeps (max, sum of exp(x - max)) of its
+// values; two such pairs merge into one (the same bits in either order, so
+// the butterfly still gives every lane the same result)
+struct MaxSum {
+    float m, s;
+};
+__device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
+    MaxSum r;
+    r.m = fmaxf(a.m, b.m);
+    r.s = (a.m == -INFINITY ? 0.0f : a.s * expf(a.m - r.m)) + (b.m == -INFINITY ? 0.0f : b.s * expf(b.m - r.m));
+    return r;
+}
+__device__ MaxSum block_maxsum(MaxSum v) {
+    __shared__ MaxSum s[32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    for (int o = 16; o > 0; o >>= 1) {
+        MaxSum u = {__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)};
+        v = maxsum_merge(v, u);
+    }
+    __syncthreads();
+    if (lane == 0) s[warp] = v;
+    __syncthreads();
+    MaxSum t = {-INFINITY, 0.0f};
+    for (int w = 0; w < nw; w++) t = maxsum_merge(t, s[w]);
+    return t;
+}
+
+// lse (N) of logits (N,V), reading each row once: one block per row
 template <typename X> __global__ void crossentropy_forward_kernel(float *lse, const X *logits, int V) {
     int n = blockIdx.x;
     const X *l = logits + (size_t)n * V;
-    float maxl = -FLT_MAX;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) maxl = fmaxf(maxl, to_float(l[v]));
-    maxl = block_max(maxl);
-    float sum = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(to_float(l[v]) - maxl);
-    sum = block_sum(sum);
-    if (threadIdx.x == 0) lse[n] = maxl + logf(sum);
+    MaxSum a = {-INFINITY, 0.0f};
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        float x = to_float(l[v]);
+        if (x > a.m) {
+            a.s = (a.m == -INFINITY ? 0.0f : a.s * expf(a.m - x)) + 1.0f;
+            a.m = x;
+        } else if (x > -INFINITY) {
+            a.s += expf(x - a.m);
+        }
+    }
+    a = block_maxsum(a);
+    if (threadIdx.x == 0) lse[n] = a.m + logf(a.s);
 }
 // out[0] = sum of ce, out[1] = sum of lse^2 over the targets (y >= 0)
 template <typename X>

@@ -50,7 +50,7 @@ def attention(x, wq, wk, wv, wo, H, Hd, cos, sin):
     q = (x @ wq.T).view(B, T, H, Hd).transpose(1, 2)
     k = (x @ wk.T).view(B, T, H, Hd).transpose(1, 2)
     v = (x @ wv.T).view(B, T, H, Hd).transpose(1, 2)
-    q, k = ref.rope(q, cos, sin), ref.rope(k, cos, sin)
+    q, k = ref.rope(q, cos, sin).to(v.dtype), ref.rope(k, cos, sin).to(v.dtype)  # RoPE's fp32 tables promote
     try:
         out = Fn.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
     except (AttributeError, TypeError):  # torch < 2.1: no scale argument
