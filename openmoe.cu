@@ -549,23 +549,25 @@ static void attention_backward(Model *m, X *dqkv, X *dscore, float *dP, const X 
 // flash attention (bf16 mode): the same causal attention without the (T,T)
 // matrices. A block owns 64 query rows (forward, dq) or 64 key rows (dk, dv)
 // of one (batch, head); tiles of 64 keys or queries stream through shared
-// memory; the products run on tensor cores (WMMA, bf16 in, fp32 out) from
-// shared memory, and the softmax is done in fp32 by the warps on the stored
-// scores (no reliance on WMMA's register layout). Warp w of 4 owns rows
-// 16w..16w+15 of its block's 64. The forward keeps the running max and sum
-// of each row (online softmax) and stores lse = max + log(sum); the backward
-// recomputes P = exp(S - lse) and has two kernels, so that no two blocks add
-// to the same gradient (no atomics: deterministic): one per key tile for dk,
-// dv (over the query tiles that see it), one per query tile for dq.
+// memory, the next tile's loads in flight (in registers) while the current
+// one is used; the products run on tensor cores (WMMA, bf16 in, fp32 out)
+// from shared memory, and the softmax is done in fp32 on the stored scores
+// (no reliance on WMMA's register layout). Warp w of 4 owns rows 16w..16w+15
+// of its block's 64. The forward keeps the running max and sum of each row
+// (online softmax; two lanes per row) and stores lse = max + log(sum); the
+// backward recomputes P = exp(S - lse) and has two kernels, so that no two
+// blocks add to the same gradient (no atomics: deterministic): one per key
+// tile for dk, dv (over the query tiles that see it), one per query tile for
+// dq; their accumulators stay in registers (WMMA fragments) across the loop.
 
 #define FA_TILE 64     // query and key rows per tile
 #define FA_THREADS 128 // 4 warps
 
 // the shared-memory layout of the flash kernels for head width HD: NT bf16
 // tiles of head rows (q, k, v, dout), NS fp32 score tiles (S, dP), NP bf16
-// score tiles (P, dS), NO fp32 accumulators (out, dq, dk, dv), 2 per-row
-// vectors. Row strides are padded (fewer bank conflicts) and keep WMMA's
-// rules: 32-byte aligned tiles, strides a multiple of 8 (bf16) or 4 (fp32).
+// score tiles (P, dS), NO fp32 accumulators (out), 2 per-row vectors. Row
+// strides are padded (fewer bank conflicts) and keep WMMA's rules: 32-byte
+// aligned tiles, strides a multiple of 8 (bf16) or 4 (fp32).
 template <int HD, int NT, int NS, int NP, int NO> struct FlashSmem {
     static const int LDH = HD + 8;       // bf16 tiles of head rows
     static const int LDS = FA_TILE + 4;  // fp32 score tiles
@@ -574,7 +576,7 @@ template <int HD, int NT, int NS, int NP, int NO> struct FlashSmem {
     bf16 *t[NT];
     float *s[NS];
     bf16 *p[NP];
-    float *o[NO];
+    float *o[NO > 0 ? NO : 1];
     float *row[2];
     __host__ __device__ static size_t bytes() {
         return NT * (size_t)FA_TILE * LDH * 2 + NS * (size_t)FA_TILE * LDS * 4 + NP * (size_t)FA_TILE * LDP * 2 +
@@ -589,43 +591,56 @@ template <int HD, int NT, int NS, int NP, int NO> struct FlashSmem {
         for (int i = 0; i < 2; i++, q += (size_t)FA_TILE * 4) row[i] = (float *)q;
     }
 };
-// each kernel's layout
+// each kernel's layout. The backward kernels stage their register
+// accumulators through the two score tiles at the end (64 rows at stride LDO fit there).
 template <int HD> struct FlashFwd : FlashSmem<HD, 3, 1, 1, 1> {  // q, k, v; S; P; out
     __device__ FlashFwd(char *b) : FlashSmem<HD, 3, 1, 1, 1>(b) {}
 };
-template <int HD> struct FlashDkv : FlashSmem<HD, 4, 2, 2, 2> {  // q, dout, k, v; S, dP; P, dS; dk, dv
-    __device__ FlashDkv(char *b) : FlashSmem<HD, 4, 2, 2, 2>(b) {}
+template <int HD> struct FlashDkv : FlashSmem<HD, 4, 2, 2, 0> {  // q, dout, k, v; S, dP; P, dS
+    __device__ FlashDkv(char *b) : FlashSmem<HD, 4, 2, 2, 0>(b) {}
+    static_assert(2 * (FA_TILE + 4) >= HD + 4, "the score tiles hold the staged accumulators");
 };
-template <int HD> struct FlashDq : FlashSmem<HD, 4, 2, 1, 1> {  // q, dout, k, v; S, dP; dS; dq
-    __device__ FlashDq(char *b) : FlashSmem<HD, 4, 2, 1, 1>(b) {}
+template <int HD> struct FlashDq : FlashSmem<HD, 4, 2, 1, 0> {  // q, dout, k, v; S, dP; dS
+    __device__ FlashDq(char *b) : FlashSmem<HD, 4, 2, 1, 0>(b) {}
 };
 // the strides, the same in every layout
 template <int HD> struct FlashLd : FlashSmem<HD, 1, 1, 1, 1> {};
 
-// dst (64, HD; stride LDH) = rows r0..r0+63 of src (row stride ld), zero past row T; 8 bf16 per load
-template <int HD> __device__ void flash_load_tile(bf16 *dst, const bf16 *src, int ld, int r0, int T) {
-    const int LDH = FlashLd<HD>::LDH, per_row = HD / 8;
-    for (int idx = threadIdx.x; idx < FA_TILE * per_row; idx += blockDim.x) {
-        int r = idx / per_row, c = (idx % per_row) * 8;
+// a tile (64 rows, HD bf16) in flight: each thread's HD/16 pieces of 16 bytes
+template <int HD> struct FlashTileRegs {
+    static const int N = FA_TILE * HD / 8 / FA_THREADS;
+    uint4 v[N];
+};
+// regs = rows r0..r0+63 of src (row stride ld), zero past row T: the loads only, so they overlap the work after
+template <int HD> __device__ void flash_fetch_tile(FlashTileRegs<HD> &regs, const bf16 *src, int ld, int r0, int T) {
+    const int per_row = HD / 8;
+#pragma unroll
+    for (int i = 0; i < FlashTileRegs<HD>::N; i++) {
+        int idx = threadIdx.x + i * FA_THREADS, r = idx / per_row, c = (idx % per_row) * 8;
         uint4 v = {0, 0, 0, 0};
         if (r0 + r < T) v = *(const uint4 *)(src + (size_t)(r0 + r) * ld + c);
-        *(uint4 *)(dst + r * LDH + c) = v;
+        regs.v[i] = v;
+    }
+}
+// dst (64, HD; stride LDH) = the fetched tile
+template <int HD> __device__ void flash_put_tile(bf16 *dst, const FlashTileRegs<HD> &regs) {
+    const int per_row = HD / 8;
+#pragma unroll
+    for (int i = 0; i < FlashTileRegs<HD>::N; i++) {
+        int idx = threadIdx.x + i * FA_THREADS, r = idx / per_row, c = (idx % per_row) * 8;
+        *(uint4 *)(dst + r * FlashLd<HD>::LDH + c) = regs.v[i];
     }
 }
 
-// C (16 rows of the warp, NC 16-wide column tiles; fp32, stride ldc) = (or += with
-// accumulate) A (16, K) @ B (K, 16 NC). A: row-major a[r*lda + k], or transposed
-// (a_t: A(r,k) = a[k*lda + r]). B: row-major b[k*ldb + n], or transposed (b_t: B(k,n) = b[n*ldb + k]).
+// acc (NC fragments: the warp's 16 rows, 16 NC columns) += A (16, K) @ B (K, 16 NC).
+// A: row-major a[r*lda + k], or transposed (A_T: A(r,k) = a[k*lda + r]).
+// B: row-major b[k*ldb + n], or transposed (B_T: B(k,n) = b[n*ldb + k]).
+typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> FlashAcc;
 template <int K, int NC, bool A_T, bool B_T>
-__device__ void flash_mma(float *c, int ldc, const bf16 *a, int lda, const bf16 *b, int ldb, bool accumulate) {
+__device__ void flash_mma_acc(FlashAcc *acc, const bf16 *a, int lda, const bf16 *b, int ldb) {
     using namespace nvcuda;
     typedef typename std::conditional<A_T, wmma::col_major, wmma::row_major>::type LA;
     typedef typename std::conditional<B_T, wmma::col_major, wmma::row_major>::type LB;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NC];
-    for (int j = 0; j < NC; j++) {
-        if (accumulate) wmma::load_matrix_sync(acc[j], c + j * 16, ldc, wmma::mem_row_major);
-        else wmma::fill_fragment(acc[j], 0.0f);
-    }
     for (int k = 0; k < K; k += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
         wmma::load_matrix_sync(fa, A_T ? a + (size_t)k * lda : a + k, lda);
@@ -635,6 +650,17 @@ __device__ void flash_mma(float *c, int ldc, const bf16 *a, int lda, const bf16 
             wmma::mma_sync(acc[j], fa, fb, acc[j]);
         }
     }
+}
+// the same product into shared memory: C (fp32, stride ldc) = (or += with accumulate) A @ B
+template <int K, int NC, bool A_T, bool B_T>
+__device__ void flash_mma(float *c, int ldc, const bf16 *a, int lda, const bf16 *b, int ldb, bool accumulate) {
+    using namespace nvcuda;
+    FlashAcc acc[NC];
+    for (int j = 0; j < NC; j++) {
+        if (accumulate) wmma::load_matrix_sync(acc[j], c + j * 16, ldc, wmma::mem_row_major);
+        else wmma::fill_fragment(acc[j], 0.0f);
+    }
+    flash_mma_acc<K, NC, A_T, B_T>(acc, a, lda, b, ldb);
     for (int j = 0; j < NC; j++) wmma::store_matrix_sync(c + j * 16, acc[j], ldc, wmma::mem_row_major);
 }
 
@@ -648,59 +674,66 @@ template <int HD> __global__ void attention_forward_flash_kernel(bf16 *out, floa
     int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, q0 = blockIdx.x * FA_TILE;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
     const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *k = q + HHd, *v = q + 2 * HHd;
-    flash_load_tile<HD>(sQ, q, ld, q0, T);
+    FlashTileRegs<HD> nk, nv;  // the next key tile, in flight
+    flash_fetch_tile<HD>(nk, q, ld, q0, T);
+    flash_put_tile<HD>(sQ, nk);
+    flash_fetch_tile<HD>(nk, k, ld, 0, T);
+    flash_fetch_tile<HD>(nv, v, ld, 0, T);
     for (int i = threadIdx.x; i < FA_TILE * L::LDO; i += blockDim.x) sO[i] = 0.0f;
     for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
         sMax[i] = -INFINITY;
         sSum[i] = 0.0f;
     }
+    // the softmax's share of each lane: row r (two lanes per row), every other column from `half`
+    int r = r0 + lane / 2, half = lane % 2, t = q0 + r;
     int last = (q0 + FA_TILE < T ? q0 + FA_TILE : T) - 1;  // the last key any row of the tile sees
     for (int k0 = 0; k0 <= last; k0 += FA_TILE) {
         __syncthreads();  // the previous tiles are consumed
-        flash_load_tile<HD>(sK, k, ld, k0, T);
-        flash_load_tile<HD>(sV, v, ld, k0, T);
+        flash_put_tile<HD>(sK, nk);
+        flash_put_tile<HD>(sV, nv);
         __syncthreads();
+        if (k0 + FA_TILE <= last) {
+            flash_fetch_tile<HD>(nk, k, ld, k0 + FA_TILE, T);
+            flash_fetch_tile<HD>(nv, v, ld, k0 + FA_TILE, T);
+        }
         // S (the warp's 16 rows, 64 keys) = q k^T
         flash_mma<HD, FA_TILE / 16, false, true>(sS + r0 * L::LDS, L::LDS, sQ + r0 * L::LDH, L::LDH, sK, L::LDH, false);
         __syncwarp();
-        // online softmax of the warp's rows: the new max, P = exp(S - max), out and sum rescaled
-        for (int r = r0; r < r0 + 16; r++) {
-            int t = q0 + r;
-            float *sr = sS + r * L::LDS, mx = -INFINITY;
-            for (int c = lane; c < FA_TILE; c += 32) {
-                int s = k0 + c;
-                float x = s <= t && s < T ? sr[c] : -INFINITY;
-                sr[c] = x;
-                mx = fmaxf(mx, x);
-            }
-            mx = warp_max(mx);
-            float m_old = sMax[r], m_new = fmaxf(m_old, mx), sum = 0.0f;  // m_new is finite: key 0 is in the first tile
-            for (int c = lane; c < FA_TILE; c += 32) {
-                float pv = sr[c] == -INFINITY ? 0.0f : expf(sr[c] - m_new);
-                sP[r * L::LDP + c] = from_float<bf16>(pv);
-                sum += pv;
-            }
-            sum = warp_sum(sum);
-            float scale = expf(m_old - m_new);  // 0 at the first tile (m_old = -inf)
-            for (int i = lane; i < HD; i += 32) sO[r * L::LDO + i] *= scale;
-            __syncwarp();  // every lane has read sMax[r] and sSum[r]
-            if (lane == 0) {
-                sMax[r] = m_new;
-                sSum[r] = sSum[r] * scale + sum;
-            }
+        // online softmax of row r: the new max, P = exp(S - max), out and sum rescaled
+        float *sr = sS + r * L::LDS, mx = -INFINITY;
+        for (int c = half; c < FA_TILE; c += 2) {
+            int s = k0 + c;
+            float x = s <= t && s < T ? sr[c] : -INFINITY;
+            sr[c] = x;
+            mx = fmaxf(mx, x);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        float m_old = sMax[r], m_new = fmaxf(m_old, mx), sum = 0.0f;  // m_new is finite: key 0 is in the first tile
+        for (int c = half; c < FA_TILE; c += 2) {
+            float pv = sr[c] == -INFINITY ? 0.0f : expf(sr[c] - m_new);
+            sP[r * L::LDP + c] = from_float<bf16>(pv);
+            sum += pv;
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        float scale = expf(m_old - m_new);  // 0 at the first tile (m_old = -inf)
+        for (int i = half; i < HD; i += 2) sO[r * L::LDO + i] *= scale;
+        __syncwarp();  // both lanes of the row have read sMax[r] and sSum[r]
+        if (half == 0) {
+            sMax[r] = m_new;
+            sSum[r] = sSum[r] * scale + sum;
         }
         __syncwarp();
         // out (the warp's rows) += P v
         flash_mma<FA_TILE, HD / 16, false, false>(sO + r0 * L::LDO, L::LDO, sP + r0 * L::LDP, L::LDP, sV, L::LDH, true);
     }
     __syncwarp();
-    for (int r = r0; r < r0 + 16; r++) {
-        int t = q0 + r;
-        if (t >= T) break;
-        float inv = 1.0f / sSum[r];
+    for (int rr = r0; rr < r0 + 16; rr++) {
+        int tt = q0 + rr;
+        if (tt >= T) break;
+        float inv = 1.0f / sSum[rr];
         for (int i = lane; i < HD; i += 32)
-            out[((size_t)b * T + t) * HHd + (size_t)h * HD + i] = from_float<bf16>(sO[r * L::LDO + i] * inv);
-        if (lane == 0) lse[(size_t)bh * T + t] = sMax[r] + logf(sSum[r]);
+            out[((size_t)b * T + tt) * HHd + (size_t)h * HD + i] = from_float<bf16>(sO[rr * L::LDO + i] * inv);
+        if (lane == 0) lse[(size_t)bh * T + tt] = sMax[rr] + logf(sSum[rr]);
     }
 }
 
@@ -740,13 +773,26 @@ __device__ void flash_backward_scores(float *sS, float *sdP, bf16 *sP, bf16 *sdS
     }
 }
 
-// rows r0.. of the (B,T) stream of tile rows (64, HD; fp32, stride LDO) -> X rows of dst (row stride ld)
-template <int HD> __device__ void flash_store_rows(bf16 *dst, int ld, const float *src, int t0, int T) {
+// the block's 64 rows of a register accumulator (each warp its 16 rows, HD
+// columns) -> bf16 rows t0.. of dst (row stride ld), staged in stage (fp32, stride LDO)
+template <int HD> __device__ void flash_store_acc(bf16 *dst, int ld, const FlashAcc *acc, float *stage, int t0, int T) {
     const int LDO = FlashLd<HD>::LDO;
+    int r0 = (threadIdx.x / 32) * 16;
+    __syncthreads();  // every warp is done with the staging area's earlier use
+    for (int j = 0; j < HD / 16; j++)
+        nvcuda::wmma::store_matrix_sync(stage + r0 * LDO + j * 16, acc[j], LDO, nvcuda::wmma::mem_row_major);
+    __syncthreads();
     for (int idx = threadIdx.x; idx < FA_TILE * HD; idx += blockDim.x) {
         int r = idx / HD, i = idx % HD;
-        if (t0 + r < T) dst[(size_t)(t0 + r) * ld + i] = from_float<bf16>(src[r * LDO + i]);
+        if (t0 + r < T) dst[(size_t)(t0 + r) * ld + i] = from_float<bf16>(stage[r * LDO + i]);
     }
+}
+
+// lse and dvec of query rows q0..q0+63 in flight: thread i < 64 holds row q0 + i's
+__device__ void flash_fetch_rows(float *l, float *d, const float *lse, const float *dvec, int q0, int T) {
+    int i = threadIdx.x;
+    *l = i < FA_TILE && q0 + i < T ? lse[q0 + i] : 0.0f;
+    *d = i < FA_TILE && q0 + i < T ? dvec[q0 + i] : 0.0f;
 }
 
 // dk, dv of one key tile (blockIdx.x) of (b, h) = blockIdx.y, over the query tiles that see it
@@ -757,32 +803,48 @@ __global__ void attention_backward_flash_dkv_kernel(bf16 *dqkv, const bf16 *dout
     DYNAMIC_SMEM(smem);
     L sm(smem);
     bf16 *sQ = sm.t[0], *sdO = sm.t[1], *sK = sm.t[2], *sV = sm.t[3], *sP = sm.p[0], *sdS = sm.p[1];
-    float *sS = sm.s[0], *sdP = sm.s[1], *sdK = sm.o[0], *sdV = sm.o[1], *sLse = sm.row[0], *sDvec = sm.row[1];
+    float *sS = sm.s[0], *sdP = sm.s[1], *sLse = sm.row[0], *sDvec = sm.row[1];
     int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, k0 = blockIdx.x * FA_TILE;
     int r0 = (threadIdx.x / 32) * 16;
     const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *dy = dout + (size_t)b * T * HHd + (size_t)h * HD;
-    flash_load_tile<HD>(sK, q + HHd, ld, k0, T);
-    flash_load_tile<HD>(sV, q + 2 * HHd, ld, k0, T);
-    for (int i = threadIdx.x; i < FA_TILE * L::LDO; i += blockDim.x) sdK[i] = sdV[i] = 0.0f;
+    const float *lse_bh = lse + (size_t)bh * T, *dvec_bh = dvec + (size_t)bh * T;
+    FlashTileRegs<HD> nq, ndo;  // the next query tile, in flight
+    float nl, nd;
+    flash_fetch_tile<HD>(nq, q + HHd, ld, k0, T);
+    flash_put_tile<HD>(sK, nq);
+    flash_fetch_tile<HD>(nq, q + 2 * HHd, ld, k0, T);
+    flash_put_tile<HD>(sV, nq);
+    flash_fetch_tile<HD>(nq, q, ld, k0, T);
+    flash_fetch_tile<HD>(ndo, dy, HHd, k0, T);
+    flash_fetch_rows(&nl, &nd, lse_bh, dvec_bh, k0, T);
+    FlashAcc dk[HD / 16], dv[HD / 16];  // the warp's 16 key rows
+    for (int j = 0; j < HD / 16; j++) {
+        nvcuda::wmma::fill_fragment(dk[j], 0.0f);
+        nvcuda::wmma::fill_fragment(dv[j], 0.0f);
+    }
     for (int q0 = k0; q0 < T; q0 += FA_TILE) {  // queries before k0 do not see these keys
         __syncthreads();
-        flash_load_tile<HD>(sQ, q, ld, q0, T);
-        flash_load_tile<HD>(sdO, dy, HHd, q0, T);
-        for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
-            sLse[i] = q0 + i < T ? lse[(size_t)bh * T + q0 + i] : 0.0f;
-            sDvec[i] = q0 + i < T ? dvec[(size_t)bh * T + q0 + i] : 0.0f;
+        flash_put_tile<HD>(sQ, nq);
+        flash_put_tile<HD>(sdO, ndo);
+        if (threadIdx.x < FA_TILE) {
+            sLse[threadIdx.x] = nl;
+            sDvec[threadIdx.x] = nd;
         }
         __syncthreads();
+        if (q0 + FA_TILE < T) {
+            flash_fetch_tile<HD>(nq, q, ld, q0 + FA_TILE, T);
+            flash_fetch_tile<HD>(ndo, dy, HHd, q0 + FA_TILE, T);
+            flash_fetch_rows(&nl, &nd, lse_bh, dvec_bh, q0 + FA_TILE, T);
+        }
         flash_backward_scores<HD>(sS, sdP, sP, sdS, sQ, sdO, sK, sV, sLse, sDvec, q0, k0, T);
         __syncthreads();  // dk, dv need every warp's rows of P and dS
         // the warp's 16 key rows: dv += P^T dout, dk += dS^T q
-        flash_mma<FA_TILE, HD / 16, true, false>(sdV + r0 * L::LDO, L::LDO, sP + r0, L::LDP, sdO, L::LDH, true);
-        flash_mma<FA_TILE, HD / 16, true, false>(sdK + r0 * L::LDO, L::LDO, sdS + r0, L::LDP, sQ, L::LDH, true);
+        flash_mma_acc<FA_TILE, HD / 16, true, false>(dv, sP + r0, L::LDP, sdO, L::LDH);
+        flash_mma_acc<FA_TILE, HD / 16, true, false>(dk, sdS + r0, L::LDP, sQ, L::LDH);
     }
-    __syncthreads();
     bf16 *dq = dqkv + (size_t)b * T * ld + (size_t)h * HD;
-    flash_store_rows<HD>(dq + HHd, ld, sdK, k0, T);
-    flash_store_rows<HD>(dq + 2 * HHd, ld, sdV, k0, T);
+    flash_store_acc<HD>(dq + HHd, ld, dk, sS, k0, T);
+    flash_store_acc<HD>(dq + 2 * HHd, ld, dv, sS, k0, T);
 }
 
 // dq of one query tile (blockIdx.x) of (b, h) = blockIdx.y, over the key tiles it sees
@@ -793,30 +855,41 @@ __global__ void attention_backward_flash_dq_kernel(bf16 *dqkv, const bf16 *dout,
     DYNAMIC_SMEM(smem);
     L sm(smem);
     bf16 *sQ = sm.t[0], *sdO = sm.t[1], *sK = sm.t[2], *sV = sm.t[3], *sdS = sm.p[0];
-    float *sS = sm.s[0], *sdP = sm.s[1], *sdQ = sm.o[0], *sLse = sm.row[0], *sDvec = sm.row[1];
+    float *sS = sm.s[0], *sdP = sm.s[1], *sLse = sm.row[0], *sDvec = sm.row[1];
     int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, q0 = blockIdx.x * FA_TILE;
     int r0 = (threadIdx.x / 32) * 16;
     const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *dy = dout + (size_t)b * T * HHd + (size_t)h * HD;
-    flash_load_tile<HD>(sQ, q, ld, q0, T);
-    flash_load_tile<HD>(sdO, dy, HHd, q0, T);
-    for (int i = threadIdx.x; i < FA_TILE * L::LDO; i += blockDim.x) sdQ[i] = 0.0f;
-    for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
-        sLse[i] = q0 + i < T ? lse[(size_t)bh * T + q0 + i] : 0.0f;
-        sDvec[i] = q0 + i < T ? dvec[(size_t)bh * T + q0 + i] : 0.0f;
+    FlashTileRegs<HD> nk, nv;  // the next key tile, in flight
+    float nl, nd;
+    flash_fetch_tile<HD>(nk, q, ld, q0, T);
+    flash_put_tile<HD>(sQ, nk);
+    flash_fetch_tile<HD>(nk, dy, HHd, q0, T);
+    flash_put_tile<HD>(sdO, nk);
+    flash_fetch_rows(&nl, &nd, lse + (size_t)bh * T, dvec + (size_t)bh * T, q0, T);
+    if (threadIdx.x < FA_TILE) {
+        sLse[threadIdx.x] = nl;
+        sDvec[threadIdx.x] = nd;
     }
+    flash_fetch_tile<HD>(nk, q + HHd, ld, 0, T);
+    flash_fetch_tile<HD>(nv, q + 2 * HHd, ld, 0, T);
+    FlashAcc dq[HD / 16];  // the warp's 16 query rows
+    for (int j = 0; j < HD / 16; j++) nvcuda::wmma::fill_fragment(dq[j], 0.0f);
     int last = (q0 + FA_TILE < T ? q0 + FA_TILE : T) - 1;
     for (int k0 = 0; k0 <= last; k0 += FA_TILE) {
         __syncthreads();
-        flash_load_tile<HD>(sK, q + HHd, ld, k0, T);
-        flash_load_tile<HD>(sV, q + 2 * HHd, ld, k0, T);
+        flash_put_tile<HD>(sK, nk);
+        flash_put_tile<HD>(sV, nv);
         __syncthreads();
+        if (k0 + FA_TILE <= last) {
+            flash_fetch_tile<HD>(nk, q + HHd, ld, k0 + FA_TILE, T);
+            flash_fetch_tile<HD>(nv, q + 2 * HHd, ld, k0 + FA_TILE, T);
+        }
         flash_backward_scores<HD>(sS, sdP, NULL, sdS, sQ, sdO, sK, sV, sLse, sDvec, q0, k0, T);
         __syncwarp();
         // the warp's 16 query rows: dq += dS k
-        flash_mma<FA_TILE, HD / 16, false, false>(sdQ + r0 * L::LDO, L::LDO, sdS + r0 * L::LDP, L::LDP, sK, L::LDH, true);
+        flash_mma_acc<FA_TILE, HD / 16, false, false>(dq, sdS + r0 * L::LDP, L::LDP, sK, L::LDH);
     }
-    __syncthreads();
-    flash_store_rows<HD>(dqkv + (size_t)b * T * ld + (size_t)h * HD, ld, sdQ, q0, T);
+    flash_store_acc<HD>(dqkv + (size_t)b * T * ld + (size_t)h * HD, ld, dq, sS, q0, T);
 }
 
 // head widths with a flash kernel (WMMA: a multiple of 16; one warp's lanes span <= 128 columns)
@@ -830,10 +903,14 @@ template <int HD> static void flash_set_smem(void) {
     cudaCheck(cudaFuncSetAttribute(attention_backward_flash_dq_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    (int)FlashDq<HD>::bytes()));
 }
-// the largest shared memory the flash kernels of head width Hd need
+// the largest shared memory the flash kernels of head width HD need
+template <int HD> static size_t flash_smem_bytes_hd(void) {
+    size_t f = FlashFwd<HD>::bytes(), kv = FlashDkv<HD>::bytes(), q = FlashDq<HD>::bytes();
+    return f > kv ? (f > q ? f : q) : (kv > q ? kv : q);
+}
 static size_t flash_smem_bytes(int Hd) {
-    return Hd == 16 ? FlashDkv<16>::bytes() : Hd == 32 ? FlashDkv<32>::bytes() : Hd == 64 ? FlashDkv<64>::bytes()
-                                                                                          : FlashDkv<128>::bytes();
+    return Hd == 16 ? flash_smem_bytes_hd<16>() : Hd == 32 ? flash_smem_bytes_hd<32>()
+         : Hd == 64 ? flash_smem_bytes_hd<64>() : flash_smem_bytes_hd<128>();
 }
 static void flash_init(int Hd) {
     switch (Hd) {

@@ -8,6 +8,7 @@
 #
 #   bash dev/bench_gpu.sh                 (PYTHON: a python with torch 2.x + CUDA)
 #   SMALL_B=8 BASE_B=4 STEPS=10 PEAK_TFLOPS=989 bash dev/bench_gpu.sh
+#   CONFIGS="base:4:2048" bash dev/bench_gpu.sh      (CONFIG:B:T, space-separated)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -36,7 +37,7 @@ mfu() { awk -v t="$1" -v f="$2" -v p="$peak" 'BEGIN { if (t == "" || p == 0) pri
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "-"; else printf "%.2fx", a / b }'; }
 printf "%-6s %3s %5s | %-22s | %-22s | %-22s | %8s %8s\n" config B T "openmoe.cu tok/s (MFU)" "torch eager tok/s (MFU)" \
     "torch.compile tok/s (MFU)" "/eager" "/compile"
-for spec in small:${SMALL_B:-8}:1024 base:${BASE_B:-4}:2048; do
+for spec in ${CONFIGS:-small:${SMALL_B:-8}:1024 base:${BASE_B:-4}:2048}; do
     IFS=: read -r cfg B T <<< "$spec"
     fpt=$($PY dev/bench_gpu.py flops $cfg $T | field flops_per_token)
     ours=$(build/bench_gpu $cfg $B $T $STEPS 2>&1)

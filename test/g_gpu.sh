@@ -132,3 +132,22 @@ if [ -f data/kjv/tokenizer.bin ] && [ -f $G/train_gpu/model_00000006.bin ] && [ 
 else
     echo "SKIP run_gpu --verify: needs data/kjv (make data)"
 fi
+
+# 6. compute-sanitizer, where the toolkit has it: out-of-bounds accesses
+#    (memcheck), shared-memory races (racecheck: what the CPU emulation in
+#    dev/cuda_emu cannot see, as it runs a block's threads one after another
+#    between barriers) and barrier misuse (synccheck), on small cases
+san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [ -z "$san" ] || [ "${SANITIZE:-1}" = 0 ]; then
+    echo "SKIP compute-sanitizer checks: ${san:+SANITIZE=0}${san:-compute-sanitizer not found}"
+else
+    for tool in memcheck racecheck synccheck; do
+        for run in "$cases/moe_drop fp32" "$cases/moe_drop bf16" "$G/more/tiny_groups bf16" "$G/more/flash64 bf16" \
+                   "$G/more/sharp32 bf16"; do
+            set -- $run
+            flags=""; [ "$2" = bf16 ] && flags="--bf16 --tol-scale $BF16_TOL"
+            expect_ok "compute-sanitizer $tool $(basename $1) $2" timeout 900 $san --tool $tool --error-exitcode 1 \
+                ./test_gpu $1.model.bin $1.state.bin $flags
+        done
+    done
+fi
