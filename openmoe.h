@@ -158,6 +158,21 @@ static inline int config_check(const Config *c, char *why, size_t nwhy) {
     return 1;
 }
 
+// a preset name, or "V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn" (max_seq_len 2048),
+// as the benchmarks take it; on failure writes why and returns 0
+static inline int config_parse(const char *s, Config *c, char *why, size_t nwhy) {
+    if (config_preset(s, c)) return 1;
+    int *v = &c->V;  // V, then L: the header order puts max_seq_len second
+    int got = sscanf(s, "%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d", &v[0], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8],
+                     &v[9], &v[10], &v[11]);
+    if (got != 11) {
+        snprintf(why, nwhy, "not a preset name nor V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn");
+        return 0;
+    }
+    c->max_seq_len = 2048;
+    return config_check(c, why, nwhy);
+}
+
 // ----------------------------------------------------------------------------
 // 3. the parameter table: every tensor's offset into one fp32 buffer, in the
 // order of the model file (SPEC §6). Expert stacks [E, rows, cols] are one

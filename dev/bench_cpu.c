@@ -23,14 +23,8 @@ static int cmp_double(const void *a, const void *b) {
 
 static Config parse_config(const char *s) {
     Config c;
-    if (config_preset(s, &c)) return c;
-    int *v = &c.V;  // V, then L: the header order puts max_seq_len second
-    int got = sscanf(s, "%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d", &v[0], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8],
-                     &v[9], &v[10], &v[11]);
-    if (got != 11) die("config '%s': a preset name or V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn", s);
-    c.max_seq_len = 2048;
     char why[128];
-    if (!config_check(&c, why, sizeof(why))) die("config '%s': %s", s, why);
+    if (!config_parse(s, &c, why, sizeof(why))) die("config '%s': %s", s, why);
     return c;
 }
 

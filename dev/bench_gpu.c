@@ -4,7 +4,7 @@
 //
 //   bench_gpu CONFIG B T STEPS [--fp32]
 //       median ms of a training step (forward, backward, AdamW update) in bf16
-//       (or fp32), on random tokens, after two warm-up steps; also the median
+//       (or fp32), on random tokens, after three warm-up steps (as bench_gpu.py); also the median
 //       of each phase and the tokens per second
 //
 // CONFIG: a preset name (tiny small base 8b 34b) or V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn.
@@ -29,14 +29,8 @@ static double median(double *v, int n) {
 
 static Config parse_config(const char *s) {
     Config c;
-    if (config_preset(s, &c)) return c;
-    int *v = &c.V;  // V, then L: the header order puts max_seq_len second
-    int got = sscanf(s, "%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d", &v[0], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8],
-                     &v[9], &v[10], &v[11]);
-    if (got != 11) die("config '%s': a preset name or V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn", s);
-    c.max_seq_len = 2048;
     char why[128];
-    if (!config_check(&c, why, sizeof(why))) die("config '%s': %s", s, why);
+    if (!config_parse(s, &c, why, sizeof(why))) die("config '%s': %s", s, why);
     return c;
 }
 
@@ -64,7 +58,7 @@ int main(int argc, char **argv) {
     float losses[N_LOSSES];
     double *tf = (double *)mallocCheck(steps * sizeof(double)), *tb = (double *)mallocCheck(steps * sizeof(double));
     double *tu = (double *)mallocCheck(steps * sizeof(double)), *ts = (double *)mallocCheck(steps * sizeof(double));
-    for (int i = -2; i < steps; i++) {  // two warm-up steps
+    for (int i = -3; i < steps; i++) {  // three warm-up steps
         cudaDeviceSynchronize();
         double t0 = now();
         model_forward(m, x, y, B, T, &s, losses);  // ends with a sync (the losses)
@@ -72,7 +66,7 @@ int main(int argc, char **argv) {
         model_backward(m);
         cudaDeviceSynchronize();
         double t2 = now();
-        model_update(m, &o, i + 3);  // ends with the kernels queued after a sync on the norm
+        model_update(m, &o, i + 4);  // ends with the kernels queued after a sync on the norm
         cudaDeviceSynchronize();
         double t3 = now();
         if (i < 0) continue;

@@ -34,14 +34,7 @@ import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "test"))
 import reference as ref  # noqa: E402
-
-
-def parse_config(s):
-    """A preset name, or V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn as bench_gpu.c takes it."""
-    if s in ref.PRESETS:
-        return ref.PRESETS[s]
-    V, L, D, H, Hd, F, E, K, every, Fe, extra = (int(a) for a in s.split(","))
-    return ref.Config(V, 2048, L, D, H, Hd, F, E, K, every, Fe, extra)
+from bench_torch import parse_config  # noqa: E402  (a preset name or V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn)
 
 
 def attention(x, wq, wk, wv, wo, H, Hd, cos, sin):

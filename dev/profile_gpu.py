@@ -46,7 +46,7 @@ def main():
         torch.cuda.synchronize()
     if rc != 0:
         sys.exit(f"bench_gpu exited with {rc}")
-    n = int(steps) + 2  # bench_gpu runs two warm-up steps
+    n = int(steps) + 3  # bench_gpu runs three warm-up steps
     rows = [(e.device_time_total, e.count, e.key) for e in prof.key_averages() if e.device_time_total > 0]
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)

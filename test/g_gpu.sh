@@ -139,7 +139,7 @@ fi
 #    between barriers) and barrier misuse (synccheck), on small cases
 san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 if [ -z "$san" ] || [ "${SANITIZE:-1}" = 0 ]; then
-    echo "SKIP compute-sanitizer checks: ${san:+SANITIZE=0}${san:-compute-sanitizer not found}"
+    echo "SKIP compute-sanitizer checks: $([ -n "$san" ] && echo "SANITIZE=0" || echo "compute-sanitizer not found")"
 else
     for tool in memcheck racecheck synccheck; do
         for run in "$cases/moe_drop fp32" "$cases/moe_drop bf16" "$G/more/tiny_groups bf16" "$G/more/flash64 bf16" \
