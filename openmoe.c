@@ -208,16 +208,8 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
 
 // ----------------------------------------------------------------------------
 // RoPE, rotate-half: element i pairs with i + Hd/2, angle pos * 10000^(-2i/Hd).
-// The angles' cos and sin come from tables (max_seq_len, Hd/2) made once.
-
-static void rope_tables(float *cosv, float *sinv, int max_seq_len, int Hd) {
-    for (int pos = 0; pos < max_seq_len; pos++)
-        for (int i = 0; i < Hd / 2; i++) {
-            double theta = pos * pow(10000.0, -2.0 * i / Hd);
-            cosv[(size_t)pos * (Hd / 2) + i] = (float)cos(theta);
-            sinv[(size_t)pos * (Hd / 2) + i] = (float)sin(theta);
-        }
-}
+// The angles' cos and sin come from tables (max_seq_len, Hd/2) made once
+// (rope_tables, openmoe.h).
 
 // one head's vector x (Hd) at its position's table row; sign -1 rotates back
 static void rope_row(float *x, const float *cosv, const float *sinv, int Hd, float sign) {
@@ -367,29 +359,8 @@ static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const 
 }
 
 // ----------------------------------------------------------------------------
-// router: fp32 softmax over all E experts, top-K (ties to the lower index)
-
-// one token: logits z (E) -> p (E), returns logsumexp(z); top (K) best first
-static float router_row(float *p, int *top, const float *z, int E, int K) {
-    float maxz = -FLT_MAX;
-    for (int e = 0; e < E; e++) maxz = z[e] > maxz ? z[e] : maxz;
-    float sum = 0.0f;
-    for (int e = 0; e < E; e++) {
-        p[e] = expf(z[e] - maxz);
-        sum += p[e];
-    }
-    for (int e = 0; e < E; e++) p[e] /= sum;
-    for (int r = 0; r < K; r++) {
-        int best = -1;
-        for (int e = 0; e < E; e++) {
-            int taken = 0;
-            for (int q = 0; q < r; q++) taken |= top[q] == e;
-            if (!taken && (best < 0 || p[e] > p[best])) best = e;
-        }
-        top[r] = best;
-    }
-    return maxz + logf(sum);
-}
+// router: fp32 softmax over all E experts, top-K (ties to the lower index),
+// one token at a time by router_row (openmoe.h)
 
 // inp (N,D), wr (E,D) -> z, p (N,E), lse (N), top (N,K)
 static void router_forward(float *z, float *p, float *lse, int *top, const float *inp, const float *wr,
@@ -414,23 +385,15 @@ static void router_backward(float *dp, const float *p, const float *lse, float r
     }
 }
 
-// routing groups: tokens [g*G, min((g+1)*G, N)) with G = group_size (0: all)
-static inline int group_len(int N, int group_size) { return group_size <= 0 || group_size > N ? N : group_size; }
-
-// expert capacity of a group of n tokens (SPEC §3), in integers
-static inline int moe_capacity_of(int n, int E, const MoeSettings *s) {
-    long c = ((long)s->cf1000 * n + 500L * E) / (1000L * E);
-    return c > s->min_capacity ? (int)c : s->min_capacity;
-}
-
-// Hands out expert slots in priority order within each group: all rank-0
-// choices in token order, then rank 1, ... An assignment to a full expert is
-// dropped. top (N,K) -> kept (N,K) 0/1; count (E) scratch. Returns drops.
+// Hands out expert slots in priority order within each group (group_len and
+// moe_capacity_of in openmoe.h): all rank-0 choices in token order, then rank
+// 1, ... An assignment to a full expert is dropped. top (N,K) -> kept (N,K)
+// 0/1; count (E) scratch. Returns drops.
 static int moe_capacity(int *kept, const int *top, int N, int K, int E, const MoeSettings *s, int *count) {
     int G = group_len(N, s->group_size), dropped = 0;
     for (int g0 = 0; g0 < N; g0 += G) {
         int n1 = g0 + G < N ? g0 + G : N;
-        int C = moe_capacity_of(n1 - g0, E, s);
+        int C = moe_capacity_of(n1 - g0, E, s->cf1000, s->min_capacity);
         memset(count, 0, E * sizeof(int));
         for (int r = 0; r < K; r++)
             for (int n = g0; n < n1; n++) {
@@ -817,13 +780,7 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     acts_layout(m, m->acts, m->iacts, &nf, &ni);
     decode_layout(m, m->acts + nf, m->iacts + ni, &dnf, &dni);
     rope_tables(m->rope_cos, m->rope_sin, c->max_seq_len, c->Hd);
-    int nm = n_moe_layers(c) > 0 ? n_moe_layers(c) : 1;
-    m->stats = (RouterStats *)callocCheck(nm, sizeof(RouterStats));
-    m->stat_ints = (int *)callocCheck(2 * (size_t)nm * c->E, sizeof(int));
-    for (int i = 0; i < nm; i++) {
-        m->stats[i].routed = m->stat_ints + (size_t)2 * i * c->E;
-        m->stats[i].kept = m->stat_ints + (size_t)(2 * i + 1) * c->E;
-    }
+    m->stats = router_stats_create(n_moe_layers(c), c->E, &m->stat_ints);
     return m;
 }
 
@@ -906,11 +863,7 @@ static int moe_forward(Model *m, LayerActs *a, const LayerParams *lp, RouterStat
 void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s,
                    float *losses) {
     const Config *c = &m->c;
-    if (B <= 0 || T <= 0 || B > m->Bmax || T > m->Tmax)
-        die("model_forward: batch %d x %d does not fit the model's %d x %d", B, T, m->Bmax, m->Tmax);
-    if (s->cf1000 <= 0 || s->min_capacity < 0 || s->group_size < 0)
-        die("model_forward: bad MoE settings (cf1000 %d, min_capacity %d, group_size %d)", s->cf1000,
-            s->min_capacity, s->group_size);
+    forward_args_check(B, T, m->Bmax, m->Tmax, s);
     int BT = B * T, D = c->D, HHd = c->H * c->Hd, V = c->V;
     m->B = B;
     m->T = T;
@@ -961,21 +914,7 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
 
     double ce_sum, lz_sum;
     crossentropy_forward(&ce_sum, &lz_sum, &m->n_targets, m->lse, m->logits, m->y, BT, V);
-    double lb = 0.0, rz = 0.0;
-    for (int i = 0; i < im; i++) {
-        lb += m->stats[i].lb;
-        rz += m->stats[i].rz;
-    }
-    double ce = m->n_targets ? ce_sum / m->n_targets : 0.0, lz = m->n_targets ? lz_sum / m->n_targets : 0.0;
-    lb = im ? lb / im : 0.0;
-    rz = im ? rz / im : 0.0;
-    memset(losses, 0, N_LOSSES * sizeof(float));
-    losses[LOSS_TOTAL] = (float)(ce + s->lb_coef * lb + s->rz_coef * rz + s->lz_coef * lz);
-    losses[LOSS_CE] = (float)ce;
-    losses[LOSS_LB] = (float)lb;
-    losses[LOSS_RZ] = (float)rz;
-    losses[LOSS_LZ] = (float)lz;
-    losses[LOSS_DROPPED] = im ? (float)((double)dropped / ((double)BT * c->K * im)) : 0.0f;
+    losses_from_sums(losses, ce_sum, lz_sum, m->n_targets, m->stats, im, dropped, (long)BT * c->K, s);
 }
 
 // ----------------------------------------------------------------------------
@@ -1136,10 +1075,7 @@ static void adafactor_update(float *w, const float *g, float *state, int rows, i
 }
 
 float model_update(Model *m, const OptSettings *o, int t) {
-    if (!m->grads) die("model_update: the model was created without an optimizer");
-    if (o->kind != m->opt_kind || (o->kind == OPT_ADAFACTOR && o->min_dim != m->opt_min_dim))
-        die("model_update: optimizer settings differ from those the model was created with");
-    if (t < 1) die("model_update: step %d, steps count from 1", t);
+    update_args_check(m->grads != NULL, m->opt_kind, m->opt_min_dim, o, t);
     const ParamTable *pt = &m->table;
     float norm = (float)sqrt(sum_squares(m->grads, pt->n_params));
     if (o->kind == OPT_ADAMW) {

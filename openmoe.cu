@@ -124,13 +124,6 @@ __device__ float block_max(float v) {
     return t;
 }
 
-// expert capacity of a group of n tokens (SPEC §3), in integers, as openmoe.c
-__host__ __device__ inline int moe_capacity_of(int n, int E, int cf1000, int min_capacity) {
-    long long c = ((long long)cf1000 * n + 500LL * E) / (1000LL * E);
-    return c > min_capacity ? (int)c : min_capacity;
-}
-// routing groups: tokens [g*G, min((g+1)*G, N)) with G = group_size (0: all)
-static inline int group_len(int N, int group_size) { return group_size <= 0 || group_size > N ? N : group_size; }
 
 // ----------------------------------------------------------------------------
 // the model's buffers (all allocated in model_create)
@@ -1046,31 +1039,11 @@ static void ffn_backward(Model *m, float *dinp, float *dwg, float *dwu, float *d
 // ----------------------------------------------------------------------------
 // router: fp32 softmax over all E experts, top-K (ties to the lower index)
 
-// z (N,E) -> p (N,E), lse (N), top (N,K) best first; one thread per token
+// z (N,E) -> p (N,E), lse (N), top (N,K) best first; one thread per token (router_row, openmoe.h)
 __global__ void router_forward_kernel(float *p, float *lse, int *top, const float *z, int N, int E, int K) {
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
-    const float *zn = z + (size_t)n * E;
-    float *pn = p + (size_t)n * E;
-    int *tn = top + (size_t)n * K;
-    float maxz = -FLT_MAX;
-    for (int e = 0; e < E; e++) maxz = fmaxf(maxz, zn[e]);
-    float sum = 0.0f;
-    for (int e = 0; e < E; e++) {
-        pn[e] = expf(zn[e] - maxz);
-        sum += pn[e];
-    }
-    for (int e = 0; e < E; e++) pn[e] /= sum;
-    for (int r = 0; r < K; r++) {
-        int best = -1;
-        for (int e = 0; e < E; e++) {
-            int taken = 0;
-            for (int q = 0; q < r; q++) taken |= tn[q] == e;
-            if (!taken && (best < 0 || pn[e] > pn[best])) best = e;  // strict: ties keep the lower index
-        }
-        tn[r] = best;
-    }
-    lse[n] = maxz + logf(sum);
+    lse[n] = router_row(p + (size_t)n * E, top + (size_t)n * K, z + (size_t)n * E, E, K);
 }
 
 // inp (N,D) fp32, wr (E,D) fp32 -> z, p (N,E), lse (N), top (N,K)
@@ -1635,16 +1608,6 @@ template <typename X> static size_t acts_layout(Model *m, char *base) {
     return u;
 }
 
-// the RoPE tables, in double on the host as openmoe.c makes them
-static void rope_tables(float *cosv, float *sinv, int max_seq_len, int Hd) {
-    for (int pos = 0; pos < max_seq_len; pos++)
-        for (int i = 0; i < Hd / 2; i++) {
-            double theta = pos * pow(10000.0, -2.0 * i / Hd);
-            cosv[(size_t)pos * (Hd / 2) + i] = (float)cos(theta);
-            sinv[(size_t)pos * (Hd / 2) + i] = (float)sin(theta);
-        }
-}
-
 // refresh the matmul copy of the weights after the master weights changed
 static void params_to_x(Model *m) {
     if (m->precision == PRECISION_BF16) cast_to_x(m->x16.params_x, m->params, m->table.n_params);
@@ -1751,12 +1714,7 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     m->h_ints = (int *)callocCheck(BT * c->K, sizeof(int));
     m->h_p = (float *)callocCheck(BT * c->E, sizeof(float));
     m->h_sums = (double *)callocCheck(2 + 2 * (size_t)nm, sizeof(double));
-    m->stats = (RouterStats *)callocCheck(nm, sizeof(RouterStats));
-    m->stat_ints = (int *)callocCheck(2 * (size_t)nm * c->E, sizeof(int));
-    for (int i = 0; i < nm; i++) {
-        m->stats[i].routed = m->stat_ints + (size_t)2 * i * c->E;
-        m->stats[i].kept = m->stat_ints + (size_t)(2 * i + 1) * c->E;
-    }
+    m->stats = router_stats_create(n_moe_layers(c), c->E, &m->stat_ints);
     cudaCheck(cudaDeviceSynchronize());
     return m;
 }
@@ -1919,11 +1877,7 @@ template <typename X> static void forward_impl(Model *m, int B, int T) {
 void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s,
                    float *losses) {
     const Config *c = &m->c;
-    if (B <= 0 || T <= 0 || B > m->Bmax || T > m->Tmax)
-        die("model_forward: batch %d x %d does not fit the model's %d x %d", B, T, m->Bmax, m->Tmax);
-    if (s->cf1000 <= 0 || s->min_capacity < 0 || s->group_size < 0)
-        die("model_forward: bad MoE settings (cf1000 %d, min_capacity %d, group_size %d)", s->cf1000,
-            s->min_capacity, s->group_size);
+    forward_args_check(B, T, m->Bmax, m->Tmax, s);
     int BT = B * T, V = c->V, K = c->K, E = c->E;
     m->B = B;
     m->T = T;
@@ -1948,7 +1902,6 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
     if (nm > 0)
         cudaCheck(cudaMemcpy(m->stat_ints, m->stat_counts, (size_t)nm * 2 * E * sizeof(int), cudaMemcpyDeviceToHost));
     int G = group_len(BT, s->group_size), n_groups = (BT + G - 1) / G;
-    double lb = 0.0, rz = 0.0;
     long dropped = 0;
     for (int i = 0; i < nm; i++) {
         RouterStats *st = &m->stats[i];
@@ -1961,20 +1914,8 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
         }
         st->dropped = (float)((double)(routed - kept) / ((double)BT * K));
         dropped += routed - kept;
-        lb += st->lb;
-        rz += st->rz;
     }
-    int mt = m->n_targets;
-    double ce = mt ? m->h_sums[0] / mt : 0.0, lz = mt ? m->h_sums[1] / mt : 0.0;
-    lb = nm ? lb / nm : 0.0;
-    rz = nm ? rz / nm : 0.0;
-    memset(losses, 0, N_LOSSES * sizeof(float));
-    losses[LOSS_TOTAL] = (float)(ce + s->lb_coef * lb + s->rz_coef * rz + s->lz_coef * lz);
-    losses[LOSS_CE] = (float)ce;
-    losses[LOSS_LB] = (float)lb;
-    losses[LOSS_RZ] = (float)rz;
-    losses[LOSS_LZ] = (float)lz;
-    losses[LOSS_DROPPED] = nm ? (float)((double)dropped / ((double)BT * K * nm)) : 0.0f;
+    losses_from_sums(losses, m->h_sums[0], m->h_sums[1], m->n_targets, m->stats, nm, dropped, (long)BT * K, s);
 }
 
 // ----------------------------------------------------------------------------
@@ -2271,10 +2212,7 @@ static void adafactor_update(Model *m, float *w, const float *g, float *state, i
 }
 
 float model_update(Model *m, const OptSettings *o, int t) {
-    if (!m->grads) die("model_update: the model was created without an optimizer");
-    if (o->kind != m->opt_kind || (o->kind == OPT_ADAFACTOR && o->min_dim != m->opt_min_dim))
-        die("model_update: optimizer settings differ from those the model was created with");
-    if (t < 1) die("model_update: step %d, steps count from 1", t);
+    update_args_check(m->grads != NULL, m->opt_kind, m->opt_min_dim, o, t);
     const ParamTable *pt = &m->table;
     size_t n = pt->n_params;
     int nb = partial_blocks(n);

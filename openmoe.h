@@ -6,9 +6,11 @@
 //   4. initialisation with a portable RNG                          (SPEC §5)
 //   5. model file and debug state file I/O                         (SPEC §6, §7)
 //   6. the backend API, implemented by openmoe.c and by openmoe.cu
+//   7. what both backends compute the same way: routing groups, capacity,
+//      the router's softmax and top-K, RoPE tables, argument checks, losses
 //
-// Everything above the backend API is host code defined here as static
-// functions, so that each program is one translation unit plus one backend.
+// Everything but the backend API is defined here as static functions, so
+// that each program is one translation unit plus one backend.
 #ifndef OPENMOE_H
 #define OPENMOE_H
 
@@ -19,6 +21,7 @@
 #include <string.h>
 #include <math.h>
 #include <errno.h>
+#include <float.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -589,6 +592,114 @@ void model_set_opt_state(Model *m, const float *state);
 // group of one), so capacity never drops it: generation matches
 // model_forward with group_size 1.
 const float *model_decode(Model *m, int token, int pos);
+
+// ----------------------------------------------------------------------------
+// 7. what both backends compute the same way. HOST_DEVICE functions also run
+// inside openmoe.cu's kernels.
+
+#ifdef __CUDACC__
+#define HOST_DEVICE __host__ __device__
+#else
+#define HOST_DEVICE
+#endif
+
+// routing groups (SPEC §3): tokens [g*G, min((g+1)*G, N)) with G = group_len (group_size 0: all N)
+static inline HOST_DEVICE int group_len(int N, int group_size) {
+    return group_size <= 0 || group_size > N ? N : group_size;
+}
+
+// expert capacity of a group of n tokens (SPEC §3), in integers:
+// max(min_capacity, round(cf1000/1000 * n / E)), halves rounded up
+static inline HOST_DEVICE int moe_capacity_of(int n, int E, int cf1000, int min_capacity) {
+    long long c = ((long long)cf1000 * n + 500LL * E) / (1000LL * E);
+    return c > min_capacity ? (int)c : min_capacity;
+}
+
+// the router of one token: logits z (E) -> p (E) = softmax(z) in fp32, top
+// (K) the K most probable experts, best first (ties keep the lower index);
+// returns logsumexp(z) for the router z-loss
+static inline HOST_DEVICE float router_row(float *p, int *top, const float *z, int E, int K) {
+    float maxz = -FLT_MAX;
+    for (int e = 0; e < E; e++) maxz = z[e] > maxz ? z[e] : maxz;
+    float sum = 0.0f;
+    for (int e = 0; e < E; e++) {
+        p[e] = expf(z[e] - maxz);
+        sum += p[e];
+    }
+    for (int e = 0; e < E; e++) p[e] /= sum;
+    for (int r = 0; r < K; r++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int q = 0; q < r; q++) taken |= top[q] == e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        top[r] = best;
+    }
+    return maxz + logf(sum);
+}
+
+// RoPE tables (SPEC §2): cos, sin (max_seq_len, Hd/2) of pos * 10000^(-2i/Hd), computed in double
+static inline void rope_tables(float *cosv, float *sinv, int max_seq_len, int Hd) {
+    for (int pos = 0; pos < max_seq_len; pos++)
+        for (int i = 0; i < Hd / 2; i++) {
+            double theta = pos * pow(10000.0, -2.0 * i / Hd);
+            cosv[(size_t)pos * (Hd / 2) + i] = (float)cos(theta);
+            sinv[(size_t)pos * (Hd / 2) + i] = (float)sin(theta);
+        }
+}
+
+// per MoE layer: routed[E] then kept[E] in one array (*ints); exits when out of memory
+static inline RouterStats *router_stats_create(int n_moe, int E, int **ints) {
+    int nm = n_moe > 0 ? n_moe : 1;
+    RouterStats *stats = (RouterStats *)callocCheck(nm, sizeof(RouterStats));
+    *ints = (int *)callocCheck(2 * (size_t)nm * E, sizeof(int));
+    for (int i = 0; i < nm; i++) {
+        stats[i].routed = *ints + (size_t)2 * i * E;
+        stats[i].kept = *ints + (size_t)(2 * i + 1) * E;
+    }
+    return stats;
+}
+
+// model_forward's arguments, against the batch the model was created for
+static inline void forward_args_check(int B, int T, int Bmax, int Tmax, const MoeSettings *s) {
+    if (B <= 0 || T <= 0 || B > Bmax || T > Tmax)
+        die("model_forward: batch %d x %d does not fit the model's %d x %d", B, T, Bmax, Tmax);
+    if (s->cf1000 <= 0 || s->min_capacity < 0 || s->group_size < 0)
+        die("model_forward: bad MoE settings (cf1000 %d, min_capacity %d, group_size %d)", s->cf1000,
+            s->min_capacity, s->group_size);
+}
+
+// model_update's arguments, against the optimizer the model was created with
+static inline void update_args_check(int has_grads, OptKind kind, int min_dim, const OptSettings *o, int t) {
+    if (!has_grads) die("model_update: the model was created without an optimizer");
+    if (o->kind != kind || (o->kind == OPT_ADAFACTOR && o->min_dim != min_dim))
+        die("model_update: optimizer settings differ from those the model was created with");
+    if (t < 1) die("model_update: step %d, steps count from 1", t);
+}
+
+// the losses (N_LOSSES) of a forward (SPEC §4) from its sums: ce and lz over
+// its n_targets targets; lb and rz, the means of the MoE layers' stats;
+// dropped of the n_moe * BTK assignments
+static inline void losses_from_sums(float *losses, double ce_sum, double lz_sum, int n_targets,
+                                    const RouterStats *stats, int n_moe, long dropped, long BTK,
+                                    const MoeSettings *s) {
+    double lb = 0.0, rz = 0.0;
+    for (int i = 0; i < n_moe; i++) {
+        lb += stats[i].lb;
+        rz += stats[i].rz;
+    }
+    double ce = n_targets ? ce_sum / n_targets : 0.0, lz = n_targets ? lz_sum / n_targets : 0.0;
+    lb = n_moe ? lb / n_moe : 0.0;
+    rz = n_moe ? rz / n_moe : 0.0;
+    memset(losses, 0, N_LOSSES * sizeof(float));
+    losses[LOSS_TOTAL] = (float)(ce + s->lb_coef * lb + s->rz_coef * rz + s->lz_coef * lz);
+    losses[LOSS_CE] = (float)ce;
+    losses[LOSS_LB] = (float)lb;
+    losses[LOSS_RZ] = (float)rz;
+    losses[LOSS_LZ] = (float)lz;
+    losses[LOSS_DROPPED] = n_moe ? (float)((double)dropped / ((double)BTK * n_moe)) : 0.0f;
+}
 
 #ifdef __cplusplus
 }

@@ -164,7 +164,8 @@ static inline void emu_set_thread(int t) {
     threadIdx.z = t / (blockDim.x * blockDim.y);
 }
 
-static void emu_launch(dim3 grid, dim3 block, const std::function<void()> &body) {
+// the threads per block of a launch, which must be one a GPU would accept
+static int emu_check_launch(dim3 grid, dim3 block) {
     int n = (int)(block.x * block.y * block.z);
     if (n <= 0 || n > EMU_MAX_THREADS || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
         grid.z > 65535) {
@@ -172,6 +173,11 @@ static void emu_launch(dim3 grid, dim3 block, const std::function<void()> &body)
                 block.y, block.z);
         abort();
     }
+    return n;
+}
+
+static void emu_launch(dim3 grid, dim3 block, const std::function<void()> &body) {
+    int n = emu_check_launch(grid, block);
     gridDim = grid;
     blockDim = block;
     emu_body = &body;
@@ -216,13 +222,7 @@ static void emu_launch(dim3 grid, dim3 block, const std::function<void()> &body)
 
 // a kernel without barriers or shuffles (translate.py checks): each thread runs to its end in turn
 static void emu_launch_simple(dim3 grid, dim3 block, const std::function<void()> &body) {
-    int n = (int)(block.x * block.y * block.z);
-    if (n <= 0 || n > EMU_MAX_THREADS || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
-        grid.z > 65535) {
-        fprintf(stderr, "cuda_emu: invalid launch grid (%u,%u,%u) block (%u,%u,%u)\n", grid.x, grid.y, grid.z, block.x,
-                block.y, block.z);
-        abort();
-    }
+    int n = emu_check_launch(grid, block);
     gridDim = grid;
     blockDim = block;
     for (unsigned bz = 0; bz < grid.z; bz++)
