@@ -15,10 +15,16 @@ model file, and not dev/import_openmoe.py's mapping.
     openmoe_hf.py generate HF_DIR -p "0 17 5" [-n 20] [--limit N] [--old-rope]
         greedy generation with a KV cache as transformers' generate drives
         OpenMoeForCausalLM (prefill the prompt, then one token per step),
-        stopping at EOS (1); prints the ids, prompt included. --limit N only
+        stopping at EOS (1); prints the ids, prompt included, then how many
+        assignments capacity dropped in the prompt's forward (run
+        routes each prompt token alone, so it matches only when that is 0).
+        --limit N only
         lets ids < N be chosen (run's rule for a tokenizer smaller than V).
         --old-rope rotates the decoding query at position + 1, as
         apply_rotary_embedding did before ColossalAI's fix (PR 5267).
+    openmoe_hf.py batch < COMMANDS
+        one command per line, "OUT_FILE logits|generate ...": its output to
+        OUT_FILE (torch starts once for a whole test script).
 
 Computes in float32, as ColossalAI does for an fp32 model (--fp64 for float64).
 """
@@ -26,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import struct
 import sys
 
@@ -266,7 +273,8 @@ class OpenMoeOracle:
         """transformers' greedy generate with use_cache: the prompt in one
         forward, then the last token with position_ids = its position"""
         ids = list(prompt)
-        logits, past, _ = self.forward(torch.tensor([ids]), old_rope=old_rope)
+        logits, past, stats = self.forward(torch.tensor([ids]), old_rope=old_rope)
+        self.prefill_dropped = sum(s[2] for s in stats)
         for _ in range(max_new):
             nxt = int(torch.argmax(logits[0, -1, :limit]))
             ids.append(nxt)
@@ -310,7 +318,7 @@ def write_state(path, oracle, x, logits, stats):
     return losses
 
 
-def main():
+def parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cmd", choices=["logits", "generate"])
     ap.add_argument("hf_dir")
@@ -323,22 +331,41 @@ def main():
     ap.add_argument("--limit", type=int)
     ap.add_argument("--old-rope", action="store_true")
     ap.add_argument("--fp64", action="store_true")
-    a = ap.parse_args()
-    torch.set_num_threads(1)
+    return ap
+
+
+def run_command(a, out):
     oracle = OpenMoeOracle(a.hf_dir, torch.float64 if a.fp64 else torch.float32)
+    if a.cmd == "logits":
+        if not a.out:
+            sys.exit("logits needs OUT_STATE")
+        g = torch.Generator().manual_seed(a.seed)
+        x = torch.randint(0, oracle.cfg.vocab_size, (a.B, a.T), generator=g)
+        logits, _, stats = oracle.forward(x)
+        losses = write_state(a.out, oracle, x, logits, stats)
+        print("%s: B=%d T=%d lb %.6f rz %.6f dropped %.6f (%s)" % (a.out, a.B, a.T, losses[2], losses[3],
+              losses[5], " ".join(str(s[2]) for s in stats)), file=out)
+    else:
+        prompt = [int(t) for t in a.prompt.split()]
+        print(" ".join(map(str, oracle.generate(prompt, a.n, a.limit or oracle.cfg.vocab_size, a.old_rope))),
+              file=out)
+        print("prefill: %d assignments dropped" % oracle.prefill_dropped, file=out)
+
+
+def main():
+    """one command from the arguments, or with "batch" one per line of stdin,
+    each line OUT_FILE then the command, its output going to OUT_FILE (one
+    start of torch for a whole test script)"""
+    torch.set_num_threads(1)
     with torch.no_grad():
-        if a.cmd == "logits":
-            if not a.out:
-                sys.exit("logits needs OUT_STATE")
-            g = torch.Generator().manual_seed(a.seed)
-            x = torch.randint(0, oracle.cfg.vocab_size, (a.B, a.T), generator=g)
-            logits, _, stats = oracle.forward(x)
-            losses = write_state(a.out, oracle, x, logits, stats)
-            print("%s: B=%d T=%d lb %.6f rz %.6f dropped %.6f (%s)" % (a.out, a.B, a.T, losses[2], losses[3],
-                  losses[5], " ".join(str(s[2]) for s in stats)))
+        if sys.argv[1:] == ["batch"]:
+            for line in sys.stdin:
+                words = shlex.split(line)
+                if words:
+                    with open(words[0], "w") as out:
+                        run_command(parser().parse_args(words[1:]), out)
         else:
-            prompt = [int(t) for t in a.prompt.split()]
-            print(" ".join(map(str, oracle.generate(prompt, a.n, a.limit or oracle.cfg.vocab_size, a.old_rope))))
+            run_command(parser().parse_args(), sys.stdout)
 
 
 if __name__ == "__main__":
