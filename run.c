@@ -170,6 +170,7 @@ int main(int argc, char **argv) {
     // a verifying run also needs activations for one full sequence
     Model *m = model_create(&c, 1, verify ? max_len : 1, PRECISION_FP32, NULL);
     model_set_params(m, params);
+    free(params);  // the model holds its own copy: do not keep two of a large model
     ProbIndex *sorted = (ProbIndex *)mallocCheck(c.V * sizeof(ProbIndex));
     Rng rng = {seed};
     int first_text = 1;  // the first piece printed loses its dummy-prefix space
@@ -223,7 +224,6 @@ int main(int argc, char **argv) {
     }
     free(sorted);
     free(tokens);
-    free(params);
     tokenizer_free(&tok);
     model_free(m);
     return status;

@@ -152,7 +152,9 @@ ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<
 
 
 def bf16_to_f32(bits):
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    u = bits.astype(np.uint32)
+    u <<= 16  # in place: one fp32-sized array, not two
+    return u.view(np.float32)
 
 
 class SafetensorsFile:
