@@ -9,8 +9,8 @@ convert_openmoe_ckpt.py saves them), so that the importer and the oracle
                           [--bad KIND]
 
 --skew S adds S times one shared direction to every embedding row and to the
-router rows of experts 0 and 1, so that most tokens choose those two experts
-and capacity drops some of them. --bad writes a directory that the importer
+router row of expert 0, so that many tokens choose expert 0 and capacity
+drops some of them. --bad writes a directory that the importer
 must refuse (see BAD_KINDS), or one whose expert tensors are laid out wrong
 but fit the expected shapes (transposed, gate-up-swapped).
 """
@@ -71,7 +71,7 @@ def hf_tensors(p, rng, skew):
         mlp = "mlp." if (i + 1) % p["moe_layer_interval"] else "extra_mlp."
         if mlp == "extra_mlp.":
             router = mat(E, D, fan_in=D)
-            router[:2] += skew * shared / np.sqrt(D)
+            router[0] += skew * shared / np.sqrt(D)
             t[pre + "mlp.gate_weight"] = router
             t[pre + "mlp.experts.wi_gate"] = mat(E, D, 2 * F, fan_in=D)
             t[pre + "mlp.experts.wi_up"] = mat(E, D, F, fan_in=D)

@@ -12,10 +12,10 @@ imp() { $PYTHON dev/import_openmoe.py "$@"; }
 
 # 1. three checkpoints: two bf16 safetensors shards with the base release's
 #    config spelling; one fp32 pytorch_model.bin with the 8b spelling; and
-#    one whose routing is skewed to experts 0 and 1, so that capacity drops
+#    one whose routing is skewed to expert 0, so that capacity drops
 mk $I/st --format st-sharded --dtype bf16 --spelling base --seed 1
 mk $I/bin --format bin --dtype f32 --spelling 8b --seed 2
-mk $I/drop --format bin-sharded --dtype f16 --spelling base --seed 3 --skew 3
+mk $I/drop --format bin-sharded --dtype f16 --spelling base --seed 3 --skew 0.5
 for ck in st bin drop; do
     expect_ok "import $ck" imp $I/$ck $I/$ck.bin
 done
@@ -54,6 +54,14 @@ for ck in st bin drop; do
     grep -E "^ok +(logits|losses)" $BUILD/last.log | sed 's/^ok  */    /'
 done
 if grep -q "dropped 0.000000" $I/drop.oracle.log; then fail "the skewed checkpoint drops nothing"; fi
+# the drop case tells the capacity rules apart: at t5x's capacity it fails
+cp $I/drop.state $I/drop_t5x.state
+printf '\0\0\0\0' | dd of=$I/drop_t5x.state bs=4 seek=10 conv=notrunc status=none
+if ./test_cpu $I/drop.bin $I/drop_t5x.state > $I/drop_t5x.log 2>&1; then
+    fail "the drop case passes at capacity t5x too"
+else
+    pass "the drop case fails at capacity t5x ($(grep -o 'dropped [0-9.]*' $I/drop_t5x.log | head -1))"
+fi
 
 # 5. expert tensors laid out wrongly but with the expected shapes must not
 #    pass: transposed [E, 2F, D] data, and the SiLU on the wrong half
