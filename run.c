@@ -6,15 +6,15 @@
 //   ./run -z TOK.bin --decode < ids      text, as spm_decode
 //
 // Each token is routed on its own (a group of one), as model_decode does, so
-// capacity never drops a token at generation time.
+// capacity never drops a token at generation time. --verify checks greedy
+// output against the argmax of one full forward pass over the same tokens.
 //
 // An imported OpenMoE model (dev/import_openmoe.py) is recognised by its
 // tokenizer: umT5's has <pad> at id 0 and no BOS. Then the prompt starts with
 // id 0 (OpenMoE's start token; -b chooses another) instead of EOS, and
 // generation stops at EOS, or at the chat model's three pieces "▁</" "s" ">".
 // A tokenizer may have fewer pieces than the model's vocabulary (umT5: 256000
-// of 256384); ids at or above its size are never sampled. --verify checks greedy
-// output against the argmax of one full forward pass over the same tokens.
+// of 256384); ids at or above its size are never sampled.
 #include "openmoe.h"
 #include "tokenizer.h"
 #include <time.h>
