@@ -17,7 +17,9 @@ model file, and not dev/import_openmoe.py's mapping.
         OpenMoeForCausalLM (prefill the prompt, then one token per step),
         stopping at EOS (1); prints the ids, prompt included, then how many
         assignments capacity dropped in the prompt's forward (run
-        routes each prompt token alone, so it matches only when that is 0).
+        routes each prompt token alone, so it matches only when that is 0),
+        and at how many generated positions the argmax of one dropless
+        forward over the whole sequence (no cache) agrees.
         --limit N only
         lets ids < N be chosen (run's rule for a tokenizer smaller than V).
         --old-rope rotates the decoding query at position + 1, as
@@ -161,7 +163,7 @@ def get_capacity(cfg, n_tokens):  # MoeRouter.get_capacity in eval mode
     return int(max(capacity, cfg.router_min_capacity))
 
 
-def top2_router(logits, cfg):
+def top2_router(logits, cfg, dropless=False):
     """Top2Router.forward (use_norm False): softmax in fp32, top-1 by argmax,
     top-2 by argmax with the top-1 masked to -inf, slots by cumsum (all first
     choices before all second choices), assignments at or past capacity
@@ -169,7 +171,7 @@ def top2_router(logits, cfg):
     load-balance and z losses and the number of dropped assignments."""
     probs = F.softmax(logits, dim=-1)
     N, E = probs.shape
-    capacity = get_capacity(cfg, N)
+    capacity = N if dropless else get_capacity(cfg, N)
     top1 = torch.argmax(probs, dim=-1)
     mask1 = F.one_hot(top1, E).to(torch.int32)
     top2 = torch.argmax(probs.masked_fill(mask1.bool(), float("-inf")), dim=-1)
@@ -196,13 +198,13 @@ def top2_router(logits, cfg):
     return cb, sec, aux, z, dropped
 
 
-def sparse_mlp(x, w, pre, cfg, stats):
+def sparse_mlp(x, w, pre, cfg, stats, dropless=False):
     """SparseMLP.forward without expert parallelism or kernels: router in
     fp32, tokens dispatched into [E, C, D] slots, MLPExperts, combined"""
     shape = x.shape
     tokens = x.reshape(-1, cfg.hidden_size)
     gate_output = F.linear(tokens, w[pre + "gate_weight"])
-    cb, sec, aux, z, dropped = top2_router(gate_output, cfg)
+    cb, sec, aux, z, dropped = top2_router(gate_output, cfg, dropless)
     stats.append((aux.item(), z.item(), dropped))
     dispatch = torch.matmul(sec.to(tokens.dtype).permute(1, 2, 0), tokens)  # [E, C, D]
     wi_gate, wi_up, wo = w[pre + "experts.wi_gate"], w[pre + "experts.wi_up"], w[pre + "experts.wo"]
@@ -238,8 +240,9 @@ class OpenMoeOracle:
         out = torch.matmul(p, v).transpose(1, 2).reshape(B, T, H * Hd)
         return F.linear(out, w[pre + "o_proj.weight"]), present
 
-    def forward(self, ids, past=None, position_ids=None, old_rope=False):
-        """ids [B, T] -> logits [B, T, V] (float32), the new cache, router stats per MoE layer"""
+    def forward(self, ids, past=None, position_ids=None, old_rope=False, dropless=False):
+        """ids [B, T] -> logits [B, T, V] (float32), the new cache, router stats per MoE layer.
+        dropless: capacity N (for checking the cached decode against one forward)"""
         c, w = self.cfg, self.w
         B, T = ids.shape
         past_len = past[0][0].shape[2] if past is not None else 0
@@ -261,7 +264,7 @@ class OpenMoeOracle:
             h = h + a
             x = rms_norm(h, w[pre + "post_attention_layernorm.weight"], c.rms_norm_eps)
             if (i + 1) % c.moe_layer_interval == 0:
-                h = h + sparse_mlp(x, w, pre + "mlp.", c, stats)
+                h = h + sparse_mlp(x, w, pre + "mlp.", c, stats, dropless)
                 h = h + dense_mlp(rms_norm(h, w[pre + "pre_extra_mlp_layernorm.weight"], c.rms_norm_eps), w,
                                   pre + "extra_mlp.")
             else:
@@ -281,6 +284,7 @@ class OpenMoeOracle:
             if nxt == EOS_ID:
                 break
             logits, past, _ = self.forward(torch.tensor([[nxt]]), past, torch.tensor([[len(ids) - 1]]), old_rope)
+        self.generated_ids = ids
         return ids
 
 
@@ -350,6 +354,12 @@ def run_command(a, out):
         print(" ".join(map(str, oracle.generate(prompt, a.n, a.limit or oracle.cfg.vocab_size, a.old_rope))),
               file=out)
         print("prefill: %d assignments dropped" % oracle.prefill_dropped, file=out)
+        ids = oracle.generated_ids
+        full, _, _ = oracle.forward(torch.tensor([ids[:-1]]), dropless=True)  # at once, no cache
+        n_prompt = len(prompt)
+        agree = sum(int(torch.argmax(full[0, p, :a.limit or oracle.cfg.vocab_size])) == ids[p + 1]
+                    for p in range(n_prompt - 1, len(ids) - 1))
+        print("full forward agrees: %d/%d" % (agree, len(ids) - n_prompt), file=out)
 
 
 def main():

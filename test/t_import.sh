@@ -91,10 +91,18 @@ for ck in st bin; do
         fi
     done
 done
-if [ "$(head -1 $I/st.gen1.old)" = "$(head -1 $I/st.gen1.oracle)" ]; then
-    fail "the RoPE position of decoding makes no difference"
+# the oracle's cached decoding agrees with one forward over the whole
+# sequence; with the query at position + 1 it does not
+agrees() { grep -q "full forward agrees: \([0-9]*\)/\1$" "$1"; }
+if agrees $I/st.gen0.oracle && agrees $I/st.gen1.oracle && agrees $I/bin.gen0.oracle && agrees $I/bin.gen1.oracle; then
+    pass "the oracle's generate = the argmax of its full forward at every position"
 else
-    pass "decoding the query at position + 1 (before ColossalAI's fix) generates differently"
+    fail "the oracle's generate disagrees with its full forward: $(grep -h agrees $I/*.oracle | tr '\n' ' ')"
+fi
+if [ "$(head -1 $I/st.gen1.old)" != "$(head -1 $I/st.gen1.oracle)" ] && ! agrees $I/st.gen1.old; then
+    pass "decoding the query at position + 1 (before ColossalAI's fix) generates differently ($(grep -o '[0-9]*/[0-9]*' $I/st.gen1.old) agree)"
+else
+    fail "the RoPE position of decoding makes no difference"
 fi
 
 # 7. run's options for imported models, tokenizers of another size
