@@ -12,7 +12,9 @@ convert_openmoe_ckpt.py saves them), so that the importer and the oracle
 router row of expert 0, so that many tokens choose expert 0 and capacity
 drops some of them. --bad writes a directory that the importer
 must refuse (see BAD_KINDS), or one whose expert tensors are laid out wrong
-but fit the expected shapes (transposed, gate-up-swapped).
+but fit the expected shapes (transposed, gate-up-swapped). --chain "A B C"
+writes a model whose every block outputs 0 and whose lm_head maps token A to
+B and B to C, so that greedy generation from A follows the chain.
 """
 import argparse
 import json
@@ -85,6 +87,19 @@ def hf_tensors(p, rng, skew):
     return t
 
 
+def chain_model(t, chain):
+    """blocks that add nothing to the residual (their output projections 0),
+    so that logits = lm_head · RMSNorm(wte[x]); lm_head row b then gets a
+    large multiple of wte[a] for each consecutive pair a, b of the chain"""
+    for name, w in t.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight", "experts.wo")):
+            w[...] = 0
+    wte, head = t["model.embed_tokens.weight"], t["lm_head.weight"]
+    head *= 0.01
+    for a, b in zip(chain, chain[1:]):
+        head[b] += 5 * wte[a] / np.linalg.norm(wte[a])
+
+
 def to_bf16_bits(a):
     """fp32 -> bf16 bit patterns (uint16), round to nearest even."""
     u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
@@ -154,6 +169,7 @@ def main():
     ap.add_argument("--skew", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--bad", choices=BAD_KINDS)
+    ap.add_argument("--chain", help="ids: each one's successor under greedy generation")
     a = ap.parse_args()
     p = dict(PRESETS[a.preset])
     cfg = hf_config(p, a.spelling)
@@ -183,6 +199,8 @@ def main():
     elif a.bad == "gate-up-swapped":  # the SiLU on the first half instead of the second
         g = t[moe + "experts.wi_gate"]
         t[moe + "experts.wi_gate"] = np.concatenate([g[:, :, F:], g[:, :, :F]], axis=2)
+    if a.chain:
+        chain_model(t, [int(i) for i in a.chain.split()])
     os.makedirs(a.out, exist_ok=True)
     if a.bad != "no-config":
         with open(os.path.join(a.out, "config.json"), "w") as f:

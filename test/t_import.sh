@@ -105,7 +105,19 @@ else
     fail "the RoPE position of decoding makes no difference"
 fi
 
-# 7. run's options for imported models, tokenizers of another size
+# 7. run's options for imported models, tokenizers of another size. A model
+#    whose greedy output is a known chain of ids ends at EOS, and at the chat
+#    model's EOS "▁</" "s" ">" when its tokenizer has those pieces
+spm_train --input=$T.txt --model_prefix=$I/chat --vocab_size=320 --model_type=unigram --pad_id=0 --eos_id=1 \
+    --unk_id=2 --bos_id=-1 --character_coverage=0.995 --user_defined_symbols="▁</" --minloglevel=2 > /dev/null 2>&1
+$PYTHON dev/export_tokenizer.py $I/chat.model $I/chat_tok.bin > /dev/null
+chat=$(echo "</s>" | ./run -z $I/chat_tok.bin --encode)  # "▁</" "s" ">"
+mk $I/chain --format st --chain "10 $chat 20 1 30"
+imp $I/chain $I/chain.bin > /dev/null 2>&1
+expect_ok "generation stops at the chat EOS ▁</ s > ($chat)" \
+    sh -c "[ \"\$(./run $I/chain.bin -z $I/chat_tok.bin -b 10 -t 0 -n 8 --ids 2>/dev/null)\" = '10 $chat' ]"
+expect_ok "generation stops at EOS (the same ids, a tokenizer without ▁</)" \
+    sh -c "[ \"\$(./run $I/chain.bin -z $T.bin -b 10 -t 0 -n 8 --ids 2>/dev/null)\" = '10 $chat 20 1' ]"
 expect_ok "run --verify on an imported model" ./run $I/st.bin -z $T.bin -i "The model" -t 0 -n 16 --verify
 expect_ok "run -b 5: another start id" sh -c "./run $I/st.bin -z $T.bin -b 5 -i 'The' -t 0 -n 1 --ids 2>/dev/null | grep -q '^5 '"
 expect_error "run -b outside the vocabulary" "not an id" ./run $I/st.bin -z $T.bin -b 384 -n 1
