@@ -10,6 +10,23 @@ HAVE_CUDA := $(and $(NVCC),$(wildcard openmoe.cu))
 NVCC_FLAGS = -O3 -std=c++17 -arch=sm_90 -I. -Xcompiler -fopenmp -diag-suppress 177
 NVCC_LDLIBS = -lcublas -lcublasLt -lm -lgomp
 
+# data parallelism (README "Several GPUs"): make train MPI=1 builds ./train
+# with mpicc, make train_gpu MPI=1 builds ./train_gpu with MPI's flags and
+# NCCL from the CUDA toolkit; -B rebuilds a binary made without MPI=1
+CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
+MPI_CFLAGS = -DUSE_MPI
+ifdef MPI
+CC = mpicc
+CFLAGS += $(MPI_CFLAGS)
+NVCC_FLAGS += $(MPI_CFLAGS) $(shell mpicc --showme:compile) -I$(CUDA_HOME)/include
+NVCC_LDLIBS += $(shell mpicc --showme:link) -L$(CUDA_HOME)/lib64 -lnccl
+ifdef GPU_BINARIES
+ifeq ($(wildcard $(CUDA_HOME)/include/nccl.h),)
+$(error MPI=1 for the GPU needs NCCL, but $(CUDA_HOME)/include/nccl.h is missing: install NCCL into the CUDA toolkit)
+endif
+endif
+endif
+
 CPU_TARGETS = train run test_cpu
 GPU_TARGETS = train_gpu run_gpu test_gpu
 
@@ -60,6 +77,11 @@ tiny:
 	$(PYTHON) dev/plot_loss.py out/tiny
 	./run out/tiny/model_$$(printf %08d $(STEPS)).bin -i "And God said" -n 200
 	$(MAKE) analyze RUN_DIR=out/tiny
+
+# the MPI build of train.c that test/t_mpi.sh runs (mpicc from openmpi-bin)
+build/train_mpi: train.c openmoe.c openmoe.h tokenizer.h
+	@mkdir -p build
+	mpicc $(CFLAGS) $(MPI_CFLAGS) train.c openmoe.c -o $@ $(LDLIBS)
 
 build/bench_cpu: dev/bench_cpu.c openmoe.c openmoe.h
 	@mkdir -p build

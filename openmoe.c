@@ -13,6 +13,7 @@
 // model_forward bit for bit).
 #include "openmoe.h"
 #include <float.h>
+#include <limits.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -590,8 +591,9 @@ struct Model {
     int Bmax, Tmax;
     float *params;            // (n_params)
     float *grads;             // (n_params), NULL without an optimizer
-    float *opt_state;         // (n_opt_state), layout of opt_state_floats()
+    float *opt_state;         // (n_opt_state), layout of opt_state_floats() for the tensors of the shard
     size_t n_opt_state;
+    size_t shard_lo, shard_hi;  // ZeRO-1: model_update steps the tensors that start in [lo, hi)
     OptKind opt_kind;
     int opt_min_dim;
     // activations: one float buffer and one int buffer, carved by acts_layout
@@ -768,7 +770,9 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
         m->opt_kind = opt->kind;
         m->opt_min_dim = opt->min_dim;
         m->grads = (float *)callocCheck(n, sizeof(float));
-        m->n_opt_state = opt_state_floats(&m->table, opt->kind, opt->min_dim);
+        m->shard_lo = opt->shard_lo;
+        m->shard_hi = opt->shard_hi ? opt->shard_hi : n;
+        m->n_opt_state = opt_state_floats_range(&m->table, opt->kind, opt->min_dim, m->shard_lo, m->shard_hi);
         m->opt_state = (float *)callocCheck(m->n_opt_state, sizeof(float));
     }
     m->la = (LayerActs *)callocCheck(c->L, sizeof(LayerActs));
@@ -1080,18 +1084,21 @@ float model_update(Model *m, const OptSettings *o, int t) {
     float norm = (float)sqrt(sum_squares(m->grads, pt->n_params));
     if (o->kind == OPT_ADAMW) {
         float gscale = o->grad_clip > 0.0f && norm > o->grad_clip ? o->grad_clip / norm : 1.0f;
-        float *mom = m->opt_state, *vel = m->opt_state + pt->n_params;
+        size_t lo = m->shard_lo;
+        float *mom = m->opt_state, *vel = m->opt_state + (m->shard_hi - lo);  // the shard's m, then its v
         for (int i = 0; i < pt->n_tensors; i++) {
             const TensorInfo *ti = &pt->tensors[i];
             size_t off = ti->offset;
-            adamw_update(m->params + off, m->grads + off, mom + off, vel + off, tensor_numel(ti), o, t, gscale,
-                         ti->matrix);
+            if (off < lo || off >= m->shard_hi) continue;
+            adamw_update(m->params + off, m->grads + off, mom + (off - lo), vel + (off - lo), tensor_numel(ti), o, t,
+                         gscale, ti->matrix);
         }
         return norm;
     }
     float *state = m->opt_state;
     for (int i = 0; i < pt->n_tensors; i++) {
         const TensorInfo *ti = &pt->tensors[i];
+        if (ti->offset < m->shard_lo || ti->offset >= m->shard_hi) continue;
         int factored = adafactor_factored(ti, o->min_dim);
         for (int sl = 0; sl < ti->slices; sl++) {
             size_t off = ti->offset + (size_t)sl * ti->rows * ti->cols;
@@ -1188,3 +1195,39 @@ const float *model_decode(Model *m, int token, int pos) {
     matvec_forward(m->t_logits, xn, W + pt->lm_head, D, c->V);
     return m->t_logits;
 }
+
+// ----------------------------------------------------------------------------
+// data parallelism over MPI (openmoe.h section 6; compiled with -DUSE_MPI)
+
+#ifdef USE_MPI
+#include <mpi.h>
+
+static void mpiCheck(int err, const char *what) {
+    if (err != MPI_SUCCESS) die("%s failed (MPI error %d)", what, err);
+}
+
+void dp_init(int rank, int n_ranks, int local_rank) {}
+
+// the sum over the ranks, then / n_ranks: with the same batch share per rank
+// (train.c), the mean of the ranks' gradients is the gradient of the whole batch
+void model_grads_allreduce(Model *m) {
+    int n_ranks;
+    mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &n_ranks), "MPI_Comm_size");
+    size_t n = m->table.n_params;
+    if (n > INT_MAX) die("model_grads_allreduce: %zu parameters, more than one MPI call can carry", n);
+    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, m->grads, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
+    float inv = 1.0f / n_ranks;
+    for (size_t i = 0; i < n; i++) m->grads[i] *= inv;
+}
+
+// each rank's shard broadcast from it, in rank order
+void model_params_allgather(Model *m, const size_t *shard) {
+    int n_ranks;
+    mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &n_ranks), "MPI_Comm_size");
+    for (int r = 0; r < n_ranks; r++) {
+        if (shard[r + 1] - shard[r] > INT_MAX) die("model_params_allgather: a shard beyond one MPI call");
+        mpiCheck(MPI_Bcast(m->params + shard[r], (int)(shard[r + 1] - shard[r]), MPI_FLOAT, r, MPI_COMM_WORLD),
+                 "MPI_Bcast");
+    }
+}
+#endif

@@ -187,8 +187,9 @@ struct Model {
     void *cublas_workspace;
     float *params;            // (n_params) fp32 master weights
     float *grads;             // (n_params), NULL without an optimizer
-    float *opt_state;         // (n_opt_state), layout of opt_state_floats()
+    float *opt_state;         // (n_opt_state), layout of opt_state_floats() for the tensors of the shard
     size_t n_opt_state;
+    size_t shard_lo, shard_hi;  // ZeRO-1: model_update steps the tensors that start in [lo, hi)
     OptKind opt_kind;
     int opt_min_dim;
     // activations: one device allocation carved by acts_layout
@@ -1667,7 +1668,9 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     if (opt) {
         m->opt_kind = opt->kind;
         m->opt_min_dim = opt->min_dim;
-        m->n_opt_state = opt_state_floats(pt, opt->kind, opt->min_dim);
+        m->shard_lo = opt->shard_lo;
+        m->shard_hi = opt->shard_hi ? opt->shard_hi : n;
+        m->n_opt_state = opt_state_floats_range(pt, opt->kind, opt->min_dim, m->shard_lo, m->shard_hi);
         cudaCheck(cudaMalloc(&m->grads, n * sizeof(float)));
         cudaCheck(cudaMemset(m->grads, 0, n * sizeof(float)));
         cudaCheck(cudaMalloc(&m->opt_state, m->n_opt_state * sizeof(float)));
@@ -2226,12 +2229,14 @@ float model_update(Model *m, const OptSettings *o, int t) {
     float norm = (float)sqrt(norm2);
     if (o->kind == OPT_ADAMW) {
         float gscale = o->grad_clip > 0.0f && norm > o->grad_clip ? o->grad_clip / norm : 1.0f;
-        float *mom = m->opt_state, *vel = m->opt_state + n;
+        size_t lo = m->shard_lo;
+        float *mom = m->opt_state, *vel = m->opt_state + (m->shard_hi - lo);  // the shard's m, then its v
         bf16 *wx = m->precision == PRECISION_BF16 ? m->x16.params_x : NULL;
         for (int i = 0; i < pt->n_tensors; i++) {
             const TensorInfo *ti = &pt->tensors[i];
             size_t off = ti->offset;
-            adamw_update(m->params + off, wx ? wx + off : NULL, m->grads + off, mom + off, vel + off,
+            if (off < lo || off >= m->shard_hi) continue;
+            adamw_update(m->params + off, wx ? wx + off : NULL, m->grads + off, mom + (off - lo), vel + (off - lo),
                          tensor_numel(ti), o, t, gscale, ti->matrix);
         }
         return norm;  // the bf16 weights were written by the update
@@ -2239,6 +2244,7 @@ float model_update(Model *m, const OptSettings *o, int t) {
         float *state = m->opt_state;
         for (int i = 0; i < pt->n_tensors; i++) {
             const TensorInfo *ti = &pt->tensors[i];
+            if (ti->offset < m->shard_lo || ti->offset >= m->shard_hi) continue;
             int factored = adafactor_factored(ti, o->min_dim);
             adafactor_update(m, m->params + ti->offset, m->grads + ti->offset, state, ti->slices, ti->rows, ti->cols,
                              factored, o, t);
@@ -2380,3 +2386,54 @@ const float *model_decode(Model *m, int token, int pos) {
     cudaCheck(cudaMemcpy(m->h_logits, m->t_logits, c->V * sizeof(float), cudaMemcpyDeviceToHost));
     return m->h_logits;
 }
+
+// ----------------------------------------------------------------------------
+// data parallelism over NCCL (openmoe.h section 6; compiled with -DUSE_MPI):
+// one GPU per rank, the ranks' local rank picks it; MPI only carries the
+// NCCL id. Collectives run on the default stream, in order with the kernels.
+
+#ifdef USE_MPI
+#include <mpi.h>
+#include <nccl.h>
+
+static ncclComm_t dp_comm;
+static int dp_ranks = 1;
+
+static void ncclCheck(ncclResult_t r, const char *what) {
+    if (r != ncclSuccess) die("%s failed: %s", what, ncclGetErrorString(r));
+}
+
+void dp_init(int rank, int n_ranks, int local_rank) {
+    int n_dev;
+    cudaCheck(cudaGetDeviceCount(&n_dev));
+    cudaCheck(cudaSetDevice(local_rank % n_dev));
+    ncclUniqueId id;
+    if (rank == 0) ncclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
+    if (MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD) != MPI_SUCCESS) die("MPI_Bcast of the NCCL id failed");
+    ncclCheck(ncclCommInitRank(&dp_comm, n_ranks, id, rank), "ncclCommInitRank");
+    dp_ranks = n_ranks;
+}
+
+__global__ void scale_kernel(float *x, size_t n, float s) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= s;
+}
+
+// the sum over the ranks, then / n_ranks (see the CPU twin)
+void model_grads_allreduce(Model *m) {
+    size_t n = m->table.n_params;
+    ncclCheck(ncclAllReduce(m->grads, m->grads, n, ncclFloat, ncclSum, dp_comm, 0), "ncclAllReduce");
+    scale_kernel<<<(unsigned)((n + 255) / 256), 256>>>(m->grads, n, 1.0f / dp_ranks);
+    launchCheck();
+}
+
+// each rank's shard broadcast from it, then the bf16 copy of all the weights
+void model_params_allgather(Model *m, const size_t *shard) {
+    ncclCheck(ncclGroupStart(), "ncclGroupStart");
+    for (int r = 0; r < dp_ranks; r++)
+        ncclCheck(ncclBroadcast(m->params + shard[r], m->params + shard[r], shard[r + 1] - shard[r], ncclFloat, r,
+                                dp_comm, 0), "ncclBroadcast");
+    ncclCheck(ncclGroupEnd(), "ncclGroupEnd");
+    params_to_x(m);
+}
+#endif

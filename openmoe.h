@@ -539,10 +539,14 @@ typedef struct {
     float beta1, beta2, eps, weight_decay, grad_clip;    // AdamW
     float decay, clip_threshold, eps1, eps2;             // Adafactor
     int min_dim;                                         // Adafactor: factor slices with both dims >= this
+    // ZeRO-1 (train.c's data parallelism): the model keeps the optimizer state
+    // of, and model_update steps, only the tensors that start in parameters
+    // [shard_lo, shard_hi); shard_hi 0 means all. Read by model_create.
+    size_t shard_lo, shard_hi;
 } OptSettings;
 
 static inline OptSettings opt_settings_default(OptKind kind) {
-    OptSettings o = {kind, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 0.8f, 1.0f, 1e-30f, 1e-3f, 128};
+    OptSettings o = {kind, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 0.8f, 1.0f, 1e-30f, 1e-3f, 128, 0, 0};
     if (kind == OPT_ADAFACTOR) o.lr = 0.01f;
     return o;
 }
@@ -553,14 +557,20 @@ static inline OptSettings opt_settings_default(OptKind kind) {
 static inline int adafactor_factored(const TensorInfo *t, int min_dim) {
     return t->matrix && t->rows >= min_dim && t->cols >= min_dim;
 }
-static inline size_t opt_state_floats(const ParamTable *p, OptKind kind, int min_dim) {
-    if (kind == OPT_ADAMW) return 2 * p->n_params;
+// the state floats of the tensors that start in parameters [lo, hi) (a
+// shard's tensors are whole: lo, hi are tensor offsets or n_params)
+static inline size_t opt_state_floats_range(const ParamTable *p, OptKind kind, int min_dim, size_t lo, size_t hi) {
+    if (kind == OPT_ADAMW) return 2 * (hi - lo);
     size_t n = 0;
     for (int i = 0; i < p->n_tensors; i++) {
         const TensorInfo *t = &p->tensors[i];
+        if (t->offset < lo || t->offset >= hi) continue;
         n += adafactor_factored(t, min_dim) ? (size_t)t->slices * (t->rows + t->cols) : tensor_numel(t);
     }
     return n;
+}
+static inline size_t opt_state_floats(const ParamTable *p, OptKind kind, int min_dim) {
+    return opt_state_floats_range(p, kind, min_dim, 0, p->n_params);
 }
 
 // Router statistics of the last forward, one entry per MoE layer.
@@ -607,6 +617,18 @@ float model_update(Model *m, const OptSettings *o, int t);
 // optimizer state, host [opt_state_floats(...)], for checkpoints
 void model_get_opt_state(const Model *m, float *state);
 void model_set_opt_state(Model *m, const float *state);
+
+// Data parallelism, compiled with -DUSE_MPI (make MPI=1): the CPU backend
+// talks MPI, the CUDA backend NCCL. dp_init, once after MPI_Init and before
+// model_create, picks this rank's device (GPU: local rank) and connects the
+// ranks. model_grads_allreduce replaces the gradients by their mean over the
+// ranks; model_params_allgather gives every rank the parameters that rank r
+// stepped, [shard[r], shard[r+1]) (shard: n_ranks + 1 offsets).
+#ifdef USE_MPI
+void dp_init(int rank, int n_ranks, int local_rank);
+void model_grads_allreduce(Model *m);
+void model_params_allgather(Model *m, const size_t *shard);
+#endif
 
 // Inference with a KV cache: feeds token at position pos (0 <= pos <
 // max_seq_len; positions before pos must have been fed) and returns the

@@ -16,6 +16,7 @@
 #include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <limits.h>
 
 static double now(void) {
     struct timespec t;
@@ -341,6 +342,135 @@ static float learning_rate(OptKind kind, float lr, int warmup, int step, int n) 
 }
 
 // ----------------------------------------------------------------------------
+// data parallelism (make train MPI=1, then mpirun -np N ./train ...; README
+// "Several GPUs"). -b is the global batch: rank r trains on windows
+// [r*B/N, (r+1)*B/N) of the batch a 1-rank run draws (the data RNG advances
+// the same on every rank), so a run gives the same steps on any rank count,
+// up to float rounding. Every rank has all targets (B/N*T each), so the mean
+// of the ranks' losses and gradients is those of the whole batch. MoE routing
+// groups (-q) stay inside one rank's tokens: capacity is per group and the
+// load-balance and z-losses are means over groups, so a run equals the 1-rank
+// run when -q divides B/N*T; with -q 0 (or -q > B/N*T) each rank's tokens
+// form one smaller group, of capacity cf*(B/N*T)/E, balanced on its own.
+// ZeRO-1: rank r keeps the optimizer state of the tensors starting in
+// parameters [shard[r], shard[r+1]) (whole tensors: Adafactor's factors span
+// a tensor slice), steps them, then every rank gathers the stepped weights.
+// Only rank 0 prints, validates, samples and writes; a rank that exits
+// with an error aborts the whole job. Without MPI the same calls run one rank.
+
+typedef struct {
+    int rank, n;
+    size_t *shard;     // [n + 1] parameter offsets of the ZeRO-1 shards
+    int *counts;       // [2n] scratch: per-rank counts and displacements of a gather
+} Ranks;
+
+// shard[r] = offset of the first tensor at or after n_params * r / n
+static void dp_shards(Ranks *dp, const ParamTable *pt) {
+    dp->shard = (size_t *)mallocCheck((dp->n + 1) * sizeof(size_t));
+    dp->counts = (int *)mallocCheck(2 * (size_t)dp->n * sizeof(int));
+    for (int r = 0; r <= dp->n; r++) {
+        size_t want = pt->n_params * r / dp->n;
+        dp->shard[r] = pt->n_params;
+        for (int i = pt->n_tensors - 1; i >= 0; i--)
+            if (pt->tensors[i].offset >= want) dp->shard[r] = pt->tensors[i].offset;
+    }
+}
+
+// FNV-1a over bytes, chained through h
+static uint64_t hash_bytes(uint64_t h, const void *p, size_t n) {
+    for (size_t i = 0; i < n; i++) h = (h ^ ((const unsigned char *)p)[i]) * 0x100000001B3ull;
+    return h;
+}
+
+#ifdef USE_MPI
+#include <mpi.h>
+
+static void mpiCheck(int err, const char *what) {
+    if (err != MPI_SUCCESS) die("%s failed (MPI error %d)", what, err);
+}
+
+// a rank leaving by exit() before MPI_Finalize (die, usage) takes all down
+static void dp_abort_at_exit(void) {
+    int fin = 1;
+    MPI_Finalized(&fin);
+    if (!fin) MPI_Abort(MPI_COMM_WORLD, 1);
+}
+
+static void dp_start(Ranks *dp, int *argc, char ***argv) {
+    mpiCheck(MPI_Init(argc, argv), "MPI_Init");
+    atexit(dp_abort_at_exit);
+    mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &dp->rank), "MPI_Comm_rank");
+    mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &dp->n), "MPI_Comm_size");
+    MPI_Comm node;
+    int local;
+    mpiCheck(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, dp->rank, MPI_INFO_NULL, &node), "MPI_Comm_split_type");
+    mpiCheck(MPI_Comm_rank(node, &local), "MPI_Comm_rank");
+    mpiCheck(MPI_Comm_free(&node), "MPI_Comm_free");
+    if (dp->rank != 0 && !freopen("/dev/null", "w", stdout)) die("rank %d: cannot silence stdout", dp->rank);
+    dp_init(dp->rank, dp->n, local);
+}
+
+static void dp_end(void) { mpiCheck(MPI_Finalize(), "MPI_Finalize"); }
+
+// dies on every rank unless h is the same on all
+static void dp_same(uint64_t h, const char *what) {
+    unsigned long long lo = h, hi = h;
+    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
+    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD), "MPI_Allreduce");
+    if (lo != hi) die("the ranks differ in %s", what);
+}
+
+static void dp_bcast(void *p, size_t bytes) {
+    if (bytes > INT_MAX) die("broadcast of %zu bytes: more than one MPI call carries", bytes);
+    mpiCheck(MPI_Bcast(p, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD), "MPI_Bcast");
+}
+
+// x (n) <- its mean over the ranks
+static void dp_mean(float *x, int n, const Ranks *dp) {
+    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
+    for (int i = 0; i < n; i++) x[i] /= dp->n;
+}
+#else
+static void dp_start(Ranks *dp, int *argc, char ***argv) { dp->rank = 0, dp->n = 1; }
+static void dp_end(void) {}
+static void dp_same(uint64_t h, const char *what) {}
+static void dp_bcast(void *p, size_t bytes) {}
+static void dp_mean(float *x, int n, const Ranks *dp) {}
+static void model_grads_allreduce(Model *m) {}
+static void model_params_allgather(Model *m, const size_t *shard) {}
+#endif
+
+// The optimizer state moves between the full layout (full, on rank 0:
+// checkpoints) and this rank's shard (part). Both layouts are segs segments
+// (AdamW: m then v; Adafactor: one), each the ranks' shards in rank order.
+// gather 1: part -> full, else full -> part.
+static void dp_state_move(const Ranks *dp, const ParamTable *pt, const OptSettings *o, float *full, float *part,
+                          int gather) {
+    int segs = o->kind == OPT_ADAMW ? 2 : 1, *counts = dp->counts, *displs = dp->counts + dp->n;
+    size_t total = 0;
+    for (int r = 0; r < dp->n; r++) {
+        size_t len = opt_state_floats_range(pt, o->kind, o->min_dim, dp->shard[r], dp->shard[r + 1]) / segs;
+        if (total + len > INT_MAX) die("optimizer state of %zu floats: more than one MPI call carries", total + len);
+        counts[r] = (int)len;
+        displs[r] = (int)total;
+        total += len;
+    }
+    for (int sg = 0; sg < segs; sg++) {
+        float *f = full ? full + sg * total : NULL, *p = part + (size_t)sg * counts[dp->rank];
+#ifdef USE_MPI
+        if (gather)
+            mpiCheck(MPI_Gatherv(p, counts[dp->rank], MPI_FLOAT, f, counts, displs, MPI_FLOAT, 0, MPI_COMM_WORLD),
+                     "MPI_Gatherv");
+        else
+            mpiCheck(MPI_Scatterv(f, counts, displs, MPI_FLOAT, p, counts[dp->rank], MPI_FLOAT, 0, MPI_COMM_WORLD),
+                     "MPI_Scatterv");
+#else
+        memcpy(gather ? f : p, gather ? p : f, total * sizeof(float));
+#endif
+    }
+}
+
+// ----------------------------------------------------------------------------
 
 static void usage(int status) {
     fprintf(status ? stderr : stdout,
@@ -375,6 +505,9 @@ static void usage(int status) {
 }
 
 int main(int argc, char **argv) {
+    Ranks dp;
+    dp_start(&dp, &argc, &argv);
+    int lead = dp.rank == 0;  // rank 0 prints, validates, samples and writes
     const char *init = "tiny", *train_path = "data/kjv/train.bin", *val_path = "data/kjv/val.bin";
     const char *ood_path = "data/kjv/ood.bin", *tok_path = "data/kjv/tokenizer.bin", *dir = "out/tiny";
     int B = 8, T = 256, n_steps = 1000, stop = -1, warmup = -1, group = 4096, seed = 1337;
@@ -441,12 +574,18 @@ int main(int argc, char **argv) {
     if (warmup < 0) warmup = kind == OPT_ADAFACTOR ? 10000 : n_steps / 50;
     if (warmup < 1) warmup = 1;
     int trace_seq_n = (trace_seqs + B - 1) / B * B;  // whole batches
+    if (B % dp.n != 0) die("-b %d: the batch does not split over %d ranks", B, dp.n);
+    int Bl = B / dp.n;  // this rank's share of every batch
 
     // data first: with a preset, V follows the data's tokenizer
     TokenData train, val, ood = {NULL, 0, 0};
     tokens_load(&train, train_path);
     tokens_load(&val, val_path);
     if (val.V != train.V) die("%s has vocabulary %d, but %s has %d", val_path, val.V, train_path, train.V);
+    uint64_t run_hash = hash_bytes(0xCBF29CE484222325ull, &train.n, sizeof(train.n));
+    run_hash = hash_bytes(run_hash, &val.n, sizeof(val.n));
+    for (int i = 1; i < argc; i++) run_hash = hash_bytes(run_hash, argv[i], strlen(argv[i]) + 1);
+    dp_same(run_hash, "their flags or the sizes of their data files (-i, -j)");
     Config c;
     float *init_params = NULL;
     if (config_preset(init, &c)) c.V = train.V;
@@ -484,14 +623,16 @@ int main(int argc, char **argv) {
     int sample_start = tok && tok->eos_id >= 0 ? tok->eos_id : tok && tok->bos_id >= 0 ? tok->bos_id : 0;
 
     // the output directory, checked for writing before any work
-    make_dirs(dir);
     char path[4096];
-    snprintf(path, sizeof(path), "%s/.write_test", dir);
-    FILE *probe = fopen(path, "w");
-    if (!probe) die("-o %s: cannot write there: %s", dir, strerror(errno));
-    fclose(probe);
-    remove(path);
-    if (trace_seq_n > 0) {
+    if (lead) {
+        make_dirs(dir);
+        snprintf(path, sizeof(path), "%s/.write_test", dir);
+        FILE *probe = fopen(path, "w");
+        if (!probe) die("-o %s: cannot write there: %s", dir, strerror(errno));
+        fclose(probe);
+        remove(path);
+    }
+    if (lead && trace_seq_n > 0) {
         snprintf(path, sizeof(path), "%s/trace", dir);
         mkdir(path, 0755);
     }
@@ -505,24 +646,39 @@ int main(int argc, char **argv) {
     s_train.group_size = s_eval.group_size = group;
     RunSettings run = {n_steps, warmup, s_train.cf1000, group, seed, peak_lr};
 
-    Model *m = model_create(&c, B, T, prec, &opt);
+    ParamTable table;
+    param_table_build(&table, &c);
+    dp_shards(&dp, &table);
+    opt.shard_lo = dp.shard[dp.rank];
+    opt.shard_hi = dp.shard[dp.rank + 1];
+    param_table_free(&table);
+    Model *m = model_create(&c, Bl, T, prec, &opt);
     const ParamTable *pt = model_param_table(m);
     float *params = (float *)mallocCheck(pt->n_params * sizeof(float));
-    size_t n_state = opt_state_floats(pt, kind, opt.min_dim);
-    float *state = (float *)callocCheck(n_state, sizeof(float));
+    size_t n_state = opt_state_floats(pt, kind, opt.min_dim), n_part = opt_state_floats_range(pt, kind, opt.min_dim,
+                                                                                              opt.shard_lo, opt.shard_hi);
+    float *state = lead ? (float *)callocCheck(n_state, sizeof(float)) : NULL;  // the whole state, for checkpoints
+    float *part = (float *)callocCheck(n_part ? n_part : 1, sizeof(float));       // this rank's shard of it
     Rng data_rng = {(uint64_t)seed * 0x9E3779B97F4A7C15ull + 1};  // the batches' offsets
-    int step = resume ? latest_checkpoint(dir, 1024 + 4 * (long)pt->n_params, 1024 + 4 * (long)n_state) : -1;
-    if (step >= 0) {
-        snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
-        Config cc;
-        float *p = model_file_load(path, &cc);
-        if (memcmp(&cc, &c, sizeof(c)) != 0) die("%s: its config differs from this run's (-c %s)", path, init);
-        model_set_params(m, p);
-        free(p);
-        snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
-        if (ckpt_load(path, &opt, B, T, &run, &data_rng, state, n_state) != step)
-            die("%s: its step differs from its name", path);
-        model_set_opt_state(m, state);
+    int step = resume && lead ? latest_checkpoint(dir, 1024 + 4 * (long)pt->n_params, 1024 + 4 * (long)n_state) : -1;
+    dp_bcast(&step, sizeof(step));
+    if (step >= 0) {  // rank 0 reads, the others receive
+        if (lead) {
+            snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
+            Config cc;
+            float *p = model_file_load(path, &cc);
+            if (memcmp(&cc, &c, sizeof(c)) != 0) die("%s: its config differs from this run's (-c %s)", path, init);
+            memcpy(params, p, pt->n_params * sizeof(float));
+            free(p);
+            snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
+            if (ckpt_load(path, &opt, B, T, &run, &data_rng, state, n_state) != step)
+                die("%s: its step differs from its name", path);
+        }
+        dp_bcast(params, pt->n_params * sizeof(float));
+        dp_bcast(&data_rng, sizeof(data_rng));
+        model_set_params(m, params);
+        dp_state_move(&dp, pt, &opt, state, part, 0);
+        model_set_opt_state(m, part);
         printf("resumed from %s/model_%08d.bin and state_%08d.bin at step %d\n", dir, step, step, step);
     } else {
         if (resume) printf("no complete checkpoint in %s: starting from scratch\n", dir);
@@ -542,78 +698,94 @@ int main(int argc, char **argv) {
            "%.2f eval, group %d\n", train_path, train.n, val_path, val.n, B, T, n_steps,
            kind == OPT_ADAMW ? "adamw" : "adafactor", peak_lr, warmup, cf_train, cf_eval, group);
 
-    FILE *logf = log_open(dir, step, nm);
-    int32_t *x = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t));
-    int32_t *y = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t));
+    FILE *logf = lead ? log_open(dir, step, nm) : NULL;
+    int32_t *x = (int32_t *)mallocCheck((size_t)Bl * T * sizeof(int32_t));
+    int32_t *y = (int32_t *)mallocCheck((size_t)Bl * T * sizeof(int32_t));
     float *probs = (float *)mallocCheck(c.V * sizeof(float));
     float *drop = (float *)mallocCheck(nm * sizeof(float));  // dropped share per MoE layer of the step
     long starts[4096];
     float losses[N_LOSSES];
-    if (trace_seq_n > 0 && step == 0) traces_write(m, dir, 0, &val, &ood, trace_seq_n, B, T, &s_train, &s_eval, x, y);
+    if (lead && trace_seq_n > 0 && step == 0)
+        traces_write(m, dir, 0, &val, &ood, trace_seq_n, Bl, T, &s_train, &s_eval, x, y);
     while (step < stop) {
         step++;
         // one step: B windows of T+1 tokens at random offsets, forward, backward, update
         double t0 = now();
         for (int b = 0; b < B; b++) starts[b] = (long)(rng_u64(&data_rng) % (uint64_t)(train.n - T));
-        batch_fill(x, y, &train, starts, B, T);
-        model_forward(m, x, y, B, T, &s_train, losses);
+        batch_fill(x, y, &train, starts + (size_t)dp.rank * Bl, Bl, T);
+        model_forward(m, x, y, Bl, T, &s_train, losses);
         model_backward(m);
+        model_grads_allreduce(m);  // data parallelism: the whole batch's gradients on every rank
         opt.lr = learning_rate(kind, peak_lr, warmup, step, n_steps);
         float norm = model_update(m, &opt, step);
+        model_params_allgather(m, dp.shard);  // ZeRO-1: every rank's stepped shard to all
+        dp_mean(losses, N_LOSSES, &dp);
         double ms = 1e3 * (now() - t0);
         printf("step %5d/%d | loss %.4f (ce %.4f lb %.4f rz %.4f lz %.2f) | drop %.3f | lr %.2e | norm %.3f | "
                "%.1f ms | %.0f tok/s\n", step, n_steps, losses[LOSS_TOTAL], losses[LOSS_CE], losses[LOSS_LB],
                losses[LOSS_RZ], losses[LOSS_LZ], losses[LOSS_DROPPED], opt.lr, norm, ms, B * T / (ms / 1e3));
-        fprintf(logf, "%d\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6e\t%.6f\t%.2f\t%.0f", step, losses[LOSS_TOTAL],
+        for (int i = 0; i < nm; i++) drop[i] = model_router_stats(m)[i].dropped;  // before validation's forward
+        dp_mean(drop, nm, &dp);
+        if (lead) fprintf(logf, "%d\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6e\t%.6f\t%.2f\t%.0f", step, losses[LOSS_TOTAL],
                 losses[LOSS_CE], losses[LOSS_LB], losses[LOSS_RZ], losses[LOSS_LZ], losses[LOSS_DROPPED], opt.lr,
                 norm, ms, B * T / (ms / 1e3));
-        for (int i = 0; i < nm; i++) drop[i] = model_router_stats(m)[i].dropped;  // before validation's forward
 
         // validation at the evaluation capacity factor, router load of its last batch, a sample
         double val_ce = NAN, val_loss = NAN;
-        if ((val_every > 0 && step % val_every == 0) || step == n_steps) {
-            validate(m, &val, B, T, val_batches, &s_eval, x, y, &val_ce, &val_loss);
+        if (lead && ((val_every > 0 && step % val_every == 0) || step == n_steps)) {
+            validate(m, &val, Bl, T, val_batches * dp.n, &s_eval, x, y, &val_ce, &val_loss);
             printf("val  %5d | ce %.4f | loss %.4f | cf %.2f; per MoE layer, last batch:\n", step, val_ce, val_loss,
                    cf_eval);
             const RouterStats *rs = model_router_stats(m);
             for (int i = 0, l = 0; l < c.L; l++) {
                 if (!is_moe_layer(&c, l)) continue;
                 printf("  layer %2d: lb %.3f rz %.3f drop %.3f | routed %%:", l, rs[i].lb, rs[i].rz, rs[i].dropped);
-                for (int e = 0; e < c.E; e++) printf(" %.0f", 100.0 * rs[i].routed[e] / ((double)B * T * c.K));
+                for (int e = 0; e < c.E; e++) printf(" %.0f", 100.0 * rs[i].routed[e] / ((double)Bl * T * c.K));
                 printf("\n");
                 i++;
             }
             print_sample(m, tok, sample_start, 48, (uint64_t)seed + step, probs);
         }
-        fprintf(logf, "\t%.6f\t%.6f", val_ce, val_loss);
-        for (int i = 0; i < nm; i++) fprintf(logf, "\t%.6f", drop[i]);
-        fprintf(logf, "\n");
-        fflush(logf);
+        if (lead) {
+            fprintf(logf, "\t%.6f\t%.6f", val_ce, val_loss);
+            for (int i = 0; i < nm; i++) fprintf(logf, "\t%.6f", drop[i]);
+            fprintf(logf, "\n");
+            fflush(logf);
+        }
         fflush(stdout);
 
         // checkpoint: the model first, the state last, so a state file always has its model
         if ((ckpt_every > 0 && step % ckpt_every == 0) || step == stop) {
             model_get_params(m, params);
-            snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
-            model_file_save(path, &c, params);
-            model_get_opt_state(m, state);
-            snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
-            ckpt_save(path, step, &opt, B, T, &data_rng, &run, state, n_state);
-            printf("checkpoint %s/model_%08d.bin\n", dir, step);
-            if (trace_seq_n > 0) traces_write(m, dir, step, &val, &ood, trace_seq_n, B, T, &s_train, &s_eval, x, y);
+            dp_same(hash_bytes(0, params, pt->n_params * sizeof(float)), "their weights (a nondeterministic reduction?)");
+            model_get_opt_state(m, part);
+            dp_state_move(&dp, pt, &opt, state, part, 1);
+            if (lead) {
+                snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
+                model_file_save(path, &c, params);
+                snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
+                ckpt_save(path, step, &opt, B, T, &data_rng, &run, state, n_state);
+                printf("checkpoint %s/model_%08d.bin\n", dir, step);
+                if (trace_seq_n > 0)
+                    traces_write(m, dir, step, &val, &ood, trace_seq_n, Bl, T, &s_train, &s_eval, x, y);
+            }
         }
     }
-    fcloseCheck(logf, "log.tsv");
+    if (lead) fcloseCheck(logf, "log.tsv");
     if (tok) tokenizer_free(tok);
     free(train.tokens);
     free(val.tokens);
     free(ood.tokens);
     free(params);
     free(state);
+    free(part);
+    free(dp.shard);
+    free(dp.counts);
     free(x);
     free(y);
     free(probs);
     free(drop);
     model_free(m);
+    dp_end();
     return 0;
 }
