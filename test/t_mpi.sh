@@ -9,7 +9,8 @@
 #     model and state files;
 #   - stop (-y) and resume (-r) on 2 ranks continue bit for bit; a 2-rank
 #     checkpoint resumes on 1 rank (ZeRO-1 shards gathered into the usual
-#     files and split again) within the tolerance;
+#     files and split again) within the tolerance; the same for Adafactor,
+#     resumed by ./train (no MPI);
 #   - bad input: a batch the ranks do not divide, ranks with different flags
 #     or data files, a checkpoint of another batch, a rank that fails alone:
 #     a clear message and a non-zero exit, never a hang.
@@ -107,6 +108,13 @@ cp res/model_00000004.bin res/state_00000004.bin one_res/
 head -n 5 res/log.tsv > one_res/log.tsv
 expect_ok "mpi: a 2-rank checkpoint resumes on 1 rank" "${MPIRUN[@]}" -np 1 "$TMPI" "${COMMON[@]}" -o one_res -r
 expect_ok "mpi: ... and continues with the 2-rank run's losses" same_losses one_res/log.tsv two/log.tsv
+
+# Adafactor: its state is per tensor, so the shards are whole tensors
+expect_ok "mpi: Adafactor, 1 rank" "$TRAIN" "${COMMON[@]}" -x adafactor -l 0.01 -o one_af
+expect_ok "mpi: Adafactor, 2 ranks stop after step 4" "${MPIRUN[@]}" -np 2 "$TMPI" "${COMMON[@]}" -x adafactor -l 0.01 \
+    -o two_af -y 4
+expect_ok "mpi: Adafactor, 2-rank checkpoint resumed on 1 rank" "$TRAIN" "${COMMON[@]}" -x adafactor -l 0.01 -o two_af -r
+expect_ok "mpi: Adafactor, 2 ranks then 1 give 1 rank's losses" same_losses two_af/log.tsv one_af/log.tsv
 
 # --- bad input ------------------------------------------------------------------------
 expect_error "mpi: -b 3 on 2 ranks is refused" "does not split over 2 ranks" \
