@@ -3,6 +3,8 @@
 //
 //   ./train -c tiny -o out/tiny -n 1000          train the tiny preset on the KJV
 //   ./train -c tiny -o out/tiny -n 1000 -r       resume from the latest checkpoint
+//   mpirun -np 2 ./train -c tiny ...             data-parallel (make train MPI=1; section
+//                                                "data parallelism" below)
 //
 // Every step prints one line and appends a row to DIR/log.tsv; every -v steps
 // a validation loss at the evaluation capacity factor and a short sample;
@@ -389,16 +391,19 @@ static void mpiCheck(int err, const char *what) {
     if (err != MPI_SUCCESS) die("%s failed (MPI error %d)", what, err);
 }
 
-// a rank leaving by exit() before MPI_Finalize (die, usage) takes all down
-static void dp_abort_at_exit(void) {
+// a rank leaving by exit() before MPI_Finalize: with an error (die) it takes
+// the whole job down, else (usage) it finalizes
+static void dp_at_exit(int status, void *unused) {
     int fin = 1;
     MPI_Finalized(&fin);
-    if (!fin) MPI_Abort(MPI_COMM_WORLD, 1);
+    if (fin) return;
+    if (status != 0) MPI_Abort(MPI_COMM_WORLD, status);
+    MPI_Finalize();
 }
 
 static void dp_start(Ranks *dp, int *argc, char ***argv) {
     mpiCheck(MPI_Init(argc, argv), "MPI_Init");
-    atexit(dp_abort_at_exit);
+    if (on_exit(dp_at_exit, NULL) != 0) die("on_exit failed");
     mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &dp->rank), "MPI_Comm_rank");
     mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &dp->n), "MPI_Comm_size");
     MPI_Comm node;
@@ -481,7 +486,7 @@ static void usage(int status) {
             "  -k FILE       out-of-domain tokens for the -a traces (data/kjv/ood.bin; skipped if missing)\n"
             "  -z FILE       tokenizer for the samples (data/kjv/tokenizer.bin; token ids if missing)\n"
             "  -o DIR        output directory: log.tsv, checkpoints, traces (out/tiny)\n"
-            "  -b N          batch size (8)\n"
+            "  -b N          batch size (8), split over the ranks of an MPI run\n"
             "  -t N          sequence length (256)\n"
             "  -n N          steps (1000)\n"
             "  -x adamw|adafactor  optimizer (adamw)\n"
