@@ -34,7 +34,9 @@ if ! make -s train build/train_mpi > "$S/make.log" 2>&1; then
 fi
 TRAIN=$ROOT/train
 TMPI=$ROOT/build/train_mpi
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
+# as root, in containers (no cross-memory attach between ranks), one thread per rank
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
+export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 MPIRUN=(timeout 120 mpirun --oversubscribe -x OMP_NUM_THREADS -x OMP_WAIT_POLICY)
 cd "$S"
 
