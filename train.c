@@ -378,9 +378,17 @@ static void dp_shards(Ranks *dp, const ParamTable *pt) {
     }
 }
 
-// FNV-1a over bytes, chained through h
+// FNV-1a-style over 8-byte words, then the bytes left, chained through h
+// (start: FNV_BASIS); words, so that hashing a model's weights stays quick
+static const uint64_t FNV_BASIS = 0xCBF29CE484222325ull;
 static uint64_t hash_bytes(uint64_t h, const void *p, size_t n) {
-    for (size_t i = 0; i < n; i++) h = (h ^ ((const unsigned char *)p)[i]) * 0x100000001B3ull;
+    const unsigned char *b = (const unsigned char *)p;
+    size_t i = 0;
+    for (uint64_t w; i + 8 <= n; i += 8) {
+        memcpy(&w, b + i, 8);
+        h = (h ^ w) * 0x100000001B3ull;
+    }
+    for (; i < n; i++) h = (h ^ b[i]) * 0x100000001B3ull;
     return h;
 }
 
@@ -587,7 +595,7 @@ int main(int argc, char **argv) {
     tokens_load(&train, train_path);
     tokens_load(&val, val_path);
     if (val.V != train.V) die("%s has vocabulary %d, but %s has %d", val_path, val.V, train_path, train.V);
-    uint64_t run_hash = hash_bytes(0xCBF29CE484222325ull, &train.n, sizeof(train.n));
+    uint64_t run_hash = hash_bytes(FNV_BASIS, &train.n, sizeof(train.n));
     run_hash = hash_bytes(run_hash, &val.n, sizeof(val.n));
     for (int i = 1; i < argc; i++) run_hash = hash_bytes(run_hash, argv[i], strlen(argv[i]) + 1);
     dp_same(run_hash, "their flags or the sizes of their data files (-i, -j)");
@@ -660,8 +668,8 @@ int main(int argc, char **argv) {
     Model *m = model_create(&c, Bl, T, prec, &opt);
     const ParamTable *pt = model_param_table(m);
     float *params = (float *)mallocCheck(pt->n_params * sizeof(float));
-    size_t n_state = opt_state_floats(pt, kind, opt.min_dim), n_part = opt_state_floats_range(pt, kind, opt.min_dim,
-                                                                                              opt.shard_lo, opt.shard_hi);
+    size_t n_state = opt_state_floats(pt, kind, opt.min_dim);
+    size_t n_part = opt_state_floats_range(pt, kind, opt.min_dim, opt.shard_lo, opt.shard_hi);
     float *state = lead ? (float *)callocCheck(n_state, sizeof(float)) : NULL;  // the whole state, for checkpoints
     float *part = (float *)callocCheck(n_part ? n_part : 1, sizeof(float));       // this rank's shard of it
     Rng data_rng = {(uint64_t)seed * 0x9E3779B97F4A7C15ull + 1};  // the batches' offsets
@@ -762,7 +770,9 @@ int main(int argc, char **argv) {
         // checkpoint: the model first, the state last, so a state file always has its model
         if ((ckpt_every > 0 && step % ckpt_every == 0) || step == stop) {
             model_get_params(m, params);
-            dp_same(hash_bytes(0, params, pt->n_params * sizeof(float)), "their weights (a nondeterministic reduction?)");
+            if (dp.n > 1)
+                dp_same(hash_bytes(FNV_BASIS, params, pt->n_params * sizeof(float)),
+                        "their weights (a nondeterministic reduction?)");
             model_get_opt_state(m, part);
             dp_state_move(&dp, pt, &opt, state, part, 1);
             if (lead) {
