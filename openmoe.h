@@ -614,7 +614,8 @@ void model_backward(Model *m);
 // One optimizer step t (1-based) with the gradients of the last backward;
 // returns the global gradient norm before clipping.
 float model_update(Model *m, const OptSettings *o, int t);
-// optimizer state, host [opt_state_floats(...)], for checkpoints
+// optimizer state, host [opt_state_floats(...)] (with a ZeRO-1 shard: its
+// opt_state_floats_range(...), m then v for AdamW), for checkpoints
 void model_get_opt_state(const Model *m, float *state);
 void model_set_opt_state(Model *m, const float *state);
 
