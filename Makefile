@@ -30,7 +30,7 @@ endif
 CPU_TARGETS = train run test_cpu
 GPU_TARGETS = train_gpu run_gpu test_gpu
 
-.PHONY: all gpu test data bench analyze tiny clean
+.PHONY: all gpu test data bench analyze tiny experiments clean
 all: $(CPU_TARGETS) $(if $(HAVE_CUDA),gpu)
 
 train: train.c openmoe.c openmoe.h tokenizer.h
@@ -82,6 +82,11 @@ tiny:
 build/train_mpi: train.c openmoe.c openmoe.h tokenizer.h
 	@mkdir -p build
 	mpicc $(CFLAGS) $(MPI_CFLAGS) train.c openmoe.c -o $@ $(LDLIBS)
+# the routing variants of SPEC §8 on tiny, one run each (dev/experiments.sh):
+# 800 steps each unless STEPS=N is given; out/experiments/summary.md
+experiments: train
+	$(MAKE) data
+	PYTHON=$(PYTHON) bash dev/experiments.sh $(if $(filter command line environment,$(origin STEPS)),$(STEPS),800)
 
 build/bench_cpu: dev/bench_cpu.c openmoe.c openmoe.h
 	@mkdir -p build

@@ -10,7 +10,8 @@
 #   - stop (-y) and resume (-r) on 2 ranks continue bit for bit; a 2-rank
 #     checkpoint resumes on 1 rank (ZeRO-1 shards gathered into the usual
 #     files and split again) within the tolerance; the same for Adafactor,
-#     resumed by ./train (no MPI);
+#     resumed by ./train (no MPI); the router bias and freeze (SPEC §8) on
+#     2 ranks follow 1 rank;
 #   - bad input: a batch the ranks do not divide, ranks with different flags
 #     or data files, a checkpoint of another batch, a rank that fails alone:
 #     a clear message and a non-zero exit, never a hang.
@@ -117,6 +118,12 @@ expect_ok "mpi: Adafactor, 2 ranks stop after step 4" "${MPIRUN[@]}" -np 2 "$TMP
     -o two_af -y 4
 expect_ok "mpi: Adafactor, 2-rank checkpoint resumed on 1 rank" "$TRAIN" "${COMMON[@]}" -x adafactor -l 0.01 -o two_af -r
 expect_ok "mpi: Adafactor, 2 ranks then 1 give 1 rank's losses" same_losses two_af/log.tsv one_af/log.tsv
+
+# routing variants (SPEC §8): the loss-free balancing bias moves by all ranks' loads, the router freezes
+VAR=(--router-bias 0.01 --freeze-router 4)
+expect_ok "mpi: router bias and freeze, 1 rank" "$TRAIN" "${COMMON[@]}" "${VAR[@]}" -o one_var
+expect_ok "mpi: router bias and freeze, 2 ranks" "${MPIRUN[@]}" -np 2 "$TMPI" "${COMMON[@]}" "${VAR[@]}" -o two_var
+expect_ok "mpi: router bias and freeze, 2 ranks give 1 rank's losses" same_losses two_var/log.tsv one_var/log.tsv
 
 # --- bad input ------------------------------------------------------------------------
 expect_error "mpi: -b 3 on 2 ranks is refused" "does not split over 2 ranks" \
