@@ -1,7 +1,9 @@
 # openmoe.c: CPU targets always; CUDA targets when nvcc is found (as llm.c does).
 CC ?= gcc
 CFLAGS ?= -O3 -march=native
-CFLAGS += -std=gnu11 -ffp-contract=fast -fopenmp -Wall -Wextra -Wno-unused-parameter -I.
+# override: a CFLAGS given on the command line (make CFLAGS="-O3 -march=haswell")
+# still gets OpenMP, FMA contraction and the warnings
+override CFLAGS += -std=gnu11 -ffp-contract=fast -fopenmp -Wall -Wextra -Wno-unused-parameter -I.
 LDLIBS = -lm
 PYTHON ?= /usr/bin/python3
 
