@@ -2,7 +2,7 @@
 // so that the matmul itself can be timed; dev/bench_torch.py is its twin.
 //
 //   bench_cpu step CONFIG B T STEPS [MODEL]  median ms of a training step (forward, backward,
-//                                            AdamW) and the loss of the first; writes the
+//                                            AdamW) and the losses of the first two; writes the
 //                                            initial weights to MODEL for bench_torch.py
 //   bench_cpu matmul N:IN:OUT ...            GFLOP/s of out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T
 //                                            and its backward
@@ -53,7 +53,7 @@ static void bench_step(const Config *c, int B, int T, int steps, const char *mod
         y[i] = (int32_t)(rng_u64(&r) % c->V);
     }
     MoeSettings s = moe_settings_default();
-    float losses[N_LOSSES], loss0 = 0.0f;
+    float losses[N_LOSSES], first[2] = {0};
     double *ms = (double *)mallocCheck(steps * sizeof(double));
     for (int i = -1; i < steps; i++) {  // one warm-up step
         double t0 = now();
@@ -61,10 +61,10 @@ static void bench_step(const Config *c, int B, int T, int steps, const char *mod
         model_backward(m);
         model_update(m, &o, i + 2);
         if (i >= 0) ms[i] = 1e3 * (now() - t0);
-        else loss0 = losses[LOSS_TOTAL];
+        if (i < 1) first[i + 1] = losses[LOSS_TOTAL];
     }
     qsort(ms, steps, sizeof(double), cmp_double);
-    printf("step_ms %.2f loss0 %.6f\n", ms[steps / 2], loss0);
+    printf("step_ms %.2f loss0 %.7f loss1 %.7f\n", ms[steps / 2], first[0], first[1]);
     free(ms);
     free(x);
     free(y);

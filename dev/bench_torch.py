@@ -9,8 +9,8 @@ under the C code's settings (betas 0.9/0.95, weight decay 0.1 on matrices
 only, global clip 1.0). No Python loop runs over tokens.
 
   bench_torch.py step CONFIG B T STEPS [MODEL]  median ms of a training step, and
-                                                the loss of the first step on MODEL's
-                                                weights and bench_cpu's batch
+                                                the losses of the first two steps on
+                                                MODEL's weights and bench_cpu's batch
   bench_torch.py matmul N:IN:OUT ...            GFLOP/s of x @ w.T and its backward
   bench_torch.py decode CONFIG TOKENS           tokens/s of greedy generation with a KV cache
   bench_torch.py blas                           the OpenBLAS core in use, its worst error
@@ -166,8 +166,8 @@ def bench_step(cfg, B, T, steps, model_path=None):
     s = ref.Settings()
     cos, sin = ref.rope_tables(T, cfg.Hd, torch.float32, "cpu")
     future = torch.ones(T, T, dtype=torch.bool).triu(1)
-    times, loss0 = [], None
-    for i in range(steps + 1):  # one warm-up step, whose loss is the check against C
+    times, first = [], []
+    for i in range(steps + 1):  # one warm-up step; the first two losses are the check against C
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = forward_fast(params, cfg, x, y, s, cos, sin, future)
@@ -176,10 +176,9 @@ def bench_step(cfg, B, T, steps, model_path=None):
         opt.step()
         if i > 0:
             times.append(1e3 * (time.perf_counter() - t0))
-        else:
-            loss0 = float(loss)
+        first.append(float(loss))
     times.sort()
-    print(f"step_ms {times[len(times) // 2]:.2f} loss0 {loss0:.6f}")
+    print(f"step_ms {times[len(times) // 2]:.2f} loss0 {first[0]:.7f} loss1 {first[1]:.7f}")
 
 
 def bench_matmul(shapes):
