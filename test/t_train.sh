@@ -10,6 +10,7 @@
 #     interrupted write (a model without its state, a short state, stale .tmp
 #     files) are skipped, and a run killed with -9 resumes from its last
 #     complete checkpoint;
+#   - the thread count changes no bit of the log, model or state;
 #   - routing traces (-a) in the format dev/analyze_routing.py reads;
 #   - ./run: greedy generation equals the argmax of one full forward pass
 #     (--verify), seeded sampling repeats, -n past the context is clamped;
@@ -165,6 +166,12 @@ same_run() {
         fail "$3: the final checkpoint differs"
     fi
 }
+
+# the thread count changes no bit: the same 20 steps on another number of threads
+# (3 when the suite runs on another count, else 1) give the same log and files
+threads=$([ "${OMP_NUM_THREADS:-}" = 3 ] && echo 1 || echo 3)
+OMP_NUM_THREADS=$threads "$TRAIN" "${COMMON[@]}" -o threads -a 6 > threads.out 2>&1
+same_run full threads "threads: $threads threads against ${OMP_NUM_THREADS:-the default}"
 
 "$TRAIN" "${COMMON[@]}" -o part -a 6 -y 10 > part1.out 2>&1
 # what an interrupted checkpoint can leave: a model without its state (killed between
