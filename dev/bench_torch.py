@@ -63,9 +63,9 @@ def route_slots(p, K, s):
     p [N, E] -> expert [N, K], kept [N, K] bool, slot [N, K] (0-based), capacity."""
     N, E = p.shape
     gs = N if s.group_size == 0 else s.group_size
-    if gs < N:
-        sys.exit("route_slots: the benchmark routes one group (group_size >= B*T)")
-    cap = ref.capacity(N, E, s.cf1000, s.min_capacity)
+    if gs < N or s.drop_policy != ref.DROP_POSITION:
+        sys.exit("route_slots: the benchmark routes one group (group_size >= B*T) by position")
+    cap = ref.capacity(N, E, K, s)
     expert = torch.sort(p, dim=1, descending=True, stable=True).indices[:, :K]  # [N, K]
     onehot = Fn.one_hot(expert.t().reshape(-1), E)                              # [K*N, E] rank-major priority
     position = (onehot.cumsum(0) * onehot).sum(1).view(K, N).t() - 1           # [N, K]
