@@ -91,14 +91,13 @@ echo "fp32 FMA peak of this machine, measured at $(echo "$peak_line" | field wid
 # q/k/v/o, gate (2F), up, down, lm_head, router; experts at their capacity of 320 rows
 tiny_shapes="2048:128:128 2048:128:768 2048:128:384 2048:384:128 2048:128:4096 2048:128:8 320:128:768 320:128:384 320:384:128"
 small_shapes="2048:512:512 2048:512:3072 2048:512:1536 2048:1536:512 2048:512:32000 2048:512:8 320:512:3072 320:512:1536 320:1536:512"
-cl=$(c matmul $tiny_shapes $small_shapes)
-tl=$(py matmul $tiny_shapes $small_shapes)
 min_ratio=1e9
 for shape in $tiny_shapes $small_shapes; do
     IFS=: read -r n i o <<< "$shape"
+    cl=$(c matmul $shape) tl=$(py matmul $shape)  # back to back, shape by shape
     for dir in fwd bwd; do
-        cg=$(echo "$cl" | grep "^$shape " | field ${dir}_gflops)
-        tg=$(echo "$tl" | grep "^$shape " | field ${dir}_gflops)
+        cg=$(echo "$cl" | field ${dir}_gflops)
+        tg=$(echo "$tl" | field ${dir}_gflops)
         row "matmul ${n}x${i} @ ${i}x${o} $dir (GFLOP/s)" "$cg" "$tg" 1
         min_ratio=$(awk -v m="$min_ratio" -v c="$cg" -v t="$tg" 'BEGIN { r = c / t; print (r < m ? r : m) }')
         awk -v g="$cg" -v p="$peak" 'BEGIN { printf "%-44s %11.0f%%\n", "    C at share of peak", 100 * g / p }'
