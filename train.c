@@ -76,19 +76,25 @@ static void batch_fill(int32_t *x, int32_t *y, const TokenData *d, const long *s
 //   [9..10] optimizer state floats (uint64)
 //   [11] -n steps  [12] warmup  [13] peak lr (float32 bits)  [14] train cf1000
 //   [15] routing group size  [16] seed
-//   [17..255] 0
-// then the optimizer state (openmoe.h section 6 layout) as fp32. The model's
-// parameters are DIR/model_NNNNNNNN.bin. Words 2..10 must match the resuming
-// run (else it could not continue exactly); 11..16 are the schedule and
-// settings of the saved run, and a resuming run that differs is told so.
+//   [17] capacity rule  [18] drop policy  [19] router freeze step S + 1 (0: off)
+//   [20] router bias rate u (float32 bits, 0: off)  [21] router bias floats (n_moe*E when u > 0, else 0)
+//   [22..255] 0
+// then the optimizer state (openmoe.h section 6 layout) as fp32, then the
+// router bias (SPEC §8) as fp32 when u > 0. The model's parameters are
+// DIR/model_NNNNNNNN.bin. Words 2..10 must match the resuming run (else it
+// could not continue exactly); 11..16 are the schedule and settings of the
+// saved run, and a resuming run that differs is told so; 17..21, the routing
+// variant (SPEC §8), must match: a run is one variant from its first step.
 
 typedef struct {
     int n_steps, warmup, cf1000, group, seed;
     float lr;
+    int capacity_rule, drop_policy, freeze;  // SPEC §8; freeze -1: off
+    float bias_rate;                         // 0: off
 } RunSettings;
 
 static void ckpt_save(const char *path, int step, const OptSettings *o, int B, int T, const Rng *rng,
-                      const RunSettings *rs, const float *state, size_t n) {
+                      const RunSettings *rs, const float *state, size_t n, const float *bias, size_t n_bias) {
     int32_t h[HEADER_INTS] = {0};
     h[0] = CKPT_MAGIC;
     h[1] = 1;
@@ -106,26 +112,53 @@ static void ckpt_save(const char *path, int step, const OptSettings *o, int B, i
     h[14] = rs->cf1000;
     h[15] = rs->group;
     h[16] = rs->seed;
+    h[17] = rs->capacity_rule;
+    h[18] = rs->drop_policy;
+    h[19] = rs->freeze + 1;
+    memcpy(&h[20], &rs->bias_rate, 4);
+    h[21] = (int32_t)n_bias;
     char tmp[4096];
     FILE *f = atomic_open(path, tmp, sizeof(tmp));
     fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
     fwriteCheck(state, sizeof(float), n, f, tmp);
+    fwriteCheck(bias, sizeof(float), n_bias, f, tmp);
     atomic_commit(f, tmp, path);
 }
 
-// reads the optimizer state and the data RNG; returns the step
+// the routing variant of a run, for messages: "capacity t5x, drop position, freeze off, bias 0"
+static void variant_text(char *buf, size_t n, int rule, int policy, int freeze, float u) {
+    char fz[32];
+    if (freeze < 0) snprintf(fz, sizeof(fz), "off");
+    else snprintf(fz, sizeof(fz), "%d", freeze);
+    snprintf(buf, n, "--capacity %s --drop-policy %s --freeze-router %s --router-bias %g",
+             rule >= 0 && rule < N_CAP_RULES ? cap_rule_names[rule] : "?",
+             policy >= 0 && policy < N_DROP_POLICIES ? drop_policy_names[policy] : "?", fz, u);
+}
+
+// reads the optimizer state, the router bias and the data RNG; returns the step
 static int ckpt_load(const char *path, const OptSettings *o, int B, int T, const RunSettings *rs, Rng *rng,
-                     float *state, size_t n) {
+                     float *state, size_t n, float *bias, size_t n_bias) {
     FILE *f = fopenCheck(path, "rb");
     int32_t h[HEADER_INTS];
-    long size = header_read(f, path, "training state", CKPT_MAGIC, 17, h);
+    long size = header_read(f, path, "training state", CKPT_MAGIC, 22, h);
+    float u;
+    memcpy(&u, &h[20], 4);
+    if (h[17] != rs->capacity_rule || h[18] != rs->drop_policy || h[19] != rs->freeze + 1 || u != rs->bias_rate ||
+        h[21] != (int32_t)n_bias) {
+        char saved[160], now_[160];
+        variant_text(saved, sizeof(saved), h[17], h[18], h[19] - 1, u);
+        variant_text(now_, sizeof(now_), rs->capacity_rule, rs->drop_policy, rs->freeze, rs->bias_rate);
+        die("%s: saved by a run with routing %s; this run has %s (a run keeps its routing variant: use another -o)",
+            path, saved, now_);
+    }
     uint64_t n64;
     memcpy(&n64, &h[9], 8);
     if (h[3] != (int)o->kind || h[8] != o->min_dim || h[4] != B || h[5] != T)
         die("%s: saved by a run with optimizer %s, B %d, T %d; this run has %s, B %d, T %d", path,
             h[3] == OPT_ADAMW ? "adamw" : "adafactor", h[4], h[5], o->kind == OPT_ADAMW ? "adamw" : "adafactor", B, T);
-    if (n64 != n || size != (long)(sizeof(h) + 4 * n))
-        die("%s: size %ld bytes, but this model's optimizer state is %zu floats", path, size, n);
+    if (n64 != n || size != (long)(sizeof(h) + 4 * (n + n_bias)))
+        die("%s: size %ld bytes, but this model's optimizer state and router bias are %zu + %zu floats", path, size,
+            n, n_bias);
     float lr;
     memcpy(&lr, &h[13], 4);
     if (h[11] != rs->n_steps || h[12] != rs->warmup || lr != rs->lr || h[14] != rs->cf1000 || h[15] != rs->group ||
@@ -135,6 +168,7 @@ static int ckpt_load(const char *path, const OptSettings *o, int B, int T, const
                rs->warmup, rs->lr, rs->cf1000 / 1000.0, rs->group, rs->seed);
     memcpy(&rng->s, &h[6], 8);
     freadCheck(state, sizeof(float), n, f, path);
+    freadCheck(bias, sizeof(float), n_bias, f, path);
     fcloseCheck(f, path);
     return h[2];
 }
@@ -370,6 +404,12 @@ static void usage(int status) {
             "                step 0, each checkpoint and the end, into DIR/trace (0: off)\n"
             "  -r            resume from the latest complete checkpoint in DIR\n"
             "  -y N          stop after step N as if interrupted (the schedule still spans -n)\n"
+            "  routing variants (SPEC §8), in training, validation and traces alike:\n"
+            "  --capacity t5x|colossalai|none  expert capacity rule; none is dropless (t5x)\n"
+            "  --drop-policy position|probs    which assignments a full expert drops (position)\n"
+            "  --freeze-router S   routers not updated after step S (off)\n"
+            "  --router-bias U     loss-free balancing bias, rate U > 0 (0: off); with --capacity\n"
+            "                      none it balances the experts' work, as nothing is dropped\n"
             "  --bf16        bf16 mixed precision (the CUDA backend)\n");
     exit(status);
 }
@@ -379,7 +419,8 @@ int main(int argc, char **argv) {
     const char *ood_path = "data/kjv/ood.bin", *tok_path = "data/kjv/tokenizer.bin", *dir = "out/tiny";
     int B = 8, T = 256, n_steps = 1000, stop = -1, warmup = -1, group = 4096, seed = 1337;
     int ckpt_every = 250, val_every = 100, val_batches = 8, trace_seqs = 0, resume = 0, tok_given = 0;
-    float lr = -1.0f, cf_train = 1.25f, cf_eval = 2.0f;
+    float lr = -1.0f, cf_train = 1.25f, cf_eval = 2.0f, bias_rate = 0.0f;
+    int capacity_rule = CAP_T5X, drop_policy = DROP_POSITION, freeze = -1;
     OptKind kind = OPT_ADAMW;
     Precision prec = PRECISION_FP32;
     for (int i = 1; i < argc; i++) {
@@ -387,6 +428,30 @@ int main(int argc, char **argv) {
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) usage(0);
         if (strcmp(a, "-r") == 0) { resume = 1; continue; }
         if (strcmp(a, "--bf16") == 0) { prec = PRECISION_BF16; continue; }
+        if (strncmp(a, "--", 2) == 0 && i + 1 < argc) {  // the routing variants, each with a value
+            const char *v = argv[i + 1];
+            char *end;
+            if (strcmp(a, "--capacity") == 0) {
+                capacity_rule = name_index(v, cap_rule_names, N_CAP_RULES);
+                if (capacity_rule < 0) die("--capacity %s: the rule is t5x, colossalai or none", v);
+            } else if (strcmp(a, "--drop-policy") == 0) {
+                drop_policy = name_index(v, drop_policy_names, N_DROP_POLICIES);
+                if (drop_policy < 0) die("--drop-policy %s: the policy is position or probs", v);
+            } else if (strcmp(a, "--freeze-router") == 0) {
+                long sv = strtol(v, &end, 10);
+                if (!*v || *end || sv < 0 || sv > 1000000000) die("--freeze-router %s: needs a step >= 0", v);
+                freeze = (int)sv;
+            } else if (strcmp(a, "--router-bias") == 0) {
+                bias_rate = strtof(v, &end);
+                if (!*v || *end || !(bias_rate >= 0.0f) || !isfinite(bias_rate))
+                    die("--router-bias %s: needs a rate >= 0", v);
+            } else {
+                fprintf(stderr, "error: unknown option '%s'\n", a);
+                usage(2);
+            }
+            i++;
+            continue;
+        }
         if (a[0] != '-' || strlen(a) != 2 || i + 1 >= argc) {
             fprintf(stderr, "error: unknown or incomplete option '%s'\n", a);
             usage(2);
@@ -503,15 +568,20 @@ int main(int argc, char **argv) {
     s_train.cf1000 = (int)lrintf(cf_train * 1000);
     s_eval.cf1000 = (int)lrintf(cf_eval * 1000);
     s_train.group_size = s_eval.group_size = group;
-    RunSettings run = {n_steps, warmup, s_train.cf1000, group, seed, peak_lr};
+    s_train.capacity_rule = s_eval.capacity_rule = capacity_rule;
+    s_train.drop_policy = s_eval.drop_policy = drop_policy;
+    RunSettings run = {n_steps, warmup, s_train.cf1000, group, seed, peak_lr, capacity_rule, drop_policy, freeze,
+                       bias_rate};
 
     Model *m = model_create(&c, B, T, prec, &opt);
     const ParamTable *pt = model_param_table(m);
     float *params = (float *)mallocCheck(pt->n_params * sizeof(float));
     size_t n_state = opt_state_floats(pt, kind, opt.min_dim);
     float *state = (float *)callocCheck(n_state, sizeof(float));
+    size_t n_bias = bias_rate > 0.0f ? (size_t)n_moe_layers(&c) * c.E : 0;
+    float *bias = (float *)callocCheck(n_bias, sizeof(float));  // the router bias, SPEC §8
     Rng data_rng = {(uint64_t)seed * 0x9E3779B97F4A7C15ull + 1};  // the batches' offsets
-    int step = resume ? latest_checkpoint(dir, 1024 + 4 * (long)pt->n_params, 1024 + 4 * (long)n_state) : -1;
+    int step = resume ? latest_checkpoint(dir, 1024 + 4 * (long)pt->n_params, 1024 + 4 * (long)(n_state + n_bias)) : -1;
     if (step >= 0) {
         snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
         Config cc;
@@ -520,9 +590,10 @@ int main(int argc, char **argv) {
         model_set_params(m, p);
         free(p);
         snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
-        if (ckpt_load(path, &opt, B, T, &run, &data_rng, state, n_state) != step)
+        if (ckpt_load(path, &opt, B, T, &run, &data_rng, state, n_state, bias, n_bias) != step)
             die("%s: its step differs from its name", path);
         model_set_opt_state(m, state);
+        if (n_bias) model_set_router_bias(m, bias);
         printf("resumed from %s/model_%08d.bin and state_%08d.bin at step %d\n", dir, step, step, step);
     } else {
         if (resume) printf("no complete checkpoint in %s: starting from scratch\n", dir);
@@ -541,6 +612,8 @@ int main(int argc, char **argv) {
     printf("data: %s %ld tokens, %s %ld tokens; batch %d x %d, %d steps, %s lr %.2e warmup %d, cf %.2f train "
            "%.2f eval, group %d\n", train_path, train.n, val_path, val.n, B, T, n_steps,
            kind == OPT_ADAMW ? "adamw" : "adafactor", peak_lr, warmup, cf_train, cf_eval, group);
+    variant_text(path, sizeof(path), capacity_rule, drop_policy, freeze, bias_rate);
+    printf("routing: %s\n", path);
 
     FILE *logf = log_open(dir, step, nm);
     int32_t *x = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t));
@@ -559,7 +632,12 @@ int main(int argc, char **argv) {
         model_forward(m, x, y, B, T, &s_train, losses);
         model_backward(m);
         opt.lr = learning_rate(kind, peak_lr, warmup, step, n_steps);
+        opt.freeze_router = freeze >= 0 && step > freeze;
         float norm = model_update(m, &opt, step);
+        if (n_bias) {  // loss-free balancing: from this step's loads, before validation's forward
+            router_bias_update(bias, model_router_stats(m), nm, c.E, bias_rate);
+            model_set_router_bias(m, bias);
+        }
         double ms = 1e3 * (now() - t0);
         printf("step %5d/%d | loss %.4f (ce %.4f lb %.4f rz %.4f lz %.2f) | drop %.3f | lr %.2e | norm %.3f | "
                "%.1f ms | %.0f tok/s\n", step, n_steps, losses[LOSS_TOTAL], losses[LOSS_CE], losses[LOSS_LB],
@@ -598,7 +676,7 @@ int main(int argc, char **argv) {
             model_file_save(path, &c, params);
             model_get_opt_state(m, state);
             snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
-            ckpt_save(path, step, &opt, B, T, &data_rng, &run, state, n_state);
+            ckpt_save(path, step, &opt, B, T, &data_rng, &run, state, n_state, bias, n_bias);
             printf("checkpoint %s/model_%08d.bin\n", dir, step);
             if (trace_seq_n > 0) traces_write(m, dir, step, &val, &ood, trace_seq_n, B, T, &s_train, &s_eval, x, y);
         }
@@ -610,6 +688,7 @@ int main(int argc, char **argv) {
     free(ood.tokens);
     free(params);
     free(state);
+    free(bias);
     free(x);
     free(y);
     free(probs);
