@@ -102,6 +102,30 @@ static inline void atomic_commit(FILE *f, const char *tmp, const char *path) {
     if (rename(tmp, path) != 0) die("%s: cannot rename to %s: %s", tmp, path, strerror(errno));
 }
 
+// Command-line flags: the whole value must parse, be finite and lie in the
+// range, else exit naming the flag, the value and the range.
+static inline long long flag_int(const char *flag, const char *v, long long lo, long long hi) {
+    char *end;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (!*v || *end || errno || x < lo || x > hi) die("%s %s: needs a whole number in [%lld, %lld]", flag, v, lo, hi);
+    return x;
+}
+// lo_open: lo itself is excluded, (lo, hi]; else [lo, hi]
+static inline double flag_float(const char *flag, const char *v, double lo, int lo_open, double hi) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (!*v || *end || errno == ERANGE || !isfinite(x) || x < lo || (lo_open && x == lo) || x > hi)
+        die("%s %s: needs a finite number in %c%g, %g]", flag, v, lo_open ? '(' : '[', lo, hi);
+    return x;
+}
+// path flags: not empty
+static inline const char *flag_path(const char *flag, const char *v) {
+    if (!*v) die("%s '': needs a path", flag);
+    return v;
+}
+
 // ----------------------------------------------------------------------------
 // 2. config (SPEC §1)
 
@@ -111,6 +135,9 @@ static inline void atomic_commit(FILE *f, const char *tmp, const char *path) {
 #define TRACE_MAGIC 240201742    // routing traces, see dev/analyze_routing.py
 #define CKPT_MAGIC 240201743     // training state checkpoints, see train.c
 #define HEADER_INTS 256
+// the longest context a model may have: RoPE tables and the KV cache are
+// allocated for all of it (OpenMoE's models have 2048)
+#define MAX_SEQ_LEN (1 << 20)
 
 typedef struct {
     int V;            // vocabulary size
@@ -391,6 +418,10 @@ typedef struct {
     int group_size;    // tokens per routing group, 0 = all B*T tokens of the call
     float lb_coef, rz_coef, lz_coef;  // 0.01, 1e-4, 1e-4
 } MoeSettings;
+
+// the range of capacity factors a flag may set: cf1000 stays an int >= 1
+#define MIN_CF 0.001
+#define MAX_CF 1000.0
 
 static inline MoeSettings moe_settings_default(void) {
     MoeSettings s = {1250, 4, 4096, 0.01f, 1e-4f, 1e-4f};

@@ -17,6 +17,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+// flag ranges: checkpoint names have 8 digits of step; batch offsets are kept
+// in arrays of MAX_BATCH
+#define MAX_STEPS 99999999
+#define MAX_BATCH 4096
+#define MAX_LR 10.0
+
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -201,7 +207,7 @@ static FILE *log_open(const char *dir, int resume_step, int n_moe) {
 // mean losses over the first n_batches windows of val, at the settings s
 static void validate(Model *m, const TokenData *val, int B, int T, int n_batches, const MoeSettings *s,
                      int32_t *x, int32_t *y, double *ce, double *total) {
-    long starts[4096];
+    long starts[MAX_BATCH];
     float losses[N_LOSSES];
     *ce = *total = 0.0;
     for (int i = 0; i < n_batches; i++) {
@@ -261,7 +267,7 @@ static void trace_write(Model *m, const char *dir, int step, const TokenData *da
     float *prob = (float *)mallocCheck(nm * N * K * sizeof(float));
     uint8_t *kept = (uint8_t *)mallocCheck(nm * N * K);
     float losses[N_LOSSES];
-    long starts[4096];
+    long starts[MAX_BATCH];
     for (int s0 = 0; s0 < n_seq; s0 += B) {
         for (int b = 0; b < B; b++) starts[b] = (long)(s0 + b) * T;
         batch_fill(x, y, data, starts, B, T);
@@ -392,51 +398,35 @@ int main(int argc, char **argv) {
             usage(2);
         }
         const char *v = argv[++i];
-        char *end;
-        long iv = strtol(v, &end, 10);
-        int is_int = *v && *end == '\0';
-        float fv = strtof(v, &end);
-        int is_num = *v && *end == '\0';
         switch (a[1]) {
-        case 'c': init = v; break;
-        case 'i': train_path = v; break;
-        case 'j': val_path = v; break;
-        case 'k': ood_path = v; break;
-        case 'z': tok_path = v; tok_given = 1; break;
-        case 'o': dir = v; break;
+        case 'c': init = flag_path(a, v); break;
+        case 'i': train_path = flag_path(a, v); break;
+        case 'j': val_path = flag_path(a, v); break;
+        case 'k': ood_path = flag_path(a, v); break;
+        case 'z': tok_path = flag_path(a, v); tok_given = 1; break;
+        case 'o': dir = flag_path(a, v); break;
         case 'x':
             if (strcmp(v, "adamw") == 0) kind = OPT_ADAMW;
             else if (strcmp(v, "adafactor") == 0) kind = OPT_ADAFACTOR;
             else die("-x %s: the optimizer is adamw or adafactor", v);
             break;
-        case 'l': case 'f': case 'g':
-            if (!is_num || !(fv > 0.0f)) die("-%c %s: needs a number > 0", a[1], v);
-            if (a[1] == 'l') lr = fv;
-            else if (a[1] == 'f') cf_train = fv;
-            else cf_eval = fv;
-            break;
-        default: {
-            if (!is_int || iv < 0 || iv > 1000000000) die("-%c %s: needs a whole number >= 0", a[1], v);
-            int n = (int)iv;
-            switch (a[1]) {
-            case 'b': B = n; break;
-            case 't': T = n; break;
-            case 'n': n_steps = n; break;
-            case 'y': stop = n; break;
-            case 'w': warmup = n; break;
-            case 'q': group = n; break;
-            case 's': seed = n; break;
-            case 'e': ckpt_every = n; break;
-            case 'v': val_every = n; break;
-            case 'V': val_batches = n; break;
-            case 'a': trace_seqs = n; break;
-            default: fprintf(stderr, "error: unknown option '%s'\n", a); usage(2);
-            }
-        }
+        case 'l': lr = (float)flag_float(a, v, 0.0, 1, MAX_LR); break;
+        case 'f': cf_train = (float)flag_float(a, v, MIN_CF, 0, MAX_CF); break;
+        case 'g': cf_eval = (float)flag_float(a, v, MIN_CF, 0, MAX_CF); break;
+        case 'b': B = (int)flag_int(a, v, 1, MAX_BATCH); break;
+        case 't': T = (int)flag_int(a, v, 1, MAX_SEQ_LEN); break;
+        case 'n': n_steps = (int)flag_int(a, v, 1, MAX_STEPS); break;
+        case 'y': stop = (int)flag_int(a, v, 0, MAX_STEPS); break;
+        case 'w': warmup = (int)flag_int(a, v, 0, MAX_STEPS); break;
+        case 'q': group = (int)flag_int(a, v, 0, INT32_MAX); break;
+        case 's': seed = (int)flag_int(a, v, 0, INT32_MAX); break;
+        case 'e': ckpt_every = (int)flag_int(a, v, 0, MAX_STEPS); break;
+        case 'v': val_every = (int)flag_int(a, v, 0, MAX_STEPS); break;
+        case 'V': val_batches = (int)flag_int(a, v, 1, MAX_STEPS); break;
+        case 'a': trace_seqs = (int)flag_int(a, v, 0, MAX_STEPS); break;
+        default: fprintf(stderr, "error: unknown option '%s'\n", a); usage(2);
         }
     }
-    if (B < 1 || B > 4096 || T < 1 || n_steps < 1 || val_batches < 1)
-        die("-b %d -t %d -n %d -V %d: need 1 <= B <= 4096 and T, n, V >= 1", B, T, n_steps, val_batches);
     if (stop < 0 || stop > n_steps) stop = n_steps;
     if (warmup < 0) warmup = kind == OPT_ADAFACTOR ? 10000 : n_steps / 50;
     if (warmup < 1) warmup = 1;
@@ -547,7 +537,7 @@ int main(int argc, char **argv) {
     int32_t *y = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t));
     float *probs = (float *)mallocCheck(c.V * sizeof(float));
     float *drop = (float *)mallocCheck(nm * sizeof(float));  // dropped share per MoE layer of the step
-    long starts[4096];
+    long starts[MAX_BATCH];
     float losses[N_LOSSES];
     if (trace_seq_n > 0 && step == 0) traces_write(m, dir, 0, &val, &ood, trace_seq_n, B, T, &s_train, &s_eval, x, y);
     while (step < stop) {
