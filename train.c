@@ -48,9 +48,10 @@ static void tokens_load(TokenData *d, const char *path) {
     d->n = h[4];
     if ((bytes != 2 && bytes != 4) || d->V <= 0 || d->n <= 0 || (bytes == 2 && d->V > 65536))
         die("%s: bad header: %d bytes per token, vocab %d, %ld tokens", path, bytes, d->V, d->n);
-    long want = (long)sizeof(h) + d->n * bytes;
-    if (size != want) die("%s: size %ld bytes, but its header describes %ld tokens of %d bytes (%ld bytes)", path,
-                          size, d->n, bytes, want);
+    uint64_t want = size_add(sizeof(h), size_mul(d->n, bytes));
+    if ((uint64_t)size != want)
+        die("%s: size %ld bytes, but its header describes %ld tokens of %d bytes (%llu bytes)", path, size, d->n,
+            bytes, (unsigned long long)want);
     d->tokens = (int32_t *)mallocCheck(d->n * sizeof(int32_t));
     if (bytes == 4) {
         freadCheck(d->tokens, 4, d->n, f, path);
@@ -119,19 +120,39 @@ static void ckpt_save(const char *path, int step, const OptSettings *o, int B, i
     atomic_commit(f, tmp, path);
 }
 
+static const char *opt_name(int kind) {
+    return kind == OPT_ADAMW ? "adamw" : kind == OPT_ADAFACTOR ? "adafactor" : "unknown";
+}
+
+// why the checkpoint header h (of a file of size bytes) cannot be resumed by a
+// run with these settings and n_state floats of optimizer state, naming the
+// first setting that differs; NULL when it can
+static const char *ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int B, int T, size_t n_state,
+                                 char *why, size_t nwhy) {
+    uint64_t n64;
+    memcpy(&n64, &h[9], 8);
+    if (h[3] != (int)o->kind)
+        snprintf(why, nwhy, "saved with optimizer %d (%s), this run has -x %s", h[3], opt_name(h[3]), opt_name(o->kind));
+    else if (h[4] != B) snprintf(why, nwhy, "saved with -b %d, this run has -b %d", h[4], B);
+    else if (h[5] != T) snprintf(why, nwhy, "saved with -t %d, this run has -t %d", h[5], T);
+    else if (h[8] != o->min_dim)
+        snprintf(why, nwhy, "saved with Adafactor min_dim %d, this run has %d", h[8], o->min_dim);
+    else if (h[2] < 0) snprintf(why, nwhy, "step %d is negative", h[2]);
+    else if (n64 != n_state) snprintf(why, nwhy, "%llu floats of optimizer state, this model's are %zu", (unsigned long long)n64, n_state);
+    else if ((uint64_t)size != size_add(sizeof(int32_t) * HEADER_INTS, size_mul(4, n64)))
+        snprintf(why, nwhy, "size %ld bytes, but its header describes %llu floats (damaged)", size, (unsigned long long)n64);
+    else return NULL;
+    return why;
+}
+
 // reads the optimizer state and the data RNG; returns the step
 static int ckpt_load(const char *path, const OptSettings *o, int B, int T, const RunSettings *rs, Rng *rng,
                      float *state, size_t n) {
     FILE *f = fopenCheck(path, "rb");
     int32_t h[HEADER_INTS];
     long size = header_read(f, path, "training state", CKPT_MAGIC, 17, h);
-    uint64_t n64;
-    memcpy(&n64, &h[9], 8);
-    if (h[3] != (int)o->kind || h[8] != o->min_dim || h[4] != B || h[5] != T)
-        die("%s: saved by a run with optimizer %s, B %d, T %d; this run has %s, B %d, T %d", path,
-            h[3] == OPT_ADAMW ? "adamw" : "adafactor", h[4], h[5], o->kind == OPT_ADAMW ? "adamw" : "adafactor", B, T);
-    if (n64 != n || size != (long)(sizeof(h) + 4 * n))
-        die("%s: size %ld bytes, but this model's optimizer state is %zu floats", path, size, n);
+    char why[256];
+    if (ckpt_mismatch(h, size, o, B, T, n, why, sizeof(why))) die("%s: cannot resume: %s", path, why);
     float lr;
     memcpy(&lr, &h[13], 4);
     if (h[11] != rs->n_steps || h[12] != rs->warmup || lr != rs->lr || h[14] != rs->cf1000 || h[15] != rs->group ||
@@ -145,36 +166,82 @@ static int ckpt_load(const char *path, const OptSettings *o, int B, int T, const
     return h[2];
 }
 
-// 1 if path exists with the given magic and exactly the given size
-static int file_looks_whole(const char *path, int32_t magic, long bytes) {
+// reads the first HEADER_INTS words of path into h; returns its size, -1 when
+// it cannot be read or is shorter than a header
+static long header_peek(const char *path, int32_t *h) {
     FILE *f = fopen(path, "rb");
-    if (!f) return 0;
-    int32_t word = 0;
-    int ok = fread(&word, 4, 1, f) == 1 && word == magic && fseek(f, 0, SEEK_END) == 0 && ftell(f) == bytes;
+    if (!f) return -1;
+    struct stat st;
+    long size = fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) ? (long)st.st_size : -1;
+    if (size >= 0 && fread(h, sizeof(int32_t), HEADER_INTS, f) != HEADER_INTS) size = -1;
     fclose(f);
-    return ok;
+    return size;
 }
 
-// The latest step for which both DIR/model_N.bin and DIR/state_N.bin are
-// whole (right magic, right size), -1 if none. The model is written first and
-// the state last, each to a .tmp renamed into place, so an interrupted write
-// leaves a .tmp or a model without its state: neither counts.
-static int latest_checkpoint(const char *dir, long model_bytes, long state_bytes) {
+// why checkpoint step of dir cannot be resumed by this run (NULL when it can);
+// *damaged: 1 when a file is cut short or broken, 0 when it is whole but from
+// a run with other settings (another -c, -x, -b, -t)
+static const char *checkpoint_problem(const char *dir, int step, const Config *c, const OptSettings *o, int B, int T,
+                                      size_t n_state, int *damaged, char *why, size_t nwhy) {
+    char model[4096], state[4096], what[256];
+    snprintf(model, sizeof(model), "%s/model_%08d.bin", dir, step);
+    snprintf(state, sizeof(state), "%s/state_%08d.bin", dir, step);
+    int32_t h[HEADER_INTS];
+    long size = header_peek(model, h);
+    *damaged = 1;
+    if (size < 0) snprintf(why, nwhy, "%s: missing, unreadable or shorter than a header (damaged)", model);
+    else if (h[0] != MODEL_MAGIC || h[1] != 1) snprintf(why, nwhy, "%s: not a model file of version 1 (damaged)", model);
+    else if (memcmp(&h[2], &c->V, 12 * sizeof(int32_t)) != 0) {
+        static const char *names[12] = {"V", "max_seq_len", "L", "D", "H", "Hd", "F", "E", "K", "moe_every", "Fe",
+                                        "extra_ffn"};
+        const int *cv = &c->V;
+        int i = 0;
+        while (h[2 + i] == cv[i]) i++;
+        snprintf(why, nwhy, "%s: the model has %s %d, this run's (-c) has %d", model, names[i], h[2 + i], cv[i]);
+        *damaged = 0;
+    } else if ((uint64_t)size != size_add(sizeof(h), size_mul(4, config_n_params(c))))
+        snprintf(why, nwhy, "%s: size %ld bytes, not this model's %llu (damaged)", model, size,
+                 (unsigned long long)size_add(sizeof(h), size_mul(4, config_n_params(c))));
+    else if ((size = header_peek(state, h)) < 0)
+        snprintf(why, nwhy, "%s: unreadable or shorter than a header (damaged)", state);
+    else if (h[0] != CKPT_MAGIC || h[1] != 1) snprintf(why, nwhy, "%s: not a training state of version 1 (damaged)", state);
+    else if (ckpt_mismatch(h, size, o, B, T, n_state, what, sizeof(what))) {
+        *damaged = strstr(what, "(damaged)") != NULL;
+        snprintf(why, nwhy, "%s: %s", state, what);
+    } else return NULL;
+    return why;
+}
+
+// The step to resume from: the latest checkpoint N of dir with a
+// state_N.bin (the model is written first and the state last, each to a .tmp
+// renamed into place, so a model without its state is an interrupted write and
+// does not count); -1 when dir holds none. Exits naming the checkpoint and the
+// setting when that checkpoint is from a run with other settings, or when
+// every checkpoint is damaged; a damaged checkpoint after a good one is
+// skipped with a note.
+static int resume_step(const char *dir, const Config *c, const OptSettings *o, int B, int T, size_t n_state) {
     DIR *d = opendir(dir);
     if (!d) return -1;
-    int best = -1;
+    int best = -1, other = -1, broken = -1;  // latest good, of other settings, damaged
+    char why[4096 + 512], other_why[sizeof(why)], broken_why[sizeof(why)];
     struct dirent *e;
     while ((e = readdir(d))) {
-        int step, end = 0;
+        int step, end = 0, damaged;
         if (sscanf(e->d_name, "state_%8d.bin%n", &step, &end) != 1 || end != 18 || e->d_name[end] != '\0') continue;
-        char model[4096], state[4096];
-        snprintf(model, sizeof(model), "%s/model_%08d.bin", dir, step);
-        snprintf(state, sizeof(state), "%s/state_%08d.bin", dir, step);
-        if (file_looks_whole(model, MODEL_MAGIC, model_bytes) && file_looks_whole(state, CKPT_MAGIC, state_bytes))
+        if (!checkpoint_problem(dir, step, c, o, B, T, n_state, &damaged, why, sizeof(why))) {
             best = step > best ? step : best;
-        else printf("note: checkpoint %d in %s is incomplete or not this model's: skipped\n", step, dir);
+        } else if (!damaged && step > other) {
+            other = step;
+            snprintf(other_why, sizeof(other_why), "%s", why);
+        } else if (damaged && step > broken) {
+            broken = step;
+            snprintf(broken_why, sizeof(broken_why), "%s", why);
+        }
     }
     closedir(d);
+    if (other >= 0) die("-r: cannot resume from checkpoint %d in %s: %s", other, dir, other_why);
+    if (broken >= 0 && best < 0) die("-r: cannot resume from checkpoint %d in %s: %s", broken, dir, broken_why);
+    if (broken > best) printf("note: checkpoint %d in %s is skipped: %s\n", broken, dir, broken_why);
     return best;
 }
 
@@ -501,7 +568,7 @@ int main(int argc, char **argv) {
     size_t n_state = opt_state_floats(pt, kind, opt.min_dim);
     float *state = (float *)callocCheck(n_state, sizeof(float));
     Rng data_rng = {(uint64_t)seed * 0x9E3779B97F4A7C15ull + 1};  // the batches' offsets
-    int step = resume ? latest_checkpoint(dir, 1024 + 4 * (long)pt->n_params, 1024 + 4 * (long)n_state) : -1;
+    int step = resume ? resume_step(dir, &c, &opt, B, T, n_state) : -1;
     if (step >= 0) {
         snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
         Config cc;
@@ -515,7 +582,7 @@ int main(int argc, char **argv) {
         model_set_opt_state(m, state);
         printf("resumed from %s/model_%08d.bin and state_%08d.bin at step %d\n", dir, step, step, step);
     } else {
-        if (resume) printf("no complete checkpoint in %s: starting from scratch\n", dir);
+        if (resume) printf("no checkpoint in %s: starting from scratch\n", dir);
         step = 0;
         if (init_params) model_set_params(m, init_params);
         else {
@@ -533,6 +600,8 @@ int main(int argc, char **argv) {
            kind == OPT_ADAMW ? "adamw" : "adafactor", peak_lr, warmup, cf_train, cf_eval, group);
 
     FILE *logf = log_open(dir, step, nm);
+    char log_path[4096 + 16];
+    snprintf(log_path, sizeof(log_path), "%s/log.tsv", dir);
     int32_t *x = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t));
     int32_t *y = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t));
     float *probs = (float *)mallocCheck(c.V * sizeof(float));
@@ -578,7 +647,7 @@ int main(int argc, char **argv) {
         fprintf(logf, "\t%.6f\t%.6f", val_ce, val_loss);
         for (int i = 0; i < nm; i++) fprintf(logf, "\t%.6f", drop[i]);
         fprintf(logf, "\n");
-        fflush(logf);
+        if (fflush(logf) != 0 || ferror(logf)) die("%s: write failed: %s", log_path, strerror(errno));
         fflush(stdout);
 
         // checkpoint: the model first, the state last, so a state file always has its model
@@ -593,7 +662,7 @@ int main(int argc, char **argv) {
             if (trace_seq_n > 0) traces_write(m, dir, step, &val, &ood, trace_seq_n, B, T, &s_train, &s_eval, x, y);
         }
     }
-    fcloseCheck(logf, "log.tsv");
+    fcloseCheck(logf, log_path);
     if (tok) tokenizer_free(tok);
     free(train.tokens);
     free(val.tokens);
