@@ -60,7 +60,7 @@ build/asan/test_cpu: test/test_model.c openmoe.c openmoe.h
 	@mkdir -p build/asan
 	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) test/test_model.c openmoe.c -o $@ $(LDLIBS)
 
-# the hardening test with N mutants per file reader (make test runs 150)
+# the hardening test with N mutants per file reader (make test runs 200)
 N ?= 2000
 fuzz: $(CPU_TARGETS)
 	FUZZ_N=$(N) bash -c 'source test/lib.sh; BUILD=build/test bash test/t_hardening.sh'
