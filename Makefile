@@ -63,7 +63,7 @@ build/asan/test_cpu: test/test_model.c openmoe.c openmoe.h
 # the hardening test with N mutants per file reader (make test runs 200)
 N ?= 2000
 fuzz: $(CPU_TARGETS)
-	FUZZ_N=$(N) bash -c 'source test/lib.sh; BUILD=build/test bash test/t_hardening.sh'
+	FUZZ_N=$(N) bash test/t_hardening.sh
 
 data:
 	bash dev/prepare_kjv.sh

@@ -1,11 +1,14 @@
-"""fuzz.py WORK BIN N SEED: the seeded mutation test of every file reader.
+"""fuzz.py WORK BIN N SEED [READERS]: the seeded mutation test of every file
+reader (READERS: a comma-separated subset of model, debug_state, checkpoint,
+tokens, tokenizer, trace).
 
 For each reader: N mutants of one good file (WORK holds the inputs that
 test/t_sanitize.sh made), each read by its real program in BIN (one process
 per mutant; the sanitizer build in make test), the trace reader
 (dev/analyze_routing.py read_trace) in this process. Each mutant is 1-3
-changes to one file: a header word set to a nearby or extreme value (half the
-mutants), bytes of the payload set or flipped, or the file cut or extended.
+changes to one file: a header word set to a nearby or extreme value or next
+to another word's value (half the changes), bytes of the payload set or
+flipped, or the file cut or extended.
 
 The oracle: an independent check, written from the formats' specifications
 (SPEC §6, §7, tokenizer.bin-spec, train.c's checkpoint and trace layouts),
@@ -34,6 +37,7 @@ import sys
 import numpy as np
 
 WORK, BIN, N, SEED = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+READERS = sys.argv[5].split(",") if len(sys.argv) > 5 else None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "dev"))
 INT32_MAX, MAX_SEQ_LEN = 2**31 - 1, 1 << 20
@@ -59,8 +63,9 @@ def mutate(rng, data, header_words, regions):
         if rng.random() < 0.5:
             i = rng.choice(header_words) if rng.random() < 0.8 else rng.randrange(256)
             v = struct.unpack_from("<i", b, 4 * i)[0]
+            other = struct.unpack_from("<i", b, 4 * rng.choice(header_words))[0]  # near another word's value
             v = rng.choice([0, 1, -1, v + 1, v - 1, v ^ (1 << rng.randrange(31)), 2 * v, INT32_MAX, -2**31,
-                            134217732, 16777216, rng.randrange(-2**31, 2**31)])
+                            134217732, 16777216, rng.randrange(-2**31, 2**31), other + rng.randint(-1, 1)])
             v = (v + 2**31) % 2**32 - 2**31
             struct.pack_into("<i", b, 4 * i, v)
         else:
@@ -226,6 +231,8 @@ def run(cmd, path, stdin=None, quiet_compare=False):
 
 
 def campaign(name, good_path, header_words, regions, oracle, execute):
+    if READERS and name not in READERS:
+        return None
     rng = random.Random(f"{SEED}-{name}")
     good = open(good_path, "rb").read()
     counts, problems = {}, []
