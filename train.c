@@ -124,25 +124,33 @@ static const char *opt_name(int kind) {
     return kind == OPT_ADAMW ? "adamw" : kind == OPT_ADAFACTOR ? "adafactor" : "unknown";
 }
 
-// why the checkpoint header h (of a file of size bytes) cannot be resumed by a
-// run with these settings and n_state floats of optimizer state, naming the
-// first setting that differs; NULL when it can
-static const char *ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int B, int T, size_t n_state,
-                                 char *why, size_t nwhy) {
+// whether the checkpoint header h (of a file of size bytes) can be resumed
+// by a run with these settings and n_state floats of optimizer state: 0 yes,
+// CKPT_OTHER_RUN when a setting differs, CKPT_DAMAGED when the file does not
+// add up; why names the first problem
+enum { CKPT_OTHER_RUN = 1, CKPT_DAMAGED = 2 };
+static int ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int B, int T, size_t n_state, char *why,
+                         size_t nwhy) {
     uint64_t n64;
     memcpy(&n64, &h[9], 8);
-    if (h[3] != (int)o->kind)
+    if (h[3] != (int)o->kind) {
         snprintf(why, nwhy, "saved with optimizer %d (%s), this run has -x %s", h[3], opt_name(h[3]), opt_name(o->kind));
-    else if (h[4] != B) snprintf(why, nwhy, "saved with -b %d, this run has -b %d", h[4], B);
-    else if (h[5] != T) snprintf(why, nwhy, "saved with -t %d, this run has -t %d", h[5], T);
-    else if (h[8] != o->min_dim)
+    } else if (h[4] != B) {
+        snprintf(why, nwhy, "saved with -b %d, this run has -b %d", h[4], B);
+    } else if (h[5] != T) {
+        snprintf(why, nwhy, "saved with -t %d, this run has -t %d", h[5], T);
+    } else if (h[8] != o->min_dim) {
         snprintf(why, nwhy, "saved with Adafactor min_dim %d, this run has %d", h[8], o->min_dim);
-    else if (h[2] < 0) snprintf(why, nwhy, "step %d is negative", h[2]);
-    else if (n64 != n_state) snprintf(why, nwhy, "%llu floats of optimizer state, this model's are %zu", (unsigned long long)n64, n_state);
-    else if ((uint64_t)size != size_add(sizeof(int32_t) * HEADER_INTS, size_mul(4, n64)))
-        snprintf(why, nwhy, "size %ld bytes, but its header describes %llu floats (damaged)", size, (unsigned long long)n64);
-    else return NULL;
-    return why;
+    } else if (n64 != n_state) {
+        snprintf(why, nwhy, "%llu floats of optimizer state, this model's are %zu", (unsigned long long)n64, n_state);
+    } else if (h[2] < 0 || (uint64_t)size != size_add(sizeof(int32_t) * HEADER_INTS, size_mul(4, n64))) {
+        snprintf(why, nwhy, "step %d, size %ld bytes, but its header describes %llu floats (damaged)", h[2], size,
+                 (unsigned long long)n64);
+        return CKPT_DAMAGED;
+    } else {
+        return 0;
+    }
+    return CKPT_OTHER_RUN;
 }
 
 // reads the optimizer state and the data RNG; returns the step
@@ -188,6 +196,7 @@ static const char *checkpoint_problem(const char *dir, int step, const Config *c
     snprintf(state, sizeof(state), "%s/state_%08d.bin", dir, step);
     int32_t h[HEADER_INTS];
     long size = header_peek(model, h);
+    int problem;
     *damaged = 1;
     if (size < 0) snprintf(why, nwhy, "%s: missing, unreadable or shorter than a header (damaged)", model);
     else if (h[0] != MODEL_MAGIC || h[1] != 1) snprintf(why, nwhy, "%s: not a model file of version 1 (damaged)", model);
@@ -205,8 +214,8 @@ static const char *checkpoint_problem(const char *dir, int step, const Config *c
     else if ((size = header_peek(state, h)) < 0)
         snprintf(why, nwhy, "%s: unreadable or shorter than a header (damaged)", state);
     else if (h[0] != CKPT_MAGIC || h[1] != 1) snprintf(why, nwhy, "%s: not a training state of version 1 (damaged)", state);
-    else if (ckpt_mismatch(h, size, o, B, T, n_state, what, sizeof(what))) {
-        *damaged = strstr(what, "(damaged)") != NULL;
+    else if ((problem = ckpt_mismatch(h, size, o, B, T, n_state, what, sizeof(what)))) {
+        *damaged = problem == CKPT_DAMAGED;
         snprintf(why, nwhy, "%s: %s", state, what);
     } else return NULL;
     return why;
