@@ -393,7 +393,7 @@ static int moe_capacity(int *kept, const int *top, int N, int K, int E, const Mo
     int G = group_len(N, s->group_size), dropped = 0;
     for (int g0 = 0; g0 < N; g0 += G) {
         int n1 = g0 + G < N ? g0 + G : N;
-        int C = moe_capacity_of(n1 - g0, E, s->cf1000, s->min_capacity);
+        int C = moe_capacity_of(n1 - g0, E, K, s->cf1000, s->min_capacity, s->capacity_rule);
         memset(count, 0, E * sizeof(int));
         for (int r = 0; r < K; r++)
             for (int n = g0; n < n1; n++) {

@@ -1113,13 +1113,13 @@ __global__ void moe_capacity_kernel(int *pos, int *count, const int *top, int N,
 // owns R_pad rows, its kept rows first); goff (groups,E) = first row of (g, e);
 // routed/kept (E) the statistics of model_router_stats.
 __global__ void moe_offsets_kernel(int *start, int *goff, int *routed, int *kept, const int *count, int n_groups,
-                                   int N, int G, int E, int cf1000, int min_capacity, int R_pad) {
+                                   int N, int G, int E, int K, int cf1000, int min_capacity, int rule, int R_pad) {
     __shared__ int s_rows[MAX_EXPERTS], s_start[MAX_EXPERTS + 1];
     int e = threadIdx.x;
     if (e < E) {
         int rows = 0, all = 0;
         for (int g = 0; g < n_groups; g++) {
-            int len = (g + 1) * G < N ? G : N - g * G, C = moe_capacity_of(len, E, cf1000, min_capacity);
+            int len = (g + 1) * G < N ? G : N - g * G, C = moe_capacity_of(len, E, K, cf1000, min_capacity, rule);
             int cnt = count[(size_t)g * E + e];
             all += cnt;
             rows += cnt < C ? cnt : C;
@@ -1138,7 +1138,7 @@ __global__ void moe_offsets_kernel(int *start, int *goff, int *routed, int *kept
     if (e < E) {
         int run = s_start[e];
         for (int g = 0; g < n_groups; g++) {
-            int len = (g + 1) * G < N ? G : N - g * G, C = moe_capacity_of(len, E, cf1000, min_capacity);
+            int len = (g + 1) * G < N ? G : N - g * G, C = moe_capacity_of(len, E, K, cf1000, min_capacity, rule);
             int cnt = count[(size_t)g * E + e];
             goff[(size_t)g * E + e] = run;
             run += cnt < C ? cnt : C;
@@ -1148,11 +1148,11 @@ __global__ void moe_offsets_kernel(int *start, int *goff, int *routed, int *kept
 
 // one thread per assignment i = n*K + r: kept flag, its row (or -1), and the row's token
 __global__ void moe_rows_kernel(int *row_of, int *row_token, int *kept, const int *top, const int *pos,
-                                const int *goff, int N, int K, int E, int G, int cf1000, int min_capacity) {
+                                const int *goff, int N, int K, int E, int G, int cf1000, int min_capacity, int rule) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)N * K) return;
     int n = (int)(i / K), g = n / G, len = (g + 1) * G < N ? G : N - g * G;
-    int C = moe_capacity_of(len, E, cf1000, min_capacity), e = top[i];
+    int C = moe_capacity_of(len, E, K, cf1000, min_capacity, rule), e = top[i];
     if (pos[i] < C) {
         int row = goff[(size_t)g * E + e] + pos[i];
         row_of[i] = row;
@@ -1175,7 +1175,8 @@ static int moe_rows_padded(int N, int K, int E, const MoeSettings *s) {
     int G = group_len(N, s->group_size);
     long long R = 0;
     for (int g0 = 0; g0 < N; g0 += G) {
-        int len = g0 + G < N ? G : N - g0, C = moe_capacity_of(len, E, s->cf1000, s->min_capacity);
+        int len = g0 + G < N ? G : N - g0;
+        int C = moe_capacity_of(len, E, K, s->cf1000, s->min_capacity, s->capacity_rule);
         R += C < len ? C : len;
     }
     return (long long)E * R <= (long long)N * K ? (int)R : 0;
@@ -1189,12 +1190,12 @@ static int moe_capacity(Model *m, LayerActs *a, int *routed, int *kept_cnt, int 
     int R = m->moe_exact ? 0 : moe_rows_padded(N, K, E, s);
     moe_capacity_kernel<<<n_groups, MAX_EXPERTS>>>(a->pos, a->count, a->top, N, K, E, G);
     launchCheck();
-    moe_offsets_kernel<<<1, MAX_EXPERTS>>>(a->start, a->goff, routed, kept_cnt, a->count, n_groups, N, G, E, s->cf1000,
-                                           s->min_capacity, R);
+    moe_offsets_kernel<<<1, MAX_EXPERTS>>>(a->start, a->goff, routed, kept_cnt, a->count, n_groups, N, G, E, K,
+                                           s->cf1000, s->min_capacity, s->capacity_rule, R);
     launchCheck();
     if (R > 0) cudaCheck(cudaMemsetAsync(a->row_token, 0xff, (size_t)E * R * sizeof(int)));  // -1: a padding row
     moe_rows_kernel<<<ceil_div((size_t)N * K, 256), 256>>>(a->row_of, a->row_token, a->kept, a->top, a->pos, a->goff,
-                                                            N, K, E, G, s->cf1000, s->min_capacity);
+                                                            N, K, E, G, s->cf1000, s->min_capacity, s->capacity_rule);
     launchCheck();
     if (R > 0) {
         for (int e = 0; e <= E; e++) a->start_host[e] = e * R;

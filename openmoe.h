@@ -457,13 +457,20 @@ static inline void model_file_save(const char *path, const Config *c, const floa
     param_table_free(&p);
 }
 
-// Per-call settings of routing and losses (SPEC §3, §4); the debug state
+// Per-call settings of routing and losses (SPEC §3, §4, §8); the debug state
 // file stores them in its header.
+enum { CAP_T5X = 0, CAP_COLOSSALAI = 1, CAP_NONE = 2, N_CAP_RULES };   // capacity rules (SPEC §8)
+enum { DROP_POSITION = 0, DROP_PROBS = 1, N_DROP_POLICIES };          // drop policies (SPEC §8)
+static const char *const cap_rule_names[N_CAP_RULES] = {"t5x", "colossalai", "none"};
+static const char *const drop_policy_names[N_DROP_POLICIES] = {"position", "probs"};
+
 typedef struct {
     int cf1000;        // capacity factor x 1000: 1250 train, 2000 eval
     int min_capacity;  // 4
     int group_size;    // tokens per routing group, 0 = all B*T tokens of the call
     float lb_coef, rz_coef, lz_coef;  // 0.01, 1e-4, 1e-4
+    int capacity_rule; // CAP_T5X, CAP_COLOSSALAI or CAP_NONE (dropless)
+    int drop_policy;   // DROP_POSITION or DROP_PROBS
 } MoeSettings;
 
 // the range of capacity factors a flag may set: cf1000 stays an int >= 1
@@ -471,8 +478,15 @@ typedef struct {
 #define MAX_CF 1000.0
 
 static inline MoeSettings moe_settings_default(void) {
-    MoeSettings s = {1250, 4, 4096, 0.01f, 1e-4f, 1e-4f};
+    MoeSettings s = {1250, 4, 4096, 0.01f, 1e-4f, 1e-4f, CAP_T5X, DROP_POSITION};
     return s;
+}
+
+// index of name in names[n], or -1
+static inline int name_index(const char *name, const char *const *names, int n) {
+    for (int i = 0; i < n; i++)
+        if (strcmp(name, names[i]) == 0) return i;
+    return -1;
 }
 
 // Debug state file (SPEC §7): one batch, its settings, and what a correct
@@ -491,7 +505,7 @@ typedef struct {
 static inline void state_file_load(const char *path, const Config *c, DebugState *st) {
     FILE *f = fopenCheck(path, "rb");
     int32_t h[HEADER_INTS];
-    long size = header_read(f, path, "state", STATE_MAGIC, 10, h);
+    long size = header_read(f, path, "state", STATE_MAGIC, 12, h);
     st->B = h[2];
     st->T = h[3];
     st->s.cf1000 = h[4];
@@ -500,6 +514,12 @@ static inline void state_file_load(const char *path, const Config *c, DebugState
     st->s.rz_coef = h[7] * 1e-6f;
     st->s.lz_coef = h[8] * 1e-6f;
     st->s.group_size = h[9];
+    st->s.capacity_rule = h[10];
+    st->s.drop_policy = h[11];
+    if (h[10] < 0 || h[10] >= N_CAP_RULES)
+        die("%s: header word 10 (capacity rule) is %d: must be 0 (t5x), 1 (colossalai) or 2 (none)", path, h[10]);
+    if (h[11] < 0 || h[11] >= N_DROP_POLICIES)
+        die("%s: header word 11 (drop policy) is %d: must be 0 (position) or 1 (probs)", path, h[11]);
     if (st->B <= 0 || st->T <= 0) die("%s: B = %d, T = %d, both must be > 0", path, st->B, st->T);
     if (st->T > c->max_seq_len) die("%s: T = %d is longer than the model's context %d", path, st->T, c->max_seq_len);
     if (st->s.cf1000 <= 0 || st->s.min_capacity < 0 || st->s.group_size < 0 || h[6] < 0 || h[7] < 0 || h[8] < 0)
@@ -539,6 +559,8 @@ static inline void state_file_save(const char *path, const Config *c, const Debu
     h[7] = (int32_t)lrint(st->s.rz_coef * 1e6);
     h[8] = (int32_t)lrint(st->s.lz_coef * 1e6);
     h[9] = st->s.group_size;
+    h[10] = st->s.capacity_rule;
+    h[11] = st->s.drop_policy;
     ParamTable p;
     param_table_build(&p, c);
     size_t BT = (size_t)st->B * st->T;
@@ -684,10 +706,19 @@ static inline HOST_DEVICE int group_len(int N, int group_size) {
     return group_size <= 0 || group_size > N ? N : group_size;
 }
 
-// expert capacity of a group of n tokens (SPEC §3), in integers:
-// max(min_capacity, round(cf1000/1000 * n / E)), halves rounded up
-static inline HOST_DEVICE int moe_capacity_of(int n, int E, int cf1000, int min_capacity) {
-    long long c = ((long long)cf1000 * n + 500LL * E) / (1000LL * E);
+// expert capacity of a group of n tokens, in integers, by rule (SPEC §3, §8):
+//   t5x:        max(min_capacity, round(cf1000/1000 * n / E)), halves rounded up
+//   colossalai: floor(K * cf1000/1000 * n / E), odd rounded up to even, then at least min_capacity
+//   none:       n (dropless: no expert can be chosen by more than the group's n tokens)
+static inline HOST_DEVICE int moe_capacity_of(int n, int E, int K, int cf1000, int min_capacity, int rule) {
+    long long c;
+    if (rule == CAP_NONE) return n;
+    if (rule == CAP_COLOSSALAI) {
+        c = (long long)K * cf1000 * n / (1000LL * E);
+        c += c % 2;
+    } else {
+        c = ((long long)cf1000 * n + 500LL * E) / (1000LL * E);
+    }
     return c > min_capacity ? (int)c : min_capacity;
 }
 
@@ -741,9 +772,10 @@ static inline RouterStats *router_stats_create(int n_moe, int E, int **ints) {
 static inline void forward_args_check(int B, int T, int Bmax, int Tmax, const MoeSettings *s) {
     if (B <= 0 || T <= 0 || B > Bmax || T > Tmax)
         die("model_forward: batch %d x %d does not fit the model's %d x %d", B, T, Bmax, Tmax);
-    if (s->cf1000 <= 0 || s->min_capacity < 0 || s->group_size < 0)
-        die("model_forward: bad MoE settings (cf1000 %d, min_capacity %d, group_size %d)", s->cf1000,
-            s->min_capacity, s->group_size);
+    if (s->cf1000 <= 0 || s->min_capacity < 0 || s->group_size < 0 || s->capacity_rule < 0 ||
+        s->capacity_rule >= N_CAP_RULES || s->drop_policy < 0 || s->drop_policy >= N_DROP_POLICIES)
+        die("model_forward: bad MoE settings (cf1000 %d, min_capacity %d, group_size %d, capacity rule %d, "
+            "drop policy %d)", s->cf1000, s->min_capacity, s->group_size, s->capacity_rule, s->drop_policy);
 }
 
 // model_update's arguments, against the optimizer the model was created with

@@ -8,6 +8,13 @@
 // Each token is routed on its own (a group of one), as model_decode does, so
 // capacity never drops a token at generation time. --verify checks greedy
 // output against the argmax of one full forward pass over the same tokens.
+//
+// An imported OpenMoE model (dev/import_openmoe.py) is recognised by its
+// tokenizer: umT5's has <pad> at id 0 and no BOS. Then the prompt starts with
+// id 0 (OpenMoE's start token; -b chooses another) instead of EOS, and
+// generation stops at EOS, or at the chat model's three pieces "▁</" "s" ">".
+// A tokenizer may have fewer pieces than the model's vocabulary (umT5: 256000
+// of 256384); ids at or above its size are never sampled.
 #include "openmoe.h"
 #include "tokenizer.h"
 #include <time.h>
@@ -71,19 +78,23 @@ static void usage(int status) {
             "       ./run -z TOK.bin --decode       stdin ids -> text (as spm_decode)\n"
             "  -z FILE   tokenizer (data/kjv/tokenizer.bin)\n"
             "  -i TEXT   prompt, read after an EOS as a verse start (empty: generate from EOS)\n"
+            "  -b ID     the id the prompt starts with (-1: none); default EOS, or 0 (<pad>) for an\n"
+            "            imported OpenMoE model, whose tokenizer has <pad> at id 0 and no BOS;\n"
+            "            such a model also stops generating at EOS\n"
             "  -n N      tokens to generate (200)\n"
             "  -t T      temperature, 0 = greedy (0.8)\n"
             "  -p P      top-p (0.9)\n"
             "  -s SEED   sampling seed (42)\n"
             "  -g CF     capacity factor (2.0; a token routed alone is never dropped)\n"
             "  --verify  with -t 0: check each generated token against the argmax of a\n"
-            "            full forward pass over the same tokens (exit 1 on a mismatch)\n");
+            "            full forward pass over the same tokens (exit 1 on a mismatch)\n"
+            "  --ids     print the token ids (prompt included) instead of text\n");
     exit(status);
 }
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *tok_path = "data/kjv/tokenizer.bin", *prompt = "";
-    int steps = 200, encode = 0, decode = 0, verify = 0;
+    int steps = 200, encode = 0, decode = 0, verify = 0, print_ids = 0, start = -2;  // -2: by the tokenizer
     float temp = 0.8f, topp = 0.9f, cf = 2.0f;
     uint64_t seed = 42;
     for (int i = 1; i < argc; i++) {
@@ -92,6 +103,7 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--encode") == 0) encode = 1;
         else if (strcmp(a, "--decode") == 0) decode = 1;
         else if (strcmp(a, "--verify") == 0) verify = 1;
+        else if (strcmp(a, "--ids") == 0) print_ids = 1;
         else if (a[0] != '-') {
             if (model_path) die("two model files given: %s and %s", model_path, a);
             model_path = a;
@@ -99,6 +111,7 @@ int main(int argc, char **argv) {
             const char *v = argv[++i];
             switch (a[1]) {
             case 'z': tok_path = flag_path(a, v); break;
+            case 'b': start = (int)flag_int(a, v, -1, INT32_MAX); break;
             case 'i': prompt = v; break;
             case 'n': steps = (int)flag_int(a, v, 0, INT32_MAX); break;
             case 't': temp = (float)flag_float(a, v, 0.0, 0, MAX_TEMPERATURE); break;
@@ -129,14 +142,21 @@ int main(int argc, char **argv) {
     Config c;
     float *params = model_file_load(model_path, &c);
     tokenizer_load(&tok, tok_path);
-    if (tok.vocab_size != c.V) die("%s: the tokenizer has %d pieces, but %s has vocabulary %d", tok_path, tok.vocab_size, model_path, c.V);
+    if (tok.vocab_size > c.V) die("%s: the tokenizer has %d pieces, more than %s's vocabulary %d", tok_path, tok.vocab_size, model_path, c.V);
+    if (start >= c.V) die("-b %d: not an id of %s's vocabulary %d", start, model_path, c.V);
+    int openmoe = tok.pad_id == 0 && tok.bos_id < 0;  // umT5's layout: an imported OpenMoE model
+    const char *chat_eos[3] = {"\xe2\x96\x81</", "s", ">"};   // "▁</" "s" ">"
+    int chat_eos_id[3];
+    for (int k = 0; k < 3; k++) chat_eos_id[k] = tok_piece_id(&tok, chat_eos[k], strlen(chat_eos[k]));
 
-    // the prompt: EOS, which ends every verse of the training data and so is
-    // what a verse follows (BOS when the tokenizer has no EOS), then its pieces
+    // the prompt: the start id, then its pieces. By default EOS, which ends
+    // every verse of the training data and so is what a verse follows (BOS
+    // when the tokenizer has no EOS), or OpenMoE's 0
     int max_len = c.max_seq_len;
     int room = 16 * (int)strlen(prompt) + 16;  // NFKC can expand a character, byte fallback splits it
     int32_t *tokens = (int32_t *)mallocCheck((size_t)(max_len + room + 1) * sizeof(int32_t));
-    int n_prompt = 0, start = tok.eos_id >= 0 ? tok.eos_id : tok.bos_id;
+    if (start == -2) start = openmoe ? 0 : tok.eos_id >= 0 ? tok.eos_id : tok.bos_id;
+    int n_prompt = 0;
     if (start >= 0) tokens[n_prompt++] = start;
     n_prompt += tokenizer_encode(&tok, prompt, strlen(prompt), tokens + n_prompt, room);
     if (n_prompt == 0) die("the prompt is empty and the tokenizer has no EOS or BOS to start from");
@@ -150,10 +170,11 @@ int main(int argc, char **argv) {
     // a verifying run also needs activations for one full sequence
     Model *m = model_create(&c, 1, verify ? max_len : 1, PRECISION_FP32, NULL);
     model_set_params(m, params);
+    free(params);  // the model holds its own copy: do not keep two of a large model
     ProbIndex *sorted = (ProbIndex *)mallocCheck(c.V * sizeof(ProbIndex));
     Rng rng = {seed};
     int first_text = 1;  // the first piece printed loses its dummy-prefix space
-    for (int i = start >= 0; i < n_prompt; i++) {
+    for (int i = start >= 0; i < n_prompt && !print_ids; i++) {
         size_t len;
         const char *piece = tokenizer_piece_text(&tok, tokens[i], first_text, &len);
         fwrite(piece, 1, len, stdout);
@@ -165,15 +186,22 @@ int main(int argc, char **argv) {
     for (int pos = 0; n < n_prompt + steps; pos++) {
         const float *logits = model_decode(m, tokens[pos], pos);
         if (pos + 1 < n) continue;  // still reading the prompt
-        int next = sample(logits, c.V, temp, topp, &rng, sorted);
+        int next = sample(logits, tok.vocab_size, temp, topp, &rng, sorted);
         tokens[n++] = next;
-        size_t len = 1;  // EOS ends a verse: a new line
-        const char *piece = next == tok.eos_id ? "\n" : tokenizer_piece_text(&tok, next, first_text, &len);
-        fwrite(piece, 1, len, stdout);
-        fflush(stdout);
-        first_text = next == tok.eos_id;
+        if (openmoe && next == tok.eos_id) break;
+        if (!print_ids) {
+            size_t len = 1;  // EOS ends a verse: a new line
+            const char *piece = next == tok.eos_id ? "\n" : tokenizer_piece_text(&tok, next, first_text, &len);
+            fwrite(piece, 1, len, stdout);
+            fflush(stdout);
+            first_text = next == tok.eos_id;
+        }
+        if (openmoe && n - n_prompt >= 3 && chat_eos_id[0] >= 0 && tokens[n - 3] == chat_eos_id[0] &&
+            tokens[n - 2] == chat_eos_id[1] && tokens[n - 1] == chat_eos_id[2])
+            break;
     }
     double secs = now() - t0;
+    for (int i = 0; i < n && print_ids; i++) printf(i ? " %d" : "%d", tokens[i]);
     printf("\n");
     fprintf(stderr, "%d tokens (%d prompt, %d generated) in %.2f s: %.1f tokens/s\n", n, n_prompt, n - n_prompt, secs,
             n / secs);
@@ -196,7 +224,6 @@ int main(int argc, char **argv) {
     }
     free(sorted);
     free(tokens);
-    free(params);
     tokenizer_free(&tok);
     model_free(m);
     return status;

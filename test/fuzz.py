@@ -107,8 +107,8 @@ def model_oracle(d, model_cfg):
 
 def debug_state_oracle(d, c):
     h = words(d)
-    if h is None or h[0] != 240201740 or h[1] != 1 or any(h[10:]):
-        return "refuse"
+    if h is None or h[0] != 240201740 or h[1] != 1 or h[10] not in (0, 1, 2) or h[11] not in (0, 1) or any(h[12:]):
+        return "refuse"  # [10] capacity rule, [11] drop policy (SPEC §7, §8)
     Bs, Ts, cf, mincap, lb, rz, lz, group = h[2:10]
     if Bs <= 0 or Ts <= 0 or Ts > c[1] or cf <= 0 or mincap < 0 or group < 0 or min(lb, rz, lz) < 0:
         return "refuse"
@@ -148,8 +148,8 @@ def tokenizer_oracle(d, good):
     if (V <= 0 or mtype not in (1, 2) or flags & ~31 or dflags & ~7 or min(h[9:16]) < 0 or (n_demap == 0 and dflags)
             or any(h[16:]) or len(d) != 1024 + n_name + n_unk + n_pieces + n_map + n_demap or V * 8 > n_pieces):
         return "refuse"
-    if V != words(good)[2]:
-        return "refuse"  # run: the model's vocabulary
+    if V > words(good)[2]:
+        return "refuse"  # run: no more pieces than the model's vocabulary
     p, end = 1024 + n_name + n_unk, 1024 + n_name + n_unk + n_pieces
     pieces, types = [], []
     for _ in range(V):
@@ -280,7 +280,7 @@ def main():
     micro_cfg = words(open(w("micro.bin"), "rb").read())[2:14]
     dbg = w("debug_state.bin")
     BTd = words(open(dbg, "rb").read())[2] * words(open(dbg, "rb").read())[3]
-    totals["debug state"] = campaign("debug_state", dbg, list(range(10)),
+    totals["debug state"] = campaign("debug_state", dbg, list(range(12)),
                                      [(1024, 1024 + 8 * BTd), (1024 + 8 * BTd, size(dbg))],
                                      lambda d: debug_state_oracle(d, micro_cfg), exe_state)
 

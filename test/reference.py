@@ -97,6 +97,8 @@ class Settings:
     lb_e6: int = 10000       # lb_coef 0.01
     rz_e6: int = 100         # rz_coef 1e-4
     lz_e6: int = 100         # lz_coef 1e-4
+    capacity_rule: int = 0   # SPEC §8: 0 t5x, 1 colossalai, 2 none (dropless)
+    drop_policy: int = 0     # SPEC §8: 0 position, 1 probs
 
     @property
     def lb_coef(self):
@@ -272,9 +274,21 @@ def ffn(x, w_gate, w_up, w_down):
     return (a * Fn.silu(b) * (x @ w_up.T)) @ w_down.T
 
 
-def capacity(n_tokens, E, cf1000, min_capacity):
-    """SPEC §3 step 3, in integers: max(min_capacity, round(CF * N / E))."""
-    return max(min_capacity, (cf1000 * n_tokens + 500 * E) // (1000 * E))
+CAP_T5X, CAP_COLOSSALAI, CAP_NONE = 0, 1, 2
+DROP_POSITION, DROP_PROBS = 0, 1
+
+
+def capacity(n_tokens, E, K, s):
+    """Expert capacity of a group of n_tokens, in integers, by s.capacity_rule:
+    t5x (SPEC §3 step 3) max(min_capacity, round(CF * N / E)); colossalai
+    (SPEC §8) floor(K * CF * N / E), odd made even, at least min_capacity;
+    none: N, so that nothing is dropped."""
+    if s.capacity_rule == CAP_NONE:
+        return n_tokens
+    if s.capacity_rule == CAP_COLOSSALAI:
+        c = K * s.cf1000 * n_tokens // (1000 * E)
+        return max(s.min_capacity, c + c % 2)
+    return max(s.min_capacity, (s.cf1000 * n_tokens + 500 * E) // (1000 * E))
 
 
 def route(p, K, s):
@@ -289,7 +303,7 @@ def route(p, K, s):
     gid = torch.arange(N, device=dev) // gs                   # [N] group of token n
     sizes = torch.bincount(gid)                               # [G]
     G = sizes.numel()
-    cap = torch.tensor([capacity(int(n), E, s.cf1000, s.min_capacity) for n in sizes.tolist()],
+    cap = torch.tensor([capacity(int(n), E, K, s) for n in sizes.tolist()],
                        device=dev)                            # [G]
     # top-K by probability; a stable sort puts the lower expert first on ties
     expert = torch.sort(p, dim=1, descending=True, stable=True).indices[:, :K]  # [N, K]
@@ -325,7 +339,7 @@ def route_slow(p, K, s):
         expert[n] = order[:K]
     for g0 in range(0, N, gs):
         g1 = min(N, g0 + gs)
-        cap = capacity(g1 - g0, E, s.cf1000, s.min_capacity)
+        cap = capacity(g1 - g0, E, K, s)
         load = [0] * E
         for k in range(K):
             for n in range(g0, g1):
@@ -592,7 +606,8 @@ def write_state(path, cfg, s, x, y, logits, losses, grads):
     losses [8], grads [n_params] float32."""
     B, T = x.shape
     h = np.zeros(HEADER_INTS, dtype="<i4")
-    h[:10] = [STATE_MAGIC, 1, B, T, s.cf1000, s.min_capacity, s.lb_e6, s.rz_e6, s.lz_e6, s.group_size]
+    h[:12] = [STATE_MAGIC, 1, B, T, s.cf1000, s.min_capacity, s.lb_e6, s.rz_e6, s.lz_e6, s.group_size,
+              s.capacity_rule, s.drop_policy]
     assert logits.size == B * T * cfg.V and len(losses) == N_LOSSES and grads.size == n_params(cfg)
     _atomic_write(path, [h, np.asarray(x).astype("<i4").reshape(-1), np.asarray(y).astype("<i4").reshape(-1),
                          np.asarray(logits).astype("<f4"), np.asarray(losses).astype("<f4"),
@@ -604,11 +619,11 @@ def read_state(path, cfg):
     grads (float32 vectors)."""
     raw = open(path, "rb").read()
     h = np.frombuffer(raw[:4 * HEADER_INTS], dtype="<i4")
-    if h[0] != STATE_MAGIC or h[1] != 1 or np.any(h[10:] != 0):
+    if h[0] != STATE_MAGIC or h[1] != 1 or np.any(h[12:] != 0):
         raise ValueError(f"{path}: not a version 1 state file")
     B, T = int(h[2]), int(h[3])
     s = Settings(cf1000=int(h[4]), min_capacity=int(h[5]), lb_e6=int(h[6]), rz_e6=int(h[7]),
-                 lz_e6=int(h[8]), group_size=int(h[9]))
+                 lz_e6=int(h[8]), group_size=int(h[9]), capacity_rule=int(h[10]), drop_policy=int(h[11]))
     BT, n = B * T, n_params(cfg)
     if len(raw) != 4 * (HEADER_INTS + 2 * BT + BT * cfg.V + N_LOSSES + n):
         raise ValueError(f"{path}: size {len(raw)} does not match B={B} T={T} V={cfg.V} n_params={n}")
@@ -675,6 +690,10 @@ CASES = [
     Case("no_targets", Config(60, 16, 4, 32, 4, 8, 32, 4, 2, 2, 24, 1), 2, 12,
          Settings(group_size=0, lb_e6=100000, rz_e6=10000), seed=8000, ignore=1.0,
          about="all y = -1: ce = lz = 0, gradients from lb and rz only"),
+    Case("colossalai", Config(40, 32, 2, 24, 2, 12, 32, 6, 2, 1, 16, 1), 3, 20,
+         Settings(group_size=0, capacity_rule=1), seed=10000,
+         about="colossalai capacity: floor(2 * 1.25 * 60 / 6) = 25 is odd, so C = 26,"
+               " and an expert holds more than 26 assignments: the round-up keeps one more"),
     Case("tiny_like", Config(512, 128, 4, 64, 4, 16, 192, 8, 2, 2, 128, 1), 4, 64,
          Settings(), seed=9000,
          about="near the tiny preset's shape, default settings (group_size 4096 > B*T)"),

@@ -80,4 +80,6 @@ expect_error "model: missing file" "cannot open" ./test_cpu $BUILD/no_such_model
 patch_word $s $BUILD/s_magic.bin 0 1234;     expect_error "state: wrong magic" "s_magic.bin: bad magic" ./test_cpu $m $BUILD/s_magic.bin
 head -c 3000 $s > $BUILD/s_trunc.bin;        expect_error "state: truncated" "s_trunc.bin: size 3000 bytes" ./test_cpu $m $BUILD/s_trunc.bin
 patch_word $s $BUILD/s_t.bin 3 100000;       expect_error "state: T longer than the context" "longer than the model's context" ./test_cpu $m $BUILD/s_t.bin
+patch_word $s $BUILD/s_cap.bin 10 3;        expect_error "state: unknown capacity rule" "s_cap.bin: header word 10 (capacity rule) is 3" ./test_cpu $m $BUILD/s_cap.bin
+patch_word $s $BUILD/s_drop.bin 11 -1;      expect_error "state: unknown drop policy" "s_drop.bin: header word 11 (drop policy) is -1" ./test_cpu $m $BUILD/s_drop.bin
 patch_word $s $BUILD/s_x.bin 256 100000;     expect_error "state: token out of range" "token x\[0\] = 100000 is out of range" ./test_cpu $m $BUILD/s_x.bin

@@ -255,6 +255,7 @@ flag_table "$A/train" "${TR[@]}" -o flags -- -f -g -- 0.0009 1000.5
 flag_table "$A/train" "${TR[@]}" -- -c -i -j -k -z -o -- ""
 flag_table "$A/run" ck/model_00000004.bin -z tok.bin -- -n -s -- "${NOTNUM[@]}" 1.5 1e3
 flag_table "$A/run" ck/model_00000004.bin -z tok.bin -- -t -p -g -- "${NOTNUM[@]}"
+flag_table "$A/run" ck/model_00000004.bin -z tok.bin -- -b -- "" x 1x 0x10 nan inf 1.5 -2 99999999999999999999
 flag_table "$A/run" ck/model_00000004.bin -z tok.bin -- -p -- 0 1.01
 flag_table "$A/run" ck/model_00000004.bin -z tok.bin -- -t -- 100.5
 flag_table "$A/run" ck/model_00000004.bin -z tok.bin -- -g -- 0 0.0009 1000.5

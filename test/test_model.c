@@ -96,8 +96,9 @@ static int check_state(const char *model_path, const char *state_path, const cha
     model_get_grads(m, mine.grads);
 
     float tol = 1e-4f * opt_tol_scale;
-    printf("%s: B=%d T=%d V=%d L=%d D=%d E=%d K=%d, cf %.3f, group %d, %zu params\n", state_path, st.B, st.T, c.V, c.L,
-           c.D, c.E, c.K, st.s.cf1000 / 1000.0, st.s.group_size, n);
+    printf("%s: B=%d T=%d V=%d L=%d D=%d E=%d K=%d, cf %.3f, group %d, capacity %s, drop %s, %zu params\n",
+           state_path, st.B, st.T, c.V, c.L, c.D, c.E, c.K, st.s.cf1000 / 1000.0, st.s.group_size,
+           cap_rule_names[st.s.capacity_rule], drop_policy_names[st.s.drop_policy], n);
     printf("losses: total %.6f ce %.6f lb %.6f rz %.6f lz %.6f dropped %.6f (reference %.6f %.6f %.6f %.6f %.6f %.6f)\n",
            mine.losses[0], mine.losses[1], mine.losses[2], mine.losses[3], mine.losses[4], mine.losses[5],
            st.losses[0], st.losses[1], st.losses[2], st.losses[3], st.losses[4], st.losses[5]);
@@ -204,7 +205,7 @@ static int check_gradients(int broken, Precision prec) {
     //          V  ctx  L  D  H Hd   F  E  K  every Fe extra
     Config c = {23, 8, 4, 12, 2, 6, 10, 4, 2, 2, 8, 1};
     int B = 2, T = 6, BT = B * T, K = c.K, n_moe = n_moe_layers(&c);
-    MoeSettings s = {800, 1, 5, 0.05f, 0.01f, 0.01f};  // groups of 5, 5, 2; capacity 1-2: drops happen
+    MoeSettings s = {800, 1, 5, 0.05f, 0.01f, 0.01f, CAP_T5X, DROP_POSITION};  // groups of 5, 5, 2; capacity 1-2: drops happen
     OptSettings opt = opt_settings_default(OPT_ADAMW);
     Model *m = model_create(&c, B, T, prec, &opt);
     const ParamTable *pt = model_param_table(m);
