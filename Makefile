@@ -13,7 +13,7 @@ NVCC_LDLIBS = -lcublas -lcublasLt -lm -lgomp
 CPU_TARGETS = train run test_cpu
 GPU_TARGETS = train_gpu run_gpu test_gpu
 
-.PHONY: all gpu test data bench analyze tiny clean asan fuzz
+.PHONY: all gpu test data bench analyze tiny experiments clean asan fuzz
 all: $(CPU_TARGETS) $(if $(HAVE_CUDA),gpu)
 
 train: train.c openmoe.c openmoe.h tokenizer.h
@@ -79,6 +79,12 @@ tiny:
 	$(PYTHON) dev/plot_loss.py out/tiny
 	./run out/tiny/model_$$(printf %08d $(STEPS)).bin -i "And God said" -n 200
 	$(MAKE) analyze RUN_DIR=out/tiny
+
+# the routing variants of SPEC §8 on tiny, one run each (dev/experiments.sh):
+# 800 steps each unless STEPS=N is given; out/experiments/summary.md
+experiments: train
+	$(MAKE) data
+	PYTHON=$(PYTHON) bash dev/experiments.sh $(if $(filter command line environment,$(origin STEPS)),$(STEPS),800)
 
 build/bench_cpu: dev/bench_cpu.c openmoe.c openmoe.h
 	@mkdir -p build

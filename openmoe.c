@@ -362,13 +362,13 @@ static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const 
 // router: fp32 softmax over all E experts, top-K (ties to the lower index),
 // one token at a time by router_row (openmoe.h)
 
-// inp (N,D), wr (E,D) -> z, p (N,E), lse (N), top (N,K)
+// inp (N,D), wr (E,D), bias (E) -> z, p (N,E), lse (N), top (N,K) chosen by p + bias
 static void router_forward(float *z, float *p, float *lse, int *top, const float *inp, const float *wr,
-                           int N, int D, int E, int K, float *scratch) {
+                           const float *bias, int N, int D, int E, int K, float *scratch) {
     matmul_forward(z, inp, wr, N, D, E, scratch);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
-        lse[n] = router_row(p + (size_t)n * E, top + (size_t)n * K, z + (size_t)n * E, E, K);
+        lse[n] = router_row(p + (size_t)n * E, top + (size_t)n * K, z + (size_t)n * E, bias, E, K);
 }
 
 // dp (N,E) holds dLoss/dp; adds the router z-loss term (coefficient rz_w on
@@ -385,24 +385,64 @@ static void router_backward(float *dp, const float *p, const float *lse, float r
     }
 }
 
-// Hands out expert slots in priority order within each group (group_len and
-// moe_capacity_of in openmoe.h): all rank-0 choices in token order, then rank
-// 1, ... An assignment to a full expert is dropped. top (N,K) -> kept (N,K)
-// 0/1; count (E) scratch. Returns drops.
-static int moe_capacity(int *kept, const int *top, int N, int K, int E, const MoeSettings *s, int *count) {
+// Drop policy "position" (SPEC §3 step 4) in one group [g0, n1): slots in
+// priority order, all rank-0 choices in token order, then rank 1, ...; an
+// assignment to a full expert (C held) is dropped. count (E) scratch.
+static void moe_keep_by_position(int *kept, const int *top, int g0, int n1, int K, int E, int C, int *count) {
+    memset(count, 0, E * sizeof(int));
+    for (int r = 0; r < K; r++)
+        for (int n = g0; n < n1; n++) {
+            int e = top[(size_t)n * K + r];
+            kept[(size_t)n * K + r] = count[e] < C;
+            if (count[e] < C) count[e]++;
+        }
+}
+
+static int compare_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+// Drop policy "probs" (SPEC §8) in one group [g0, n1): each expert keeps the
+// C assignments with the largest p_e(n), ties to the lower rank, then the
+// lower n. An assignment's key orders it so, ascending: the complement of
+// p's bits (p > 0, so its bits grow with it), then r, then n - g0; each
+// expert's keys are sorted in its own segment of key (N*K). seg (E+1), cursor (E) scratch.
+static void moe_keep_by_probs(int *kept, const int *top, const float *p, int g0, int n1, int K, int E, int C,
+                              uint64_t *key, int *seg, int *cursor) {
+    memset(seg, 0, (E + 1) * sizeof(int));
+    for (int i = g0 * K; i < n1 * K; i++) seg[top[i] + 1]++;
+    for (int e = 0; e < E; e++) seg[e + 1] += seg[e];
+    memcpy(cursor, seg, E * sizeof(int));
+    for (int n = g0; n < n1; n++)
+        for (int r = 0; r < K; r++) {
+            int e = top[(size_t)n * K + r];
+            uint32_t bits;
+            memcpy(&bits, &p[(size_t)n * E + e], 4);
+            key[cursor[e]++] = (uint64_t)(0xFFFFFFFFu - bits) << 32 | (uint64_t)r << 27 | (uint64_t)(n - g0);
+        }
+    for (int e = 0; e < E; e++) {
+        qsort(key + seg[e], seg[e + 1] - seg[e], sizeof(uint64_t), compare_u64);
+        for (int j = seg[e]; j < seg[e + 1]; j++) {
+            int r = (int)(key[j] >> 27 & 31), n = g0 + (int)(key[j] & ((1u << 27) - 1));
+            kept[(size_t)n * K + r] = j - seg[e] < C;
+        }
+    }
+}
+
+// Capacity and dropping within each routing group (group_len and
+// moe_capacity_of in openmoe.h) by s's rule and policy. top (N,K), p (N,E)
+// -> kept (N,K) 0/1; key (N*K), seg (E+1), count (E) scratch. Returns drops.
+static int moe_capacity(int *kept, const int *top, const float *p, int N, int K, int E, const MoeSettings *s,
+                        uint64_t *key, int *seg, int *count) {
     int G = group_len(N, s->group_size), dropped = 0;
     for (int g0 = 0; g0 < N; g0 += G) {
         int n1 = g0 + G < N ? g0 + G : N;
         int C = moe_capacity_of(n1 - g0, E, K, s->cf1000, s->min_capacity, s->capacity_rule);
-        memset(count, 0, E * sizeof(int));
-        for (int r = 0; r < K; r++)
-            for (int n = g0; n < n1; n++) {
-                int e = top[(size_t)n * K + r];
-                kept[(size_t)n * K + r] = count[e] < C;
-                if (count[e] < C) count[e]++;
-                else dropped++;
-            }
+        if (s->drop_policy == DROP_PROBS) moe_keep_by_probs(kept, top, p, g0, n1, K, E, C, key, seg, count);
+        else moe_keep_by_position(kept, top, g0, n1, K, E, C, count);
     }
+    for (int i = 0; i < N * K; i++) dropped += !kept[i];
     return dropped;
 }
 
@@ -606,7 +646,9 @@ struct Model {
     int *x, *y;               // (BT) the batch of the last forward
     float *scratch;           // the largest weight matrix, transposed for the matmul
     float *lbf, *lbP;         // (E) load-balance scratch
-    int *cursor;              // (E)
+    int *cursor, *seg;        // (E), (E+1)
+    uint64_t *prio_key;       // (BT*K) the drop policy "probs"' sort keys
+    float *router_bias;       // (n_moe, E) loss-free balancing bias, 0 unless set
     // backward scratch (with an optimizer only)
     float *d_res, *d_ln;      // (BT,D) residual gradient, gradient at a norm's output
     float *dq, *dk, *dv, *datty;  // (BT,HHd)
@@ -709,6 +751,7 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     m->lbf = carve(fb, nf, E);
     m->lbP = carve(fb, nf, E);
     m->cursor = carve_int(ib, ni, E);
+    m->seg = carve_int(ib, ni, E + 1);
     if (!m->grads) return;
     m->d_res = carve(fb, nf, BT * D);
     m->d_ln = carve(fb, nf, BT * D);
@@ -781,6 +824,8 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     decode_layout(m, m->acts + nf, m->iacts + ni, &dnf, &dni);
     rope_tables(m->rope_cos, m->rope_sin, c->max_seq_len, c->Hd);
     m->stats = router_stats_create(n_moe_layers(c), c->E, &m->stat_ints);
+    m->prio_key = (uint64_t *)mallocCheck((size_t)B * T * c->K * sizeof(uint64_t));
+    m->router_bias = (float *)callocCheck((size_t)n_moe_layers(c) * c->E, sizeof(float));
     return m;
 }
 
@@ -794,6 +839,8 @@ void model_free(Model *m) {
     free(m->la);
     free(m->stats);
     free(m->stat_ints);
+    free(m->prio_key);
+    free(m->router_bias);
     param_table_free(&m->table);
     free(m);
 }
@@ -812,6 +859,12 @@ void model_get_logits(const Model *m, float *logits) {
     memcpy(logits, m->logits, (size_t)m->B * m->T * m->c.V * sizeof(float));
 }
 const RouterStats *model_router_stats(const Model *m) { return m->stats; }
+void model_set_router_bias(Model *m, const float *bias) {
+    memcpy(m->router_bias, bias, (size_t)n_moe_layers(&m->c) * m->c.E * sizeof(float));
+}
+void model_get_router_bias(const Model *m, float *bias) {
+    memcpy(bias, m->router_bias, (size_t)n_moe_layers(&m->c) * m->c.E * sizeof(float));
+}
 
 void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint8_t *kept) {
     int nm = n_moe_layers(&m->c), BTK = m->B * m->T * m->c.K, K = m->c.K;
@@ -829,13 +882,13 @@ void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint
 
 // the MoE sublayer: out (BT,D) = mid + MoE(RMSNorm(mid)); fills the layer's
 // router statistics and returns its number of dropped assignments
-static int moe_forward(Model *m, LayerActs *a, const LayerParams *lp, RouterStats *st, int BT) {
+static int moe_forward(Model *m, LayerActs *a, const LayerParams *lp, RouterStats *st, const float *bias, int BT) {
     const Config *c = &m->c;
     int D = c->D, E = c->E, K = c->K, Fe = c->Fe;
     const float *W = m->params;
     rmsnorm_forward(a->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
-    router_forward(a->z, a->p, a->lse, a->top, a->ln2, W + lp->router, BT, D, E, K, m->scratch);
-    int dropped = moe_capacity(a->kept, a->top, BT, K, E, &m->s, m->cursor);
+    router_forward(a->z, a->p, a->lse, a->top, a->ln2, W + lp->router, bias, BT, D, E, K, m->scratch);
+    int dropped = moe_capacity(a->kept, a->top, a->p, BT, K, E, &m->s, m->prio_key, m->seg, m->cursor);
     moe_dispatch(a->xe, a->start, a->row_token, a->row_of, a->ln2, a->top, a->kept, BT, K, E, D, m->cursor);
     for (int e = 0; e < E; e++) {
         size_t r0 = a->start[e];
@@ -901,7 +954,8 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
             continue;
         }
         // moe_out = mid + MoE(RMSNorm(mid)); then out = moe_out + FFN_extra(RMSNorm(moe_out))
-        dropped += moe_forward(m, a, lp, &m->stats[im++], BT);
+        dropped += moe_forward(m, a, lp, &m->stats[im], m->router_bias + (size_t)im * c->E, BT);
+        im++;
         if (c->extra_ffn) {
             rmsnorm_forward(a->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
             ffn_forward(m->tmp, a->gx, a->ux, a->hx, a->ln3, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D,
@@ -1077,6 +1131,8 @@ static void adafactor_update(float *w, const float *g, float *state, int rows, i
 float model_update(Model *m, const OptSettings *o, int t) {
     update_args_check(m->grads != NULL, m->opt_kind, m->opt_min_dim, o, t);
     const ParamTable *pt = &m->table;
+    for (int l = 0; o->freeze_router && l < m->c.L; l++)  // frozen routers: out of the norm
+        if (pt->layer[l].moe) memset(m->grads + pt->layer[l].router, 0, (size_t)m->c.E * m->c.D * sizeof(float));
     float norm = (float)sqrt(sum_squares(m->grads, pt->n_params));
     if (o->kind == OPT_ADAMW) {
         float gscale = o->grad_clip > 0.0f && norm > o->grad_clip ? o->grad_clip / norm : 1.0f;
@@ -1084,6 +1140,7 @@ float model_update(Model *m, const OptSettings *o, int t) {
         for (int i = 0; i < pt->n_tensors; i++) {
             const TensorInfo *ti = &pt->tensors[i];
             size_t off = ti->offset;
+            if (o->freeze_router && is_router_tensor(ti)) continue;
             adamw_update(m->params + off, m->grads + off, mom + off, vel + off, tensor_numel(ti), o, t, gscale,
                          ti->matrix);
         }
@@ -1092,10 +1149,10 @@ float model_update(Model *m, const OptSettings *o, int t) {
     float *state = m->opt_state;
     for (int i = 0; i < pt->n_tensors; i++) {
         const TensorInfo *ti = &pt->tensors[i];
-        int factored = adafactor_factored(ti, o->min_dim);
+        int factored = adafactor_factored(ti, o->min_dim), skip = o->freeze_router && is_router_tensor(ti);
         for (int sl = 0; sl < ti->slices; sl++) {
             size_t off = ti->offset + (size_t)sl * ti->rows * ti->cols;
-            adafactor_update(m->params + off, m->grads + off, state, ti->rows, ti->cols, factored, o, t);
+            if (!skip) adafactor_update(m->params + off, m->grads + off, state, ti->rows, ti->cols, factored, o, t);
             state += factored ? (size_t)ti->rows + ti->cols : (size_t)ti->rows * ti->cols;
         }
     }
@@ -1128,7 +1185,7 @@ const float *model_decode(Model *m, int token, int pos) {
     const Config *c = &m->c;
     if (token < 0 || token >= c->V) die("model_decode: token %d out of range [0, %d)", token, c->V);
     if (pos < 0 || pos >= c->max_seq_len) die("model_decode: position %d outside the context [0, %d)", pos, c->max_seq_len);
-    int D = c->D, HHd = c->H * c->Hd, E = c->E, K = c->K;
+    int D = c->D, HHd = c->H * c->Hd, E = c->E, K = c->K, im = 0;
     const float *W = m->params;
     const ParamTable *pt = &m->table;
     float *x = m->t_x, *xn = m->t_xn;
@@ -1169,7 +1226,7 @@ const float *model_decode(Model *m, int token, int pos) {
         }
         // a group of one token: capacity never binds, every choice is kept
         matvec_forward(m->t_z, xn, W + lp->router, D, E);
-        router_row(m->t_p, m->t_top, m->t_z, E, K);
+        router_row(m->t_p, m->t_top, m->t_z, m->router_bias + (size_t)im++ * E, E, K);
         for (int i = 0; i < D; i++) m->t_acc[i] = 0.0f;
         for (int r = 0; r < K; r++) {
             int e = m->t_top[r];

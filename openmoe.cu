@@ -36,7 +36,10 @@
 // (rank 0 of every token in token order, then rank 1, ...) and numbers the
 // assignments to its expert: pos = how many earlier ones chose the same
 // expert. An assignment is kept iff pos < C, which is exactly "an expert
-// holds at most C": the first C are kept, the rest dropped. The kept
+// holds at most C": the first C are kept, the rest dropped. With the drop
+// policy probs (SPEC §8), moe_probs_rank_kernel renumbers pos by probability
+// instead. The capacity rules colossalai and none (dropless) give more slots
+// than the padded layout below fits, so they take the exact layout. The kept
 // assignments become rows of the expert buffers (moe_offsets_kernel,
 // moe_rows_kernel): by default the padded layout, expert e owning rows
 // e*R .. e*R+R-1 with R = sum over groups of min(C, group size), its kept
@@ -205,6 +208,7 @@ struct Model {
     float *rope_cos, *rope_sin;   // (max_seq_len, Hd/2)
     double *sums;             // (2 + 2 n_moe): ce and lz sums, then per MoE layer the lb sum over groups and the rz sum
     int *stat_counts;         // (n_moe, 2, E) routed and kept per expert
+    float *router_bias;       // (n_moe, E) loss-free balancing bias, 0 unless set
     // backward scratch (with an optimizer only)
     float *d_res, *d_ln;      // (BT,D) residual gradient, gradient at a norm's output
     float *dxe;               // (BT*K, D) the experts' input gradients
@@ -1039,18 +1043,19 @@ static void ffn_backward(Model *m, float *dinp, float *dwg, float *dwu, float *d
 // ----------------------------------------------------------------------------
 // router: fp32 softmax over all E experts, top-K (ties to the lower index)
 
-// z (N,E) -> p (N,E), lse (N), top (N,K) best first; one thread per token (router_row, openmoe.h)
-__global__ void router_forward_kernel(float *p, float *lse, int *top, const float *z, int N, int E, int K) {
+// z (N,E), bias (E) -> p (N,E), lse (N), top (N,K) best by p + bias; one thread per token (router_row, openmoe.h)
+__global__ void router_forward_kernel(float *p, float *lse, int *top, const float *z, const float *bias, int N, int E,
+                                      int K) {
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
-    lse[n] = router_row(p + (size_t)n * E, top + (size_t)n * K, z + (size_t)n * E, E, K);
+    lse[n] = router_row(p + (size_t)n * E, top + (size_t)n * K, z + (size_t)n * E, bias, E, K);
 }
 
-// inp (N,D) fp32, wr (E,D) fp32 -> z, p (N,E), lse (N), top (N,K)
+// inp (N,D) fp32, wr (E,D) fp32, bias (E) -> z, p (N,E), lse (N), top (N,K)
 static void router_forward(Model *m, float *z, float *p, float *lse, int *top, const float *inp, const float *wr,
-                           int N, int D, int E, int K) {
+                           const float *bias, int N, int D, int E, int K) {
     matmul_forward(m, z, E, inp, D, wr, N, D, E, 0);
-    router_forward_kernel<<<ceil_div(N, 128), 128>>>(p, lse, top, z, N, E, K);
+    router_forward_kernel<<<ceil_div(N, 128), 128>>>(p, lse, top, z, bias, N, E, K);
     launchCheck();
 }
 
@@ -1105,6 +1110,25 @@ __global__ void moe_capacity_kernel(int *pos, int *count, const int *top, int N,
         __syncthreads();  // s_top and s_pos are refilled next
     }
     if (e < E) count[(size_t)g * E + e] = cnt;
+}
+
+// Drop policy probs (SPEC §8), one thread per assignment i = n*K + r: pos =
+// how many assignments of its group to the same expert come before it by
+// (p desc, rank asc, token asc), so that again the first C are kept. It
+// scans the group's G*K assignments: O(G*K) per assignment.
+__global__ void moe_probs_rank_kernel(int *pos, const int *top, const float *p, int N, int K, int E, int G) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * K) return;
+    int n = (int)(i / K), r = (int)(i % K), e = top[i], g0 = n / G * G, n1 = g0 + G < N ? g0 + G : N;
+    float pi = p[(size_t)n * E + e];
+    int before = 0;
+    for (int m = g0; m < n1; m++)
+        for (int q = 0; q < K; q++) {
+            if (top[(size_t)m * K + q] != e) continue;
+            float pj = p[(size_t)m * E + e];
+            before += pj > pi || (pj == pi && (q < r || (q == r && m < n)));
+        }
+    pos[i] = before;
 }
 
 // One block, thread e < E: expert e keeps min(count, C_g) rows of each group;
@@ -1190,6 +1214,10 @@ static int moe_capacity(Model *m, LayerActs *a, int *routed, int *kept_cnt, int 
     int R = m->moe_exact ? 0 : moe_rows_padded(N, K, E, s);
     moe_capacity_kernel<<<n_groups, MAX_EXPERTS>>>(a->pos, a->count, a->top, N, K, E, G);
     launchCheck();
+    if (s->drop_policy == DROP_PROBS) {  // the same counts, other places in the queues
+        moe_probs_rank_kernel<<<ceil_div((size_t)N * K, 256), 256>>>(a->pos, a->top, a->p, N, K, E, G);
+        launchCheck();
+    }
     moe_offsets_kernel<<<1, MAX_EXPERTS>>>(a->start, a->goff, routed, kept_cnt, a->count, n_groups, N, G, E, K,
                                            s->cf1000, s->min_capacity, s->capacity_rule, R);
     launchCheck();
@@ -1716,6 +1744,8 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     m->h_p = (float *)callocCheck(BT * c->E, sizeof(float));
     m->h_sums = (double *)callocCheck(2 + 2 * (size_t)nm, sizeof(double));
     m->stats = router_stats_create(n_moe_layers(c), c->E, &m->stat_ints);
+    cudaCheck(cudaMalloc(&m->router_bias, (size_t)nm * c->E * sizeof(float)));
+    cudaCheck(cudaMemset(m->router_bias, 0, (size_t)nm * c->E * sizeof(float)));
     cudaCheck(cudaDeviceSynchronize());
     return m;
 }
@@ -1729,6 +1759,7 @@ void model_free(Model *m) {
     cudaCheck(cudaFree(m->grads));
     cudaCheck(cudaFree(m->opt_state));
     cudaCheck(cudaFree(m->acts));
+    cudaCheck(cudaFree(m->router_bias));
     cudaCheck(cudaFreeHost(m->h_x));
     cudaCheck(cudaFreeHost(m->h_y));
     cudaCheck(cudaFreeHost(m->h_order));
@@ -1808,7 +1839,8 @@ static void moe_forward(Model *m, LayerActs *a, LayerActsX<X> *b, const LayerPar
     const float *W = m->params;
     const X *WX = acts_x<X>(m).params_x;
     rmsnorm_forward(a->ln2f, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
-    router_forward(m, a->z, a->p, a->lse, a->top, a->ln2f, W + lp->router, BT, D, E, K);
+    router_forward(m, a->z, a->p, a->lse, a->top, a->ln2f, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E,
+                   K);
     int *routed = m->stat_counts + (size_t)2 * im * E, *kept = routed + E;
     a->R_pad = moe_capacity(m, a, routed, kept, BT, K, E, &m->s);
     const int *start = a->start_host;
@@ -2216,6 +2248,9 @@ float model_update(Model *m, const OptSettings *o, int t) {
     update_args_check(m->grads != NULL, m->opt_kind, m->opt_min_dim, o, t);
     const ParamTable *pt = &m->table;
     size_t n = pt->n_params;
+    for (int l = 0; o->freeze_router && l < m->c.L; l++)  // frozen routers: out of the norm
+        if (pt->layer[l].moe)
+            cudaCheck(cudaMemsetAsync(m->grads + pt->layer[l].router, 0, (size_t)m->c.E * m->c.D * sizeof(float)));
     int nb = partial_blocks(n);
     sumsq_partial_kernel<<<dim3(nb, 1), 256>>>(m->opt_partial, m->grads, n, nb);
     launchCheck();
@@ -2231,6 +2266,7 @@ float model_update(Model *m, const OptSettings *o, int t) {
         for (int i = 0; i < pt->n_tensors; i++) {
             const TensorInfo *ti = &pt->tensors[i];
             size_t off = ti->offset;
+            if (o->freeze_router && is_router_tensor(ti)) continue;
             adamw_update(m->params + off, wx ? wx + off : NULL, m->grads + off, mom + off, vel + off,
                          tensor_numel(ti), o, t, gscale, ti->matrix);
         }
@@ -2240,13 +2276,23 @@ float model_update(Model *m, const OptSettings *o, int t) {
         for (int i = 0; i < pt->n_tensors; i++) {
             const TensorInfo *ti = &pt->tensors[i];
             int factored = adafactor_factored(ti, o->min_dim);
-            adafactor_update(m, m->params + ti->offset, m->grads + ti->offset, state, ti->slices, ti->rows, ti->cols,
-                             factored, o, t);
+            if (!(o->freeze_router && is_router_tensor(ti)))
+                adafactor_update(m, m->params + ti->offset, m->grads + ti->offset, state, ti->slices, ti->rows,
+                                 ti->cols, factored, o, t);
             state += (size_t)ti->slices * (factored ? (size_t)ti->rows + ti->cols : (size_t)ti->rows * ti->cols);
         }
     }
     params_to_x(m);
     return norm;
+}
+
+void model_set_router_bias(Model *m, const float *bias) {
+    size_t n = (size_t)n_moe_layers(&m->c) * m->c.E;
+    cudaCheck(cudaMemcpy(m->router_bias, bias, n * sizeof(float), cudaMemcpyHostToDevice));
+}
+void model_get_router_bias(const Model *m, float *bias) {
+    size_t n = (size_t)n_moe_layers(&m->c) * m->c.E;
+    cudaCheck(cudaMemcpy(bias, m->router_bias, n * sizeof(float), cudaMemcpyDeviceToHost));
 }
 
 void model_get_opt_state(const Model *m, float *state) {
@@ -2337,7 +2383,7 @@ const float *model_decode(Model *m, int token, int pos) {
     const Config *c = &m->c;
     if (token < 0 || token >= c->V) die("model_decode: token %d out of range [0, %d)", token, c->V);
     if (pos < 0 || pos >= c->max_seq_len) die("model_decode: position %d outside the context [0, %d)", pos, c->max_seq_len);
-    int D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, E = c->E, K = c->K;
+    int D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, E = c->E, K = c->K, im = 0;
     const float *W = m->params;
     const ParamTable *pt = &m->table;
     float *x = m->t_x, *xn = m->t_xn;
@@ -2360,7 +2406,7 @@ const float *model_decode(Model *m, int token, int pos) {
         }
         // a group of one token: capacity never binds, every choice is kept
         matvec_forward(m->t_z, xn, W + lp->router, NULL, 0, D, E, 0);
-        router_forward_kernel<<<1, 32>>>(m->t_p, m->t_lse, m->t_top, m->t_z, 1, E, K);
+        router_forward_kernel<<<1, 32>>>(m->t_p, m->t_lse, m->t_top, m->t_z, m->router_bias + (size_t)im++ * E, 1, E, K);
         launchCheck();
         cudaCheck(cudaMemsetAsync(m->t_acc, 0, D * sizeof(float)));
         for (int r = 0; r < K; r++) {

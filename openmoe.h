@@ -609,18 +609,29 @@ typedef enum { PRECISION_FP32 = 0, PRECISION_BF16 = 1 } Precision;
 //   w -= lr * max(eps2, rms(w)) * u       (rms(w) before the update, per slice)
 typedef enum { OPT_ADAMW = 0, OPT_ADAFACTOR = 1 } OptKind;
 
+//
+// With freeze_router (SPEC §8, router freeze), the routers' gradients are
+// zeroed before the global norm (so they are left out of it) and the routers
+// and their optimizer state are not touched.
 typedef struct {
     OptKind kind;
     float lr;
     float beta1, beta2, eps, weight_decay, grad_clip;    // AdamW
     float decay, clip_threshold, eps1, eps2;             // Adafactor
     int min_dim;                                         // Adafactor: factor slices with both dims >= this
+    int freeze_router;                                   // 1: the routers stay as they are
 } OptSettings;
 
 static inline OptSettings opt_settings_default(OptKind kind) {
-    OptSettings o = {kind, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 0.8f, 1.0f, 1e-30f, 1e-3f, 128};
+    OptSettings o = {kind, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 0.8f, 1.0f, 1e-30f, 1e-3f, 128, 0};
     if (kind == OPT_ADAFACTOR) o.lr = 0.01f;
     return o;
+}
+
+// a router matrix (frozen by OptSettings.freeze_router)
+static inline int is_router_tensor(const TensorInfo *t) {
+    const char *leaf = strchr(t->name, '.');
+    return leaf && strcmp(leaf + 1, "router") == 0;
 }
 
 // Optimizer state layout, shared so that checkpoints move between backends.
@@ -684,6 +695,12 @@ float model_update(Model *m, const OptSettings *o, int t);
 void model_get_opt_state(const Model *m, float *state);
 void model_set_opt_state(Model *m, const float *state);
 
+// Loss-free balancing bias (SPEC §8): b[E] per MoE layer, host arrays
+// [n_moe*E]; top-K is chosen by p + b (combine weights and losses use p).
+// Zero after model_create.
+void model_set_router_bias(Model *m, const float *bias);
+void model_get_router_bias(const Model *m, float *bias);
+
 // Inference with a KV cache: feeds token at position pos (0 <= pos <
 // max_seq_len; positions before pos must have been fed) and returns the
 // host logits [V] for the next token. Each token is routed on its own (a
@@ -723,9 +740,9 @@ static inline HOST_DEVICE int moe_capacity_of(int n, int E, int K, int cf1000, i
 }
 
 // the router of one token: logits z (E) -> p (E) = softmax(z) in fp32, top
-// (K) the K most probable experts, best first (ties keep the lower index);
-// returns logsumexp(z) for the router z-loss
-static inline HOST_DEVICE float router_row(float *p, int *top, const float *z, int E, int K) {
+// (K) the K experts of largest p + bias (bias NULL: 0), best first (ties keep
+// the lower index); returns logsumexp(z) for the router z-loss
+static inline HOST_DEVICE float router_row(float *p, int *top, const float *z, const float *bias, int E, int K) {
     float maxz = -FLT_MAX;
     for (int e = 0; e < E; e++) maxz = z[e] > maxz ? z[e] : maxz;
     float sum = 0.0f;
@@ -739,7 +756,7 @@ static inline HOST_DEVICE float router_row(float *p, int *top, const float *z, i
         for (int e = 0; e < E; e++) {
             int taken = 0;
             for (int q = 0; q < r; q++) taken |= top[q] == e;
-            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            if (!taken && (best < 0 || (bias ? p[e] + bias[e] > p[best] + bias[best] : p[e] > p[best]))) best = e;
         }
         top[r] = best;
     }
@@ -766,6 +783,21 @@ static inline RouterStats *router_stats_create(int n_moe, int E, int **ints) {
         stats[i].kept = *ints + (size_t)(2 * i + 1) * E;
     }
     return stats;
+}
+
+// Loss-free balancing (SPEC §8), after an optimizer step: per MoE layer,
+// b_e += u * sign(mean load - load_e), load_e = the step's assignments to e
+// before dropping (stats[i].routed), mean load = their total / E.
+static inline void router_bias_update(float *bias, const RouterStats *stats, int n_moe, int E, float u) {
+    for (int i = 0; i < n_moe; i++) {
+        long total = 0;
+        for (int e = 0; e < E; e++) total += stats[i].routed[e];
+        double mean = (double)total / E;
+        for (int e = 0; e < E; e++) {
+            int load = stats[i].routed[e];
+            bias[(size_t)i * E + e] += load < mean ? u : load > mean ? -u : 0.0f;
+        }
+    }
 }
 
 // model_forward's arguments, against the batch the model was created for

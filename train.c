@@ -22,6 +22,7 @@
 #define MAX_STEPS 99999999
 #define MAX_BATCH 4096
 #define MAX_LR 10.0
+#define MAX_BIAS_RATE 1.0
 
 static double now(void) {
     struct timespec t;
@@ -83,19 +84,25 @@ static void batch_fill(int32_t *x, int32_t *y, const TokenData *d, const long *s
 //   [9..10] optimizer state floats (uint64)
 //   [11] -n steps  [12] warmup  [13] peak lr (float32 bits)  [14] train cf1000
 //   [15] routing group size  [16] seed
-//   [17..255] 0
-// then the optimizer state (openmoe.h section 6 layout) as fp32. The model's
-// parameters are DIR/model_NNNNNNNN.bin. Words 2..10 must match the resuming
-// run (else it could not continue exactly); 11..16 are the schedule and
-// settings of the saved run, and a resuming run that differs is told so.
+//   [17] capacity rule  [18] drop policy  [19] router freeze step S + 1 (0: off)
+//   [20] router bias rate u (float32 bits, 0: off)  [21] router bias floats (n_moe*E when u > 0, else 0)
+//   [22..255] 0
+// then the optimizer state (openmoe.h section 6 layout) as fp32, then the
+// router bias (SPEC §8) as fp32 when u > 0. The model's parameters are
+// DIR/model_NNNNNNNN.bin. Words 2..10 must match the resuming run (else it
+// could not continue exactly); 11..16 are the schedule and settings of the
+// saved run, and a resuming run that differs is told so; 17..21, the routing
+// variant (SPEC §8), must match: a run is one variant from its first step.
 
 typedef struct {
     int n_steps, warmup, cf1000, group, seed;
     float lr;
+    int capacity_rule, drop_policy, freeze;  // SPEC §8; freeze -1: off
+    float bias_rate;                         // 0: off
 } RunSettings;
 
 static void ckpt_save(const char *path, int step, const OptSettings *o, int B, int T, const Rng *rng,
-                      const RunSettings *rs, const float *state, size_t n) {
+                      const RunSettings *rs, const float *state, size_t n, const float *bias, size_t n_bias) {
     int32_t h[HEADER_INTS] = {0};
     h[0] = CKPT_MAGIC;
     h[1] = 1;
@@ -113,11 +120,27 @@ static void ckpt_save(const char *path, int step, const OptSettings *o, int B, i
     h[14] = rs->cf1000;
     h[15] = rs->group;
     h[16] = rs->seed;
+    h[17] = rs->capacity_rule;
+    h[18] = rs->drop_policy;
+    h[19] = rs->freeze + 1;
+    memcpy(&h[20], &rs->bias_rate, 4);
+    h[21] = (int32_t)n_bias;
     char tmp[4096];
     FILE *f = atomic_open(path, tmp, sizeof(tmp));
     fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
     fwriteCheck(state, sizeof(float), n, f, tmp);
+    fwriteCheck(bias, sizeof(float), n_bias, f, tmp);
     atomic_commit(f, tmp, path);
+}
+
+// the routing variant of a run, for messages: "capacity t5x, drop position, freeze off, bias 0"
+static void variant_text(char *buf, size_t n, int rule, int policy, int freeze, float u) {
+    char fz[32];
+    if (freeze < 0) snprintf(fz, sizeof(fz), "off");
+    else snprintf(fz, sizeof(fz), "%d", freeze);
+    snprintf(buf, n, "--capacity %s --drop-policy %s --freeze-router %s --router-bias %g",
+             rule >= 0 && rule < N_CAP_RULES ? cap_rule_names[rule] : "?",
+             policy >= 0 && policy < N_DROP_POLICIES ? drop_policy_names[policy] : "?", fz, u);
 }
 
 static const char *opt_name(int kind) {
@@ -125,15 +148,24 @@ static const char *opt_name(int kind) {
 }
 
 // whether the checkpoint header h (of a file of size bytes) can be resumed
-// by a run with these settings and n_state floats of optimizer state: 0 yes,
+// by a run with these settings, n_state floats of optimizer state and n_bias
+// of router bias: 0 yes,
 // CKPT_OTHER_RUN when a setting differs, CKPT_DAMAGED when the file does not
 // add up; why names the first problem
 enum { CKPT_OTHER_RUN = 1, CKPT_DAMAGED = 2 };
-static int ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int B, int T, size_t n_state, char *why,
-                         size_t nwhy) {
+static int ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int B, int T, const RunSettings *rs,
+                         size_t n_state, size_t n_bias, char *why, size_t nwhy) {
     uint64_t n64;
     memcpy(&n64, &h[9], 8);
-    if (h[3] != (int)o->kind) {
+    float u;
+    memcpy(&u, &h[20], 4);
+    if (h[17] != rs->capacity_rule || h[18] != rs->drop_policy || h[19] != rs->freeze + 1 || u != rs->bias_rate) {
+        char saved[160], now_[160];
+        variant_text(saved, sizeof(saved), h[17], h[18], h[19] - 1, u);
+        variant_text(now_, sizeof(now_), rs->capacity_rule, rs->drop_policy, rs->freeze, rs->bias_rate);
+        snprintf(why, nwhy, "saved with routing %s, this run has %s (a run keeps its routing variant: use another -o)",
+                 saved, now_);
+    } else if (h[3] != (int)o->kind) {
         snprintf(why, nwhy, "saved with optimizer %d (%s), this run has -x %s", h[3], opt_name(h[3]), opt_name(o->kind));
     } else if (h[4] != B) {
         snprintf(why, nwhy, "saved with -b %d, this run has -b %d", h[4], B);
@@ -143,9 +175,10 @@ static int ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int 
         snprintf(why, nwhy, "saved with Adafactor min_dim %d, this run has %d", h[8], o->min_dim);
     } else if (n64 != n_state) {
         snprintf(why, nwhy, "%llu floats of optimizer state, this model's are %zu", (unsigned long long)n64, n_state);
-    } else if (h[2] < 0 || (uint64_t)size != size_add(sizeof(int32_t) * HEADER_INTS, size_mul(4, n64))) {
-        snprintf(why, nwhy, "step %d, size %ld bytes, but its header describes %llu floats (damaged)", h[2], size,
-                 (unsigned long long)n64);
+    } else if (h[21] != (int32_t)n_bias || h[2] < 0 ||
+               (uint64_t)size != size_add(sizeof(int32_t) * HEADER_INTS, size_mul(4, size_add(n64, n_bias)))) {
+        snprintf(why, nwhy, "step %d, size %ld bytes, but its header describes %llu + %d floats (damaged)", h[2],
+                 size, (unsigned long long)n64, h[21]);
         return CKPT_DAMAGED;
     } else {
         return 0;
@@ -153,14 +186,14 @@ static int ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int 
     return CKPT_OTHER_RUN;
 }
 
-// reads the optimizer state and the data RNG; returns the step
+// reads the optimizer state, the router bias and the data RNG; returns the step
 static int ckpt_load(const char *path, const OptSettings *o, int B, int T, const RunSettings *rs, Rng *rng,
-                     float *state, size_t n) {
+                     float *state, size_t n, float *bias, size_t n_bias) {
     FILE *f = fopenCheck(path, "rb");
     int32_t h[HEADER_INTS];
-    long size = header_read(f, path, "training state", CKPT_MAGIC, 17, h);
-    char why[256];
-    if (ckpt_mismatch(h, size, o, B, T, n, why, sizeof(why))) die("%s: cannot resume: %s", path, why);
+    long size = header_read(f, path, "training state", CKPT_MAGIC, 22, h);
+    char why[512];
+    if (ckpt_mismatch(h, size, o, B, T, rs, n, n_bias, why, sizeof(why))) die("%s: cannot resume: %s", path, why);
     float lr;
     memcpy(&lr, &h[13], 4);
     if (h[11] != rs->n_steps || h[12] != rs->warmup || lr != rs->lr || h[14] != rs->cf1000 || h[15] != rs->group ||
@@ -170,6 +203,7 @@ static int ckpt_load(const char *path, const OptSettings *o, int B, int T, const
                rs->warmup, rs->lr, rs->cf1000 / 1000.0, rs->group, rs->seed);
     memcpy(&rng->s, &h[6], 8);
     freadCheck(state, sizeof(float), n, f, path);
+    freadCheck(bias, sizeof(float), n_bias, f, path);
     fcloseCheck(f, path);
     return h[2];
 }
@@ -190,8 +224,9 @@ static long header_peek(const char *path, int32_t *h) {
 // *damaged: 1 when a file is cut short or broken, 0 when it is whole but from
 // a run with other settings (another -c, -x, -b, -t)
 static const char *checkpoint_problem(const char *dir, int step, const Config *c, const OptSettings *o, int B, int T,
-                                      size_t n_state, int *damaged, char *why, size_t nwhy) {
-    char model[4096], state[4096], what[256];
+                                      const RunSettings *rs, size_t n_state, size_t n_bias, int *damaged, char *why,
+                                      size_t nwhy) {
+    char model[4096], state[4096], what[512];
     snprintf(model, sizeof(model), "%s/model_%08d.bin", dir, step);
     snprintf(state, sizeof(state), "%s/state_%08d.bin", dir, step);
     int32_t h[HEADER_INTS];
@@ -214,7 +249,7 @@ static const char *checkpoint_problem(const char *dir, int step, const Config *c
     else if ((size = header_peek(state, h)) < 0)
         snprintf(why, nwhy, "%s: unreadable or shorter than a header (damaged)", state);
     else if (h[0] != CKPT_MAGIC || h[1] != 1) snprintf(why, nwhy, "%s: not a training state of version 1 (damaged)", state);
-    else if ((problem = ckpt_mismatch(h, size, o, B, T, n_state, what, sizeof(what)))) {
+    else if ((problem = ckpt_mismatch(h, size, o, B, T, rs, n_state, n_bias, what, sizeof(what)))) {
         *damaged = problem == CKPT_DAMAGED;
         snprintf(why, nwhy, "%s: %s", state, what);
     } else return NULL;
@@ -228,16 +263,17 @@ static const char *checkpoint_problem(const char *dir, int step, const Config *c
 // setting when that checkpoint is from a run with other settings, or when
 // every checkpoint is damaged; a damaged checkpoint after a good one is
 // skipped with a note.
-static int resume_step(const char *dir, const Config *c, const OptSettings *o, int B, int T, size_t n_state) {
+static int resume_step(const char *dir, const Config *c, const OptSettings *o, int B, int T, const RunSettings *rs,
+                       size_t n_state, size_t n_bias) {
     DIR *d = opendir(dir);
     if (!d) return -1;
     int best = -1, other = -1, broken = -1;  // latest good, of other settings, damaged
-    char why[4096 + 512], other_why[sizeof(why)], broken_why[sizeof(why)];
+    char why[4096 + 1024], other_why[sizeof(why)], broken_why[sizeof(why)];
     struct dirent *e;
     while ((e = readdir(d))) {
         int step, end = 0, damaged;
         if (sscanf(e->d_name, "state_%8d.bin%n", &step, &end) != 1 || end != 18 || e->d_name[end] != '\0') continue;
-        if (!checkpoint_problem(dir, step, c, o, B, T, n_state, &damaged, why, sizeof(why))) {
+        if (!checkpoint_problem(dir, step, c, o, B, T, rs, n_state, n_bias, &damaged, why, sizeof(why))) {
             best = step > best ? step : best;
         } else if (!damaged && step > other) {
             other = step;
@@ -452,6 +488,12 @@ static void usage(int status) {
             "                step 0, each checkpoint and the end, into DIR/trace (0: off)\n"
             "  -r            resume from the latest complete checkpoint in DIR\n"
             "  -y N          stop after step N as if interrupted (the schedule still spans -n)\n"
+            "  routing variants (SPEC §8), in training, validation and traces alike:\n"
+            "  --capacity t5x|colossalai|none  expert capacity rule; none is dropless (t5x)\n"
+            "  --drop-policy position|probs    which assignments a full expert drops (position)\n"
+            "  --freeze-router S   routers not updated after step S (off)\n"
+            "  --router-bias U     loss-free balancing bias, rate U > 0 (0: off); with --capacity\n"
+            "                      none it balances the experts' work, as nothing is dropped\n"
             "  --bf16        bf16 mixed precision (the CUDA backend)\n");
     exit(status);
 }
@@ -461,7 +503,8 @@ int main(int argc, char **argv) {
     const char *ood_path = "data/kjv/ood.bin", *tok_path = "data/kjv/tokenizer.bin", *dir = "out/tiny";
     int B = 8, T = 256, n_steps = 1000, stop = -1, warmup = -1, group = 4096, seed = 1337;
     int ckpt_every = 250, val_every = 100, val_batches = 8, trace_seqs = 0, resume = 0, tok_given = 0;
-    float lr = -1.0f, cf_train = 1.25f, cf_eval = 2.0f;
+    float lr = -1.0f, cf_train = 1.25f, cf_eval = 2.0f, bias_rate = 0.0f;
+    int capacity_rule = CAP_T5X, drop_policy = DROP_POSITION, freeze = -1;
     OptKind kind = OPT_ADAMW;
     Precision prec = PRECISION_FP32;
     for (int i = 1; i < argc; i++) {
@@ -469,6 +512,25 @@ int main(int argc, char **argv) {
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) usage(0);
         if (strcmp(a, "-r") == 0) { resume = 1; continue; }
         if (strcmp(a, "--bf16") == 0) { prec = PRECISION_BF16; continue; }
+        if (strncmp(a, "--", 2) == 0 && i + 1 < argc) {  // the routing variants, each with a value
+            const char *v = argv[i + 1];
+            if (strcmp(a, "--capacity") == 0) {
+                capacity_rule = name_index(v, cap_rule_names, N_CAP_RULES);
+                if (capacity_rule < 0) die("--capacity %s: the rule is t5x, colossalai or none", v);
+            } else if (strcmp(a, "--drop-policy") == 0) {
+                drop_policy = name_index(v, drop_policy_names, N_DROP_POLICIES);
+                if (drop_policy < 0) die("--drop-policy %s: the policy is position or probs", v);
+            } else if (strcmp(a, "--freeze-router") == 0) {
+                freeze = (int)flag_int(a, v, 0, MAX_STEPS);
+            } else if (strcmp(a, "--router-bias") == 0) {
+                bias_rate = (float)flag_float(a, v, 0.0, 0, MAX_BIAS_RATE);
+            } else {
+                fprintf(stderr, "error: unknown option '%s'\n", a);
+                usage(2);
+            }
+            i++;
+            continue;
+        }
         if (a[0] != '-' || strlen(a) != 2 || i + 1 >= argc) {
             fprintf(stderr, "error: unknown or incomplete option '%s'\n", a);
             usage(2);
@@ -569,15 +631,20 @@ int main(int argc, char **argv) {
     s_train.cf1000 = (int)lrintf(cf_train * 1000);
     s_eval.cf1000 = (int)lrintf(cf_eval * 1000);
     s_train.group_size = s_eval.group_size = group;
-    RunSettings run = {n_steps, warmup, s_train.cf1000, group, seed, peak_lr};
+    s_train.capacity_rule = s_eval.capacity_rule = capacity_rule;
+    s_train.drop_policy = s_eval.drop_policy = drop_policy;
+    RunSettings run = {n_steps, warmup, s_train.cf1000, group, seed, peak_lr, capacity_rule, drop_policy, freeze,
+                       bias_rate};
 
     Model *m = model_create(&c, B, T, prec, &opt);
     const ParamTable *pt = model_param_table(m);
     float *params = (float *)mallocCheck(pt->n_params * sizeof(float));
     size_t n_state = opt_state_floats(pt, kind, opt.min_dim);
     float *state = (float *)callocCheck(n_state, sizeof(float));
+    size_t n_bias = bias_rate > 0.0f ? (size_t)n_moe_layers(&c) * c.E : 0;
+    float *bias = (float *)callocCheck(n_bias, sizeof(float));  // the router bias, SPEC §8
     Rng data_rng = {(uint64_t)seed * 0x9E3779B97F4A7C15ull + 1};  // the batches' offsets
-    int step = resume ? resume_step(dir, &c, &opt, B, T, n_state) : -1;
+    int step = resume ? resume_step(dir, &c, &opt, B, T, &run, n_state, n_bias) : -1;
     if (step >= 0) {
         snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
         Config cc;
@@ -586,9 +653,10 @@ int main(int argc, char **argv) {
         model_set_params(m, p);
         free(p);
         snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
-        if (ckpt_load(path, &opt, B, T, &run, &data_rng, state, n_state) != step)
+        if (ckpt_load(path, &opt, B, T, &run, &data_rng, state, n_state, bias, n_bias) != step)
             die("%s: its step differs from its name", path);
         model_set_opt_state(m, state);
+        if (n_bias) model_set_router_bias(m, bias);
         printf("resumed from %s/model_%08d.bin and state_%08d.bin at step %d\n", dir, step, step, step);
     } else {
         if (resume) printf("no checkpoint in %s: starting from scratch\n", dir);
@@ -607,6 +675,8 @@ int main(int argc, char **argv) {
     printf("data: %s %ld tokens, %s %ld tokens; batch %d x %d, %d steps, %s lr %.2e warmup %d, cf %.2f train "
            "%.2f eval, group %d\n", train_path, train.n, val_path, val.n, B, T, n_steps,
            kind == OPT_ADAMW ? "adamw" : "adafactor", peak_lr, warmup, cf_train, cf_eval, group);
+    variant_text(path, sizeof(path), capacity_rule, drop_policy, freeze, bias_rate);
+    printf("routing: %s\n", path);
 
     FILE *logf = log_open(dir, step, nm);
     char log_path[4096 + 16];
@@ -627,7 +697,12 @@ int main(int argc, char **argv) {
         model_forward(m, x, y, B, T, &s_train, losses);
         model_backward(m);
         opt.lr = learning_rate(kind, peak_lr, warmup, step, n_steps);
+        opt.freeze_router = freeze >= 0 && step > freeze;
         float norm = model_update(m, &opt, step);
+        if (n_bias) {  // loss-free balancing: from this step's loads, before validation's forward
+            router_bias_update(bias, model_router_stats(m), nm, c.E, bias_rate);
+            model_set_router_bias(m, bias);
+        }
         double ms = 1e3 * (now() - t0);
         printf("step %5d/%d | loss %.4f (ce %.4f lb %.4f rz %.4f lz %.2f) | drop %.3f | lr %.2e | norm %.3f | "
                "%.1f ms | %.0f tok/s\n", step, n_steps, losses[LOSS_TOTAL], losses[LOSS_CE], losses[LOSS_LB],
@@ -666,7 +741,7 @@ int main(int argc, char **argv) {
             model_file_save(path, &c, params);
             model_get_opt_state(m, state);
             snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
-            ckpt_save(path, step, &opt, B, T, &data_rng, &run, state, n_state);
+            ckpt_save(path, step, &opt, B, T, &data_rng, &run, state, n_state, bias, n_bias);
             printf("checkpoint %s/model_%08d.bin\n", dir, step);
             if (trace_seq_n > 0) traces_write(m, dir, step, &val, &ood, trace_seq_n, B, T, &s_train, &s_eval, x, y);
         }
@@ -678,6 +753,7 @@ int main(int argc, char **argv) {
     free(ood.tokens);
     free(params);
     free(state);
+    free(bias);
     free(x);
     free(y);
     free(probs);

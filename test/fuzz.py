@@ -122,9 +122,12 @@ def debug_state_oracle(d, c):
 
 def checkpoint_oracle(d, good):
     h, g = words(d), words(good)
-    if h is None or h[0:6] != g[0:6] or h[8:11] != g[8:11] or any(h[17:]) or len(d) != len(good):
+    rate = lambda w: struct.unpack("<f", struct.pack("<i", w[20]))[0]  # the router bias rate, float32 bits
+    if (h is None or h[0:6] != g[0:6] or h[8:11] != g[8:11] or h[17:20] != g[17:20] or rate(h) != rate(g)
+            or h[21] != g[21] or any(h[22:]) or len(d) != len(good)):
         return "refuse"
-    return "accept"  # [6..7] the data RNG, [11..16] the saved schedule (a note), payload: optimizer state
+    # [6..7] the data RNG, [11..16] the saved schedule (a note); payload: optimizer state and router bias
+    return "accept"
 
 
 def tokens_oracle(d, V):
@@ -293,7 +296,7 @@ def main():
         return run([f"{BIN}/train", "-c", "micro.bin", "-i", "train.bin", "-j", "val.bin", "-z", "tok.bin", "-b", str(B),
                     "-t", str(T), "-n", "3", "-e", "0", "-v", "0", "-V", "1", "-o", "mut_ck", "-r"],
                    "mut_ck/state_00000002.bin")
-    campaign("checkpoint", state_good, list(range(17)), [(1024, size(state_good))],
+    campaign("checkpoint", state_good, list(range(22)), [(1024, size(state_good))],
                                     lambda d: checkpoint_oracle(d, good_state), exe_ckpt)
 
     # token data: train -j MUTANT

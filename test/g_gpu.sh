@@ -119,6 +119,14 @@ EOF
 compare_logs "train_gpu losses match train (fp32, 6 steps)" $G/train_cpu/log.tsv $G/train_gpu/log.tsv 1e-4
 compare_logs "train_gpu twice: the same losses bit for bit" $G/train_gpu/log.tsv $G/train_gpu2/log.tsv 0
 compare_logs "train_gpu --bf16 losses near train's (2%)" $G/train_cpu/log.tsv $G/train_bf16/log.tsv 2e-2
+for variant in "--capacity none --router-bias 0.01 --freeze-router 3" "--capacity colossalai --drop-policy probs"; do
+    tag=$(echo "$variant" | tr -dc 'a-z0-9')
+    # shellcheck disable=SC2086  # variant is a list of words
+    ./train $targs $variant -o $G/v_cpu_$tag > $G/v_cpu_$tag.log 2>&1 || fail "train $variant did not run"
+    # shellcheck disable=SC2086
+    ./train_gpu $targs $variant -o $G/v_gpu_$tag > $G/v_gpu_$tag.log 2>&1 || fail "train_gpu $variant did not run"
+    compare_logs "train_gpu $variant: losses match train (fp32, 6 steps)" $G/v_cpu_$tag/log.tsv $G/v_gpu_$tag/log.tsv 1e-4
+done
 if cmp -s $G/train_gpu/model_00000006.bin $G/train_gpu2/model_00000006.bin; then
     pass "train_gpu twice: the same weights bit for bit"
 else

@@ -307,6 +307,8 @@ def route(p, K, s):
                        device=dev)                            # [G]
     # top-K by probability; a stable sort puts the lower expert first on ties
     expert = torch.sort(p, dim=1, descending=True, stable=True).indices[:, :K]  # [N, K]
+    if s.drop_policy == DROP_PROBS:
+        return expert, keep_by_probs(p, expert, gid, cap), gid, sizes
     onehot = Fn.one_hot(expert, E)                            # [N, K, E] int64
     # priority within a group is rank-major: all rank-0 choices in token
     # order, then rank 1, ...; sort the N*K assignments by (group, rank, token)
@@ -327,6 +329,25 @@ def route(p, K, s):
     return expert, kept.view(N, K), gid, sizes
 
 
+def keep_by_probs(p, expert, gid, cap):
+    """Drop policy probs (SPEC §8): in each group, expert e keeps the cap[g]
+    assignments that chose it with the largest p_e(n); ties to the lower rank,
+    then the lower n. Returns kept [N, K] bool."""
+    N, K = expert.shape
+    pe = _np(p.gather(1, expert)).reshape(-1)                 # [N*K] p of each assignment
+    e = _np(expert).reshape(-1)
+    r = np.tile(np.arange(K), N)
+    n = np.repeat(np.arange(N), K)
+    g = _np(gid)[n]
+    order = np.lexsort((n, r, -pe, e, g))                     # by group, expert, then priority
+    ge = (g * p.shape[1] + e)[order]
+    first = np.searchsorted(ge, ge, side="left")              # start of each (group, expert) run
+    rank = np.arange(N * K) - first                           # 0-based place in its expert's queue
+    kept = np.zeros(N * K, dtype=bool)
+    kept[order] = rank < _np(cap)[g[order]]
+    return torch.from_numpy(kept.reshape(N, K)).to(p.device)
+
+
 def route_slow(p, K, s):
     """route() as a plain loop over assignments, for the self-test."""
     p = p.detach().cpu().double().numpy()
@@ -340,6 +361,12 @@ def route_slow(p, K, s):
     for g0 in range(0, N, gs):
         g1 = min(N, g0 + gs)
         cap = capacity(g1 - g0, E, K, s)
+        if s.drop_policy == DROP_PROBS:
+            for e in range(E):
+                chose = [(-p[n, e], k, n) for n in range(g0, g1) for k in range(K) if expert[n, k] == e]
+                for _, k, n in sorted(chose)[:cap]:
+                    kept[n, k] = True
+            continue
         load = [0] * E
         for k in range(K):
             for n in range(g0, g1):
@@ -655,6 +682,7 @@ class Case:
     s: Settings
     seed: int
     ignore: float = 0.0       # fraction of targets set to -1 (1.0: all)
+    router_var: float = 0.5   # init_params' router variance x D: larger routes more unevenly
     optimizers: tuple = ()    # ("adamw", "adafactor") for cases with optimizer files:
                               # moe_basic, moe_drop (grad norm < 1), hhd_ne_d (> 1, AdamW clips)
     about: str = ""
@@ -694,6 +722,14 @@ CASES = [
          Settings(group_size=0, capacity_rule=1), seed=10000,
          about="colossalai capacity: floor(2 * 1.25 * 60 / 6) = 25 is odd, so C = 26,"
                " and an expert holds more than 26 assignments: the round-up keeps one more"),
+    Case("probs", Config(40, 32, 2, 24, 2, 12, 32, 6, 2, 1, 16, 1), 3, 18,
+         Settings(cf1000=1000, group_size=20, drop_policy=1), seed=11000,
+         about="drop policy probs: groups 20+20+14, each drops; the kept are the most"
+               " probable, not the first in priority order"),
+    Case("dropless", Config(6, 32, 2, 24, 2, 12, 32, 6, 2, 1, 16, 1), 4, 16,
+         Settings(group_size=32, capacity_rule=2), seed=12000, router_var=20.0,
+         about="capacity none: 6 token ids and a sharp router send one expert far more"
+               " than CF*N/E tokens of each group of 32; nothing is dropped"),
     Case("tiny_like", Config(512, 128, 4, 64, 4, 16, 192, 8, 2, 2, 128, 1), 4, 64,
          Settings(), seed=9000,
          about="near the tiny preset's shape, default settings (group_size 4096 > B*T)"),
@@ -736,7 +772,7 @@ def build_case(case):
     ... whose float64 routing keeps every top-(K+1) gap above MARGIN.
     Deterministic. Returns (seed used, params float64 dict, x, y)."""
     for seed in range(case.seed, case.seed + MAX_RESEEDS):
-        params = init_params(case.cfg, seed)
+        params = init_params(case.cfg, seed, router_var=case.router_var)
         x, y = make_batch(case, seed)
         with torch.no_grad():
             _, _, routing = forward(params, case.cfg, x, None, case.s)

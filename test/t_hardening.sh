@@ -253,6 +253,8 @@ flag_table "$A/train" "${TR[@]}" -o flags -- -s -q -- 2147483648
 flag_table "$A/train" "${TR[@]}" -o flags -- -l -- 10.5
 flag_table "$A/train" "${TR[@]}" -o flags -- -f -g -- 0.0009 1000.5
 flag_table "$A/train" "${TR[@]}" -- -c -i -j -k -z -o -- ""
+flag_table "$A/train" "${TR[@]}" -o flags -- --freeze-router -- "${NOTNUM[@]}" 1.5 1e3
+flag_table "$A/train" "${TR[@]}" -o flags -- --router-bias -- "${NOTNUM[@]}" 1.5
 flag_table "$A/run" ck/model_00000004.bin -z tok.bin -- -n -s -- "${NOTNUM[@]}" 1.5 1e3
 flag_table "$A/run" ck/model_00000004.bin -z tok.bin -- -t -p -g -- "${NOTNUM[@]}"
 flag_table "$A/run" ck/model_00000004.bin -z tok.bin -- -b -- "" x 1x 0x10 nan inf 1.5 -2 99999999999999999999

@@ -260,6 +260,49 @@ else
     echo "SKIP run tests: no tokenizer"
 fi
 
+# --- routing variants (SPEC §8) -------------------------------------------------------------
+# dropless: not one assignment dropped at any step, in any layer
+"$TRAIN" "${COMMON[@]}" --capacity none -o dropless > dropless.out 2>&1
+$PY - dropless/log.tsv full/log.tsv <<'EOF' && pass "train --capacity none: dropped share exactly 0 at every step" || fail "train --capacity none: something was dropped"
+import sys, numpy as np
+d, t5x = (np.genfromtxt(p, names=True, delimiter="\t") for p in sys.argv[1:])
+drops = [n for n in d.dtype.names if n.startswith("drop")]
+sys.exit(0 if len(d) == 20 and all((d[n] == 0).all() for n in drops) and t5x["dropped"].max() > 0 else 1)
+EOF
+# router freeze after step 5: the router's bytes stay as at step 5, the rest still learns
+"$TRAIN" "${COMMON[@]}" -n 15 -e 5 --freeze-router 5 -o frozen > frozen.out 2>&1
+$PY - frozen <<'EOF' && pass "train --freeze-router 5: router byte-identical in checkpoints 5, 10, 15; experts change" || fail "train --freeze-router: the router moved after step 5"
+import sys, numpy as np
+V, D, HHd, F, E, Fe = 256, 32, 32, 64, 4, 48           # the micro model; layer 1 is MoE
+at = V * D + (2 * D + 4 * HHd * D + 4 * F * D) + (2 * D + 4 * HHd * D)
+m = {s: np.fromfile(f"{sys.argv[1]}/model_{s:08d}.bin", np.float32, offset=1024) for s in (5, 10, 15)}
+r = {s: m[s][at:at + E * D].tobytes() for s in m}
+e = {s: m[s][at + E * D:at + E * D + E * 2 * Fe * D] for s in m}
+sys.exit(0 if r[5] == r[10] == r[15] and not np.array_equal(e[5], e[15]) else 1)
+EOF
+# every variant at once resumes bit for bit (the router bias lives in the state file)
+VARIANT=(--capacity colossalai --drop-policy probs --freeze-router 12 --router-bias 0.01)
+"$TRAIN" "${COMMON[@]}" "${VARIANT[@]}" -o fullv > fullv.out 2>&1
+"$TRAIN" "${COMMON[@]}" "${VARIANT[@]}" -o partv -y 10 > partv1.out 2>&1
+"$TRAIN" "${COMMON[@]}" "${VARIANT[@]}" -o partv -r > partv2.out 2>&1
+same_run fullv partv "resume (colossalai, probs, freeze 12, bias 0.01) 10 + 10 = 20"
+# the bias acts: it changes the routing, and it balances the load (lb below the plain run's)
+"$TRAIN" "${COMMON[@]}" --router-bias 0.02 -o biased > biased.out 2>&1
+$PY - biased/log.tsv full/log.tsv <<'EOF' && pass "train --router-bias 0.02: same first step, then a better load balance than without" || fail "train --router-bias: no effect or a worse balance"
+import sys, numpy as np
+b, f = (np.genfromtxt(p, names=True, delimiter="\t") for p in sys.argv[1:])
+sys.exit(0 if b["lb"][0] == f["lb"][0] and b["lb"][10:].mean() < f["lb"][10:].mean() else 1)
+EOF
+expect_error "train: resume with another routing variant is refused, naming it" \
+    "saved with routing --capacity t5x .*this run has --capacity none" "$TRAIN" "${COMMON[@]}" --capacity none -o full -r
+expect_error "train: unknown capacity rule" "capacity foo: the rule is t5x, colossalai or none" "$TRAIN" --capacity foo
+expect_error "train: unknown drop policy" "drop-policy first: the policy is position or probs" "$TRAIN" --drop-policy first
+expect_error "train: negative freeze step" "freeze-router -1: needs a whole number in \\[0, " "$TRAIN" --freeze-router -1
+expect_error "train: non-numeric freeze step" "freeze-router ten: needs a whole number in \\[0, " "$TRAIN" --freeze-router ten
+expect_error "train: negative bias rate" "router-bias -0.1: needs a finite decimal number in \[0, 1\]" "$TRAIN" --router-bias -0.1
+expect_error "train: non-numeric bias rate" "router-bias fast: needs a finite decimal number in \\[0, 1\\]" "$TRAIN" --router-bias fast
+expect_error "train: unknown long option" "unknown option '--capcity'" "$TRAIN" --capcity none
+
 # --- bad inputs -------------------------------------------------------------------------------
 B=(-b 4 -t 32 -n 2 -v 0 -o bad)
 tokens bad_magic.bin 256 val.ids magic=123
@@ -313,7 +356,7 @@ expect_error "run: no model file" "no model file" "$RUN"
 # --- usage ----------------------------------------------------------------------------------------
 "$TRAIN" -h > train_h.out 2>&1; rc=$?
 missing=""
-for f in -c -i -j -k -z -o -b -t -n -x -l -w -f -g -q -s -e -v -V -a -r -y; do
+for f in -c -i -j -k -z -o -b -t -n -x -l -w -f -g -q -s -e -v -V -a -r -y --capacity --drop-policy --freeze-router --router-bias; do
     grep -q -- "^  $f " train_h.out || missing="$missing $f"
 done
 [ $rc = 0 ] && [ -z "$missing" ] && pass "train -h: every flag with its default" || fail "train -h (exit $rc, missing:$missing)"

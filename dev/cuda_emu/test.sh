@@ -38,10 +38,13 @@ if $E/test_emu --gradcheck --break > /dev/null 2>&1; then fail "emu gradcheck mi
 if [ -f data/kjv/tokenizer.bin ]; then
     ./train -c tiny -o $BUILD/emu_tiny -b 2 -t 32 -n 2 -e 0 -v 0 > $BUILD/emu_train_cpu.log 2>&1 &&
         expect_ok "emu decode matches forward (run --verify)" $E/run_emu $BUILD/emu_tiny/model_00000002.bin -t 0 -n 24 --verify
-    # training steps: the emulated CUDA backend against the CPU backend
-    ./train -c tiny -o $BUILD/emu_cpu -b 2 -t 32 -n 3 -e 0 -v 0 -s 7 > $BUILD/emu_cpu.log 2>&1
-    $E/train_emu -c tiny -o $BUILD/emu_gpu -b 2 -t 32 -n 3 -e 0 -v 0 -s 7 > $BUILD/emu_gpu.log 2>&1
-    if $PYTHON - $BUILD/emu_cpu/log.tsv $BUILD/emu_gpu/log.tsv <<'PY'
+    # training steps: the emulated CUDA backend against the CPU backend, plain and in the routing variants (SPEC §8)
+    for variant in "" "--capacity none --router-bias 0.01 --freeze-router 1" "--capacity colossalai --drop-policy probs"; do
+        # shellcheck disable=SC2086  # variant is a list of words
+        ./train -c tiny -o $BUILD/emu_cpu -b 2 -t 32 -n 3 -e 0 -v 0 -s 7 $variant > $BUILD/emu_cpu.log 2>&1
+        # shellcheck disable=SC2086
+        $E/train_emu -c tiny -o $BUILD/emu_gpu -b 2 -t 32 -n 3 -e 0 -v 0 -s 7 $variant > $BUILD/emu_gpu.log 2>&1
+        if $PYTHON - $BUILD/emu_cpu/log.tsv $BUILD/emu_gpu/log.tsv <<'PY'
 import sys
 a = [l.split("\t") for l in open(sys.argv[1]).read().split("\n")[1:] if l]
 b = [l.split("\t") for l in open(sys.argv[2]).read().split("\n")[1:] if l]
@@ -50,8 +53,12 @@ for x, y in zip(a, b):
     la, lb = float(x[1]), float(y[1])
     print(f"step {x[0]}: cpu {la:.6f} emu {lb:.6f}")
     assert abs(la - lb) <= 1e-4 * (1 + abs(la)), "losses differ"
+    assert x[6] == y[6], "dropped shares differ"
 PY
-    then pass "emu train_emu losses match train (3 steps)"; else fail "emu train_emu losses match train (3 steps)"; fi
+        then pass "emu train_emu losses match train (3 steps) ${variant:-default routing}"
+        else fail "emu train_emu losses match train (3 steps) ${variant:-default routing}"; fi
+        rm -rf $BUILD/emu_cpu $BUILD/emu_gpu
+    done
 else
     echo "SKIP emu decode and training checks: no data/kjv/tokenizer.bin (make data)"
 fi
