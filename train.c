@@ -134,10 +134,10 @@ static void ckpt_save(const char *path, int step, const OptSettings *o, int B, i
 }
 
 // the routing variant of a run, for messages: "capacity t5x, drop position, freeze off, bias 0"
-static void variant_text(char *buf, size_t n, int rule, int policy, int freeze, float u) {
+static void variant_text(char *buf, size_t n, int rule, int policy, long long freeze, float u) {
     char fz[32];
     if (freeze < 0) snprintf(fz, sizeof(fz), "off");
-    else snprintf(fz, sizeof(fz), "%d", freeze);
+    else snprintf(fz, sizeof(fz), "%lld", freeze);
     snprintf(buf, n, "--capacity %s --drop-policy %s --freeze-router %s --router-bias %g",
              rule >= 0 && rule < N_CAP_RULES ? cap_rule_names[rule] : "?",
              policy >= 0 && policy < N_DROP_POLICIES ? drop_policy_names[policy] : "?", fz, u);
@@ -161,7 +161,7 @@ static int ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int 
     memcpy(&u, &h[20], 4);
     if (h[17] != rs->capacity_rule || h[18] != rs->drop_policy || h[19] != rs->freeze + 1 || u != rs->bias_rate) {
         char saved[160], now_[160];
-        variant_text(saved, sizeof(saved), h[17], h[18], h[19] - 1, u);
+        variant_text(saved, sizeof(saved), h[17], h[18], (long long)h[19] - 1, u);  // a damaged word may be INT_MIN
         variant_text(now_, sizeof(now_), rs->capacity_rule, rs->drop_policy, rs->freeze, rs->bias_rate);
         snprintf(why, nwhy, "saved with routing %s, this run has %s (a run keeps its routing variant: use another -o)",
                  saved, now_);
