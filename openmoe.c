@@ -25,25 +25,37 @@
 // under -ffp-contract=fast), so any tiling, any thread count and the matvec
 // below give identical bits.
 
-#define MR 6    // rows of C per register tile
-#define NR 16   // columns of C per register tile: two 8-float vectors
-#define KC 256  // depth of one pass: a KC x NR panel of B stays in L1
+// The register tile follows the compile target: VW floats per vector, a tile
+// of MR x NR accumulators that fills the vector registers, and two vectors of
+// B plus one broadcast of A beside them. GCC's generic vectors compile to one
+// register each under AVX-512 (zmm) and AVX (ymm), and to pairs of xmm (or
+// NEON q) registers elsewhere.
+#if defined(__AVX512F__)
+#define VW 16   // floats per vector: one zmm
+#define MR 14   // rows of C per register tile: 28 of the 32 zmm registers
+#define MC 112  // rows of C per thread task: its packed A (MC x KC) stays in L2
+#else
+#define VW 8    // floats per vector: one ymm
+#define MR 6    // rows of C per register tile: 12 of the 16 ymm registers
 #define MC 96   // rows of C per thread task: its packed A (MC x KC) stays in L2
+#endif
+#define NR (2 * VW)  // columns of C per register tile: two vectors
+#define KC 256       // depth of one pass: a KC x NR panel of B stays in L1
 
-typedef float vec8 __attribute__((vector_size(32), aligned(4)));  // 8 floats, any float alignment
+typedef float vecf __attribute__((vector_size(VW * sizeof(float)), aligned(4)));  // any float alignment
 
 // ap, bp: an MR x K panel of A and a K x NR panel of B, packed k-major
-// (ap[k*MR + r], bp[k*NR + j]); C (MR,NR) with leading dim ldc. The 12
+// (ap[k*MR + r], bp[k*NR + j]); C (MR,NR) with leading dim ldc. The 2*MR
 // accumulators live in vector registers.
 static inline void gemm_tile(float *C, int ldc, const float *ap, const float *bp, int K, int load_c) {
-    vec8 acc[MR][2];
+    vecf acc[MR][2];
     for (int r = 0; r < MR; r++) {
-        vec8 zero = {0};
-        acc[r][0] = load_c ? *(const vec8 *)(C + (size_t)r * ldc) : zero;
-        acc[r][1] = load_c ? *(const vec8 *)(C + (size_t)r * ldc + 8) : zero;
+        vecf zero = {0};
+        acc[r][0] = load_c ? *(const vecf *)(C + (size_t)r * ldc) : zero;
+        acc[r][1] = load_c ? *(const vecf *)(C + (size_t)r * ldc + VW) : zero;
     }
     for (int k = 0; k < K; k++) {
-        vec8 b0 = *(const vec8 *)(bp + k * NR), b1 = *(const vec8 *)(bp + k * NR + 8);
+        vecf b0 = *(const vecf *)(bp + k * NR), b1 = *(const vecf *)(bp + k * NR + VW);
         for (int r = 0; r < MR; r++) {
             float a = ap[k * MR + r];
             acc[r][0] = acc[r][0] + a * b0;
@@ -51,8 +63,27 @@ static inline void gemm_tile(float *C, int ldc, const float *ap, const float *bp
         }
     }
     for (int r = 0; r < MR; r++) {
-        *(vec8 *)(C + (size_t)r * ldc) = acc[r][0];
-        *(vec8 *)(C + (size_t)r * ldc + 8) = acc[r][1];
+        *(vecf *)(C + (size_t)r * ldc) = acc[r][0];
+        *(vecf *)(C + (size_t)r * ldc + VW) = acc[r][1];
+    }
+}
+
+// ap (kc,MR) k-major = rows i..i+mr-1, columns k0..k0+kc-1 of A, zero rows below mr
+static void gemm_pack_a(float *ap, const float *A, int ars, int aks, int i, int mr, int k0, int kc) {
+    for (int k = 0; k < kc; k++)
+        for (int r = 0; r < MR; r++) ap[k * MR + r] = r < mr ? A[(size_t)(i + r) * ars + (size_t)(k0 + k) * aks] : 0.0f;
+}
+
+// bp (kc,NR) = rows 0..kc-1, columns 0..nr-1 of B (rows ldb apart), zero columns past nr
+static void gemm_pack_b(float *bp, const float *B, int ldb, int nr, int kc) {
+    for (int k = 0; k < kc; k++) {
+        const float *b = B + (size_t)k * ldb;
+        if (nr == NR) {
+            *(vecf *)(bp + k * NR) = *(const vecf *)b;
+            *(vecf *)(bp + k * NR + VW) = *(const vecf *)(b + VW);
+        } else {
+            for (int j = 0; j < NR; j++) bp[k * NR + j] = j < nr ? b[j] : 0.0f;
+        }
     }
 }
 
@@ -61,22 +92,16 @@ static inline void gemm_tile(float *C, int ldc, const float *ap, const float *bp
 // edges, so that one kernel serves every tile: an edge tile runs in a buffer.
 static void gemm_block(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                        int i0, int i1, int N, int K, int accumulate) {
-    float apack[MC * KC], bpack[KC * NR];
+    float apack[MC * KC] __attribute__((aligned(64))), bpack[KC * NR] __attribute__((aligned(64)));
     if (K <= 0 && !accumulate)  // an empty sum
         for (int i = i0; i < i1; i++) memset(C + (size_t)i * ldc, 0, N * sizeof(float));
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC, load_c = accumulate || k0 > 0;
-        for (int i = i0; i < i1; i += MR) {
-            float *ap = apack + (size_t)(i - i0) * kc;
-            for (int k = 0; k < kc; k++)
-                for (int r = 0; r < MR; r++)
-                    ap[k * MR + r] = i + r < i1 ? A[(size_t)(i + r) * ars + (size_t)(k0 + k) * aks] : 0.0f;
-        }
+        for (int i = i0; i < i1; i += MR)
+            gemm_pack_a(apack + (size_t)(i - i0) * kc, A, ars, aks, i, i1 - i < MR ? i1 - i : MR, k0, kc);
         for (int j0 = 0; j0 < N; j0 += NR) {
             int nr = N - j0 < NR ? N - j0 : NR;
-            for (int k = 0; k < kc; k++)
-                for (int j = 0; j < NR; j++)
-                    bpack[k * NR + j] = j < nr ? B[(size_t)(k0 + k) * ldb + j0 + j] : 0.0f;
+            gemm_pack_b(bpack, B + (size_t)k0 * ldb + j0, ldb, nr, kc);
             for (int i = i0; i < i1; i += MR) {
                 int mr = i1 - i < MR ? i1 - i : MR;
                 const float *ap = apack + (size_t)(i - i0) * kc;

@@ -22,6 +22,7 @@
 #include <math.h>
 #include <errno.h>
 #include <float.h>
+#include <sys/stat.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -30,7 +31,15 @@ extern "C" {
 // ----------------------------------------------------------------------------
 // 1. checked calls: every failure names what failed and where, then exits 1
 
-static inline void die(const char *fmt, ...) {
+// atomic_open's temporary file while it is being written: die() removes it, so
+// that a failed write (a full disk) leaves nothing behind
+static inline char *pending_tmp(void) {
+    static char path[4096];
+    return path;
+}
+
+__attribute__((noreturn, format(printf, 1, 2))) static inline void die(const char *fmt, ...) {
+    if (pending_tmp()[0]) remove(pending_tmp());
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "error: ");
@@ -82,24 +91,61 @@ static inline void *calloc_check(size_t n, size_t size, const char *file, int li
 }
 #define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
 
-// size of an open file in bytes, leaving the position at the start
+// size of an open file in bytes, which must be a regular file (not a directory)
 static inline long file_size(FILE *f, const char *path) {
-    if (fseek(f, 0, SEEK_END) != 0) die("%s: cannot seek: %s", path, strerror(errno));
-    long n = ftell(f);
-    if (n < 0) die("%s: cannot tell size: %s", path, strerror(errno));
-    rewind(f);
-    return n;
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0) die("%s: cannot stat: %s", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) die("%s: is a directory, not a file", path);
+    if (!S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    return (long)st.st_size;
 }
 
-// write to PATH.tmp, then rename over PATH, so that PATH is never half written
+// write to PATH.tmp, then rename over PATH, so that PATH is never half written;
+// one file at a time, and die() removes the .tmp of a write that failed
 static inline FILE *atomic_open(const char *path, char *tmp, size_t ntmp) {
     if ((size_t)snprintf(tmp, ntmp, "%s.tmp", path) >= ntmp) die("%s: path too long", path);
-    return fopenCheck(tmp, "wb");
+    FILE *f = fopenCheck(tmp, "wb");
+    snprintf(pending_tmp(), 4096, "%s", tmp);
+    return f;
 }
 static inline void atomic_commit(FILE *f, const char *tmp, const char *path) {
-    if (fflush(f) != 0) die("%s: flush failed: %s", tmp, strerror(errno));
+    if (fflush(f) != 0 || ferror(f)) die("%s: write failed: %s", tmp, strerror(errno));
     fcloseCheck(f, tmp);
     if (rename(tmp, path) != 0) die("%s: cannot rename to %s: %s", tmp, path, strerror(errno));
+    pending_tmp()[0] = '\0';
+}
+
+// Sizes computed from header values saturate at SIZE_OVERFLOW, so that a header
+// whose sizes overflow can never match the size of a real file. Every file
+// reader compares such a size with the file's before it allocates anything.
+#define SIZE_OVERFLOW UINT64_MAX
+static inline uint64_t size_mul(uint64_t a, uint64_t b) {
+    return a != 0 && b > SIZE_OVERFLOW / a ? SIZE_OVERFLOW : a * b;
+}
+static inline uint64_t size_add(uint64_t a, uint64_t b) { return b > SIZE_OVERFLOW - a ? SIZE_OVERFLOW : a + b; }
+
+// Command-line flags: the whole value must parse, be finite and lie in the
+// range, else exit naming the flag, the value and the range.
+static inline long long flag_int(const char *flag, const char *v, long long lo, long long hi) {
+    char *end;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (!*v || *end || errno || x < lo || x > hi) die("%s %s: needs a whole number in [%lld, %lld]", flag, v, lo, hi);
+    return x;
+}
+// lo_open: lo itself is excluded, (lo, hi]; else [lo, hi]
+static inline double flag_float(const char *flag, const char *v, double lo, int lo_open, double hi) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (!*v || *end || strpbrk(v, "xX") || errno == ERANGE || !isfinite(x) || x < lo || (lo_open && x == lo) || x > hi)
+        die("%s %s: needs a finite decimal number in %c%g, %g]", flag, v, lo_open ? '(' : '[', lo, hi);
+    return x;
+}
+// path flags: not empty
+static inline const char *flag_path(const char *flag, const char *v) {
+    if (!*v) die("%s '': needs a path", flag);
+    return v;
 }
 
 // ----------------------------------------------------------------------------
@@ -111,6 +157,9 @@ static inline void atomic_commit(FILE *f, const char *tmp, const char *path) {
 #define TRACE_MAGIC 240201742    // routing traces, see dev/analyze_routing.py
 #define CKPT_MAGIC 240201743     // training state checkpoints, see train.c
 #define HEADER_INTS 256
+// the longest context a model may have: RoPE tables and the KV cache are
+// allocated for all of it (OpenMoE's models have 2048)
+#define MAX_SEQ_LEN (1 << 20)
 
 typedef struct {
     int V;            // vocabulary size
@@ -151,6 +200,16 @@ static inline int config_check(const Config *c, char *why, size_t nwhy) {
                                   "moe_every", "Fe"};
     for (int i = 0; i < 11; i++) {
         if (v[i] <= 0) { snprintf(why, nwhy, "%s = %d, must be > 0", names[i], v[i]); return 0; }
+    }
+    if (c->max_seq_len > MAX_SEQ_LEN) {
+        snprintf(why, nwhy, "max_seq_len = %d > %d", c->max_seq_len, MAX_SEQ_LEN);
+        return 0;
+    }
+    // the widths the parameter table and the backends hold in an int
+    if ((int64_t)c->H * c->Hd > INT32_MAX || 2 * (int64_t)c->F > INT32_MAX || 2 * (int64_t)c->Fe > INT32_MAX) {
+        snprintf(why, nwhy, "H*Hd = %lld, 2F = %lld or 2Fe = %lld does not fit an int32", (long long)c->H * c->Hd,
+                 2 * (long long)c->F, 2 * (long long)c->Fe);
+        return 0;
     }
     if (c->K > c->E) { snprintf(why, nwhy, "K = %d > E = %d", c->K, c->E); return 0; }
     if (c->Hd % 2) { snprintf(why, nwhy, "Hd = %d is odd (RoPE pairs i with i+Hd/2)", c->Hd); return 0; }
@@ -223,6 +282,21 @@ static inline size_t param_table_add(ParamTable *p, const char *name, int slices
     return t->offset;
 }
 
+// the number of parameters (SPEC §6), from the config alone: what a reader
+// compares with the file's size before it builds the table or allocates
+// anything (saturates at SIZE_OVERFLOW)
+static inline uint64_t config_n_params(const Config *c) {
+    uint64_t D = c->D, HHd = size_mul(c->H, c->Hd);
+    uint64_t dense_ffn = size_mul(4, size_mul(c->F, D));  // w_gate [2F,D], w_up [F,D], w_down [D,F]
+    uint64_t attn = size_add(2 * D, size_mul(4, size_mul(HHd, D)));  // two norms, wq wk wv wo
+    uint64_t moe = size_add(size_mul(c->E, D), size_mul(4, size_mul(c->E, size_mul(c->Fe, D))));
+    if (c->extra_ffn) moe = size_add(moe, size_add(D, dense_ffn));
+    uint64_t n_moe = (uint64_t)n_moe_layers(c), n_dense = (uint64_t)c->L - n_moe;
+    uint64_t n = size_add(size_mul(2, size_mul(c->V, D)), D);  // wte, lm_head, final_norm
+    n = size_add(n, size_mul(n_dense, size_add(attn, dense_ffn)));
+    return size_add(n, size_mul(n_moe, size_add(attn, moe)));
+}
+
 static inline void param_table_build(ParamTable *p, const Config *c) {
     int HHd = c->H * c->Hd;
     memset(p, 0, sizeof(*p));
@@ -262,6 +336,9 @@ static inline void param_table_build(ParamTable *p, const Config *c) {
     }
     p->final_norm = param_table_add(p, "final_norm", 1, 1, c->D, 0);
     p->lm_head = param_table_add(p, "lm_head", 1, c->V, c->D, 1);
+    if (p->n_params != config_n_params(c))
+        die("param_table_build: %zu parameters, but config_n_params says %llu", p->n_params,
+            (unsigned long long)config_n_params(c));
 }
 
 static inline void param_table_free(ParamTable *p) {
@@ -355,15 +432,12 @@ static inline float *model_file_load(const char *path, Config *c) {
     int32_t h[HEADER_INTS];
     long size = header_read(f, path, "model", MODEL_MAGIC, 14, h);
     memcpy(&c->V, &h[2], 12 * sizeof(int32_t));
-    char why[128];
+    char why[160];
     if (!config_check(c, why, sizeof(why))) die("%s: inconsistent header: %s", path, why);
-    ParamTable p;
-    param_table_build(&p, c);
-    size_t n = p.n_params;
-    param_table_free(&p);
-    long want = (long)sizeof(h) + (long)(4 * n);
-    if (size != want) die("%s: size %ld bytes, but its header describes %zu parameters (%ld bytes)",
-                          path, size, n, want);
+    uint64_t n = config_n_params(c), want = size_add(sizeof(h), size_mul(4, n));
+    if ((uint64_t)size != want)
+        die("%s: size %ld bytes, but its header describes %llu parameters (%llu bytes)", path, size,
+            (unsigned long long)n, (unsigned long long)want);
     float *params = (float *)mallocCheck(n * sizeof(float));
     freadCheck(params, sizeof(float), n, f, path);
     fcloseCheck(f, path);
@@ -398,6 +472,10 @@ typedef struct {
     int capacity_rule; // CAP_T5X, CAP_COLOSSALAI or CAP_NONE (dropless)
     int drop_policy;   // DROP_POSITION or DROP_PROBS
 } MoeSettings;
+
+// the range of capacity factors a flag may set: cf1000 stays an int >= 1
+#define MIN_CF 0.001
+#define MAX_CF 1000.0
 
 static inline MoeSettings moe_settings_default(void) {
     MoeSettings s = {1250, 4, 4096, 0.01f, 1e-4f, 1e-4f, CAP_T5X, DROP_POSITION};
@@ -447,24 +525,22 @@ static inline void state_file_load(const char *path, const Config *c, DebugState
     if (st->s.cf1000 <= 0 || st->s.min_capacity < 0 || st->s.group_size < 0 || h[6] < 0 || h[7] < 0 || h[8] < 0)
         die("%s: bad settings: cf1000 %d, min_capacity %d, group_size %d, coefs %d %d %d", path,
             st->s.cf1000, st->s.min_capacity, st->s.group_size, h[6], h[7], h[8]);
-    ParamTable p;
-    param_table_build(&p, c);
-    size_t BT = (size_t)st->B * st->T;
-    size_t nfloat = 2 * BT + BT * c->V + N_LOSSES + p.n_params;
-    long want = (long)sizeof(h) + (long)(4 * nfloat);
-    if (size != want) die("%s: size %ld bytes, but B=%d T=%d V=%d and %zu parameters make %ld bytes",
-                          path, size, st->B, st->T, c->V, p.n_params, want);
+    size_t BT = (size_t)st->B * st->T, n_params = config_n_params(c);
+    uint64_t nfloat = size_add(size_add(2 * BT, size_mul(BT, c->V)), N_LOSSES + n_params);
+    uint64_t want = size_add(sizeof(h), size_mul(4, nfloat));
+    if ((uint64_t)size != want)
+        die("%s: size %ld bytes, but B=%d T=%d V=%d and %zu parameters make %llu bytes", path, size, st->B, st->T,
+            c->V, n_params, (unsigned long long)want);
     st->x = (int32_t *)mallocCheck(BT * sizeof(int32_t));
     st->y = (int32_t *)mallocCheck(BT * sizeof(int32_t));
     st->logits = (float *)mallocCheck(BT * c->V * sizeof(float));
-    st->grads = (float *)mallocCheck(p.n_params * sizeof(float));
+    st->grads = (float *)mallocCheck(n_params * sizeof(float));
     freadCheck(st->x, sizeof(int32_t), BT, f, path);
     freadCheck(st->y, sizeof(int32_t), BT, f, path);
     freadCheck(st->logits, sizeof(float), BT * c->V, f, path);
     freadCheck(st->losses, sizeof(float), N_LOSSES, f, path);
-    freadCheck(st->grads, sizeof(float), p.n_params, f, path);
+    freadCheck(st->grads, sizeof(float), n_params, f, path);
     fcloseCheck(f, path);
-    param_table_free(&p);
     for (size_t i = 0; i < BT; i++) {
         if (st->x[i] < 0 || st->x[i] >= c->V) die("%s: token x[%zu] = %d is out of range [0, %d)", path, i, st->x[i], c->V);
         if (st->y[i] < -1 || st->y[i] >= c->V) die("%s: target y[%zu] = %d is out of range [-1, %d)", path, i, st->y[i], c->V);

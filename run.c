@@ -19,6 +19,9 @@
 #include "tokenizer.h"
 #include <time.h>
 
+// flag range of the temperature
+#define MAX_TEMPERATURE 100.0
+
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -106,18 +109,15 @@ int main(int argc, char **argv) {
             model_path = a;
         } else if (strlen(a) == 2 && i + 1 < argc) {
             const char *v = argv[++i];
-            char *end;
-            double d = strtod(v, &end);
-            int num = *v && *end == '\0';
             switch (a[1]) {
-            case 'z': tok_path = v; break;
-            case 'b': if (!num || d < -1 || d != (int)d) die("-b %s: needs an id >= 0, or -1 for none", v); start = (int)d; break;
+            case 'z': tok_path = flag_path(a, v); break;
+            case 'b': start = (int)flag_int(a, v, -1, INT32_MAX); break;
             case 'i': prompt = v; break;
-            case 'n': if (!num || d < 0 || d != (int)d) die("-n %s: needs a whole number >= 0", v); steps = (int)d; break;
-            case 't': if (!num || d < 0) die("-t %s: needs a temperature >= 0", v); temp = (float)d; break;
-            case 'p': if (!num || d <= 0 || d > 1) die("-p %s: needs 0 < p <= 1", v); topp = (float)d; break;
-            case 's': if (!num || d < 0) die("-s %s: needs a seed >= 0", v); seed = (uint64_t)d; break;
-            case 'g': if (!num || d <= 0) die("-g %s: needs a capacity factor > 0", v); cf = (float)d; break;
+            case 'n': steps = (int)flag_int(a, v, 0, INT32_MAX); break;
+            case 't': temp = (float)flag_float(a, v, 0.0, 0, MAX_TEMPERATURE); break;
+            case 'p': topp = (float)flag_float(a, v, 0.0, 1, 1.0); break;
+            case 's': seed = (uint64_t)flag_int(a, v, 0, INT64_MAX); break;
+            case 'g': cf = (float)flag_float(a, v, MIN_CF, 0, MAX_CF); break;
             default: fprintf(stderr, "error: unknown option '%s'\n", a); usage(2);
             }
         } else {
@@ -161,7 +161,7 @@ int main(int argc, char **argv) {
     n_prompt += tokenizer_encode(&tok, prompt, strlen(prompt), tokens + n_prompt, room);
     if (n_prompt == 0) die("the prompt is empty and the tokenizer has no EOS or BOS to start from");
     if (n_prompt > max_len) die("the prompt is %d tokens, longer than the model's context %d", n_prompt, max_len);
-    if (n_prompt + steps > max_len) {
+    if (steps > max_len - n_prompt) {
         fprintf(stderr, "note: -n %d with a %d-token prompt exceeds the context %d: generating %d tokens\n", steps,
                 n_prompt, max_len, max_len - n_prompt);
         steps = max_len - n_prompt;

@@ -300,6 +300,10 @@ static inline void tokenizer_load(Tokenizer *t, const char *path) {
     if (h[13] & ~7) die("%s: unknown denormalizer flag bits 0x%x", path, h[13]);
     for (int i = 9; i <= 15; i++)
         if (h[i] < 0) die("%s: header[%d] = %d, a size must be >= 0", path, i, h[i]);
+    if (h[14] == 0 && h[13] != 0)
+        die("%s: denormalizer flags 0x%x without a denormalizer (header[14] = 0), must be 0", path, h[13]);
+    for (int i = 16; i < TOKENIZER_HEADER_INTS; i++)
+        if (h[i] != 0) die("%s: reserved header[%d] = %d, must be 0", path, i, h[i]);
     t->vocab_size = V;
     t->model_type = h[3];
     t->unk_id = h[4]; t->bos_id = h[5]; t->eos_id = h[6]; t->pad_id = h[7];

@@ -20,6 +20,13 @@
 #include <unistd.h>
 #include <limits.h>
 
+// flag ranges: checkpoint names have 8 digits of step; batch offsets are kept
+// in arrays of MAX_BATCH
+#define MAX_STEPS 99999999
+#define MAX_BATCH 4096
+#define MAX_LR 10.0
+#define MAX_BIAS_RATE 1.0
+
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -45,9 +52,10 @@ static void tokens_load(TokenData *d, const char *path) {
     d->n = h[4];
     if ((bytes != 2 && bytes != 4) || d->V <= 0 || d->n <= 0 || (bytes == 2 && d->V > 65536))
         die("%s: bad header: %d bytes per token, vocab %d, %ld tokens", path, bytes, d->V, d->n);
-    long want = (long)sizeof(h) + d->n * bytes;
-    if (size != want) die("%s: size %ld bytes, but its header describes %ld tokens of %d bytes (%ld bytes)", path,
-                          size, d->n, bytes, want);
+    uint64_t want = size_add(sizeof(h), size_mul(d->n, bytes));
+    if ((uint64_t)size != want)
+        die("%s: size %ld bytes, but its header describes %ld tokens of %d bytes (%llu bytes)", path, size, d->n,
+            bytes, (unsigned long long)want);
     d->tokens = (int32_t *)mallocCheck(d->n * sizeof(int32_t));
     if (bytes == 4) {
         freadCheck(d->tokens, 4, d->n, f, path);
@@ -129,13 +137,56 @@ static void ckpt_save(const char *path, int step, const OptSettings *o, int B, i
 }
 
 // the routing variant of a run, for messages: "capacity t5x, drop position, freeze off, bias 0"
-static void variant_text(char *buf, size_t n, int rule, int policy, int freeze, float u) {
+static void variant_text(char *buf, size_t n, int rule, int policy, long long freeze, float u) {
     char fz[32];
     if (freeze < 0) snprintf(fz, sizeof(fz), "off");
-    else snprintf(fz, sizeof(fz), "%d", freeze);
+    else snprintf(fz, sizeof(fz), "%lld", freeze);
     snprintf(buf, n, "--capacity %s --drop-policy %s --freeze-router %s --router-bias %g",
              rule >= 0 && rule < N_CAP_RULES ? cap_rule_names[rule] : "?",
              policy >= 0 && policy < N_DROP_POLICIES ? drop_policy_names[policy] : "?", fz, u);
+}
+
+static const char *opt_name(int kind) {
+    return kind == OPT_ADAMW ? "adamw" : kind == OPT_ADAFACTOR ? "adafactor" : "unknown";
+}
+
+// whether the checkpoint header h (of a file of size bytes) can be resumed
+// by a run with these settings, n_state floats of optimizer state and n_bias
+// of router bias: 0 yes,
+// CKPT_OTHER_RUN when a setting differs, CKPT_DAMAGED when the file does not
+// add up; why names the first problem
+enum { CKPT_OTHER_RUN = 1, CKPT_DAMAGED = 2 };
+static int ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int B, int T, const RunSettings *rs,
+                         size_t n_state, size_t n_bias, char *why, size_t nwhy) {
+    uint64_t n64;
+    memcpy(&n64, &h[9], 8);
+    float u;
+    memcpy(&u, &h[20], 4);
+    if (h[17] != rs->capacity_rule || h[18] != rs->drop_policy || h[19] != rs->freeze + 1 || u != rs->bias_rate) {
+        char saved[160], now_[160];
+        variant_text(saved, sizeof(saved), h[17], h[18], (long long)h[19] - 1, u);  // a damaged word may be INT_MIN
+        variant_text(now_, sizeof(now_), rs->capacity_rule, rs->drop_policy, rs->freeze, rs->bias_rate);
+        snprintf(why, nwhy, "saved with routing %s, this run has %s (a run keeps its routing variant: use another -o)",
+                 saved, now_);
+    } else if (h[3] != (int)o->kind) {
+        snprintf(why, nwhy, "saved with optimizer %d (%s), this run has -x %s", h[3], opt_name(h[3]), opt_name(o->kind));
+    } else if (h[4] != B) {
+        snprintf(why, nwhy, "saved with -b %d, this run has -b %d", h[4], B);
+    } else if (h[5] != T) {
+        snprintf(why, nwhy, "saved with -t %d, this run has -t %d", h[5], T);
+    } else if (h[8] != o->min_dim) {
+        snprintf(why, nwhy, "saved with Adafactor min_dim %d, this run has %d", h[8], o->min_dim);
+    } else if (n64 != n_state) {
+        snprintf(why, nwhy, "%llu floats of optimizer state, this model's are %zu", (unsigned long long)n64, n_state);
+    } else if (h[21] != (int32_t)n_bias || h[2] < 0 ||
+               (uint64_t)size != size_add(sizeof(int32_t) * HEADER_INTS, size_mul(4, size_add(n64, n_bias)))) {
+        snprintf(why, nwhy, "step %d, size %ld bytes, but its header describes %llu + %d floats (damaged)", h[2],
+                 size, (unsigned long long)n64, h[21]);
+        return CKPT_DAMAGED;
+    } else {
+        return 0;
+    }
+    return CKPT_OTHER_RUN;
 }
 
 // reads the optimizer state, the router bias and the data RNG; returns the step
@@ -144,24 +195,8 @@ static int ckpt_load(const char *path, const OptSettings *o, int B, int T, const
     FILE *f = fopenCheck(path, "rb");
     int32_t h[HEADER_INTS];
     long size = header_read(f, path, "training state", CKPT_MAGIC, 22, h);
-    float u;
-    memcpy(&u, &h[20], 4);
-    if (h[17] != rs->capacity_rule || h[18] != rs->drop_policy || h[19] != rs->freeze + 1 || u != rs->bias_rate ||
-        h[21] != (int32_t)n_bias) {
-        char saved[160], now_[160];
-        variant_text(saved, sizeof(saved), h[17], h[18], h[19] - 1, u);
-        variant_text(now_, sizeof(now_), rs->capacity_rule, rs->drop_policy, rs->freeze, rs->bias_rate);
-        die("%s: saved by a run with routing %s; this run has %s (a run keeps its routing variant: use another -o)",
-            path, saved, now_);
-    }
-    uint64_t n64;
-    memcpy(&n64, &h[9], 8);
-    if (h[3] != (int)o->kind || h[8] != o->min_dim || h[4] != B || h[5] != T)
-        die("%s: saved by a run with optimizer %s, B %d, T %d; this run has %s, B %d, T %d", path,
-            h[3] == OPT_ADAMW ? "adamw" : "adafactor", h[4], h[5], o->kind == OPT_ADAMW ? "adamw" : "adafactor", B, T);
-    if (n64 != n || size != (long)(sizeof(h) + 4 * (n + n_bias)))
-        die("%s: size %ld bytes, but this model's optimizer state and router bias are %zu + %zu floats", path, size,
-            n, n_bias);
+    char why[512];
+    if (ckpt_mismatch(h, size, o, B, T, rs, n, n_bias, why, sizeof(why))) die("%s: cannot resume: %s", path, why);
     float lr;
     memcpy(&lr, &h[13], 4);
     if (h[11] != rs->n_steps || h[12] != rs->warmup || lr != rs->lr || h[14] != rs->cf1000 || h[15] != rs->group ||
@@ -176,36 +211,85 @@ static int ckpt_load(const char *path, const OptSettings *o, int B, int T, const
     return h[2];
 }
 
-// 1 if path exists with the given magic and exactly the given size
-static int file_looks_whole(const char *path, int32_t magic, long bytes) {
+// reads the first HEADER_INTS words of path into h; returns its size, -1 when
+// it cannot be read or is shorter than a header
+static long header_peek(const char *path, int32_t *h) {
     FILE *f = fopen(path, "rb");
-    if (!f) return 0;
-    int32_t word = 0;
-    int ok = fread(&word, 4, 1, f) == 1 && word == magic && fseek(f, 0, SEEK_END) == 0 && ftell(f) == bytes;
+    if (!f) return -1;
+    struct stat st;
+    long size = fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) ? (long)st.st_size : -1;
+    if (size >= 0 && fread(h, sizeof(int32_t), HEADER_INTS, f) != HEADER_INTS) size = -1;
     fclose(f);
-    return ok;
+    return size;
 }
 
-// The latest step for which both DIR/model_N.bin and DIR/state_N.bin are
-// whole (right magic, right size), -1 if none. The model is written first and
-// the state last, each to a .tmp renamed into place, so an interrupted write
-// leaves a .tmp or a model without its state: neither counts.
-static int latest_checkpoint(const char *dir, long model_bytes, long state_bytes) {
+// why checkpoint step of dir cannot be resumed by this run (NULL when it can);
+// *damaged: 1 when a file is cut short or broken, 0 when it is whole but from
+// a run with other settings (another -c, -x, -b, -t)
+static const char *checkpoint_problem(const char *dir, int step, const Config *c, const OptSettings *o, int B, int T,
+                                      const RunSettings *rs, size_t n_state, size_t n_bias, int *damaged, char *why,
+                                      size_t nwhy) {
+    char model[4096], state[4096], what[512];
+    snprintf(model, sizeof(model), "%s/model_%08d.bin", dir, step);
+    snprintf(state, sizeof(state), "%s/state_%08d.bin", dir, step);
+    int32_t h[HEADER_INTS];
+    long size = header_peek(model, h);
+    int problem;
+    *damaged = 1;
+    if (size < 0) snprintf(why, nwhy, "%s: missing, unreadable or shorter than a header (damaged)", model);
+    else if (h[0] != MODEL_MAGIC || h[1] != 1) snprintf(why, nwhy, "%s: not a model file of version 1 (damaged)", model);
+    else if (memcmp(&h[2], &c->V, 12 * sizeof(int32_t)) != 0) {
+        static const char *names[12] = {"V", "max_seq_len", "L", "D", "H", "Hd", "F", "E", "K", "moe_every", "Fe",
+                                        "extra_ffn"};
+        const int *cv = &c->V;
+        int i = 0;
+        while (h[2 + i] == cv[i]) i++;
+        snprintf(why, nwhy, "%s: the model has %s %d, this run's (-c) has %d", model, names[i], h[2 + i], cv[i]);
+        *damaged = 0;
+    } else if ((uint64_t)size != size_add(sizeof(h), size_mul(4, config_n_params(c))))
+        snprintf(why, nwhy, "%s: size %ld bytes, not this model's %llu (damaged)", model, size,
+                 (unsigned long long)size_add(sizeof(h), size_mul(4, config_n_params(c))));
+    else if ((size = header_peek(state, h)) < 0)
+        snprintf(why, nwhy, "%s: unreadable or shorter than a header (damaged)", state);
+    else if (h[0] != CKPT_MAGIC || h[1] != 1) snprintf(why, nwhy, "%s: not a training state of version 1 (damaged)", state);
+    else if ((problem = ckpt_mismatch(h, size, o, B, T, rs, n_state, n_bias, what, sizeof(what)))) {
+        *damaged = problem == CKPT_DAMAGED;
+        snprintf(why, nwhy, "%s: %s", state, what);
+    } else return NULL;
+    return why;
+}
+
+// The step to resume from: the latest checkpoint N of dir with a
+// state_N.bin (the model is written first and the state last, each to a .tmp
+// renamed into place, so a model without its state is an interrupted write and
+// does not count); -1 when dir holds none. Exits naming the checkpoint and the
+// setting when that checkpoint is from a run with other settings, or when
+// every checkpoint is damaged; a damaged checkpoint after a good one is
+// skipped with a note.
+static int resume_step(const char *dir, const Config *c, const OptSettings *o, int B, int T, const RunSettings *rs,
+                       size_t n_state, size_t n_bias) {
     DIR *d = opendir(dir);
     if (!d) return -1;
-    int best = -1;
+    int best = -1, other = -1, broken = -1;  // latest good, of other settings, damaged
+    char why[4096 + 1024], other_why[sizeof(why)], broken_why[sizeof(why)];
     struct dirent *e;
     while ((e = readdir(d))) {
-        int step, end = 0;
+        int step, end = 0, damaged;
         if (sscanf(e->d_name, "state_%8d.bin%n", &step, &end) != 1 || end != 18 || e->d_name[end] != '\0') continue;
-        char model[4096], state[4096];
-        snprintf(model, sizeof(model), "%s/model_%08d.bin", dir, step);
-        snprintf(state, sizeof(state), "%s/state_%08d.bin", dir, step);
-        if (file_looks_whole(model, MODEL_MAGIC, model_bytes) && file_looks_whole(state, CKPT_MAGIC, state_bytes))
+        if (!checkpoint_problem(dir, step, c, o, B, T, rs, n_state, n_bias, &damaged, why, sizeof(why))) {
             best = step > best ? step : best;
-        else printf("note: checkpoint %d in %s is incomplete or not this model's: skipped\n", step, dir);
+        } else if (!damaged && step > other) {
+            other = step;
+            snprintf(other_why, sizeof(other_why), "%s", why);
+        } else if (damaged && step > broken) {
+            broken = step;
+            snprintf(broken_why, sizeof(broken_why), "%s", why);
+        }
     }
     closedir(d);
+    if (other >= 0) die("-r: cannot resume from checkpoint %d in %s: %s", other, dir, other_why);
+    if (broken >= 0 && best < 0) die("-r: cannot resume from checkpoint %d in %s: %s", broken, dir, broken_why);
+    if (broken > best) printf("note: checkpoint %d in %s is skipped: %s\n", broken, dir, broken_why);
     return best;
 }
 
@@ -238,7 +322,7 @@ static FILE *log_open(const char *dir, int resume_step, int n_moe) {
 // mean losses over the first n_batches windows of val, at the settings s
 static void validate(Model *m, const TokenData *val, int B, int T, int n_batches, const MoeSettings *s,
                      int32_t *x, int32_t *y, double *ce, double *total) {
-    long starts[4096];
+    long starts[MAX_BATCH];
     float losses[N_LOSSES];
     *ce = *total = 0.0;
     for (int i = 0; i < n_batches; i++) {
@@ -298,7 +382,7 @@ static void trace_write(Model *m, const char *dir, int step, const TokenData *da
     float *prob = (float *)mallocCheck(nm * N * K * sizeof(float));
     uint8_t *kept = (uint8_t *)mallocCheck(nm * N * K);
     float losses[N_LOSSES];
-    long starts[4096];
+    long starts[MAX_BATCH];
     for (int s0 = 0; s0 < n_seq; s0 += B) {
         for (int b = 0; b < B; b++) starts[b] = (long)(s0 + b) * T;
         batch_fill(x, y, data, starts, B, T);
@@ -584,7 +668,6 @@ int main(int argc, char **argv) {
         if (strcmp(a, "--bf16") == 0) { prec = PRECISION_BF16; continue; }
         if (strncmp(a, "--", 2) == 0 && i + 1 < argc) {  // the routing variants, each with a value
             const char *v = argv[i + 1];
-            char *end;
             if (strcmp(a, "--capacity") == 0) {
                 capacity_rule = name_index(v, cap_rule_names, N_CAP_RULES);
                 if (capacity_rule < 0) die("--capacity %s: the rule is t5x, colossalai or none", v);
@@ -592,13 +675,9 @@ int main(int argc, char **argv) {
                 drop_policy = name_index(v, drop_policy_names, N_DROP_POLICIES);
                 if (drop_policy < 0) die("--drop-policy %s: the policy is position or probs", v);
             } else if (strcmp(a, "--freeze-router") == 0) {
-                long sv = strtol(v, &end, 10);
-                if (!*v || *end || sv < 0 || sv > 1000000000) die("--freeze-router %s: needs a step >= 0", v);
-                freeze = (int)sv;
+                freeze = (int)flag_int(a, v, 0, MAX_STEPS);
             } else if (strcmp(a, "--router-bias") == 0) {
-                bias_rate = strtof(v, &end);
-                if (!*v || *end || !(bias_rate >= 0.0f) || !isfinite(bias_rate))
-                    die("--router-bias %s: needs a rate >= 0", v);
+                bias_rate = (float)flag_float(a, v, 0.0, 0, MAX_BIAS_RATE);
             } else {
                 fprintf(stderr, "error: unknown option '%s'\n", a);
                 usage(2);
@@ -611,51 +690,35 @@ int main(int argc, char **argv) {
             usage(2);
         }
         const char *v = argv[++i];
-        char *end;
-        long iv = strtol(v, &end, 10);
-        int is_int = *v && *end == '\0';
-        float fv = strtof(v, &end);
-        int is_num = *v && *end == '\0';
         switch (a[1]) {
-        case 'c': init = v; break;
-        case 'i': train_path = v; break;
-        case 'j': val_path = v; break;
-        case 'k': ood_path = v; break;
-        case 'z': tok_path = v; tok_given = 1; break;
-        case 'o': dir = v; break;
+        case 'c': init = flag_path(a, v); break;
+        case 'i': train_path = flag_path(a, v); break;
+        case 'j': val_path = flag_path(a, v); break;
+        case 'k': ood_path = flag_path(a, v); break;
+        case 'z': tok_path = flag_path(a, v); tok_given = 1; break;
+        case 'o': dir = flag_path(a, v); break;
         case 'x':
             if (strcmp(v, "adamw") == 0) kind = OPT_ADAMW;
             else if (strcmp(v, "adafactor") == 0) kind = OPT_ADAFACTOR;
             else die("-x %s: the optimizer is adamw or adafactor", v);
             break;
-        case 'l': case 'f': case 'g':
-            if (!is_num || !(fv > 0.0f)) die("-%c %s: needs a number > 0", a[1], v);
-            if (a[1] == 'l') lr = fv;
-            else if (a[1] == 'f') cf_train = fv;
-            else cf_eval = fv;
-            break;
-        default: {
-            if (!is_int || iv < 0 || iv > 1000000000) die("-%c %s: needs a whole number >= 0", a[1], v);
-            int n = (int)iv;
-            switch (a[1]) {
-            case 'b': B = n; break;
-            case 't': T = n; break;
-            case 'n': n_steps = n; break;
-            case 'y': stop = n; break;
-            case 'w': warmup = n; break;
-            case 'q': group = n; break;
-            case 's': seed = n; break;
-            case 'e': ckpt_every = n; break;
-            case 'v': val_every = n; break;
-            case 'V': val_batches = n; break;
-            case 'a': trace_seqs = n; break;
-            default: fprintf(stderr, "error: unknown option '%s'\n", a); usage(2);
-            }
-        }
+        case 'l': lr = (float)flag_float(a, v, 0.0, 1, MAX_LR); break;
+        case 'f': cf_train = (float)flag_float(a, v, MIN_CF, 0, MAX_CF); break;
+        case 'g': cf_eval = (float)flag_float(a, v, MIN_CF, 0, MAX_CF); break;
+        case 'b': B = (int)flag_int(a, v, 1, MAX_BATCH); break;
+        case 't': T = (int)flag_int(a, v, 1, MAX_SEQ_LEN); break;
+        case 'n': n_steps = (int)flag_int(a, v, 1, MAX_STEPS); break;
+        case 'y': stop = (int)flag_int(a, v, 0, MAX_STEPS); break;
+        case 'w': warmup = (int)flag_int(a, v, 0, MAX_STEPS); break;
+        case 'q': group = (int)flag_int(a, v, 0, INT32_MAX); break;
+        case 's': seed = (int)flag_int(a, v, 0, INT32_MAX); break;
+        case 'e': ckpt_every = (int)flag_int(a, v, 0, MAX_STEPS); break;
+        case 'v': val_every = (int)flag_int(a, v, 0, MAX_STEPS); break;
+        case 'V': val_batches = (int)flag_int(a, v, 1, MAX_STEPS); break;
+        case 'a': trace_seqs = (int)flag_int(a, v, 0, MAX_STEPS); break;
+        default: fprintf(stderr, "error: unknown option '%s'\n", a); usage(2);
         }
     }
-    if (B < 1 || B > 4096 || T < 1 || n_steps < 1 || val_batches < 1)
-        die("-b %d -t %d -n %d -V %d: need 1 <= B <= 4096 and T, n, V >= 1", B, T, n_steps, val_batches);
     if (stop < 0 || stop > n_steps) stop = n_steps;
     if (warmup < 0) warmup = kind == OPT_ADAFACTOR ? 10000 : n_steps / 50;
     if (warmup < 1) warmup = 1;
@@ -751,8 +814,7 @@ int main(int argc, char **argv) {
     size_t n_bias = bias_rate > 0.0f ? (size_t)n_moe_layers(&c) * c.E : 0;
     float *bias = (float *)callocCheck(n_bias, sizeof(float));  // the router bias, SPEC §8
     Rng data_rng = {(uint64_t)seed * 0x9E3779B97F4A7C15ull + 1};  // the batches' offsets
-    int step = resume && lead ? latest_checkpoint(dir, 1024 + 4 * (long)pt->n_params, 1024 + 4 * (long)(n_state + n_bias))
-                              : -1;
+    int step = resume && lead ? resume_step(dir, &c, &opt, B, T, &run, n_state, n_bias) : -1;
     dp_bcast(&step, sizeof(step));
     if (step >= 0) {  // rank 0 reads, the others receive
         if (lead) {
@@ -775,7 +837,7 @@ int main(int argc, char **argv) {
         if (n_bias) model_set_router_bias(m, bias);
         printf("resumed from %s/model_%08d.bin and state_%08d.bin at step %d\n", dir, step, step, step);
     } else {
-        if (resume) printf("no complete checkpoint in %s: starting from scratch\n", dir);
+        if (resume) printf("no checkpoint in %s: starting from scratch\n", dir);
         step = 0;
         if (init_params) model_set_params(m, init_params);
         else {
@@ -795,11 +857,13 @@ int main(int argc, char **argv) {
     printf("routing: %s\n", path);
 
     FILE *logf = lead ? log_open(dir, step, nm) : NULL;
+    char log_path[4096 + 16];
+    snprintf(log_path, sizeof(log_path), "%s/log.tsv", dir);
     int32_t *x = (int32_t *)mallocCheck((size_t)Bl * T * sizeof(int32_t));
     int32_t *y = (int32_t *)mallocCheck((size_t)Bl * T * sizeof(int32_t));
     float *probs = (float *)mallocCheck(c.V * sizeof(float));
     float *drop = (float *)mallocCheck(nm * sizeof(float));  // dropped share per MoE layer of the step
-    long starts[4096];
+    long starts[MAX_BATCH];
     float losses[N_LOSSES];
     if (lead && trace_seq_n > 0 && step == 0)
         traces_write(m, dir, 0, &val, &ood, trace_seq_n, Bl, T, &s_train, &s_eval, x, y);
@@ -852,7 +916,7 @@ int main(int argc, char **argv) {
             fprintf(logf, "\t%.6f\t%.6f", val_ce, val_loss);
             for (int i = 0; i < nm; i++) fprintf(logf, "\t%.6f", drop[i]);
             fprintf(logf, "\n");
-            fflush(logf);
+            if (fflush(logf) != 0 || ferror(logf)) die("%s: write failed: %s", log_path, strerror(errno));
         }
         fflush(stdout);
 
@@ -875,7 +939,7 @@ int main(int argc, char **argv) {
             }
         }
     }
-    if (lead) fcloseCheck(logf, "log.tsv");
+    if (lead) fcloseCheck(logf, log_path);
     if (tok) tokenizer_free(tok);
     free(train.tokens);
     free(val.tokens);

@@ -94,10 +94,16 @@ def read_trace(path):
     if h[1] != 1:
         fail(f"{path}: unknown trace version {h[1]} (this script reads version 1)")
     step, nm, E, K, N, T, cf, group, domain, L = (int(v) for v in h[2:12])
-    if not (0 < nm <= 240 and 0 < K <= E and N > 0 and T > 0 and N % T == 0 and cf > 0 and domain in (0, 1)
-            and step >= 0):
+    if not (0 < nm <= min(L, 240) and 0 < K <= E and N > 0 and T > 0 and N % T == 0 and cf > 0 and group >= 0
+            and domain in (0, 1) and step >= 0):
         fail(f"{path}: inconsistent header (step {step}, n_moe {nm}, E {E}, K {K}, N {N}, T {T}, "
-             f"cf1000 {cf}, domain {domain})")
+             f"cf1000 {cf}, group {group}, domain {domain}, L {L})")
+    layers = [int(v) for v in h[16:16 + nm]]
+    if any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 0 or layers[-1] >= L:
+        fail(f"{path}: MoE layer ids {layers} are not increasing within [0, L = {L})")
+    reserved = [i for i in list(range(12, 16)) + list(range(16 + nm, 256)) if h[i] != 0]
+    if reserved:
+        fail(f"{path}: reserved header word {reserved[0]} is {h[reserved[0]]}, must be 0")
     want = HEADER_BYTES + 4 * N + nm * N * K * 9
     if raw.size != want:
         fail(f"{path}: size {raw.size} bytes, its header (n_moe {nm}, N {N}, K {K}) describes {want}")
@@ -121,7 +127,6 @@ def read_trace(path):
         fail(f"{path}: a negative token id")
     if expert.min() < 0 or expert.max() >= E:
         fail(f"{path}: an expert id outside [0, {E})")
-    layers = [int(v) for v in h[16:16 + nm]]
     return dict(path=path, step=step, n_moe=nm, E=E, K=K, N=N, T=T, cf=cf, group=group, domain=domain, L=L,
                 layers=layers, tokens=tokens, expert=expert, prob=prob, kept=kept)
 
@@ -214,6 +219,8 @@ def transfer(src, dst, layer, min_count, rng):
     src's id -> expert map predicts, and the same after shuffling dst's experts."""
     ids, counts = id_expert_counts(src["tokens"], src["expert"][layer, :, 0], src["E"])
     ids = ids[counts.sum(1) >= min_count]
+    if not ids.size:
+        return float("nan"), float("nan"), 0.0
     top1 = dst["expert"][layer, :, 0]
     at = np.searchsorted(ids, dst["tokens"])
     sel = (at < ids.size) & (ids[np.minimum(at, ids.size - 1)] == dst["tokens"])

@@ -1,10 +1,14 @@
 // bench_cpu.c: times the CPU backend for dev/bench.sh. It includes openmoe.c
 // so that the matmul itself can be timed; dev/bench_torch.py is its twin.
 //
-//   bench_cpu step CONFIG B T STEPS   median ms of a training step (forward, backward, AdamW)
-//   bench_cpu matmul N IN OUT         GFLOP/s of out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T and its backward
-//   bench_cpu decode CONFIG TOKENS    tokens/s of model_decode with a KV cache
-//   bench_cpu peak                    GFLOP/s of independent vector FMAs on every thread: the ceiling
+//   bench_cpu step CONFIG B T STEPS [MODEL]  median ms of a training step (forward, backward,
+//                                            AdamW) and the losses of the first two; writes the
+//                                            initial weights to MODEL for bench_torch.py
+//   bench_cpu matmul N:IN:OUT ...            GFLOP/s of out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T
+//                                            and its backward
+//   bench_cpu decode CONFIG TOKENS           tokens/s of model_decode with a KV cache
+//   bench_cpu peak                           GFLOP/s of independent vector FMAs on every
+//                                            thread at the CPU's widest vectors: the ceiling
 //
 // CONFIG: V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn (as SPEC §1), or a preset name.
 #include "../openmoe.c"
@@ -28,18 +32,20 @@ static Config parse_config(const char *s) {
     return c;
 }
 
-static Model *random_model(const Config *c, int B, int T, const OptSettings *o) {
+// a model with weights from params_init, also written to model_path unless NULL
+static Model *random_model(const Config *c, int B, int T, const OptSettings *o, const char *model_path) {
     Model *m = model_create(c, B, T, PRECISION_FP32, o);
     float *w = (float *)mallocCheck(m->table.n_params * sizeof(float));
     params_init(&m->table, c, w, 1);
     model_set_params(m, w);
+    if (model_path) model_file_save(model_path, c, w);
     free(w);
     return m;
 }
 
-static void bench_step(const Config *c, int B, int T, int steps) {
+static void bench_step(const Config *c, int B, int T, int steps, const char *model_path) {
     OptSettings o = opt_settings_default(OPT_ADAMW);
-    Model *m = random_model(c, B, T, &o);
+    Model *m = random_model(c, B, T, &o, model_path);
     int32_t *x = (int32_t *)mallocCheck((size_t)B * T * 4), *y = (int32_t *)mallocCheck((size_t)B * T * 4);
     Rng r = {7};
     for (int i = 0; i < B * T; i++) {
@@ -47,7 +53,7 @@ static void bench_step(const Config *c, int B, int T, int steps) {
         y[i] = (int32_t)(rng_u64(&r) % c->V);
     }
     MoeSettings s = moe_settings_default();
-    float losses[N_LOSSES];
+    float losses[N_LOSSES], first[2] = {0};
     double *ms = (double *)mallocCheck(steps * sizeof(double));
     for (int i = -1; i < steps; i++) {  // one warm-up step
         double t0 = now();
@@ -55,16 +61,20 @@ static void bench_step(const Config *c, int B, int T, int steps) {
         model_backward(m);
         model_update(m, &o, i + 2);
         if (i >= 0) ms[i] = 1e3 * (now() - t0);
+        if (i < 1) first[i + 1] = losses[LOSS_TOTAL];
     }
     qsort(ms, steps, sizeof(double), cmp_double);
-    printf("step_ms %.2f loss %.4f\n", ms[steps / 2], losses[LOSS_TOTAL]);
+    printf("step_ms %.2f loss0 %.7f loss1 %.7f\n", ms[steps / 2], first[0], first[1]);
     free(ms);
     free(x);
     free(y);
     model_free(m);
 }
 
-static void bench_matmul(int N, int IN, int OUT) {
+static void bench_matmul(const char *shape) {
+    int N, IN, OUT;
+    if (sscanf(shape, "%d:%d:%d", &N, &IN, &OUT) != 3 || N <= 0 || IN <= 0 || OUT <= 0)
+        die("matmul shape '%s': expected N:IN:OUT, three positive integers", shape);
     float *inp = (float *)mallocCheck((size_t)N * IN * 4), *w = (float *)mallocCheck((size_t)OUT * IN * 4);
     float *out = (float *)mallocCheck((size_t)N * OUT * 4), *dinp = (float *)mallocCheck((size_t)N * IN * 4);
     float *dw = (float *)callocCheck((size_t)OUT * IN, 4), *scratch = (float *)mallocCheck((size_t)OUT * IN * 4);
@@ -82,11 +92,17 @@ static void bench_matmul(int N, int IN, int OUT) {
         best_b = fmin(best_b, t2 - t1);
     }
     double flop = 2.0 * N * IN * OUT;
-    printf("fwd_gflops %.1f bwd_gflops %.1f\n", flop / best_f / 1e9, 2 * flop / best_b / 1e9);
+    printf("%s fwd_gflops %.1f bwd_gflops %.1f\n", shape, flop / best_f / 1e9, 2 * flop / best_b / 1e9);
+    free(inp);
+    free(w);
+    free(out);
+    free(dinp);
+    free(dw);
+    free(scratch);
 }
 
 static void bench_decode(const Config *c, int tokens) {
-    Model *m = random_model(c, 1, 1, NULL);
+    Model *m = random_model(c, 1, 1, NULL, NULL);
     int tok = 1;
     double t0 = now();
     for (int pos = 0; pos < tokens; pos++) {
@@ -99,40 +115,69 @@ static void bench_decode(const Config *c, int tokens) {
     model_free(m);
 }
 
-// ten independent chains of 8-float multiply-adds per thread: what the cores
-// can do when nothing waits on memory
+// PEAK_CHAINS independent chains of vector multiply-adds per thread: what the
+// cores can do when nothing waits on memory. Measured with the widest vectors
+// the CPU runs, whatever this file was compiled for, so that a build for an
+// older target is not measured against its own ceiling.
+#define PEAK_CHAINS 12       // more than FMA latency x FMA ports on current cores
+#define PEAK_ITERS 50000000L
+#define DEFINE_PEAK(name, vtype)                                                  \
+    static float name(void) {                                                     \
+        vtype acc[PEAK_CHAINS], b = (vtype){0} + 0.999f, c = (vtype){0} + 1e-4f; \
+        for (int i = 0; i < PEAK_CHAINS; i++) acc[i] = (vtype){0} + (float)i;     \
+        for (long it = 0; it < PEAK_ITERS; it++)                                  \
+            for (int i = 0; i < PEAK_CHAINS; i++) acc[i] = acc[i] * b + c;        \
+        float sum = 0.0f;                                                         \
+        for (int i = 0; i < PEAK_CHAINS; i++) sum += acc[i][0];                   \
+        return sum;                                                               \
+    }
+DEFINE_PEAK(peak_build, vecf)
+#if defined(__x86_64__)
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec8 __attribute__((vector_size(32)));
+__attribute__((target("avx512f,fma"))) DEFINE_PEAK(peak_avx512, vec16)
+__attribute__((target("avx2,fma"))) DEFINE_PEAK(peak_avx2, vec8)
+#endif
+
 static void bench_peak(void) {
-    const long iters = 100000000L;
-    double t0 = now();
+    float (*peak)(void) = peak_build;
+    int width = VW;
+    const char *isa = "the build's vectors";
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("avx512f")) {
+        peak = peak_avx512, width = 16, isa = "avx512f";
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        peak = peak_avx2, width = 8, isa = "avx2";
+    }
+#endif
     int threads = 1;
-#pragma omp parallel
+    float sum = 0.0f;
+    double t0 = now();
+#pragma omp parallel reduction(+ : sum)
     {
-        vec8 acc[10], b = (vec8){0} + 0.999f, c = (vec8){0} + 1e-4f;
-        for (int i = 0; i < 10; i++) acc[i] = (vec8){0} + (float)i;
-        for (long it = 0; it < iters; it++)
-            for (int i = 0; i < 10; i++) acc[i] = acc[i] * b + c;
-        float sum = 0.0f;
-        for (int i = 0; i < 10; i++) sum += acc[i][0];
-        if (sum == 12345.0f) printf("%f\n", sum);  // keeps the loop alive
+        sum += peak();
 #pragma omp single
         threads = omp_get_num_threads();
     }
-    printf("peak_gflops %.1f\n", threads * iters * 10 * 16.0 / (now() - t0) / 1e9);
+    double seconds = now() - t0;
+    if (sum == 12345.0f) printf("%f\n", sum);  // keeps the loops alive
+    printf("peak_gflops %.1f width %d isa %s threads %d\n",
+           threads * PEAK_ITERS * PEAK_CHAINS * 2.0 * width / seconds / 1e9, width, isa, threads);
 }
 
 int main(int argc, char **argv) {
-    if (argc == 6 && strcmp(argv[1], "step") == 0) {
+    if ((argc == 6 || argc == 7) && strcmp(argv[1], "step") == 0) {
         Config c = parse_config(argv[2]);
-        bench_step(&c, atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
-    } else if (argc == 5 && strcmp(argv[1], "matmul") == 0) {
-        bench_matmul(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
+        bench_step(&c, atoi(argv[3]), atoi(argv[4]), atoi(argv[5]), argc == 7 ? argv[6] : NULL);
+    } else if (argc >= 3 && strcmp(argv[1], "matmul") == 0) {
+        for (int i = 2; i < argc; i++) bench_matmul(argv[i]);
     } else if (argc == 4 && strcmp(argv[1], "decode") == 0) {
         Config c = parse_config(argv[2]);
         bench_decode(&c, atoi(argv[3]));
     } else if (argc == 2 && strcmp(argv[1], "peak") == 0) {
         bench_peak();
     } else {
-        fprintf(stderr, "usage: bench_cpu step CONFIG B T STEPS | matmul N IN OUT | decode CONFIG TOKENS | peak\n");
+        fprintf(stderr, "usage: bench_cpu step CONFIG B T STEPS [MODEL] | matmul N:IN:OUT ... | decode CONFIG TOKENS | peak\n");
         return 2;
     }
     return 0;

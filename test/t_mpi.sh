@@ -134,7 +134,7 @@ mkdir -p a b
 cp micro.bin val.bin a/ && cp micro.bin val.bin b/ && cp train.bin a/ && cp train2.bin b/train.bin
 expect_error "mpi: ranks with different data files (same flags) are refused" "ranks differ in their flags or the sizes" \
     "${MPIRUN[@]}" -np 1 -wdir a "$TMPI" "${COMMON[@]}" -o bad : -np 1 -wdir b "$TMPI" "${COMMON[@]}" -o bad
-expect_error "mpi: a checkpoint of another batch is refused on 2 ranks" "saved by a run with optimizer adamw, B 4" \
+expect_error "mpi: a checkpoint of another batch is refused on 2 ranks" "saved with -b 4, this run has -b 8" \
     "${MPIRUN[@]}" -np 2 "$TMPI" "${COMMON[@]}" -o res -r -b 8
 expect_error "mpi: a rank that fails alone brings the job down" "missing.bin" \
     "${MPIRUN[@]}" -np 1 "$TMPI" "${COMMON[@]}" -o bad : -np 1 "$TMPI" "${COMMON[@]/train.bin/missing.bin}" -o bad
