@@ -139,14 +139,25 @@ static void gemm(float *C, int ldc, const float *A, int ars, int aks, const floa
     }
 }
 
-// out [OUT] = w [OUT,IN] @ inp [IN]: one token (inference), same bits as gemm
+// out [OUT] = w [OUT,IN] @ inp [IN]: one token (inference), same bits as gemm.
+// Each output is one chain of fused multiply-adds in i order, as gemm sums it
+// (fmaf, so that the compiler cannot split it into a vector multiply and an
+// in-order sum of rounded products); a chain waits on its own latency, so
+// MATVEC_ROWS outputs run side by side and keep the FMA units busy.
+#define MATVEC_ROWS 8
+static void matvec_rows(float *out, const float *inp, const float *w, int IN, int n) {
+    float acc[MATVEC_ROWS] = {0.0f};
+    for (int i = 0; i < IN; i++)
+        for (int j = 0; j < n; j++) acc[j] = fmaf(inp[i], w[(size_t)j * IN + i], acc[j]);
+    for (int j = 0; j < n; j++) out[j] = acc[j];
+}
 static void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT) {
+    int n_blocks = (OUT + MATVEC_ROWS - 1) / MATVEC_ROWS;
 #pragma omp parallel for schedule(static) if ((size_t)OUT * IN > (1 << 20))
-    for (int o = 0; o < OUT; o++) {
-        const float *wo = w + (size_t)o * IN;
-        float acc = 0.0f;
-        for (int i = 0; i < IN; i++) acc = acc + inp[i] * wo[i];
-        out[o] = acc;
+    for (int b = 0; b < n_blocks; b++) {
+        int o = b * MATVEC_ROWS, n = OUT - o < MATVEC_ROWS ? OUT - o : MATVEC_ROWS;
+        if (n == MATVEC_ROWS) matvec_rows(out + o, inp, w + (size_t)o * IN, IN, MATVEC_ROWS);  // n known: unrolled
+        else matvec_rows(out + o, inp, w + (size_t)o * IN, IN, n);
     }
 }
 
@@ -1212,6 +1223,8 @@ static void ffn_token(Model *m, float *out, const float *x, const float *wg, con
     matvec_forward(out, m->t_h, wd, F, D);
 }
 
+const int model_decode_bitwise = 1;  // matvec_forward sums as gemm does
+
 const float *model_decode(Model *m, int token, int pos) {
     const Config *c = &m->c;
     if (token < 0 || token >= c->V) die("model_decode: token %d out of range [0, %d)", token, c->V);
@@ -1239,7 +1252,7 @@ const float *model_decode(Model *m, int token, int pos) {
             for (int s = 0; s <= pos; s++) {
                 const float *ks = kc + (size_t)s * HHd + h * c->Hd;
                 float dot = 0.0f;
-                for (int i = 0; i < c->Hd; i++) dot = dot + q[i] * ks[i];
+                for (int i = 0; i < c->Hd; i++) dot = fmaf(q[i], ks[i], dot);  // gemm's chain
                 att[s] = dot;
             }
             attention_softmax_row(att, pos, pos + 1);

@@ -2384,6 +2384,8 @@ static void ffn_token(Model *m, float *x, const float *xn, const float *wg, cons
     matvec_forward(accumulate ? x : out, m->t_h, wd, sel, (size_t)D * F, F, D, accumulate);
 }
 
+const int model_decode_bitwise = 0;  // cuBLAS sums the forward's products in its own order
+
 const float *model_decode(Model *m, int token, int pos) {
     const Config *c = &m->c;
     if (token < 0 || token >= c->V) die("model_decode: token %d out of range [0, %d)", token, c->V);

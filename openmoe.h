@@ -730,6 +730,11 @@ void model_params_allgather(Model *m, const size_t *shard);
 // group of one), so capacity never drops it: generation matches
 // model_forward with group_size 1.
 const float *model_decode(Model *m, int token, int pos);
+// 1 when model_decode's logits equal model_forward's (group size 1) bit for
+// bit, as on the CPU, where both sum each output in one fixed chain; 0 on the
+// GPU, where the forward's cuBLAS sums in its own order (run --verify then
+// checks the argmax only)
+extern const int model_decode_bitwise;
 
 // ----------------------------------------------------------------------------
 // 7. what both backends compute the same way. HOST_DEVICE functions also run

@@ -245,10 +245,10 @@ EOF
 # --- generation ------------------------------------------------------------------------------
 M=full/model_00000020.bin
 if [ $HAVE_TOK = 1 ]; then
-    expect_ok "run --verify: greedy tokens equal the argmax of one full forward" \
+    expect_ok "run --verify: greedy tokens equal the argmax of one full forward, logits bit for bit" \
         "$RUN" $M -z tok.bin -i "static inline" -n 30 -t 0 --verify
-    grep -q "^verify: 30/30 positions match" "$BUILD/last.log" ||
-        fail "run --verify: no 'verify: 30/30 positions match' line"
+    grep -qE "^verify: 30/30 positions match; logits bit-identical at ([0-9]+)/\1 positions" "$BUILD/last.log" ||
+        fail "run --verify: no 'verify: 30/30 positions match; logits bit-identical at N/N positions' line"
     "$RUN" $M -z tok.bin -n 1000 -t 0 --verify > ctx.out 2> ctx.err
     if [ $? = 0 ] && grep -q "^note: -n 1000" ctx.err && grep -q "^verify: 63/63 positions match" ctx.out; then
         pass "run: -n past the context is clamped with a notice (63 tokens after EOS), verified"
