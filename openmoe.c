@@ -140,15 +140,21 @@ static void gemm(float *C, int ldc, const float *A, int ars, int aks, const floa
 }
 
 // out [OUT] = w [OUT,IN] @ inp [IN]: one token (inference), same bits as gemm.
-// Each output is one chain of fused multiply-adds in i order, as gemm sums it
-// (fmaf, so that the compiler cannot split it into a vector multiply and an
-// in-order sum of rounded products); a chain waits on its own latency, so
-// MATVEC_ROWS outputs run side by side and keep the FMA units busy.
+// Each output is one chain of multiply-adds in i order, as gemm sums it: fused
+// where the target has FMA (gemm's a*b+c is contracted there; spelled fmaf
+// here, so that the compiler cannot split the chain into a vector multiply
+// and an in-order sum of rounded products), a multiply then an add elsewhere.
+// A chain waits on its own latency, so MATVEC_ROWS outputs run side by side.
+#ifdef __FP_FAST_FMAF
+#define MADD(a, b, c) fmaf(a, b, c)
+#else
+#define MADD(a, b, c) ((c) + (a) * (b))
+#endif
 #define MATVEC_ROWS 8
 static void matvec_rows(float *out, const float *inp, const float *w, int IN, int n) {
     float acc[MATVEC_ROWS] = {0.0f};
     for (int i = 0; i < IN; i++)
-        for (int j = 0; j < n; j++) acc[j] = fmaf(inp[i], w[(size_t)j * IN + i], acc[j]);
+        for (int j = 0; j < n; j++) acc[j] = MADD(inp[i], w[(size_t)j * IN + i], acc[j]);
     for (int j = 0; j < n; j++) out[j] = acc[j];
 }
 static void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT) {
@@ -1252,7 +1258,7 @@ const float *model_decode(Model *m, int token, int pos) {
             for (int s = 0; s <= pos; s++) {
                 const float *ks = kc + (size_t)s * HHd + h * c->Hd;
                 float dot = 0.0f;
-                for (int i = 0; i < c->Hd; i++) dot = fmaf(q[i], ks[i], dot);  // gemm's chain
+                for (int i = 0; i < c->Hd; i++) dot = MADD(q[i], ks[i], dot);  // gemm's chain
                 att[s] = dot;
             }
             attention_softmax_row(att, pos, pos + 1);
