@@ -451,6 +451,8 @@ static int compare_u64(const void *a, const void *b) {
 // lower n. An assignment's key orders it so, ascending: the complement of
 // p's bits (p > 0, so its bits grow with it), then r, then n - g0; each
 // expert's keys are sorted in its own segment of key (N*K). seg (E+1), cursor (E) scratch.
+#define PROBS_MAX_K 32                 // ranks r = 0..31 take 5 bits of the key
+#define PROBS_MAX_GROUP ((1 << 27) - 1)  // n - g0 takes 27 bits
 static void moe_keep_by_probs(int *kept, const int *top, const float *p, int g0, int n1, int K, int E, int C,
                               uint64_t *key, int *seg, int *cursor) {
     memset(seg, 0, (E + 1) * sizeof(int));
@@ -482,6 +484,9 @@ static int moe_capacity(int *kept, const int *top, const float *p, int N, int K,
     for (int g0 = 0; g0 < N; g0 += G) {
         int n1 = g0 + G < N ? g0 + G : N;
         int C = moe_capacity_of(n1 - g0, E, K, s->cf1000, s->min_capacity, s->capacity_rule);
+        if (s->drop_policy == DROP_PROBS && (K > PROBS_MAX_K || n1 - g0 > PROBS_MAX_GROUP))
+            die("drop policy probs: K = %d and a group of %d tokens do not fit its sort keys (K <= %d, group <= %d)",
+                K, n1 - g0, PROBS_MAX_K, PROBS_MAX_GROUP);
         if (s->drop_policy == DROP_PROBS) moe_keep_by_probs(kept, top, p, g0, n1, K, E, C, key, seg, count);
         else moe_keep_by_position(kept, top, g0, n1, K, E, C, count);
     }
