@@ -91,6 +91,20 @@ static inline void *calloc_check(size_t n, size_t size, const char *file, int li
 }
 #define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
 
+// FNV-1a-style over 8-byte words, then the bytes left, chained through h
+// (start: FNV_BASIS); words, so that hashing a model's weights stays quick
+#define FNV_BASIS 0xCBF29CE484222325ull
+static inline uint64_t hash_bytes(uint64_t h, const void *p, size_t n) {
+    const unsigned char *b = (const unsigned char *)p;
+    size_t i = 0;
+    for (uint64_t w; i + 8 <= n; i += 8) {
+        memcpy(&w, b + i, 8);
+        h = (h ^ w) * 0x100000001B3ull;
+    }
+    for (; i < n; i++) h = (h ^ b[i]) * 0x100000001B3ull;
+    return h;
+}
+
 // size of an open file in bytes, which must be a regular file (not a directory)
 static inline long file_size(FILE *f, const char *path) {
     struct stat st;

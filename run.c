@@ -43,15 +43,6 @@ static int cmp_prob_desc(const void *a, const void *b) {
     return x->id - y->id;
 }
 
-// FNV-1a over the bytes of n floats: --verify compares decode's logits with
-// the full forward's bit for bit without keeping them all
-static uint64_t floats_digest(const float *v, int n) {
-    const unsigned char *b = (const unsigned char *)v;
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < (size_t)n * sizeof(float); i++) h = (h ^ b[i]) * 1099511628211ull;
-    return h;
-}
-
 static int argmax(const float *v, int n) {
     int best = 0;
     for (int i = 1; i < n; i++) best = v[i] > v[best] ? i : best;
@@ -192,12 +183,13 @@ int main(int argc, char **argv) {
         first_text = 0;
     }
     fflush(stdout);
+    // --verify compares decode's logits with the forward's bit for bit through their hashes
     uint64_t *digest = verify ? (uint64_t *)mallocCheck((size_t)(max_len + room) * sizeof(uint64_t)) : NULL;
     double t0 = now();
     int n = n_prompt;
     for (int pos = 0; n < n_prompt + steps; pos++) {
         const float *logits = model_decode(m, tokens[pos], pos);
-        if (verify) digest[pos] = floats_digest(logits, c.V);
+        if (verify) digest[pos] = hash_bytes(FNV_BASIS, logits, (size_t)c.V * sizeof(float));
         if (pos + 1 < n) continue;  // still reading the prompt
         int next = sample(logits, tok.vocab_size, temp, topp, &rng, sorted);
         tokens[n++] = next;
@@ -231,7 +223,8 @@ int main(int argc, char **argv) {
         model_get_logits(m, all);
         int match = 0, same = 0;
         for (int p = n_prompt - 1; p < n - 1; p++) match += argmax(all + (size_t)p * c.V, c.V) == tokens[p + 1];
-        for (int p = 0; p < n - 1; p++) same += floats_digest(all + (size_t)p * c.V, c.V) == digest[p];
+        for (int p = 0; p < n - 1; p++)
+            same += hash_bytes(FNV_BASIS, all + (size_t)p * c.V, (size_t)c.V * sizeof(float)) == digest[p];
         printf("verify: %d/%d positions match; logits bit-identical at %d/%d positions\n", match, n - n_prompt, same,
                n - 1);
         status = match == n - n_prompt && (same == n - 1 || !model_decode_bitwise) ? 0 : 1;

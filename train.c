@@ -496,20 +496,6 @@ static void dp_shards(Ranks *dp, const ParamTable *pt) {
     }
 }
 
-// FNV-1a-style over 8-byte words, then the bytes left, chained through h
-// (start: FNV_BASIS); words, so that hashing a model's weights stays quick
-static const uint64_t FNV_BASIS = 0xCBF29CE484222325ull;
-static uint64_t hash_bytes(uint64_t h, const void *p, size_t n) {
-    const unsigned char *b = (const unsigned char *)p;
-    size_t i = 0;
-    for (uint64_t w; i + 8 <= n; i += 8) {
-        memcpy(&w, b + i, 8);
-        h = (h ^ w) * 0x100000001B3ull;
-    }
-    for (; i < n; i++) h = (h ^ b[i]) * 0x100000001B3ull;
-    return h;
-}
-
 #ifdef USE_MPI
 #include <mpi.h>
 
