@@ -1182,8 +1182,9 @@ static void adafactor_update(float *w, const float *g, float *state, int rows, i
 float model_update(Model *m, const OptSettings *o, int t) {
     update_args_check(m->grads != NULL, m->opt_kind, m->opt_min_dim, o, t);
     const ParamTable *pt = &m->table;
-    for (int l = 0; o->freeze_router && l < m->c.L; l++)  // frozen routers: out of the norm
-        if (pt->layer[l].moe) memset(m->grads + pt->layer[l].router, 0, (size_t)m->c.E * m->c.D * sizeof(float));
+    for (int i = 0; o->freeze_router && i < pt->n_tensors; i++)  // frozen routers: out of the norm
+        if (is_router_tensor(&pt->tensors[i]))
+            memset(m->grads + pt->tensors[i].offset, 0, tensor_numel(&pt->tensors[i]) * sizeof(float));
     float norm = (float)sqrt(sum_squares(m->grads, pt->n_params));
     if (o->kind == OPT_ADAMW) {
         float gscale = o->grad_clip > 0.0f && norm > o->grad_clip ? o->grad_clip / norm : 1.0f;

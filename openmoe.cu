@@ -2251,9 +2251,10 @@ float model_update(Model *m, const OptSettings *o, int t) {
     update_args_check(m->grads != NULL, m->opt_kind, m->opt_min_dim, o, t);
     const ParamTable *pt = &m->table;
     size_t n = pt->n_params;
-    for (int l = 0; o->freeze_router && l < m->c.L; l++)  // frozen routers: out of the norm
-        if (pt->layer[l].moe)
-            cudaCheck(cudaMemsetAsync(m->grads + pt->layer[l].router, 0, (size_t)m->c.E * m->c.D * sizeof(float)));
+    for (int i = 0; o->freeze_router && i < pt->n_tensors; i++)  // frozen routers: out of the norm
+        if (is_router_tensor(&pt->tensors[i]))
+            cudaCheck(cudaMemsetAsync(m->grads + pt->tensors[i].offset, 0,
+                                      tensor_numel(&pt->tensors[i]) * sizeof(float)));
     int nb = partial_blocks(n);
     sumsq_partial_kernel<<<dim3(nb, 1), 256>>>(m->opt_partial, m->grads, n, nb);
     launchCheck();
