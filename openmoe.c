@@ -414,6 +414,13 @@ static void router_forward(float *z, float *p, float *lse, int *top, const float
         lse[n] = router_row(p + (size_t)n * E, top + (size_t)n * K, z + (size_t)n * E, bias, E, K);
 }
 
+// rz_sum = sum of lse^2 over the N tokens: the router z-loss before its mean
+static void router_z_loss_sum(double *rz_sum, const float *lse, int N) {
+    double rz = 0.0;
+    for (int n = 0; n < N; n++) rz += (double)lse[n] * lse[n];
+    *rz_sum = rz;
+}
+
 // dp (N,E) holds dLoss/dp; adds the router z-loss term (coefficient rz_w on
 // mean lse^2) and returns dz (N,E) through the softmax, in place of dp
 static void router_backward(float *dp, const float *p, const float *lse, float rz_w, int N, int E) {
@@ -477,10 +484,10 @@ static void moe_keep_by_probs(int *kept, const int *top, const float *p, int g0,
 
 // Capacity and dropping within each routing group (group_len and
 // moe_capacity_of in openmoe.h) by s's rule and policy. top (N,K), p (N,E)
-// -> kept (N,K) 0/1; key (N*K), seg (E+1), count (E) scratch. Returns drops.
-static int moe_capacity(int *kept, const int *top, const float *p, int N, int K, int E, const MoeSettings *s,
-                        uint64_t *key, int *seg, int *count) {
-    int G = group_len(N, s->group_size), dropped = 0;
+// -> kept (N,K) 0/1; key (N*K), seg (E+1), count (E) scratch.
+static void moe_capacity(int *kept, const int *top, const float *p, int N, int K, int E, const MoeSettings *s,
+                         uint64_t *key, int *seg, int *count) {
+    int G = group_len(N, s->group_size);
     for (int g0 = 0; g0 < N; g0 += G) {
         int n1 = g0 + G < N ? g0 + G : N;
         int C = moe_capacity_of(n1 - g0, E, K, s->cf1000, s->min_capacity, s->capacity_rule);
@@ -490,19 +497,19 @@ static int moe_capacity(int *kept, const int *top, const float *p, int N, int K,
         if (s->drop_policy == DROP_PROBS) moe_keep_by_probs(kept, top, p, g0, n1, K, E, C, key, seg, count);
         else moe_keep_by_position(kept, top, g0, n1, K, E, C, count);
     }
-    for (int i = 0; i < N * K; i++) dropped += !kept[i];
-    return dropped;
 }
 
-// Load-balance loss of one layer, the mean over groups of E sum_e f_e P_e
-// (f_e: share of the group's tokens whose top-K holds e, P_e: mean p_e).
-// With dp not NULL, adds d(lb_w * lb)/dp to dp (N,E) instead. f, P (E) scratch.
-static float moe_load_balance(float *dp, const float *p, const int *top, int N, int K, int E,
-                              int group_size, float lb_w, float *f, float *P) {
-    int G = group_len(N, group_size), n_groups = (N + G - 1) / G;
+// Load-balance loss (SPEC §4): per routing group E sum_e f_e P_e (f_e: share
+// of the group's tokens whose top-K holds e, P_e: mean p_e); the layer's lb
+// is the mean over the groups. lb_sum = the sum over the groups; lbf
+// (groups,E) keeps f for the backward; P (E) scratch.
+static void moe_load_balance_forward(double *lb_sum, float *lbf, const float *p, const int *top, int N, int K, int E,
+                                     int group_size, float *P) {
+    int G = group_len(N, group_size);
     double lb = 0.0;
     for (int g0 = 0; g0 < N; g0 += G) {
         int n1 = g0 + G < N ? g0 + G : N, len = n1 - g0;
+        float *f = lbf + (size_t)(g0 / G) * E;
         for (int e = 0; e < E; e++) f[e] = P[e] = 0.0f;
         for (int n = g0; n < n1; n++) {
             for (int r = 0; r < K; r++) f[top[(size_t)n * K + r]] += 1.0f;
@@ -514,12 +521,18 @@ static float moe_load_balance(float *dp, const float *p, const int *top, int N, 
             sum += (double)f[e] * (P[e] / len);
         }
         lb += E * sum;
-        if (dp) {  // d lb_group / d p[n,e] = E f_e / len; the layer's lb is the mean over groups
-            for (int n = g0; n < n1; n++)
-                for (int e = 0; e < E; e++) dp[(size_t)n * E + e] += lb_w * E * f[e] / len / n_groups;
-        }
     }
-    return (float)(lb / n_groups);
+    *lb_sum = lb;
+}
+
+// dp (N,E) += d(lb_w * lb)/dp = lb_w E f_e / len / n_groups (d lb_group / d p[n,e] = E f_e / len)
+static void moe_load_balance_backward(float *dp, const float *lbf, int N, int E, int group_size, float lb_w) {
+    int G = group_len(N, group_size), n_groups = (N + G - 1) / G;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        int g = n / G, len = (g + 1) * G < N ? G : N - g * G;
+        for (int e = 0; e < E; e++) dp[(size_t)n * E + e] += lb_w * E * lbf[(size_t)g * E + e] / len / n_groups;
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -527,20 +540,31 @@ static float moe_load_balance(float *dp, const float *p, const int *top, int N, 
 // buffers: expert e owns rows start[e] .. start[e+1]-1, in token order, so each
 // expert runs its FFN only on the tokens it keeps.
 
-// kept, top (N,K) -> start (E+1), row_token (rows), row_of (N,K) (-1: dropped);
-// xe (rows,D) = inp[row_token]; cursor (E) scratch
-static void moe_dispatch(float *xe, int *start, int *row_token, int *row_of, const float *inp,
-                         const int *top, const int *kept, int N, int K, int E, int D, int *cursor) {
+// the rows of the kept assignments: top, kept (N,K) -> start (E+1),
+// row_token (rows), row_of (N,K) (-1: dropped), each expert's rows in token
+// order, then rank; routed, kept_cnt (E) its assignments before and after
+// dropping (model_router_stats). cursor (E) scratch
+static void moe_rows(int *start, int *row_token, int *row_of, int *routed, int *kept_cnt, const int *top,
+                     const int *kept, int N, int K, int E, int *cursor) {
     memset(start, 0, (E + 1) * sizeof(int));
-    for (int i = 0; i < N * K; i++)
+    memset(routed, 0, E * sizeof(int));
+    for (int i = 0; i < N * K; i++) {
+        routed[top[i]]++;
         if (kept[i]) start[top[i] + 1]++;
-    for (int e = 0; e < E; e++) start[e + 1] += start[e];
+    }
+    for (int e = 0; e < E; e++) {
+        kept_cnt[e] = start[e + 1];
+        start[e + 1] += start[e];
+    }
     memcpy(cursor, start, E * sizeof(int));
     for (int i = 0; i < N * K; i++) {  // token order, then rank
         row_of[i] = kept[i] ? cursor[top[i]]++ : -1;
         if (kept[i]) row_token[row_of[i]] = i / K;
     }
-    int rows = start[E];
+}
+
+// xe (rows,D) = inp[row_token]
+static void moe_dispatch(float *xe, const int *row_token, const float *inp, int rows, int D) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < rows; i++)
         memcpy(xe + (size_t)i * D, inp + (size_t)row_token[i] * D, D * sizeof(float));
@@ -602,9 +626,8 @@ static void moe_dispatch_backward(float *dinp, const float *dxe, const int *row_
 // ----------------------------------------------------------------------------
 // output losses: cross-entropy fused with the output z-loss (mean lse^2)
 
-// logits (N,V), y (N) -> lse (N); returns sums of ce and lse^2 over targets, and their count
-static void crossentropy_forward(double *ce_sum, double *lz_sum, int *count, float *lse,
-                                 const float *logits, const int *y, int N, int V) {
+// logits (N,V), y (N) -> lse (N); sums[0..1] the sums of ce and lse^2 over the targets (y >= 0)
+static void crossentropy_forward(double *sums, float *lse, const float *logits, const int *y, int N, int V) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *l = logits + (size_t)n * V;
@@ -615,16 +638,13 @@ static void crossentropy_forward(double *ce_sum, double *lz_sum, int *count, flo
         lse[n] = maxl + (float)log(sum);
     }
     double ce = 0.0, lz = 0.0;
-    int m = 0;
     for (int n = 0; n < N; n++) {
         if (y[n] < 0) continue;
         ce += lse[n] - logits[(size_t)n * V + y[n]];
         lz += (double)lse[n] * lse[n];
-        m++;
     }
-    *ce_sum = ce;
-    *lz_sum = lz;
-    *count = m;
+    sums[0] = ce;
+    sums[1] = lz;
 }
 
 // dlogits (N,V) = d(ce + lz_coef * lz)/dlogits, with ce and lz means over the m targets
@@ -664,6 +684,7 @@ typedef struct {  // what one layer keeps for the backward; NULL where unused
     float *ln2, *rstd2;       // (BT,D), (BT) the FFN's or the MoE's input
     float *g, *u, *h;         // dense FFN: (BT,2F), (BT,F), (BT,F)
     float *z, *p, *lse;       // MoE router: logits, probabilities (BT,E), logsumexp (BT)
+    float *lbf;               // (groups,E) f_e of the load-balance loss
     int *top, *kept, *row_of; // (BT,K): choices best first, kept flags, row in the expert buffers (-1: dropped)
     int *start, *row_token;   // (E+1), (BT*K): expert e owns rows start[e]..start[e+1]-1
     float *xe, *ge, *ue, *he, *ye;  // (BT*K, D | 2Fe | Fe | Fe | D) the experts' rows
@@ -694,7 +715,7 @@ struct Model {
     float *kt;                // (B,H,Hd,T) k (forward) or v (backward) transposed per head
     int *x, *y;               // (BT) the batch of the last forward
     float *scratch;           // the largest weight matrix, transposed for the matmul
-    float *lbf, *lbP;         // (E) load-balance scratch
+    float *lbP;               // (E) load-balance scratch
     int *cursor, *seg;        // (E), (E+1)
     uint64_t *prio_key;       // (BT*K) the drop policy "probs"' sort keys
     float *router_bias;       // (n_moe, E) loss-free balancing bias, 0 unless set
@@ -709,6 +730,7 @@ struct Model {
     // the last forward
     int B, T, has_targets, n_targets;
     MoeSettings s;
+    double *sums;             // (2 + 2 n_moe): ce and lz sums, then per MoE layer the lb sum over groups and the rz sum
     RouterStats *stats;       // [n_moe]
     int *stat_ints;           // the routed and kept counts behind stats
     float *rope_cos, *rope_sin;  // (max_seq_len, Hd/2)
@@ -763,6 +785,7 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
         a->z = carve(fb, nf, BT * E);
         a->p = carve(fb, nf, BT * E);
         a->lse = carve(fb, nf, BT);
+        a->lbf = carve(fb, nf, BT * E);  // groups <= BT (group_size 1)
         a->top = carve_int(ib, ni, BT * K);
         a->kept = carve_int(ib, ni, BT * K);
         a->row_of = carve_int(ib, ni, BT * K);
@@ -797,7 +820,6 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     size_t sizes[] = {2 * (size_t)c->F * D, 2 * (size_t)c->Fe * D, HHd * D, E * D};
     for (int i = 0; i < 4; i++) wmax = sizes[i] > wmax ? sizes[i] : wmax;
     m->scratch = carve(fb, nf, wmax);
-    m->lbf = carve(fb, nf, E);
     m->lbP = carve(fb, nf, E);
     m->cursor = carve_int(ib, ni, E);
     m->seg = carve_int(ib, ni, E + 1);
@@ -874,6 +896,7 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     acts_layout(m, m->acts, m->iacts, &nf, &ni);
     decode_layout(m, m->acts + nf, m->iacts + ni, &dnf, &dni);
     rope_tables(m->rope_cos, m->rope_sin, c->max_seq_len, c->Hd);
+    m->sums = (double *)callocCheck(2 + 2 * (size_t)n_moe_layers(c), sizeof(double));
     m->stats = router_stats_create(n_moe_layers(c), c->E, &m->stat_ints);
     m->prio_key = (uint64_t *)mallocCheck((size_t)B * T * c->K * sizeof(uint64_t));
     m->router_bias = (float *)callocCheck((size_t)n_moe_layers(c) * c->E, sizeof(float));
@@ -888,6 +911,7 @@ void model_free(Model *m) {
     free(m->acts);
     free(m->iacts);
     free(m->la);
+    free(m->sums);
     free(m->stats);
     free(m->stat_ints);
     free(m->prio_key);
@@ -931,16 +955,20 @@ void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint
 // ----------------------------------------------------------------------------
 // forward
 
-// the MoE sublayer: out (BT,D) = mid + MoE(RMSNorm(mid)); fills the layer's
-// router statistics and returns its number of dropped assignments
-static int moe_forward(Model *m, LayerActs *a, const LayerParams *lp, RouterStats *st, const float *bias, int BT) {
+// the MoE sublayer im (0-based among MoE layers): moe_out (BT,D) = mid +
+// MoE(RMSNorm(mid)). Leaves the layer's lb and rz sums in m->sums and its
+// routed/kept counts in m->stats[im], for model_forward's router statistics.
+static void moe_forward(Model *m, LayerActs *a, const LayerParams *lp, int im, int BT) {
     const Config *c = &m->c;
     int D = c->D, E = c->E, K = c->K, Fe = c->Fe;
     const float *W = m->params;
     rmsnorm_forward(a->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
-    router_forward(a->z, a->p, a->lse, a->top, a->ln2, W + lp->router, bias, BT, D, E, K, m->scratch);
-    int dropped = moe_capacity(a->kept, a->top, a->p, BT, K, E, &m->s, m->prio_key, m->seg, m->cursor);
-    moe_dispatch(a->xe, a->start, a->row_token, a->row_of, a->ln2, a->top, a->kept, BT, K, E, D, m->cursor);
+    router_forward(a->z, a->p, a->lse, a->top, a->ln2, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E, K,
+                   m->scratch);
+    moe_capacity(a->kept, a->top, a->p, BT, K, E, &m->s, m->prio_key, m->seg, m->cursor);
+    moe_rows(a->start, a->row_token, a->row_of, m->stats[im].routed, m->stats[im].kept, a->top, a->kept, BT, K, E,
+             m->cursor);
+    moe_dispatch(a->xe, a->row_token, a->ln2, a->start[E], D);
     for (int e = 0; e < E; e++) {
         size_t r0 = a->start[e];
         int rows = a->start[e + 1] - a->start[e];
@@ -950,18 +978,8 @@ static int moe_forward(Model *m, LayerActs *a, const LayerParams *lp, RouterStat
                     W + lp->w_down + (size_t)e * D * Fe, rows, D, Fe, m->scratch);
     }
     moe_combine(a->moe_out, a->mid, a->ye, a->p, a->top, a->row_of, BT, K, E, D);
-    double rz = 0.0;
-    for (int n = 0; n < BT; n++) rz += (double)a->lse[n] * a->lse[n];
-    st->rz = (float)(rz / BT);
-    st->lb = moe_load_balance(NULL, a->p, a->top, BT, K, E, m->s.group_size, 0.0f, m->lbf, m->lbP);
-    st->dropped = (float)((double)dropped / ((double)BT * K));
-    memset(st->routed, 0, E * sizeof(int));
-    memset(st->kept, 0, E * sizeof(int));
-    for (int i = 0; i < BT * K; i++) {
-        st->routed[a->top[i]]++;
-        st->kept[a->top[i]] += a->kept[i];
-    }
-    return dropped;
+    moe_load_balance_forward(m->sums + 2 + 2 * im, a->lbf, a->p, a->top, BT, K, E, m->s.group_size, m->lbP);
+    router_z_loss_sum(m->sums + 3 + 2 * im, a->lse, BT);
 }
 
 void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s,
@@ -973,16 +991,17 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
     m->T = T;
     m->s = *s;
     m->has_targets = y != NULL;
+    m->n_targets = 0;
     for (int n = 0; n < BT; n++) {
         if (x[n] < 0 || x[n] >= V) die("model_forward: token x[%d] = %d out of range [0, %d)", n, x[n], V);
         if (y && (y[n] < -1 || y[n] >= V)) die("model_forward: target y[%d] = %d out of range [-1, %d)", n, y[n], V);
         m->x[n] = x[n];
         m->y[n] = y ? y[n] : -1;
+        m->n_targets += m->y[n] >= 0;
     }
     const float *W = m->params;
     encoder_forward(m->resid, m->x, W + m->table.wte, BT, D);
     int im = 0;
-    long dropped = 0;
     for (int l = 0; l < c->L; l++) {
         LayerActs *a = &m->la[l];
         const LayerParams *lp = &m->table.layer[l];
@@ -1005,8 +1024,7 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
             continue;
         }
         // moe_out = mid + MoE(RMSNorm(mid)); then out = moe_out + FFN_extra(RMSNorm(moe_out))
-        dropped += moe_forward(m, a, lp, &m->stats[im], m->router_bias + (size_t)im * c->E, BT);
-        im++;
+        moe_forward(m, a, lp, im++, BT);
         if (c->extra_ffn) {
             rmsnorm_forward(a->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
             ffn_forward(m->tmp, a->gx, a->ux, a->hx, a->ln3, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D,
@@ -1017,9 +1035,12 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
     rmsnorm_forward(m->lnf, m->rstdf, m->final_in, W + m->table.final_norm, BT, D);
     matmul_forward(m->logits, m->lnf, W + m->table.lm_head, BT, D, V, m->scratch);
 
-    double ce_sum, lz_sum;
-    crossentropy_forward(&ce_sum, &lz_sum, &m->n_targets, m->lse, m->logits, m->y, BT, V);
-    losses_from_sums(losses, ce_sum, lz_sum, m->n_targets, m->stats, im, dropped, (long)BT * c->K, s);
+    crossentropy_forward(m->sums, m->lse, m->logits, m->y, BT, V);
+
+    // the losses and router statistics from the sums and counts
+    int G = group_len(BT, s->group_size), n_groups = (BT + G - 1) / G;
+    long dropped = router_stats_from_sums(m->stats, m->sums + 2, im, n_groups, BT, c->K, c->E);
+    losses_from_sums(losses, m->sums[0], m->sums[1], m->n_targets, m->stats, im, dropped, (long)BT * c->K, s);
 }
 
 // ----------------------------------------------------------------------------
@@ -1043,7 +1064,7 @@ static void moe_backward(Model *m, LayerActs *a, const LayerParams *lp, int BT) 
                      a->ue + r0 * Fe, a->he + r0 * Fe, W + og, W + ou, W + od, rows, D, Fe, m->dg, m->du, m->dh);
     }
     // the router: combine weights, load balance and z-loss all act on p
-    moe_load_balance(m->dp, a->p, a->top, BT, K, E, m->s.group_size, m->s.lb_coef / nm, m->lbf, m->lbP);
+    moe_load_balance_backward(m->dp, a->lbf, BT, E, m->s.group_size, m->s.lb_coef / nm);
     router_backward(m->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
     matmul_backward(m->d_ln, G + lp->router, m->dp, a->ln2, W + lp->router, BT, D, E, 0);
     moe_dispatch_backward(m->d_ln, m->dxe, a->row_of, BT, K, D);

@@ -127,6 +127,25 @@ __device__ float block_max(float v) {
     return t;
 }
 
+// ----------------------------------------------------------------------------
+// reductions in a fixed order: one block of 1024 threads
+
+#define RED_THREADS 1024
+
+// out[0] = sum of x (n doubles)
+__global__ void sum_kernel(double *out, const double *x, int n) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
+    s = block_sum(s);
+    if (threadIdx.x == 0) out[0] = s;
+}
+// out[0] = sum of x^2 (n floats, squared in double)
+__global__ void sumsq_kernel(double *out, const float *x, int n) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += (double)x[i] * x[i];
+    s = block_sum(s);
+    if (threadIdx.x == 0) out[0] = s;
+}
 
 // ----------------------------------------------------------------------------
 // the model's buffers (all allocated in model_create)
@@ -179,6 +198,8 @@ template <typename X> struct ActsX {  // the model's tensors in the matmul type 
     X *dlogits;               // (BT,V)
 };
 
+#define STAGE_ELEMS (4u << 20)  // bf16 values per chunk of model_get_logits
+
 struct Model {
     Config c;
     ParamTable table;
@@ -186,8 +207,6 @@ struct Model {
     Precision precision;
     int flash;                // attention by the flash kernels (bf16 mode), else by cuBLAS with (T,T) matrices
     int moe_exact;            // always the exact expert-row layout (OPENMOE_MOE_LAYOUT=exact), see moe_rows_padded
-    cublasHandle_t cublas;
-    void *cublas_workspace;
     float *params;            // (n_params) fp32 master weights
     float *grads;             // (n_params), NULL without an optimizer
     float *opt_state;         // (n_opt_state), layout of opt_state_floats() for the tensors of the shard
@@ -248,50 +267,79 @@ template <> ActsX<float> &acts_x<float>(Model *m) { return m->x32; }
 template <> ActsX<bf16> &acts_x<bf16>(Model *m) { return m->x16; }
 
 // ----------------------------------------------------------------------------
-// matmul: cuBLAS in column-major terms. A row-major (R,C) matrix with row
-// stride ld is a column-major (C,R) matrix with leading dimension ld, so the
-// row-major product out = inp @ w^T is the column-major out^T = w^T' inp^T'
-// with w read transposed. Operands of type TI (float or bf16), output TO,
-// always fp32 accumulation (CUBLAS_COMPUTE_32F: no TF32 in fp32 mode).
+// matmul: one row-major gemm with openmoe.c's arguments, mapped onto cuBLAS.
+// cuBLAS is column-major, and a row-major (R,C) matrix with row stride ld is a
+// column-major (C,R) matrix with leading dimension ld, so the row-major C = A B
+// is the column-major C^T = B^T A^T, with no data moved. Operands of type TI
+// (float or bf16), output TO, always fp32 accumulation (CUBLAS_COMPUTE_32F:
+// no TF32 in fp32 mode).
+
+// One cuBLAS handle for the process, as llm.c: created by the first
+// model_create, destroyed by the last model_free. A fixed workspace, so that
+// cuBLAS picks the same algorithms every run.
+#define CUBLAS_WORKSPACE_BYTES (32u << 20)
+static cublasHandle_t cublas_handle;
+static void *cublas_workspace;
+static int cublas_users;  // models alive
+
+static void cublas_acquire(void) {
+    if (cublas_users++ > 0) return;
+    cublasCheck(cublasCreate(&cublas_handle));
+    cublasCheck(cublasSetMathMode(cublas_handle, CUBLAS_DEFAULT_MATH));  // no TF32 for fp32 matmuls
+    cudaCheck(cudaMalloc(&cublas_workspace, CUBLAS_WORKSPACE_BYTES));
+    cublasCheck(cublasSetWorkspace(cublas_handle, cublas_workspace, CUBLAS_WORKSPACE_BYTES));
+    cublasCheck(cublasSetStream(cublas_handle, 0));
+}
+static void cublas_release(void) {
+    if (--cublas_users > 0) return;
+    cublasCheck(cublasDestroy(cublas_handle));
+    cudaCheck(cudaFree(cublas_workspace));
+}
 
 template <typename T> struct CudaType;
 template <> struct CudaType<float> { static const cudaDataType_t value = CUDA_R_32F; };
 template <> struct CudaType<bf16> { static const cudaDataType_t value = CUDA_R_16BF; };
 
-// column-major C (M,N) = op(A) op(B) + beta C, `batch` times at strides sA, sB, sC
+// C (M,N; row stride ldc) = (or += with accumulate) A (M,K) @ B (K,N), as
+// openmoe.c's gemm: A(i,k) = A[i*ars + k*aks], a row-major matrix (aks 1) or
+// a transposed view (ars 1); B(k,n) = B[k*ldb + n], or with b_trans the
+// transposed view B[n*ldb + k] (which openmoe.c materialises instead). With
+// batch > 1, `batch` products, operand i at C + i*sC, A + i*sA, B + i*sB.
 template <typename TI, typename TO>
-static void gemm(Model *m, cublasOperation_t ta, cublasOperation_t tb, int M, int N, int K, const TI *A, int lda,
-                 long long sA, const TI *B, int ldb, long long sB, TO *C, int ldc, long long sC, int batch, float beta) {
+static void gemm(TO *C, int ldc, const TI *A, int ars, int aks, const TI *B, int ldb, int M, int N, int K,
+                 int accumulate, int b_trans = 0, int batch = 1, long long sC = 0, long long sA = 0, long long sB = 0) {
     if (M <= 0 || N <= 0 || batch <= 0) return;
-    const float alpha = 1.0f;
+    int a_trans = ars == 1 && (aks != 1 || M == 1);  // a vector A (ars = aks = 1) by its shape
+    if (!a_trans && aks != 1) die("gemm: A needs unit stride along its rows or its columns (ars %d, aks %d)", ars, aks);
+    // column-major C^T (N,M) = op(B) (N,K) op(A) (K,M), op = transposed where the view is
+    cublasOperation_t opb = b_trans ? CUBLAS_OP_T : CUBLAS_OP_N, opa = a_trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+    int lda = a_trans ? aks : ars;
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     cudaDataType_t ti = CudaType<TI>::value, to = CudaType<TO>::value;
     if (batch == 1)
-        cublasCheck(cublasGemmEx(m->cublas, ta, tb, M, N, K, &alpha, A, ti, lda, B, ti, ldb, &beta, C, to, ldc,
+        cublasCheck(cublasGemmEx(cublas_handle, opb, opa, N, M, K, &alpha, B, ti, ldb, A, ti, lda, &beta, C, to, ldc,
                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     else
-        cublasCheck(cublasGemmStridedBatchedEx(m->cublas, ta, tb, M, N, K, &alpha, A, ti, lda, sA, B, ti, ldb, sB,
+        cublasCheck(cublasGemmStridedBatchedEx(cublas_handle, opb, opa, N, M, K, &alpha, B, ti, ldb, sB, A, ti, lda, sA,
                                                &beta, C, to, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 // out (N,OUT; row stride ldo) = (or += with accumulate) inp (N,IN; ldi) @ w (OUT,IN)^T.
 // With batch > 1, `batch` such products (the experts): operand i at i*s_out, i*s_inp, i*s_w.
 template <typename TI, typename TO>
-static void matmul_forward(Model *m, TO *out, int ldo, const TI *inp, int ldi, const TI *w, int N, int IN, int OUT,
+static void matmul_forward(TO *out, int ldo, const TI *inp, int ldi, const TI *w, int N, int IN, int OUT,
                            int accumulate, int batch = 1, long long s_out = 0, long long s_inp = 0, long long s_w = 0) {
-    gemm(m, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, w, IN, s_w, inp, ldi, s_inp, out, ldo, s_out, batch,
-         accumulate ? 1.0f : 0.0f);
+    gemm(out, ldo, inp, ldi, 1, w, IN, N, OUT, IN, accumulate, 1, batch, s_out, s_inp, s_w);
 }
 
 // dinp (N,IN; ldd) = (or += with accumulate) dout (N,OUT; ldo) @ w (OUT,IN), when dinp is not NULL;
 // dw (OUT,IN) += dout^T @ inp (N,IN; ldi). Batched as matmul_forward (dw at the weights' stride s_w).
 template <typename TI, typename TD>
-static void matmul_backward(Model *m, TD *dinp, int ldd, float *dw, const TI *dout, int ldo, const TI *inp, int ldi,
+static void matmul_backward(TD *dinp, int ldd, float *dw, const TI *dout, int ldo, const TI *inp, int ldi,
                             const TI *w, int N, int IN, int OUT, int accumulate, int batch = 1, long long s_dinp = 0,
                             long long s_dout = 0, long long s_inp = 0, long long s_w = 0) {
-    if (dinp)
-        gemm(m, CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, w, IN, s_w, dout, ldo, s_dout, dinp, ldd, s_dinp, batch,
-             accumulate ? 1.0f : 0.0f);
-    gemm(m, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, ldi, s_inp, dout, ldo, s_dout, dw, IN, s_w, batch, 1.0f);
+    if (dinp) gemm(dinp, ldd, dout, ldo, 1, w, IN, N, IN, OUT, accumulate, 0, batch, s_dinp, s_dout, s_w);
+    gemm(dw, IN, dout, 1, ldo, inp, ldi, OUT, IN, N, 1, 0, batch, s_w, s_dout, s_inp);
 }
 
 // ----------------------------------------------------------------------------
@@ -407,16 +455,16 @@ __global__ void rmsnorm_dw_sum_kernel(float *dw, const float *partial, int n_chu
     dw[i] += s;
 }
 
-// dinp += d/dx (dinp_x its copy in X), dw += d/dw, from dout (N,D)
+// dinp += d/dx (dinp_x its copy in X), dw += d/dw, from dout (N,D); dw_partial (ceil(N/DW_ROWS), D) scratch
 template <typename X>
-static void rmsnorm_backward(Model *m, float *dinp, X *dinp_x, float *dw, const float *dout, const float *inp,
-                             const float *w, const float *rstd, int N, int D) {
+static void rmsnorm_backward(float *dinp, X *dinp_x, float *dw, const float *dout, const float *inp, const float *w,
+                             const float *rstd, int N, int D, float *dw_partial) {
     rmsnorm_backward_kernel<X><<<ceil_div(N, 4), 128>>>(dinp, dinp_x, dout, inp, w, rstd, N, D);
     launchCheck();
     int n_chunks = ceil_div(N, DW_ROWS);
-    rmsnorm_dw_partial_kernel<<<dim3(ceil_div(D, 128), n_chunks), 128>>>(m->dw_partial, dout, inp, rstd, N, D);
+    rmsnorm_dw_partial_kernel<<<dim3(ceil_div(D, 128), n_chunks), 128>>>(dw_partial, dout, inp, rstd, N, D);
     launchCheck();
-    rmsnorm_dw_sum_kernel<<<ceil_div(D, 128), 128>>>(dw, m->dw_partial, n_chunks, D);
+    rmsnorm_dw_sum_kernel<<<ceil_div(D, 128), 128>>>(dw, dw_partial, n_chunks, D);
     launchCheck();
 }
 
@@ -498,14 +546,14 @@ __global__ void attention_softmax_backward_kernel(X *dscore, const float *dP, co
 
 // qkv (BT,3HHd) -> out (BT,HHd), att (B,H,T,T); scores (B,H,T,T) fp32 scratch
 template <typename X>
-static void attention_forward(Model *m, X *out, X *att, float *scores, const X *qkv, int B, int T, int H, int Hd) {
+static void attention_forward(X *out, X *att, float *scores, const X *qkv, int B, int T, int H, int Hd) {
     int HHd = H * Hd, ld = 3 * HHd;
     long long TT = (long long)T * T;
     for (int b = 0; b < B; b++) {
         const X *q = qkv + (size_t)b * T * ld, *k = q + HHd, *v = q + 2 * HHd;
         float *S = scores + (size_t)b * H * TT;
         // S (T,T) = q (T,Hd) @ k (T,Hd)^T per head
-        gemm(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, Hd, k, ld, Hd, q, ld, Hd, S, T, TT, H, 0.0f);
+        gemm(S, T, q, ld, 1, k, ld, T, T, Hd, 0, 1, H, TT, Hd, Hd);
     }
     int rows = B * H * T;
     attention_softmax_kernel<X><<<ceil_div(rows, 4), 128>>>(att, scores, T, rows);
@@ -513,21 +561,19 @@ static void attention_forward(Model *m, X *out, X *att, float *scores, const X *
     for (int b = 0; b < B; b++) {
         const X *v = qkv + (size_t)b * T * ld + 2 * HHd;
         // out (T,Hd; ld HHd) = P (T,T) @ v (T,Hd) per head
-        gemm(m, CUBLAS_OP_N, CUBLAS_OP_N, Hd, T, T, v, ld, Hd, att + (size_t)b * H * TT, T, TT,
-             out + (size_t)b * T * HHd, HHd, Hd, H, 0.0f);
+        gemm(out + (size_t)b * T * HHd, HHd, att + (size_t)b * H * TT, T, 1, v, ld, T, Hd, T, 0, 0, H, Hd, TT, Hd);
     }
 }
 
 // dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; dP (B,H,T,T) fp32 scratch, dscore (B,H,T,T)
 template <typename X>
-static void attention_backward(Model *m, X *dqkv, X *dscore, float *dP, const X *dout, const X *att, const X *qkv,
-                               int B, int T, int H, int Hd) {
+static void attention_backward(X *dqkv, X *dscore, float *dP, const X *dout, const X *att, const X *qkv, int B, int T,
+                               int H, int Hd) {
     int HHd = H * Hd, ld = 3 * HHd;
     long long TT = (long long)T * T;
     for (int b = 0; b < B; b++) {  // dP (T,T) = dout (T,Hd) @ v^T
         const X *v = qkv + (size_t)b * T * ld + 2 * HHd;
-        gemm(m, CUBLAS_OP_T, CUBLAS_OP_N, T, T, Hd, v, ld, Hd, dout + (size_t)b * T * HHd, HHd, Hd,
-             dP + (size_t)b * H * TT, T, TT, H, 0.0f);
+        gemm(dP + (size_t)b * H * TT, T, dout + (size_t)b * T * HHd, HHd, 1, v, ld, T, T, Hd, 0, 1, H, TT, Hd, Hd);
     }
     int rows = B * H * T;
     attention_softmax_backward_kernel<X><<<ceil_div(rows, 4), 128>>>(dscore, dP, att, T, rows);
@@ -537,9 +583,9 @@ static void attention_backward(Model *m, X *dqkv, X *dscore, float *dP, const X 
         const X *dS = dscore + (size_t)b * H * TT, *P = att + (size_t)b * H * TT, *dy = dout + (size_t)b * T * HHd;
         X *dq = dqkv + (size_t)b * T * ld, *dk = dq + HHd, *dv = dq + 2 * HHd;
         // dq = dS k;  dk = dS^T q;  dv = P^T dout
-        gemm(m, CUBLAS_OP_N, CUBLAS_OP_N, Hd, T, T, k, ld, Hd, dS, T, TT, dq, ld, Hd, H, 0.0f);
-        gemm(m, CUBLAS_OP_N, CUBLAS_OP_T, Hd, T, T, q, ld, Hd, dS, T, TT, dk, ld, Hd, H, 0.0f);
-        gemm(m, CUBLAS_OP_N, CUBLAS_OP_T, Hd, T, T, dy, HHd, Hd, P, T, TT, dv, ld, Hd, H, 0.0f);
+        gemm(dq, ld, dS, T, 1, k, ld, T, Hd, T, 0, 0, H, Hd, TT, Hd);
+        gemm(dk, ld, dS, 1, T, q, ld, T, Hd, T, 0, 0, H, Hd, TT, Hd);
+        gemm(dv, ld, P, 1, T, dy, HHd, T, Hd, T, 0, 0, H, Hd, TT, Hd);
     }
 }
 
@@ -1007,37 +1053,37 @@ template <typename X> __global__ void ffn_gate_backward_kernel(X *dgu, const X *
 // batch > 1: that many FFNs (the experts), FFN i on rows i*N .. i*N+N-1 with
 // weights wg + i*2FD, wu + i*FD, wd + i*DF.
 template <typename X, typename TO>
-static void ffn_forward(Model *m, TO *out, X *gu, X *h, const X *inp, const X *wg, const X *wu, const X *wd, int N,
-                        int D, int F, int accumulate, int batch = 1) {
+static void ffn_forward(TO *out, X *gu, X *h, const X *inp, const X *wg, const X *wu, const X *wd, int N, int D, int F,
+                        int accumulate, int batch = 1) {
     if (N <= 0) return;
     long long sD = (long long)N * D, sG = (long long)N * 3 * F, sH = (long long)N * F, FD = (long long)F * D;
     if (batch == 1 && wu == wg + 2 * FD) {
-        matmul_forward(m, gu, 3 * F, inp, D, wg, N, D, 3 * F, 0);
+        matmul_forward(gu, 3 * F, inp, D, wg, N, D, 3 * F, 0);
     } else {
-        matmul_forward(m, gu, 3 * F, inp, D, wg, N, D, 2 * F, 0, batch, sG, sD, 2 * FD);
-        matmul_forward(m, gu + 2 * F, 3 * F, inp, D, wu, N, D, F, 0, batch, sG, sD, FD);
+        matmul_forward(gu, 3 * F, inp, D, wg, N, D, 2 * F, 0, batch, sG, sD, 2 * FD);
+        matmul_forward(gu + 2 * F, 3 * F, inp, D, wu, N, D, F, 0, batch, sG, sD, FD);
     }
     ffn_gate_kernel<X><<<ceil_div((size_t)batch * N * F, 256), 256>>>(h, gu, batch * N, F);
     launchCheck();
-    matmul_forward(m, out, D, h, F, wd, N, F, D, accumulate, batch, sD, sH, FD);
+    matmul_forward(out, D, h, F, wd, N, F, D, accumulate, batch, sD, sH, FD);
 }
 
 // dout (N,D) -> dinp (N,D) overwritten; dwg, dwu, dwd accumulated (dwu follows
 // dwg wherever wu follows wg); dgu (N,3F), dh (N,F) scratch. Batched as ffn_forward.
 template <typename X>
-static void ffn_backward(Model *m, float *dinp, float *dwg, float *dwu, float *dwd, const X *dout, const X *inp,
-                         const X *gu, const X *h, const X *wg, const X *wu, const X *wd, int N, int D, int F, X *dgu,
-                         X *dh, int batch = 1) {
+static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const X *dout, const X *inp, const X *gu,
+                         const X *h, const X *wg, const X *wu, const X *wd, int N, int D, int F, X *dgu, X *dh,
+                         int batch = 1) {
     if (N <= 0) return;
     long long sD = (long long)N * D, sG = (long long)N * 3 * F, sH = (long long)N * F, FD = (long long)F * D;
-    matmul_backward(m, dh, F, dwd, dout, D, h, F, wd, N, F, D, 0, batch, sH, sD, sH, FD);
+    matmul_backward(dh, F, dwd, dout, D, h, F, wd, N, F, D, 0, batch, sH, sD, sH, FD);
     ffn_gate_backward_kernel<X><<<ceil_div((size_t)batch * N * F, 256), 256>>>(dgu, dh, gu, batch * N, F);
     launchCheck();
     if (batch == 1 && wu == wg + 2 * FD) {
-        matmul_backward(m, dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 3 * F, 0);
+        matmul_backward(dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 3 * F, 0);
     } else {
-        matmul_backward(m, dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 2 * F, 0, batch, sD, sG, sD, 2 * FD);
-        matmul_backward(m, dinp, D, dwu, dgu + 2 * F, 3 * F, inp, D, wu, N, D, F, 1, batch, sD, sG, sD, FD);
+        matmul_backward(dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 2 * F, 0, batch, sD, sG, sD, 2 * FD);
+        matmul_backward(dinp, D, dwu, dgu + 2 * F, 3 * F, inp, D, wu, N, D, F, 1, batch, sD, sG, sD, FD);
     }
 }
 
@@ -1053,10 +1099,16 @@ __global__ void router_forward_kernel(float *p, float *lse, int *top, const floa
 }
 
 // inp (N,D) fp32, wr (E,D) fp32, bias (E) -> z, p (N,E), lse (N), top (N,K)
-static void router_forward(Model *m, float *z, float *p, float *lse, int *top, const float *inp, const float *wr,
+static void router_forward(float *z, float *p, float *lse, int *top, const float *inp, const float *wr,
                            const float *bias, int N, int D, int E, int K) {
-    matmul_forward(m, z, E, inp, D, wr, N, D, E, 0);
+    matmul_forward(z, E, inp, D, wr, N, D, E, 0);
     router_forward_kernel<<<ceil_div(N, 128), 128>>>(p, lse, top, z, bias, N, E, K);
+    launchCheck();
+}
+
+// rz_sum = sum of lse^2 over the N tokens: the router z-loss before its mean
+static void router_z_loss_sum(double *rz_sum, const float *lse, int N) {
+    sumsq_kernel<<<1, RED_THREADS>>>(rz_sum, lse, N);
     launchCheck();
 }
 
@@ -1089,10 +1141,11 @@ static void router_backward(float *dp, const float *p, const float *lse, float r
 // numbers the ones that chose e: pos = earlier assignments to e in the group.
 // An assignment is kept iff pos < C (the first C of each expert). count (E per
 // group) = assignments per expert before dropping.
-__global__ void moe_capacity_kernel(int *pos, int *count, const int *top, int N, int K, int E, int G) {
+__global__ void moe_capacity_kernel(int *kept, int *pos, int *count, const int *top, int N, int K, int E, int G,
+                                    int cf1000, int min_capacity, int rule) {
     __shared__ int s_top[CAP_CHUNK], s_pos[CAP_CHUNK];
     int g = blockIdx.x, g0 = g * G, len = g0 + G < N ? G : N - g0, e = threadIdx.x;
-    int total = len * K, cnt = 0;
+    int total = len * K, cnt = 0, C = moe_capacity_of(len, E, K, cf1000, min_capacity, rule);
     for (int q0 = 0; q0 < total; q0 += CAP_CHUNK) {
         int nq = total - q0 < CAP_CHUNK ? total - q0 : CAP_CHUNK;
         for (int j = threadIdx.x; j < nq; j += blockDim.x) {
@@ -1107,6 +1160,7 @@ __global__ void moe_capacity_kernel(int *pos, int *count, const int *top, int N,
         for (int j = threadIdx.x; j < nq; j += blockDim.x) {
             int q = q0 + j, r = q / len, n = g0 + q % len;
             pos[(size_t)n * K + r] = s_pos[j];
+            kept[(size_t)n * K + r] = s_pos[j] < C;
         }
         __syncthreads();  // s_top and s_pos are refilled next
     }
@@ -1117,7 +1171,8 @@ __global__ void moe_capacity_kernel(int *pos, int *count, const int *top, int N,
 // how many assignments of its group to the same expert come before it by
 // (p desc, rank asc, token asc), so that again the first C are kept. It
 // scans the group's G*K assignments: O(G*K) per assignment.
-__global__ void moe_probs_rank_kernel(int *pos, const int *top, const float *p, int N, int K, int E, int G) {
+__global__ void moe_probs_rank_kernel(int *kept, int *pos, const int *top, const float *p, int N, int K, int E, int G,
+                                      int cf1000, int min_capacity, int rule) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)N * K) return;
     int n = (int)(i / K), r = (int)(i % K), e = top[i], g0 = n / G * G, n1 = g0 + G < N ? g0 + G : N;
@@ -1130,6 +1185,118 @@ __global__ void moe_probs_rank_kernel(int *pos, const int *top, const float *p, 
             before += pj > pi || (pj == pi && (q < r || (q == r && m < n)));
         }
     pos[i] = before;
+    kept[i] = before < moe_capacity_of(n1 - g0, E, K, cf1000, min_capacity, rule);
+}
+
+// Capacity and dropping within each routing group (group_len and
+// moe_capacity_of in openmoe.h) by s's rule and policy. top (N,K), p (N,E)
+// -> kept (N,K) 0/1; pos (N,K) each assignment's place in its (group, expert)
+// queue and count (groups,E) the queues' lengths, for moe_rows.
+static void moe_capacity(int *kept, int *pos, int *count, const int *top, const float *p, int N, int K, int E,
+                         const MoeSettings *s) {
+    int G = group_len(N, s->group_size), n_groups = (N + G - 1) / G;
+    moe_capacity_kernel<<<n_groups, MAX_EXPERTS>>>(kept, pos, count, top, N, K, E, G, s->cf1000, s->min_capacity,
+                                                   s->capacity_rule);
+    launchCheck();
+    if (s->drop_policy == DROP_PROBS) {  // the same counts, other places in the queues
+        moe_probs_rank_kernel<<<ceil_div((size_t)N * K, 256), 256>>>(kept, pos, top, p, N, K, E, G, s->cf1000,
+                                                                     s->min_capacity, s->capacity_rule);
+        launchCheck();
+    }
+}
+
+// ----------------------------------------------------------------------------
+// load balance (SPEC §4): per group E sum_e f_e P_e; the layer's lb is the mean over groups
+
+// one block per group: f_e (share of the group's tokens whose top-K holds e)
+// and P_e (mean p_e). Thread t < E*S (S = blockDim / E slices) sums expert
+// e = t % E over slice j = t / E of the group's tokens; thread e then adds the
+// S slices in order, and thread 0 the E products in expert order.
+__global__ void moe_load_balance_forward_kernel(double *lb_group, float *lbf, const float *p, const int *top, int N,
+                                                int K, int E, int G) {
+    __shared__ float s_f[MAX_EXPERTS], s_P[MAX_EXPERTS];
+    __shared__ double s_term[MAX_EXPERTS];
+    int g = blockIdx.x, g0 = g * G, len = g0 + G < N ? G : N - g0;
+    int S = blockDim.x / E, t = threadIdx.x, e = t % E, j = t / E;
+    float f = 0.0f, P = 0.0f;
+    if (j < S) {
+        for (int n = g0 + (int)((long long)len * j / S); n < g0 + (int)((long long)len * (j + 1) / S); n++) {
+            for (int r = 0; r < K; r++) f += top[(size_t)n * K + r] == e ? 1.0f : 0.0f;
+            P += p[(size_t)n * E + e];
+        }
+    }
+    // the slices' partial sums, in shared memory one slice at a time (t < E*S covers each (e, j) once)
+    float fsum = 0.0f, Psum = 0.0f;
+    for (int jj = 0; jj < S; jj++) {
+        __syncthreads();
+        if (j == jj) {
+            s_f[e] = f;
+            s_P[e] = P;
+        }
+        __syncthreads();
+        if (t < E) {
+            fsum += s_f[t];
+            Psum += s_P[t];
+        }
+    }
+    if (t < E) {
+        float fe = fsum / len;
+        lbf[(size_t)g * E + t] = fe;
+        s_term[t] = (double)fe * (Psum / len);
+    }
+    __syncthreads();
+    if (t == 0) {
+        double sum = 0.0;
+        for (int i = 0; i < E; i++) sum += s_term[i];
+        lb_group[g] = E * sum;
+    }
+}
+// lb_sum = the sum over the groups; lbf (groups,E) keeps f for the backward; lb_group (groups) scratch
+static void moe_load_balance_forward(double *lb_sum, float *lbf, const float *p, const int *top, int N, int K, int E,
+                                     int group_size, double *lb_group) {
+    int G = group_len(N, group_size), n_groups = (N + G - 1) / G;
+    moe_load_balance_forward_kernel<<<n_groups, MAX_EXPERTS>>>(lb_group, lbf, p, top, N, K, E, G);
+    launchCheck();
+    sum_kernel<<<1, RED_THREADS>>>(lb_sum, lb_group, n_groups);
+    launchCheck();
+}
+
+// dp (N,E) += d(lb_w * lb)/dp = lb_w E f_e / len / n_groups (d lb_group / d p[n,e] = E f_e / len)
+__global__ void moe_load_balance_backward_kernel(float *dp, const float *lbf, int N, int E, int G, int n_groups,
+                                                 float lb_w) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * E) return;
+    int n = (int)(idx / E), e = idx % E, g = n / G, len = (g + 1) * G < N ? G : N - g * G;
+    dp[idx] += lb_w * E * lbf[(size_t)g * E + e] / len / n_groups;
+}
+static void moe_load_balance_backward(float *dp, const float *lbf, int N, int E, int group_size, float lb_w) {
+    int G = group_len(N, group_size), n_groups = (N + G - 1) / G;
+    moe_load_balance_backward_kernel<<<ceil_div((size_t)N * E, 256), 256>>>(dp, lbf, N, E, G, n_groups, lb_w);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// MoE dispatch and combine. The kept assignments become rows of per-expert
+// buffers: expert e owns rows start[e] .. start[e+1]-1, so each expert runs
+// its FFN only on the tokens it keeps.
+
+// The expert rows' layout. Padded (R_pad > 0): expert e owns rows e*R_pad ..
+// (e+1)*R_pad - 1, R_pad = sum over groups of min(C_g, N_g), the most it can
+// keep; its kept rows come first, the rest are zero. All experts then run as
+// one strided-batched matmul, and the host knows the layout without a sync.
+// When E*R_pad rows would not fit the buffers (BT*K rows; tiny routing groups,
+// where min_capacity exceeds the group), the exact layout: expert e owns its
+// kept rows only, and the host reads start[] to run one matmul per expert.
+// Returns R_pad, or 0 for the exact layout.
+static int moe_padded_rows(int N, int K, int E, const MoeSettings *s) {
+    int G = group_len(N, s->group_size);
+    long long R = 0;
+    for (int g0 = 0; g0 < N; g0 += G) {
+        int len = g0 + G < N ? G : N - g0;
+        int C = moe_capacity_of(len, E, K, s->cf1000, s->min_capacity, s->capacity_rule);
+        R += C < len ? C : len;
+    }
+    return (long long)E * R <= (long long)N * K ? (int)R : 0;
 }
 
 // One block, thread e < E: expert e keeps min(count, C_g) rows of each group;
@@ -1171,128 +1338,43 @@ __global__ void moe_offsets_kernel(int *start, int *goff, int *routed, int *kept
     }
 }
 
-// one thread per assignment i = n*K + r: kept flag, its row (or -1), and the row's token
-__global__ void moe_rows_kernel(int *row_of, int *row_token, int *kept, const int *top, const int *pos,
-                                const int *goff, int N, int K, int E, int G, int cf1000, int min_capacity, int rule) {
+// one thread per assignment i = n*K + r: its row (or -1) and the row's token
+__global__ void moe_rows_kernel(int *row_of, int *row_token, const int *top, const int *kept, const int *pos,
+                                const int *goff, int N, int K, int E, int G) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)N * K) return;
-    int n = (int)(i / K), g = n / G, len = (g + 1) * G < N ? G : N - g * G;
-    int C = moe_capacity_of(len, E, K, cf1000, min_capacity, rule), e = top[i];
-    if (pos[i] < C) {
-        int row = goff[(size_t)g * E + e] + pos[i];
+    int n = (int)(i / K), g = n / G;
+    if (kept[i]) {
+        int row = goff[(size_t)g * E + top[i]] + pos[i];
         row_of[i] = row;
         row_token[row] = n;
-        kept[i] = 1;
     } else {
         row_of[i] = -1;
-        kept[i] = 0;
     }
 }
 
-// The expert rows' layout. Padded (R_pad > 0): expert e owns rows e*R_pad ..
-// (e+1)*R_pad - 1, R_pad = sum over groups of min(C_g, N_g), the most it can
-// keep; its kept rows come first, the rest are zero. All experts then run as
-// one strided-batched matmul, and the host knows the layout without a sync.
-// When E*R_pad rows would not fit the buffers (BT*K rows; tiny routing groups,
-// where min_capacity exceeds the group), the exact layout: expert e owns its
-// kept rows only, and the host reads start[] to run one matmul per expert.
-static int moe_rows_padded(int N, int K, int E, const MoeSettings *s) {
-    int G = group_len(N, s->group_size);
-    long long R = 0;
-    for (int g0 = 0; g0 < N; g0 += G) {
-        int len = g0 + G < N ? G : N - g0;
-        int C = moe_capacity_of(len, E, K, s->cf1000, s->min_capacity, s->capacity_rule);
-        R += C < len ? C : len;
-    }
-    return (long long)E * R <= (long long)N * K ? (int)R : 0;
-}
-
-// top (N,K) -> pos, kept, row_of (N,K), row_token, start (E+1) on the device
-// and in start_host; routed/kept counts (E each) for the statistics. Returns R_pad (0: exact layout).
-static int moe_capacity(Model *m, LayerActs *a, int *routed, int *kept_cnt, int N, int K, int E,
-                        const MoeSettings *s) {
+// the rows of the kept assignments: top, kept, pos (N,K), count (groups,E)
+// (moe_capacity) -> start (E+1) on the device and in start_host, row_token
+// (rows), row_of (N,K) (-1: dropped), each expert's rows group by group, in
+// priority order; routed, kept_cnt (E) its assignments before and after
+// dropping (model_router_stats). R_pad > 0: the padded layout (padding rows
+// get token -1), else the exact one. goff (groups,E) scratch.
+static void moe_rows(int *start, int *start_host, int *row_token, int *row_of, int *routed, int *kept_cnt,
+                     const int *top, const int *kept, const int *pos, const int *count, int N, int K, int E,
+                     const MoeSettings *s, int R_pad, int *goff) {
     int G = group_len(N, s->group_size), n_groups = (N + G - 1) / G;
-    int R = m->moe_exact ? 0 : moe_rows_padded(N, K, E, s);
-    moe_capacity_kernel<<<n_groups, MAX_EXPERTS>>>(a->pos, a->count, a->top, N, K, E, G);
+    moe_offsets_kernel<<<1, MAX_EXPERTS>>>(start, goff, routed, kept_cnt, count, n_groups, N, G, E, K, s->cf1000,
+                                           s->min_capacity, s->capacity_rule, R_pad);
     launchCheck();
-    if (s->drop_policy == DROP_PROBS) {  // the same counts, other places in the queues
-        moe_probs_rank_kernel<<<ceil_div((size_t)N * K, 256), 256>>>(a->pos, a->top, a->p, N, K, E, G);
-        launchCheck();
-    }
-    moe_offsets_kernel<<<1, MAX_EXPERTS>>>(a->start, a->goff, routed, kept_cnt, a->count, n_groups, N, G, E, K,
-                                           s->cf1000, s->min_capacity, s->capacity_rule, R);
+    if (R_pad > 0) cudaCheck(cudaMemsetAsync(row_token, 0xff, (size_t)E * R_pad * sizeof(int)));  // -1: a padding row
+    moe_rows_kernel<<<ceil_div((size_t)N * K, 256), 256>>>(row_of, row_token, top, kept, pos, goff, N, K, E, G);
     launchCheck();
-    if (R > 0) cudaCheck(cudaMemsetAsync(a->row_token, 0xff, (size_t)E * R * sizeof(int)));  // -1: a padding row
-    moe_rows_kernel<<<ceil_div((size_t)N * K, 256), 256>>>(a->row_of, a->row_token, a->kept, a->top, a->pos, a->goff,
-                                                            N, K, E, G, s->cf1000, s->min_capacity, s->capacity_rule);
-    launchCheck();
-    if (R > 0) {
-        for (int e = 0; e <= E; e++) a->start_host[e] = e * R;
+    if (R_pad > 0) {
+        for (int e = 0; e <= E; e++) start_host[e] = e * R_pad;
     } else {  // the host needs each expert's rows to size its matmuls: the one sync of the MoE layer
-        cudaCheck(cudaMemcpy(a->start_host, a->start, (E + 1) * sizeof(int), cudaMemcpyDeviceToHost));
-    }
-    return R;
-}
-
-// ----------------------------------------------------------------------------
-// load balance (SPEC §4): per group E sum_e f_e P_e; the layer's lb is the mean over groups
-
-// one block per group: f_e (share of the group's tokens whose top-K holds e)
-// and P_e (mean p_e). Thread t < E*S (S = blockDim / E slices) sums expert
-// e = t % E over slice j = t / E of the group's tokens; thread e then adds the
-// S slices in order, and thread 0 the E products in expert order.
-__global__ void moe_load_balance_kernel(double *lb_group, float *lbf, const float *p, const int *top, int N, int K,
-                                        int E, int G) {
-    __shared__ float s_f[MAX_EXPERTS], s_P[MAX_EXPERTS];
-    __shared__ double s_term[MAX_EXPERTS];
-    int g = blockIdx.x, g0 = g * G, len = g0 + G < N ? G : N - g0;
-    int S = blockDim.x / E, t = threadIdx.x, e = t % E, j = t / E;
-    float f = 0.0f, P = 0.0f;
-    if (j < S) {
-        for (int n = g0 + (int)((long long)len * j / S); n < g0 + (int)((long long)len * (j + 1) / S); n++) {
-            for (int r = 0; r < K; r++) f += top[(size_t)n * K + r] == e ? 1.0f : 0.0f;
-            P += p[(size_t)n * E + e];
-        }
-    }
-    // the slices' partial sums, in shared memory one slice at a time (t < E*S covers each (e, j) once)
-    float fsum = 0.0f, Psum = 0.0f;
-    for (int jj = 0; jj < S; jj++) {
-        __syncthreads();
-        if (j == jj) {
-            s_f[e] = f;
-            s_P[e] = P;
-        }
-        __syncthreads();
-        if (t < E) {
-            fsum += s_f[t];
-            Psum += s_P[t];
-        }
-    }
-    if (t < E) {
-        float fe = fsum / len;
-        lbf[(size_t)g * E + t] = fe;
-        s_term[t] = (double)fe * (Psum / len);
-    }
-    __syncthreads();
-    if (t == 0) {
-        double sum = 0.0;
-        for (int i = 0; i < E; i++) sum += s_term[i];
-        lb_group[g] = E * sum;
+        cudaCheck(cudaMemcpy(start_host, start, (E + 1) * sizeof(int), cudaMemcpyDeviceToHost));
     }
 }
-
-// dp (N,E) += d(lb_w * lb)/dp = lb_w E f_e / len / n_groups
-__global__ void moe_load_balance_backward_kernel(float *dp, const float *lbf, int N, int E, int G, int n_groups,
-                                                 float lb_w) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)N * E) return;
-    int n = (int)(idx / E), e = idx % E, g = n / G, len = (g + 1) * G < N ? G : N - g * G;
-    dp[idx] += lb_w * E * lbf[(size_t)g * E + e] / len / n_groups;
-}
-
-// ----------------------------------------------------------------------------
-// MoE dispatch and combine. Expert e owns rows start[e] .. start[e+1]-1 of the
-// expert buffers, so each expert runs its FFN only on the tokens it keeps.
 
 // xe (rows,D) = X(inp[row_token]), zero for a padding row (token -1): one block per row
 template <typename X> __global__ void moe_dispatch_kernel(X *xe, const int *row_token, const float *inp, int D) {
@@ -1351,6 +1433,12 @@ __global__ void moe_combine_backward_kernel(X *dye, float *dp, const float *dout
         if (threadIdx.x == 0) dp[(size_t)n * E + e] = dot;
     }
 }
+template <typename X>
+static void moe_combine_backward(X *dye, float *dp, const float *dout, const X *ye, const float *p, const int *top,
+                                 const int *row_of, int N, int K, int E, int D) {
+    moe_combine_backward_kernel<X><<<N, 128>>>(dye, dp, dout, ye, p, top, row_of, K, E, D);
+    launchCheck();
+}
 
 // dinp (N,D) += the rows' input gradients dxe (rows,D), in rank order: one block per token
 __global__ void moe_dispatch_backward_kernel(float *dinp, const float *dxe, const int *row_of, int K, int D) {
@@ -1364,26 +1452,9 @@ __global__ void moe_dispatch_backward_kernel(float *dinp, const float *dxe, cons
         dinp[(size_t)n * D + i] = acc;
     }
 }
-
-// ----------------------------------------------------------------------------
-// reductions in a fixed order: one block of 1024 threads
-
-#define RED_THREADS 1024
-#define STAGE_ELEMS (4u << 20)  // bf16 values per chunk of model_get_logits
-
-// out[0] = sum of x (n doubles)
-__global__ void sum_kernel(double *out, const double *x, int n) {
-    double s = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
-    s = block_sum(s);
-    if (threadIdx.x == 0) out[0] = s;
-}
-// out[0] = sum of x^2 (n floats, squared in double)
-__global__ void sumsq_kernel(double *out, const float *x, int n) {
-    double s = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) s += (double)x[i] * x[i];
-    s = block_sum(s);
-    if (threadIdx.x == 0) out[0] = s;
+static void moe_dispatch_backward(float *dinp, const float *dxe, const int *row_of, int N, int K, int D) {
+    moe_dispatch_backward_kernel<<<N, 128>>>(dinp, dxe, row_of, K, D);
+    launchCheck();
 }
 
 // ----------------------------------------------------------------------------
@@ -1480,6 +1551,16 @@ template <typename X>
 static void crossentropy_backward(X *dlogits, const X *logits, const float *lse, const int *y, int N, int V, int m,
                                   float lz_coef) {
     crossentropy_backward_kernel<X><<<N, 256>>>(dlogits, logits, lse, y, V, m > 0 ? m : 1, lz_coef);
+    launchCheck();
+}
+
+// out = a + b, elementwise over n
+__global__ void residual_forward_kernel(float *out, const float *a, const float *b, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = a[i] + b[i];
+}
+static void residual_forward(float *out, const float *a, const float *b, size_t n) {
+    residual_forward_kernel<<<ceil_div(n, 256), 256>>>(out, a, b, n);
     launchCheck();
 }
 
@@ -1718,12 +1799,7 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     if (precision == PRECISION_BF16) acts_layout<bf16>(m, m->acts);
     else acts_layout<float>(m, m->acts);
 
-    cublasCheck(cublasCreate(&m->cublas));
-    cublasCheck(cublasSetMathMode(m->cublas, CUBLAS_DEFAULT_MATH));  // no TF32 for fp32 matmuls
-    size_t ws = 32u << 20;  // a fixed workspace: cuBLAS then picks the same algorithms every run
-    cudaCheck(cudaMalloc(&m->cublas_workspace, ws));
-    cublasCheck(cublasSetWorkspace(m->cublas, m->cublas_workspace, ws));
-    cublasCheck(cublasSetStream(m->cublas, 0));
+    cublas_acquire();
 
     size_t half = (size_t)c->max_seq_len * (c->Hd / 2);
     float *cs = (float *)mallocCheck(2 * half * sizeof(float));
@@ -1756,8 +1832,7 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
 void model_free(Model *m) {
     if (!m) return;
     cudaCheck(cudaDeviceSynchronize());
-    cublasCheck(cublasDestroy(m->cublas));
-    cudaCheck(cudaFree(m->cublas_workspace));
+    cublas_release();
     cudaCheck(cudaFree(m->params));
     cudaCheck(cudaFree(m->grads));
     cudaCheck(cudaFree(m->opt_state));
@@ -1832,9 +1907,10 @@ void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint
 // ----------------------------------------------------------------------------
 // forward
 
-// the MoE sublayer: moe_out (BT,D) = mid + MoE(RMSNorm(mid)). The router runs
-// in fp32; the experts in X, each on its kept rows. Leaves the layer's lb and
-// rz sums in m->sums and its routed/kept counts in m->stat_counts (slot im).
+// the MoE sublayer im (0-based among MoE layers): moe_out (BT,D) = mid +
+// MoE(RMSNorm(mid)). The router runs in fp32; the experts in X, each on its
+// kept rows. Leaves the layer's lb and rz sums in m->sums and its routed/kept
+// counts in m->stat_counts, for model_forward's router statistics.
 template <typename X>
 static void moe_forward(Model *m, LayerActs *a, LayerActsX<X> *b, const LayerParams *lp, int im, int BT) {
     const Config *c = &m->c;
@@ -1842,32 +1918,30 @@ static void moe_forward(Model *m, LayerActs *a, LayerActsX<X> *b, const LayerPar
     const float *W = m->params;
     const X *WX = acts_x<X>(m).params_x;
     rmsnorm_forward(a->ln2f, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
-    router_forward(m, a->z, a->p, a->lse, a->top, a->ln2f, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E,
+    router_forward(a->z, a->p, a->lse, a->top, a->ln2f, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E,
                    K);
     int *routed = m->stat_counts + (size_t)2 * im * E, *kept = routed + E;
-    a->R_pad = moe_capacity(m, a, routed, kept, BT, K, E, &m->s);
+    moe_capacity(a->kept, a->pos, a->count, a->top, a->p, BT, K, E, &m->s);
+    a->R_pad = m->moe_exact ? 0 : moe_padded_rows(BT, K, E, &m->s);
+    moe_rows(a->start, a->start_host, a->row_token, a->row_of, routed, kept, a->top, a->kept, a->pos, a->count, BT,
+             K, E, &m->s, a->R_pad, a->goff);
     const int *start = a->start_host;
     moe_dispatch(b->xe, a->row_token, a->ln2f, start[E], D);
     if (a->R_pad > 0) {  // all experts in one batch of matmuls
-        ffn_forward(m, b->ye, b->gue, b->he, b->xe, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, a->R_pad, D, Fe,
+        ffn_forward(b->ye, b->gue, b->he, b->xe, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, a->R_pad, D, Fe,
                     0, E);
     } else {
         for (int e = 0; e < E; e++) {
             size_t r0 = start[e];
             int rows = start[e + 1] - start[e];
-            ffn_forward(m, b->ye + r0 * D, b->gue + r0 * 3 * Fe, b->he + r0 * Fe, b->xe + r0 * D,
+            ffn_forward(b->ye + r0 * D, b->gue + r0 * 3 * Fe, b->he + r0 * Fe, b->xe + r0 * D,
                         WX + lp->w_gate + (size_t)e * 2 * Fe * D, WX + lp->w_up + (size_t)e * Fe * D,
                         WX + lp->w_down + (size_t)e * D * Fe, rows, D, Fe, 0);
         }
     }
     moe_combine(a->moe_out, a->mid, b->ye, a->p, a->top, a->row_of, BT, K, E, D);
-    int G = group_len(BT, m->s.group_size), n_groups = (BT + G - 1) / G;
-    moe_load_balance_kernel<<<n_groups, MAX_EXPERTS>>>(a->lb_group, a->lbf, a->p, a->top, BT, K, E, G);
-    launchCheck();
-    sum_kernel<<<1, RED_THREADS>>>(m->sums + 2 + 2 * im, a->lb_group, n_groups);
-    launchCheck();
-    sumsq_kernel<<<1, RED_THREADS>>>(m->sums + 3 + 2 * im, a->lse, BT);
-    launchCheck();
+    moe_load_balance_forward(m->sums + 2 + 2 * im, a->lbf, a->p, a->top, BT, K, E, m->s.group_size, a->lb_group);
+    router_z_loss_sum(m->sums + 3 + 2 * im, a->lse, BT);
 }
 
 template <typename X> static void forward_impl(Model *m, int B, int T) {
@@ -1885,16 +1959,16 @@ template <typename X> static void forward_impl(Model *m, int B, int T) {
         float *out = l + 1 < c->L ? m->la[l + 1].in : m->final_in;
         // mid = in + Attn(RMSNorm(in)): q, k, v in one matmul (wq, wk, wv are adjacent)
         rmsnorm_forward(b->ln1, a->rstd1, a->in, W + lp->attn_norm, BT, D);
-        matmul_forward(m, b->qkv, 3 * HHd, b->ln1, D, WX + lp->wq, BT, D, 3 * HHd, 0);
+        matmul_forward(b->qkv, 3 * HHd, b->ln1, D, WX + lp->wq, BT, D, 3 * HHd, 0);
         rope_forward(b->qkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 3 * HHd, 0, 1.0f);
         if (m->flash) attention_forward_flash(b->atty, a->att_lse, b->qkv, B, T, H, Hd);
-        else attention_forward(m, b->atty, b->att, m->scores, b->qkv, B, T, H, Hd);
+        else attention_forward(b->atty, b->att, m->scores, b->qkv, B, T, H, Hd);
         copy_floats(a->mid, a->in, (size_t)BT * D);  // the residual, then += atty Wo^T
-        matmul_forward(m, a->mid, D, b->atty, HHd, WX + lp->wo, BT, HHd, D, 1);
+        matmul_forward(a->mid, D, b->atty, HHd, WX + lp->wo, BT, HHd, D, 1);
         if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
             rmsnorm_forward(b->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
             copy_floats(out, a->mid, (size_t)BT * D);
-            ffn_forward(m, out, b->gu, b->h, b->ln2, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, 1);
+            ffn_forward(out, b->gu, b->h, b->ln2, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, 1);
             continue;
         }
         // moe_out = mid + MoE(RMSNorm(mid)); then out = moe_out + FFN_extra(RMSNorm(moe_out))
@@ -1902,11 +1976,11 @@ template <typename X> static void forward_impl(Model *m, int B, int T) {
         if (c->extra_ffn) {
             rmsnorm_forward(b->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
             copy_floats(out, a->moe_out, (size_t)BT * D);
-            ffn_forward(m, out, b->gux, b->hx, b->ln3, WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, 1);
+            ffn_forward(out, b->gux, b->hx, b->ln3, WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, 1);
         }
     }
     rmsnorm_forward(ax.lnf, m->rstdf, m->final_in, W + m->table.final_norm, BT, D);
-    matmul_forward(m, ax.logits, V, ax.lnf, D, WX + m->table.lm_head, BT, D, V, 0);
+    matmul_forward(ax.logits, V, ax.lnf, D, WX + m->table.lm_head, BT, D, V, 0);
     crossentropy_forward(m->sums, m->lse, ax.logits, m->d_y, BT, V);
 }
 
@@ -1932,25 +2006,15 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
     if (m->precision == PRECISION_BF16) forward_impl<bf16>(m, B, T);
     else forward_impl<float>(m, B, T);
 
-    // the sums and counts of the losses and router statistics (this syncs)
+    // the losses and router statistics from the sums and counts, copied to the
+    // host here, after the whole forward: the one sync of a forward (in a MoE
+    // layer it would be one per layer)
     int nm = n_moe_layers(c);
     cudaCheck(cudaMemcpy(m->h_sums, m->sums, (2 + 2 * (size_t)nm) * sizeof(double), cudaMemcpyDeviceToHost));
     if (nm > 0)
         cudaCheck(cudaMemcpy(m->stat_ints, m->stat_counts, (size_t)nm * 2 * E * sizeof(int), cudaMemcpyDeviceToHost));
     int G = group_len(BT, s->group_size), n_groups = (BT + G - 1) / G;
-    long dropped = 0;
-    for (int i = 0; i < nm; i++) {
-        RouterStats *st = &m->stats[i];
-        st->lb = (float)(m->h_sums[2 + 2 * i] / n_groups);
-        st->rz = (float)(m->h_sums[3 + 2 * i] / BT);
-        long routed = 0, kept = 0;
-        for (int e = 0; e < E; e++) {
-            routed += st->routed[e];
-            kept += st->kept[e];
-        }
-        st->dropped = (float)((double)(routed - kept) / ((double)BT * K));
-        dropped += routed - kept;
-    }
+    long dropped = router_stats_from_sums(m->stats, m->h_sums + 2, nm, n_groups, BT, K, E);
     losses_from_sums(losses, m->h_sums[0], m->h_sums[1], m->n_targets, m->stats, nm, dropped, (long)BT * K, s);
 }
 
@@ -1970,10 +2034,9 @@ template <typename X> static void moe_backward(Model *m, LayerActs *a, LayerActs
     const int *start = a->start_host;  // each expert's rows, from the forward
     if (a->R_pad > 0)  // the padding rows' output gradients are 0
         cudaCheck(cudaMemsetAsync(ax.dye, 0, (size_t)start[E] * D * sizeof(X)));
-    moe_combine_backward_kernel<X><<<BT, 128>>>(ax.dye, m->dp, m->d_res, b->ye, a->p, a->top, a->row_of, K, E, D);
-    launchCheck();
+    moe_combine_backward(ax.dye, m->dp, m->d_res, b->ye, a->p, a->top, a->row_of, BT, K, E, D);
     if (a->R_pad > 0) {
-        ffn_backward(m, m->dxe, G + lp->w_gate, G + lp->w_up, G + lp->w_down, ax.dye, b->xe, b->gue, b->he,
+        ffn_backward(m->dxe, G + lp->w_gate, G + lp->w_up, G + lp->w_down, ax.dye, b->xe, b->gue, b->he,
                      WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, a->R_pad, D, Fe, ax.dgu, ax.dh, E);
     } else {
         for (int e = 0; e < E; e++) {
@@ -1981,22 +2044,17 @@ template <typename X> static void moe_backward(Model *m, LayerActs *a, LayerActs
             int rows = start[e + 1] - start[e];
             size_t og = lp->w_gate + (size_t)e * 2 * Fe * D, ou = lp->w_up + (size_t)e * Fe * D,
                    od = lp->w_down + (size_t)e * D * Fe;
-            ffn_backward(m, m->dxe + r0 * D, G + og, G + ou, G + od, ax.dye + r0 * D, b->xe + r0 * D,
+            ffn_backward(m->dxe + r0 * D, G + og, G + ou, G + od, ax.dye + r0 * D, b->xe + r0 * D,
                          b->gue + r0 * 3 * Fe, b->he + r0 * Fe, WX + og, WX + ou, WX + od, rows, D, Fe, ax.dgu, ax.dh);
         }
     }
     // the router: combine weights, load balance and z-loss all act on p
-    int Gs = group_len(BT, m->s.group_size), n_groups = (BT + Gs - 1) / Gs;
-    moe_load_balance_backward_kernel<<<ceil_div((size_t)BT * E, 256), 256>>>(m->dp, a->lbf, BT, E, Gs, n_groups,
-                                                                             m->s.lb_coef / nm);
-    launchCheck();
+    moe_load_balance_backward(m->dp, a->lbf, BT, E, m->s.group_size, m->s.lb_coef / nm);
     router_backward(m->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
-    matmul_backward(m, m->d_ln, D, G + lp->router, m->dp, E, a->ln2f, D, W + lp->router, BT, D, E, 0);
-    if (start[E] > 0) {
-        moe_dispatch_backward_kernel<<<BT, 128>>>(m->d_ln, m->dxe, a->row_of, K, D);
-        launchCheck();
-    }
-    rmsnorm_backward(m, m->d_res, ax.dres_x, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
+    matmul_backward(m->d_ln, D, G + lp->router, m->dp, E, a->ln2f, D, W + lp->router, BT, D, E, 0);
+    moe_dispatch_backward(m->d_ln, m->dxe, a->row_of, BT, K, D);
+    rmsnorm_backward(m->d_res, ax.dres_x, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D,
+                     m->dw_partial);
 }
 
 // encoder_backward's buckets, on the host: the positions of each distinct
@@ -2029,34 +2087,36 @@ template <typename X> static void backward_impl(Model *m) {
     cudaCheck(cudaMemsetAsync(G, 0, pt->n_params * sizeof(float)));
 
     crossentropy_backward(ax.dlogits, ax.logits, m->lse, m->d_y, BT, V, m->n_targets, m->s.lz_coef);
-    matmul_backward(m, m->d_ln, D, G + pt->lm_head, ax.dlogits, V, ax.lnf, D, WX + pt->lm_head, BT, D, V, 0);
+    matmul_backward(m->d_ln, D, G + pt->lm_head, ax.dlogits, V, ax.lnf, D, WX + pt->lm_head, BT, D, V, 0);
     cudaCheck(cudaMemsetAsync(m->d_res, 0, (size_t)BT * D * sizeof(float)));
-    rmsnorm_backward(m, m->d_res, ax.dres_x, G + pt->final_norm, m->d_ln, m->final_in, W + pt->final_norm, m->rstdf,
-                     BT, D);
+    rmsnorm_backward(m->d_res, ax.dres_x, G + pt->final_norm, m->d_ln, m->final_in, W + pt->final_norm, m->rstdf,
+                     BT, D, m->dw_partial);
     for (int l = c->L - 1; l >= 0; l--) {
         LayerActs *a = &m->la[l];
         LayerActsX<X> *b = &ax.layer[l];
         const LayerParams *lp = &pt->layer[l];
         if (!lp->moe) {
-            ffn_backward(m, m->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, ax.dres_x, b->ln2, b->gu, b->h,
+            ffn_backward(m->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, ax.dres_x, b->ln2, b->gu, b->h,
                          WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, ax.dgu, ax.dh);
-            rmsnorm_backward(m, m->d_res, ax.dres_x, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
+            rmsnorm_backward(m->d_res, ax.dres_x, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D,
+                             m->dw_partial);
         } else {
             if (c->extra_ffn) {
-                ffn_backward(m, m->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, ax.dres_x, b->ln3, b->gux,
+                ffn_backward(m->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, ax.dres_x, b->ln3, b->gux,
                              b->hx, WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, ax.dgu, ax.dh);
-                rmsnorm_backward(m, m->d_res, ax.dres_x, G + lp->extra_norm, m->d_ln, a->moe_out, W + lp->extra_norm,
-                                 a->rstd3, BT, D);
+                rmsnorm_backward(m->d_res, ax.dres_x, G + lp->extra_norm, m->d_ln, a->moe_out, W + lp->extra_norm,
+                                 a->rstd3, BT, D, m->dw_partial);
             }
             moe_backward(m, a, b, lp, BT);
         }
         // d_res now holds d mid; attention: mid = in + Wo attn(...)
-        matmul_backward(m, ax.datty, HHd, G + lp->wo, ax.dres_x, D, b->atty, HHd, WX + lp->wo, BT, HHd, D, 0);
+        matmul_backward(ax.datty, HHd, G + lp->wo, ax.dres_x, D, b->atty, HHd, WX + lp->wo, BT, HHd, D, 0);
         if (m->flash) attention_backward_flash(ax.dqkv, m->dvec, ax.datty, b->atty, a->att_lse, b->qkv, B, T, H, Hd);
-        else attention_backward(m, ax.dqkv, ax.dscore, m->scores, ax.datty, b->att, b->qkv, B, T, H, Hd);
+        else attention_backward(ax.dqkv, ax.dscore, m->scores, ax.datty, b->att, b->qkv, B, T, H, Hd);
         rope_backward(ax.dqkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 3 * HHd);
-        matmul_backward(m, m->d_ln, D, G + lp->wq, ax.dqkv, 3 * HHd, b->ln1, D, WX + lp->wq, BT, D, 3 * HHd, 0);
-        rmsnorm_backward(m, m->d_res, ax.dres_x, G + lp->attn_norm, m->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D);
+        matmul_backward(m->d_ln, D, G + lp->wq, ax.dqkv, 3 * HHd, b->ln1, D, WX + lp->wq, BT, D, 3 * HHd, 0);
+        rmsnorm_backward(m->d_res, ax.dres_x, G + lp->attn_norm, m->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D,
+                         m->dw_partial);
     }
     // the host sorts the tokens while the GPU runs the layers above
     int U = encoder_buckets(m, BT);
@@ -2088,6 +2148,17 @@ __global__ void sumsq_partial_kernel(double *partial, const float *x, size_t n, 
     for (size_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) acc += (double)xs[i] * xs[i];
     acc = block_sum(acc);
     if (threadIdx.x == 0) partial[(size_t)s * nb + b] = acc;
+}
+// sum of x^2 (n floats) in double: partial (partial_blocks(n) + 1) scratch; syncs, to return it
+static double sum_squares(const float *x, size_t n, double *partial) {
+    int nb = partial_blocks(n);
+    sumsq_partial_kernel<<<dim3(nb, 1), 256>>>(partial, x, n, nb);
+    launchCheck();
+    sum_kernel<<<1, RED_THREADS>>>(partial + nb, partial, nb);
+    launchCheck();
+    double ss;
+    cudaCheck(cudaMemcpy(&ss, partial + nb, sizeof(double), cudaMemcpyDeviceToHost));
+    return ss;
 }
 
 // w, g, mom, vel (n); g is scaled by gscale (clipping); weight decay wd (0 for
@@ -2213,37 +2284,35 @@ __global__ void adafactor_apply_kernel(float *w, const float *g, const float *st
     w[(size_t)s * n + k] -= scale[s] * (u / clip[s]);
 }
 
-// one tensor: S slices w, g (rows,cols) and their state
-static void adafactor_update(Model *m, float *w, const float *g, float *state, int S, int rows, int cols, int factored,
-                             const OptSettings *o, int t) {
+// one tensor: S slices w, g (rows,cols) and their state; partial (opt_partial_size), scale, clip, rmean (S) scratch
+static void adafactor_update(float *w, const float *g, float *state, int S, int rows, int cols, int factored,
+                             const OptSettings *o, int t, double *partial, float *scale, float *clip, double *rmean) {
     size_t n = (size_t)rows * cols;
     int nb = partial_blocks(n);
     float beta = 1.0f - powf((float)t, -o->decay);
-    double *part = m->opt_partial;
-    sumsq_partial_kernel<<<dim3(nb, S), 256>>>(part, w, n, nb);
+    sumsq_partial_kernel<<<dim3(nb, S), 256>>>(partial, w, n, nb);
     launchCheck();
-    adafactor_scale_kernel<<<S, 32>>>(m->opt_scale, part, nb, n, o->lr, o->eps2);
+    adafactor_scale_kernel<<<S, 32>>>(scale, partial, nb, n, o->lr, o->eps2);
     launchCheck();
     if (factored) {
         adafactor_rows_kernel<<<dim3(ceil_div(rows, 4), S), 128>>>(state, g, rows, cols, beta, o->eps1);
         launchCheck();
         int n_chunks = ceil_div(rows, 256);
-        adafactor_cols_partial_kernel<<<dim3(ceil_div(cols, 128), n_chunks, S), 128>>>(part, g, rows, cols, o->eps1);
+        adafactor_cols_partial_kernel<<<dim3(ceil_div(cols, 128), n_chunks, S), 128>>>(partial, g, rows, cols, o->eps1);
         launchCheck();
-        adafactor_cols_kernel<<<dim3(ceil_div(cols, 128), S), 128>>>(state, part, n_chunks, rows, cols, beta);
+        adafactor_cols_kernel<<<dim3(ceil_div(cols, 128), S), 128>>>(state, partial, n_chunks, rows, cols, beta);
         launchCheck();
-        adafactor_rmean_kernel<<<S, 256>>>(m->opt_rmean, state, rows, cols);
+        adafactor_rmean_kernel<<<S, 256>>>(rmean, state, rows, cols);
         launchCheck();
     } else {
         adafactor_v_kernel<<<ceil_div(n * S, 256), 256>>>(state, g, n * S, beta, o->eps1);
         launchCheck();
     }
-    adafactor_u_partial_kernel<<<dim3(nb, S), 256>>>(part, g, state, m->opt_rmean, rows, cols, factored, nb);
+    adafactor_u_partial_kernel<<<dim3(nb, S), 256>>>(partial, g, state, rmean, rows, cols, factored, nb);
     launchCheck();
-    adafactor_clip_kernel<<<S, 32>>>(m->opt_clip, part, nb, n, o->clip_threshold);
+    adafactor_clip_kernel<<<S, 32>>>(clip, partial, nb, n, o->clip_threshold);
     launchCheck();
-    adafactor_apply_kernel<<<dim3(ceil_div(n, 256), S), 256>>>(w, g, state, m->opt_rmean, m->opt_scale, m->opt_clip,
-                                                               rows, cols, factored);
+    adafactor_apply_kernel<<<dim3(ceil_div(n, 256), S), 256>>>(w, g, state, rmean, scale, clip, rows, cols, factored);
     launchCheck();
 }
 
@@ -2255,14 +2324,7 @@ float model_update(Model *m, const OptSettings *o, int t) {
         if (is_router_tensor(&pt->tensors[i]))
             cudaCheck(cudaMemsetAsync(m->grads + pt->tensors[i].offset, 0,
                                       tensor_numel(&pt->tensors[i]) * sizeof(float)));
-    int nb = partial_blocks(n);
-    sumsq_partial_kernel<<<dim3(nb, 1), 256>>>(m->opt_partial, m->grads, n, nb);
-    launchCheck();
-    sum_kernel<<<1, RED_THREADS>>>(m->opt_partial + m->n_opt_partial, m->opt_partial, nb);
-    launchCheck();
-    double norm2;
-    cudaCheck(cudaMemcpy(&norm2, m->opt_partial + m->n_opt_partial, sizeof(double), cudaMemcpyDeviceToHost));
-    float norm = (float)sqrt(norm2);
+    float norm = (float)sqrt(sum_squares(m->grads, n, m->opt_partial));
     if (o->kind == OPT_ADAMW) {
         float gscale = o->grad_clip > 0.0f && norm > o->grad_clip ? o->grad_clip / norm : 1.0f;
         size_t lo = m->shard_lo;
@@ -2283,8 +2345,8 @@ float model_update(Model *m, const OptSettings *o, int t) {
             if (ti->offset < m->shard_lo || ti->offset >= m->shard_hi) continue;
             int factored = adafactor_factored(ti, o->min_dim);
             if (!(o->freeze_router && is_router_tensor(ti)))
-                adafactor_update(m, m->params + ti->offset, m->grads + ti->offset, state, ti->slices, ti->rows,
-                                 ti->cols, factored, o, t);
+                adafactor_update(m->params + ti->offset, m->grads + ti->offset, state, ti->slices, ti->rows, ti->cols,
+                                 factored, o, t, m->opt_partial, m->opt_scale, m->opt_clip, m->opt_rmean);
             state += (size_t)ti->slices * (factored ? (size_t)ti->rows + ti->cols : (size_t)ti->rows * ti->cols);
         }
     }
@@ -2329,8 +2391,8 @@ __global__ void matvec_forward_kernel(float *out, const float *inp, const float 
     acc = warp_sum(acc);
     if (lane == 0) out[o] = accumulate ? out[o] + acc : acc;
 }
-static void matvec_forward(float *out, const float *inp, const float *w, const int *sel, size_t sel_stride, int IN,
-                           int OUT, int accumulate) {
+static void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT, const int *sel = NULL,
+                           size_t sel_stride = 0, int accumulate = 0) {
     matvec_forward_kernel<<<ceil_div(OUT, 8), 256>>>(out, inp, w, sel, sel_stride, IN, OUT, accumulate);
     launchCheck();
 }
@@ -2363,26 +2425,38 @@ __global__ void attention_decode_kernel(float *out, float *att, const float *qkv
         out[(size_t)h * Hd + i] = acc;
     }
 }
+// qkv (3HHd) of position pos, kc, vc (max_seq_len, HHd) -> out (HHd); att (H, max_seq_len) scratch
+static void attention_decode(float *out, float *att, const float *qkv, const float *kc, const float *vc, int pos, int H,
+                             int Hd, int max_seq_len) {
+    attention_decode_kernel<<<H, 128>>>(out, att, qkv, kc, vc, pos, H, Hd, max_seq_len);
+    launchCheck();
+}
 
-// acc (D) = acc + p[top[0]] * y (one expert's weighted output); x (D) = acc + x when finish
+// router_row (openmoe.h) of one token on the device: z (E) -> p (E), lse, top (K)
+static void router_token(float *p, float *lse, int *top, const float *z, const float *bias, int E, int K) {
+    router_forward_kernel<<<1, 32>>>(p, lse, top, z, bias, 1, E, K);
+    launchCheck();
+}
+
+// acc (D) = acc + p[top[0]] * y: one expert's weighted output
 __global__ void moe_decode_accumulate_kernel(float *acc, const float *y, const float *p, const int *top, int D) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < D) acc[i] = acc[i] + p[top[0]] * y[i];
 }
-__global__ void residual_forward_kernel(float *out, const float *a, const float *b, int n) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = a[i] + b[i];
+static void moe_decode_accumulate(float *acc, const float *y, const float *p, const int *top, int D) {
+    moe_decode_accumulate_kernel<<<ceil_div(D, 256), 256>>>(acc, y, p, top, D);
+    launchCheck();
 }
 
-// one token's gated FFN: x (D) += FFN(xn); the weights of expert sel[0] when sel is not NULL
-static void ffn_token(Model *m, float *x, const float *xn, const float *wg, const float *wu, const float *wd,
-                      const int *sel, int F, int accumulate, float *out) {
+// one token's gated FFN: out (D) = (or += with accumulate) FFN(x); the weights of expert sel[0] when sel is not NULL
+static void ffn_token(Model *m, float *out, const float *x, const float *wg, const float *wu, const float *wd, int F,
+                      const int *sel, int accumulate) {
     int D = m->c.D;
-    matvec_forward(m->t_gu, xn, wg, sel, (size_t)2 * F * D, D, 2 * F, 0);
-    matvec_forward(m->t_gu + 2 * F, xn, wu, sel, (size_t)F * D, D, F, 0);
+    matvec_forward(m->t_gu, x, wg, D, 2 * F, sel, (size_t)2 * F * D);
+    matvec_forward(m->t_gu + 2 * F, x, wu, D, F, sel, (size_t)F * D);
     ffn_gate_kernel<float><<<ceil_div(F, 256), 256>>>(m->t_h, m->t_gu, 1, F);
     launchCheck();
-    matvec_forward(accumulate ? x : out, m->t_h, wd, sel, (size_t)D * F, F, D, accumulate);
+    matvec_forward(out, m->t_h, wd, F, D, sel, (size_t)D * F, accumulate);
 }
 
 const int model_decode_bitwise = 0;  // cuBLAS sums the forward's products in its own order
@@ -2400,37 +2474,33 @@ const float *model_decode(Model *m, int token, int pos) {
         const LayerParams *lp = &pt->layer[l];
         float *kc = m->kcache + (size_t)l * c->max_seq_len * HHd, *vc = m->vcache + (size_t)l * c->max_seq_len * HHd;
         rmsnorm_forward(xn, (float *)NULL, x, W + lp->attn_norm, 1, D);
-        matvec_forward(m->t_qkv, xn, W + lp->wq, NULL, 0, D, 3 * HHd, 0);  // q | k | v
+        matvec_forward(m->t_qkv, xn, W + lp->wq, D, 3 * HHd);  // q | k | v
         rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, 1, 1, H, Hd, 3 * HHd, pos, 1.0f);
         copy_floats(kc + (size_t)pos * HHd, m->t_qkv + HHd, HHd);
         copy_floats(vc + (size_t)pos * HHd, m->t_qkv + 2 * HHd, HHd);
-        attention_decode_kernel<<<H, 128>>>(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, c->max_seq_len);
-        launchCheck();
-        matvec_forward(x, m->t_aty, W + lp->wo, NULL, 0, HHd, D, 1);  // x += Wo aty
+        attention_decode(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, c->max_seq_len);
+        matvec_forward(x, m->t_aty, W + lp->wo, HHd, D, NULL, 0, 1);  // x += Wo aty
         rmsnorm_forward(xn, (float *)NULL, x, W + lp->mlp_norm, 1, D);
         if (!lp->moe) {
-            ffn_token(m, x, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, NULL, c->F, 1, NULL);
+            ffn_token(m, x, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->F, NULL, 1);
             continue;
         }
         // a group of one token: capacity never binds, every choice is kept
-        matvec_forward(m->t_z, xn, W + lp->router, NULL, 0, D, E, 0);
-        router_forward_kernel<<<1, 32>>>(m->t_p, m->t_lse, m->t_top, m->t_z, m->router_bias + (size_t)im++ * E, 1, E, K);
-        launchCheck();
+        matvec_forward(m->t_z, xn, W + lp->router, D, E);
+        router_token(m->t_p, m->t_lse, m->t_top, m->t_z, m->router_bias + (size_t)im++ * E, E, K);
         cudaCheck(cudaMemsetAsync(m->t_acc, 0, D * sizeof(float)));
         for (int r = 0; r < K; r++) {
-            ffn_token(m, NULL, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, m->t_top + r, c->Fe, 0, m->t_out);
-            moe_decode_accumulate_kernel<<<ceil_div(D, 256), 256>>>(m->t_acc, m->t_out, m->t_p, m->t_top + r, D);
-            launchCheck();
+            ffn_token(m, m->t_out, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->Fe, m->t_top + r, 0);
+            moe_decode_accumulate(m->t_acc, m->t_out, m->t_p, m->t_top + r, D);
         }
-        residual_forward_kernel<<<ceil_div(D, 256), 256>>>(x, m->t_acc, x, D);
-        launchCheck();
+        residual_forward(x, m->t_acc, x, D);
         if (c->extra_ffn) {
             rmsnorm_forward(xn, (float *)NULL, x, W + lp->extra_norm, 1, D);
-            ffn_token(m, x, xn, W + lp->x_gate, W + lp->x_up, W + lp->x_down, NULL, c->F, 1, NULL);
+            ffn_token(m, x, xn, W + lp->x_gate, W + lp->x_up, W + lp->x_down, c->F, NULL, 1);
         }
     }
     rmsnorm_forward(xn, (float *)NULL, x, W + pt->final_norm, 1, D);
-    matvec_forward(m->t_logits, xn, W + pt->lm_head, NULL, 0, D, c->V, 0);
+    matvec_forward(m->t_logits, xn, W + pt->lm_head, D, c->V);
     cudaCheck(cudaMemcpy(m->h_logits, m->t_logits, c->V * sizeof(float), cudaMemcpyDeviceToHost));
     return m->h_logits;
 }

@@ -827,6 +827,28 @@ static inline RouterStats *router_stats_create(int n_moe, int E, int **ints) {
     return stats;
 }
 
+// the router statistics of a forward: stats[i].lb, .rz, .dropped of MoE layer
+// i from its sums (layer_sums[2i] the lb sum over the n_groups groups,
+// [2i+1] the sum of lse^2 over the N tokens) and its routed and kept counts
+// (already in stats[i]). Returns the assignments dropped in all layers.
+static inline long router_stats_from_sums(RouterStats *stats, const double *layer_sums, int n_moe, int n_groups,
+                                          int N, int K, int E) {
+    long dropped = 0;
+    for (int i = 0; i < n_moe; i++) {
+        RouterStats *st = &stats[i];
+        st->lb = (float)(layer_sums[2 * i] / n_groups);
+        st->rz = (float)(layer_sums[2 * i + 1] / N);
+        long routed = 0, kept = 0;
+        for (int e = 0; e < E; e++) {
+            routed += st->routed[e];
+            kept += st->kept[e];
+        }
+        st->dropped = (float)((double)(routed - kept) / ((double)N * K));
+        dropped += routed - kept;
+    }
+    return dropped;
+}
+
 // Loss-free balancing (SPEC §8), after an optimizer step: per MoE layer,
 // b_e += u * sign(mean load - load_e), load_e = the step's assignments to e
 // before dropping (stats[i].routed), mean load = their total / E.
