@@ -1584,6 +1584,8 @@ static int partial_blocks(size_t n) {
     return (int)(nb < 1 ? 1 : nb > 1024 ? 1024 : nb);
 }
 
+#define ADAFACTOR_COL_ROWS 256  // rows per partial column sum of Adafactor's factored second moment
+
 // the optimizer's scratch: the largest need over all tensors
 static size_t opt_partial_size(const Model *m, int *max_slices) {
     const ParamTable *pt = &m->table;
@@ -1595,7 +1597,7 @@ static size_t opt_partial_size(const Model *m, int *max_slices) {
         if (t->slices > *max_slices) *max_slices = t->slices;
         if (s * partial_blocks(n) > need) need = s * partial_blocks(n);
         if (m->opt_kind == OPT_ADAFACTOR && adafactor_factored(t, m->opt_min_dim)) {
-            size_t cols_partial = s * ceil_div(t->rows, 256) * (size_t)t->cols;
+            size_t cols_partial = s * ceil_div(t->rows, ADAFACTOR_COL_ROWS) * (size_t)t->cols;
             if (cols_partial > need) need = cols_partial;
         }
     }
@@ -2209,12 +2211,12 @@ __global__ void adafactor_rows_kernel(float *state, const float *g, int rows, in
     if (lane == 0) r[i] = beta * r[i] + (1.0f - beta) * (float)(acc / cols);
 }
 
-// column sums of g^2 + eps1 over chunks of 256 rows (blockIdx.y), slice blockIdx.z
+// column sums of g^2 + eps1 over chunks of ADAFACTOR_COL_ROWS rows (blockIdx.y), slice blockIdx.z
 __global__ void adafactor_cols_partial_kernel(double *partial, const float *g, int rows, int cols, float eps1) {
     int s = blockIdx.z, chunk = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x, n_chunks = gridDim.y;
     if (j >= cols) return;
     const float *gs = g + (size_t)s * rows * cols;
-    int i0 = chunk * 256, i1 = i0 + 256 < rows ? i0 + 256 : rows;
+    int i0 = chunk * ADAFACTOR_COL_ROWS, i1 = i0 + ADAFACTOR_COL_ROWS < rows ? i0 + ADAFACTOR_COL_ROWS : rows;
     double acc = 0.0;
     for (int i = i0; i < i1; i++) acc += (double)gs[(size_t)i * cols + j] * gs[(size_t)i * cols + j] + eps1;
     partial[((size_t)s * n_chunks + chunk) * cols + j] = acc;
@@ -2297,7 +2299,7 @@ static void adafactor_update(float *w, const float *g, float *state, int S, int 
     if (factored) {
         adafactor_rows_kernel<<<dim3(ceil_div(rows, 4), S), 128>>>(state, g, rows, cols, beta, o->eps1);
         launchCheck();
-        int n_chunks = ceil_div(rows, 256);
+        int n_chunks = ceil_div(rows, ADAFACTOR_COL_ROWS);
         adafactor_cols_partial_kernel<<<dim3(ceil_div(cols, 128), n_chunks, S), 128>>>(partial, g, rows, cols, o->eps1);
         launchCheck();
         adafactor_cols_kernel<<<dim3(ceil_div(cols, 128), S), 128>>>(state, partial, n_chunks, rows, cols, beta);
