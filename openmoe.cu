@@ -591,428 +591,21 @@ static void attention_backward(X *dqkv, X *dscore, float *dP, const X *dout, con
 
 // ----------------------------------------------------------------------------
 // flash attention (bf16 mode): the same causal attention without the (T,T)
-// matrices. A block owns 64 query rows (forward, dq) or 64 key rows (dk, dv)
-// of one (batch, head); tiles of 64 keys or queries stream through shared
-// memory, the next tile's loads in flight (in registers) while the current
-// one is used; the products run on tensor cores (WMMA, bf16 in, fp32 out)
-// from shared memory, and the softmax is done in fp32 on the stored scores
-// (no reliance on WMMA's register layout). Warp w of 4 owns rows 16w..16w+15
-// of its block's 64. The forward keeps the running max and sum of each row
-// (online softmax; two lanes per row) and stores lse = max + log(sum); the
-// backward recomputes P = exp(S - lse) and has two kernels, so that no two
-// blocks add to the same gradient (no atomics: deterministic): one per key
-// tile for dk, dv (over the query tiles that see it), one per query tile for
-// dq; their accumulators stay in registers (WMMA fragments) across the loop.
+// matrices, on tensor cores; its kernels and launchers are the last section of
+// this file. flash_supported: Hd has kernels; flash_smem_bytes: the shared
+// memory they need; flash_init: once, before the first launch.
 
-#define FA_TILE 64     // query and key rows per tile
-#define FA_THREADS 128 // 4 warps
-
-// the shared-memory layout of the flash kernels for head width HD: NT bf16
-// tiles of head rows (q, k, v, dout), NS fp32 score tiles (S, dP), NP bf16
-// score tiles (P, dS), NO fp32 accumulators (out), 2 per-row vectors. Row
-// strides are padded (fewer bank conflicts) and keep WMMA's rules: 32-byte
-// aligned tiles, strides a multiple of 8 (bf16) or 4 (fp32).
-template <int HD, int NT, int NS, int NP, int NO> struct FlashSmem {
-    static const int LDH = HD + 8;       // bf16 tiles of head rows
-    static const int LDS = FA_TILE + 4;  // fp32 score tiles
-    static const int LDP = FA_TILE + 8;  // bf16 score tiles
-    static const int LDO = HD + 4;       // fp32 accumulators
-    bf16 *t[NT];
-    float *s[NS];
-    bf16 *p[NP];
-    float *o[NO > 0 ? NO : 1];
-    float *row[2];
-    __host__ __device__ static size_t bytes() {
-        return NT * (size_t)FA_TILE * LDH * 2 + NS * (size_t)FA_TILE * LDS * 4 + NP * (size_t)FA_TILE * LDP * 2 +
-               NO * (size_t)FA_TILE * LDO * 4 + 2 * (size_t)FA_TILE * 4;
-    }
-    __device__ FlashSmem(char *base) {
-        char *q = base;
-        for (int i = 0; i < NT; i++, q += (size_t)FA_TILE * LDH * 2) t[i] = (bf16 *)q;
-        for (int i = 0; i < NS; i++, q += (size_t)FA_TILE * LDS * 4) s[i] = (float *)q;
-        for (int i = 0; i < NP; i++, q += (size_t)FA_TILE * LDP * 2) p[i] = (bf16 *)q;
-        for (int i = 0; i < NO; i++, q += (size_t)FA_TILE * LDO * 4) o[i] = (float *)q;
-        for (int i = 0; i < 2; i++, q += (size_t)FA_TILE * 4) row[i] = (float *)q;
-    }
-};
-// each kernel's layout. The backward kernels stage their register
-// accumulators through the two score tiles at the end (64 rows at stride LDO fit there).
-template <int HD> struct FlashFwd : FlashSmem<HD, 3, 1, 1, 1> {  // q, k, v; S; P; out
-    __device__ FlashFwd(char *b) : FlashSmem<HD, 3, 1, 1, 1>(b) {}
-};
-template <int HD> struct FlashDkv : FlashSmem<HD, 4, 2, 2, 0> {  // q, dout, k, v; S, dP; P, dS
-    __device__ FlashDkv(char *b) : FlashSmem<HD, 4, 2, 2, 0>(b) {}
-    static_assert(2 * (FA_TILE + 4) >= HD + 4, "the score tiles hold the staged accumulators");
-};
-template <int HD> struct FlashDq : FlashSmem<HD, 4, 2, 1, 0> {  // q, dout, k, v; S, dP; dS
-    __device__ FlashDq(char *b) : FlashSmem<HD, 4, 2, 1, 0>(b) {}
-};
-// the strides, the same in every layout
-template <int HD> struct FlashLd : FlashSmem<HD, 1, 1, 1, 1> {};
-
-// a tile (64 rows, HD bf16) in flight: each thread's HD/16 pieces of 16 bytes
-template <int HD> struct FlashTileRegs {
-    static const int N = FA_TILE * HD / 8 / FA_THREADS;
-    uint4 v[N];
-};
-// regs = rows r0..r0+63 of src (row stride ld), zero past row T: the loads only, so they overlap the work after
-template <int HD> __device__ void flash_fetch_tile(FlashTileRegs<HD> &regs, const bf16 *src, int ld, int r0, int T) {
-    const int per_row = HD / 8;
-#pragma unroll
-    for (int i = 0; i < FlashTileRegs<HD>::N; i++) {
-        int idx = threadIdx.x + i * FA_THREADS, r = idx / per_row, c = (idx % per_row) * 8;
-        uint4 v = {0, 0, 0, 0};
-        if (r0 + r < T) v = *(const uint4 *)(src + (size_t)(r0 + r) * ld + c);
-        regs.v[i] = v;
-    }
-}
-// dst (64, HD; stride LDH) = the fetched tile
-template <int HD> __device__ void flash_put_tile(bf16 *dst, const FlashTileRegs<HD> &regs) {
-    const int per_row = HD / 8;
-#pragma unroll
-    for (int i = 0; i < FlashTileRegs<HD>::N; i++) {
-        int idx = threadIdx.x + i * FA_THREADS, r = idx / per_row, c = (idx % per_row) * 8;
-        *(uint4 *)(dst + r * FlashLd<HD>::LDH + c) = regs.v[i];
-    }
-}
-
-// acc (NC fragments: the warp's 16 rows, 16 NC columns) += A (16, K) @ B (K, 16 NC).
-// A: row-major a[r*lda + k], or transposed (A_T: A(r,k) = a[k*lda + r]).
-// B: row-major b[k*ldb + n], or transposed (B_T: B(k,n) = b[n*ldb + k]).
-typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> FlashAcc;
-template <int K, int NC, bool A_T, bool B_T>
-__device__ void flash_mma_acc(FlashAcc *acc, const bf16 *a, int lda, const bf16 *b, int ldb) {
-    using namespace nvcuda;
-    typedef typename std::conditional<A_T, wmma::col_major, wmma::row_major>::type LA;
-    typedef typename std::conditional<B_T, wmma::col_major, wmma::row_major>::type LB;
-    for (int k = 0; k < K; k += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
-        wmma::load_matrix_sync(fa, A_T ? a + (size_t)k * lda : a + k, lda);
-        for (int j = 0; j < NC; j++) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
-            wmma::load_matrix_sync(fb, B_T ? b + (size_t)j * 16 * ldb + k : b + (size_t)k * ldb + j * 16, ldb);
-            wmma::mma_sync(acc[j], fa, fb, acc[j]);
-        }
-    }
-}
-// the same product into shared memory: C (fp32, stride ldc) = (or += with accumulate) A @ B
-template <int K, int NC, bool A_T, bool B_T>
-__device__ void flash_mma(float *c, int ldc, const bf16 *a, int lda, const bf16 *b, int ldb, bool accumulate) {
-    using namespace nvcuda;
-    FlashAcc acc[NC];
-    for (int j = 0; j < NC; j++) {
-        if (accumulate) wmma::load_matrix_sync(acc[j], c + j * 16, ldc, wmma::mem_row_major);
-        else wmma::fill_fragment(acc[j], 0.0f);
-    }
-    flash_mma_acc<K, NC, A_T, B_T>(acc, a, lda, b, ldb);
-    for (int j = 0; j < NC; j++) wmma::store_matrix_sync(c + j * 16, acc[j], ldc, wmma::mem_row_major);
-}
-
-// out (B,T,HHd) and lse (B,H,T) from qkv (B,T,3HHd): block (query tile, b*H + h)
-template <int HD> __global__ void attention_forward_flash_kernel(bf16 *out, float *lse, const bf16 *qkv, int T, int H) {
-    typedef FlashFwd<HD> L;
-    DYNAMIC_SMEM(smem);
-    L sm(smem);
-    bf16 *sQ = sm.t[0], *sK = sm.t[1], *sV = sm.t[2], *sP = sm.p[0];
-    float *sS = sm.s[0], *sO = sm.o[0], *sMax = sm.row[0], *sSum = sm.row[1];
-    int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, q0 = blockIdx.x * FA_TILE;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
-    const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *k = q + HHd, *v = q + 2 * HHd;
-    FlashTileRegs<HD> nk, nv;  // the next key tile, in flight
-    flash_fetch_tile<HD>(nk, q, ld, q0, T);
-    flash_put_tile<HD>(sQ, nk);
-    flash_fetch_tile<HD>(nk, k, ld, 0, T);
-    flash_fetch_tile<HD>(nv, v, ld, 0, T);
-    for (int i = threadIdx.x; i < FA_TILE * L::LDO; i += blockDim.x) sO[i] = 0.0f;
-    for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
-        sMax[i] = -INFINITY;
-        sSum[i] = 0.0f;
-    }
-    // the softmax's share of each lane: row r (two lanes per row), every other column from `half`
-    int r = r0 + lane / 2, half = lane % 2, t = q0 + r;
-    int last = (q0 + FA_TILE < T ? q0 + FA_TILE : T) - 1;  // the last key any row of the tile sees
-    for (int k0 = 0; k0 <= last; k0 += FA_TILE) {
-        __syncthreads();  // the previous tiles are consumed
-        flash_put_tile<HD>(sK, nk);
-        flash_put_tile<HD>(sV, nv);
-        __syncthreads();
-        if (k0 + FA_TILE <= last) {
-            flash_fetch_tile<HD>(nk, k, ld, k0 + FA_TILE, T);
-            flash_fetch_tile<HD>(nv, v, ld, k0 + FA_TILE, T);
-        }
-        // S (the warp's 16 rows, 64 keys) = q k^T
-        flash_mma<HD, FA_TILE / 16, false, true>(sS + r0 * L::LDS, L::LDS, sQ + r0 * L::LDH, L::LDH, sK, L::LDH, false);
-        __syncwarp();
-        // online softmax of row r: the new max, P = exp(S - max), out and sum rescaled
-        float *sr = sS + r * L::LDS, mx = -INFINITY;
-        for (int c = half; c < FA_TILE; c += 2) {
-            int s = k0 + c;
-            float x = s <= t && s < T ? sr[c] : -INFINITY;
-            sr[c] = x;
-            mx = fmaxf(mx, x);
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        float m_old = sMax[r], m_new = fmaxf(m_old, mx), sum = 0.0f;  // m_new is finite: key 0 is in the first tile
-        for (int c = half; c < FA_TILE; c += 2) {
-            float pv = sr[c] == -INFINITY ? 0.0f : expf(sr[c] - m_new);
-            sP[r * L::LDP + c] = from_float<bf16>(pv);
-            sum += pv;
-        }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        float scale = expf(m_old - m_new);  // 0 at the first tile (m_old = -inf)
-        for (int i = half; i < HD; i += 2) sO[r * L::LDO + i] *= scale;
-        __syncwarp();  // both lanes of the row have read sMax[r] and sSum[r]
-        if (half == 0) {
-            sMax[r] = m_new;
-            sSum[r] = sSum[r] * scale + sum;
-        }
-        __syncwarp();
-        // out (the warp's rows) += P v
-        flash_mma<FA_TILE, HD / 16, false, false>(sO + r0 * L::LDO, L::LDO, sP + r0 * L::LDP, L::LDP, sV, L::LDH, true);
-    }
-    __syncwarp();
-    for (int rr = r0; rr < r0 + 16; rr++) {
-        int tt = q0 + rr;
-        if (tt >= T) break;
-        float inv = 1.0f / sSum[rr];
-        for (int i = lane; i < HD; i += 32)
-            out[((size_t)b * T + tt) * HHd + (size_t)h * HD + i] = from_float<bf16>(sO[rr * L::LDO + i] * inv);
-        if (lane == 0) lse[(size_t)bh * T + tt] = sMax[rr] + logf(sSum[rr]);
-    }
-}
-
-// dvec (B,H,T) = rowsum(dout * out) per head: one warp per (token, head)
-__global__ void attention_backward_dot_kernel(float *dvec, const bf16 *dout, const bf16 *out, int BT, int T, int H,
-                                              int Hd) {
-    int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (w >= BT * H) return;
-    int n = w / H, h = w % H, b = n / T, t = n % T;
-    const bf16 *d = dout + (size_t)n * H * Hd + (size_t)h * Hd, *o = out + (size_t)n * H * Hd + (size_t)h * Hd;
-    float s = 0.0f;
-    for (int i = lane; i < Hd; i += 32) s += to_float(d[i]) * to_float(o[i]);
-    s = warp_sum(s);
-    if (lane == 0) dvec[((size_t)b * H + h) * T + t] = s;
-}
-
-// the backward's shared step for one (query tile, key tile) pair, on the warp's
-// 16 query rows: S = q k^T, P = exp(S - lse) where s <= t (fp32, in sS),
-// dP = dout v^T (sdP), dS = P (dP - dvec) -> sdS (bf16); P -> sP (bf16) when sP
-template <int HD>
-__device__ void flash_backward_scores(float *sS, float *sdP, bf16 *sP, bf16 *sdS, const bf16 *sQ, const bf16 *sdO,
-                                      const bf16 *sK, const bf16 *sV, const float *sLse, const float *sDvec, int q0,
-                                      int k0, int T) {
-    typedef FlashLd<HD> L;
-    int lane = threadIdx.x % 32, r0 = (threadIdx.x / 32) * 16;
-    flash_mma<HD, FA_TILE / 16, false, true>(sS + r0 * L::LDS, L::LDS, sQ + r0 * L::LDH, L::LDH, sK, L::LDH, false);
-    flash_mma<HD, FA_TILE / 16, false, true>(sdP + r0 * L::LDS, L::LDS, sdO + r0 * L::LDH, L::LDH, sV, L::LDH, false);
-    __syncwarp();
-    for (int r = r0; r < r0 + 16; r++) {
-        int t = q0 + r;
-        for (int c = lane; c < FA_TILE; c += 32) {
-            int s = k0 + c;
-            float pv = s <= t && t < T ? expf(sS[r * L::LDS + c] - sLse[r]) : 0.0f;
-            if (sP) sP[r * L::LDP + c] = from_float<bf16>(pv);
-            sdS[r * L::LDP + c] = from_float<bf16>(pv * (sdP[r * L::LDS + c] - sDvec[r]));
-        }
-    }
-}
-
-// the block's 64 rows of a register accumulator (each warp its 16 rows, HD
-// columns) -> bf16 rows t0.. of dst (row stride ld), staged in stage (fp32, stride LDO)
-template <int HD> __device__ void flash_store_acc(bf16 *dst, int ld, const FlashAcc *acc, float *stage, int t0, int T) {
-    const int LDO = FlashLd<HD>::LDO;
-    int r0 = (threadIdx.x / 32) * 16;
-    __syncthreads();  // every warp is done with the staging area's earlier use
-    for (int j = 0; j < HD / 16; j++)
-        nvcuda::wmma::store_matrix_sync(stage + r0 * LDO + j * 16, acc[j], LDO, nvcuda::wmma::mem_row_major);
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < FA_TILE * HD; idx += blockDim.x) {
-        int r = idx / HD, i = idx % HD;
-        if (t0 + r < T) dst[(size_t)(t0 + r) * ld + i] = from_float<bf16>(stage[r * LDO + i]);
-    }
-}
-
-// lse and dvec of query rows q0..q0+63 in flight: thread i < 64 holds row q0 + i's
-__device__ void flash_fetch_rows(float *l, float *d, const float *lse, const float *dvec, int q0, int T) {
-    int i = threadIdx.x;
-    *l = i < FA_TILE && q0 + i < T ? lse[q0 + i] : 0.0f;
-    *d = i < FA_TILE && q0 + i < T ? dvec[q0 + i] : 0.0f;
-}
-
-// dk, dv of one key tile (blockIdx.x) of (b, h) = blockIdx.y, over the query tiles that see it
-template <int HD>
-__global__ void attention_backward_flash_dkv_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
-                                                    const float *dvec, int T, int H) {
-    typedef FlashDkv<HD> L;
-    DYNAMIC_SMEM(smem);
-    L sm(smem);
-    bf16 *sQ = sm.t[0], *sdO = sm.t[1], *sK = sm.t[2], *sV = sm.t[3], *sP = sm.p[0], *sdS = sm.p[1];
-    float *sS = sm.s[0], *sdP = sm.s[1], *sLse = sm.row[0], *sDvec = sm.row[1];
-    int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, k0 = blockIdx.x * FA_TILE;
-    int r0 = (threadIdx.x / 32) * 16;
-    const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *dy = dout + (size_t)b * T * HHd + (size_t)h * HD;
-    const float *lse_bh = lse + (size_t)bh * T, *dvec_bh = dvec + (size_t)bh * T;
-    FlashTileRegs<HD> nq, ndo;  // the next query tile, in flight
-    float nl, nd;
-    flash_fetch_tile<HD>(nq, q + HHd, ld, k0, T);
-    flash_put_tile<HD>(sK, nq);
-    flash_fetch_tile<HD>(nq, q + 2 * HHd, ld, k0, T);
-    flash_put_tile<HD>(sV, nq);
-    flash_fetch_tile<HD>(nq, q, ld, k0, T);
-    flash_fetch_tile<HD>(ndo, dy, HHd, k0, T);
-    flash_fetch_rows(&nl, &nd, lse_bh, dvec_bh, k0, T);
-    FlashAcc dk[HD / 16], dv[HD / 16];  // the warp's 16 key rows
-    for (int j = 0; j < HD / 16; j++) {
-        nvcuda::wmma::fill_fragment(dk[j], 0.0f);
-        nvcuda::wmma::fill_fragment(dv[j], 0.0f);
-    }
-    for (int q0 = k0; q0 < T; q0 += FA_TILE) {  // queries before k0 do not see these keys
-        __syncthreads();
-        flash_put_tile<HD>(sQ, nq);
-        flash_put_tile<HD>(sdO, ndo);
-        if (threadIdx.x < FA_TILE) {
-            sLse[threadIdx.x] = nl;
-            sDvec[threadIdx.x] = nd;
-        }
-        __syncthreads();
-        if (q0 + FA_TILE < T) {
-            flash_fetch_tile<HD>(nq, q, ld, q0 + FA_TILE, T);
-            flash_fetch_tile<HD>(ndo, dy, HHd, q0 + FA_TILE, T);
-            flash_fetch_rows(&nl, &nd, lse_bh, dvec_bh, q0 + FA_TILE, T);
-        }
-        flash_backward_scores<HD>(sS, sdP, sP, sdS, sQ, sdO, sK, sV, sLse, sDvec, q0, k0, T);
-        __syncthreads();  // dk, dv need every warp's rows of P and dS
-        // the warp's 16 key rows: dv += P^T dout, dk += dS^T q
-        flash_mma_acc<FA_TILE, HD / 16, true, false>(dv, sP + r0, L::LDP, sdO, L::LDH);
-        flash_mma_acc<FA_TILE, HD / 16, true, false>(dk, sdS + r0, L::LDP, sQ, L::LDH);
-    }
-    bf16 *dq = dqkv + (size_t)b * T * ld + (size_t)h * HD;
-    flash_store_acc<HD>(dq + HHd, ld, dk, sS, k0, T);
-    flash_store_acc<HD>(dq + 2 * HHd, ld, dv, sS, k0, T);
-}
-
-// dq of one query tile (blockIdx.x) of (b, h) = blockIdx.y, over the key tiles it sees
-template <int HD>
-__global__ void attention_backward_flash_dq_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
-                                                   const float *dvec, int T, int H) {
-    typedef FlashDq<HD> L;
-    DYNAMIC_SMEM(smem);
-    L sm(smem);
-    bf16 *sQ = sm.t[0], *sdO = sm.t[1], *sK = sm.t[2], *sV = sm.t[3], *sdS = sm.p[0];
-    float *sS = sm.s[0], *sdP = sm.s[1], *sLse = sm.row[0], *sDvec = sm.row[1];
-    int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, q0 = blockIdx.x * FA_TILE;
-    int r0 = (threadIdx.x / 32) * 16;
-    const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *dy = dout + (size_t)b * T * HHd + (size_t)h * HD;
-    FlashTileRegs<HD> nk, nv;  // the next key tile, in flight
-    float nl, nd;
-    flash_fetch_tile<HD>(nk, q, ld, q0, T);
-    flash_put_tile<HD>(sQ, nk);
-    flash_fetch_tile<HD>(nk, dy, HHd, q0, T);
-    flash_put_tile<HD>(sdO, nk);
-    flash_fetch_rows(&nl, &nd, lse + (size_t)bh * T, dvec + (size_t)bh * T, q0, T);
-    if (threadIdx.x < FA_TILE) {
-        sLse[threadIdx.x] = nl;
-        sDvec[threadIdx.x] = nd;
-    }
-    flash_fetch_tile<HD>(nk, q + HHd, ld, 0, T);
-    flash_fetch_tile<HD>(nv, q + 2 * HHd, ld, 0, T);
-    FlashAcc dq[HD / 16];  // the warp's 16 query rows
-    for (int j = 0; j < HD / 16; j++) nvcuda::wmma::fill_fragment(dq[j], 0.0f);
-    int last = (q0 + FA_TILE < T ? q0 + FA_TILE : T) - 1;
-    for (int k0 = 0; k0 <= last; k0 += FA_TILE) {
-        __syncthreads();
-        flash_put_tile<HD>(sK, nk);
-        flash_put_tile<HD>(sV, nv);
-        __syncthreads();
-        if (k0 + FA_TILE <= last) {
-            flash_fetch_tile<HD>(nk, q + HHd, ld, k0 + FA_TILE, T);
-            flash_fetch_tile<HD>(nv, q + 2 * HHd, ld, k0 + FA_TILE, T);
-        }
-        flash_backward_scores<HD>(sS, sdP, NULL, sdS, sQ, sdO, sK, sV, sLse, sDvec, q0, k0, T);
-        __syncwarp();
-        // the warp's 16 query rows: dq += dS k
-        flash_mma_acc<FA_TILE, HD / 16, false, false>(dq, sdS + r0 * L::LDP, L::LDP, sK, L::LDH);
-    }
-    flash_store_acc<HD>(dqkv + (size_t)b * T * ld + (size_t)h * HD, ld, dq, sS, q0, T);
-}
-
-// head widths with a flash kernel (WMMA: a multiple of 16; one warp's lanes span <= 128 columns)
-static int flash_supported(int Hd) { return Hd == 16 || Hd == 32 || Hd == 64 || Hd == 128; }
-
-template <int HD> static void flash_set_smem(void) {
-    cudaCheck(cudaFuncSetAttribute(attention_forward_flash_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   (int)FlashFwd<HD>::bytes()));
-    cudaCheck(cudaFuncSetAttribute(attention_backward_flash_dkv_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   (int)FlashDkv<HD>::bytes()));
-    cudaCheck(cudaFuncSetAttribute(attention_backward_flash_dq_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   (int)FlashDq<HD>::bytes()));
-}
-// the largest shared memory the flash kernels of head width HD need
-template <int HD> static size_t flash_smem_bytes_hd(void) {
-    size_t f = FlashFwd<HD>::bytes(), kv = FlashDkv<HD>::bytes(), q = FlashDq<HD>::bytes();
-    return f > kv ? (f > q ? f : q) : (kv > q ? kv : q);
-}
-static size_t flash_smem_bytes(int Hd) {
-    return Hd == 16 ? flash_smem_bytes_hd<16>() : Hd == 32 ? flash_smem_bytes_hd<32>()
-         : Hd == 64 ? flash_smem_bytes_hd<64>() : flash_smem_bytes_hd<128>();
-}
-static void flash_init(int Hd) {
-    switch (Hd) {
-    case 16: flash_set_smem<16>(); break;
-    case 32: flash_set_smem<32>(); break;
-    case 64: flash_set_smem<64>(); break;
-    case 128: flash_set_smem<128>(); break;
-    default: die("flash attention: head width %d not supported", Hd);
-    }
-}
-
-template <int HD> static void attention_forward_flash_hd(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H) {
-    dim3 grid(ceil_div(T, FA_TILE), B * H);
-    attention_forward_flash_kernel<HD><<<grid, FA_THREADS, FlashFwd<HD>::bytes()>>>(out, lse, qkv, T, H);
-    launchCheck();
-}
-template <int HD>
-static void attention_backward_flash_hd(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
-                                        const float *dvec, int B, int T, int H) {
-    dim3 grid(ceil_div(T, FA_TILE), B * H);
-    attention_backward_flash_dkv_kernel<HD><<<grid, FA_THREADS, FlashDkv<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec, T, H);
-    launchCheck();
-    attention_backward_flash_dq_kernel<HD><<<grid, FA_THREADS, FlashDq<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec, T, H);
-    launchCheck();
-}
-
+static int flash_supported(int Hd);
+static size_t flash_smem_bytes(int Hd);
+static void flash_init(int Hd);
 // qkv (BT,3HHd) -> out (BT,HHd), lse (B,H,T)
-static void attention_forward_flash(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int Hd) {
-    switch (Hd) {
-    case 16: attention_forward_flash_hd<16>(out, lse, qkv, B, T, H); break;
-    case 32: attention_forward_flash_hd<32>(out, lse, qkv, B, T, H); break;
-    case 64: attention_forward_flash_hd<64>(out, lse, qkv, B, T, H); break;
-    case 128: attention_forward_flash_hd<128>(out, lse, qkv, B, T, H); break;
-    default: die("flash attention: head width %d not supported", Hd);
-    }
-}
-static void attention_forward_flash(float *, float *, const float *, int, int, int, int) {
-    die("flash attention runs in bf16 mode only");
-}
-
+static void attention_forward_flash(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int Hd);
+static void attention_forward_flash(float *, float *, const float *, int, int, int, int);
 // dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; out, lse from the forward; dvec (B,H,T) scratch
 static void attention_backward_flash(bf16 *dqkv, float *dvec, const bf16 *dout, const bf16 *out, const float *lse,
-                                     const bf16 *qkv, int B, int T, int H, int Hd) {
-    int BT = B * T;
-    attention_backward_dot_kernel<<<ceil_div((size_t)BT * H, 4), 128>>>(dvec, dout, out, BT, T, H, Hd);
-    launchCheck();
-    switch (Hd) {
-    case 16: attention_backward_flash_hd<16>(dqkv, dout, qkv, lse, dvec, B, T, H); break;
-    case 32: attention_backward_flash_hd<32>(dqkv, dout, qkv, lse, dvec, B, T, H); break;
-    case 64: attention_backward_flash_hd<64>(dqkv, dout, qkv, lse, dvec, B, T, H); break;
-    case 128: attention_backward_flash_hd<128>(dqkv, dout, qkv, lse, dvec, B, T, H); break;
-    default: die("flash attention: head width %d not supported", Hd);
-    }
-}
+                                     const bf16 *qkv, int B, int T, int H, int Hd);
 static void attention_backward_flash(float *, float *, const float *, const float *, const float *, const float *,
-                                     int, int, int, int) {
-    die("flash attention runs in bf16 mode only");
-}
+                                     int, int, int, int);
 
 // ----------------------------------------------------------------------------
 // the gated FFN of OpenMoE (dense, extra and every expert):
@@ -2557,3 +2150,430 @@ void model_params_allgather(Model *m, const size_t *shard) {
     params_to_x(m);
 }
 #endif
+
+// ----------------------------------------------------------------------------
+// flash attention (bf16 mode): the same causal attention without the (T,T)
+// matrices. A block owns 64 query rows (forward, dq) or 64 key rows (dk, dv)
+// of one (batch, head); tiles of 64 keys or queries stream through shared
+// memory, the next tile's loads in flight (in registers) while the current
+// one is used; the products run on tensor cores (WMMA, bf16 in, fp32 out)
+// from shared memory, and the softmax is done in fp32 on the stored scores
+// (no reliance on WMMA's register layout). Warp w of 4 owns rows 16w..16w+15
+// of its block's 64. The forward keeps the running max and sum of each row
+// (online softmax; two lanes per row) and stores lse = max + log(sum); the
+// backward recomputes P = exp(S - lse) and has two kernels, so that no two
+// blocks add to the same gradient (no atomics: deterministic): one per key
+// tile for dk, dv (over the query tiles that see it), one per query tile for
+// dq; their accumulators stay in registers (WMMA fragments) across the loop.
+
+#define FA_TILE 64     // query and key rows per tile
+#define FA_THREADS 128 // 4 warps
+
+// the shared-memory layout of the flash kernels for head width HD: NT bf16
+// tiles of head rows (q, k, v, dout), NS fp32 score tiles (S, dP), NP bf16
+// score tiles (P, dS), NO fp32 accumulators (out), 2 per-row vectors. Row
+// strides are padded (fewer bank conflicts) and keep WMMA's rules: 32-byte
+// aligned tiles, strides a multiple of 8 (bf16) or 4 (fp32).
+template <int HD, int NT, int NS, int NP, int NO> struct FlashSmem {
+    static const int LDH = HD + 8;       // bf16 tiles of head rows
+    static const int LDS = FA_TILE + 4;  // fp32 score tiles
+    static const int LDP = FA_TILE + 8;  // bf16 score tiles
+    static const int LDO = HD + 4;       // fp32 accumulators
+    bf16 *t[NT];
+    float *s[NS];
+    bf16 *p[NP];
+    float *o[NO > 0 ? NO : 1];
+    float *row[2];
+    __host__ __device__ static size_t bytes() {
+        return NT * (size_t)FA_TILE * LDH * 2 + NS * (size_t)FA_TILE * LDS * 4 + NP * (size_t)FA_TILE * LDP * 2 +
+               NO * (size_t)FA_TILE * LDO * 4 + 2 * (size_t)FA_TILE * 4;
+    }
+    __device__ FlashSmem(char *base) {
+        char *q = base;
+        for (int i = 0; i < NT; i++, q += (size_t)FA_TILE * LDH * 2) t[i] = (bf16 *)q;
+        for (int i = 0; i < NS; i++, q += (size_t)FA_TILE * LDS * 4) s[i] = (float *)q;
+        for (int i = 0; i < NP; i++, q += (size_t)FA_TILE * LDP * 2) p[i] = (bf16 *)q;
+        for (int i = 0; i < NO; i++, q += (size_t)FA_TILE * LDO * 4) o[i] = (float *)q;
+        for (int i = 0; i < 2; i++, q += (size_t)FA_TILE * 4) row[i] = (float *)q;
+    }
+};
+// each kernel's layout. The backward kernels stage their register
+// accumulators through the two score tiles at the end (64 rows at stride LDO fit there).
+template <int HD> struct FlashFwd : FlashSmem<HD, 3, 1, 1, 1> {  // q, k, v; S; P; out
+    __device__ FlashFwd(char *b) : FlashSmem<HD, 3, 1, 1, 1>(b) {}
+};
+template <int HD> struct FlashDkv : FlashSmem<HD, 4, 2, 2, 0> {  // q, dout, k, v; S, dP; P, dS
+    __device__ FlashDkv(char *b) : FlashSmem<HD, 4, 2, 2, 0>(b) {}
+    static_assert(2 * (FA_TILE + 4) >= HD + 4, "the score tiles hold the staged accumulators");
+};
+template <int HD> struct FlashDq : FlashSmem<HD, 4, 2, 1, 0> {  // q, dout, k, v; S, dP; dS
+    __device__ FlashDq(char *b) : FlashSmem<HD, 4, 2, 1, 0>(b) {}
+};
+// the strides, the same in every layout
+template <int HD> struct FlashLd : FlashSmem<HD, 1, 1, 1, 1> {};
+
+// a tile (64 rows, HD bf16) in flight: each thread's HD/16 pieces of 16 bytes
+template <int HD> struct FlashTileRegs {
+    static const int N = FA_TILE * HD / 8 / FA_THREADS;
+    uint4 v[N];
+};
+// regs = rows r0..r0+63 of src (row stride ld), zero past row T: the loads only, so they overlap the work after
+template <int HD> __device__ void flash_fetch_tile(FlashTileRegs<HD> &regs, const bf16 *src, int ld, int r0, int T) {
+    const int per_row = HD / 8;
+#pragma unroll
+    for (int i = 0; i < FlashTileRegs<HD>::N; i++) {
+        int idx = threadIdx.x + i * FA_THREADS, r = idx / per_row, c = (idx % per_row) * 8;
+        uint4 v = {0, 0, 0, 0};
+        if (r0 + r < T) v = *(const uint4 *)(src + (size_t)(r0 + r) * ld + c);
+        regs.v[i] = v;
+    }
+}
+// dst (64, HD; stride LDH) = the fetched tile
+template <int HD> __device__ void flash_put_tile(bf16 *dst, const FlashTileRegs<HD> &regs) {
+    const int per_row = HD / 8;
+#pragma unroll
+    for (int i = 0; i < FlashTileRegs<HD>::N; i++) {
+        int idx = threadIdx.x + i * FA_THREADS, r = idx / per_row, c = (idx % per_row) * 8;
+        *(uint4 *)(dst + r * FlashLd<HD>::LDH + c) = regs.v[i];
+    }
+}
+
+// acc (NC fragments: the warp's 16 rows, 16 NC columns) += A (16, K) @ B (K, 16 NC).
+// A: row-major a[r*lda + k], or transposed (A_T: A(r,k) = a[k*lda + r]).
+// B: row-major b[k*ldb + n], or transposed (B_T: B(k,n) = b[n*ldb + k]).
+typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> FlashAcc;
+template <int K, int NC, bool A_T, bool B_T>
+__device__ void flash_mma_acc(FlashAcc *acc, const bf16 *a, int lda, const bf16 *b, int ldb) {
+    using namespace nvcuda;
+    typedef typename std::conditional<A_T, wmma::col_major, wmma::row_major>::type LA;
+    typedef typename std::conditional<B_T, wmma::col_major, wmma::row_major>::type LB;
+    for (int k = 0; k < K; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
+        wmma::load_matrix_sync(fa, A_T ? a + (size_t)k * lda : a + k, lda);
+        for (int j = 0; j < NC; j++) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
+            wmma::load_matrix_sync(fb, B_T ? b + (size_t)j * 16 * ldb + k : b + (size_t)k * ldb + j * 16, ldb);
+            wmma::mma_sync(acc[j], fa, fb, acc[j]);
+        }
+    }
+}
+// the same product into shared memory: C (fp32, stride ldc) = (or += with accumulate) A @ B
+template <int K, int NC, bool A_T, bool B_T>
+__device__ void flash_mma(float *c, int ldc, const bf16 *a, int lda, const bf16 *b, int ldb, bool accumulate) {
+    using namespace nvcuda;
+    FlashAcc acc[NC];
+    for (int j = 0; j < NC; j++) {
+        if (accumulate) wmma::load_matrix_sync(acc[j], c + j * 16, ldc, wmma::mem_row_major);
+        else wmma::fill_fragment(acc[j], 0.0f);
+    }
+    flash_mma_acc<K, NC, A_T, B_T>(acc, a, lda, b, ldb);
+    for (int j = 0; j < NC; j++) wmma::store_matrix_sync(c + j * 16, acc[j], ldc, wmma::mem_row_major);
+}
+
+// out (B,T,HHd) and lse (B,H,T) from qkv (B,T,3HHd): block (query tile, b*H + h)
+template <int HD> __global__ void attention_forward_flash_kernel(bf16 *out, float *lse, const bf16 *qkv, int T, int H) {
+    typedef FlashFwd<HD> L;
+    DYNAMIC_SMEM(smem);
+    L sm(smem);
+    bf16 *sQ = sm.t[0], *sK = sm.t[1], *sV = sm.t[2], *sP = sm.p[0];
+    float *sS = sm.s[0], *sO = sm.o[0], *sMax = sm.row[0], *sSum = sm.row[1];
+    int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, q0 = blockIdx.x * FA_TILE;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
+    const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *k = q + HHd, *v = q + 2 * HHd;
+    FlashTileRegs<HD> nk, nv;  // the next key tile, in flight
+    flash_fetch_tile<HD>(nk, q, ld, q0, T);
+    flash_put_tile<HD>(sQ, nk);
+    flash_fetch_tile<HD>(nk, k, ld, 0, T);
+    flash_fetch_tile<HD>(nv, v, ld, 0, T);
+    for (int i = threadIdx.x; i < FA_TILE * L::LDO; i += blockDim.x) sO[i] = 0.0f;
+    for (int i = threadIdx.x; i < FA_TILE; i += blockDim.x) {
+        sMax[i] = -INFINITY;
+        sSum[i] = 0.0f;
+    }
+    // the softmax's share of each lane: row r (two lanes per row), every other column from `half`
+    int r = r0 + lane / 2, half = lane % 2, t = q0 + r;
+    int last = (q0 + FA_TILE < T ? q0 + FA_TILE : T) - 1;  // the last key any row of the tile sees
+    for (int k0 = 0; k0 <= last; k0 += FA_TILE) {
+        __syncthreads();  // the previous tiles are consumed
+        flash_put_tile<HD>(sK, nk);
+        flash_put_tile<HD>(sV, nv);
+        __syncthreads();
+        if (k0 + FA_TILE <= last) {
+            flash_fetch_tile<HD>(nk, k, ld, k0 + FA_TILE, T);
+            flash_fetch_tile<HD>(nv, v, ld, k0 + FA_TILE, T);
+        }
+        // S (the warp's 16 rows, 64 keys) = q k^T
+        flash_mma<HD, FA_TILE / 16, false, true>(sS + r0 * L::LDS, L::LDS, sQ + r0 * L::LDH, L::LDH, sK, L::LDH, false);
+        __syncwarp();
+        // online softmax of row r: the new max, P = exp(S - max), out and sum rescaled
+        float *sr = sS + r * L::LDS, mx = -INFINITY;
+        for (int c = half; c < FA_TILE; c += 2) {
+            int s = k0 + c;
+            float x = s <= t && s < T ? sr[c] : -INFINITY;
+            sr[c] = x;
+            mx = fmaxf(mx, x);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        float m_old = sMax[r], m_new = fmaxf(m_old, mx), sum = 0.0f;  // m_new is finite: key 0 is in the first tile
+        for (int c = half; c < FA_TILE; c += 2) {
+            float pv = sr[c] == -INFINITY ? 0.0f : expf(sr[c] - m_new);
+            sP[r * L::LDP + c] = from_float<bf16>(pv);
+            sum += pv;
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        float scale = expf(m_old - m_new);  // 0 at the first tile (m_old = -inf)
+        for (int i = half; i < HD; i += 2) sO[r * L::LDO + i] *= scale;
+        __syncwarp();  // both lanes of the row have read sMax[r] and sSum[r]
+        if (half == 0) {
+            sMax[r] = m_new;
+            sSum[r] = sSum[r] * scale + sum;
+        }
+        __syncwarp();
+        // out (the warp's rows) += P v
+        flash_mma<FA_TILE, HD / 16, false, false>(sO + r0 * L::LDO, L::LDO, sP + r0 * L::LDP, L::LDP, sV, L::LDH, true);
+    }
+    __syncwarp();
+    for (int rr = r0; rr < r0 + 16; rr++) {
+        int tt = q0 + rr;
+        if (tt >= T) break;
+        float inv = 1.0f / sSum[rr];
+        for (int i = lane; i < HD; i += 32)
+            out[((size_t)b * T + tt) * HHd + (size_t)h * HD + i] = from_float<bf16>(sO[rr * L::LDO + i] * inv);
+        if (lane == 0) lse[(size_t)bh * T + tt] = sMax[rr] + logf(sSum[rr]);
+    }
+}
+
+// dvec (B,H,T) = rowsum(dout * out) per head: one warp per (token, head)
+__global__ void attention_backward_dot_kernel(float *dvec, const bf16 *dout, const bf16 *out, int BT, int T, int H,
+                                              int Hd) {
+    int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (w >= BT * H) return;
+    int n = w / H, h = w % H, b = n / T, t = n % T;
+    const bf16 *d = dout + (size_t)n * H * Hd + (size_t)h * Hd, *o = out + (size_t)n * H * Hd + (size_t)h * Hd;
+    float s = 0.0f;
+    for (int i = lane; i < Hd; i += 32) s += to_float(d[i]) * to_float(o[i]);
+    s = warp_sum(s);
+    if (lane == 0) dvec[((size_t)b * H + h) * T + t] = s;
+}
+
+// the backward's shared step for one (query tile, key tile) pair, on the warp's
+// 16 query rows: S = q k^T, P = exp(S - lse) where s <= t (fp32, in sS),
+// dP = dout v^T (sdP), dS = P (dP - dvec) -> sdS (bf16); P -> sP (bf16) when sP
+template <int HD>
+__device__ void flash_backward_scores(float *sS, float *sdP, bf16 *sP, bf16 *sdS, const bf16 *sQ, const bf16 *sdO,
+                                      const bf16 *sK, const bf16 *sV, const float *sLse, const float *sDvec, int q0,
+                                      int k0, int T) {
+    typedef FlashLd<HD> L;
+    int lane = threadIdx.x % 32, r0 = (threadIdx.x / 32) * 16;
+    flash_mma<HD, FA_TILE / 16, false, true>(sS + r0 * L::LDS, L::LDS, sQ + r0 * L::LDH, L::LDH, sK, L::LDH, false);
+    flash_mma<HD, FA_TILE / 16, false, true>(sdP + r0 * L::LDS, L::LDS, sdO + r0 * L::LDH, L::LDH, sV, L::LDH, false);
+    __syncwarp();
+    for (int r = r0; r < r0 + 16; r++) {
+        int t = q0 + r;
+        for (int c = lane; c < FA_TILE; c += 32) {
+            int s = k0 + c;
+            float pv = s <= t && t < T ? expf(sS[r * L::LDS + c] - sLse[r]) : 0.0f;
+            if (sP) sP[r * L::LDP + c] = from_float<bf16>(pv);
+            sdS[r * L::LDP + c] = from_float<bf16>(pv * (sdP[r * L::LDS + c] - sDvec[r]));
+        }
+    }
+}
+
+// the block's 64 rows of a register accumulator (each warp its 16 rows, HD
+// columns) -> bf16 rows t0.. of dst (row stride ld), staged in stage (fp32, stride LDO)
+template <int HD> __device__ void flash_store_acc(bf16 *dst, int ld, const FlashAcc *acc, float *stage, int t0, int T) {
+    const int LDO = FlashLd<HD>::LDO;
+    int r0 = (threadIdx.x / 32) * 16;
+    __syncthreads();  // every warp is done with the staging area's earlier use
+    for (int j = 0; j < HD / 16; j++)
+        nvcuda::wmma::store_matrix_sync(stage + r0 * LDO + j * 16, acc[j], LDO, nvcuda::wmma::mem_row_major);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < FA_TILE * HD; idx += blockDim.x) {
+        int r = idx / HD, i = idx % HD;
+        if (t0 + r < T) dst[(size_t)(t0 + r) * ld + i] = from_float<bf16>(stage[r * LDO + i]);
+    }
+}
+
+// lse and dvec of query rows q0..q0+63 in flight: thread i < 64 holds row q0 + i's
+__device__ void flash_fetch_rows(float *l, float *d, const float *lse, const float *dvec, int q0, int T) {
+    int i = threadIdx.x;
+    *l = i < FA_TILE && q0 + i < T ? lse[q0 + i] : 0.0f;
+    *d = i < FA_TILE && q0 + i < T ? dvec[q0 + i] : 0.0f;
+}
+
+// dk, dv of one key tile (blockIdx.x) of (b, h) = blockIdx.y, over the query tiles that see it
+template <int HD>
+__global__ void attention_backward_flash_dkv_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
+                                                    const float *dvec, int T, int H) {
+    typedef FlashDkv<HD> L;
+    DYNAMIC_SMEM(smem);
+    L sm(smem);
+    bf16 *sQ = sm.t[0], *sdO = sm.t[1], *sK = sm.t[2], *sV = sm.t[3], *sP = sm.p[0], *sdS = sm.p[1];
+    float *sS = sm.s[0], *sdP = sm.s[1], *sLse = sm.row[0], *sDvec = sm.row[1];
+    int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, k0 = blockIdx.x * FA_TILE;
+    int r0 = (threadIdx.x / 32) * 16;
+    const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *dy = dout + (size_t)b * T * HHd + (size_t)h * HD;
+    const float *lse_bh = lse + (size_t)bh * T, *dvec_bh = dvec + (size_t)bh * T;
+    FlashTileRegs<HD> nq, ndo;  // the next query tile, in flight
+    float nl, nd;
+    flash_fetch_tile<HD>(nq, q + HHd, ld, k0, T);
+    flash_put_tile<HD>(sK, nq);
+    flash_fetch_tile<HD>(nq, q + 2 * HHd, ld, k0, T);
+    flash_put_tile<HD>(sV, nq);
+    flash_fetch_tile<HD>(nq, q, ld, k0, T);
+    flash_fetch_tile<HD>(ndo, dy, HHd, k0, T);
+    flash_fetch_rows(&nl, &nd, lse_bh, dvec_bh, k0, T);
+    FlashAcc dk[HD / 16], dv[HD / 16];  // the warp's 16 key rows
+    for (int j = 0; j < HD / 16; j++) {
+        nvcuda::wmma::fill_fragment(dk[j], 0.0f);
+        nvcuda::wmma::fill_fragment(dv[j], 0.0f);
+    }
+    for (int q0 = k0; q0 < T; q0 += FA_TILE) {  // queries before k0 do not see these keys
+        __syncthreads();
+        flash_put_tile<HD>(sQ, nq);
+        flash_put_tile<HD>(sdO, ndo);
+        if (threadIdx.x < FA_TILE) {
+            sLse[threadIdx.x] = nl;
+            sDvec[threadIdx.x] = nd;
+        }
+        __syncthreads();
+        if (q0 + FA_TILE < T) {
+            flash_fetch_tile<HD>(nq, q, ld, q0 + FA_TILE, T);
+            flash_fetch_tile<HD>(ndo, dy, HHd, q0 + FA_TILE, T);
+            flash_fetch_rows(&nl, &nd, lse_bh, dvec_bh, q0 + FA_TILE, T);
+        }
+        flash_backward_scores<HD>(sS, sdP, sP, sdS, sQ, sdO, sK, sV, sLse, sDvec, q0, k0, T);
+        __syncthreads();  // dk, dv need every warp's rows of P and dS
+        // the warp's 16 key rows: dv += P^T dout, dk += dS^T q
+        flash_mma_acc<FA_TILE, HD / 16, true, false>(dv, sP + r0, L::LDP, sdO, L::LDH);
+        flash_mma_acc<FA_TILE, HD / 16, true, false>(dk, sdS + r0, L::LDP, sQ, L::LDH);
+    }
+    bf16 *dq = dqkv + (size_t)b * T * ld + (size_t)h * HD;
+    flash_store_acc<HD>(dq + HHd, ld, dk, sS, k0, T);
+    flash_store_acc<HD>(dq + 2 * HHd, ld, dv, sS, k0, T);
+}
+
+// dq of one query tile (blockIdx.x) of (b, h) = blockIdx.y, over the key tiles it sees
+template <int HD>
+__global__ void attention_backward_flash_dq_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
+                                                   const float *dvec, int T, int H) {
+    typedef FlashDq<HD> L;
+    DYNAMIC_SMEM(smem);
+    L sm(smem);
+    bf16 *sQ = sm.t[0], *sdO = sm.t[1], *sK = sm.t[2], *sV = sm.t[3], *sdS = sm.p[0];
+    float *sS = sm.s[0], *sdP = sm.s[1], *sLse = sm.row[0], *sDvec = sm.row[1];
+    int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, q0 = blockIdx.x * FA_TILE;
+    int r0 = (threadIdx.x / 32) * 16;
+    const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *dy = dout + (size_t)b * T * HHd + (size_t)h * HD;
+    FlashTileRegs<HD> nk, nv;  // the next key tile, in flight
+    float nl, nd;
+    flash_fetch_tile<HD>(nk, q, ld, q0, T);
+    flash_put_tile<HD>(sQ, nk);
+    flash_fetch_tile<HD>(nk, dy, HHd, q0, T);
+    flash_put_tile<HD>(sdO, nk);
+    flash_fetch_rows(&nl, &nd, lse + (size_t)bh * T, dvec + (size_t)bh * T, q0, T);
+    if (threadIdx.x < FA_TILE) {
+        sLse[threadIdx.x] = nl;
+        sDvec[threadIdx.x] = nd;
+    }
+    flash_fetch_tile<HD>(nk, q + HHd, ld, 0, T);
+    flash_fetch_tile<HD>(nv, q + 2 * HHd, ld, 0, T);
+    FlashAcc dq[HD / 16];  // the warp's 16 query rows
+    for (int j = 0; j < HD / 16; j++) nvcuda::wmma::fill_fragment(dq[j], 0.0f);
+    int last = (q0 + FA_TILE < T ? q0 + FA_TILE : T) - 1;
+    for (int k0 = 0; k0 <= last; k0 += FA_TILE) {
+        __syncthreads();
+        flash_put_tile<HD>(sK, nk);
+        flash_put_tile<HD>(sV, nv);
+        __syncthreads();
+        if (k0 + FA_TILE <= last) {
+            flash_fetch_tile<HD>(nk, q + HHd, ld, k0 + FA_TILE, T);
+            flash_fetch_tile<HD>(nv, q + 2 * HHd, ld, k0 + FA_TILE, T);
+        }
+        flash_backward_scores<HD>(sS, sdP, NULL, sdS, sQ, sdO, sK, sV, sLse, sDvec, q0, k0, T);
+        __syncwarp();
+        // the warp's 16 query rows: dq += dS k
+        flash_mma_acc<FA_TILE, HD / 16, false, false>(dq, sdS + r0 * L::LDP, L::LDP, sK, L::LDH);
+    }
+    flash_store_acc<HD>(dqkv + (size_t)b * T * ld + (size_t)h * HD, ld, dq, sS, q0, T);
+}
+
+template <int HD> static void flash_set_smem(void) {
+    cudaCheck(cudaFuncSetAttribute(attention_forward_flash_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)FlashFwd<HD>::bytes()));
+    cudaCheck(cudaFuncSetAttribute(attention_backward_flash_dkv_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)FlashDkv<HD>::bytes()));
+    cudaCheck(cudaFuncSetAttribute(attention_backward_flash_dq_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)FlashDq<HD>::bytes()));
+}
+// the largest shared memory the flash kernels of head width HD need
+template <int HD> static size_t flash_smem_bytes_hd(void) {
+    size_t f = FlashFwd<HD>::bytes(), kv = FlashDkv<HD>::bytes(), q = FlashDq<HD>::bytes();
+    return f > kv ? (f > q ? f : q) : (kv > q ? kv : q);
+}
+template <int HD> static void attention_forward_flash_hd(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H) {
+    dim3 grid(ceil_div(T, FA_TILE), B * H);
+    attention_forward_flash_kernel<HD><<<grid, FA_THREADS, FlashFwd<HD>::bytes()>>>(out, lse, qkv, T, H);
+    launchCheck();
+}
+template <int HD>
+static void attention_backward_flash_hd(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
+                                        const float *dvec, int B, int T, int H) {
+    dim3 grid(ceil_div(T, FA_TILE), B * H);
+    attention_backward_flash_dkv_kernel<HD><<<grid, FA_THREADS, FlashDkv<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec, T, H);
+    launchCheck();
+    attention_backward_flash_dq_kernel<HD><<<grid, FA_THREADS, FlashDq<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec, T, H);
+    launchCheck();
+}
+
+// The head widths with flash kernels, the one place that lists them (WMMA: a
+// multiple of 16; one warp's lanes span <= 128 columns): calls
+// f(std::integral_constant<int, HD>()) for HD = Hd and returns 1, or returns
+// 0 when Hd has no kernels.
+template <typename F> static int flash_head_width(int Hd, F f) {
+    switch (Hd) {
+    case 16: f(std::integral_constant<int, 16>()); return 1;
+    case 32: f(std::integral_constant<int, 32>()); return 1;
+    case 64: f(std::integral_constant<int, 64>()); return 1;
+    case 128: f(std::integral_constant<int, 128>()); return 1;
+    default: return 0;
+    }
+}
+template <typename F> static void flash_dispatch(int Hd, F f) {
+    if (!flash_head_width(Hd, f)) die("flash attention: head width %d not supported", Hd);
+}
+
+static int flash_supported(int Hd) {
+    return flash_head_width(Hd, [](auto) {});
+}
+static size_t flash_smem_bytes(int Hd) {
+    size_t bytes = 0;
+    flash_dispatch(Hd, [&](auto hd) { bytes = flash_smem_bytes_hd<decltype(hd)::value>(); });
+    return bytes;
+}
+static void flash_init(int Hd) {
+    flash_dispatch(Hd, [](auto hd) { flash_set_smem<decltype(hd)::value>(); });
+}
+
+// qkv (BT,3HHd) -> out (BT,HHd), lse (B,H,T)
+static void attention_forward_flash(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int Hd) {
+    flash_dispatch(Hd, [&](auto hd) { attention_forward_flash_hd<decltype(hd)::value>(out, lse, qkv, B, T, H); });
+}
+static void attention_forward_flash(float *, float *, const float *, int, int, int, int) {
+    die("flash attention runs in bf16 mode only");
+}
+
+// dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; out, lse from the forward; dvec (B,H,T) scratch
+static void attention_backward_flash(bf16 *dqkv, float *dvec, const bf16 *dout, const bf16 *out, const float *lse,
+                                     const bf16 *qkv, int B, int T, int H, int Hd) {
+    int BT = B * T;
+    attention_backward_dot_kernel<<<ceil_div((size_t)BT * H, 4), 128>>>(dvec, dout, out, BT, T, H, Hd);
+    launchCheck();
+    flash_dispatch(Hd, [&](auto hd) {
+        attention_backward_flash_hd<decltype(hd)::value>(dqkv, dout, qkv, lse, dvec, B, T, H);
+    });
+}
+static void attention_backward_flash(float *, float *, const float *, const float *, const float *, const float *,
+                                     int, int, int, int) {
+    die("flash attention runs in bf16 mode only");
+}
