@@ -755,58 +755,90 @@ static int *carve_int(int *base, size_t *used, size_t n) {
     return p;
 }
 
-// every activation at its offset in fb (floats) and ib (ints)
-static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
+// the MoE sublayer's buffers of layer l: router, routing and the experts' rows (BT*K at most)
+static void moe_acts_layout(Model *m, LayerActs *a, int l, float *fb, int *ib, size_t *nf, size_t *ni) {
+    const Config *c = &m->c;
+    size_t BT = (size_t)m->Bmax * m->Tmax, D = c->D, E = c->E, K = c->K;
+    a->z = carve(fb, nf, BT * E);
+    a->p = carve(fb, nf, BT * E);
+    a->lse = carve(fb, nf, BT);
+    a->lbf = carve(fb, nf, BT * E);  // groups <= BT (group_size 1)
+    a->top = carve_int(ib, ni, BT * K);
+    a->kept = carve_int(ib, ni, BT * K);
+    a->row_of = carve_int(ib, ni, BT * K);
+    a->start = carve_int(ib, ni, E + 1);
+    a->row_token = carve_int(ib, ni, BT * K);
+    a->xe = carve(fb, nf, BT * K * D);
+    a->ge = carve(fb, nf, BT * K * 2 * c->Fe);
+    a->ue = carve(fb, nf, BT * K * c->Fe);
+    a->he = carve(fb, nf, BT * K * c->Fe);
+    a->ye = carve(fb, nf, BT * K * D);
+    if (c->extra_ffn) {
+        a->moe_out = carve(fb, nf, BT * D);
+        a->ln3 = carve(fb, nf, BT * D);
+        a->rstd3 = carve(fb, nf, BT);
+        a->gx = carve(fb, nf, BT * 2 * c->F);
+        a->ux = carve(fb, nf, BT * c->F);
+        a->hx = carve(fb, nf, BT * c->F);
+    } else {
+        a->moe_out = m->resid ? m->resid + (l + 1) * BT * D : NULL;
+    }
+}
+
+// what layer l keeps for the backward
+static void layer_acts_layout(Model *m, int l, float *fb, int *ib, size_t *nf, size_t *ni) {
+    const Config *c = &m->c;
+    size_t BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D;
+    LayerActs *a = &m->la[l];
+    memset(a, 0, sizeof(*a));
+    a->in = m->resid ? m->resid + l * BT * D : NULL;  // BT here is the largest batch's
+    a->ln1 = carve(fb, nf, BT * D);
+    a->rstd1 = carve(fb, nf, BT);
+    a->q = carve(fb, nf, BT * HHd);
+    a->k = carve(fb, nf, BT * HHd);
+    a->v = carve(fb, nf, BT * HHd);
+    a->att = carve(fb, nf, BT * m->Tmax * c->H);
+    a->atty = carve(fb, nf, BT * HHd);
+    a->mid = carve(fb, nf, BT * D);
+    a->ln2 = carve(fb, nf, BT * D);
+    a->rstd2 = carve(fb, nf, BT);
+    if (is_moe_layer(c, l)) {
+        moe_acts_layout(m, a, l, fb, ib, nf, ni);
+        return;
+    }
+    a->g = carve(fb, nf, BT * 2 * c->F);
+    a->u = carve(fb, nf, BT * c->F);
+    a->h = carve(fb, nf, BT * c->F);
+}
+
+// the backward's scratch (with an optimizer only)
+static void backward_layout(Model *m, float *fb, size_t *nf) {
     const Config *c = &m->c;
     size_t BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D, E = c->E, K = c->K;
     size_t Fmax = c->F > c->Fe ? c->F : c->Fe;
+    m->d_res = carve(fb, nf, BT * D);
+    m->d_ln = carve(fb, nf, BT * D);
+    m->dq = carve(fb, nf, BT * HHd);
+    m->dk = carve(fb, nf, BT * HHd);
+    m->dv = carve(fb, nf, BT * HHd);
+    m->datty = carve(fb, nf, BT * HHd);
+    m->dscore = carve(fb, nf, BT * m->Tmax * c->H);
+    m->dg = carve(fb, nf, BT * K * 2 * Fmax);
+    m->du = carve(fb, nf, BT * K * Fmax);
+    m->dh = carve(fb, nf, BT * K * Fmax);
+    m->dxe = carve(fb, nf, BT * K * D);
+    m->dye = carve(fb, nf, BT * K * D);
+    m->dp = carve(fb, nf, BT * E);
+    m->dlogits = carve(fb, nf, BT * c->V);
+}
+
+// every activation at its offset in fb (floats) and ib (ints)
+static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
+    const Config *c = &m->c;
+    size_t BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D, E = c->E;
     *nf = *ni = 0;
     m->resid = carve(fb, nf, (c->L + 1) * BT * D);
-    for (int l = 0; l < c->L; l++) {
-        LayerActs *a = &m->la[l];
-        memset(a, 0, sizeof(*a));
-        a->in = m->resid ? m->resid + l * BT * D : NULL;  // BT here is the largest batch's
-        a->ln1 = carve(fb, nf, BT * D);
-        a->rstd1 = carve(fb, nf, BT);
-        a->q = carve(fb, nf, BT * HHd);
-        a->k = carve(fb, nf, BT * HHd);
-        a->v = carve(fb, nf, BT * HHd);
-        a->att = carve(fb, nf, BT * m->Tmax * c->H);
-        a->atty = carve(fb, nf, BT * HHd);
-        a->mid = carve(fb, nf, BT * D);
-        a->ln2 = carve(fb, nf, BT * D);
-        a->rstd2 = carve(fb, nf, BT);
-        if (!is_moe_layer(c, l)) {
-            a->g = carve(fb, nf, BT * 2 * c->F);
-            a->u = carve(fb, nf, BT * c->F);
-            a->h = carve(fb, nf, BT * c->F);
-            continue;
-        }
-        a->z = carve(fb, nf, BT * E);
-        a->p = carve(fb, nf, BT * E);
-        a->lse = carve(fb, nf, BT);
-        a->lbf = carve(fb, nf, BT * E);  // groups <= BT (group_size 1)
-        a->top = carve_int(ib, ni, BT * K);
-        a->kept = carve_int(ib, ni, BT * K);
-        a->row_of = carve_int(ib, ni, BT * K);
-        a->start = carve_int(ib, ni, E + 1);
-        a->row_token = carve_int(ib, ni, BT * K);
-        a->xe = carve(fb, nf, BT * K * D);
-        a->ge = carve(fb, nf, BT * K * 2 * c->Fe);
-        a->ue = carve(fb, nf, BT * K * c->Fe);
-        a->he = carve(fb, nf, BT * K * c->Fe);
-        a->ye = carve(fb, nf, BT * K * D);
-        if (c->extra_ffn) {
-            a->moe_out = carve(fb, nf, BT * D);
-            a->ln3 = carve(fb, nf, BT * D);
-            a->rstd3 = carve(fb, nf, BT);
-            a->gx = carve(fb, nf, BT * 2 * c->F);
-            a->ux = carve(fb, nf, BT * c->F);
-            a->hx = carve(fb, nf, BT * c->F);
-        } else {
-            a->moe_out = m->resid ? m->resid + (l + 1) * BT * D : NULL;
-        }
-    }
+    for (int l = 0; l < c->L; l++) layer_acts_layout(m, l, fb, ib, nf, ni);
     m->final_in = m->resid ? m->resid + c->L * BT * D : NULL;
     m->lnf = carve(fb, nf, BT * D);
     m->rstdf = carve(fb, nf, BT);
@@ -823,21 +855,7 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     m->lbP = carve(fb, nf, E);
     m->cursor = carve_int(ib, ni, E);
     m->seg = carve_int(ib, ni, E + 1);
-    if (!m->grads) return;
-    m->d_res = carve(fb, nf, BT * D);
-    m->d_ln = carve(fb, nf, BT * D);
-    m->dq = carve(fb, nf, BT * HHd);
-    m->dk = carve(fb, nf, BT * HHd);
-    m->dv = carve(fb, nf, BT * HHd);
-    m->datty = carve(fb, nf, BT * HHd);
-    m->dscore = carve(fb, nf, BT * m->Tmax * c->H);
-    m->dg = carve(fb, nf, BT * K * 2 * Fmax);
-    m->du = carve(fb, nf, BT * K * Fmax);
-    m->dh = carve(fb, nf, BT * K * Fmax);
-    m->dxe = carve(fb, nf, BT * K * D);
-    m->dye = carve(fb, nf, BT * K * D);
-    m->dp = carve(fb, nf, BT * E);
-    m->dlogits = carve(fb, nf, BT * c->V);
+    if (m->grads) backward_layout(m, fb, nf);
 }
 
 // the RoPE tables, the KV cache and one token's buffers for model_decode
