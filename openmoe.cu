@@ -1197,71 +1197,142 @@ static size_t opt_partial_size(const Model *m, int *max_slices) {
     return need;
 }
 
-// every device buffer at its offset in base (NULL: only count); returns the bytes
+// The device buffers, each at its offset in base, u bytes in (base NULL: only
+// count), 256-byte aligned, in this order: the layers' activations, the
+// model's, inference's, the backward's.
+
+// the MoE sublayer's buffers of layer l: router, routing and the experts' rows
+template <typename X>
+static void moe_acts_layout(Model *m, LayerActs *a, LayerActsX<X> *b, int l, char *base, size_t *u) {
+    const Config *c = &m->c;
+    size_t BT = (size_t)m->Bmax * m->Tmax, D = c->D, E = c->E, K = c->K, F = c->F, Fe = c->Fe;
+    size_t rows = BT * K;  // expert rows: at most every assignment kept
+    a->ln2f = carve<float>(base, u, BT * D);
+    a->z = carve<float>(base, u, BT * E);
+    a->p = carve<float>(base, u, BT * E);
+    a->lse = carve<float>(base, u, BT);
+    a->top = carve<int>(base, u, BT * K);
+    a->pos = carve<int>(base, u, BT * K);
+    a->kept = carve<int>(base, u, BT * K);
+    a->row_of = carve<int>(base, u, BT * K);
+    a->row_token = carve<int>(base, u, rows);
+    a->count = carve<int>(base, u, BT * E);  // groups <= BT (group_size 1)
+    a->goff = carve<int>(base, u, BT * E);
+    a->start = carve<int>(base, u, E + 1);
+    a->lbf = carve<float>(base, u, BT * E);
+    a->lb_group = carve<double>(base, u, BT);
+    b->xe = carve<X>(base, u, rows * D);
+    b->gue = carve<X>(base, u, rows * 3 * Fe);
+    b->he = carve<X>(base, u, rows * Fe);
+    b->ye = carve<X>(base, u, rows * D);
+    if (c->extra_ffn) {
+        a->moe_out = carve<float>(base, u, BT * D);
+        b->ln3 = carve<X>(base, u, BT * D);
+        a->rstd3 = carve<float>(base, u, BT);
+        b->gux = carve<X>(base, u, BT * 3 * F);
+        b->hx = carve<X>(base, u, BT * F);
+    } else {
+        a->moe_out = m->resid ? m->resid + (l + 1) * BT * D : NULL;
+    }
+}
+
+// what layer l keeps for the backward
+template <typename X> static void layer_acts_layout(Model *m, int l, char *base, size_t *u) {
+    const Config *c = &m->c;
+    size_t BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D, F = c->F;
+    size_t BHTT = (size_t)m->Bmax * c->H * m->Tmax * m->Tmax;
+    LayerActs *a = &m->la[l];
+    LayerActsX<X> *b = &acts_x<X>(m).layer[l];
+    int *start_host = a->start_host;  // host memory, kept
+    memset(a, 0, sizeof(*a));
+    memset(b, 0, sizeof(*b));
+    a->start_host = start_host;
+    a->in = m->resid ? m->resid + l * BT * D : NULL;
+    b->ln1 = carve<X>(base, u, BT * D);
+    a->rstd1 = carve<float>(base, u, BT);
+    b->qkv = carve<X>(base, u, BT * 3 * HHd);
+    if (m->flash) a->att_lse = carve<float>(base, u, BT * c->H);
+    else b->att = carve<X>(base, u, BHTT);
+    b->atty = carve<X>(base, u, BT * HHd);
+    a->mid = carve<float>(base, u, BT * D);
+    a->rstd2 = carve<float>(base, u, BT);
+    if (is_moe_layer(c, l)) {
+        moe_acts_layout(m, a, b, l, base, u);
+        return;
+    }
+    b->ln2 = carve<X>(base, u, BT * D);
+    b->gu = carve<X>(base, u, BT * 3 * F);
+    b->h = carve<X>(base, u, BT * F);
+}
+
+// inference: the KV cache (L, max_seq_len, HHd) and one token's buffers, fp32
+static void decode_layout(Model *m, char *base, size_t *u) {
+    const Config *c = &m->c;
+    size_t HHd = (size_t)c->H * c->Hd, D = c->D, E = c->E, Fmax = c->F > c->Fe ? c->F : c->Fe;
+    m->kcache = carve<float>(base, u, (size_t)c->L * c->max_seq_len * HHd);
+    m->vcache = carve<float>(base, u, (size_t)c->L * c->max_seq_len * HHd);
+    m->t_x = carve<float>(base, u, D);
+    m->t_xn = carve<float>(base, u, D);
+    m->t_qkv = carve<float>(base, u, 3 * HHd);
+    m->t_att = carve<float>(base, u, (size_t)c->H * c->max_seq_len);
+    m->t_aty = carve<float>(base, u, HHd);
+    m->t_gu = carve<float>(base, u, 3 * Fmax);
+    m->t_h = carve<float>(base, u, Fmax);
+    m->t_out = carve<float>(base, u, D);
+    m->t_acc = carve<float>(base, u, D);
+    m->t_z = carve<float>(base, u, E);
+    m->t_p = carve<float>(base, u, E);
+    m->t_lse = carve<float>(base, u, 1);
+    m->t_logits = carve<float>(base, u, c->V);
+    m->t_top = carve<int>(base, u, c->K);
+}
+
+// the backward's and the optimizer's scratch (with an optimizer only)
+template <typename X> static void backward_layout(Model *m, char *base, size_t *u) {
+    const Config *c = &m->c;
+    ActsX<X> &ax = acts_x<X>(m);
+    size_t BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D, E = c->E, K = c->K;
+    size_t Fmax = c->F > c->Fe ? c->F : c->Fe, BHTT = (size_t)m->Bmax * c->H * m->Tmax * m->Tmax;
+    size_t rows = BT * K;
+    m->d_res = carve<float>(base, u, BT * D);
+    m->d_ln = carve<float>(base, u, BT * D);
+    ax.dres_x = sizeof(X) == sizeof(float) ? (X *)m->d_res : carve<X>(base, u, BT * D);
+    ax.datty = carve<X>(base, u, BT * HHd);
+    ax.dqkv = carve<X>(base, u, BT * 3 * HHd);
+    ax.dscore = m->flash ? NULL : carve<X>(base, u, BHTT);
+    m->dvec = m->flash ? carve<float>(base, u, BT * c->H) : NULL;
+    ax.dgu = carve<X>(base, u, rows * 3 * Fmax);
+    ax.dh = carve<X>(base, u, rows * Fmax);
+    m->dxe = carve<float>(base, u, rows * D);
+    ax.dye = carve<X>(base, u, rows * D);
+    m->dp = carve<float>(base, u, BT * E);
+    ax.dlogits = carve<X>(base, u, BT * c->V);
+    m->dw_partial = carve<float>(base, u, (size_t)ceil_div(BT, DW_ROWS) * D);
+    m->d_order = carve<int>(base, u, BT);
+    m->d_ustart = carve<int>(base, u, BT + 1);
+    m->d_utok = carve<int>(base, u, BT);
+    int max_slices;
+    m->n_opt_partial = opt_partial_size(m, &max_slices);
+    m->opt_partial = carve<double>(base, u, m->n_opt_partial + 1);
+    m->opt_scale = carve<float>(base, u, max_slices);
+    m->opt_clip = carve<float>(base, u, max_slices);
+    m->opt_rmean = carve<double>(base, u, max_slices);
+}
+
+// every device buffer; returns the bytes
 template <typename X> static size_t acts_layout(Model *m, char *base) {
     const Config *c = &m->c;
     ActsX<X> &ax = acts_x<X>(m);
-    size_t u = 0, BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D, E = c->E, K = c->K;
-    size_t F = c->F, Fe = c->Fe, Fmax = F > Fe ? F : Fe, BHTT = (size_t)m->Bmax * c->H * m->Tmax * m->Tmax;
-    size_t rows = BT * K;  // expert rows: at most every assignment kept
+    size_t u = 0, BT = (size_t)m->Bmax * m->Tmax, D = c->D, E = c->E;
     int nm = n_moe_layers(c);
     m->resid = carve<float>(base, &u, (c->L + 1) * BT * D);
-    for (int l = 0; l < c->L; l++) {
-        LayerActs *a = &m->la[l];
-        LayerActsX<X> *b = &ax.layer[l];
-        int *start_host = a->start_host;  // host memory, kept
-        memset(a, 0, sizeof(*a));
-        memset(b, 0, sizeof(*b));
-        a->start_host = start_host;
-        a->in = m->resid ? m->resid + l * BT * D : NULL;
-        b->ln1 = carve<X>(base, &u, BT * D);
-        a->rstd1 = carve<float>(base, &u, BT);
-        b->qkv = carve<X>(base, &u, BT * 3 * HHd);
-        if (m->flash) a->att_lse = carve<float>(base, &u, BT * c->H);
-        else b->att = carve<X>(base, &u, BHTT);
-        b->atty = carve<X>(base, &u, BT * HHd);
-        a->mid = carve<float>(base, &u, BT * D);
-        a->rstd2 = carve<float>(base, &u, BT);
-        if (!is_moe_layer(c, l)) {
-            b->ln2 = carve<X>(base, &u, BT * D);
-            b->gu = carve<X>(base, &u, BT * 3 * F);
-            b->h = carve<X>(base, &u, BT * F);
-            continue;
-        }
-        a->ln2f = carve<float>(base, &u, BT * D);
-        a->z = carve<float>(base, &u, BT * E);
-        a->p = carve<float>(base, &u, BT * E);
-        a->lse = carve<float>(base, &u, BT);
-        a->top = carve<int>(base, &u, BT * K);
-        a->pos = carve<int>(base, &u, BT * K);
-        a->kept = carve<int>(base, &u, BT * K);
-        a->row_of = carve<int>(base, &u, BT * K);
-        a->row_token = carve<int>(base, &u, rows);
-        a->count = carve<int>(base, &u, BT * E);  // groups <= BT (group_size 1)
-        a->goff = carve<int>(base, &u, BT * E);
-        a->start = carve<int>(base, &u, E + 1);
-        a->lbf = carve<float>(base, &u, BT * E);
-        a->lb_group = carve<double>(base, &u, BT);
-        b->xe = carve<X>(base, &u, rows * D);
-        b->gue = carve<X>(base, &u, rows * 3 * Fe);
-        b->he = carve<X>(base, &u, rows * Fe);
-        b->ye = carve<X>(base, &u, rows * D);
-        if (c->extra_ffn) {
-            a->moe_out = carve<float>(base, &u, BT * D);
-            b->ln3 = carve<X>(base, &u, BT * D);
-            a->rstd3 = carve<float>(base, &u, BT);
-            b->gux = carve<X>(base, &u, BT * 3 * F);
-            b->hx = carve<X>(base, &u, BT * F);
-        } else {
-            a->moe_out = m->resid ? m->resid + (l + 1) * BT * D : NULL;
-        }
-    }
+    for (int l = 0; l < c->L; l++) layer_acts_layout<X>(m, l, base, &u);
     m->final_in = m->resid ? m->resid + c->L * BT * D : NULL;
     ax.lnf = carve<X>(base, &u, BT * D);
     m->rstdf = carve<float>(base, &u, BT);
     ax.logits = carve<X>(base, &u, BT * c->V);
     m->lse = carve<float>(base, &u, BT);
-    m->scores = m->flash ? NULL : carve<float>(base, &u, BHTT);
+    m->scores = m->flash ? NULL : carve<float>(base, &u, (size_t)m->Bmax * c->H * m->Tmax * m->Tmax);
     m->d_x = carve<int>(base, &u, BT);
     m->d_y = carve<int>(base, &u, BT);
     m->rope_cos = carve<float>(base, &u, (size_t)c->max_seq_len * (c->Hd / 2));
@@ -1270,47 +1341,8 @@ template <typename X> static size_t acts_layout(Model *m, char *base) {
     m->stat_counts = carve<int>(base, &u, (size_t)(nm > 0 ? nm : 1) * 2 * E);
     // the weights in X (bf16 mode); in fp32 mode the master weights themselves
     ax.params_x = sizeof(X) == sizeof(float) ? (X *)m->params : carve<X>(base, &u, m->table.n_params);
-    // inference
-    m->kcache = carve<float>(base, &u, (size_t)c->L * c->max_seq_len * HHd);
-    m->vcache = carve<float>(base, &u, (size_t)c->L * c->max_seq_len * HHd);
-    m->t_x = carve<float>(base, &u, D);
-    m->t_xn = carve<float>(base, &u, D);
-    m->t_qkv = carve<float>(base, &u, 3 * HHd);
-    m->t_att = carve<float>(base, &u, (size_t)c->H * c->max_seq_len);
-    m->t_aty = carve<float>(base, &u, HHd);
-    m->t_gu = carve<float>(base, &u, 3 * Fmax);
-    m->t_h = carve<float>(base, &u, Fmax);
-    m->t_out = carve<float>(base, &u, D);
-    m->t_acc = carve<float>(base, &u, D);
-    m->t_z = carve<float>(base, &u, E);
-    m->t_p = carve<float>(base, &u, E);
-    m->t_lse = carve<float>(base, &u, 1);
-    m->t_logits = carve<float>(base, &u, c->V);
-    m->t_top = carve<int>(base, &u, K);
-    if (!m->grads) return u;
-    m->d_res = carve<float>(base, &u, BT * D);
-    m->d_ln = carve<float>(base, &u, BT * D);
-    ax.dres_x = sizeof(X) == sizeof(float) ? (X *)m->d_res : carve<X>(base, &u, BT * D);
-    ax.datty = carve<X>(base, &u, BT * HHd);
-    ax.dqkv = carve<X>(base, &u, BT * 3 * HHd);
-    ax.dscore = m->flash ? NULL : carve<X>(base, &u, BHTT);
-    m->dvec = m->flash ? carve<float>(base, &u, BT * c->H) : NULL;
-    ax.dgu = carve<X>(base, &u, rows * 3 * Fmax);
-    ax.dh = carve<X>(base, &u, rows * Fmax);
-    m->dxe = carve<float>(base, &u, rows * D);
-    ax.dye = carve<X>(base, &u, rows * D);
-    m->dp = carve<float>(base, &u, BT * E);
-    ax.dlogits = carve<X>(base, &u, BT * c->V);
-    m->dw_partial = carve<float>(base, &u, (size_t)ceil_div(BT, DW_ROWS) * D);
-    m->d_order = carve<int>(base, &u, BT);
-    m->d_ustart = carve<int>(base, &u, BT + 1);
-    m->d_utok = carve<int>(base, &u, BT);
-    int max_slices;
-    m->n_opt_partial = opt_partial_size(m, &max_slices);
-    m->opt_partial = carve<double>(base, &u, m->n_opt_partial + 1);
-    m->opt_scale = carve<float>(base, &u, max_slices);
-    m->opt_clip = carve<float>(base, &u, max_slices);
-    m->opt_rmean = carve<double>(base, &u, max_slices);
+    decode_layout(m, base, &u);
+    if (m->grads) backward_layout<X>(m, base, &u);
     return u;
 }
 
@@ -1319,7 +1351,8 @@ static void params_to_x(Model *m) {
     if (m->precision == PRECISION_BF16) cast_to_x(m->x16.params_x, m->params, m->table.n_params);
 }
 
-Model *model_create(const Config *c, int B, int T, Precision precision, const OptSettings *opt) {
+// model_create's arguments, against this backend's limits; then device 0
+static void create_args_check(const Config *c, int B, int T, Precision precision) {
     char why[128];
     if (!config_check(c, why, sizeof(why))) die("model_create: bad config: %s", why);
     if (precision != PRECISION_FP32 && precision != PRECISION_BF16) die("model_create: unknown precision %d", precision);
@@ -1334,76 +1367,86 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     if (err != cudaSuccess) die("no CUDA device: %s", cudaGetErrorString(err));
     if (ndev == 0) die("no CUDA device: cudaGetDeviceCount found none");
     cudaCheck(cudaSetDevice(0));
+}
 
-    Model *m = (Model *)callocCheck(1, sizeof(Model));
-    m->c = *c;
-    param_table_build(&m->table, c);
-    m->Bmax = B;
-    m->Tmax = T;
-    m->precision = precision;
-    // attention: the flash kernels in bf16 mode for the head widths they have;
-    // OPENMOE_ATTENTION=cublas forces the (T,T) path (fp32 mode always uses it)
+// m->flash and m->moe_exact from the precision, the head width, the GPU and
+// the environment. Attention: the flash kernels in bf16 mode for the head
+// widths they have; OPENMOE_ATTENTION=cublas forces the (T,T) path (fp32
+// mode always uses it).
+static void kernel_choices(Model *m) {
+    const Config *c = &m->c;
     const char *att = getenv("OPENMOE_ATTENTION");
     if (att && strcmp(att, "cublas") != 0 && strcmp(att, "flash") != 0)
         die("OPENMOE_ATTENTION=%s: use cublas or flash", att);
-    m->flash = precision == PRECISION_BF16 && flash_supported(c->Hd) && !(att && strcmp(att, "cublas") == 0);
+    m->flash = m->precision == PRECISION_BF16 && flash_supported(c->Hd) && !(att && strcmp(att, "cublas") == 0);
     const char *layout = getenv("OPENMOE_MOE_LAYOUT");
     if (layout && strcmp(layout, "exact") != 0 && strcmp(layout, "padded") != 0)
         die("OPENMOE_MOE_LAYOUT=%s: use padded (the default where it fits) or exact", layout);
     m->moe_exact = layout && strcmp(layout, "exact") == 0;
     if (att && strcmp(att, "flash") == 0 && !m->flash)
-        die("OPENMOE_ATTENTION=flash: the flash kernels need bf16 mode and a head width of 16, 32, 64 or 128 (Hd = %d)", c->Hd);
+        die("OPENMOE_ATTENTION=flash: the flash kernels need bf16 mode and a head width of 16, 32, 64 or 128 (Hd = %d)",
+            c->Hd);
     if (m->flash) {
         int optin = 0;
         cudaCheck(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
-        if ((size_t)optin < flash_smem_bytes(c->Hd)) m->flash = 0;  // this GPU's shared memory is too small: the cuBLAS path
+        if ((size_t)optin < flash_smem_bytes(c->Hd)) m->flash = 0;  // too little shared memory: the cuBLAS path
         else flash_init(c->Hd);
     }
+}
+
+// parameters (zero), and with opt the gradients and the optimizer state of the shard (zero)
+static void params_alloc(Model *m, const OptSettings *opt) {
     const ParamTable *pt = &m->table;
-    int HHd = c->H * c->Hd;
-    for (int l = 0; l < c->L; l++) {  // the fused matmuls rely on the file order (SPEC §6)
+    int HHd = m->c.H * m->c.Hd;
+    for (int l = 0; l < m->c.L; l++) {  // the fused matmuls rely on the file order (SPEC §6)
         const LayerParams *lp = &pt->layer[l];
-        if (lp->wk != lp->wq + (size_t)HHd * c->D || lp->wv != lp->wk + (size_t)HHd * c->D)
+        if (lp->wk != lp->wq + (size_t)HHd * m->c.D || lp->wv != lp->wk + (size_t)HHd * m->c.D)
             die("model_create: layer %d: wq, wk, wv are not adjacent in the parameter table", l);
     }
     size_t n = pt->n_params;
     cudaCheck(cudaMalloc(&m->params, n * sizeof(float)));
     cudaCheck(cudaMemset(m->params, 0, n * sizeof(float)));
-    if (opt) {
-        m->opt_kind = opt->kind;
-        m->opt_min_dim = opt->min_dim;
-        m->shard_lo = opt->shard_lo;
-        m->shard_hi = opt->shard_hi ? opt->shard_hi : n;
-        m->n_opt_state = opt_state_floats_range(pt, opt->kind, opt->min_dim, m->shard_lo, m->shard_hi);
-        cudaCheck(cudaMalloc(&m->grads, n * sizeof(float)));
-        cudaCheck(cudaMemset(m->grads, 0, n * sizeof(float)));
-        cudaCheck(cudaMalloc(&m->opt_state, m->n_opt_state * sizeof(float)));
-        cudaCheck(cudaMemset(m->opt_state, 0, m->n_opt_state * sizeof(float)));
-    }
+    if (!opt) return;
+    m->opt_kind = opt->kind;
+    m->opt_min_dim = opt->min_dim;
+    m->shard_lo = opt->shard_lo;
+    m->shard_hi = opt->shard_hi ? opt->shard_hi : n;
+    m->n_opt_state = opt_state_floats_range(pt, opt->kind, opt->min_dim, m->shard_lo, m->shard_hi);
+    cudaCheck(cudaMalloc(&m->grads, n * sizeof(float)));
+    cudaCheck(cudaMemset(m->grads, 0, n * sizeof(float)));
+    cudaCheck(cudaMalloc(&m->opt_state, m->n_opt_state * sizeof(float)));
+    cudaCheck(cudaMemset(m->opt_state, 0, m->n_opt_state * sizeof(float)));
+}
+
+// the activations (acts_layout) in one device allocation, zero, and the RoPE tables
+static void acts_alloc(Model *m) {
+    const Config *c = &m->c;
     m->la = (LayerActs *)callocCheck(c->L, sizeof(LayerActs));
     for (int l = 0; l < c->L; l++) m->la[l].start_host = (int *)callocCheck(c->E + 1, sizeof(int));
     m->x32.layer = (LayerActsX<float> *)callocCheck(c->L, sizeof(LayerActsX<float>));
     m->x16.layer = (LayerActsX<bf16> *)callocCheck(c->L, sizeof(LayerActsX<bf16>));
-    size_t bytes = precision == PRECISION_BF16 ? acts_layout<bf16>(m, NULL) : acts_layout<float>(m, NULL);
+    int bf = m->precision == PRECISION_BF16;
+    size_t bytes = bf ? acts_layout<bf16>(m, NULL) : acts_layout<float>(m, NULL);
     cudaError_t aerr = cudaMalloc(&m->acts, bytes);
     if (aerr != cudaSuccess)
-        die("model_create: cannot allocate %.2f GB of activations for batch %d x %d on the GPU: %s", bytes / 1e9, B, T,
-            cudaGetErrorString(aerr));
+        die("model_create: cannot allocate %.2f GB of activations for batch %d x %d on the GPU: %s", bytes / 1e9,
+            m->Bmax, m->Tmax, cudaGetErrorString(aerr));
     cudaCheck(cudaMemset(m->acts, 0, bytes));
     m->acts_bytes = bytes;
-    if (precision == PRECISION_BF16) acts_layout<bf16>(m, m->acts);
+    if (bf) acts_layout<bf16>(m, m->acts);
     else acts_layout<float>(m, m->acts);
-
-    cublas_acquire();
-
     size_t half = (size_t)c->max_seq_len * (c->Hd / 2);
     float *cs = (float *)mallocCheck(2 * half * sizeof(float));
     rope_tables(cs, cs + half, c->max_seq_len, c->Hd);
     cudaCheck(cudaMemcpy(m->rope_cos, cs, half * sizeof(float), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpy(m->rope_sin, cs + half, half * sizeof(float), cudaMemcpyHostToDevice));
     free(cs);
+}
 
-    size_t BT = (size_t)B * T;
+// the host side: pinned staging of the batch and the results, statistics, scratch
+static void host_alloc(Model *m) {
+    const Config *c = &m->c;
+    size_t BT = (size_t)m->Bmax * m->Tmax;
     int nm = n_moe_layers(c) > 0 ? n_moe_layers(c) : 1;
     cudaCheck(cudaMallocHost(&m->h_x, BT * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_y, BT * sizeof(int)));
@@ -1411,15 +1454,31 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     cudaCheck(cudaMallocHost(&m->h_ustart, (BT + 1) * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_utok, BT * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_logits, c->V * sizeof(float)));
-    if (precision == PRECISION_BF16) cudaCheck(cudaMallocHost(&m->h_stage, STAGE_ELEMS * sizeof(bf16)));
+    if (m->precision == PRECISION_BF16) cudaCheck(cudaMallocHost(&m->h_stage, STAGE_ELEMS * sizeof(bf16)));
     cudaCheck(cudaEventCreateWithFlags(&m->buckets_copied, cudaEventDisableTiming));
     m->h_bucket = (int *)callocCheck(c->V + 1, sizeof(int));
     m->h_ints = (int *)callocCheck(BT * c->K, sizeof(int));
     m->h_p = (float *)callocCheck(BT * c->E, sizeof(float));
     m->h_sums = (double *)callocCheck(2 + 2 * (size_t)nm, sizeof(double));
     m->stats = router_stats_create(n_moe_layers(c), c->E, &m->stat_ints);
-    cudaCheck(cudaMalloc(&m->router_bias, (size_t)nm * c->E * sizeof(float)));
-    cudaCheck(cudaMemset(m->router_bias, 0, (size_t)nm * c->E * sizeof(float)));
+}
+
+Model *model_create(const Config *c, int B, int T, Precision precision, const OptSettings *opt) {
+    create_args_check(c, B, T, precision);
+    Model *m = (Model *)callocCheck(1, sizeof(Model));
+    m->c = *c;
+    param_table_build(&m->table, c);
+    m->Bmax = B;
+    m->Tmax = T;
+    m->precision = precision;
+    kernel_choices(m);
+    params_alloc(m, opt);
+    acts_alloc(m);
+    cublas_acquire();
+    host_alloc(m);
+    size_t n_bias = (size_t)(n_moe_layers(c) > 0 ? n_moe_layers(c) : 1) * c->E;
+    cudaCheck(cudaMalloc(&m->router_bias, n_bias * sizeof(float)));
+    cudaCheck(cudaMemset(m->router_bias, 0, n_bias * sizeof(float)));
     cudaCheck(cudaDeviceSynchronize());
     return m;
 }
