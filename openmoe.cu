@@ -1,15 +1,21 @@
 // openmoe.cu: OpenMoE on one NVIDIA GPU, CUDA kernels and cuBLAS. The same
 // API (openmoe.h section 6) and the same math (../shared/SPEC.md) as the CPU
-// backend openmoe.c; each layer's kernels are named like their CPU twins
-// (rmsnorm_forward_kernel + its launcher rmsnorm_forward, ...) and sit in the
-// same order, so that the two files can be read side by side.
+// backend openmoe.c. Every kernel is launched by a host function named after
+// the CPU function doing the same job, with the CPU's arguments in the CPU's
+// order (GPU-only arguments after them): rmsnorm_forward launches
+// rmsnorm_forward_kernel, moe_rows launches moe_offsets_kernel and
+// moe_rows_kernel, gemm is openmoe.c's row-major gemm mapped onto cuBLAS.
+// The functions sit in the same order, so that the two files can be read side
+// by side.
 //
-// Reading order: checked calls and small device helpers; the matmul (cuBLAS);
-// the layers, each _forward beside its _backward; the router and the MoE
+// Reading order: checked calls, small device helpers and fixed-order
+// reductions; the matmul (gemm on cuBLAS, one handle for the process); the
+// layers, each _forward beside its _backward; the router and the MoE
 // plumbing; the losses; the model (buffers, forward, backward); the
-// optimizers; inference with a KV cache. Shapes as in openmoe.c: B batch, T
-// time, D width, HHd = H*Hd, BT = B*T tokens, E experts, K experts per token,
-// V vocabulary.
+// optimizers; inference with a KV cache; data parallelism; last, the flash
+// attention kernels of bf16 mode. Shapes as in openmoe.c: B batch, T time, D
+// width, HHd = H*Hd, BT = B*T tokens, E experts, K experts per token, V
+// vocabulary.
 //
 // Precision. PRECISION_FP32: every tensor fp32, cuBLAS in CUBLAS_COMPUTE_32F
 // with the default math mode, so no TF32 (parity with the CPU at SPEC §7's
@@ -30,7 +36,8 @@
 // no (T,T) matrices) for head widths 16/32/64/128. OPENMOE_ATTENTION=cublas
 // selects the cuBLAS path in bf16 mode too.
 //
-// Routing on the GPU (SPEC §3). router_forward_kernel: softmax and top-K per
+// Routing on the GPU (SPEC §3), in the CPU's three steps moe_capacity,
+// moe_rows, moe_dispatch. router_forward_kernel: softmax and top-K per
 // token (one thread each). moe_capacity_kernel: one block per routing group,
 // one thread per expert scans the group's assignments in priority order
 // (rank 0 of every token in token order, then rank 1, ...) and numbers the
