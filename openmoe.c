@@ -14,6 +14,7 @@
 #include "openmoe.h"
 #include <float.h>
 #include <limits.h>
+#include <sys/mman.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -139,31 +140,48 @@ static void gemm(float *C, int ldc, const float *A, int ars, int aks, const floa
     }
 }
 
-// out [OUT] = w [OUT,IN] @ inp [IN]: one token (inference), same bits as gemm.
-// Each output is one chain of multiply-adds in i order, as gemm sums it: fused
-// where the target has FMA (gemm's a*b+c is contracted there; spelled fmaf
-// here, so that the compiler cannot split the chain into a vector multiply
-// and an in-order sum of rounded products), a multiply then an add elsewhere.
-// A chain waits on its own latency, so MATVEC_ROWS outputs run side by side.
+// out [OUT] = wt [IN,OUT]^T @ inp [IN]: one token (inference), same bits as
+// gemm. wt is the weight matrix transposed (decode keeps such a copy), so
+// that a vector holds VW neighbouring outputs: each output is one chain of
+// multiply-adds in i order, a + b*c as in gemm_tile (fused where the target
+// fuses gemm's). A chain waits on its own latency, so MATVEC_VECS vectors of
+// outputs run side by side.
 #ifdef __FP_FAST_FMAF
 #define MADD(a, b, c) fmaf(a, b, c)
 #else
 #define MADD(a, b, c) ((c) + (a) * (b))
 #endif
-#define MATVEC_ROWS 8
-static void matvec_rows(float *out, const float *inp, const float *w, int IN, int n) {
-    float acc[MATVEC_ROWS] = {0.0f};
-    for (int i = 0; i < IN; i++)
-        for (int j = 0; j < n; j++) acc[j] = MADD(inp[i], w[(size_t)j * IN + i], acc[j]);
-    for (int j = 0; j < n; j++) out[j] = acc[j];
+#define MATVEC_VECS 8                       // independent vector chains per block
+#define MATVEC_COLS (MATVEC_VECS * VW)      // outputs per block
+#define MATVEC_PARALLEL_MIN (1 << 20)       // multiply-adds below which one thread is faster
+
+// outputs o0..o0+nv*VW-1, nv <= MATVEC_VECS whole vectors
+static void matvec_vectors(float *out, const float *inp, const float *wt, int IN, int OUT, int o0, int nv) {
+    vecf acc[MATVEC_VECS] = {{0}};
+    for (int i = 0; i < IN; i++) {
+        const float a = inp[i], *w = wt + (size_t)i * OUT + o0;
+        for (int v = 0; v < nv; v++) acc[v] = acc[v] + a * *(const vecf *)(w + v * VW);
+    }
+    for (int v = 0; v < nv; v++) *(vecf *)(out + o0 + v * VW) = acc[v];
 }
-static void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT) {
-    int n_blocks = (OUT + MATVEC_ROWS - 1) / MATVEC_ROWS;
-#pragma omp parallel for schedule(static) if ((size_t)OUT * IN > (1 << 20))
+// outputs o0..OUT-1, fewer than one vector
+static void matvec_scalars(float *out, const float *inp, const float *wt, int IN, int OUT, int o0) {
+    for (int o = o0; o < OUT; o++) {
+        float acc = 0.0f;
+        for (int i = 0; i < IN; i++) acc = MADD(inp[i], wt[(size_t)i * OUT + o], acc);
+        out[o] = acc;
+    }
+}
+static void matvec_forward(float *out, const float *inp, const float *wt, int IN, int OUT) {
+    int n_blocks = (OUT + MATVEC_COLS - 1) / MATVEC_COLS;
+#pragma omp parallel for schedule(static) if ((size_t)OUT * IN >= MATVEC_PARALLEL_MIN)
     for (int b = 0; b < n_blocks; b++) {
-        int o = b * MATVEC_ROWS, n = OUT - o < MATVEC_ROWS ? OUT - o : MATVEC_ROWS;
-        if (n == MATVEC_ROWS) matvec_rows(out + o, inp, w + (size_t)o * IN, IN, MATVEC_ROWS);  // n known: unrolled
-        else matvec_rows(out + o, inp, w + (size_t)o * IN, IN, n);
+        int o0 = b * MATVEC_COLS, nv = (OUT - o0) / VW;
+        if (nv >= MATVEC_VECS) matvec_vectors(out, inp, wt, IN, OUT, o0, MATVEC_VECS);  // nv known: unrolled
+        else {
+            matvec_vectors(out, inp, wt, IN, OUT, o0, nv);
+            matvec_scalars(out, inp, wt, IN, OUT, o0 + nv * VW);
+        }
     }
 }
 
@@ -677,6 +695,8 @@ struct Model {
     ParamTable table;
     int Bmax, Tmax;
     float *params;            // (n_params)
+    float *params_t;          // (n_params) decode's copy: each weight matrix transposed, at its own offset
+    int params_t_fresh;       // params_t matches params (cleared by every change of params)
     float *grads;             // (n_params), NULL without an optimizer
     float *opt_state;         // (n_opt_state), layout of opt_state_floats() for the tensors of the shard
     size_t n_opt_state;
@@ -720,6 +740,20 @@ struct Model {
 
 const Config *model_config(const Model *m) { return &m->c; }
 const ParamTable *model_param_table(const Model *m) { return &m->table; }
+
+// n floats for a large buffer, not zeroed and not yet touched: on Linux in
+// transparent huge pages where the kernel allows them (madvise mode), as the
+// first touch of each 4 KiB page can cost more than the work on it
+#define HUGE_PAGE_BYTES (2u << 20)
+static float *alloc_floats_huge(size_t n) {
+    size_t bytes = (n * sizeof(float) + HUGE_PAGE_BYTES - 1) / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;  // n: a checked size
+    float *p = (float *)aligned_alloc(HUGE_PAGE_BYTES, bytes);
+    if (!p) die("out of memory: %zu bytes for a buffer (%s:%d)", bytes, __FILE__, __LINE__);
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);  // a hint: where it fails, 4 KiB pages serve as well
+#endif
+    return p;
+}
 
 // a bump allocator over one buffer: a first pass with base NULL only counts
 static float *carve(float *base, size_t *used, size_t n) {
@@ -856,6 +890,7 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     m->Tmax = T;
     size_t n = m->table.n_params;
     m->params = (float *)callocCheck(n, sizeof(float));
+    m->params_t = alloc_floats_huge(n);  // untouched (not resident) until a decode
     if (opt) {
         m->opt_kind = opt->kind;
         m->opt_min_dim = opt->min_dim;
@@ -883,6 +918,7 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
 void model_free(Model *m) {
     if (!m) return;
     free(m->params);
+    free(m->params_t);
     free(m->grads);
     free(m->opt_state);
     free(m->acts);
@@ -896,7 +932,10 @@ void model_free(Model *m) {
     free(m);
 }
 
-void model_set_params(Model *m, const float *params) { memcpy(m->params, params, m->table.n_params * sizeof(float)); }
+void model_set_params(Model *m, const float *params) {
+    memcpy(m->params, params, m->table.n_params * sizeof(float));
+    m->params_t_fresh = 0;
+}
 void model_get_params(const Model *m, float *params) { memcpy(params, m->params, m->table.n_params * sizeof(float)); }
 void model_get_grads(const Model *m, float *grads) {
     if (!m->grads) die("model_get_grads: the model was created without an optimizer, so it has no gradients");
@@ -1181,6 +1220,7 @@ static void adafactor_update(float *w, const float *g, float *state, int rows, i
 
 float model_update(Model *m, const OptSettings *o, int t) {
     update_args_check(m->grads != NULL, m->opt_kind, m->opt_min_dim, o, t);
+    m->params_t_fresh = 0;
     const ParamTable *pt = &m->table;
     for (int l = 0; o->freeze_router && l < m->c.L; l++)  // frozen routers: out of the norm
         if (pt->layer[l].moe) memset(m->grads + pt->layer[l].router, 0, (size_t)m->c.E * m->c.D * sizeof(float));
@@ -1225,7 +1265,25 @@ void model_set_opt_state(Model *m, const float *state) {
 // inference: one token at a time with a KV cache. Every step is the row
 // version of the batched code above, with the same order of operations.
 
-// one token's gated FFN: x (D) -> out (D)
+// params_t: every weight matrix but the embedding (decode reads its rows),
+// each slice (rows, cols) transposed to (cols, rows) for matvec_forward.
+// Made on the first decode after the parameters change, not before: a
+// model that never decodes never touches these pages.
+static void params_t_refresh(Model *m) {
+    if (m->params_t_fresh) return;
+    const ParamTable *pt = &m->table;
+    for (int t = 0; t < pt->n_tensors; t++) {
+        const TensorInfo *ti = &pt->tensors[t];
+        if (!ti->matrix || ti->offset == pt->wte) continue;
+        for (int s = 0; s < ti->slices; s++) {
+            size_t off = ti->offset + (size_t)s * ti->rows * ti->cols;
+            transpose(m->params_t + off, m->params + off, ti->rows, ti->cols);
+        }
+    }
+    m->params_t_fresh = 1;
+}
+
+// one token's gated FFN: x (D) -> out (D); wg, wu, wd transposed (params_t)
 static void ffn_token(Model *m, float *out, const float *x, const float *wg, const float *wu, const float *wd, int F) {
     int D = m->c.D;
     matvec_forward(m->t_g, x, wg, D, 2 * F);
@@ -1241,7 +1299,8 @@ const float *model_decode(Model *m, int token, int pos) {
     if (token < 0 || token >= c->V) die("model_decode: token %d out of range [0, %d)", token, c->V);
     if (pos < 0 || pos >= c->max_seq_len) die("model_decode: position %d outside the context [0, %d)", pos, c->max_seq_len);
     int D = c->D, HHd = c->H * c->Hd, E = c->E, K = c->K, im = 0;
-    const float *W = m->params;
+    params_t_refresh(m);
+    const float *W = m->params, *WT = m->params_t;  // norms and embedding; the weight matrices
     const ParamTable *pt = &m->table;
     float *x = m->t_x, *xn = m->t_xn;
     memcpy(x, W + pt->wte + (size_t)token * D, D * sizeof(float));
@@ -1249,9 +1308,9 @@ const float *model_decode(Model *m, int token, int pos) {
         const LayerParams *lp = &pt->layer[l];
         float *kc = m->kcache + (size_t)l * c->max_seq_len * HHd, *vc = m->vcache + (size_t)l * c->max_seq_len * HHd;
         rmsnorm_row(xn, NULL, x, W + lp->attn_norm, D);
-        matvec_forward(m->t_q, xn, W + lp->wq, D, HHd);
-        matvec_forward(kc + (size_t)pos * HHd, xn, W + lp->wk, D, HHd);
-        matvec_forward(vc + (size_t)pos * HHd, xn, W + lp->wv, D, HHd);
+        matvec_forward(m->t_q, xn, WT + lp->wq, D, HHd);
+        matvec_forward(kc + (size_t)pos * HHd, xn, WT + lp->wk, D, HHd);
+        matvec_forward(vc + (size_t)pos * HHd, xn, WT + lp->wv, D, HHd);
         const float *cs = m->rope_cos + (size_t)pos * (c->Hd / 2), *sn = m->rope_sin + (size_t)pos * (c->Hd / 2);
         for (int h = 0; h < c->H; h++) {
             rope_row(m->t_q + h * c->Hd, cs, sn, c->Hd, 1.0f);
@@ -1271,33 +1330,33 @@ const float *model_decode(Model *m, int token, int pos) {
             for (int s = 0; s <= pos; s++)
                 for (int i = 0; i < c->Hd; i++) out[i] = out[i] + att[s] * vc[(size_t)s * HHd + h * c->Hd + i];
         }
-        matvec_forward(m->t_out, m->t_aty, W + lp->wo, HHd, D);
+        matvec_forward(m->t_out, m->t_aty, WT + lp->wo, HHd, D);
         residual_forward(x, x, m->t_out, D);
         rmsnorm_row(xn, NULL, x, W + lp->mlp_norm, D);
         if (!lp->moe) {
-            ffn_token(m, m->t_out, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->F);
+            ffn_token(m, m->t_out, xn, WT + lp->w_gate, WT + lp->w_up, WT + lp->w_down, c->F);
             residual_forward(x, x, m->t_out, D);
             continue;
         }
         // a group of one token: capacity never binds, every choice is kept
-        matvec_forward(m->t_z, xn, W + lp->router, D, E);
+        matvec_forward(m->t_z, xn, WT + lp->router, D, E);
         router_row(m->t_p, m->t_top, m->t_z, m->router_bias + (size_t)im++ * E, E, K);
         for (int i = 0; i < D; i++) m->t_acc[i] = 0.0f;
         for (int r = 0; r < K; r++) {
             int e = m->t_top[r];
-            ffn_token(m, m->t_out, xn, W + lp->w_gate + (size_t)e * 2 * c->Fe * D, W + lp->w_up + (size_t)e * c->Fe * D,
-                      W + lp->w_down + (size_t)e * D * c->Fe, c->Fe);
+            ffn_token(m, m->t_out, xn, WT + lp->w_gate + (size_t)e * 2 * c->Fe * D, WT + lp->w_up + (size_t)e * c->Fe * D,
+                      WT + lp->w_down + (size_t)e * D * c->Fe, c->Fe);
             for (int i = 0; i < D; i++) m->t_acc[i] = m->t_acc[i] + m->t_p[e] * m->t_out[i];
         }
         residual_forward(x, m->t_acc, x, D);
         if (c->extra_ffn) {
             rmsnorm_row(xn, NULL, x, W + lp->extra_norm, D);
-            ffn_token(m, m->t_out, xn, W + lp->x_gate, W + lp->x_up, W + lp->x_down, c->F);
+            ffn_token(m, m->t_out, xn, WT + lp->x_gate, WT + lp->x_up, WT + lp->x_down, c->F);
             residual_forward(x, x, m->t_out, D);
         }
     }
     rmsnorm_row(xn, NULL, x, W + pt->final_norm, D);
-    matvec_forward(m->t_logits, xn, W + pt->lm_head, D, c->V);
+    matvec_forward(m->t_logits, xn, WT + pt->lm_head, D, c->V);
     return m->t_logits;
 }
 
@@ -1327,6 +1386,7 @@ void model_grads_allreduce(Model *m) {
 
 // each rank's shard broadcast from it, in rank order
 void model_params_allgather(Model *m, const size_t *shard) {
+    m->params_t_fresh = 0;
     int n_ranks;
     mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &n_ranks), "MPI_Comm_size");
     for (int r = 0; r < n_ranks; r++) {
