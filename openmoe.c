@@ -42,6 +42,7 @@
 #endif
 #define NR (2 * VW)  // columns of C per register tile: two vectors
 #define KC 256       // depth of one pass: a KC x NR panel of B stays in L1
+#define GEMM_PARALLEL_MIN (1 << 15)  // multiply-adds below which one thread is faster
 
 typedef float vecf __attribute__((vector_size(VW * sizeof(float)), aligned(4)));  // any float alignment
 
@@ -71,8 +72,14 @@ static inline void gemm_tile(float *C, int ldc, const float *ap, const float *bp
 
 // ap (kc,MR) k-major = rows i..i+mr-1, columns k0..k0+kc-1 of A, zero rows below mr
 static void gemm_pack_a(float *ap, const float *A, int ars, int aks, int i, int mr, int k0, int kc) {
+    const float *a = A + (size_t)i * ars + (size_t)k0 * aks;
+    if (mr == MR) {  // no test per element: the common case runs at about a cycle per float
+        for (int k = 0; k < kc; k++)
+            for (int r = 0; r < MR; r++) ap[k * MR + r] = a[(size_t)r * ars + (size_t)k * aks];
+        return;
+    }
     for (int k = 0; k < kc; k++)
-        for (int r = 0; r < MR; r++) ap[k * MR + r] = r < mr ? A[(size_t)(i + r) * ars + (size_t)(k0 + k) * aks] : 0.0f;
+        for (int r = 0; r < MR; r++) ap[k * MR + r] = r < mr ? a[(size_t)r * ars + (size_t)k * aks] : 0.0f;
 }
 
 // bp (kc,NR) = rows 0..kc-1, columns 0..nr-1 of B (rows ldb apart), zero columns past nr
@@ -88,35 +95,54 @@ static void gemm_pack_b(float *bp, const float *B, int ldb, int nr, int kc) {
     }
 }
 
-// rows i0..i1-1 of C (at most MC), on the calling thread. Both operands are
-// packed into stack buffers (no allocation in the step), zero-padded at the
-// edges, so that one kernel serves every tile: an edge tile runs in a buffer.
+// The same panel of B^T: bp (kc,NR) = columns 0..kc-1 of rows 0..nr-1 of W
+// (rows ldw apart), zero columns past nr. Each row of W is read along k.
+static void gemm_pack_bt(float *bp, const float *W, int ldw, int nr, int kc) {
+    if (nr < NR) memset(bp, 0, (size_t)kc * NR * sizeof(float));
+    for (int j = 0; j < nr; j++) {
+        const float *w = W + (size_t)j * ldw;
+        for (int k = 0; k < kc; k++) bp[k * NR + j] = w[k];
+    }
+}
+
+// B packed once for all threads: the panel of columns j0..j0+NR-1 of depth
+// block k0..k0+kc-1 sits at bpacked + k0*Npad + j0*kc (Npad = N rounded up to NR)
+static size_t gemm_packed_floats(int N, int K) { return (size_t)((N + NR - 1) / NR) * NR * K; }
+static const float *gemm_packed_panel(const float *bpacked, int N, int j0, int k0, int kc) {
+    return bpacked + (size_t)k0 * ((N + NR - 1) / NR * NR) + (size_t)j0 * kc;
+}
+
+// rows i0..i1-1 (at most MC) and columns j0..j1-1 of C, on the calling
+// thread. A is packed into a stack buffer; B's panels come packed (bpacked)
+// or are packed here one by one. Zero-padded at the edges, so that one
+// kernel serves every tile: an edge tile runs in a buffer.
 static void gemm_block(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
-                       int i0, int i1, int N, int K, int accumulate) {
+                       const float *bpacked, int i0, int i1, int j0, int j1, int N, int K, int accumulate) {
     float apack[MC * KC] __attribute__((aligned(64))), bpack[KC * NR] __attribute__((aligned(64)));
     if (K <= 0 && !accumulate)  // an empty sum
-        for (int i = i0; i < i1; i++) memset(C + (size_t)i * ldc, 0, N * sizeof(float));
+        for (int i = i0; i < i1; i++) memset(C + (size_t)i * ldc + j0, 0, (j1 - j0) * sizeof(float));
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC, load_c = accumulate || k0 > 0;
         for (int i = i0; i < i1; i += MR)
             gemm_pack_a(apack + (size_t)(i - i0) * kc, A, ars, aks, i, i1 - i < MR ? i1 - i : MR, k0, kc);
-        for (int j0 = 0; j0 < N; j0 += NR) {
-            int nr = N - j0 < NR ? N - j0 : NR;
-            gemm_pack_b(bpack, B + (size_t)k0 * ldb + j0, ldb, nr, kc);
+        for (int j = j0; j < j1; j += NR) {
+            int nr = j1 - j < NR ? j1 - j : NR;
+            const float *bp = bpacked ? gemm_packed_panel(bpacked, N, j, k0, kc) : bpack;
+            if (!bpacked) gemm_pack_b(bpack, B + (size_t)k0 * ldb + j, ldb, nr, kc);
             for (int i = i0; i < i1; i += MR) {
                 int mr = i1 - i < MR ? i1 - i : MR;
                 const float *ap = apack + (size_t)(i - i0) * kc;
-                float *c = C + (size_t)i * ldc + j0;
+                float *c = C + (size_t)i * ldc + j;
                 if (mr == MR && nr == NR) {
-                    gemm_tile(c, ldc, ap, bpack, kc, load_c);
+                    gemm_tile(c, ldc, ap, bp, kc, load_c);
                     continue;
                 }
                 float tile[MR * NR] = {0};
                 for (int r = 0; r < mr; r++)
-                    for (int j = 0; j < nr; j++) tile[r * NR + j] = c[(size_t)r * ldc + j];
-                gemm_tile(tile, NR, ap, bpack, kc, load_c);
+                    for (int jj = 0; jj < nr; jj++) tile[r * NR + jj] = c[(size_t)r * ldc + jj];
+                gemm_tile(tile, NR, ap, bp, kc, load_c);
                 for (int r = 0; r < mr; r++)
-                    for (int j = 0; j < nr; j++) c[(size_t)r * ldc + j] = tile[r * NR + j];
+                    for (int jj = 0; jj < nr; jj++) c[(size_t)r * ldc + jj] = tile[r * NR + jj];
             }
         }
     }
@@ -126,17 +152,86 @@ static void gemm_block(float *C, int ldc, const float *A, int ars, int aks, cons
 static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                       int i0, int i1, int N, int K, int accumulate) {
     for (int i = i0; i < i1; i += MC)
-        gemm_block(C, ldc, A, ars, aks, B, ldb, i, i + MC < i1 ? i + MC : i1, N, K, accumulate);
+        gemm_block(C, ldc, A, ars, aks, B, ldb, NULL, i, i + MC < i1 ? i + MC : i1, 0, N, N, K, accumulate);
 }
 
-// all of C, in tasks of MC rows spread over the threads
+// Tasks for the threads: blocks of MC rows, and where those are too few to
+// keep every thread busy (the experts' few hundred rows), each cut into
+// column ranges of whole panels, at least GEMM_MIN_PANELS wide
+#define GEMM_TASKS_PER_THREAD 4
+#define GEMM_MIN_PANELS 4
+static int gemm_column_ranges(int M, int N) {
+    int row_blocks = (M + MC - 1) / MC, panels = (N + NR - 1) / NR, threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    int want = (threads * GEMM_TASKS_PER_THREAD + row_blocks - 1) / row_blocks, most = panels / GEMM_MIN_PANELS;
+    return want < most ? want : (most > 1 ? most : 1);
+}
+
+// all of C, spread over the threads; B row-major (ldb) or, with bpacked, packed
+static void gemm_tasks(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
+                       const float *bpacked, int M, int N, int K, int accumulate) {
+    int row_blocks = (M + MC - 1) / MC, ranges = gemm_column_ranges(M, N), panels = (N + NR - 1) / NR;
+#pragma omp for schedule(dynamic, 1)
+    for (int task = 0; task < row_blocks * ranges; task++) {
+        int rb = task / ranges, cr = task % ranges;
+        int i0 = rb * MC, i1 = i0 + MC < M ? i0 + MC : M;
+        int j0 = panels * cr / ranges * NR, j1 = panels * (cr + 1) / ranges * NR;
+        gemm_block(C, ldc, A, ars, aks, B, ldb, bpacked, i0, i1, j0, j1 < N ? j1 : N, N, K, accumulate);
+    }
+}
+
 static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                  int M, int N, int K, int accumulate) {
-    int n_tasks = (M + MC - 1) / MC;
-#pragma omp parallel for schedule(dynamic, 1) if (n_tasks > 1)
-    for (int task = 0; task < n_tasks; task++) {
-        int i1 = task * MC + MC < M ? task * MC + MC : M;
-        gemm_block(C, ldc, A, ars, aks, B, ldb, task * MC, i1, N, K, accumulate);
+#pragma omp parallel if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
+    gemm_tasks(C, ldc, A, ars, aks, B, ldb, NULL, M, N, K, accumulate);
+}
+
+// Narrow C (N <= VW, a router's E columns): one vector of columns per row,
+// MR rows side by side, A read in place (packing it would cost more than the
+// multiply-adds it feeds). bp (K,VW) is W^T zero-padded; rows i0..i1-1.
+static void gemm_narrow_rows(float *C, int ldc, const float *A, int lda, const float *bp, int i0, int i1, int N,
+                             int K) {
+    for (int i = i0; i < i1; i += MR) {
+        int mr = i1 - i < MR ? i1 - i : MR;
+        const float *a = A + (size_t)i * lda;
+        vecf acc[MR] = {{0}};
+        if (mr == MR)  // mr known: unrolled
+            for (int k = 0; k < K; k++)
+                for (int r = 0; r < MR; r++) acc[r] = acc[r] + a[(size_t)r * lda + k] * *(const vecf *)(bp + k * VW);
+        else
+            for (int k = 0; k < K; k++)
+                for (int r = 0; r < mr; r++) acc[r] = acc[r] + a[(size_t)r * lda + k] * *(const vecf *)(bp + k * VW);
+        for (int r = 0; r < mr; r++) {
+            float row[VW] __attribute__((aligned(64)));
+            *(vecf *)row = acc[r];
+            memcpy(C + (size_t)(i + r) * ldc, row, N * sizeof(float));
+        }
+    }
+}
+
+// C (M,N) = A (M,K) @ W^T for W (N,K) row-major: W's panels packed once,
+// shared by the threads (bpacked holds gemm_packed_floats(N, K))
+static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, float *bpacked, int M, int N, int K) {
+    int panels = (N + NR - 1) / NR, blocks = (K + KC - 1) / KC;
+    if (N <= VW) {
+        for (int k = 0; k < K; k++)
+            for (int j = 0; j < VW; j++) bpacked[k * VW + j] = j < N ? W[(size_t)j * K + k] : 0.0f;
+        int tiles = (M + MR - 1) / MR;
+#pragma omp parallel for schedule(static) if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
+        for (int t = 0; t < tiles; t++) gemm_narrow_rows(C, ldc, A, lda, bpacked, t * MR, t * MR + MR < M ? t * MR + MR : M, N, K);
+        return;
+    }
+#pragma omp parallel if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
+    {
+#pragma omp for schedule(static)
+        for (int t = 0; t < panels * blocks; t++) {
+            int j0 = t % panels * NR, k0 = t / panels * KC, kc = K - k0 < KC ? K - k0 : KC;
+            gemm_pack_bt((float *)gemm_packed_panel(bpacked, N, j0, k0, kc), W + (size_t)j0 * K + k0, K,
+                         N - j0 < NR ? N - j0 : NR, kc);
+        }
+        gemm_tasks(C, ldc, A, lda, 1, NULL, 0, bpacked, M, N, K, 0);
     }
 }
 
@@ -196,11 +291,10 @@ static void transpose(float *wt, const float *w, int OUT, int IN) {
     for (int i0 = 0; i0 < IN; i0 += 32) transpose_rows(wt, w, OUT, IN, IN, i0, i0 + 32 < IN ? i0 + 32 : IN);
 }
 
-// out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T; scratch holds OUT*IN floats
+// out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T; scratch holds gemm_packed_floats(OUT, IN)
 static void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT,
                            float *scratch) {
-    transpose(scratch, w, OUT, IN);
-    gemm(out, OUT, inp, IN, 1, scratch, OUT, N, OUT, IN, 0);
+    gemm_bt(out, OUT, inp, IN, w, scratch, N, OUT, IN);
 }
 
 // dinp (N,IN) = (or +=, with accumulate) dout (N,OUT) @ w (OUT,IN);
@@ -713,7 +807,7 @@ struct Model {
     float *tmp;               // (BT,D) a sublayer's output before the residual add
     float *kt;                // (B,H,Hd,T) k (forward) or v (backward) transposed per head
     int *x, *y;               // (BT) the batch of the last forward
-    float *scratch;           // the largest weight matrix, transposed for the matmul
+    float *scratch;           // the largest weight matrix, packed for the matmul (gemm_bt)
     float *lbf, *lbP;         // (E) load-balance scratch
     int *cursor, *seg;        // (E), (E+1)
     uint64_t *prio_key;       // (BT*K) the drop policy "probs"' sort keys
@@ -827,9 +921,10 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     m->kt = carve(fb, nf, BT * HHd);
     m->x = carve_int(ib, ni, BT);
     m->y = carve_int(ib, ni, BT);
-    size_t wmax = (size_t)c->V * D;
-    size_t sizes[] = {2 * (size_t)c->F * D, 2 * (size_t)c->Fe * D, HHd * D, E * D};
-    for (int i = 0; i < 4; i++) wmax = sizes[i] > wmax ? sizes[i] : wmax;
+    size_t wmax = 0, sizes[] = {gemm_packed_floats(c->V, D), gemm_packed_floats(2 * c->F, D),
+                                gemm_packed_floats(2 * c->Fe, D), gemm_packed_floats(HHd, D), gemm_packed_floats(D, HHd),
+                                gemm_packed_floats(D, c->F), gemm_packed_floats(D, c->Fe), gemm_packed_floats(E, D)};
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) wmax = sizes[i] > wmax ? sizes[i] : wmax;
     m->scratch = carve(fb, nf, wmax);
     m->lbf = carve(fb, nf, E);
     m->lbP = carve(fb, nf, E);
