@@ -155,18 +155,24 @@ static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const
         gemm_block(C, ldc, A, ars, aks, B, ldb, NULL, i, i + MC < i1 ? i + MC : i1, 0, N, N, K, accumulate);
 }
 
-// Tasks for the threads: blocks of MC rows, and where those are too few to
-// keep every thread busy (the experts' few hundred rows), each cut into
-// column ranges of whole panels, at least GEMM_MIN_PANELS wide
+// Tasks for the threads: blocks of MC rows times ranges of whole panels of
+// columns. A range is at most GEMM_RANGE_PANELS wide, so that its share of B
+// stays in L2 while the tasks of one range (numbered one after the other)
+// run through the row blocks; where the row blocks are too few to keep every
+// thread busy (the experts' few hundred rows), ranges are cut narrower, down
+// to GEMM_MIN_PANELS.
 #define GEMM_TASKS_PER_THREAD 4
 #define GEMM_MIN_PANELS 4
+#define GEMM_RANGE_PANELS 16
 static int gemm_column_ranges(int M, int N) {
     int row_blocks = (M + MC - 1) / MC, panels = (N + NR - 1) / NR, threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    int want = (threads * GEMM_TASKS_PER_THREAD + row_blocks - 1) / row_blocks, most = panels / GEMM_MIN_PANELS;
-    return want < most ? want : (most > 1 ? most : 1);
+    int for_threads = (threads * GEMM_TASKS_PER_THREAD + row_blocks - 1) / row_blocks;
+    int narrowest = panels / GEMM_MIN_PANELS, for_cache = (panels + GEMM_RANGE_PANELS - 1) / GEMM_RANGE_PANELS;
+    int ranges = for_threads < narrowest ? for_threads : narrowest;
+    return ranges > for_cache ? ranges : for_cache;
 }
 
 // all of C, spread over the threads; B row-major (ldb) or, with bpacked, packed
@@ -175,7 +181,7 @@ static void gemm_tasks(float *C, int ldc, const float *A, int ars, int aks, cons
     int row_blocks = (M + MC - 1) / MC, ranges = gemm_column_ranges(M, N), panels = (N + NR - 1) / NR;
 #pragma omp for schedule(dynamic, 1)
     for (int task = 0; task < row_blocks * ranges; task++) {
-        int rb = task / ranges, cr = task % ranges;
+        int rb = task % row_blocks, cr = task / row_blocks;
         int i0 = rb * MC, i1 = i0 + MC < M ? i0 + MC : M;
         int j0 = panels * cr / ranges * NR, j1 = panels * (cr + 1) / ranges * NR;
         gemm_block(C, ldc, A, ars, aks, B, ldb, bpacked, i0, i1, j0, j1 < N ? j1 : N, N, K, accumulate);
