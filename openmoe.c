@@ -1366,6 +1366,41 @@ void model_set_opt_state(Model *m, const float *state) {
 // inference: one token at a time with a KV cache. Every step is the row
 // version of the batched code above, with the same order of operations.
 
+// att (n) = the dot products of q (Hd) with n keys (rows ld apart), each
+// gemm's chain over i: DOTS_SIDE_BY_SIDE keys at a time, as a chain waits on
+// its own latency
+#define DOTS_SIDE_BY_SIDE 8
+static void attention_scores_row(float *att, const float *q, const float *k, int n, int Hd, int ld) {
+    int s = 0;
+    for (; s + DOTS_SIDE_BY_SIDE <= n; s += DOTS_SIDE_BY_SIDE) {
+        float dot[DOTS_SIDE_BY_SIDE] = {0.0f};
+        for (int i = 0; i < Hd; i++)
+            for (int j = 0; j < DOTS_SIDE_BY_SIDE; j++) dot[j] = MADD(q[i], k[(size_t)(s + j) * ld + i], dot[j]);
+        for (int j = 0; j < DOTS_SIDE_BY_SIDE; j++) att[s + j] = dot[j];
+    }
+    for (; s < n; s++) {
+        float dot = 0.0f;
+        for (int i = 0; i < Hd; i++) dot = MADD(q[i], k[(size_t)s * ld + i], dot);
+        att[s] = dot;
+    }
+}
+
+// out (Hd) = sum over n values v (rows ld apart) weighted by att, each
+// output gemm's chain over s
+static void attention_values_row(float *out, const float *att, const float *v, int n, int Hd, int ld) {
+    int i = 0;
+    for (; i + VW <= Hd; i += VW) {
+        vecf acc = {0};
+        for (int s = 0; s < n; s++) acc = acc + att[s] * *(const vecf *)(v + (size_t)s * ld + i);
+        *(vecf *)(out + i) = acc;
+    }
+    for (; i < Hd; i++) {
+        float acc = 0.0f;
+        for (int s = 0; s < n; s++) acc = MADD(att[s], v[(size_t)s * ld + i], acc);
+        out[i] = acc;
+    }
+}
+
 // params_t: every weight matrix but the embedding (decode reads its rows),
 // each slice (rows, cols) transposed to (cols, rows) for matvec_forward.
 // Made on the first decode after the parameters change, not before: a
@@ -1418,18 +1453,10 @@ const float *model_decode(Model *m, int token, int pos) {
             rope_row(kc + (size_t)pos * HHd + h * c->Hd, cs, sn, c->Hd, 1.0f);
         }
         for (int h = 0; h < c->H; h++) {  // the row pos of attention_forward's three steps
-            const float *q = m->t_q + h * c->Hd;
-            float *att = m->t_att, *out = m->t_aty + h * c->Hd;
-            for (int s = 0; s <= pos; s++) {
-                const float *ks = kc + (size_t)s * HHd + h * c->Hd;
-                float dot = 0.0f;
-                for (int i = 0; i < c->Hd; i++) dot = MADD(q[i], ks[i], dot);  // gemm's chain
-                att[s] = dot;
-            }
+            float *att = m->t_att;
+            attention_scores_row(att, m->t_q + h * c->Hd, kc + h * c->Hd, pos + 1, c->Hd, HHd);
             attention_softmax_row(att, pos, pos + 1);
-            for (int i = 0; i < c->Hd; i++) out[i] = 0.0f;
-            for (int s = 0; s <= pos; s++)
-                for (int i = 0; i < c->Hd; i++) out[i] = out[i] + att[s] * vc[(size_t)s * HHd + h * c->Hd + i];
+            attention_values_row(m->t_aty + h * c->Hd, att, vc + h * c->Hd, pos + 1, c->Hd, HHd);
         }
         matvec_forward(m->t_out, m->t_aty, WT + lp->wo, HHd, D);
         residual_forward(x, x, m->t_out, D);
