@@ -883,6 +883,85 @@ static inline void losses_from_sums(float *losses, double ce_sum, double lz_sum,
     losses[LOSS_DROPPED] = n_moe ? (float)((double)dropped / ((double)BTK * n_moe)) : 0.0f;
 }
 
+// ----------------------------------------------------------------------------
+// Sampling and timing, shared by train.c and run.c
+
+#include <time.h>
+
+// seconds on a monotonic clock, for the time a step or a generation takes
+static inline double wall_seconds(void) {
+    struct timespec t;
+    if (clock_gettime(CLOCK_MONOTONIC, &t) != 0) die("clock_gettime failed: %s", strerror(errno));
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+// the index of the largest of v (n), the first on ties
+static inline int argmax(const float *v, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) best = v[i] > v[best] ? i : best;
+    return best;
+}
+
+typedef struct {
+    float p;
+    int id;
+} ProbIndex;
+
+// qsort order of top-p: probability descending, then id ascending
+static inline int prob_index_desc(const void *a, const void *b) {
+    const ProbIndex *x = (const ProbIndex *)a, *y = (const ProbIndex *)b;
+    if (x->p != y->p) return x->p < y->p ? 1 : -1;
+    return x->id - y->id;
+}
+
+// topp of a Sampler that keeps the whole distribution and draws from it in id
+// order, without sorting (train's samples)
+#define TOPP_OFF 0.0f
+
+// draws token ids 0..n-1 from logits: temp 0 is greedy (the argmax, no draw);
+// else the softmax of logits / temp, cut to the smallest head of the sorted
+// probabilities whose mass reaches topp (0 < topp <= 1: nucleus sampling) or
+// kept whole (TOPP_OFF), then one uniform draw of rng
+typedef struct {
+    int n;
+    float temp, topp;
+    Rng rng;
+    ProbIndex *probs;  // (n) scratch
+} Sampler;
+
+// probs (n) <- {exp((logits - max) / temp), id}; returns their sum
+static inline float sampler_softmax(Sampler *s, const float *logits) {
+    float maxl = logits[argmax(logits, s->n)], sum = 0.0f;
+    for (int v = 0; v < s->n; v++) {
+        s->probs[v].p = expf((logits[v] - maxl) / s->temp);
+        s->probs[v].id = v;
+        sum += s->probs[v].p;
+    }
+    return sum;
+}
+
+// the id at which the cumulative mass of probs[0..n) passes coin (the last if
+// rounding leaves coin beyond it)
+static inline int sampler_draw(const ProbIndex *probs, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += probs[i].p;
+        if (coin < cdf) return probs[i].id;
+    }
+    return probs[n - 1].id;
+}
+
+static inline int sample_token(Sampler *s, const float *logits) {
+    if (s->temp == 0.0f) return argmax(logits, s->n);
+    float sum = sampler_softmax(s, logits);
+    if (s->topp == TOPP_OFF) return sampler_draw(s->probs, s->n, rng_uniform(&s->rng) * sum);
+    qsort(s->probs, s->n, sizeof(ProbIndex), prob_index_desc);
+    int head = 0;  // the smallest head of the sorted list whose mass reaches topp
+    float mass = 0.0f;
+    while (head < s->n && (head == 0 || mass < s->topp * sum)) mass += s->probs[head++].p;
+    return sampler_draw(s->probs, head, rng_uniform(&s->rng) * mass);
+}
+
 #ifdef __cplusplus
 }
 #endif
