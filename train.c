@@ -76,141 +76,14 @@ static void batch_fill(int32_t *x, int32_t *y, const TokenData *d, const long *s
 }
 
 // ----------------------------------------------------------------------------
-// data parallelism (make train MPI=1, then mpirun -np N ./train ...; README
-// "Several GPUs"). -b is the global batch: rank r trains on windows
-// [r*B/N, (r+1)*B/N) of the batch a 1-rank run draws (the data RNG advances
-// the same on every rank), so a run gives the same steps on any rank count,
-// up to float rounding. Every rank has all targets (B/N*T each), so the mean
-// of the ranks' losses and gradients is those of the whole batch. MoE routing
-// groups (-q) stay inside one rank's tokens: capacity is per group and the
-// load-balance and z-losses are means over groups, so a run equals the 1-rank
-// run when -q divides B/N*T; with -q 0 (or -q > B/N*T) each rank's tokens
-// form one smaller group, of capacity cf*(B/N*T)/E, balanced on its own.
-// ZeRO-1: rank r keeps the optimizer state of the tensors starting in
-// parameters [shard[r], shard[r+1]) (whole tensors: Adafactor's factors span
-// a tensor slice), steps them, then every rank gathers the stepped weights.
-// Only rank 0 prints, validates, samples and writes; a rank that exits
-// with an error aborts the whole job. Without MPI the same calls run one rank.
+// the run: its flags, and all that main's steps share
 
+// the ranks of data parallelism (section "data parallelism" below)
 typedef struct {
     int rank, n;
     size_t *shard;     // [n + 1] parameter offsets of the ZeRO-1 shards
     int *counts;       // [2n] scratch: per-rank counts and displacements of a gather
 } Ranks;
-
-// shard[r] = offset of the first tensor at or after n_params * r / n
-static void dp_shards(Ranks *dp, const ParamTable *pt) {
-    dp->shard = (size_t *)mallocCheck((dp->n + 1) * sizeof(size_t));
-    dp->counts = (int *)mallocCheck(2 * (size_t)dp->n * sizeof(int));
-    for (int r = 0; r <= dp->n; r++) {
-        size_t want = pt->n_params * r / dp->n;
-        dp->shard[r] = pt->n_params;
-        for (int i = pt->n_tensors - 1; i >= 0; i--)
-            if (pt->tensors[i].offset >= want) dp->shard[r] = pt->tensors[i].offset;
-    }
-}
-
-#ifdef USE_MPI
-#include <mpi.h>
-
-static void mpiCheck(int err, const char *what) {
-    if (err != MPI_SUCCESS) die("%s failed (MPI error %d)", what, err);
-}
-
-// a rank leaving by exit() before MPI_Finalize: with an error (die) it takes
-// the whole job down, else (usage) it finalizes
-static void dp_at_exit(int status, void *unused) {
-    int fin = 1;
-    MPI_Finalized(&fin);
-    if (fin) return;
-    if (status != 0) MPI_Abort(MPI_COMM_WORLD, status);
-    MPI_Finalize();
-}
-
-static void dp_start(Ranks *dp, int *argc, char ***argv) {
-    mpiCheck(MPI_Init(argc, argv), "MPI_Init");
-    if (on_exit(dp_at_exit, NULL) != 0) die("on_exit failed");
-    mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &dp->rank), "MPI_Comm_rank");
-    mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &dp->n), "MPI_Comm_size");
-    MPI_Comm node;
-    int local;
-    mpiCheck(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, dp->rank, MPI_INFO_NULL, &node), "MPI_Comm_split_type");
-    mpiCheck(MPI_Comm_rank(node, &local), "MPI_Comm_rank");
-    mpiCheck(MPI_Comm_free(&node), "MPI_Comm_free");
-    if (dp->rank != 0 && !freopen("/dev/null", "w", stdout)) die("rank %d: cannot silence stdout", dp->rank);
-    dp_init(dp->rank, dp->n, local);
-}
-
-static void dp_end(void) { mpiCheck(MPI_Finalize(), "MPI_Finalize"); }
-
-// dies on every rank unless h is the same on all
-static void dp_same(uint64_t h, const char *what) {
-    unsigned long long lo = h, hi = h;
-    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
-    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD), "MPI_Allreduce");
-    if (lo != hi) die("the ranks differ in %s", what);
-}
-
-static void dp_bcast(void *p, size_t bytes) {
-    if (bytes > INT_MAX) die("broadcast of %zu bytes: more than one MPI call carries", bytes);
-    mpiCheck(MPI_Bcast(p, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD), "MPI_Bcast");
-}
-
-// the routed and kept counts of the last forward (n_moe layers of E each,
-// contiguous in the model's stats) <- their sums over the ranks
-static void dp_sum_router_loads(const RouterStats *stats, int n_moe, int E) {
-    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, stats[0].routed, 2 * n_moe * E, MPI_INT, MPI_SUM, MPI_COMM_WORLD),
-             "MPI_Allreduce");
-}
-
-// x (n) <- its mean over the ranks
-static void dp_mean(float *x, int n, const Ranks *dp) {
-    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
-    for (int i = 0; i < n; i++) x[i] /= dp->n;
-}
-#else
-static void dp_start(Ranks *dp, int *argc, char ***argv) { dp->rank = 0, dp->n = 1; }
-static void dp_end(void) {}
-static void dp_same(uint64_t h, const char *what) {}
-static void dp_bcast(void *p, size_t bytes) {}
-static void dp_mean(float *x, int n, const Ranks *dp) {}
-static void dp_sum_router_loads(const RouterStats *stats, int n_moe, int E) {}
-static void model_grads_allreduce(Model *m) {}
-static void model_params_allgather(Model *m, const size_t *shard) {}
-#endif
-
-// The optimizer state moves between the full layout (full, on rank 0:
-// checkpoints) and this rank's shard (part). Both layouts are segs segments
-// (AdamW: m then v; Adafactor: one), each the ranks' shards in rank order.
-// gather 1: part -> full, else full -> part.
-static void dp_state_move(const Ranks *dp, const ParamTable *pt, const OptSettings *o, float *full, float *part,
-                          int gather) {
-    int segs = o->kind == OPT_ADAMW ? 2 : 1, *counts = dp->counts, *displs = dp->counts + dp->n;
-    size_t total = 0;
-    for (int r = 0; r < dp->n; r++) {
-        size_t len = opt_state_floats_range(pt, o->kind, o->min_dim, dp->shard[r], dp->shard[r + 1]) / segs;
-        if (total + len > INT_MAX) die("optimizer state of %zu floats: more than one MPI call carries", total + len);
-        counts[r] = (int)len;
-        displs[r] = (int)total;
-        total += len;
-    }
-    for (int sg = 0; sg < segs; sg++) {
-        float *f = full ? full + sg * total : NULL, *p = part + (size_t)sg * counts[dp->rank];
-#ifdef USE_MPI
-        if (gather)
-            mpiCheck(MPI_Gatherv(p, counts[dp->rank], MPI_FLOAT, f, counts, displs, MPI_FLOAT, 0, MPI_COMM_WORLD),
-                     "MPI_Gatherv");
-        else
-            mpiCheck(MPI_Scatterv(f, counts, displs, MPI_FLOAT, p, counts[dp->rank], MPI_FLOAT, 0, MPI_COMM_WORLD),
-                     "MPI_Scatterv");
-#else
-        memcpy(gather ? f : p, gather ? p : f, total * sizeof(float));
-#endif
-    }
-}
-
-// ----------------------------------------------------------------------------
-// the run: its flags, and all that main's steps share
 
 typedef struct {
     const char *init, *train_path, *val_path, *ood_path, *tok_path, *dir;
@@ -655,6 +528,19 @@ static void traces_write(Run *r) {
     }
 }
 
+// mkdir -p: makes dir and its missing parents (errors show when it is written to)
+static void make_dirs(const char *dir) {
+    char p[4096];
+    snprintf(p, sizeof(p), "%s", dir);
+    for (char *s = p + 1; *s; s++)
+        if (*s == '/') {
+            *s = '\0';
+            mkdir(p, 0755);
+            *s = '/';
+        }
+    mkdir(p, 0755);
+}
+
 // ----------------------------------------------------------------------------
 // learning rate: AdamW warms up linearly then follows a cosine to lr/10 at
 // step n; Adafactor is OpenMoE's lr * sqrt(warmup / max(step, warmup))
@@ -666,6 +552,134 @@ static float learning_rate(OptKind kind, float lr, int warmup, int step, int n) 
     return lr * (0.1f + 0.9f * 0.5f * (1.0f + cosf(3.14159265f * (progress < 1.0f ? progress : 1.0f))));
 }
 
+// ----------------------------------------------------------------------------
+// data parallelism (make train MPI=1, then mpirun -np N ./train ...; README
+// "Several GPUs"). -b is the global batch: rank r trains on windows
+// [r*B/N, (r+1)*B/N) of the batch a 1-rank run draws (the data RNG advances
+// the same on every rank), so a run gives the same steps on any rank count,
+// up to float rounding. Every rank has all targets (B/N*T each), so the mean
+// of the ranks' losses and gradients is those of the whole batch. MoE routing
+// groups (-q) stay inside one rank's tokens: capacity is per group and the
+// load-balance and z-losses are means over groups, so a run equals the 1-rank
+// run when -q divides B/N*T; with -q 0 (or -q > B/N*T) each rank's tokens
+// form one smaller group, of capacity cf*(B/N*T)/E, balanced on its own.
+// ZeRO-1: rank r keeps the optimizer state of the tensors starting in
+// parameters [shard[r], shard[r+1]) (whole tensors: Adafactor's factors span
+// a tensor slice), steps them, then every rank gathers the stepped weights.
+// Only rank 0 prints, validates, samples and writes; a rank that exits
+// with an error aborts the whole job. Without MPI the same calls run one rank.
+// (Ranks, a run's rank and shards, is defined with the run, above.)
+
+// shard[r] = offset of the first tensor at or after n_params * r / n
+static void dp_shards(Ranks *dp, const ParamTable *pt) {
+    dp->shard = (size_t *)mallocCheck((dp->n + 1) * sizeof(size_t));
+    dp->counts = (int *)mallocCheck(2 * (size_t)dp->n * sizeof(int));
+    for (int r = 0; r <= dp->n; r++) {
+        size_t want = pt->n_params * r / dp->n;
+        dp->shard[r] = pt->n_params;
+        for (int i = pt->n_tensors - 1; i >= 0; i--)
+            if (pt->tensors[i].offset >= want) dp->shard[r] = pt->tensors[i].offset;
+    }
+}
+
+#ifdef USE_MPI
+#include <mpi.h>
+
+static void mpiCheck(int err, const char *what) {
+    if (err != MPI_SUCCESS) die("%s failed (MPI error %d)", what, err);
+}
+
+// a rank leaving by exit() before MPI_Finalize: with an error (die) it takes
+// the whole job down, else (usage) it finalizes
+static void dp_at_exit(int status, void *unused) {
+    int fin = 1;
+    MPI_Finalized(&fin);
+    if (fin) return;
+    if (status != 0) MPI_Abort(MPI_COMM_WORLD, status);
+    MPI_Finalize();
+}
+
+static void dp_start(Ranks *dp, int *argc, char ***argv) {
+    mpiCheck(MPI_Init(argc, argv), "MPI_Init");
+    if (on_exit(dp_at_exit, NULL) != 0) die("on_exit failed");
+    mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &dp->rank), "MPI_Comm_rank");
+    mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &dp->n), "MPI_Comm_size");
+    MPI_Comm node;
+    int local;
+    mpiCheck(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, dp->rank, MPI_INFO_NULL, &node), "MPI_Comm_split_type");
+    mpiCheck(MPI_Comm_rank(node, &local), "MPI_Comm_rank");
+    mpiCheck(MPI_Comm_free(&node), "MPI_Comm_free");
+    if (dp->rank != 0 && !freopen("/dev/null", "w", stdout)) die("rank %d: cannot silence stdout", dp->rank);
+    dp_init(dp->rank, dp->n, local);
+}
+
+static void dp_end(void) { mpiCheck(MPI_Finalize(), "MPI_Finalize"); }
+
+// dies on every rank unless h is the same on all
+static void dp_same(uint64_t h, const char *what) {
+    unsigned long long lo = h, hi = h;
+    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
+    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD), "MPI_Allreduce");
+    if (lo != hi) die("the ranks differ in %s", what);
+}
+
+static void dp_bcast(void *p, size_t bytes) {
+    if (bytes > INT_MAX) die("broadcast of %zu bytes: more than one MPI call carries", bytes);
+    mpiCheck(MPI_Bcast(p, (int)bytes, MPI_BYTE, 0, MPI_COMM_WORLD), "MPI_Bcast");
+}
+
+// the routed and kept counts of the last forward (n_moe layers of E each,
+// contiguous in the model's stats) <- their sums over the ranks
+static void dp_sum_router_loads(const RouterStats *stats, int n_moe, int E) {
+    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, stats[0].routed, 2 * n_moe * E, MPI_INT, MPI_SUM, MPI_COMM_WORLD),
+             "MPI_Allreduce");
+}
+
+// x (n) <- its mean over the ranks
+static void dp_mean(float *x, int n, const Ranks *dp) {
+    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
+    for (int i = 0; i < n; i++) x[i] /= dp->n;
+}
+#else
+static void dp_start(Ranks *dp, int *argc, char ***argv) { dp->rank = 0, dp->n = 1; }
+static void dp_end(void) {}
+static void dp_same(uint64_t h, const char *what) {}
+static void dp_bcast(void *p, size_t bytes) {}
+static void dp_mean(float *x, int n, const Ranks *dp) {}
+static void dp_sum_router_loads(const RouterStats *stats, int n_moe, int E) {}
+static void model_grads_allreduce(Model *m) {}
+static void model_params_allgather(Model *m, const size_t *shard) {}
+#endif
+
+// The optimizer state moves between the full layout (full, on rank 0:
+// checkpoints) and this rank's shard (part). Both layouts are segs segments
+// (AdamW: m then v; Adafactor: one), each the ranks' shards in rank order.
+// gather 1: part -> full, else full -> part.
+static void dp_state_move(const Ranks *dp, const ParamTable *pt, const OptSettings *o, float *full, float *part,
+                          int gather) {
+    int segs = o->kind == OPT_ADAMW ? 2 : 1, *counts = dp->counts, *displs = dp->counts + dp->n;
+    size_t total = 0;
+    for (int r = 0; r < dp->n; r++) {
+        size_t len = opt_state_floats_range(pt, o->kind, o->min_dim, dp->shard[r], dp->shard[r + 1]) / segs;
+        if (total + len > INT_MAX) die("optimizer state of %zu floats: more than one MPI call carries", total + len);
+        counts[r] = (int)len;
+        displs[r] = (int)total;
+        total += len;
+    }
+    for (int sg = 0; sg < segs; sg++) {
+        float *f = full ? full + sg * total : NULL, *p = part + (size_t)sg * counts[dp->rank];
+#ifdef USE_MPI
+        if (gather)
+            mpiCheck(MPI_Gatherv(p, counts[dp->rank], MPI_FLOAT, f, counts, displs, MPI_FLOAT, 0, MPI_COMM_WORLD),
+                     "MPI_Gatherv");
+        else
+            mpiCheck(MPI_Scatterv(f, counts, displs, MPI_FLOAT, p, counts[dp->rank], MPI_FLOAT, 0, MPI_COMM_WORLD),
+                     "MPI_Scatterv");
+#else
+        memcpy(gather ? f : p, gather ? p : f, total * sizeof(float));
+#endif
+    }
+}
 
 // ----------------------------------------------------------------------------
 
@@ -899,19 +913,6 @@ static void tokenizer_open(Run *r) {
     }
     const Tokenizer *tok = r->tok;
     r->sample_start = tok && tok->eos_id >= 0 ? tok->eos_id : tok && tok->bos_id >= 0 ? tok->bos_id : 0;
-}
-
-// mkdir -p: makes dir and its missing parents (errors show when it is written to)
-static void make_dirs(const char *dir) {
-    char p[4096];
-    snprintf(p, sizeof(p), "%s", dir);
-    for (char *s = p + 1; *s; s++)
-        if (*s == '/') {
-            *s = '\0';
-            mkdir(p, 0755);
-            *s = '/';
-        }
-    mkdir(p, 0755);
 }
 
 // the output directory (and its trace/ for -a), checked for writing before any work
