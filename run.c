@@ -59,7 +59,7 @@ typedef struct {
     uint64_t seed;
 } RunArgs;
 
-static void args_parse(RunArgs *a, int argc, char **argv) {
+static void args_default(RunArgs *a) {
     a->model_path = NULL;
     a->tok_path = "data/kjv/tokenizer.bin";
     a->prompt = "";
@@ -70,6 +70,10 @@ static void args_parse(RunArgs *a, int argc, char **argv) {
     a->topp = 0.9f;
     a->cf = 2.0f;
     a->seed = 42;
+}
+
+static void args_parse(RunArgs *a, int argc, char **argv) {
+    args_default(a);
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i];
         if (strcmp(f, "-h") == 0 || strcmp(f, "--help") == 0) usage(0);
@@ -134,10 +138,10 @@ typedef struct {
     int first_text;      // the next piece printed is the text's first: it loses its dummy-prefix space
     Sampler sampler;
     uint64_t *digest;    // --verify: the hash of each position's logits, else NULL
-} Gen;
+} Generation;
 
 // the tokenizer, checked against the model, and what it says of the model's origin
-static void tokenizer_open(Gen *g, const RunArgs *a) {
+static void tokenizer_open(Generation *g, const RunArgs *a) {
     tokenizer_load(&g->tok, a->tok_path);
     if (g->tok.vocab_size > g->c.V)
         die("%s: the tokenizer has %d pieces, more than %s's vocabulary %d", a->tok_path, g->tok.vocab_size,
@@ -152,7 +156,7 @@ static void tokenizer_open(Gen *g, const RunArgs *a) {
 // verse of the training data and so is what a verse follows (BOS when the
 // tokenizer has no EOS), or OpenMoE's 0. tokens gets room for the prompt and
 // the context; steps is cut to the context
-static void prompt_encode(Gen *g, const RunArgs *a) {
+static void prompt_encode(Generation *g, const RunArgs *a) {
     int max_len = g->c.max_seq_len;
     int room = 16 * (int)strlen(a->prompt) + 16;  // NFKC can expand a character, byte fallback splits it
     g->tokens = (int32_t *)mallocCheck((size_t)(max_len + room + 1) * sizeof(int32_t));
@@ -175,7 +179,7 @@ static void prompt_encode(Gen *g, const RunArgs *a) {
 }
 
 // the model, its tokenizer, the prompt and the sampler
-static void gen_load(Gen *g, const RunArgs *a) {
+static void generation_load(Generation *g, const RunArgs *a) {
     float *params = model_file_load(a->model_path, &g->c);
     tokenizer_open(g, a);
     prompt_encode(g, a);
@@ -190,7 +194,7 @@ static void gen_load(Gen *g, const RunArgs *a) {
     g->sampler.probs = (ProbIndex *)mallocCheck(g->c.V * sizeof(ProbIndex));
 }
 
-static void gen_free(Gen *g) {
+static void generation_free(Generation *g) {
     free(g->digest);
     free(g->sampler.probs);
     free(g->tokens);
@@ -199,7 +203,7 @@ static void gen_free(Gen *g) {
 }
 
 // the prompt as text, without its start id
-static void prompt_print(Gen *g) {
+static void prompt_print(Generation *g) {
     for (int i = g->start >= 0; i < g->n_prompt; i++) {
         size_t len;
         const char *piece = tokenizer_piece_text(&g->tok, g->tokens[i], g->first_text, &len);
@@ -209,7 +213,7 @@ static void prompt_print(Gen *g) {
 }
 
 // a generated token as text; EOS ends a verse: a new line
-static void piece_print(Gen *g, int token) {
+static void piece_print(Generation *g, int token) {
     size_t len = 1;
     const char *piece = token == g->tok.eos_id ? "\n" : tokenizer_piece_text(&g->tok, token, g->first_text, &len);
     fwrite(piece, 1, len, stdout);
@@ -218,7 +222,7 @@ static void piece_print(Gen *g, int token) {
 }
 
 // whether an OpenMoE chat model has just written its end "▁</" "s" ">"
-static int chat_ended(const Gen *g) {
+static int chat_ended(const Generation *g) {
     if (!g->openmoe || g->n - g->n_prompt < 3 || g->chat_eos_id[0] < 0) return 0;
     const int32_t *t = g->tokens + g->n - 3;
     return t[0] == g->chat_eos_id[0] && t[1] == g->chat_eos_id[1] && t[2] == g->chat_eos_id[2];
@@ -226,7 +230,7 @@ static int chat_ended(const Gen *g) {
 
 // feeds the prompt, then samples up to steps tokens, printing each (unless
 // print_ids); an OpenMoE model also stops at EOS and at its chat end
-static void generate(Gen *g, int print_ids) {
+static void generate(Generation *g, int print_ids) {
     for (int pos = 0; g->n < g->n_prompt + g->steps; pos++) {
         const float *logits = model_decode(g->m, g->tokens[pos], pos);
         if (g->digest) g->digest[pos] = hash_bytes(FNV_BASIS, logits, (size_t)g->c.V * sizeof(float));
@@ -243,7 +247,7 @@ static void generate(Gen *g, int print_ids) {
 // as in model_decode; its argmax must give every generated token and (where
 // model_decode_bitwise) its logits those of decode bit for bit (compared
 // through their hashes). Returns the exit status, 1 on a mismatch
-static int verify(Gen *g, float cf) {
+static int verify(Generation *g, float cf) {
     int n = g->n, V = g->c.V;
     MoeSettings s = moe_settings_default();
     s.cf1000 = (int)lrintf(cf * 1000);
@@ -269,8 +273,8 @@ int main(int argc, char **argv) {
     args_parse(&a, argc, argv);
     if (a.encode || a.decode) return tokenizer_mode(&a);
     generation_args_check(&a);
-    Gen g;
-    gen_load(&g, &a);
+    Generation g;
+    generation_load(&g, &a);
     if (!a.print_ids) prompt_print(&g);
     fflush(stdout);
     double t0 = wall_seconds();
@@ -281,6 +285,6 @@ int main(int argc, char **argv) {
     fprintf(stderr, "%d tokens (%d prompt, %d generated) in %.2f s: %.1f tokens/s\n", g.n, g.n_prompt,
             g.n - g.n_prompt, secs, g.n / secs);
     int status = a.verify && g.n > g.n_prompt ? verify(&g, a.cf) : 0;
-    gen_free(&g);
+    generation_free(&g);
     return status;
 }
