@@ -85,6 +85,7 @@ typedef struct {
     int *counts;       // [2n] scratch: per-rank counts and displacements of a gather
 } Ranks;
 
+// the flags (usage below); val_batches is cut to the batches the validation data holds
 typedef struct {
     const char *init, *train_path, *val_path, *ood_path, *tok_path, *dir;
     int B, T, n_steps, stop, warmup, group, seed;
@@ -103,6 +104,7 @@ typedef struct {
     float bias_rate;                         // 0: off
 } RunSettings;
 
+// a training run as each rank holds it
 typedef struct {
     TrainArgs a;
     Ranks dp;
@@ -265,7 +267,6 @@ static int ckpt_load(Run *r, const char *path) {
     fcloseCheck(f, path);
     return h[2];
 }
-
 
 // reads the first HEADER_INTS words of path into h; returns its size, -1 when
 // it cannot be read or is shorter than a header
