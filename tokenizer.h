@@ -39,9 +39,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <float.h>
-#include "openmoe.h"
+#include "utils.h"
 
-#define TOKENIZER_MAGIC 240201738
 #define TOKENIZER_VERSION 1
 #define TOKENIZER_HEADER_INTS 256
 

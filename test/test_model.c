@@ -20,6 +20,113 @@
 static float opt_tol_scale = 1.0f;
 
 // ----------------------------------------------------------------------------
+// the debug state file (SPEC §7): one batch, its settings, and what a correct
+// implementation computes from it. The header (utils.h) holds these words;
+// the coefficients as integer millionths.
+
+enum {
+    STATE_B = 2, STATE_T, STATE_CF1000, STATE_MIN_CAPACITY, STATE_LB_COEF, STATE_RZ_COEF, STATE_LZ_COEF,
+    STATE_GROUP_SIZE, STATE_CAPACITY_RULE, STATE_DROP_POLICY, STATE_HEADER_WORDS
+};
+#define STATE_COEF_SCALE 1e6
+
+typedef struct {
+    int B, T;
+    MoeSettings s;
+    int32_t *x, *y;   // [B*T] tokens, targets (-1 = ignored)
+    float *logits;    // [B*T*V]
+    float losses[N_LOSSES];
+    float *grads;     // [n_params]
+} DebugState;
+
+// the batch size and settings of header h, checked against model config c
+static void state_settings_from_header(const int32_t *h, const char *path, const Config *c, DebugState *st) {
+    st->B = h[STATE_B];
+    st->T = h[STATE_T];
+    st->s.cf1000 = h[STATE_CF1000];
+    st->s.min_capacity = h[STATE_MIN_CAPACITY];
+    st->s.lb_coef = h[STATE_LB_COEF] * (float)(1.0 / STATE_COEF_SCALE);
+    st->s.rz_coef = h[STATE_RZ_COEF] * (float)(1.0 / STATE_COEF_SCALE);
+    st->s.lz_coef = h[STATE_LZ_COEF] * (float)(1.0 / STATE_COEF_SCALE);
+    st->s.group_size = h[STATE_GROUP_SIZE];
+    st->s.capacity_rule = h[STATE_CAPACITY_RULE];
+    st->s.drop_policy = h[STATE_DROP_POLICY];
+    if (st->s.capacity_rule < 0 || st->s.capacity_rule >= N_CAP_RULES)
+        die("%s: header word %d (capacity rule) is %d: must be 0 (t5x), 1 (colossalai) or 2 (none)", path,
+            STATE_CAPACITY_RULE, st->s.capacity_rule);
+    if (st->s.drop_policy < 0 || st->s.drop_policy >= N_DROP_POLICIES)
+        die("%s: header word %d (drop policy) is %d: must be 0 (position) or 1 (probs)", path, STATE_DROP_POLICY,
+            st->s.drop_policy);
+    if (st->B <= 0 || st->T <= 0) die("%s: B = %d, T = %d, both must be > 0", path, st->B, st->T);
+    if (st->T > c->max_seq_len) die("%s: T = %d is longer than the model's context %d", path, st->T, c->max_seq_len);
+    if (st->s.cf1000 <= 0 || st->s.min_capacity < 0 || st->s.group_size < 0 || h[STATE_LB_COEF] < 0 ||
+        h[STATE_RZ_COEF] < 0 || h[STATE_LZ_COEF] < 0)
+        die("%s: bad settings: cf1000 %d, min_capacity %d, group_size %d, coefs %d %d %d", path, st->s.cf1000,
+            st->s.min_capacity, st->s.group_size, h[STATE_LB_COEF], h[STATE_RZ_COEF], h[STATE_LZ_COEF]);
+}
+
+static void state_file_load(const char *path, const Config *c, DebugState *st) {
+    FILE *f = fopenCheck(path, "rb");
+    int32_t h[HEADER_INTS];
+    long size = header_read(f, path, "state", STATE_MAGIC, STATE_HEADER_WORDS, h);
+    state_settings_from_header(h, path, c, st);
+    size_t BT = (size_t)st->B * st->T, n_params = config_n_params(c);
+    uint64_t nfloat = size_add(size_add(2 * BT, size_mul(BT, c->V)), N_LOSSES + n_params);
+    uint64_t want = size_add(HEADER_BYTES, size_mul(sizeof(float), nfloat));
+    if ((uint64_t)size != want)
+        die("%s: size %ld bytes, but B=%d T=%d V=%d and %zu parameters make %llu bytes", path, size, st->B, st->T,
+            c->V, n_params, (unsigned long long)want);
+    st->x = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+    st->y = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+    st->logits = (float *)mallocCheck(BT * c->V * sizeof(float));
+    st->grads = (float *)mallocCheck(n_params * sizeof(float));
+    freadCheck(st->x, sizeof(int32_t), BT, f, path);
+    freadCheck(st->y, sizeof(int32_t), BT, f, path);
+    freadCheck(st->logits, sizeof(float), BT * c->V, f, path);
+    freadCheck(st->losses, sizeof(float), N_LOSSES, f, path);
+    freadCheck(st->grads, sizeof(float), n_params, f, path);
+    fcloseCheck(f, path);
+    for (size_t i = 0; i < BT; i++) {
+        if (st->x[i] < 0 || st->x[i] >= c->V) die("%s: token x[%zu] = %d is out of range [0, %d)", path, i, st->x[i], c->V);
+        if (st->y[i] < -1 || st->y[i] >= c->V) die("%s: target y[%zu] = %d is out of range [-1, %d)", path, i, st->y[i], c->V);
+    }
+}
+
+static void state_file_save(const char *path, const Config *c, const DebugState *st) {
+    int32_t h[HEADER_INTS] = {0};
+    h[0] = STATE_MAGIC;
+    h[1] = FILE_VERSION;
+    h[STATE_B] = st->B;
+    h[STATE_T] = st->T;
+    h[STATE_CF1000] = st->s.cf1000;
+    h[STATE_MIN_CAPACITY] = st->s.min_capacity;
+    h[STATE_LB_COEF] = (int32_t)lrint(st->s.lb_coef * STATE_COEF_SCALE);
+    h[STATE_RZ_COEF] = (int32_t)lrint(st->s.rz_coef * STATE_COEF_SCALE);
+    h[STATE_LZ_COEF] = (int32_t)lrint(st->s.lz_coef * STATE_COEF_SCALE);
+    h[STATE_GROUP_SIZE] = st->s.group_size;
+    h[STATE_CAPACITY_RULE] = st->s.capacity_rule;
+    h[STATE_DROP_POLICY] = st->s.drop_policy;
+    size_t BT = (size_t)st->B * st->T;
+    char tmp[MAX_PATH_BYTES];
+    FILE *f = atomic_open(path, tmp, sizeof(tmp));
+    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
+    fwriteCheck(st->x, sizeof(int32_t), BT, f, tmp);
+    fwriteCheck(st->y, sizeof(int32_t), BT, f, tmp);
+    fwriteCheck(st->logits, sizeof(float), BT * c->V, f, tmp);
+    fwriteCheck(st->losses, sizeof(float), N_LOSSES, f, tmp);
+    fwriteCheck(st->grads, sizeof(float), config_n_params(c), f, tmp);
+    atomic_commit(f, tmp, path);
+}
+
+static void state_free(DebugState *st) {
+    free(st->x);
+    free(st->y);
+    free(st->logits);
+    free(st->grads);
+    memset(st, 0, sizeof(*st));
+}
+
+// ----------------------------------------------------------------------------
 // comparisons: each prints its worst error against what it allows
 
 // element-wise |a-b| <= tol (1 + |b|); returns 1 when all hold
