@@ -62,13 +62,51 @@ static inline int config_preset(const char *name, Config *c) {
     return 0;
 }
 
+// The Config fields, described once: name, place in the struct, and word of
+// the model file's header (SPEC §6). The checks, the parser, the header I/O
+// and train.c's resume go through this table, so that a new field is one row
+// here and cannot shift the file format. positive: the field must be > 0.
+typedef struct {
+    const char *name;
+    size_t offset;   // offsetof(Config, field)
+    int word;        // header word
+    int positive;
+} ConfigField;
+
+#define CONFIG_FIELD(field, word, positive) {#field, offsetof(Config, field), word, positive}
+static const ConfigField config_fields[] = {
+    CONFIG_FIELD(V, 2, 1),           CONFIG_FIELD(max_seq_len, 3, 1), CONFIG_FIELD(L, 4, 1),
+    CONFIG_FIELD(D, 5, 1),           CONFIG_FIELD(H, 6, 1),           CONFIG_FIELD(Hd, 7, 1),
+    CONFIG_FIELD(F, 8, 1),           CONFIG_FIELD(E, 9, 1),           CONFIG_FIELD(K, 10, 1),
+    CONFIG_FIELD(moe_every, 11, 1),  CONFIG_FIELD(Fe, 12, 1),         CONFIG_FIELD(extra_ffn, 13, 0),
+};
+#undef CONFIG_FIELD
+#define N_CONFIG_FIELDS ((int)(sizeof(config_fields) / sizeof(config_fields[0])))
+// the model file's header words: magic, version, then the fields
+#define MODEL_HEADER_WORDS (2 + N_CONFIG_FIELDS)
+// a Config field without a row would be neither checked nor saved
+#ifdef __cplusplus
+static_assert(sizeof(Config) == sizeof(config_fields) / sizeof(config_fields[0]) * sizeof(int),
+              "every Config field needs a row in config_fields");
+#else
+_Static_assert(sizeof(Config) == sizeof(config_fields) / sizeof(config_fields[0]) * sizeof(int),
+               "every Config field needs a row in config_fields");
+#endif
+
+// field i of config_fields in c
+static inline int *config_field(Config *c, int i) { return (int *)((char *)c + config_fields[i].offset); }
+static inline int config_value(const Config *c, int i) {
+    return *(const int *)((const char *)c + config_fields[i].offset);
+}
+
 // checks a config as SPEC §6 asks of a header; on failure writes why and returns 0
 static inline int config_check(const Config *c, char *why, size_t nwhy) {
-    const int *v = &c->V;
-    static const char *names[] = {"V", "max_seq_len", "L", "D", "H", "Hd", "F", "E", "K",
-                                  "moe_every", "Fe"};
-    for (int i = 0; i < 11; i++) {
-        if (v[i] <= 0) { snprintf(why, nwhy, "%s = %d, must be > 0", names[i], v[i]); return 0; }
+    for (int i = 0; i < N_CONFIG_FIELDS; i++) {
+        int v = config_value(c, i);
+        if (config_fields[i].positive && v <= 0) {
+            snprintf(why, nwhy, "%s = %d, must be > 0", config_fields[i].name, v);
+            return 0;
+        }
     }
     if (c->max_seq_len > MAX_SEQ_LEN) {
         snprintf(why, nwhy, "max_seq_len = %d > %d", c->max_seq_len, MAX_SEQ_LEN);
@@ -89,19 +127,39 @@ static inline int config_check(const Config *c, char *why, size_t nwhy) {
     return 1;
 }
 
-// a preset name, or "V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn" (max_seq_len 2048),
-// as the benchmarks take it; on failure writes why and returns 0
+// the context of a config given as numbers, which do not include it
+#define PARSED_SEQ_LEN 2048
+
+// a preset name, or the fields but max_seq_len in table order, comma-separated
+// ("V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn", max_seq_len PARSED_SEQ_LEN), as
+// the benchmarks take it; on failure writes why and returns 0
 static inline int config_parse(const char *s, Config *c, char *why, size_t nwhy) {
     if (config_preset(s, c)) return 1;
-    int *v = &c->V;  // V, then L: the header order puts max_seq_len second
-    int got = sscanf(s, "%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d", &v[0], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8],
-                     &v[9], &v[10], &v[11]);
-    if (got != 11) {
-        snprintf(why, nwhy, "not a preset name nor V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn");
+    c->max_seq_len = PARSED_SEQ_LEN;
+    char expected[128] = "";
+    int ok = 1, used;
+    for (int i = 0; i < N_CONFIG_FIELDS; i++) {
+        if (config_fields[i].offset == offsetof(Config, max_seq_len)) continue;
+        int first = !expected[0];
+        snprintf(expected + strlen(expected), sizeof(expected) - strlen(expected), "%s%s", first ? "" : ",",
+                 config_fields[i].name);
+        if (ok && !first) ok = *s++ == ',';
+        if (ok) ok = sscanf(s, "%d%n", config_field(c, i), &used) == 1;
+        if (ok) s += used;
+    }
+    if (!ok) {
+        snprintf(why, nwhy, "not a preset name nor %s", expected);
         return 0;
     }
-    c->max_seq_len = 2048;
     return config_check(c, why, nwhy);
+}
+
+// the first field (index into config_fields) whose model header word in h
+// differs from c's, or -1 when they all agree
+static inline int config_header_diff(const int32_t *h, const Config *c) {
+    for (int i = 0; i < N_CONFIG_FIELDS; i++)
+        if (h[config_fields[i].word] != config_value(c, i)) return i;
+    return -1;
 }
 
 // ----------------------------------------------------------------------------
@@ -269,13 +327,16 @@ static inline void params_init(const ParamTable *p, const Config *c, float *para
 
 // ----------------------------------------------------------------------------
 // 5. the model file (SPEC §6): the header (utils.h) with the config in words
-// 2..13, then the fp32 parameters
+// MODEL_HEADER_WORDS, then the fp32 parameters
 
 static inline void config_to_header(const Config *c, int32_t *h) {
     memset(h, 0, HEADER_BYTES);
     h[0] = MODEL_MAGIC;
     h[1] = FILE_VERSION;
-    memcpy(&h[2], &c->V, 12 * sizeof(int32_t));
+    for (int i = 0; i < N_CONFIG_FIELDS; i++) h[config_fields[i].word] = config_value(c, i);
+}
+static inline void config_from_header(const int32_t *h, Config *c) {
+    for (int i = 0; i < N_CONFIG_FIELDS; i++) *config_field(c, i) = h[config_fields[i].word];
 }
 
 // reads a model file; exits with a message naming PATH on any problem.
@@ -283,8 +344,8 @@ static inline void config_to_header(const Config *c, int32_t *h) {
 static inline float *model_file_load(const char *path, Config *c) {
     FILE *f = fopenCheck(path, "rb");
     int32_t h[HEADER_INTS];
-    long size = header_read(f, path, "model", MODEL_MAGIC, 14, h);
-    memcpy(&c->V, &h[2], 12 * sizeof(int32_t));
+    long size = header_read(f, path, "model", MODEL_MAGIC, MODEL_HEADER_WORDS, h);
+    config_from_header(h, c);
     char why[160];
     if (!config_check(c, why, sizeof(why))) die("%s: inconsistent header: %s", path, why);
     uint64_t n = config_n_params(c), want = size_add(HEADER_BYTES, size_mul(sizeof(float), n));
