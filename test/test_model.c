@@ -13,6 +13,8 @@
 //       central finite differences of the total loss against the backward on a
 //       micro config, routing held fixed; --break scales the backward's
 //       gradients by 1.1, which the check must catch
+//   test_cpu --config SPEC
+//       the model header words 2..13 of a config as config_parse reads it
 //
 // Exit status 0 only when every comparison holds.
 #include "openmoe.h"
@@ -424,20 +426,42 @@ static int check_gradients(int broken, Precision prec) {
 }
 
 // ----------------------------------------------------------------------------
+// check 4: a config as config_parse reads it (the benchmarks' -c), printed as
+// the model header's words 2..13, which t_cpu.sh compares with SPEC §6's
+// order; the words must read back to the same config
+
+static int check_config(const char *spec) {
+    Config c, back;
+    char why[160];
+    if (!config_parse(spec, &c, why, sizeof(why))) die("config '%s': %s", spec, why);
+    int32_t h[HEADER_INTS];
+    config_to_header(&c, h);
+    for (int i = 2; i < MODEL_HEADER_WORDS; i++) printf("%d%c", h[i], i + 1 < MODEL_HEADER_WORDS ? ' ' : '\n');
+    config_from_header(h, &back);
+    if (memcmp(&c, &back, sizeof(c)) != 0) {
+        printf("FAILED the header words read back to another config\n");
+        return 0;
+    }
+    return 1;
+}
+
+// ----------------------------------------------------------------------------
 
 static void usage(const char *prog) {
     fprintf(stderr,
             "usage: %s MODEL STATE [-o OUT] [--bf16] [--tol-scale S]\n"
             "       %s MODEL STATE --update adamw|adafactor EXPECTED\n"
             "       %s --gradcheck [--break]\n"
+            "       %s --config SPEC\n"
             "Compares one forward+backward (or three optimizer steps) with a debug state\n"
-            "file at SPEC §7's tolerances; exits 0 only if all hold.\n",
-            prog, prog, prog);
+            "file at SPEC §7's tolerances; exits 0 only if all hold. --config prints the\n"
+            "model header words 2..13 of a preset name or V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn.\n",
+            prog, prog, prog, prog);
     exit(2);
 }
 
 int main(int argc, char **argv) {
-    const char *pos[2] = {NULL, NULL}, *out = NULL, *update = NULL, *expect = NULL;
+    const char *pos[2] = {NULL, NULL}, *out = NULL, *update = NULL, *expect = NULL, *config = NULL;
     int npos = 0, gradcheck = 0, broken = 0;
     Precision prec = PRECISION_FP32;
     for (int i = 1; i < argc; i++) {
@@ -449,13 +473,15 @@ int main(int argc, char **argv) {
             expect = argv[++i];
         } else if (strcmp(argv[i], "--gradcheck") == 0) gradcheck = 1;
         else if (strcmp(argv[i], "--break") == 0) broken = 1;
+        else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) config = argv[++i];
         else if (argv[i][0] != '-' && npos < 2) pos[npos++] = argv[i];
         else usage(argv[0]);
     }
     if (prec == PRECISION_BF16 && opt_tol_scale == 1.0f) opt_tol_scale = 30.0f;  // SPEC §7, documented in test/
     if (!(opt_tol_scale > 0.0f)) die("--tol-scale must be > 0");
     int ok;
-    if (gradcheck) ok = check_gradients(broken, prec);
+    if (config) ok = check_config(config);
+    else if (gradcheck) ok = check_gradients(broken, prec);
     else if (npos != 2) usage(argv[0]);
     else if (update) ok = check_update(pos[0], pos[1], update, expect, prec);
     else ok = check_state(pos[0], pos[1], out, prec);
