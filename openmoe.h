@@ -326,8 +326,8 @@ static inline void params_init(const ParamTable *p, const Config *c, float *para
 }
 
 // ----------------------------------------------------------------------------
-// 5. the model file (SPEC §6): the header (utils.h) with the config in words
-// MODEL_HEADER_WORDS, then the fp32 parameters
+// 5. the model file (SPEC §6): the header (utils.h), whose words 2 ..
+// MODEL_HEADER_WORDS-1 hold the config (config_fields), then the fp32 parameters
 
 static inline void config_to_header(const Config *c, int32_t *h) {
     memset(h, 0, HEADER_BYTES);
