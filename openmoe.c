@@ -14,6 +14,7 @@
 #include "openmoe.h"
 #include <float.h>
 #include <limits.h>
+#include <sys/mman.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -41,6 +42,7 @@
 #endif
 #define NR (2 * VW)  // columns of C per register tile: two vectors
 #define KC 256       // depth of one pass: a KC x NR panel of B stays in L1
+#define GEMM_PARALLEL_MIN (1 << 15)  // multiply-adds below which one thread is faster
 
 typedef float vecf __attribute__((vector_size(VW * sizeof(float)), aligned(4)));  // any float alignment
 
@@ -70,8 +72,14 @@ static inline void gemm_tile(float *C, int ldc, const float *ap, const float *bp
 
 // ap (kc,MR) k-major = rows i..i+mr-1, columns k0..k0+kc-1 of A, zero rows below mr
 static void gemm_pack_a(float *ap, const float *A, int ars, int aks, int i, int mr, int k0, int kc) {
+    const float *a = A + (size_t)i * ars + (size_t)k0 * aks;
+    if (mr == MR) {  // no test per element: the common case runs at about a cycle per float
+        for (int k = 0; k < kc; k++)
+            for (int r = 0; r < MR; r++) ap[k * MR + r] = a[(size_t)r * ars + (size_t)k * aks];
+        return;
+    }
     for (int k = 0; k < kc; k++)
-        for (int r = 0; r < MR; r++) ap[k * MR + r] = r < mr ? A[(size_t)(i + r) * ars + (size_t)(k0 + k) * aks] : 0.0f;
+        for (int r = 0; r < MR; r++) ap[k * MR + r] = r < mr ? a[(size_t)r * ars + (size_t)k * aks] : 0.0f;
 }
 
 // bp (kc,NR) = rows 0..kc-1, columns 0..nr-1 of B (rows ldb apart), zero columns past nr
@@ -87,35 +95,54 @@ static void gemm_pack_b(float *bp, const float *B, int ldb, int nr, int kc) {
     }
 }
 
-// rows i0..i1-1 of C (at most MC), on the calling thread. Both operands are
-// packed into stack buffers (no allocation in the step), zero-padded at the
-// edges, so that one kernel serves every tile: an edge tile runs in a buffer.
+// The same panel of B^T: bp (kc,NR) = columns 0..kc-1 of rows 0..nr-1 of W
+// (rows ldw apart), zero columns past nr. Each row of W is read along k.
+static void gemm_pack_bt(float *bp, const float *W, int ldw, int nr, int kc) {
+    if (nr < NR) memset(bp, 0, (size_t)kc * NR * sizeof(float));
+    for (int j = 0; j < nr; j++) {
+        const float *w = W + (size_t)j * ldw;
+        for (int k = 0; k < kc; k++) bp[k * NR + j] = w[k];
+    }
+}
+
+// B packed once for all threads: the panel of columns j0..j0+NR-1 of depth
+// block k0..k0+kc-1 sits at bpacked + k0*Npad + j0*kc (Npad = N rounded up to NR)
+static size_t gemm_packed_floats(int N, int K) { return (size_t)((N + NR - 1) / NR) * NR * K; }
+static const float *gemm_packed_panel(const float *bpacked, int N, int j0, int k0, int kc) {
+    return bpacked + (size_t)k0 * ((N + NR - 1) / NR * NR) + (size_t)j0 * kc;
+}
+
+// rows i0..i1-1 (at most MC) and columns j0..j1-1 of C, on the calling
+// thread. A is packed into a stack buffer; B's panels come packed (bpacked)
+// or are packed here one by one. Zero-padded at the edges, so that one
+// kernel serves every tile: an edge tile runs in a buffer.
 static void gemm_block(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
-                       int i0, int i1, int N, int K, int accumulate) {
+                       const float *bpacked, int i0, int i1, int j0, int j1, int N, int K, int accumulate) {
     float apack[MC * KC] __attribute__((aligned(64))), bpack[KC * NR] __attribute__((aligned(64)));
     if (K <= 0 && !accumulate)  // an empty sum
-        for (int i = i0; i < i1; i++) memset(C + (size_t)i * ldc, 0, N * sizeof(float));
+        for (int i = i0; i < i1; i++) memset(C + (size_t)i * ldc + j0, 0, (j1 - j0) * sizeof(float));
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC, load_c = accumulate || k0 > 0;
         for (int i = i0; i < i1; i += MR)
             gemm_pack_a(apack + (size_t)(i - i0) * kc, A, ars, aks, i, i1 - i < MR ? i1 - i : MR, k0, kc);
-        for (int j0 = 0; j0 < N; j0 += NR) {
-            int nr = N - j0 < NR ? N - j0 : NR;
-            gemm_pack_b(bpack, B + (size_t)k0 * ldb + j0, ldb, nr, kc);
+        for (int j = j0; j < j1; j += NR) {
+            int nr = j1 - j < NR ? j1 - j : NR;
+            const float *bp = bpacked ? gemm_packed_panel(bpacked, N, j, k0, kc) : bpack;
+            if (!bpacked) gemm_pack_b(bpack, B + (size_t)k0 * ldb + j, ldb, nr, kc);
             for (int i = i0; i < i1; i += MR) {
                 int mr = i1 - i < MR ? i1 - i : MR;
                 const float *ap = apack + (size_t)(i - i0) * kc;
-                float *c = C + (size_t)i * ldc + j0;
+                float *c = C + (size_t)i * ldc + j;
                 if (mr == MR && nr == NR) {
-                    gemm_tile(c, ldc, ap, bpack, kc, load_c);
+                    gemm_tile(c, ldc, ap, bp, kc, load_c);
                     continue;
                 }
                 float tile[MR * NR] = {0};
                 for (int r = 0; r < mr; r++)
-                    for (int j = 0; j < nr; j++) tile[r * NR + j] = c[(size_t)r * ldc + j];
-                gemm_tile(tile, NR, ap, bpack, kc, load_c);
+                    for (int jj = 0; jj < nr; jj++) tile[r * NR + jj] = c[(size_t)r * ldc + jj];
+                gemm_tile(tile, NR, ap, bp, kc, load_c);
                 for (int r = 0; r < mr; r++)
-                    for (int j = 0; j < nr; j++) c[(size_t)r * ldc + j] = tile[r * NR + j];
+                    for (int jj = 0; jj < nr; jj++) c[(size_t)r * ldc + jj] = tile[r * NR + jj];
             }
         }
     }
@@ -125,45 +152,131 @@ static void gemm_block(float *C, int ldc, const float *A, int ars, int aks, cons
 static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                       int i0, int i1, int N, int K, int accumulate) {
     for (int i = i0; i < i1; i += MC)
-        gemm_block(C, ldc, A, ars, aks, B, ldb, i, i + MC < i1 ? i + MC : i1, N, K, accumulate);
+        gemm_block(C, ldc, A, ars, aks, B, ldb, NULL, i, i + MC < i1 ? i + MC : i1, 0, N, N, K, accumulate);
 }
 
-// all of C, in tasks of MC rows spread over the threads
-static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
-                 int M, int N, int K, int accumulate) {
-    int n_tasks = (M + MC - 1) / MC;
-#pragma omp parallel for schedule(dynamic, 1) if (n_tasks > 1)
-    for (int task = 0; task < n_tasks; task++) {
-        int i1 = task * MC + MC < M ? task * MC + MC : M;
-        gemm_block(C, ldc, A, ars, aks, B, ldb, task * MC, i1, N, K, accumulate);
+// Tasks for the threads: blocks of MC rows, and where those are too few to
+// keep every thread busy (the experts' few hundred rows), each cut into
+// column ranges of whole panels, at least GEMM_MIN_PANELS wide
+#define GEMM_TASKS_PER_THREAD 4
+#define GEMM_MIN_PANELS 4
+static int gemm_column_ranges(int M, int N) {
+    int row_blocks = (M + MC - 1) / MC, panels = (N + NR - 1) / NR, threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    int want = (threads * GEMM_TASKS_PER_THREAD + row_blocks - 1) / row_blocks, most = panels / GEMM_MIN_PANELS;
+    return want < most ? want : (most > 1 ? most : 1);
+}
+
+// all of C, spread over the threads; B row-major (ldb) or, with bpacked, packed
+static void gemm_tasks(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
+                       const float *bpacked, int M, int N, int K, int accumulate) {
+    int row_blocks = (M + MC - 1) / MC, ranges = gemm_column_ranges(M, N), panels = (N + NR - 1) / NR;
+#pragma omp for schedule(dynamic, 1)
+    for (int task = 0; task < row_blocks * ranges; task++) {
+        int rb = task / ranges, cr = task % ranges;
+        int i0 = rb * MC, i1 = i0 + MC < M ? i0 + MC : M;
+        int j0 = panels * cr / ranges * NR, j1 = panels * (cr + 1) / ranges * NR;
+        gemm_block(C, ldc, A, ars, aks, B, ldb, bpacked, i0, i1, j0, j1 < N ? j1 : N, N, K, accumulate);
     }
 }
 
-// out [OUT] = w [OUT,IN] @ inp [IN]: one token (inference), same bits as gemm.
-// Each output is one chain of multiply-adds in i order, as gemm sums it: fused
-// where the target has FMA (gemm's a*b+c is contracted there; spelled fmaf
-// here, so that the compiler cannot split the chain into a vector multiply
-// and an in-order sum of rounded products), a multiply then an add elsewhere.
-// A chain waits on its own latency, so MATVEC_ROWS outputs run side by side.
+static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
+                 int M, int N, int K, int accumulate) {
+#pragma omp parallel if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
+    gemm_tasks(C, ldc, A, ars, aks, B, ldb, NULL, M, N, K, accumulate);
+}
+
+// Narrow C (N <= VW, a router's E columns): one vector of columns per row,
+// MR rows side by side, A read in place (packing it would cost more than the
+// multiply-adds it feeds). bp (K,VW) is W^T zero-padded; rows i0..i1-1.
+static void gemm_narrow_rows(float *C, int ldc, const float *A, int lda, const float *bp, int i0, int i1, int N,
+                             int K) {
+    for (int i = i0; i < i1; i += MR) {
+        int mr = i1 - i < MR ? i1 - i : MR;
+        const float *a = A + (size_t)i * lda;
+        vecf acc[MR] = {{0}};
+        if (mr == MR)  // mr known: unrolled
+            for (int k = 0; k < K; k++)
+                for (int r = 0; r < MR; r++) acc[r] = acc[r] + a[(size_t)r * lda + k] * *(const vecf *)(bp + k * VW);
+        else
+            for (int k = 0; k < K; k++)
+                for (int r = 0; r < mr; r++) acc[r] = acc[r] + a[(size_t)r * lda + k] * *(const vecf *)(bp + k * VW);
+        for (int r = 0; r < mr; r++) {
+            float row[VW] __attribute__((aligned(64)));
+            *(vecf *)row = acc[r];
+            memcpy(C + (size_t)(i + r) * ldc, row, N * sizeof(float));
+        }
+    }
+}
+
+// C (M,N) = A (M,K) @ W^T for W (N,K) row-major: W's panels packed once,
+// shared by the threads (bpacked holds gemm_packed_floats(N, K))
+static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, float *bpacked, int M, int N, int K) {
+    int panels = (N + NR - 1) / NR, blocks = (K + KC - 1) / KC;
+    if (N <= VW) {
+        for (int k = 0; k < K; k++)
+            for (int j = 0; j < VW; j++) bpacked[k * VW + j] = j < N ? W[(size_t)j * K + k] : 0.0f;
+        int tiles = (M + MR - 1) / MR;
+#pragma omp parallel for schedule(static) if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
+        for (int t = 0; t < tiles; t++) gemm_narrow_rows(C, ldc, A, lda, bpacked, t * MR, t * MR + MR < M ? t * MR + MR : M, N, K);
+        return;
+    }
+#pragma omp parallel if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
+    {
+#pragma omp for schedule(static)
+        for (int t = 0; t < panels * blocks; t++) {
+            int j0 = t % panels * NR, k0 = t / panels * KC, kc = K - k0 < KC ? K - k0 : KC;
+            gemm_pack_bt((float *)gemm_packed_panel(bpacked, N, j0, k0, kc), W + (size_t)j0 * K + k0, K,
+                         N - j0 < NR ? N - j0 : NR, kc);
+        }
+        gemm_tasks(C, ldc, A, lda, 1, NULL, 0, bpacked, M, N, K, 0);
+    }
+}
+
+// out [OUT] = wt [IN,OUT]^T @ inp [IN]: one token (inference), same bits as
+// gemm. wt is the weight matrix transposed (decode keeps such a copy), so
+// that a vector holds VW neighbouring outputs: each output is one chain of
+// multiply-adds in i order, a + b*c as in gemm_tile (fused where the target
+// fuses gemm's). A chain waits on its own latency, so MATVEC_VECS vectors of
+// outputs run side by side.
 #ifdef __FP_FAST_FMAF
 #define MADD(a, b, c) fmaf(a, b, c)
 #else
 #define MADD(a, b, c) ((c) + (a) * (b))
 #endif
-#define MATVEC_ROWS 8
-static void matvec_rows(float *out, const float *inp, const float *w, int IN, int n) {
-    float acc[MATVEC_ROWS] = {0.0f};
-    for (int i = 0; i < IN; i++)
-        for (int j = 0; j < n; j++) acc[j] = MADD(inp[i], w[(size_t)j * IN + i], acc[j]);
-    for (int j = 0; j < n; j++) out[j] = acc[j];
+#define MATVEC_VECS 8                       // independent vector chains per block
+#define MATVEC_COLS (MATVEC_VECS * VW)      // outputs per block
+#define MATVEC_PARALLEL_MIN (1 << 20)       // multiply-adds below which one thread is faster
+
+// outputs o0..o0+nv*VW-1, nv <= MATVEC_VECS whole vectors
+static void matvec_vectors(float *out, const float *inp, const float *wt, int IN, int OUT, int o0, int nv) {
+    vecf acc[MATVEC_VECS] = {{0}};
+    for (int i = 0; i < IN; i++) {
+        const float a = inp[i], *w = wt + (size_t)i * OUT + o0;
+        for (int v = 0; v < nv; v++) acc[v] = acc[v] + a * *(const vecf *)(w + v * VW);
+    }
+    for (int v = 0; v < nv; v++) *(vecf *)(out + o0 + v * VW) = acc[v];
 }
-static void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT) {
-    int n_blocks = (OUT + MATVEC_ROWS - 1) / MATVEC_ROWS;
-#pragma omp parallel for schedule(static) if ((size_t)OUT * IN > (1 << 20))
+// outputs o0..OUT-1, fewer than one vector
+static void matvec_scalars(float *out, const float *inp, const float *wt, int IN, int OUT, int o0) {
+    for (int o = o0; o < OUT; o++) {
+        float acc = 0.0f;
+        for (int i = 0; i < IN; i++) acc = MADD(inp[i], wt[(size_t)i * OUT + o], acc);
+        out[o] = acc;
+    }
+}
+static void matvec_forward(float *out, const float *inp, const float *wt, int IN, int OUT) {
+    int n_blocks = (OUT + MATVEC_COLS - 1) / MATVEC_COLS;
+#pragma omp parallel for schedule(static) if ((size_t)OUT * IN >= MATVEC_PARALLEL_MIN)
     for (int b = 0; b < n_blocks; b++) {
-        int o = b * MATVEC_ROWS, n = OUT - o < MATVEC_ROWS ? OUT - o : MATVEC_ROWS;
-        if (n == MATVEC_ROWS) matvec_rows(out + o, inp, w + (size_t)o * IN, IN, MATVEC_ROWS);  // n known: unrolled
-        else matvec_rows(out + o, inp, w + (size_t)o * IN, IN, n);
+        int o0 = b * MATVEC_COLS, nv = (OUT - o0) / VW;
+        if (nv >= MATVEC_VECS) matvec_vectors(out, inp, wt, IN, OUT, o0, MATVEC_VECS);  // nv known: unrolled
+        else {
+            matvec_vectors(out, inp, wt, IN, OUT, o0, nv);
+            matvec_scalars(out, inp, wt, IN, OUT, o0 + nv * VW);
+        }
     }
 }
 
@@ -178,11 +291,10 @@ static void transpose(float *wt, const float *w, int OUT, int IN) {
     for (int i0 = 0; i0 < IN; i0 += 32) transpose_rows(wt, w, OUT, IN, IN, i0, i0 + 32 < IN ? i0 + 32 : IN);
 }
 
-// out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T; scratch holds OUT*IN floats
+// out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T; scratch holds gemm_packed_floats(OUT, IN)
 static void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT,
                            float *scratch) {
-    transpose(scratch, w, OUT, IN);
-    gemm(out, OUT, inp, IN, 1, scratch, OUT, N, OUT, IN, 0);
+    gemm_bt(out, OUT, inp, IN, w, scratch, N, OUT, IN);
 }
 
 // dinp (N,IN) = (or +=, with accumulate) dout (N,OUT) @ w (OUT,IN);
@@ -677,6 +789,8 @@ struct Model {
     ParamTable table;
     int Bmax, Tmax;
     float *params;            // (n_params)
+    float *params_t;          // (n_params) decode's copy: each weight matrix transposed, at its own offset
+    int params_t_fresh;       // params_t matches params (cleared by every change of params)
     float *grads;             // (n_params), NULL without an optimizer
     float *opt_state;         // (n_opt_state), layout of opt_state_floats() for the tensors of the shard
     size_t n_opt_state;
@@ -693,7 +807,7 @@ struct Model {
     float *tmp;               // (BT,D) a sublayer's output before the residual add
     float *kt;                // (B,H,Hd,T) k (forward) or v (backward) transposed per head
     int *x, *y;               // (BT) the batch of the last forward
-    float *scratch;           // the largest weight matrix, transposed for the matmul
+    float *scratch;           // the largest weight matrix, packed for the matmul (gemm_bt)
     float *lbf, *lbP;         // (E) load-balance scratch
     int *cursor, *seg;        // (E), (E+1)
     uint64_t *prio_key;       // (BT*K) the drop policy "probs"' sort keys
@@ -720,6 +834,20 @@ struct Model {
 
 const Config *model_config(const Model *m) { return &m->c; }
 const ParamTable *model_param_table(const Model *m) { return &m->table; }
+
+// n floats for a large buffer, not zeroed and not yet touched: on Linux in
+// transparent huge pages where the kernel allows them (madvise mode), as the
+// first touch of each 4 KiB page can cost more than the work on it
+#define HUGE_PAGE_BYTES (2u << 20)
+static float *alloc_floats_huge(size_t n) {
+    size_t bytes = (n * sizeof(float) + HUGE_PAGE_BYTES - 1) / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;  // n: a checked size
+    float *p = (float *)aligned_alloc(HUGE_PAGE_BYTES, bytes);
+    if (!p) die("out of memory: %zu bytes for a buffer (%s:%d)", bytes, __FILE__, __LINE__);
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);  // a hint: where it fails, 4 KiB pages serve as well
+#endif
+    return p;
+}
 
 // a bump allocator over one buffer: a first pass with base NULL only counts
 static float *carve(float *base, size_t *used, size_t n) {
@@ -793,9 +921,10 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     m->kt = carve(fb, nf, BT * HHd);
     m->x = carve_int(ib, ni, BT);
     m->y = carve_int(ib, ni, BT);
-    size_t wmax = (size_t)c->V * D;
-    size_t sizes[] = {2 * (size_t)c->F * D, 2 * (size_t)c->Fe * D, HHd * D, E * D};
-    for (int i = 0; i < 4; i++) wmax = sizes[i] > wmax ? sizes[i] : wmax;
+    size_t wmax = 0, sizes[] = {gemm_packed_floats(c->V, D), gemm_packed_floats(2 * c->F, D),
+                                gemm_packed_floats(2 * c->Fe, D), gemm_packed_floats(HHd, D), gemm_packed_floats(D, HHd),
+                                gemm_packed_floats(D, c->F), gemm_packed_floats(D, c->Fe), gemm_packed_floats(E, D)};
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) wmax = sizes[i] > wmax ? sizes[i] : wmax;
     m->scratch = carve(fb, nf, wmax);
     m->lbf = carve(fb, nf, E);
     m->lbP = carve(fb, nf, E);
@@ -856,6 +985,7 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     m->Tmax = T;
     size_t n = m->table.n_params;
     m->params = (float *)callocCheck(n, sizeof(float));
+    m->params_t = alloc_floats_huge(n);  // untouched (not resident) until a decode
     if (opt) {
         m->opt_kind = opt->kind;
         m->opt_min_dim = opt->min_dim;
@@ -883,6 +1013,7 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
 void model_free(Model *m) {
     if (!m) return;
     free(m->params);
+    free(m->params_t);
     free(m->grads);
     free(m->opt_state);
     free(m->acts);
@@ -896,7 +1027,10 @@ void model_free(Model *m) {
     free(m);
 }
 
-void model_set_params(Model *m, const float *params) { memcpy(m->params, params, m->table.n_params * sizeof(float)); }
+void model_set_params(Model *m, const float *params) {
+    memcpy(m->params, params, m->table.n_params * sizeof(float));
+    m->params_t_fresh = 0;
+}
 void model_get_params(const Model *m, float *params) { memcpy(params, m->params, m->table.n_params * sizeof(float)); }
 void model_get_grads(const Model *m, float *grads) {
     if (!m->grads) die("model_get_grads: the model was created without an optimizer, so it has no gradients");
@@ -1181,6 +1315,7 @@ static void adafactor_update(float *w, const float *g, float *state, int rows, i
 
 float model_update(Model *m, const OptSettings *o, int t) {
     update_args_check(m->grads != NULL, m->opt_kind, m->opt_min_dim, o, t);
+    m->params_t_fresh = 0;
     const ParamTable *pt = &m->table;
     for (int l = 0; o->freeze_router && l < m->c.L; l++)  // frozen routers: out of the norm
         if (pt->layer[l].moe) memset(m->grads + pt->layer[l].router, 0, (size_t)m->c.E * m->c.D * sizeof(float));
@@ -1225,7 +1360,25 @@ void model_set_opt_state(Model *m, const float *state) {
 // inference: one token at a time with a KV cache. Every step is the row
 // version of the batched code above, with the same order of operations.
 
-// one token's gated FFN: x (D) -> out (D)
+// params_t: every weight matrix but the embedding (decode reads its rows),
+// each slice (rows, cols) transposed to (cols, rows) for matvec_forward.
+// Made on the first decode after the parameters change, not before: a
+// model that never decodes never touches these pages.
+static void params_t_refresh(Model *m) {
+    if (m->params_t_fresh) return;
+    const ParamTable *pt = &m->table;
+    for (int t = 0; t < pt->n_tensors; t++) {
+        const TensorInfo *ti = &pt->tensors[t];
+        if (!ti->matrix || ti->offset == pt->wte) continue;
+        for (int s = 0; s < ti->slices; s++) {
+            size_t off = ti->offset + (size_t)s * ti->rows * ti->cols;
+            transpose(m->params_t + off, m->params + off, ti->rows, ti->cols);
+        }
+    }
+    m->params_t_fresh = 1;
+}
+
+// one token's gated FFN: x (D) -> out (D); wg, wu, wd transposed (params_t)
 static void ffn_token(Model *m, float *out, const float *x, const float *wg, const float *wu, const float *wd, int F) {
     int D = m->c.D;
     matvec_forward(m->t_g, x, wg, D, 2 * F);
@@ -1241,7 +1394,8 @@ const float *model_decode(Model *m, int token, int pos) {
     if (token < 0 || token >= c->V) die("model_decode: token %d out of range [0, %d)", token, c->V);
     if (pos < 0 || pos >= c->max_seq_len) die("model_decode: position %d outside the context [0, %d)", pos, c->max_seq_len);
     int D = c->D, HHd = c->H * c->Hd, E = c->E, K = c->K, im = 0;
-    const float *W = m->params;
+    params_t_refresh(m);
+    const float *W = m->params, *WT = m->params_t;  // norms and embedding; the weight matrices
     const ParamTable *pt = &m->table;
     float *x = m->t_x, *xn = m->t_xn;
     memcpy(x, W + pt->wte + (size_t)token * D, D * sizeof(float));
@@ -1249,9 +1403,9 @@ const float *model_decode(Model *m, int token, int pos) {
         const LayerParams *lp = &pt->layer[l];
         float *kc = m->kcache + (size_t)l * c->max_seq_len * HHd, *vc = m->vcache + (size_t)l * c->max_seq_len * HHd;
         rmsnorm_row(xn, NULL, x, W + lp->attn_norm, D);
-        matvec_forward(m->t_q, xn, W + lp->wq, D, HHd);
-        matvec_forward(kc + (size_t)pos * HHd, xn, W + lp->wk, D, HHd);
-        matvec_forward(vc + (size_t)pos * HHd, xn, W + lp->wv, D, HHd);
+        matvec_forward(m->t_q, xn, WT + lp->wq, D, HHd);
+        matvec_forward(kc + (size_t)pos * HHd, xn, WT + lp->wk, D, HHd);
+        matvec_forward(vc + (size_t)pos * HHd, xn, WT + lp->wv, D, HHd);
         const float *cs = m->rope_cos + (size_t)pos * (c->Hd / 2), *sn = m->rope_sin + (size_t)pos * (c->Hd / 2);
         for (int h = 0; h < c->H; h++) {
             rope_row(m->t_q + h * c->Hd, cs, sn, c->Hd, 1.0f);
@@ -1271,33 +1425,33 @@ const float *model_decode(Model *m, int token, int pos) {
             for (int s = 0; s <= pos; s++)
                 for (int i = 0; i < c->Hd; i++) out[i] = out[i] + att[s] * vc[(size_t)s * HHd + h * c->Hd + i];
         }
-        matvec_forward(m->t_out, m->t_aty, W + lp->wo, HHd, D);
+        matvec_forward(m->t_out, m->t_aty, WT + lp->wo, HHd, D);
         residual_forward(x, x, m->t_out, D);
         rmsnorm_row(xn, NULL, x, W + lp->mlp_norm, D);
         if (!lp->moe) {
-            ffn_token(m, m->t_out, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->F);
+            ffn_token(m, m->t_out, xn, WT + lp->w_gate, WT + lp->w_up, WT + lp->w_down, c->F);
             residual_forward(x, x, m->t_out, D);
             continue;
         }
         // a group of one token: capacity never binds, every choice is kept
-        matvec_forward(m->t_z, xn, W + lp->router, D, E);
+        matvec_forward(m->t_z, xn, WT + lp->router, D, E);
         router_row(m->t_p, m->t_top, m->t_z, m->router_bias + (size_t)im++ * E, E, K);
         for (int i = 0; i < D; i++) m->t_acc[i] = 0.0f;
         for (int r = 0; r < K; r++) {
             int e = m->t_top[r];
-            ffn_token(m, m->t_out, xn, W + lp->w_gate + (size_t)e * 2 * c->Fe * D, W + lp->w_up + (size_t)e * c->Fe * D,
-                      W + lp->w_down + (size_t)e * D * c->Fe, c->Fe);
+            ffn_token(m, m->t_out, xn, WT + lp->w_gate + (size_t)e * 2 * c->Fe * D, WT + lp->w_up + (size_t)e * c->Fe * D,
+                      WT + lp->w_down + (size_t)e * D * c->Fe, c->Fe);
             for (int i = 0; i < D; i++) m->t_acc[i] = m->t_acc[i] + m->t_p[e] * m->t_out[i];
         }
         residual_forward(x, m->t_acc, x, D);
         if (c->extra_ffn) {
             rmsnorm_row(xn, NULL, x, W + lp->extra_norm, D);
-            ffn_token(m, m->t_out, xn, W + lp->x_gate, W + lp->x_up, W + lp->x_down, c->F);
+            ffn_token(m, m->t_out, xn, WT + lp->x_gate, WT + lp->x_up, WT + lp->x_down, c->F);
             residual_forward(x, x, m->t_out, D);
         }
     }
     rmsnorm_row(xn, NULL, x, W + pt->final_norm, D);
-    matvec_forward(m->t_logits, xn, W + pt->lm_head, D, c->V);
+    matvec_forward(m->t_logits, xn, WT + pt->lm_head, D, c->V);
     return m->t_logits;
 }
 
@@ -1327,6 +1481,7 @@ void model_grads_allreduce(Model *m) {
 
 // each rank's shard broadcast from it, in rank order
 void model_params_allgather(Model *m, const size_t *shard) {
+    m->params_t_fresh = 0;
     int n_ranks;
     mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &n_ranks), "MPI_Comm_size");
     for (int r = 0; r < n_ranks; r++) {

@@ -77,7 +77,7 @@ static void bench_matmul(const char *shape) {
         die("matmul shape '%s': expected N:IN:OUT, three positive integers", shape);
     float *inp = (float *)mallocCheck((size_t)N * IN * 4), *w = (float *)mallocCheck((size_t)OUT * IN * 4);
     float *out = (float *)mallocCheck((size_t)N * OUT * 4), *dinp = (float *)mallocCheck((size_t)N * IN * 4);
-    float *dw = (float *)callocCheck((size_t)OUT * IN, 4), *scratch = (float *)mallocCheck((size_t)OUT * IN * 4);
+    float *dw = (float *)callocCheck((size_t)OUT * IN, 4), *scratch = (float *)mallocCheck(gemm_packed_floats(OUT, IN) * 4);
     Rng r = {3};
     for (size_t i = 0; i < (size_t)N * IN; i++) inp[i] = rng_uniform(&r) - 0.5f;
     for (size_t i = 0; i < (size_t)OUT * IN; i++) w[i] = rng_uniform(&r) - 0.5f;

@@ -65,7 +65,7 @@ def moe(x, router, w_gate, w_up, w_down, K, s):
     gs = N if s.group_size == 0 or s.group_size > N else s.group_size
     assert N % gs == 0, "bench: B*T must be a multiple of the group size"
     G = N // gs
-    C = ref.capacity(gs, E, s.cf1000, s.min_capacity)
+    C = ref.capacity(gs, E, K, s)
     xf = x.reshape(N, D)
     with torch.autocast(x.device.type, enabled=False):
         z = f32(xf) @ f32(router).T                       # [N, E] fp32
@@ -106,16 +106,10 @@ def loss_fn(w, cfg, x, y, s, cos, sin):
         p = f"l{l}."
         h = h + attention(ref.rmsnorm(h, w[p + "attn_norm"]), w[p + "wq"], w[p + "wk"], w[p + "wv"], w[p + "wo"],
                           cfg.H, cfg.Hd, cos, sin)
-        if cfg.is_moe(l):
-            out, lb, rz, _ = moe(ref.rmsnorm(h, w[p + "mlp_norm"]), w[p + "router"], w[p + "w_gate"],
-                                 w[p + "w_up"], w[p + "w_down"], cfg.K, s)
-            h = h + out
-            lbs.append(lb)
-            rzs.append(rz)
-            if cfg.extra_ffn:
-                h = h + ref.ffn(ref.rmsnorm(h, w[p + "extra_norm"]), w[p + "x_gate"], w[p + "x_up"], w[p + "x_down"])
-        else:
-            h = h + ref.ffn(ref.rmsnorm(h, w[p + "mlp_norm"]), w[p + "w_gate"], w[p + "w_up"], w[p + "w_down"])
+        h, res = ref.mlp_block(h, w, cfg, l, lambda *a: moe(*a, cfg.K, s))
+        if res:
+            lbs.append(res[1])
+            rzs.append(res[2])
     logits = ref.rmsnorm(h, w["final_norm"]) @ w["lm_head"].T
     lse = torch.logsumexp(f32(logits), dim=-1)                # all targets are set in the bench
     ce = (lse - f32(logits).gather(-1, y[..., None])[..., 0]).mean()

@@ -137,16 +137,10 @@ def forward_fast(w, cfg, x, y, s, cos, sin, future):
         q, k = ref.rope(q, cos, sin), ref.rope(k, cos, sin)
         att = (q @ k.transpose(-2, -1)).masked_fill(future, float("-inf")).softmax(dim=-1)
         h = h + (att @ v).transpose(1, 2).reshape(N, H * Hd) @ w[p + "wo"].T
-        if cfg.is_moe(l):
-            out, lb, rz = moe_fast(ref.rmsnorm(h, w[p + "mlp_norm"]), w[p + "router"], w[p + "w_gate"],
-                                   w[p + "w_up"], w[p + "w_down"], cfg.K, s)
-            h = h + out
-            lbs.append(lb)
-            rzs.append(rz)
-            if cfg.extra_ffn:
-                h = h + ref.ffn(ref.rmsnorm(h, w[p + "extra_norm"]), w[p + "x_gate"], w[p + "x_up"], w[p + "x_down"])
-        else:
-            h = h + ref.ffn(ref.rmsnorm(h, w[p + "mlp_norm"]), w[p + "w_gate"], w[p + "w_up"], w[p + "w_down"])
+        h, res = ref.mlp_block(h, w, cfg, l, lambda *a: moe_fast(*a, cfg.K, s))
+        if res:
+            lbs.append(res[1])
+            rzs.append(res[2])
     logits = ref.rmsnorm(h, w["final_norm"]) @ w["lm_head"].T  # [N, V]
     ce, lz = OutputLosses.apply(logits, y.reshape(N))
     zero = logits.new_zeros(())

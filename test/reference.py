@@ -421,6 +421,21 @@ def output_losses(logits, y):
     return ce, lz
 
 
+def mlp_block(h, w, cfg, l, moe_fn):
+    """Layer l's second half (SPEC §2) on the residual stream h: the MoE, then
+    the extra FFN, or the dense FFN. moe_fn(x, router, w_gate, w_up, w_down)
+    returns a tuple whose first item is the MoE's output. Returns the new h
+    and moe_fn's tuple (None in a dense layer)."""
+    p = f"l{l}."
+    if not cfg.is_moe(l):
+        return h + ffn(rmsnorm(h, w[p + "mlp_norm"]), w[p + "w_gate"], w[p + "w_up"], w[p + "w_down"]), None
+    res = moe_fn(rmsnorm(h, w[p + "mlp_norm"]), w[p + "router"], w[p + "w_gate"], w[p + "w_up"], w[p + "w_down"])
+    h = h + res[0]
+    if cfg.extra_ffn:  # sequential after the MoE, as OpenMoE's code does
+        h = h + ffn(rmsnorm(h, w[p + "extra_norm"]), w[p + "x_gate"], w[p + "x_up"], w[p + "x_down"])
+    return h, res
+
+
 def forward(params, cfg, x, y, s):
     """SPEC §2-§4. params: dict name -> tensor (one dtype, one device);
     x [B, T] int64 tokens; y [B, T] int64 targets (-1 ignored) or None.
@@ -435,18 +450,13 @@ def forward(params, cfg, x, y, s):
         p = f"l{l}."
         h = h + attention(rmsnorm(h, w[p + "attn_norm"]), w[p + "wq"], w[p + "wk"], w[p + "wv"],
                           w[p + "wo"], cfg.H, cfg.Hd, cos, sin)
-        if cfg.is_moe(l):
-            out, lb, rz, nd, r = moe(rmsnorm(h, w[p + "mlp_norm"]), w[p + "router"], w[p + "w_gate"],
-                                     w[p + "w_up"], w[p + "w_down"], cfg.K, s)
-            h = h + out
+        h, res = mlp_block(h, w, cfg, l, lambda *a: moe(*a, cfg.K, s))
+        if res:
+            _, lb, rz, nd, r = res
             lbs.append(lb)
             rzs.append(rz)
             routing.append(r)
             n_dropped += nd
-            if cfg.extra_ffn:  # sequential after the MoE, as OpenMoE's code does
-                h = h + ffn(rmsnorm(h, w[p + "extra_norm"]), w[p + "x_gate"], w[p + "x_up"], w[p + "x_down"])
-        else:
-            h = h + ffn(rmsnorm(h, w[p + "mlp_norm"]), w[p + "w_gate"], w[p + "w_up"], w[p + "w_down"])
     logits = rmsnorm(h, w["final_norm"]) @ w["lm_head"].T     # [B, T, V]
     zero = logits.new_zeros(())
     lb = torch.stack(lbs).mean() if lbs else zero

@@ -26,4 +26,9 @@ fi
 if ! echo "$out" | grep -q '^PASS reference fp32-vs-fp64'; then
     fail "reference selfcheck printed no fp32-vs-fp64 PASS"
 fi
+
+# The GPU bench's PyTorch model (dev/bench_gpu.py) computes the reference's
+# math its own way; its check runs on the CPU in float64, so that a change of
+# the reference cannot break it unseen (one did: reference.capacity's arguments)
+expect_ok "dev/bench_gpu.py check: its MoE layer and loss equal the reference's" "$PYTHON" dev/bench_gpu.py check
 exit 0
