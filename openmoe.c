@@ -20,8 +20,9 @@
 #endif
 
 // ----------------------------------------------------------------------------
-// matmul. One kernel: C[M,N] (+)= A[M,K] B[K,N], with C and B row-major and A
-// read through strides (A[i*ars + k*aks]) so that it can be a transposed view.
+// matmul. One kernel: C[M,N] (+)= A[M,K] B[K,N], with C row-major, A read
+// through strides (A[i*ars + k*aks]) so that it can be a transposed view, and
+// B row-major or the transpose of a row-major W (gemm_bt).
 // Each C element is one chain c = c + a*b over k in order (fused multiply-adds
 // under -ffp-contract=fast), so any tiling, any thread count and the matvec
 // below give identical bits.
@@ -155,37 +156,63 @@ static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const
         gemm_block(C, ldc, A, ars, aks, B, ldb, NULL, i, i + MC < i1 ? i + MC : i1, 0, N, N, K, accumulate);
 }
 
-// Tasks for the threads: blocks of MC rows, and where those are too few to
-// keep every thread busy (the experts' few hundred rows), each cut into
-// column ranges of whole panels, at least GEMM_MIN_PANELS wide
+// Tasks for the threads: blocks of MC rows times ranges of whole panels of
+// columns. A range is at most GEMM_RANGE_PANELS wide, so that its share of B
+// stays in L2 while the tasks of one range (numbered one after the other)
+// run through the row blocks; where the row blocks are too few to keep every
+// thread busy (the experts' few hundred rows), ranges are cut narrower, down
+// to GEMM_MIN_PANELS.
 #define GEMM_TASKS_PER_THREAD 4
 #define GEMM_MIN_PANELS 4
+#define GEMM_RANGE_PANELS 16
 static int gemm_column_ranges(int M, int N) {
     int row_blocks = (M + MC - 1) / MC, panels = (N + NR - 1) / NR, threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    int want = (threads * GEMM_TASKS_PER_THREAD + row_blocks - 1) / row_blocks, most = panels / GEMM_MIN_PANELS;
-    return want < most ? want : (most > 1 ? most : 1);
+    int for_threads = (threads * GEMM_TASKS_PER_THREAD + row_blocks - 1) / row_blocks;
+    int narrowest = panels / GEMM_MIN_PANELS, for_cache = (panels + GEMM_RANGE_PANELS - 1) / GEMM_RANGE_PANELS;
+    int ranges = for_threads < narrowest ? for_threads : narrowest;
+    return ranges > for_cache ? ranges : for_cache;
 }
 
-// all of C, spread over the threads; B row-major (ldb) or, with bpacked, packed
-static void gemm_tasks(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
-                       const float *bpacked, int M, int N, int K, int accumulate) {
+// all of C, spread over the threads, with B's panels packed in bpacked
+static void gemm_tasks(float *C, int ldc, const float *A, int ars, int aks, const float *bpacked, int M, int N, int K,
+                       int accumulate) {
     int row_blocks = (M + MC - 1) / MC, ranges = gemm_column_ranges(M, N), panels = (N + NR - 1) / NR;
 #pragma omp for schedule(dynamic, 1)
     for (int task = 0; task < row_blocks * ranges; task++) {
-        int rb = task / ranges, cr = task % ranges;
+        int rb = task % row_blocks, cr = task / row_blocks;
         int i0 = rb * MC, i1 = i0 + MC < M ? i0 + MC : M;
         int j0 = panels * cr / ranges * NR, j1 = panels * (cr + 1) / ranges * NR;
-        gemm_block(C, ldc, A, ars, aks, B, ldb, bpacked, i0, i1, j0, j1 < N ? j1 : N, N, K, accumulate);
+        gemm_block(C, ldc, A, ars, aks, NULL, 0, bpacked, i0, i1, j0, j1 < N ? j1 : N, N, K, accumulate);
     }
 }
 
+// every panel of B into bpacked (gemm_packed_floats(N, K)), shared by the
+// threads: from B (K,N) row-major (ldb), or with transposed from W (N,K)
+// row-major (rows ldb apart) for B = W^T. Inside a parallel region.
+static void gemm_pack_all(float *bpacked, const float *B, int ldb, int transposed, int N, int K) {
+    int panels = (N + NR - 1) / NR, blocks = (K + KC - 1) / KC;
+#pragma omp for schedule(static)
+    for (int t = 0; t < panels * blocks; t++) {
+        int j0 = t % panels * NR, k0 = t / panels * KC, kc = K - k0 < KC ? K - k0 : KC, nr = N - j0 < NR ? N - j0 : NR;
+        float *bp = (float *)gemm_packed_panel(bpacked, N, j0, k0, kc);
+        if (transposed) gemm_pack_bt(bp, B + (size_t)j0 * ldb + k0, ldb, nr, kc);
+        else gemm_pack_b(bp, B + (size_t)k0 * ldb + j0, ldb, nr, kc);
+    }
+}
+
+// all of C, spread over the threads, B packed once into bpacked
+// (gemm_packed_floats(N, K)): a row block then reads B's panels instead of
+// packing its own copy
 static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
-                 int M, int N, int K, int accumulate) {
+                 int M, int N, int K, int accumulate, float *bpacked) {
 #pragma omp parallel if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
-    gemm_tasks(C, ldc, A, ars, aks, B, ldb, NULL, M, N, K, accumulate);
+    {
+        gemm_pack_all(bpacked, B, ldb, 0, N, K);
+        gemm_tasks(C, ldc, A, ars, aks, bpacked, M, N, K, accumulate);
+    }
 }
 
 // Narrow C (N <= VW, a router's E columns): one vector of columns per row,
@@ -214,7 +241,6 @@ static void gemm_narrow_rows(float *C, int ldc, const float *A, int lda, const f
 // C (M,N) = A (M,K) @ W^T for W (N,K) row-major: W's panels packed once,
 // shared by the threads (bpacked holds gemm_packed_floats(N, K))
 static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, float *bpacked, int M, int N, int K) {
-    int panels = (N + NR - 1) / NR, blocks = (K + KC - 1) / KC;
     if (N <= VW) {
         for (int k = 0; k < K; k++)
             for (int j = 0; j < VW; j++) bpacked[k * VW + j] = j < N ? W[(size_t)j * K + k] : 0.0f;
@@ -225,13 +251,8 @@ static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, 
     }
 #pragma omp parallel if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
     {
-#pragma omp for schedule(static)
-        for (int t = 0; t < panels * blocks; t++) {
-            int j0 = t % panels * NR, k0 = t / panels * KC, kc = K - k0 < KC ? K - k0 : KC;
-            gemm_pack_bt((float *)gemm_packed_panel(bpacked, N, j0, k0, kc), W + (size_t)j0 * K + k0, K,
-                         N - j0 < NR ? N - j0 : NR, kc);
-        }
-        gemm_tasks(C, ldc, A, lda, 1, NULL, 0, bpacked, M, N, K, 0);
+        gemm_pack_all(bpacked, W, K, 1, N, K);
+        gemm_tasks(C, ldc, A, lda, 1, bpacked, M, N, K, 0);
     }
 }
 
@@ -298,11 +319,11 @@ static void matmul_forward(float *out, const float *inp, const float *w, int N, 
 }
 
 // dinp (N,IN) = (or +=, with accumulate) dout (N,OUT) @ w (OUT,IN);
-// dw (OUT,IN) += dout^T @ inp
+// dw (OUT,IN) += dout^T @ inp; scratch holds gemm_packed_floats(IN, max(OUT, N))
 static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
-                            const float *w, int N, int IN, int OUT, int accumulate) {
-    if (dinp) gemm(dinp, IN, dout, OUT, 1, w, IN, N, IN, OUT, accumulate);
-    gemm(dw, IN, dout, 1, OUT, inp, IN, OUT, IN, N, 1);
+                            const float *w, int N, int IN, int OUT, int accumulate, float *scratch) {
+    if (dinp) gemm(dinp, IN, dout, OUT, 1, w, IN, N, IN, OUT, accumulate, scratch);
+    gemm(dw, IN, dout, 1, OUT, inp, IN, OUT, IN, N, 1, scratch);
 }
 
 // ----------------------------------------------------------------------------
@@ -492,12 +513,12 @@ static void ffn_forward(float *out, float *g, float *u, float *h, const float *i
 }
 
 // dout (N,D) -> dinp (N,D) overwritten, dwg, dwu, dwd accumulated;
-// dg (N,2F), du (N,F), dh (N,F) scratch
+// dg (N,2F), du (N,F), dh (N,F) scratch; scratch as matmul_backward's
 static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const float *dout,
                          const float *inp, const float *g, const float *u, const float *h,
                          const float *wg, const float *wu, const float *wd, int N, int D, int F,
-                         float *dg, float *du, float *dh) {
-    matmul_backward(dh, dwd, dout, h, wd, N, F, D, 0);
+                         float *dg, float *du, float *dh, float *scratch) {
+    matmul_backward(dh, dwd, dout, h, wd, N, F, D, 0, scratch);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *gn = g + (size_t)n * 2 * F, *un = u + (size_t)n * F, *dhn = dh + (size_t)n * F;
@@ -509,8 +530,8 @@ static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const 
             dun[i] = dhn[i] * a * silu;
         }
     }
-    matmul_backward(dinp, dwg, dg, inp, wg, N, D, 2 * F, 0);
-    matmul_backward(dinp, dwu, du, inp, wu, N, D, F, 1);
+    matmul_backward(dinp, dwg, dg, inp, wg, N, D, 2 * F, 0, scratch);
+    matmul_backward(dinp, dwu, du, inp, wu, N, D, F, 1, scratch);
 }
 
 // ----------------------------------------------------------------------------
@@ -861,6 +882,21 @@ static int *carve_int(int *base, size_t *used, size_t n) {
     return p;
 }
 
+// the packed B of the largest matmul (gemm_packed_floats): each weight
+// (OUT,IN) as forward (OUT,IN) and as dinp's (IN,OUT), and dw's activations
+// (IN, at most BT rows)
+static size_t matmul_scratch_floats(const Config *c, size_t BT) {
+    int D = c->D, HHd = c->H * c->Hd, F2 = 2 * c->F, Fe2 = 2 * c->Fe;
+    int shapes[][2] = {{c->V, D}, {HHd, D}, {D, HHd}, {F2, D}, {D, c->F}, {Fe2, D}, {D, c->Fe}, {c->E, D}};
+    size_t most = 0;
+    for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++) {
+        int OUT = shapes[i][0], IN = shapes[i][1];
+        size_t need[] = {gemm_packed_floats(OUT, IN), gemm_packed_floats(IN, OUT), gemm_packed_floats(IN, (int)BT)};
+        for (int j = 0; j < 3; j++) most = need[j] > most ? need[j] : most;
+    }
+    return most;
+}
+
 // every activation at its offset in fb (floats) and ib (ints)
 static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     const Config *c = &m->c;
@@ -921,11 +957,7 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     m->kt = carve(fb, nf, BT * HHd);
     m->x = carve_int(ib, ni, BT);
     m->y = carve_int(ib, ni, BT);
-    size_t wmax = 0, sizes[] = {gemm_packed_floats(c->V, D), gemm_packed_floats(2 * c->F, D),
-                                gemm_packed_floats(2 * c->Fe, D), gemm_packed_floats(HHd, D), gemm_packed_floats(D, HHd),
-                                gemm_packed_floats(D, c->F), gemm_packed_floats(D, c->Fe), gemm_packed_floats(E, D)};
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) wmax = sizes[i] > wmax ? sizes[i] : wmax;
-    m->scratch = carve(fb, nf, wmax);
+    m->scratch = carve(fb, nf, matmul_scratch_floats(c, BT));
     m->lbf = carve(fb, nf, E);
     m->lbP = carve(fb, nf, E);
     m->cursor = carve_int(ib, ni, E);
@@ -1174,12 +1206,12 @@ static void moe_backward(Model *m, LayerActs *a, const LayerParams *lp, int BT) 
         size_t og = lp->w_gate + (size_t)e * 2 * Fe * D, ou = lp->w_up + (size_t)e * Fe * D,
                od = lp->w_down + (size_t)e * D * Fe;
         ffn_backward(m->dxe + r0 * D, G + og, G + ou, G + od, m->dye + r0 * D, a->xe + r0 * D, a->ge + r0 * 2 * Fe,
-                     a->ue + r0 * Fe, a->he + r0 * Fe, W + og, W + ou, W + od, rows, D, Fe, m->dg, m->du, m->dh);
+                     a->ue + r0 * Fe, a->he + r0 * Fe, W + og, W + ou, W + od, rows, D, Fe, m->dg, m->du, m->dh, m->scratch);
     }
     // the router: combine weights, load balance and z-loss all act on p
     moe_load_balance(m->dp, a->p, a->top, BT, K, E, m->s.group_size, m->s.lb_coef / nm, m->lbf, m->lbP);
     router_backward(m->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
-    matmul_backward(m->d_ln, G + lp->router, m->dp, a->ln2, W + lp->router, BT, D, E, 0);
+    matmul_backward(m->d_ln, G + lp->router, m->dp, a->ln2, W + lp->router, BT, D, E, 0, m->scratch);
     moe_dispatch_backward(m->d_ln, m->dxe, a->row_of, BT, K, D);
     rmsnorm_backward(m->d_res, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
 }
@@ -1195,7 +1227,7 @@ void model_backward(Model *m) {
     memset(G, 0, pt->n_params * sizeof(float));
 
     crossentropy_backward(m->dlogits, m->logits, m->lse, m->y, BT, V, m->n_targets, m->s.lz_coef);
-    matmul_backward(m->d_ln, G + pt->lm_head, m->dlogits, m->lnf, W + pt->lm_head, BT, D, V, 0);
+    matmul_backward(m->d_ln, G + pt->lm_head, m->dlogits, m->lnf, W + pt->lm_head, BT, D, V, 0, m->scratch);
     memset(m->d_res, 0, (size_t)BT * D * sizeof(float));
     rmsnorm_backward(m->d_res, G + pt->final_norm, m->d_ln, m->final_in, W + pt->final_norm,
                      m->rstdf, BT, D);
@@ -1204,25 +1236,25 @@ void model_backward(Model *m) {
         const LayerParams *lp = &pt->layer[l];
         if (!lp->moe) {
             ffn_backward(m->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, m->d_res, a->ln2, a->g, a->u, a->h,
-                         W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D, c->F, m->dg, m->du, m->dh);
+                         W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D, c->F, m->dg, m->du, m->dh, m->scratch);
             rmsnorm_backward(m->d_res, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
         } else {
             if (c->extra_ffn) {
                 ffn_backward(m->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, m->d_res, a->ln3, a->gx, a->ux,
-                             a->hx, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D, c->F, m->dg, m->du, m->dh);
+                             a->hx, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D, c->F, m->dg, m->du, m->dh, m->scratch);
                 rmsnorm_backward(m->d_res, G + lp->extra_norm, m->d_ln, a->moe_out, W + lp->extra_norm, a->rstd3, BT, D);
             }
             moe_backward(m, a, lp, BT);
         }
         // d_res now holds d mid; attention: mid = in + Wo attn(...)
-        matmul_backward(m->datty, G + lp->wo, m->d_res, a->atty, W + lp->wo, BT, HHd, D, 0);
+        matmul_backward(m->datty, G + lp->wo, m->d_res, a->atty, W + lp->wo, BT, HHd, D, 0, m->scratch);
         attention_backward(m->dq, m->dk, m->dv, m->dscore, m->kt, m->datty, a->att, a->q, a->k, a->v, B, T, c->H,
                            c->Hd);
         rope_backward(m->dq, m->rope_cos, m->rope_sin, B, T, c->H, c->Hd);
         rope_backward(m->dk, m->rope_cos, m->rope_sin, B, T, c->H, c->Hd);
-        matmul_backward(m->d_ln, G + lp->wq, m->dq, a->ln1, W + lp->wq, BT, D, HHd, 0);
-        matmul_backward(m->d_ln, G + lp->wk, m->dk, a->ln1, W + lp->wk, BT, D, HHd, 1);
-        matmul_backward(m->d_ln, G + lp->wv, m->dv, a->ln1, W + lp->wv, BT, D, HHd, 1);
+        matmul_backward(m->d_ln, G + lp->wq, m->dq, a->ln1, W + lp->wq, BT, D, HHd, 0, m->scratch);
+        matmul_backward(m->d_ln, G + lp->wk, m->dk, a->ln1, W + lp->wk, BT, D, HHd, 1, m->scratch);
+        matmul_backward(m->d_ln, G + lp->wv, m->dv, a->ln1, W + lp->wv, BT, D, HHd, 1, m->scratch);
         rmsnorm_backward(m->d_res, G + lp->attn_norm, m->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D);
     }
     encoder_backward(G + pt->wte, m->d_res, m->x, BT, D);
@@ -1360,6 +1392,41 @@ void model_set_opt_state(Model *m, const float *state) {
 // inference: one token at a time with a KV cache. Every step is the row
 // version of the batched code above, with the same order of operations.
 
+// att (n) = the dot products of q (Hd) with n keys (rows ld apart), each
+// gemm's chain over i: DOTS_SIDE_BY_SIDE keys at a time, as a chain waits on
+// its own latency
+#define DOTS_SIDE_BY_SIDE 8
+static void attention_scores_row(float *att, const float *q, const float *k, int n, int Hd, int ld) {
+    int s = 0;
+    for (; s + DOTS_SIDE_BY_SIDE <= n; s += DOTS_SIDE_BY_SIDE) {
+        float dot[DOTS_SIDE_BY_SIDE] = {0.0f};
+        for (int i = 0; i < Hd; i++)
+            for (int j = 0; j < DOTS_SIDE_BY_SIDE; j++) dot[j] = MADD(q[i], k[(size_t)(s + j) * ld + i], dot[j]);
+        for (int j = 0; j < DOTS_SIDE_BY_SIDE; j++) att[s + j] = dot[j];
+    }
+    for (; s < n; s++) {
+        float dot = 0.0f;
+        for (int i = 0; i < Hd; i++) dot = MADD(q[i], k[(size_t)s * ld + i], dot);
+        att[s] = dot;
+    }
+}
+
+// out (Hd) = sum over n values v (rows ld apart) weighted by att, each
+// output gemm's chain over s
+static void attention_values_row(float *out, const float *att, const float *v, int n, int Hd, int ld) {
+    int i = 0;
+    for (; i + VW <= Hd; i += VW) {
+        vecf acc = {0};
+        for (int s = 0; s < n; s++) acc = acc + att[s] * *(const vecf *)(v + (size_t)s * ld + i);
+        *(vecf *)(out + i) = acc;
+    }
+    for (; i < Hd; i++) {
+        float acc = 0.0f;
+        for (int s = 0; s < n; s++) acc = MADD(att[s], v[(size_t)s * ld + i], acc);
+        out[i] = acc;
+    }
+}
+
 // params_t: every weight matrix but the embedding (decode reads its rows),
 // each slice (rows, cols) transposed to (cols, rows) for matvec_forward.
 // Made on the first decode after the parameters change, not before: a
@@ -1412,18 +1479,10 @@ const float *model_decode(Model *m, int token, int pos) {
             rope_row(kc + (size_t)pos * HHd + h * c->Hd, cs, sn, c->Hd, 1.0f);
         }
         for (int h = 0; h < c->H; h++) {  // the row pos of attention_forward's three steps
-            const float *q = m->t_q + h * c->Hd;
-            float *att = m->t_att, *out = m->t_aty + h * c->Hd;
-            for (int s = 0; s <= pos; s++) {
-                const float *ks = kc + (size_t)s * HHd + h * c->Hd;
-                float dot = 0.0f;
-                for (int i = 0; i < c->Hd; i++) dot = MADD(q[i], ks[i], dot);  // gemm's chain
-                att[s] = dot;
-            }
+            float *att = m->t_att;
+            attention_scores_row(att, m->t_q + h * c->Hd, kc + h * c->Hd, pos + 1, c->Hd, HHd);
             attention_softmax_row(att, pos, pos + 1);
-            for (int i = 0; i < c->Hd; i++) out[i] = 0.0f;
-            for (int s = 0; s <= pos; s++)
-                for (int i = 0; i < c->Hd; i++) out[i] = out[i] + att[s] * vc[(size_t)s * HHd + h * c->Hd + i];
+            attention_values_row(m->t_aty + h * c->Hd, att, vc + h * c->Hd, pos + 1, c->Hd, HHd);
         }
         matvec_forward(m->t_out, m->t_aty, WT + lp->wo, HHd, D);
         residual_forward(x, x, m->t_out, D);

@@ -235,7 +235,7 @@ static int ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int 
     } else if (n64 != n_state) {
         snprintf(why, nwhy, "%llu floats of optimizer state, this model's are %zu", (unsigned long long)n64, n_state);
     } else if (h[21] != (int32_t)n_bias || h[2] < 0 ||
-               (uint64_t)size != size_add(sizeof(int32_t) * HEADER_INTS, size_mul(4, size_add(n64, n_bias)))) {
+               (uint64_t)size != size_add(HEADER_BYTES, size_mul(sizeof(float), size_add(n64, n_bias)))) {
         snprintf(why, nwhy, "step %d, size %ld bytes, but its header describes %llu + %d floats (damaged)", h[2],
                  size, (unsigned long long)n64, h[21]);
         return CKPT_DAMAGED;
@@ -291,17 +291,13 @@ static const char *checkpoint_problem(const Run *r, int step, int *damaged, char
     snprintf(state, sizeof(state), "%s/state_%08d.bin", dir, step);
     int32_t h[HEADER_INTS];
     long size = header_peek(model, h);
-    int problem;
+    int problem, field;
     *damaged = 1;
     if (size < 0) snprintf(why, nwhy, "%s: missing, unreadable or shorter than a header (damaged)", model);
     else if (h[0] != MODEL_MAGIC || h[1] != 1) snprintf(why, nwhy, "%s: not a model file of version 1 (damaged)", model);
-    else if (memcmp(&h[2], &c->V, 12 * sizeof(int32_t)) != 0) {
-        static const char *names[12] = {"V", "max_seq_len", "L", "D", "H", "Hd", "F", "E", "K", "moe_every", "Fe",
-                                        "extra_ffn"};
-        const int *cv = &c->V;
-        int i = 0;
-        while (h[2 + i] == cv[i]) i++;
-        snprintf(why, nwhy, "%s: the model has %s %d, this run's (-c) has %d", model, names[i], h[2 + i], cv[i]);
+    else if ((field = config_header_diff(h, c)) >= 0) {
+        snprintf(why, nwhy, "%s: the model has %s %d, this run's (-c) has %d", model, config_fields[field].name,
+                 h[config_fields[field].word], config_value(c, field));
         *damaged = 0;
     } else if ((uint64_t)size != size_add(sizeof(h), size_mul(4, config_n_params(c))))
         snprintf(why, nwhy, "%s: size %ld bytes, not this model's %llu (damaged)", model, size,
