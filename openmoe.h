@@ -8,6 +8,7 @@
 //   6. the backend API, implemented by openmoe.c and by openmoe.cu
 //   7. what both backends compute the same way: routing groups, capacity,
 //      the router's softmax and top-K, RoPE tables, argument checks, losses
+//   8. sampling: temperature, top-p, argmax (train.c's samples, run.c)
 //
 // The debug state file (SPEC §7) is read and written by test/test_model.c,
 // its only user. Everything but the backend API is defined here as static
@@ -693,16 +694,7 @@ static inline void losses_from_sums(float *losses, double ce_sum, double lz_sum,
 }
 
 // ----------------------------------------------------------------------------
-// Sampling and timing, shared by train.c and run.c
-
-#include <time.h>
-
-// seconds on a monotonic clock, for the time a step or a generation takes
-static inline double wall_seconds(void) {
-    struct timespec t;
-    if (clock_gettime(CLOCK_MONOTONIC, &t) != 0) die("clock_gettime failed: %s", strerror(errno));
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
+// 8. sampling, shared by train.c and run.c
 
 // the index of the largest of v (n), the first on ties
 static inline int argmax(const float *v, int n) {

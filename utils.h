@@ -1,6 +1,6 @@
 // utils.h: what every program and tokenizer.h use, independent of the model.
 //
-//   1. checked C library calls (die, fopenCheck, mallocCheck, ...)
+//   1. checked C library calls (die, fopenCheck, mallocCheck, ...), a wall clock
 //   2. file helpers: sizes, atomic write-then-rename, hashing, overflow-safe sizes
 //   3. the files of the project: their magic numbers and the common header
 //   4. command-line flags: whole values in a range, or exit naming the flag
@@ -18,6 +18,7 @@
 #include <math.h>
 #include <errno.h>
 #include <sys/stat.h>
+#include <time.h>
 
 // ----------------------------------------------------------------------------
 // 1. checked calls: every failure names what failed and where, then exits 1
@@ -84,6 +85,13 @@ static inline void *calloc_check(size_t n, size_t size, const char *file, int li
     return p;
 }
 #define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
+
+// seconds on a monotonic clock, for the time a step or a generation takes
+static inline double wall_seconds(void) {
+    struct timespec t;
+    if (clock_gettime(CLOCK_MONOTONIC, &t) != 0) die("clock_gettime failed: %s", strerror(errno));
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
 
 // ----------------------------------------------------------------------------
 // 2. file helpers
