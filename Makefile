@@ -36,11 +36,11 @@ GPU_TARGETS = train_gpu run_gpu test_gpu
 .PHONY: all gpu test data bench analyze tiny experiments clean asan fuzz
 all: $(CPU_TARGETS) $(if $(HAVE_CUDA),gpu)
 
-train: train.c openmoe.c openmoe.h tokenizer.h
+train: train.c openmoe.c openmoe.h utils.h tokenizer.h
 	$(CC) $(CFLAGS) train.c openmoe.c -o $@ $(LDLIBS)
-run: run.c openmoe.c openmoe.h tokenizer.h
+run: run.c openmoe.c openmoe.h utils.h tokenizer.h
 	$(CC) $(CFLAGS) run.c openmoe.c -o $@ $(LDLIBS)
-test_cpu: test/test_model.c openmoe.c openmoe.h
+test_cpu: test/test_model.c openmoe.c openmoe.h utils.h
 	$(CC) $(CFLAGS) test/test_model.c openmoe.c -o $@ $(LDLIBS)
 
 # The CUDA backend links with the same programs: the .c files compile as C++
@@ -49,11 +49,11 @@ test_cpu: test/test_model.c openmoe.c openmoe.h
 gpu:
 	$(MAKE) GPU_BINARIES=1 $(GPU_TARGETS)
 ifdef GPU_BINARIES
-train_gpu: train.c openmoe.cu openmoe.h tokenizer.h
+train_gpu: train.c openmoe.cu openmoe.h utils.h tokenizer.h
 	$(NVCC) $(NVCC_FLAGS) -x cu train.c -x cu openmoe.cu -o $@ $(NVCC_LDLIBS)
-run_gpu: run.c openmoe.cu openmoe.h tokenizer.h
+run_gpu: run.c openmoe.cu openmoe.h utils.h tokenizer.h
 	$(NVCC) $(NVCC_FLAGS) -x cu run.c -x cu openmoe.cu -o $@ $(NVCC_LDLIBS)
-test_gpu: test/test_model.c openmoe.cu openmoe.h
+test_gpu: test/test_model.c openmoe.cu openmoe.h utils.h
 	$(NVCC) $(NVCC_FLAGS) -x cu test/test_model.c -x cu openmoe.cu -o $@ $(NVCC_LDLIBS)
 else
 # GPU tests: PyTorch reference states through test_gpu, and GPU against CPU
@@ -73,13 +73,13 @@ ASAN_FLAGS = -O1 -fexpensive-optimizations -g -march=native -fno-omit-frame-poin
              -fno-sanitize-recover=all
 ASAN_TARGETS = build/asan/train build/asan/run build/asan/test_cpu
 asan: $(ASAN_TARGETS)
-build/asan/train: train.c openmoe.c openmoe.h tokenizer.h
+build/asan/train: train.c openmoe.c openmoe.h utils.h tokenizer.h
 	@mkdir -p build/asan
 	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) train.c openmoe.c -o $@ $(LDLIBS)
-build/asan/run: run.c openmoe.c openmoe.h tokenizer.h
+build/asan/run: run.c openmoe.c openmoe.h utils.h tokenizer.h
 	@mkdir -p build/asan
 	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) run.c openmoe.c -o $@ $(LDLIBS)
-build/asan/test_cpu: test/test_model.c openmoe.c openmoe.h
+build/asan/test_cpu: test/test_model.c openmoe.c openmoe.h utils.h
 	@mkdir -p build/asan
 	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) test/test_model.c openmoe.c -o $@ $(LDLIBS)
 
@@ -104,7 +104,7 @@ tiny:
 	$(MAKE) analyze RUN_DIR=out/tiny
 
 # the MPI build of train.c that test/t_mpi.sh runs (mpicc from openmpi-bin)
-build/train_mpi: train.c openmoe.c openmoe.h tokenizer.h
+build/train_mpi: train.c openmoe.c openmoe.h utils.h tokenizer.h
 	@mkdir -p build
 	mpicc $(CFLAGS) $(MPI_CFLAGS) train.c openmoe.c -o $@ $(LDLIBS)
 # the routing variants of SPEC §8 on tiny, one run each (dev/experiments.sh):
@@ -113,7 +113,7 @@ experiments: train
 	$(MAKE) data
 	PYTHON=$(PYTHON) bash dev/experiments.sh $(if $(filter command line environment,$(origin STEPS)),$(STEPS),800)
 
-build/bench_cpu: dev/bench_cpu.c openmoe.c openmoe.h
+build/bench_cpu: dev/bench_cpu.c openmoe.c openmoe.h utils.h
 	@mkdir -p build
 	$(CC) $(CFLAGS) dev/bench_cpu.c -o $@ $(LDLIBS)
 bench: build/bench_cpu

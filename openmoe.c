@@ -20,8 +20,9 @@
 #endif
 
 // ----------------------------------------------------------------------------
-// matmul. One kernel: C[M,N] (+)= A[M,K] B[K,N], with C and B row-major and A
-// read through strides (A[i*ars + k*aks]) so that it can be a transposed view.
+// matmul. One kernel: C[M,N] (+)= A[M,K] B[K,N], with C row-major, A read
+// through strides (A[i*ars + k*aks]) so that it can be a transposed view, and
+// B row-major or the transpose of a row-major W (gemm_bt).
 // Each C element is one chain c = c + a*b over k in order (fused multiply-adds
 // under -ffp-contract=fast), so any tiling, any thread count and the matvec
 // below give identical bits.
@@ -175,16 +176,16 @@ static int gemm_column_ranges(int M, int N) {
     return ranges > for_cache ? ranges : for_cache;
 }
 
-// all of C, spread over the threads; B row-major (ldb) or, with bpacked, packed
-static void gemm_tasks(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
-                       const float *bpacked, int M, int N, int K, int accumulate) {
+// all of C, spread over the threads, with B's panels packed in bpacked
+static void gemm_tasks(float *C, int ldc, const float *A, int ars, int aks, const float *bpacked, int M, int N, int K,
+                       int accumulate) {
     int row_blocks = (M + MC - 1) / MC, ranges = gemm_column_ranges(M, N), panels = (N + NR - 1) / NR;
 #pragma omp for schedule(dynamic, 1)
     for (int task = 0; task < row_blocks * ranges; task++) {
         int rb = task % row_blocks, cr = task / row_blocks;
         int i0 = rb * MC, i1 = i0 + MC < M ? i0 + MC : M;
         int j0 = panels * cr / ranges * NR, j1 = panels * (cr + 1) / ranges * NR;
-        gemm_block(C, ldc, A, ars, aks, B, ldb, bpacked, i0, i1, j0, j1 < N ? j1 : N, N, K, accumulate);
+        gemm_block(C, ldc, A, ars, aks, NULL, 0, bpacked, i0, i1, j0, j1 < N ? j1 : N, N, K, accumulate);
     }
 }
 
@@ -210,7 +211,7 @@ static void gemm(float *C, int ldc, const float *A, int ars, int aks, const floa
 #pragma omp parallel if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
     {
         gemm_pack_all(bpacked, B, ldb, 0, N, K);
-        gemm_tasks(C, ldc, A, ars, aks, NULL, 0, bpacked, M, N, K, accumulate);
+        gemm_tasks(C, ldc, A, ars, aks, bpacked, M, N, K, accumulate);
     }
 }
 
@@ -251,7 +252,7 @@ static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, 
 #pragma omp parallel if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
     {
         gemm_pack_all(bpacked, W, K, 1, N, K);
-        gemm_tasks(C, ldc, A, lda, 1, NULL, 0, bpacked, M, N, K, 0);
+        gemm_tasks(C, ldc, A, lda, 1, bpacked, M, N, K, 0);
     }
 }
 

@@ -1,176 +1,32 @@
 // openmoe.h: what both backends (openmoe.c, openmoe.cu) and all programs share.
 //
-//   1. checked C library calls (fopen_check, malloc_check, ...)
+//   1. checked C library calls, file helpers, the file magics: utils.h
 //   2. the config, presets and their validation                  (SPEC §1)
 //   3. the parameter table: one fp32 buffer, offsets in file order (SPEC §6)
 //   4. initialisation with a portable RNG                          (SPEC §5)
-//   5. model file and debug state file I/O                         (SPEC §6, §7)
+//   5. the model file, and the per-call MoE settings               (SPEC §6, §8)
 //   6. the backend API, implemented by openmoe.c and by openmoe.cu
 //   7. what both backends compute the same way: routing groups, capacity,
 //      the router's softmax and top-K, RoPE tables, argument checks, losses
+//   8. sampling: temperature, top-p, argmax (train.c's samples, run.c)
 //
-// Everything but the backend API is defined here as static functions, so
-// that each program is one translation unit plus one backend.
+// The debug state file (SPEC §7) is read and written by test/test_model.c,
+// its only user. Everything but the backend API is defined here as static
+// functions, so that each program is one translation unit plus one backend.
 #ifndef OPENMOE_H
 #define OPENMOE_H
 
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <stdarg.h>
-#include <string.h>
-#include <math.h>
-#include <errno.h>
+#include <stddef.h>
 #include <float.h>
-#include <sys/stat.h>
+#include "utils.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 // ----------------------------------------------------------------------------
-// 1. checked calls: every failure names what failed and where, then exits 1
-
-// atomic_open's temporary file while it is being written: die() removes it, so
-// that a failed write (a full disk) leaves nothing behind
-static inline char *pending_tmp(void) {
-    static char path[4096];
-    return path;
-}
-
-__attribute__((noreturn, format(printf, 1, 2))) static inline void die(const char *fmt, ...) {
-    if (pending_tmp()[0]) remove(pending_tmp());
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
-    va_end(ap);
-    exit(1);
-}
-
-static inline FILE *fopen_check(const char *path, const char *mode, const char *file, int line) {
-    FILE *f = fopen(path, mode);
-    if (!f) die("%s: cannot open (mode %s): %s  [%s:%d]", path, mode, strerror(errno), file, line);
-    return f;
-}
-#define fopenCheck(path, mode) fopen_check(path, mode, __FILE__, __LINE__)
-
-// fread that names the file and says how much was missing (a truncated file)
-static inline void fread_check(void *ptr, size_t size, size_t n, FILE *f, const char *path,
-                               const char *file, int line) {
-    size_t got = fread(ptr, size, n, f);
-    if (got != n) die("%s: truncated: wanted %zu items of %zu bytes, got %zu  [%s:%d]",
-                      path, n, size, got, file, line);
-}
-#define freadCheck(ptr, size, n, f, path) fread_check(ptr, size, n, f, path, __FILE__, __LINE__)
-
-static inline void fwrite_check(const void *ptr, size_t size, size_t n, FILE *f, const char *path,
-                                const char *file, int line) {
-    if (fwrite(ptr, size, n, f) != n)
-        die("%s: write failed: %s  [%s:%d]", path, strerror(errno), file, line);
-}
-#define fwriteCheck(ptr, size, n, f, path) fwrite_check(ptr, size, n, f, path, __FILE__, __LINE__)
-
-static inline void fclose_check(FILE *f, const char *path, const char *file, int line) {
-    if (fclose(f) != 0) die("%s: close failed: %s  [%s:%d]", path, strerror(errno), file, line);
-}
-#define fcloseCheck(f, path) fclose_check(f, path, __FILE__, __LINE__)
-
-static inline void *malloc_check(size_t size, const char *file, int line) {
-    void *p = malloc(size ? size : 1);
-    if (!p) die("out of memory allocating %zu bytes  [%s:%d]", size, file, line);
-    return p;
-}
-#define mallocCheck(size) malloc_check(size, __FILE__, __LINE__)
-
-static inline void *calloc_check(size_t n, size_t size, const char *file, int line) {
-    void *p = calloc(n ? n : 1, size ? size : 1);
-    if (!p) die("out of memory allocating %zu x %zu bytes  [%s:%d]", n, size, file, line);
-    return p;
-}
-#define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
-
-// FNV-1a-style over 8-byte words, then the bytes left, chained through h
-// (start: FNV_BASIS); words, so that hashing a model's weights stays quick
-#define FNV_BASIS 0xCBF29CE484222325ull
-static inline uint64_t hash_bytes(uint64_t h, const void *p, size_t n) {
-    const unsigned char *b = (const unsigned char *)p;
-    size_t i = 0;
-    for (uint64_t w; i + 8 <= n; i += 8) {
-        memcpy(&w, b + i, 8);
-        h = (h ^ w) * 0x100000001B3ull;
-    }
-    for (; i < n; i++) h = (h ^ b[i]) * 0x100000001B3ull;
-    return h;
-}
-
-// size of an open file in bytes, which must be a regular file (not a directory)
-static inline long file_size(FILE *f, const char *path) {
-    struct stat st;
-    if (fstat(fileno(f), &st) != 0) die("%s: cannot stat: %s", path, strerror(errno));
-    if (S_ISDIR(st.st_mode)) die("%s: is a directory, not a file", path);
-    if (!S_ISREG(st.st_mode)) die("%s: not a regular file", path);
-    return (long)st.st_size;
-}
-
-// write to PATH.tmp, then rename over PATH, so that PATH is never half written;
-// one file at a time, and die() removes the .tmp of a write that failed
-static inline FILE *atomic_open(const char *path, char *tmp, size_t ntmp) {
-    if ((size_t)snprintf(tmp, ntmp, "%s.tmp", path) >= ntmp) die("%s: path too long", path);
-    FILE *f = fopenCheck(tmp, "wb");
-    snprintf(pending_tmp(), 4096, "%s", tmp);
-    return f;
-}
-static inline void atomic_commit(FILE *f, const char *tmp, const char *path) {
-    if (fflush(f) != 0 || ferror(f)) die("%s: write failed: %s", tmp, strerror(errno));
-    fcloseCheck(f, tmp);
-    if (rename(tmp, path) != 0) die("%s: cannot rename to %s: %s", tmp, path, strerror(errno));
-    pending_tmp()[0] = '\0';
-}
-
-// Sizes computed from header values saturate at SIZE_OVERFLOW, so that a header
-// whose sizes overflow can never match the size of a real file. Every file
-// reader compares such a size with the file's before it allocates anything.
-#define SIZE_OVERFLOW UINT64_MAX
-static inline uint64_t size_mul(uint64_t a, uint64_t b) {
-    return a != 0 && b > SIZE_OVERFLOW / a ? SIZE_OVERFLOW : a * b;
-}
-static inline uint64_t size_add(uint64_t a, uint64_t b) { return b > SIZE_OVERFLOW - a ? SIZE_OVERFLOW : a + b; }
-
-// Command-line flags: the whole value must parse, be finite and lie in the
-// range, else exit naming the flag, the value and the range.
-static inline long long flag_int(const char *flag, const char *v, long long lo, long long hi) {
-    char *end;
-    errno = 0;
-    long long x = strtoll(v, &end, 10);
-    if (!*v || *end || errno || x < lo || x > hi) die("%s %s: needs a whole number in [%lld, %lld]", flag, v, lo, hi);
-    return x;
-}
-// lo_open: lo itself is excluded, (lo, hi]; else [lo, hi]
-static inline double flag_float(const char *flag, const char *v, double lo, int lo_open, double hi) {
-    char *end;
-    errno = 0;
-    double x = strtod(v, &end);
-    if (!*v || *end || strpbrk(v, "xX") || errno == ERANGE || !isfinite(x) || x < lo || (lo_open && x == lo) || x > hi)
-        die("%s %s: needs a finite decimal number in %c%g, %g]", flag, v, lo_open ? '(' : '[', lo, hi);
-    return x;
-}
-// path flags: not empty
-static inline const char *flag_path(const char *flag, const char *v) {
-    if (!*v) die("%s '': needs a path", flag);
-    return v;
-}
-
-// ----------------------------------------------------------------------------
 // 2. config (SPEC §1)
 
-#define MODEL_MAGIC 240201739     // 240201738 is the tokenizer file's (tokenizer.h)
-#define STATE_MAGIC 240201740
-#define TOKENS_MAGIC 240201741   // token data files, see tokenizer.bin-spec
-#define TRACE_MAGIC 240201742    // routing traces, see dev/analyze_routing.py
-#define CKPT_MAGIC 240201743     // training state checkpoints, see train.c
-#define HEADER_INTS 256
 // the longest context a model may have: RoPE tables and the KV cache are
 // allocated for all of it (OpenMoE's models have 2048)
 #define MAX_SEQ_LEN (1 << 20)
@@ -207,13 +63,51 @@ static inline int config_preset(const char *name, Config *c) {
     return 0;
 }
 
+// The Config fields, described once: name, place in the struct, and word of
+// the model file's header (SPEC §6). The checks, the parser, the header I/O
+// and train.c's resume go through this table, so that a new field is one row
+// here and cannot shift the file format. positive: the field must be > 0.
+typedef struct {
+    const char *name;
+    size_t offset;   // offsetof(Config, field)
+    int word;        // header word
+    int positive;
+} ConfigField;
+
+#define CONFIG_FIELD(field, word, positive) {#field, offsetof(Config, field), word, positive}
+static const ConfigField config_fields[] = {
+    CONFIG_FIELD(V, 2, 1),           CONFIG_FIELD(max_seq_len, 3, 1), CONFIG_FIELD(L, 4, 1),
+    CONFIG_FIELD(D, 5, 1),           CONFIG_FIELD(H, 6, 1),           CONFIG_FIELD(Hd, 7, 1),
+    CONFIG_FIELD(F, 8, 1),           CONFIG_FIELD(E, 9, 1),           CONFIG_FIELD(K, 10, 1),
+    CONFIG_FIELD(moe_every, 11, 1),  CONFIG_FIELD(Fe, 12, 1),         CONFIG_FIELD(extra_ffn, 13, 0),
+};
+#undef CONFIG_FIELD
+#define N_CONFIG_FIELDS ((int)(sizeof(config_fields) / sizeof(config_fields[0])))
+// the model file's header words: magic, version, then the fields
+#define MODEL_HEADER_WORDS (2 + N_CONFIG_FIELDS)
+// a Config field without a row would be neither checked nor saved
+#ifdef __cplusplus
+static_assert(sizeof(Config) == sizeof(config_fields) / sizeof(config_fields[0]) * sizeof(int),
+              "every Config field needs a row in config_fields");
+#else
+_Static_assert(sizeof(Config) == sizeof(config_fields) / sizeof(config_fields[0]) * sizeof(int),
+               "every Config field needs a row in config_fields");
+#endif
+
+// field i of config_fields in c
+static inline int *config_field(Config *c, int i) { return (int *)((char *)c + config_fields[i].offset); }
+static inline int config_value(const Config *c, int i) {
+    return *(const int *)((const char *)c + config_fields[i].offset);
+}
+
 // checks a config as SPEC §6 asks of a header; on failure writes why and returns 0
 static inline int config_check(const Config *c, char *why, size_t nwhy) {
-    const int *v = &c->V;
-    static const char *names[] = {"V", "max_seq_len", "L", "D", "H", "Hd", "F", "E", "K",
-                                  "moe_every", "Fe"};
-    for (int i = 0; i < 11; i++) {
-        if (v[i] <= 0) { snprintf(why, nwhy, "%s = %d, must be > 0", names[i], v[i]); return 0; }
+    for (int i = 0; i < N_CONFIG_FIELDS; i++) {
+        int v = config_value(c, i);
+        if (config_fields[i].positive && v <= 0) {
+            snprintf(why, nwhy, "%s = %d, must be > 0", config_fields[i].name, v);
+            return 0;
+        }
     }
     if (c->max_seq_len > MAX_SEQ_LEN) {
         snprintf(why, nwhy, "max_seq_len = %d > %d", c->max_seq_len, MAX_SEQ_LEN);
@@ -234,19 +128,39 @@ static inline int config_check(const Config *c, char *why, size_t nwhy) {
     return 1;
 }
 
-// a preset name, or "V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn" (max_seq_len 2048),
-// as the benchmarks take it; on failure writes why and returns 0
+// the context of a config given as numbers, which do not include it
+#define PARSED_SEQ_LEN 2048
+
+// a preset name, or the fields but max_seq_len in table order, comma-separated
+// ("V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn", max_seq_len PARSED_SEQ_LEN), as
+// the benchmarks take it; on failure writes why and returns 0
 static inline int config_parse(const char *s, Config *c, char *why, size_t nwhy) {
     if (config_preset(s, c)) return 1;
-    int *v = &c->V;  // V, then L: the header order puts max_seq_len second
-    int got = sscanf(s, "%d,%d,%d,%d,%d,%d,%d,%d,%d,%d,%d", &v[0], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8],
-                     &v[9], &v[10], &v[11]);
-    if (got != 11) {
-        snprintf(why, nwhy, "not a preset name nor V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn");
+    c->max_seq_len = PARSED_SEQ_LEN;
+    char expected[128] = "";
+    int ok = 1, used;
+    for (int i = 0; i < N_CONFIG_FIELDS; i++) {
+        if (config_fields[i].offset == offsetof(Config, max_seq_len)) continue;
+        int first = !expected[0];
+        snprintf(expected + strlen(expected), sizeof(expected) - strlen(expected), "%s%s", first ? "" : ",",
+                 config_fields[i].name);
+        if (ok && !first) ok = *s++ == ',';
+        if (ok) ok = sscanf(s, "%d%n", config_field(c, i), &used) == 1;
+        if (ok) s += used;
+    }
+    if (!ok) {
+        snprintf(why, nwhy, "not a preset name nor %s", expected);
         return 0;
     }
-    c->max_seq_len = 2048;
     return config_check(c, why, nwhy);
+}
+
+// the first field (index into config_fields) whose model header word in h
+// differs from c's, or -1 when they all agree
+static inline int config_header_diff(const int32_t *h, const Config *c) {
+    for (int i = 0; i < N_CONFIG_FIELDS; i++)
+        if (h[config_fields[i].word] != config_value(c, i)) return i;
+    return -1;
 }
 
 // ----------------------------------------------------------------------------
@@ -413,30 +327,17 @@ static inline void params_init(const ParamTable *p, const Config *c, float *para
 }
 
 // ----------------------------------------------------------------------------
-// 5. files. Every file of the project starts with int32 header[256]: a magic
-// number, a version (1), the file's own words, then zeros.
-
-// reads and checks the header of an open file (kind names it in messages);
-// words n_used.. must be 0. Returns the file's size in bytes.
-static inline long header_read(FILE *f, const char *path, const char *kind, int32_t magic, int n_used, int32_t *h) {
-    long size = file_size(f, path);
-    if (size < (long)(HEADER_INTS * sizeof(int32_t)))
-        die("%s: not a %s file: %ld bytes, shorter than the 1024-byte header", path, kind, size);
-    freadCheck(h, sizeof(int32_t), HEADER_INTS, f, path);
-    if (h[0] != magic) die("%s: bad magic %d (a %s file starts with %d)", path, h[0], kind, magic);
-    if (h[1] != 1) die("%s: unknown version %d (this build reads version 1)", path, h[1]);
-    for (int i = n_used; i < HEADER_INTS; i++)
-        if (h[i] != 0) die("%s: header word %d is %d, must be 0", path, i, h[i]);
-    return size;
-}
-
-// Model file (SPEC §6): the header, then the fp32 parameters.
+// 5. the model file (SPEC §6): the header (utils.h), whose words 2 ..
+// MODEL_HEADER_WORDS-1 hold the config (config_fields), then the fp32 parameters
 
 static inline void config_to_header(const Config *c, int32_t *h) {
-    memset(h, 0, HEADER_INTS * sizeof(int32_t));
+    memset(h, 0, HEADER_BYTES);
     h[0] = MODEL_MAGIC;
-    h[1] = 1;
-    memcpy(&h[2], &c->V, 12 * sizeof(int32_t));
+    h[1] = FILE_VERSION;
+    for (int i = 0; i < N_CONFIG_FIELDS; i++) h[config_fields[i].word] = config_value(c, i);
+}
+static inline void config_from_header(const int32_t *h, Config *c) {
+    for (int i = 0; i < N_CONFIG_FIELDS; i++) *config_field(c, i) = h[config_fields[i].word];
 }
 
 // reads a model file; exits with a message naming PATH on any problem.
@@ -444,11 +345,11 @@ static inline void config_to_header(const Config *c, int32_t *h) {
 static inline float *model_file_load(const char *path, Config *c) {
     FILE *f = fopenCheck(path, "rb");
     int32_t h[HEADER_INTS];
-    long size = header_read(f, path, "model", MODEL_MAGIC, 14, h);
-    memcpy(&c->V, &h[2], 12 * sizeof(int32_t));
+    long size = header_read(f, path, "model", MODEL_MAGIC, MODEL_HEADER_WORDS, h);
+    config_from_header(h, c);
     char why[160];
     if (!config_check(c, why, sizeof(why))) die("%s: inconsistent header: %s", path, why);
-    uint64_t n = config_n_params(c), want = size_add(sizeof(h), size_mul(4, n));
+    uint64_t n = config_n_params(c), want = size_add(HEADER_BYTES, size_mul(sizeof(float), n));
     if ((uint64_t)size != want)
         die("%s: size %ld bytes, but its header describes %llu parameters (%llu bytes)", path, size,
             (unsigned long long)n, (unsigned long long)want);
@@ -463,7 +364,7 @@ static inline void model_file_save(const char *path, const Config *c, const floa
     param_table_build(&p, c);
     int32_t h[HEADER_INTS];
     config_to_header(c, h);
-    char tmp[4096];
+    char tmp[MAX_PATH_BYTES];
     FILE *f = atomic_open(path, tmp, sizeof(tmp));
     fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
     fwriteCheck(params, sizeof(float), p.n_params, f, tmp);
@@ -472,7 +373,7 @@ static inline void model_file_save(const char *path, const Config *c, const floa
 }
 
 // Per-call settings of routing and losses (SPEC §3, §4, §8); the debug state
-// file stores them in its header.
+// file (test/test_model.c) stores them in its header.
 enum { CAP_T5X = 0, CAP_COLOSSALAI = 1, CAP_NONE = 2, N_CAP_RULES };   // capacity rules (SPEC §8)
 enum { DROP_POSITION = 0, DROP_PROBS = 1, N_DROP_POLICIES };          // drop policies (SPEC §8)
 static const char *const cap_rule_names[N_CAP_RULES] = {"t5x", "colossalai", "none"};
@@ -503,100 +404,9 @@ static inline int name_index(const char *name, const char *const *names, int n) 
     return -1;
 }
 
-// Debug state file (SPEC §7): one batch, its settings, and what a correct
-// implementation computes from it.
+// the losses of a forward (SPEC §4), indices into model_forward's losses;
+// N_LOSSES 8, as the debug state file's losses[8] (SPEC §7), the last two 0
 enum { LOSS_TOTAL, LOSS_CE, LOSS_LB, LOSS_RZ, LOSS_LZ, LOSS_DROPPED, N_LOSSES = 8 };
-
-typedef struct {
-    int B, T;
-    MoeSettings s;
-    int32_t *x, *y;   // [B*T] tokens, targets (-1 = ignored)
-    float *logits;    // [B*T*V]
-    float losses[N_LOSSES];
-    float *grads;     // [n_params]
-} DebugState;
-
-static inline void state_file_load(const char *path, const Config *c, DebugState *st) {
-    FILE *f = fopenCheck(path, "rb");
-    int32_t h[HEADER_INTS];
-    long size = header_read(f, path, "state", STATE_MAGIC, 12, h);
-    st->B = h[2];
-    st->T = h[3];
-    st->s.cf1000 = h[4];
-    st->s.min_capacity = h[5];
-    st->s.lb_coef = h[6] * 1e-6f;
-    st->s.rz_coef = h[7] * 1e-6f;
-    st->s.lz_coef = h[8] * 1e-6f;
-    st->s.group_size = h[9];
-    st->s.capacity_rule = h[10];
-    st->s.drop_policy = h[11];
-    if (h[10] < 0 || h[10] >= N_CAP_RULES)
-        die("%s: header word 10 (capacity rule) is %d: must be 0 (t5x), 1 (colossalai) or 2 (none)", path, h[10]);
-    if (h[11] < 0 || h[11] >= N_DROP_POLICIES)
-        die("%s: header word 11 (drop policy) is %d: must be 0 (position) or 1 (probs)", path, h[11]);
-    if (st->B <= 0 || st->T <= 0) die("%s: B = %d, T = %d, both must be > 0", path, st->B, st->T);
-    if (st->T > c->max_seq_len) die("%s: T = %d is longer than the model's context %d", path, st->T, c->max_seq_len);
-    if (st->s.cf1000 <= 0 || st->s.min_capacity < 0 || st->s.group_size < 0 || h[6] < 0 || h[7] < 0 || h[8] < 0)
-        die("%s: bad settings: cf1000 %d, min_capacity %d, group_size %d, coefs %d %d %d", path,
-            st->s.cf1000, st->s.min_capacity, st->s.group_size, h[6], h[7], h[8]);
-    size_t BT = (size_t)st->B * st->T, n_params = config_n_params(c);
-    uint64_t nfloat = size_add(size_add(2 * BT, size_mul(BT, c->V)), N_LOSSES + n_params);
-    uint64_t want = size_add(sizeof(h), size_mul(4, nfloat));
-    if ((uint64_t)size != want)
-        die("%s: size %ld bytes, but B=%d T=%d V=%d and %zu parameters make %llu bytes", path, size, st->B, st->T,
-            c->V, n_params, (unsigned long long)want);
-    st->x = (int32_t *)mallocCheck(BT * sizeof(int32_t));
-    st->y = (int32_t *)mallocCheck(BT * sizeof(int32_t));
-    st->logits = (float *)mallocCheck(BT * c->V * sizeof(float));
-    st->grads = (float *)mallocCheck(n_params * sizeof(float));
-    freadCheck(st->x, sizeof(int32_t), BT, f, path);
-    freadCheck(st->y, sizeof(int32_t), BT, f, path);
-    freadCheck(st->logits, sizeof(float), BT * c->V, f, path);
-    freadCheck(st->losses, sizeof(float), N_LOSSES, f, path);
-    freadCheck(st->grads, sizeof(float), n_params, f, path);
-    fcloseCheck(f, path);
-    for (size_t i = 0; i < BT; i++) {
-        if (st->x[i] < 0 || st->x[i] >= c->V) die("%s: token x[%zu] = %d is out of range [0, %d)", path, i, st->x[i], c->V);
-        if (st->y[i] < -1 || st->y[i] >= c->V) die("%s: target y[%zu] = %d is out of range [-1, %d)", path, i, st->y[i], c->V);
-    }
-}
-
-static inline void state_file_save(const char *path, const Config *c, const DebugState *st) {
-    int32_t h[HEADER_INTS] = {0};
-    h[0] = STATE_MAGIC;
-    h[1] = 1;
-    h[2] = st->B;
-    h[3] = st->T;
-    h[4] = st->s.cf1000;
-    h[5] = st->s.min_capacity;
-    h[6] = (int32_t)lrint(st->s.lb_coef * 1e6);
-    h[7] = (int32_t)lrint(st->s.rz_coef * 1e6);
-    h[8] = (int32_t)lrint(st->s.lz_coef * 1e6);
-    h[9] = st->s.group_size;
-    h[10] = st->s.capacity_rule;
-    h[11] = st->s.drop_policy;
-    ParamTable p;
-    param_table_build(&p, c);
-    size_t BT = (size_t)st->B * st->T;
-    char tmp[4096];
-    FILE *f = atomic_open(path, tmp, sizeof(tmp));
-    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
-    fwriteCheck(st->x, sizeof(int32_t), BT, f, tmp);
-    fwriteCheck(st->y, sizeof(int32_t), BT, f, tmp);
-    fwriteCheck(st->logits, sizeof(float), BT * c->V, f, tmp);
-    fwriteCheck(st->losses, sizeof(float), N_LOSSES, f, tmp);
-    fwriteCheck(st->grads, sizeof(float), p.n_params, f, tmp);
-    atomic_commit(f, tmp, path);
-    param_table_free(&p);
-}
-
-static inline void state_free(DebugState *st) {
-    free(st->x);
-    free(st->y);
-    free(st->logits);
-    free(st->grads);
-    memset(st, 0, sizeof(*st));
-}
 
 // ----------------------------------------------------------------------------
 // 6. the backend API. openmoe.c implements it on the CPU, openmoe.cu on one
@@ -903,6 +713,76 @@ static inline void losses_from_sums(float *losses, double ce_sum, double lz_sum,
     losses[LOSS_RZ] = (float)rz;
     losses[LOSS_LZ] = (float)lz;
     losses[LOSS_DROPPED] = n_moe ? (float)((double)dropped / ((double)BTK * n_moe)) : 0.0f;
+}
+
+// ----------------------------------------------------------------------------
+// 8. sampling, shared by train.c and run.c
+
+// the index of the largest of v (n), the first on ties
+static inline int argmax(const float *v, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) best = v[i] > v[best] ? i : best;
+    return best;
+}
+
+typedef struct {
+    float p;
+    int id;
+} ProbIndex;
+
+// qsort order of top-p: probability descending, then id ascending
+static inline int prob_index_desc(const void *a, const void *b) {
+    const ProbIndex *x = (const ProbIndex *)a, *y = (const ProbIndex *)b;
+    if (x->p != y->p) return x->p < y->p ? 1 : -1;
+    return x->id - y->id;
+}
+
+// topp of a Sampler that keeps the whole distribution and draws from it in id
+// order, without sorting (train's samples)
+#define TOPP_OFF 0.0f
+
+// draws token ids 0..n-1 from logits: temp 0 is greedy (the argmax, no draw);
+// else the softmax of logits / temp, cut to the smallest head of the sorted
+// probabilities whose mass reaches topp (0 < topp <= 1: nucleus sampling) or
+// kept whole (TOPP_OFF), then one uniform draw of rng
+typedef struct {
+    int n;
+    float temp, topp;
+    Rng rng;
+    ProbIndex *probs;  // (n) scratch
+} Sampler;
+
+// probs (n) <- {exp((logits - max) / temp), id}; returns their sum
+static inline float sampler_softmax(Sampler *s, const float *logits) {
+    float maxl = logits[argmax(logits, s->n)], sum = 0.0f;
+    for (int v = 0; v < s->n; v++) {
+        s->probs[v].p = expf((logits[v] - maxl) / s->temp);
+        s->probs[v].id = v;
+        sum += s->probs[v].p;
+    }
+    return sum;
+}
+
+// the id at which the cumulative mass of probs[0..n) passes coin (the last if
+// rounding leaves coin beyond it)
+static inline int sampler_draw(const ProbIndex *probs, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += probs[i].p;
+        if (coin < cdf) return probs[i].id;
+    }
+    return probs[n - 1].id;
+}
+
+static inline int sample_token(Sampler *s, const float *logits) {
+    if (s->temp == 0.0f) return argmax(logits, s->n);
+    float sum = sampler_softmax(s, logits);
+    if (s->topp == TOPP_OFF) return sampler_draw(s->probs, s->n, rng_uniform(&s->rng) * sum);
+    qsort(s->probs, s->n, sizeof(ProbIndex), prob_index_desc);
+    int head = 0;  // the smallest head of the sorted list whose mass reaches topp
+    float mass = 0.0f;
+    while (head < s->n && (head == 0 || mass < s->topp * sum)) mass += s->probs[head++].p;
+    return sampler_draw(s->probs, head, rng_uniform(&s->rng) * mass);
 }
 
 #ifdef __cplusplus

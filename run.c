@@ -18,57 +18,9 @@
 // of 256384); ids at or above its size are never sampled.
 #include "openmoe.h"
 #include "tokenizer.h"
-#include <time.h>
 
 // flag range of the temperature
 #define MAX_TEMPERATURE 100.0
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
-
-// ----------------------------------------------------------------------------
-// sampling: temperature, then top-p (nucleus) over the sorted probabilities
-
-typedef struct {
-    float p;
-    int id;
-} ProbIndex;
-
-static int cmp_prob_desc(const void *a, const void *b) {
-    const ProbIndex *x = (const ProbIndex *)a, *y = (const ProbIndex *)b;
-    if (x->p != y->p) return x->p < y->p ? 1 : -1;
-    return x->id - y->id;
-}
-
-static int argmax(const float *v, int n) {
-    int best = 0;
-    for (int i = 1; i < n; i++) best = v[i] > v[best] ? i : best;
-    return best;
-}
-
-// logits (V) -> a token; temp 0 is greedy. sorted (V) scratch
-static int sample(const float *logits, int V, float temp, float topp, Rng *rng, ProbIndex *sorted) {
-    if (temp == 0.0f) return argmax(logits, V);
-    float maxl = logits[argmax(logits, V)], sum = 0.0f;
-    for (int v = 0; v < V; v++) {
-        sorted[v].p = expf((logits[v] - maxl) / temp);
-        sorted[v].id = v;
-        sum += sorted[v].p;
-    }
-    qsort(sorted, V, sizeof(ProbIndex), cmp_prob_desc);
-    int n = 0;  // the smallest head of the sorted list whose mass reaches topp
-    float mass = 0.0f;
-    while (n < V && (n == 0 || mass < topp * sum)) mass += sorted[n++].p;
-    float coin = rng_uniform(rng) * mass, cdf = 0.0f;
-    for (int i = 0; i < n; i++) {
-        cdf += sorted[i].p;
-        if (coin < cdf) return sorted[i].id;
-    }
-    return sorted[n - 1].id;
-}
 
 // ----------------------------------------------------------------------------
 
@@ -94,146 +46,245 @@ static void usage(int status) {
     exit(status);
 }
 
-int main(int argc, char **argv) {
-    const char *model_path = NULL, *tok_path = "data/kjv/tokenizer.bin", *prompt = "";
-    int steps = 200, encode = 0, decode = 0, verify = 0, print_ids = 0, start = -2;  // -2: by the tokenizer
-    float temp = 0.8f, topp = 0.9f, cf = 2.0f;
-    uint64_t seed = 42;
+// ----------------------------------------------------------------------------
+// flags
+
+#define START_BY_TOKENIZER -2  // RunArgs.start: EOS, BOS or OpenMoE's 0, as the tokenizer says
+
+typedef struct {
+    const char *model_path, *tok_path, *prompt;
+    int steps, encode, decode, verify, print_ids;
+    int start;  // the id the prompt starts with, -1: none
+    float temp, topp, cf;
+    uint64_t seed;
+} RunArgs;
+
+static void args_default(RunArgs *a) {
+    a->model_path = NULL;
+    a->tok_path = "data/kjv/tokenizer.bin";
+    a->prompt = "";
+    a->steps = 200;
+    a->encode = a->decode = a->verify = a->print_ids = 0;
+    a->start = START_BY_TOKENIZER;
+    a->temp = 0.8f;
+    a->topp = 0.9f;
+    a->cf = 2.0f;
+    a->seed = 42;
+}
+
+static void args_parse(RunArgs *a, int argc, char **argv) {
+    args_default(a);
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) usage(0);
-        else if (strcmp(a, "--encode") == 0) encode = 1;
-        else if (strcmp(a, "--decode") == 0) decode = 1;
-        else if (strcmp(a, "--verify") == 0) verify = 1;
-        else if (strcmp(a, "--ids") == 0) print_ids = 1;
-        else if (a[0] != '-') {
-            if (model_path) die("two model files given: %s and %s", model_path, a);
-            model_path = a;
-        } else if (strlen(a) == 2 && i + 1 < argc) {
+        const char *f = argv[i];
+        if (strcmp(f, "-h") == 0 || strcmp(f, "--help") == 0) usage(0);
+        else if (strcmp(f, "--encode") == 0) a->encode = 1;
+        else if (strcmp(f, "--decode") == 0) a->decode = 1;
+        else if (strcmp(f, "--verify") == 0) a->verify = 1;
+        else if (strcmp(f, "--ids") == 0) a->print_ids = 1;
+        else if (f[0] != '-') {
+            if (a->model_path) die("two model files given: %s and %s", a->model_path, f);
+            a->model_path = f;
+        } else if (strlen(f) == 2 && i + 1 < argc) {
             const char *v = argv[++i];
-            switch (a[1]) {
-            case 'z': tok_path = flag_path(a, v); break;
-            case 'b': start = (int)flag_int(a, v, -1, INT32_MAX); break;
-            case 'i': prompt = v; break;
-            case 'n': steps = (int)flag_int(a, v, 0, INT32_MAX); break;
-            case 't': temp = (float)flag_float(a, v, 0.0, 0, MAX_TEMPERATURE); break;
-            case 'p': topp = (float)flag_float(a, v, 0.0, 1, 1.0); break;
-            case 's': seed = (uint64_t)flag_int(a, v, 0, INT64_MAX); break;
-            case 'g': cf = (float)flag_float(a, v, MIN_CF, 0, MAX_CF); break;
-            default: fprintf(stderr, "error: unknown option '%s'\n", a); usage(2);
+            switch (f[1]) {
+            case 'z': a->tok_path = flag_path(f, v); break;
+            case 'b': a->start = (int)flag_int(f, v, -1, INT32_MAX); break;
+            case 'i': a->prompt = v; break;
+            case 'n': a->steps = (int)flag_int(f, v, 0, INT32_MAX); break;
+            case 't': a->temp = (float)flag_float(f, v, 0.0, 0, MAX_TEMPERATURE); break;
+            case 'p': a->topp = (float)flag_float(f, v, 0.0, 1, 1.0); break;
+            case 's': a->seed = (uint64_t)flag_int(f, v, 0, INT64_MAX); break;
+            case 'g': a->cf = (float)flag_float(f, v, MIN_CF, 0, MAX_CF); break;
+            default: fprintf(stderr, "error: unknown option '%s'\n", f); usage(2);
             }
         } else {
-            fprintf(stderr, "error: unknown or incomplete option '%s'\n", a);
+            fprintf(stderr, "error: unknown or incomplete option '%s'\n", f);
             usage(2);
         }
     }
+}
+
+// --encode, --decode: stdin to stdout through the tokenizer alone
+static int tokenizer_mode(const RunArgs *a) {
     Tokenizer tok;
-    if (encode || decode) {
-        tokenizer_load(&tok, tok_path);
-        if (encode) tokenizer_encode_stream(&tok, stdin, stdout);
-        else tokenizer_decode_stream(&tok, stdin, stdout);
-        tokenizer_free(&tok);
-        return 0;
-    }
-    if (!model_path) {
+    tokenizer_load(&tok, a->tok_path);
+    if (a->encode) tokenizer_encode_stream(&tok, stdin, stdout);
+    else tokenizer_decode_stream(&tok, stdin, stdout);
+    tokenizer_free(&tok);
+    return 0;
+}
+
+// the flags of a generating run, which the tokenizer modes do not need
+static void generation_args_check(const RunArgs *a) {
+    if (!a->model_path) {
         fprintf(stderr, "error: no model file given\n");
         usage(2);
     }
-    if (verify && temp != 0.0f) die("--verify needs greedy decoding (-t 0)");
+    if (a->verify && a->temp != 0.0f) die("--verify needs greedy decoding (-t 0)");
+}
 
+// ----------------------------------------------------------------------------
+// generation: the prompt through the KV cache, then one sampled token a step
+
+typedef struct {
     Config c;
-    float *params = model_file_load(model_path, &c);
-    tokenizer_load(&tok, tok_path);
-    if (tok.vocab_size > c.V) die("%s: the tokenizer has %d pieces, more than %s's vocabulary %d", tok_path, tok.vocab_size, model_path, c.V);
-    if (start >= c.V) die("-b %d: not an id of %s's vocabulary %d", start, model_path, c.V);
-    int openmoe = tok.pad_id == 0 && tok.bos_id < 0;  // umT5's layout: an imported OpenMoE model
-    const char *chat_eos[3] = {"\xe2\x96\x81</", "s", ">"};   // "▁</" "s" ">"
-    int chat_eos_id[3];
-    for (int k = 0; k < 3; k++) chat_eos_id[k] = tok_piece_id(&tok, chat_eos[k], strlen(chat_eos[k]));
+    Model *m;
+    Tokenizer tok;
+    int openmoe;         // an imported OpenMoE model: umT5's tokenizer
+    int chat_eos_id[3];  // its chat model's end "▁</" "s" ">", -1 for a piece the tokenizer lacks
+    int start;           // the id the prompt starts with, -1: none
+    int32_t *tokens;     // the prompt (n_prompt), then the generated tokens, n in all
+    int n_prompt, n, steps;
+    int first_text;      // the next piece printed is the text's first: it loses its dummy-prefix space
+    Sampler sampler;
+    uint64_t *digest;    // --verify: the hash of each position's logits, else NULL
+} Generation;
 
-    // the prompt: the start id, then its pieces. By default EOS, which ends
-    // every verse of the training data and so is what a verse follows (BOS
-    // when the tokenizer has no EOS), or OpenMoE's 0
-    int max_len = c.max_seq_len;
-    int room = 16 * (int)strlen(prompt) + 16;  // NFKC can expand a character, byte fallback splits it
-    int32_t *tokens = (int32_t *)mallocCheck((size_t)(max_len + room + 1) * sizeof(int32_t));
-    if (start == -2) start = openmoe ? 0 : tok.eos_id >= 0 ? tok.eos_id : tok.bos_id;
-    int n_prompt = 0;
-    if (start >= 0) tokens[n_prompt++] = start;
-    n_prompt += tokenizer_encode(&tok, prompt, strlen(prompt), tokens + n_prompt, room);
-    if (n_prompt == 0) die("the prompt is empty and the tokenizer has no EOS or BOS to start from");
-    if (n_prompt > max_len) die("the prompt is %d tokens, longer than the model's context %d", n_prompt, max_len);
-    if (steps > max_len - n_prompt) {
-        fprintf(stderr, "note: -n %d with a %d-token prompt exceeds the context %d: generating %d tokens\n", steps,
-                n_prompt, max_len, max_len - n_prompt);
-        steps = max_len - n_prompt;
+// the tokenizer, checked against the model, and what it says of the model's origin
+static void tokenizer_open(Generation *g, const RunArgs *a) {
+    tokenizer_load(&g->tok, a->tok_path);
+    if (g->tok.vocab_size > g->c.V)
+        die("%s: the tokenizer has %d pieces, more than %s's vocabulary %d", a->tok_path, g->tok.vocab_size,
+            a->model_path, g->c.V);
+    if (a->start >= g->c.V) die("-b %d: not an id of %s's vocabulary %d", a->start, a->model_path, g->c.V);
+    g->openmoe = g->tok.pad_id == 0 && g->tok.bos_id < 0;
+    const char *chat_eos[3] = {"\xe2\x96\x81</", "s", ">"};  // "▁</" "s" ">"
+    for (int k = 0; k < 3; k++) g->chat_eos_id[k] = tok_piece_id(&g->tok, chat_eos[k], strlen(chat_eos[k]));
+}
+
+// the prompt: the start id, then its pieces. By default EOS, which ends every
+// verse of the training data and so is what a verse follows (BOS when the
+// tokenizer has no EOS), or OpenMoE's 0. tokens gets room for the prompt and
+// the context; steps is cut to the context
+static void prompt_encode(Generation *g, const RunArgs *a) {
+    int max_len = g->c.max_seq_len;
+    int room = 16 * (int)strlen(a->prompt) + 16;  // NFKC can expand a character, byte fallback splits it
+    g->tokens = (int32_t *)mallocCheck((size_t)(max_len + room + 1) * sizeof(int32_t));
+    g->start = a->start;
+    if (g->start == START_BY_TOKENIZER) g->start = g->openmoe ? 0 : g->tok.eos_id >= 0 ? g->tok.eos_id : g->tok.bos_id;
+    g->n_prompt = 0;
+    if (g->start >= 0) g->tokens[g->n_prompt++] = g->start;
+    g->n_prompt += tokenizer_encode(&g->tok, a->prompt, strlen(a->prompt), g->tokens + g->n_prompt, room);
+    if (g->n_prompt == 0) die("the prompt is empty and the tokenizer has no EOS or BOS to start from");
+    if (g->n_prompt > max_len) die("the prompt is %d tokens, longer than the model's context %d", g->n_prompt, max_len);
+    g->n = g->n_prompt;
+    g->first_text = 1;
+    g->steps = a->steps;
+    if (g->steps > max_len - g->n_prompt) {
+        fprintf(stderr, "note: -n %d with a %d-token prompt exceeds the context %d: generating %d tokens\n", g->steps,
+                g->n_prompt, max_len, max_len - g->n_prompt);
+        g->steps = max_len - g->n_prompt;
     }
+    g->digest = a->verify ? (uint64_t *)mallocCheck((size_t)(max_len + room) * sizeof(uint64_t)) : NULL;
+}
 
+// the model, its tokenizer, the prompt and the sampler
+static void generation_load(Generation *g, const RunArgs *a) {
+    float *params = model_file_load(a->model_path, &g->c);
+    tokenizer_open(g, a);
+    prompt_encode(g, a);
     // a verifying run also needs activations for one full sequence
-    Model *m = model_create(&c, 1, verify ? max_len : 1, PRECISION_FP32, NULL);
-    model_set_params(m, params);
+    g->m = model_create(&g->c, 1, a->verify ? g->c.max_seq_len : 1, PRECISION_FP32, NULL);
+    model_set_params(g->m, params);
     free(params);  // the model holds its own copy: do not keep two of a large model
-    ProbIndex *sorted = (ProbIndex *)mallocCheck(c.V * sizeof(ProbIndex));
-    Rng rng = {seed};
-    int first_text = 1;  // the first piece printed loses its dummy-prefix space
-    for (int i = start >= 0; i < n_prompt && !print_ids; i++) {
-        size_t len;
-        const char *piece = tokenizer_piece_text(&tok, tokens[i], first_text, &len);
-        fwrite(piece, 1, len, stdout);
-        first_text = 0;
-    }
-    fflush(stdout);
-    // --verify compares decode's logits with the forward's bit for bit through their hashes
-    uint64_t *digest = verify ? (uint64_t *)mallocCheck((size_t)(max_len + room) * sizeof(uint64_t)) : NULL;
-    double t0 = now();
-    int n = n_prompt;
-    for (int pos = 0; n < n_prompt + steps; pos++) {
-        const float *logits = model_decode(m, tokens[pos], pos);
-        if (verify) digest[pos] = hash_bytes(FNV_BASIS, logits, (size_t)c.V * sizeof(float));
-        if (pos + 1 < n) continue;  // still reading the prompt
-        int next = sample(logits, tok.vocab_size, temp, topp, &rng, sorted);
-        tokens[n++] = next;
-        if (openmoe && next == tok.eos_id) break;
-        if (!print_ids) {
-            size_t len = 1;  // EOS ends a verse: a new line
-            const char *piece = next == tok.eos_id ? "\n" : tokenizer_piece_text(&tok, next, first_text, &len);
-            fwrite(piece, 1, len, stdout);
-            fflush(stdout);
-            first_text = next == tok.eos_id;
-        }
-        if (openmoe && n - n_prompt >= 3 && chat_eos_id[0] >= 0 && tokens[n - 3] == chat_eos_id[0] &&
-            tokens[n - 2] == chat_eos_id[1] && tokens[n - 1] == chat_eos_id[2])
-            break;
-    }
-    double secs = now() - t0;
-    for (int i = 0; i < n && print_ids; i++) printf(i ? " %d" : "%d", tokens[i]);
-    printf("\n");
-    fprintf(stderr, "%d tokens (%d prompt, %d generated) in %.2f s: %.1f tokens/s\n", n, n_prompt, n - n_prompt, secs,
-            n / secs);
+    g->sampler.n = g->tok.vocab_size;  // ids at or above the tokenizer's size are never sampled
+    g->sampler.temp = a->temp;
+    g->sampler.topp = a->topp;
+    g->sampler.rng.s = a->seed;
+    g->sampler.probs = (ProbIndex *)mallocCheck(g->c.V * sizeof(ProbIndex));
+}
 
-    int status = 0;
-    if (verify && n > n_prompt) {
-        // one forward over tokens 0..n-2, each token its own routing group, as in model_decode
-        MoeSettings s = moe_settings_default();
-        s.cf1000 = (int)lrintf(cf * 1000);
-        s.group_size = 1;
-        float losses[N_LOSSES];
-        model_forward(m, tokens, NULL, 1, n - 1, &s, losses);
-        float *all = (float *)mallocCheck((size_t)(n - 1) * c.V * sizeof(float));
-        model_get_logits(m, all);
-        int match = 0, same = 0;
-        for (int p = n_prompt - 1; p < n - 1; p++) match += argmax(all + (size_t)p * c.V, c.V) == tokens[p + 1];
-        for (int p = 0; p < n - 1; p++)
-            same += hash_bytes(FNV_BASIS, all + (size_t)p * c.V, (size_t)c.V * sizeof(float)) == digest[p];
-        printf("verify: %d/%d positions match; logits bit-identical at %d/%d positions\n", match, n - n_prompt, same,
-               n - 1);
-        status = match == n - n_prompt && (same == n - 1 || !model_decode_bitwise) ? 0 : 1;
-        free(all);
+static void generation_free(Generation *g) {
+    free(g->digest);
+    free(g->sampler.probs);
+    free(g->tokens);
+    tokenizer_free(&g->tok);
+    model_free(g->m);
+}
+
+// the prompt as text, without its start id
+static void prompt_print(Generation *g) {
+    for (int i = g->start >= 0; i < g->n_prompt; i++) {
+        size_t len;
+        const char *piece = tokenizer_piece_text(&g->tok, g->tokens[i], g->first_text, &len);
+        fwrite(piece, 1, len, stdout);
+        g->first_text = 0;
     }
-    free(digest);
-    free(sorted);
-    free(tokens);
-    tokenizer_free(&tok);
-    model_free(m);
+}
+
+// a generated token as text; EOS ends a verse: a new line
+static void piece_print(Generation *g, int token) {
+    size_t len = 1;
+    const char *piece = token == g->tok.eos_id ? "\n" : tokenizer_piece_text(&g->tok, token, g->first_text, &len);
+    fwrite(piece, 1, len, stdout);
+    fflush(stdout);
+    g->first_text = token == g->tok.eos_id;
+}
+
+// whether an OpenMoE chat model has just written its end "▁</" "s" ">"
+static int chat_ended(const Generation *g) {
+    if (!g->openmoe || g->n - g->n_prompt < 3 || g->chat_eos_id[0] < 0) return 0;
+    const int32_t *t = g->tokens + g->n - 3;
+    return t[0] == g->chat_eos_id[0] && t[1] == g->chat_eos_id[1] && t[2] == g->chat_eos_id[2];
+}
+
+// feeds the prompt, then samples up to steps tokens, printing each (unless
+// print_ids); an OpenMoE model also stops at EOS and at its chat end
+static void generate(Generation *g, int print_ids) {
+    for (int pos = 0; g->n < g->n_prompt + g->steps; pos++) {
+        const float *logits = model_decode(g->m, g->tokens[pos], pos);
+        if (g->digest) g->digest[pos] = hash_bytes(FNV_BASIS, logits, (size_t)g->c.V * sizeof(float));
+        if (pos + 1 < g->n) continue;  // still reading the prompt
+        int next = sample_token(&g->sampler, logits);
+        g->tokens[g->n++] = next;
+        if (g->openmoe && next == g->tok.eos_id) break;
+        if (!print_ids) piece_print(g, next);
+        if (chat_ended(g)) break;
+    }
+}
+
+// --verify: one forward over tokens 0..n-2, each token its own routing group
+// as in model_decode; its argmax must give every generated token and (where
+// model_decode_bitwise) its logits those of decode bit for bit (compared
+// through their hashes). Returns the exit status, 1 on a mismatch
+static int verify(Generation *g, float cf) {
+    int n = g->n, V = g->c.V;
+    MoeSettings s = moe_settings_default();
+    s.cf1000 = (int)lrintf(cf * 1000);
+    s.group_size = 1;
+    float losses[N_LOSSES];
+    model_forward(g->m, g->tokens, NULL, 1, n - 1, &s, losses);
+    float *all = (float *)mallocCheck((size_t)(n - 1) * V * sizeof(float));
+    model_get_logits(g->m, all);
+    int match = 0, same = 0;
+    for (int p = g->n_prompt - 1; p < n - 1; p++) match += argmax(all + (size_t)p * V, V) == g->tokens[p + 1];
+    for (int p = 0; p < n - 1; p++)
+        same += hash_bytes(FNV_BASIS, all + (size_t)p * V, (size_t)V * sizeof(float)) == g->digest[p];
+    printf("verify: %d/%d positions match; logits bit-identical at %d/%d positions\n", match, n - g->n_prompt, same,
+           n - 1);
+    free(all);
+    return match == n - g->n_prompt && (same == n - 1 || !model_decode_bitwise) ? 0 : 1;
+}
+
+// ----------------------------------------------------------------------------
+
+int main(int argc, char **argv) {
+    RunArgs a;
+    args_parse(&a, argc, argv);
+    if (a.encode || a.decode) return tokenizer_mode(&a);
+    generation_args_check(&a);
+    Generation g;
+    generation_load(&g, &a);
+    if (!a.print_ids) prompt_print(&g);
+    fflush(stdout);
+    double t0 = wall_seconds();
+    generate(&g, a.print_ids);
+    double secs = wall_seconds() - t0;
+    for (int i = 0; i < g.n && a.print_ids; i++) printf(i ? " %d" : "%d", g.tokens[i]);
+    printf("\n");
+    fprintf(stderr, "%d tokens (%d prompt, %d generated) in %.2f s: %.1f tokens/s\n", g.n, g.n_prompt,
+            g.n - g.n_prompt, secs, g.n / secs);
+    int status = a.verify && g.n > g.n_prompt ? verify(&g, a.cf) : 0;
+    generation_free(&g);
     return status;
 }

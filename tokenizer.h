@@ -39,11 +39,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <float.h>
-#include "openmoe.h"
+#include "utils.h"
 
-#define TOKENIZER_MAGIC 240201738
 #define TOKENIZER_VERSION 1
-#define TOKENIZER_HEADER_INTS 256
 
 enum { TOK_UNIGRAM = 1, TOK_BPE = 2 };
 // piece types, as ModelProto.SentencePiece.Type
@@ -52,6 +50,8 @@ enum { TOK_NORMAL = 1, TOK_UNKNOWN = 2, TOK_CONTROL = 3, TOK_USER_DEFINED = 4,
 // flag bits of header[8] (bits 0-2 also of header[13], the denormalizer's)
 enum { TOK_ADD_DUMMY_PREFIX = 1, TOK_REMOVE_EXTRA_WHITESPACES = 2, TOK_ESCAPE_WHITESPACES = 4,
        TOK_BYTE_FALLBACK = 8, TOK_TREAT_WHITESPACE_AS_SUFFIX = 16 };
+#define TOK_NORMALIZER_FLAGS (TOK_ADD_DUMMY_PREFIX | TOK_REMOVE_EXTRA_WHITESPACES | TOK_ESCAPE_WHITESPACES)
+#define TOK_ALL_FLAGS (TOK_NORMALIZER_FLAGS | TOK_BYTE_FALLBACK | TOK_TREAT_WHITESPACE_AS_SUFFIX)
 
 typedef struct {
     uint32_t *units;       // the double array (NULL when there is no charsmap)
@@ -275,84 +275,112 @@ static inline void tok_load_charsmap(TokNormalizer *nz, const unsigned char *blo
         die("%s: %s charsmap: the replacement strings do not end with a NUL", path, what);
 }
 
-static inline void tokenizer_load(Tokenizer *t, const char *path) {
-    memset(t, 0, sizeof(*t));
+// the header words of tokenizer.bin-spec 1.1 after the magic and the version
+enum {
+    TOKH_V = 2, TOKH_MODEL_TYPE, TOKH_UNK_ID, TOKH_BOS_ID, TOKH_EOS_ID, TOKH_PAD_ID, TOKH_FLAGS, TOKH_NAME_BYTES,
+    TOKH_UNK_BYTES, TOKH_PIECE_BYTES, TOKH_MAP_BYTES, TOKH_DENORM_FLAGS, TOKH_DEMAP_BYTES, TOKH_MAX_PIECE_BYTES,
+    TOKENIZER_HEADER_WORDS
+};
+// a piece record: <float32 score><uint8 type><uint16 length>, then length > 0 bytes
+#define TOK_PIECE_RECORD_BYTES 7
+
+// the whole file at path, at least a header long (*size: its bytes)
+static inline unsigned char *tok_read_file(const char *path, long *size) {
     FILE *f = fopenCheck(path, "rb");
-    long size = file_size(f, path);
-    const long hbytes = TOKENIZER_HEADER_INTS * 4;
-    if (size < hbytes)
-        die("%s: truncated: %ld bytes, a tokenizer file has a %ld byte header", path, size, hbytes);
-    unsigned char *buf = (unsigned char *)mallocCheck((size_t)size);
-    freadCheck(buf, 1, (size_t)size, f, path);
+    *size = file_size(f, path);
+    if (*size < HEADER_BYTES)
+        die("%s: truncated: %ld bytes, a tokenizer file has a %ld byte header", path, *size, (long)HEADER_BYTES);
+    unsigned char *buf = (unsigned char *)mallocCheck((size_t)*size);
+    freadCheck(buf, 1, (size_t)*size, f, path);
     fcloseCheck(f, path);
-    int32_t h[TOKENIZER_HEADER_INTS];
-    for (int i = 0; i < TOKENIZER_HEADER_INTS; i++) h[i] = (int32_t)tok_rd32(buf + 4 * i);
+    return buf;
+}
+
+// the header of buf (a file of size bytes) into h, each word checked, and its
+// sizes against the file's
+static inline void tok_read_header(const unsigned char *buf, long size, const char *path, int32_t *h) {
+    for (int i = 0; i < HEADER_INTS; i++) h[i] = (int32_t)tok_rd32(buf + 4 * i);
     if (h[0] != TOKENIZER_MAGIC) {
         if (h[0] == TOKENS_MAGIC) die("%s: this is a token data file, not a tokenizer file", path);
         die("%s: bad magic %d (a tokenizer file starts with %d; convert a SentencePiece model "
             "with dev/export_tokenizer.py)", path, h[0], TOKENIZER_MAGIC);
     }
     if (h[1] != TOKENIZER_VERSION) die("%s: version %d, this reader knows version %d", path, h[1], TOKENIZER_VERSION);
-    int V = h[2];
-    if (V <= 0) die("%s: vocab size %d, must be > 0", path, V);
-    if (h[3] != TOK_UNIGRAM && h[3] != TOK_BPE) die("%s: model type %d, must be 1 (unigram) or 2 (BPE)", path, h[3]);
-    if (h[8] & ~31) die("%s: unknown flag bits 0x%x", path, h[8]);
-    if (h[13] & ~7) die("%s: unknown denormalizer flag bits 0x%x", path, h[13]);
-    for (int i = 9; i <= 15; i++)
+    if (h[TOKH_V] <= 0) die("%s: vocab size %d, must be > 0", path, h[TOKH_V]);
+    if (h[TOKH_MODEL_TYPE] != TOK_UNIGRAM && h[TOKH_MODEL_TYPE] != TOK_BPE)
+        die("%s: model type %d, must be 1 (unigram) or 2 (BPE)", path, h[TOKH_MODEL_TYPE]);
+    if (h[TOKH_FLAGS] & ~TOK_ALL_FLAGS) die("%s: unknown flag bits 0x%x", path, h[TOKH_FLAGS]);
+    if (h[TOKH_DENORM_FLAGS] & ~TOK_NORMALIZER_FLAGS)
+        die("%s: unknown denormalizer flag bits 0x%x", path, h[TOKH_DENORM_FLAGS]);
+    for (int i = TOKH_NAME_BYTES; i <= TOKH_MAX_PIECE_BYTES; i++)
         if (h[i] < 0) die("%s: header[%d] = %d, a size must be >= 0", path, i, h[i]);
-    if (h[14] == 0 && h[13] != 0)
-        die("%s: denormalizer flags 0x%x without a denormalizer (header[14] = 0), must be 0", path, h[13]);
-    for (int i = 16; i < TOKENIZER_HEADER_INTS; i++)
+    if (h[TOKH_DEMAP_BYTES] == 0 && h[TOKH_DENORM_FLAGS] != 0)
+        die("%s: denormalizer flags 0x%x without a denormalizer (header[%d] = 0), must be 0", path,
+            h[TOKH_DENORM_FLAGS], TOKH_DEMAP_BYTES);
+    for (int i = TOKENIZER_HEADER_WORDS; i < HEADER_INTS; i++)
         if (h[i] != 0) die("%s: reserved header[%d] = %d, must be 0", path, i, h[i]);
-    t->vocab_size = V;
-    t->model_type = h[3];
-    t->unk_id = h[4]; t->bos_id = h[5]; t->eos_id = h[6]; t->pad_id = h[7];
-    t->flags = h[8];
-    t->norm.flags = h[8] & 7;
-    t->denorm.flags = h[13];
-    t->max_piece_bytes = h[15];
-    long long want = hbytes + (long long)h[9] + h[10] + h[11] + h[12] + h[14];
+    long long want = HEADER_BYTES + (long long)h[TOKH_NAME_BYTES] + h[TOKH_UNK_BYTES] + h[TOKH_PIECE_BYTES] +
+                     h[TOKH_MAP_BYTES] + h[TOKH_DEMAP_BYTES];
     if (want != size)
-        die("%s: inconsistent sizes: the header says %lld bytes (1024 + name %d + unk surface %d + "
-            "pieces %d + charsmap %d + denormalizer charsmap %d), the file has %ld%s", path, want,
-            h[9], h[10], h[11], h[12], h[14], size, size < want ? " (truncated)" : "");
-    if ((long long)V * 8 > h[11])
-        die("%s: inconsistent sizes: %d pieces cannot fit in a %d byte piece table (8 bytes or more each)",
-            path, V, h[11]);
-    const unsigned char *p = buf + hbytes;
-    t->normalizer_name = (char *)mallocCheck((size_t)h[9] + 1);
-    memcpy(t->normalizer_name, p, h[9]);
-    t->normalizer_name[h[9]] = 0;
-    p += h[9];
-    t->unk_surface_len = (size_t)h[10];
-    t->unk_surface = (char *)mallocCheck(t->unk_surface_len + 1);
-    memcpy(t->unk_surface, p, t->unk_surface_len);
-    t->unk_surface[t->unk_surface_len] = 0;
-    p += h[10];
+        die("%s: inconsistent sizes: the header says %lld bytes (%d + name %d + unk surface %d + "
+            "pieces %d + charsmap %d + denormalizer charsmap %d), the file has %ld%s", path, want, HEADER_BYTES,
+            h[TOKH_NAME_BYTES], h[TOKH_UNK_BYTES], h[TOKH_PIECE_BYTES], h[TOKH_MAP_BYTES], h[TOKH_DEMAP_BYTES], size,
+            size < want ? " (truncated)" : "");
+    if ((long long)h[TOKH_V] * (TOK_PIECE_RECORD_BYTES + 1) > h[TOKH_PIECE_BYTES])
+        die("%s: inconsistent sizes: %d pieces cannot fit in a %d byte piece table (%d bytes or more each)",
+            path, h[TOKH_V], h[TOKH_PIECE_BYTES], TOK_PIECE_RECORD_BYTES + 1);
+}
 
-    // the piece table: V records <float32 score><uint8 type><uint16 length><bytes>
-    const unsigned char *table = p, *end = p + h[11];
+// the n bytes at p as a NUL-terminated string
+static inline char *tok_strndup(const unsigned char *p, size_t n) {
+    char *s = (char *)mallocCheck(n + 1);
+    memcpy(s, p, n);
+    s[n] = 0;
+    return s;
+}
+
+// byte piece i, which must be spelled <0xAB>: its byte AB in byte_id, byte_of
+static inline void tok_load_byte_piece(Tokenizer *t, int i, const char *path) {
+    static const char hex[] = "0123456789ABCDEF";
+    const char *s = t->pieces + t->offset[i];
+    size_t len = strlen(s);
+    const char *hi = len == 6 ? strchr(hex, s[3]) : NULL;
+    const char *lo = len == 6 ? strchr(hex, s[4]) : NULL;
+    if (len != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>' || !hi || !lo || !s[3] || !s[4])
+        die("%s: byte piece %d \"%s\" is invalid (must be <0xAB>)", path, i, s);
+    int byte = (int)(hi - hex) * 16 + (int)(lo - hex);
+    if (t->byte_id[byte] >= 0) die("%s: byte piece %d \"%s\" is already piece %d", path, i, s, t->byte_id[byte]);
+    t->byte_id[byte] = i;
+    t->byte_of[i] = (int16_t)byte;
+}
+
+// the piece table at p, of n bytes (tokenizer.bin-spec 1.2): V records
+// <float32 score><uint8 type><uint16 length><bytes>, whose longest piece must
+// have max_len bytes; also the score range of the normal pieces
+static inline void tok_load_pieces(Tokenizer *t, const unsigned char *p, int n, int max_len, const char *path) {
+    const int V = t->vocab_size;
+    const unsigned char *table = p, *end = p + n;
     t->scores = (float *)mallocCheck((size_t)V * sizeof(float));
     t->types = (uint8_t *)mallocCheck((size_t)V);
     t->byte_of = (int16_t *)mallocCheck((size_t)V * sizeof(int16_t));
     t->offset = (uint32_t *)mallocCheck(((size_t)V + 1) * sizeof(uint32_t));
-    t->pieces = (char *)mallocCheck((size_t)h[11] + 1);
+    t->pieces = (char *)mallocCheck((size_t)n + 1);
     for (int b = 0; b < 256; b++) { t->byte_id[b] = -1; t->byte_char[b] = (char)b; }
     size_t off = 0;
-    int n_unknown = 0, n_bytes = 0, maxlen = 0;
+    int maxlen = 0;
     t->min_score = FLT_MAX;
     t->max_score = FLT_MIN;  // sic: unigram_model.cc starts from FLT_MIN, not -FLT_MAX
     for (int i = 0; i < V; i++) {
-        if (end - p < 7)
-            die("%s: inconsistent sizes: the piece table (%d bytes) ends inside piece %d of %d", path, h[11], i, V);
+        if (end - p < TOK_PIECE_RECORD_BYTES)
+            die("%s: inconsistent sizes: the piece table (%d bytes) ends inside piece %d of %d", path, n, i, V);
         uint32_t bits = tok_rd32(p);
         memcpy(&t->scores[i], &bits, 4);
         int type = p[4];
         int len = p[5] | p[6] << 8;
-        p += 7;
+        p += TOK_PIECE_RECORD_BYTES;
         if (len == 0) die("%s: piece %d is empty", path, i);
         if (end - p < len)
-            die("%s: inconsistent sizes: the piece table (%d bytes) ends inside piece %d of %d", path, h[11], i, V);
+            die("%s: inconsistent sizes: the piece table (%d bytes) ends inside piece %d of %d", path, n, i, V);
         if (type < TOK_NORMAL || type > TOK_BYTE) die("%s: piece %d has unknown type %d", path, i, type);
         t->types[i] = (uint8_t)type;
         t->offset[i] = (uint32_t)off;
@@ -363,40 +391,37 @@ static inline void tokenizer_load(Tokenizer *t, const char *path) {
         p += len;
         if (len > maxlen) maxlen = len;
         t->byte_of[i] = -1;
-        if (type == TOK_UNKNOWN) n_unknown++;
         if (type == TOK_USER_DEFINED) t->has_user_defined = 1;
         if (type == TOK_UNUSED) t->has_unused = 1;
         if (type == TOK_NORMAL) {
             if (t->scores[i] < t->min_score) t->min_score = t->scores[i];
             if (t->scores[i] > t->max_score) t->max_score = t->scores[i];
         }
-        if (type == TOK_BYTE) {
-            const char *s = t->pieces + t->offset[i];
-            static const char hex[] = "0123456789ABCDEF";
-            const char *hi = len == 6 ? strchr(hex, s[3]) : NULL;
-            const char *lo = len == 6 ? strchr(hex, s[4]) : NULL;
-            if (len != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>' || !hi || !lo || !s[3] || !s[4])
-                die("%s: byte piece %d \"%s\" is invalid (must be <0xAB>)", path, i, s);
-            int byte = (int)(hi - hex) * 16 + (int)(lo - hex);
-            if (t->byte_id[byte] >= 0) die("%s: byte piece %d \"%s\" is already piece %d", path, i, s, t->byte_id[byte]);
-            t->byte_id[byte] = i;
-            t->byte_of[i] = (int16_t)byte;
-            n_bytes++;
-        }
+        if (type == TOK_BYTE) tok_load_byte_piece(t, i, path);
     }
     t->offset[V] = (uint32_t)off;
     if (p != end)
-        die("%s: inconsistent sizes: %d pieces take %ld bytes, the header says %d", path, V,
-            (long)(p - table), h[11]);
-    if (maxlen != h[15])
-        die("%s: inconsistent sizes: the longest piece has %d bytes, the header says %d", path, maxlen, h[15]);
+        die("%s: inconsistent sizes: %d pieces take %ld bytes, the header says %d", path, V, (long)(p - table), n);
+    if (maxlen != max_len)
+        die("%s: inconsistent sizes: the longest piece has %d bytes, the header says %d", path, maxlen, max_len);
+}
+
+// the pieces of type unknown (exactly one: unk_id) and byte (256 with
+// byte_fallback, else none), and the bos, eos, pad ids (-1 or control pieces)
+static inline void tok_check_special_pieces(const Tokenizer *t, const char *path) {
+    const int V = t->vocab_size;
+    int n_unknown = 0, n_bytes = 0;
+    for (int i = 0; i < V; i++) {
+        n_unknown += t->types[i] == TOK_UNKNOWN;
+        n_bytes += t->types[i] == TOK_BYTE;
+    }
     if (n_unknown != 1) die("%s: %d pieces of type unknown, must be exactly 1", path, n_unknown);
     if (t->unk_id < 0 || t->unk_id >= V || t->types[t->unk_id] != TOK_UNKNOWN)
         die("%s: unk id %d is not the piece of type unknown", path, t->unk_id);
-    const int *special[3] = {&t->bos_id, &t->eos_id, &t->pad_id};
+    const int special[3] = {t->bos_id, t->eos_id, t->pad_id};
     static const char *special_name[3] = {"bos", "eos", "pad"};
     for (int k = 0; k < 3; k++) {
-        int id = *special[k];
+        int id = special[k];
         if (id < -1 || id >= V || (id >= 0 && t->types[id] != TOK_CONTROL))
             die("%s: %s id %d is not -1 or a control piece of the %d", path, special_name[k], id, V);
     }
@@ -405,10 +430,13 @@ static inline void tokenizer_load(Tokenizer *t, const char *path) {
     } else if (n_bytes != 0) {
         die("%s: %d byte pieces although byte_fallback is not set", path, n_bytes);
     }
+}
 
-    // the decoded text of each piece: U+2581 -> ' '
+// the decoded text of each piece: U+2581 -> ' '
+static inline void tok_build_texts(Tokenizer *t) {
+    const int V = t->vocab_size;
     t->text_offset = (uint32_t *)mallocCheck(((size_t)V + 1) * sizeof(uint32_t));
-    t->texts = (char *)mallocCheck(off + 1);
+    t->texts = (char *)mallocCheck((size_t)t->offset[V] + 1);
     size_t toff = 0;
     for (int i = 0; i < V; i++) {
         t->text_offset[i] = (uint32_t)toff;
@@ -420,10 +448,39 @@ static inline void tokenizer_load(Tokenizer *t, const char *path) {
         }
     }
     t->text_offset[V] = (uint32_t)toff;
+}
 
-    if (h[12] > 0) tok_load_charsmap(&t->norm, p, (size_t)h[12], path, "normalizer");
-    p += h[12];
-    if (h[14] > 0) tok_load_charsmap(&t->denorm, p, (size_t)h[14], path, "denormalizer");
+// reads path (tokenizer.bin-spec section 1); exits naming it on any problem
+static inline void tokenizer_load(Tokenizer *t, const char *path) {
+    memset(t, 0, sizeof(*t));
+    long size;
+    unsigned char *buf = tok_read_file(path, &size);
+    int32_t h[HEADER_INTS];
+    tok_read_header(buf, size, path, h);
+    t->vocab_size = h[TOKH_V];
+    t->model_type = h[TOKH_MODEL_TYPE];
+    t->unk_id = h[TOKH_UNK_ID];
+    t->bos_id = h[TOKH_BOS_ID];
+    t->eos_id = h[TOKH_EOS_ID];
+    t->pad_id = h[TOKH_PAD_ID];
+    t->flags = h[TOKH_FLAGS];
+    t->norm.flags = h[TOKH_FLAGS] & TOK_NORMALIZER_FLAGS;
+    t->denorm.flags = h[TOKH_DENORM_FLAGS];
+    t->max_piece_bytes = h[TOKH_MAX_PIECE_BYTES];
+    // the sections, in file order
+    const unsigned char *p = buf + HEADER_BYTES;
+    t->normalizer_name = tok_strndup(p, (size_t)h[TOKH_NAME_BYTES]);
+    p += h[TOKH_NAME_BYTES];
+    t->unk_surface_len = (size_t)h[TOKH_UNK_BYTES];
+    t->unk_surface = tok_strndup(p, t->unk_surface_len);
+    p += h[TOKH_UNK_BYTES];
+    tok_load_pieces(t, p, h[TOKH_PIECE_BYTES], h[TOKH_MAX_PIECE_BYTES], path);
+    p += h[TOKH_PIECE_BYTES];
+    tok_check_special_pieces(t, path);
+    tok_build_texts(t);
+    if (h[TOKH_MAP_BYTES] > 0) tok_load_charsmap(&t->norm, p, (size_t)h[TOKH_MAP_BYTES], path, "normalizer");
+    p += h[TOKH_MAP_BYTES];
+    if (h[TOKH_DEMAP_BYTES] > 0) tok_load_charsmap(&t->denorm, p, (size_t)h[TOKH_DEMAP_BYTES], path, "denormalizer");
     free(buf);
     tok_build_trie(t, path);
 }

@@ -14,24 +14,19 @@
 // validation and N out-of-domain sequences for dev/analyze_routing.py.
 #include "openmoe.h"
 #include "tokenizer.h"
-#include <time.h>
 #include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <limits.h>
 
-// flag ranges: checkpoint names have 8 digits of step; batch offsets are kept
-// in arrays of MAX_BATCH
+// flag ranges: checkpoint names have 8 digits of step; a batch's window
+// offsets are kept in Run.starts[MAX_BATCH]
 #define MAX_STEPS 99999999
 #define MAX_BATCH 4096
 #define MAX_LR 10.0
 #define MAX_BIAS_RATE 1.0
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
+// tokens in each sample printed at validation
+#define SAMPLE_TOKENS 48
 
 // ----------------------------------------------------------------------------
 // token data files (tokenizer.bin-spec, section 2): the header, then the ids
@@ -81,6 +76,73 @@ static void batch_fill(int32_t *x, int32_t *y, const TokenData *d, const long *s
 }
 
 // ----------------------------------------------------------------------------
+// the run: its flags, and all that main's steps share
+
+// the ranks of data parallelism (section "data parallelism" below)
+typedef struct {
+    int rank, n;
+    size_t *shard;     // [n + 1] parameter offsets of the ZeRO-1 shards
+    int *counts;       // [2n] scratch: per-rank counts and displacements of a gather
+} Ranks;
+
+// the flags (usage below); val_batches is cut to the batches the validation data holds
+typedef struct {
+    const char *init, *train_path, *val_path, *ood_path, *tok_path, *dir;
+    int B, T, n_steps, stop, warmup, group, seed;
+    int ckpt_every, val_every, val_batches, trace_seqs, resume, tok_given;
+    float lr, cf_train, cf_eval, bias_rate;  // lr -1: the optimizer's default
+    int capacity_rule, drop_policy, freeze;  // SPEC §8; freeze -1: off
+    OptKind kind;
+    Precision prec;
+} TrainArgs;
+
+// what a checkpoint records of the run's settings (header words 11..21 below)
+typedef struct {
+    int n_steps, warmup, cf1000, group, seed;
+    float lr;
+    int capacity_rule, drop_policy, freeze;  // SPEC §8; freeze -1: off
+    float bias_rate;                         // 0: off
+} RunSettings;
+
+// a training run as each rank holds it
+typedef struct {
+    TrainArgs a;
+    Ranks dp;
+    int lead;                    // rank 0: prints, validates, samples and writes
+    int Bl;                      // this rank's share of every batch
+    int trace_seq_n;             // sequences traced: -a rounded up to whole batches
+    TokenData train, val, ood;   // ood.n 0: none
+    Tokenizer tokenizer, *tok;   // tok NULL: samples print token ids
+    int sample_start;            // the token samples start from
+    Config c;
+    int nm;                      // MoE layers
+    OptSettings opt;             // opt.lr: this step's
+    float peak_lr;
+    MoeSettings s_train, s_eval;
+    RunSettings rs;
+    Model *m;
+    const ParamTable *pt;
+    float *params;               // (n_params) the weights, for checkpoints
+    float *state;                // (n_state) the whole optimizer state on rank 0, for checkpoints
+    float *part;                 // this rank's shard of it
+    float *bias;                 // (n_bias) the router bias, SPEC §8
+    size_t n_state, n_bias;
+    Rng data_rng;                // the batches' offsets
+    int step;                    // the last step taken
+    FILE *logf;                  // rank 0
+    char log_path[4096 + 16];
+    int32_t *x, *y;              // (Bl*T) a batch's inputs and targets
+    long starts[MAX_BATCH];      // a batch's window offsets
+    float *drop;                 // (nm) dropped share per MoE layer of the step, mean over the ranks
+    ProbIndex *probs;            // (V) the sampler's scratch
+    // the last step's measurements
+    float losses[N_LOSSES];      // mean over the ranks
+    float norm;
+    double ms;
+    double val_ce, val_loss;     // NAN without validation
+} Run;
+
+// ----------------------------------------------------------------------------
 // the training-state checkpoint DIR/state_NNNNNNNN.bin: int32 header[256]
 //   [0] CKPT_MAGIC  [1] version 1  [2] step  [3] optimizer kind  [4] B  [5] T
 //   [6..7] the data RNG state (uint64, low word first)  [8] Adafactor min_dim
@@ -97,25 +159,19 @@ static void batch_fill(int32_t *x, int32_t *y, const TokenData *d, const long *s
 // saved run, and a resuming run that differs is told so; 17..21, the routing
 // variant (SPEC §8), must match: a run is one variant from its first step.
 
-typedef struct {
-    int n_steps, warmup, cf1000, group, seed;
-    float lr;
-    int capacity_rule, drop_policy, freeze;  // SPEC §8; freeze -1: off
-    float bias_rate;                         // 0: off
-} RunSettings;
-
-static void ckpt_save(const char *path, int step, const OptSettings *o, int B, int T, const Rng *rng,
-                      const RunSettings *rs, const float *state, size_t n, const float *bias, size_t n_bias) {
+// the state of step r->step (rank 0's whole optimizer state) to path
+static void ckpt_save(const Run *r, const char *path) {
+    const RunSettings *rs = &r->rs;
     int32_t h[HEADER_INTS] = {0};
     h[0] = CKPT_MAGIC;
     h[1] = 1;
-    h[2] = step;
-    h[3] = o->kind;
-    h[4] = B;
-    h[5] = T;
-    memcpy(&h[6], &rng->s, 8);
-    h[8] = o->min_dim;
-    uint64_t n64 = n;
+    h[2] = r->step;
+    h[3] = r->opt.kind;
+    h[4] = r->a.B;
+    h[5] = r->a.T;
+    memcpy(&h[6], &r->data_rng.s, 8);
+    h[8] = r->opt.min_dim;
+    uint64_t n64 = r->n_state;
     memcpy(&h[9], &n64, 8);
     h[11] = rs->n_steps;
     h[12] = rs->warmup;
@@ -127,12 +183,12 @@ static void ckpt_save(const char *path, int step, const OptSettings *o, int B, i
     h[18] = rs->drop_policy;
     h[19] = rs->freeze + 1;
     memcpy(&h[20], &rs->bias_rate, 4);
-    h[21] = (int32_t)n_bias;
+    h[21] = (int32_t)r->n_bias;
     char tmp[4096];
     FILE *f = atomic_open(path, tmp, sizeof(tmp));
     fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
-    fwriteCheck(state, sizeof(float), n, f, tmp);
-    fwriteCheck(bias, sizeof(float), n_bias, f, tmp);
+    fwriteCheck(r->state, sizeof(float), r->n_state, f, tmp);
+    fwriteCheck(r->bias, sizeof(float), r->n_bias, f, tmp);
     atomic_commit(f, tmp, path);
 }
 
@@ -179,7 +235,7 @@ static int ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int 
     } else if (n64 != n_state) {
         snprintf(why, nwhy, "%llu floats of optimizer state, this model's are %zu", (unsigned long long)n64, n_state);
     } else if (h[21] != (int32_t)n_bias || h[2] < 0 ||
-               (uint64_t)size != size_add(sizeof(int32_t) * HEADER_INTS, size_mul(4, size_add(n64, n_bias)))) {
+               (uint64_t)size != size_add(HEADER_BYTES, size_mul(sizeof(float), size_add(n64, n_bias)))) {
         snprintf(why, nwhy, "step %d, size %ld bytes, but its header describes %llu + %d floats (damaged)", h[2],
                  size, (unsigned long long)n64, h[21]);
         return CKPT_DAMAGED;
@@ -189,14 +245,15 @@ static int ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int 
     return CKPT_OTHER_RUN;
 }
 
-// reads the optimizer state, the router bias and the data RNG; returns the step
-static int ckpt_load(const char *path, const OptSettings *o, int B, int T, const RunSettings *rs, Rng *rng,
-                     float *state, size_t n, float *bias, size_t n_bias) {
+// reads the optimizer state, the router bias and the data RNG into r; returns the step
+static int ckpt_load(Run *r, const char *path) {
+    const RunSettings *rs = &r->rs;
     FILE *f = fopenCheck(path, "rb");
     int32_t h[HEADER_INTS];
     long size = header_read(f, path, "training state", CKPT_MAGIC, 22, h);
     char why[512];
-    if (ckpt_mismatch(h, size, o, B, T, rs, n, n_bias, why, sizeof(why))) die("%s: cannot resume: %s", path, why);
+    if (ckpt_mismatch(h, size, &r->opt, r->a.B, r->a.T, rs, r->n_state, r->n_bias, why, sizeof(why)))
+        die("%s: cannot resume: %s", path, why);
     float lr;
     memcpy(&lr, &h[13], 4);
     if (h[11] != rs->n_steps || h[12] != rs->warmup || lr != rs->lr || h[14] != rs->cf1000 || h[15] != rs->group ||
@@ -204,9 +261,9 @@ static int ckpt_load(const char *path, const OptSettings *o, int B, int T, const
         printf("note: %s was saved with -n %d -w %d -l %g -f %g -q %d -s %d; this run continues with -n %d -w %d "
                "-l %g -f %g -q %d -s %d\n", path, h[11], h[12], lr, h[14] / 1000.0, h[15], h[16], rs->n_steps,
                rs->warmup, rs->lr, rs->cf1000 / 1000.0, rs->group, rs->seed);
-    memcpy(&rng->s, &h[6], 8);
-    freadCheck(state, sizeof(float), n, f, path);
-    freadCheck(bias, sizeof(float), n_bias, f, path);
+    memcpy(&r->data_rng.s, &h[6], 8);
+    freadCheck(r->state, sizeof(float), r->n_state, f, path);
+    freadCheck(r->bias, sizeof(float), r->n_bias, f, path);
     fcloseCheck(f, path);
     return h[2];
 }
@@ -226,25 +283,21 @@ static long header_peek(const char *path, int32_t *h) {
 // why checkpoint step of dir cannot be resumed by this run (NULL when it can);
 // *damaged: 1 when a file is cut short or broken, 0 when it is whole but from
 // a run with other settings (another -c, -x, -b, -t)
-static const char *checkpoint_problem(const char *dir, int step, const Config *c, const OptSettings *o, int B, int T,
-                                      const RunSettings *rs, size_t n_state, size_t n_bias, int *damaged, char *why,
-                                      size_t nwhy) {
+static const char *checkpoint_problem(const Run *r, int step, int *damaged, char *why, size_t nwhy) {
+    const char *dir = r->a.dir;
+    const Config *c = &r->c;
     char model[4096], state[4096], what[512];
     snprintf(model, sizeof(model), "%s/model_%08d.bin", dir, step);
     snprintf(state, sizeof(state), "%s/state_%08d.bin", dir, step);
     int32_t h[HEADER_INTS];
     long size = header_peek(model, h);
-    int problem;
+    int problem, field;
     *damaged = 1;
     if (size < 0) snprintf(why, nwhy, "%s: missing, unreadable or shorter than a header (damaged)", model);
     else if (h[0] != MODEL_MAGIC || h[1] != 1) snprintf(why, nwhy, "%s: not a model file of version 1 (damaged)", model);
-    else if (memcmp(&h[2], &c->V, 12 * sizeof(int32_t)) != 0) {
-        static const char *names[12] = {"V", "max_seq_len", "L", "D", "H", "Hd", "F", "E", "K", "moe_every", "Fe",
-                                        "extra_ffn"};
-        const int *cv = &c->V;
-        int i = 0;
-        while (h[2 + i] == cv[i]) i++;
-        snprintf(why, nwhy, "%s: the model has %s %d, this run's (-c) has %d", model, names[i], h[2 + i], cv[i]);
+    else if ((field = config_header_diff(h, c)) >= 0) {
+        snprintf(why, nwhy, "%s: the model has %s %d, this run's (-c) has %d", model, config_fields[field].name,
+                 h[config_fields[field].word], config_value(c, field));
         *damaged = 0;
     } else if ((uint64_t)size != size_add(sizeof(h), size_mul(4, config_n_params(c))))
         snprintf(why, nwhy, "%s: size %ld bytes, not this model's %llu (damaged)", model, size,
@@ -252,7 +305,8 @@ static const char *checkpoint_problem(const char *dir, int step, const Config *c
     else if ((size = header_peek(state, h)) < 0)
         snprintf(why, nwhy, "%s: unreadable or shorter than a header (damaged)", state);
     else if (h[0] != CKPT_MAGIC || h[1] != 1) snprintf(why, nwhy, "%s: not a training state of version 1 (damaged)", state);
-    else if ((problem = ckpt_mismatch(h, size, o, B, T, rs, n_state, n_bias, what, sizeof(what)))) {
+    else if ((problem = ckpt_mismatch(h, size, &r->opt, r->a.B, r->a.T, &r->rs, r->n_state, r->n_bias, what,
+                                      sizeof(what)))) {
         *damaged = problem == CKPT_DAMAGED;
         snprintf(why, nwhy, "%s: %s", state, what);
     } else return NULL;
@@ -266,8 +320,8 @@ static const char *checkpoint_problem(const char *dir, int step, const Config *c
 // setting when that checkpoint is from a run with other settings, or when
 // every checkpoint is damaged; a damaged checkpoint after a good one is
 // skipped with a note.
-static int resume_step(const char *dir, const Config *c, const OptSettings *o, int B, int T, const RunSettings *rs,
-                       size_t n_state, size_t n_bias) {
+static int resume_step(const Run *r) {
+    const char *dir = r->a.dir;
     DIR *d = opendir(dir);
     if (!d) return -1;
     int best = -1, other = -1, broken = -1;  // latest good, of other settings, damaged
@@ -276,7 +330,7 @@ static int resume_step(const char *dir, const Config *c, const OptSettings *o, i
     while ((e = readdir(d))) {
         int step, end = 0, damaged;
         if (sscanf(e->d_name, "state_%8d.bin%n", &step, &end) != 1 || end != 18 || e->d_name[end] != '\0') continue;
-        if (!checkpoint_problem(dir, step, c, o, B, T, rs, n_state, n_bias, &damaged, why, sizeof(why))) {
+        if (!checkpoint_problem(r, step, &damaged, why, sizeof(why))) {
             best = step > best ? step : best;
         } else if (!damaged && step > other) {
             other = step;
@@ -298,59 +352,79 @@ static int resume_step(const char *dir, const Config *c, const OptSettings *o, i
 // keeps the rows up to its checkpoint and appends from there, so that the log
 // reads as one run.
 
-static FILE *log_open(const char *dir, int resume_step, int n_moe) {
-    char path[4096], tmp[4096], line[8192];
-    snprintf(path, sizeof(path), "%s/log.tsv", dir);
-    FILE *in = resume_step > 0 ? fopen(path, "r") : NULL;
-    FILE *out = atomic_open(path, tmp, sizeof(tmp));
+static void log_open(Run *r) {
+    char tmp[4096], line[8192];
+    snprintf(r->log_path, sizeof(r->log_path), "%s/log.tsv", r->a.dir);
+    FILE *in = r->step > 0 ? fopen(r->log_path, "r") : NULL;
+    FILE *out = atomic_open(r->log_path, tmp, sizeof(tmp));
     if (in && fgets(line, sizeof(line), in) && strncmp(line, "step\t", 5) == 0) {
         fputs(line, out);
-        while (fgets(line, sizeof(line), in) && atoi(line) <= resume_step) fputs(line, out);
+        while (fgets(line, sizeof(line), in) && atoi(line) <= r->step) fputs(line, out);
     } else {
         fprintf(out, "step\tloss\tce\tlb\trz\tlz\tdropped\tlr\tnorm\tms\ttok_s\tval_ce\tval_loss");
-        for (int i = 0; i < n_moe; i++) fprintf(out, "\tdrop_moe%d", i);
+        for (int i = 0; i < r->nm; i++) fprintf(out, "\tdrop_moe%d", i);
         fprintf(out, "\n");
     }
     if (in) fclose(in);
-    atomic_commit(out, tmp, path);
-    return fopenCheck(path, "a");
+    atomic_commit(out, tmp, r->log_path);
+    r->logf = fopenCheck(r->log_path, "a");
+}
+
+// the row of the last step
+static void log_row(const Run *r) {
+    const float *l = r->losses;
+    int BT = r->a.B * r->a.T;
+    fprintf(r->logf, "%d\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6e\t%.6f\t%.2f\t%.0f", r->step, l[LOSS_TOTAL],
+            l[LOSS_CE], l[LOSS_LB], l[LOSS_RZ], l[LOSS_LZ], l[LOSS_DROPPED], r->opt.lr, r->norm, r->ms,
+            BT / (r->ms / 1e3));
+    fprintf(r->logf, "\t%.6f\t%.6f", r->val_ce, r->val_loss);
+    for (int i = 0; i < r->nm; i++) fprintf(r->logf, "\t%.6f", r->drop[i]);
+    fprintf(r->logf, "\n");
+    if (fflush(r->logf) != 0 || ferror(r->logf)) die("%s: write failed: %s", r->log_path, strerror(errno));
 }
 
 // ----------------------------------------------------------------------------
 // validation, samples and routing traces
 
-// mean losses over the first n_batches windows of val, at the settings s
-static void validate(Model *m, const TokenData *val, int B, int T, int n_batches, const MoeSettings *s,
-                     int32_t *x, int32_t *y, double *ce, double *total) {
-    long starts[MAX_BATCH];
+// mean losses over the first -V windows per rank of the validation data, at
+// the evaluation settings
+static void validate(Run *r) {
+    int B = r->Bl, T = r->a.T, n_batches = r->a.val_batches * r->dp.n;
     float losses[N_LOSSES];
-    *ce = *total = 0.0;
+    r->val_ce = r->val_loss = 0.0;
     for (int i = 0; i < n_batches; i++) {
-        for (int b = 0; b < B; b++) starts[b] = ((long)i * B + b) * T;
-        batch_fill(x, y, val, starts, B, T);
-        model_forward(m, x, y, B, T, s, losses);
-        *ce += losses[LOSS_CE] / n_batches;
-        *total += losses[LOSS_TOTAL] / n_batches;
+        for (int b = 0; b < B; b++) r->starts[b] = ((long)i * B + b) * T;
+        batch_fill(r->x, r->y, &r->val, r->starts, B, T);
+        model_forward(r->m, r->x, r->y, B, T, &r->s_eval, losses);
+        r->val_ce += losses[LOSS_CE] / n_batches;
+        r->val_loss += losses[LOSS_TOTAL] / n_batches;
     }
 }
 
-// generates n tokens with temperature 1 after the token start (EOS, which
-// precedes every verse of the data), printing text when a tokenizer is at hand
-static void print_sample(Model *m, const Tokenizer *tok, int start, int n, uint64_t seed, float *probs) {
-    const Config *c = model_config(m);
-    Rng r = {seed};
-    int token = start;
+// per MoE layer of the last forward: its losses, dropped share and each expert's share of the assignments
+static void routing_print(const Run *r) {
+    const Config *c = &r->c;
+    const RouterStats *rs = model_router_stats(r->m);
+    for (int i = 0, l = 0; l < c->L; l++) {
+        if (!is_moe_layer(c, l)) continue;
+        printf("  layer %2d: lb %.3f rz %.3f drop %.3f | routed %%:", l, rs[i].lb, rs[i].rz, rs[i].dropped);
+        for (int e = 0; e < c->E; e++) printf(" %.0f", 100.0 * rs[i].routed[e] / ((double)r->Bl * r->a.T * c->K));
+        printf("\n");
+        i++;
+    }
+}
+
+// generates SAMPLE_TOKENS tokens with temperature 1 after the token
+// sample_start (EOS, which precedes every verse of the data), printing text
+// when a tokenizer is at hand
+static void print_sample(Run *r) {
+    const Config *c = &r->c;
+    const Tokenizer *tok = r->tok;
+    Sampler s = {c->V, 1.0f, TOPP_OFF, {(uint64_t)r->a.seed + r->step}, r->probs};
+    int token = r->sample_start;
     printf("sample: ");
-    for (int pos = 0; pos < n && pos + 1 < c->max_seq_len; pos++) {
-        const float *logits = model_decode(m, token, pos);
-        float maxl = logits[0], sum = 0.0f;
-        for (int v = 1; v < c->V; v++) maxl = logits[v] > maxl ? logits[v] : maxl;
-        for (int v = 0; v < c->V; v++) sum += probs[v] = expf(logits[v] - maxl);
-        float coin = rng_uniform(&r) * sum, cdf = 0.0f;
-        for (token = 0; token < c->V - 1; token++) {
-            cdf += probs[token];
-            if (coin < cdf) break;
-        }
+    for (int pos = 0; pos < SAMPLE_TOKENS && pos + 1 < c->max_seq_len; pos++) {
+        token = sample_token(&s, model_decode(r->m, token, pos));
         if (!tok) {
             printf("%d ", token);
         } else if (token == tok->eos_id) {
@@ -364,6 +438,15 @@ static void print_sample(Model *m, const Tokenizer *tok, int start, int n, uint6
     printf("\n");
 }
 
+// validation at the evaluation capacity factor, the router load of its last batch, a sample
+static void evaluate(Run *r) {
+    validate(r);
+    printf("val  %5d | ce %.4f | loss %.4f | cf %.2f; per MoE layer, last batch:\n", r->step, r->val_ce, r->val_loss,
+           r->a.cf_eval);
+    routing_print(r);
+    print_sample(r);
+}
+
 // DIR/trace/sNNNNNNNN_dD_cfCCCC.bin: the routing of the first n_seq sequences
 // of T tokens of data (n_seq a multiple of B, so that every forward is a full
 // batch as in training), read by dev/analyze_routing.py. int32 header[256]:
@@ -372,44 +455,50 @@ static void print_sample(Model *m, const Tokenizer *tok, int start, int n, uint6
 //   [11] L [16..16+n_moe) the model layer of each MoE layer, rest 0
 // then int32 tokens[N]; then per MoE layer: int32 expert[N*K], float32
 // prob[N*K], uint8 kept[N*K], entry n*K+r being token n's rank-r choice.
-static void trace_write(Model *m, const char *dir, int step, const TokenData *data, int domain, int n_seq, int B,
-                        int T, const MoeSettings *s, int32_t *x, int32_t *y) {
-    const Config *c = model_config(m);
-    int nm = n_moe_layers(c), K = c->K;
-    size_t N = (size_t)n_seq * T;
-    int32_t *tokens = (int32_t *)mallocCheck(N * sizeof(int32_t));
-    int32_t *expert = (int32_t *)mallocCheck(nm * N * K * sizeof(int32_t));
-    float *prob = (float *)mallocCheck(nm * N * K * sizeof(float));
-    uint8_t *kept = (uint8_t *)mallocCheck(nm * N * K);
-    float losses[N_LOSSES];
-    long starts[MAX_BATCH];
-    for (int s0 = 0; s0 < n_seq; s0 += B) {
-        for (int b = 0; b < B; b++) starts[b] = (long)(s0 + b) * T;
-        batch_fill(x, y, data, starts, B, T);
-        model_forward(m, x, y, B, T, s, losses);
-        memcpy(tokens + (size_t)s0 * T, x, (size_t)B * T * sizeof(int32_t));
-        for (int i = 0; i < nm; i++) {
-            size_t at = i * N * K + (size_t)s0 * T * K;
-            model_get_routing(m, i, expert + at, prob + at, kept + at);
-        }
-    }
-    int32_t h[HEADER_INTS] = {0};
+
+// h (HEADER_INTS) <- the header of the trace of step r->step at s
+static void trace_header(const Run *r, int domain, const MoeSettings *s, int32_t *h) {
+    const Config *c = &r->c;
+    memset(h, 0, HEADER_INTS * sizeof(int32_t));
     h[0] = TRACE_MAGIC;
     h[1] = 1;
-    h[2] = step;
-    h[3] = nm;
+    h[2] = r->step;
+    h[3] = r->nm;
     h[4] = c->E;
-    h[5] = K;
-    h[6] = (int32_t)N;
-    h[7] = T;
+    h[5] = c->K;
+    h[6] = (int32_t)((size_t)r->trace_seq_n * r->a.T);
+    h[7] = r->a.T;
     h[8] = s->cf1000;
     h[9] = s->group_size;
     h[10] = domain;
     h[11] = c->L;
     for (int i = 0, l = 0; l < c->L; l++)
         if (is_moe_layer(c, l)) h[16 + i++] = l;
+}
+
+// the trace of data (domain 0 validation, 1 out of domain) at the settings s
+static void trace_write(Run *r, const TokenData *data, int domain, const MoeSettings *s) {
+    int nm = r->nm, K = r->c.K, B = r->Bl, T = r->a.T, n_seq = r->trace_seq_n;
+    size_t N = (size_t)n_seq * T;
+    int32_t *tokens = (int32_t *)mallocCheck(N * sizeof(int32_t));
+    int32_t *expert = (int32_t *)mallocCheck(nm * N * K * sizeof(int32_t));
+    float *prob = (float *)mallocCheck(nm * N * K * sizeof(float));
+    uint8_t *kept = (uint8_t *)mallocCheck(nm * N * K);
+    float losses[N_LOSSES];
+    for (int s0 = 0; s0 < n_seq; s0 += B) {
+        for (int b = 0; b < B; b++) r->starts[b] = (long)(s0 + b) * T;
+        batch_fill(r->x, r->y, data, r->starts, B, T);
+        model_forward(r->m, r->x, r->y, B, T, s, losses);
+        memcpy(tokens + (size_t)s0 * T, r->x, (size_t)B * T * sizeof(int32_t));
+        for (int i = 0; i < nm; i++) {
+            size_t at = i * N * K + (size_t)s0 * T * K;
+            model_get_routing(r->m, i, expert + at, prob + at, kept + at);
+        }
+    }
+    int32_t h[HEADER_INTS];
+    trace_header(r, domain, s, h);
     char path[4096], tmp[4096];
-    snprintf(path, sizeof(path), "%s/trace/s%08d_d%d_cf%d.bin", dir, step, domain, s->cf1000);
+    snprintf(path, sizeof(path), "%s/trace/s%08d_d%d_cf%d.bin", r->a.dir, r->step, domain, s->cf1000);
     FILE *f = atomic_open(path, tmp, sizeof(tmp));
     fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
     fwriteCheck(tokens, sizeof(int32_t), N, f, tmp);
@@ -427,13 +516,12 @@ static void trace_write(Model *m, const char *dir, int step, const TokenData *da
 
 // the four traces of one step: validation and out-of-domain data (when
 // given), each at the training and the evaluation capacity factor
-static void traces_write(Model *m, const char *dir, int step, const TokenData *val, const TokenData *ood, int n_seq,
-                         int B, int T, const MoeSettings *s_train, const MoeSettings *s_eval, int32_t *x, int32_t *y) {
-    trace_write(m, dir, step, val, 0, n_seq, B, T, s_train, x, y);
-    trace_write(m, dir, step, val, 0, n_seq, B, T, s_eval, x, y);
-    if (ood->n) {
-        trace_write(m, dir, step, ood, 1, n_seq, B, T, s_train, x, y);
-        trace_write(m, dir, step, ood, 1, n_seq, B, T, s_eval, x, y);
+static void traces_write(Run *r) {
+    trace_write(r, &r->val, 0, &r->s_train);
+    trace_write(r, &r->val, 0, &r->s_eval);
+    if (r->ood.n) {
+        trace_write(r, &r->ood, 1, &r->s_train);
+        trace_write(r, &r->ood, 1, &r->s_eval);
     }
 }
 
@@ -477,12 +565,7 @@ static float learning_rate(OptKind kind, float lr, int warmup, int step, int n) 
 // a tensor slice), steps them, then every rank gathers the stepped weights.
 // Only rank 0 prints, validates, samples and writes; a rank that exits
 // with an error aborts the whole job. Without MPI the same calls run one rank.
-
-typedef struct {
-    int rank, n;
-    size_t *shard;     // [n + 1] parameter offsets of the ZeRO-1 shards
-    int *counts;       // [2n] scratch: per-rank counts and displacements of a gather
-} Ranks;
+// (Ranks, a run's rank and shards, is defined with the run, above.)
 
 // shard[r] = offset of the first tensor at or after n_params * r / n
 static void dp_shards(Ranks *dp, const ParamTable *pt) {
@@ -635,312 +718,436 @@ static void usage(int status) {
     exit(status);
 }
 
-int main(int argc, char **argv) {
-    Ranks dp;
-    dp_start(&dp, &argc, &argv);
-    int lead = dp.rank == 0;  // rank 0 prints, validates, samples and writes
-    const char *init = "tiny", *train_path = "data/kjv/train.bin", *val_path = "data/kjv/val.bin";
-    const char *ood_path = "data/kjv/ood.bin", *tok_path = "data/kjv/tokenizer.bin", *dir = "out/tiny";
-    int B = 8, T = 256, n_steps = 1000, stop = -1, warmup = -1, group = 4096, seed = 1337;
-    int ckpt_every = 250, val_every = 100, val_batches = 8, trace_seqs = 0, resume = 0, tok_given = 0;
-    float lr = -1.0f, cf_train = 1.25f, cf_eval = 2.0f, bias_rate = 0.0f;
-    int capacity_rule = CAP_T5X, drop_policy = DROP_POSITION, freeze = -1;
-    OptKind kind = OPT_ADAMW;
-    Precision prec = PRECISION_FP32;
+// ----------------------------------------------------------------------------
+// the flags
+
+static void args_default(TrainArgs *a) {
+    a->init = "tiny";
+    a->train_path = "data/kjv/train.bin";
+    a->val_path = "data/kjv/val.bin";
+    a->ood_path = "data/kjv/ood.bin";
+    a->tok_path = "data/kjv/tokenizer.bin";
+    a->dir = "out/tiny";
+    a->B = 8;
+    a->T = 256;
+    a->n_steps = 1000;
+    a->stop = -1;    // -n
+    a->warmup = -1;  // the optimizer's default
+    a->group = 4096;
+    a->seed = 1337;
+    a->ckpt_every = 250;
+    a->val_every = 100;
+    a->val_batches = 8;
+    a->trace_seqs = 0;
+    a->resume = 0;
+    a->tok_given = 0;
+    a->lr = -1.0f;
+    a->cf_train = 1.25f;
+    a->cf_eval = 2.0f;
+    a->bias_rate = 0.0f;
+    a->capacity_rule = CAP_T5X;
+    a->drop_policy = DROP_POSITION;
+    a->freeze = -1;
+    a->kind = OPT_ADAMW;
+    a->prec = PRECISION_FP32;
+}
+
+// the routing variants (SPEC §8): --capacity, --drop-policy, --freeze-router, --router-bias
+static void routing_flag_parse(TrainArgs *a, const char *f, const char *v) {
+    if (strcmp(f, "--capacity") == 0) {
+        a->capacity_rule = name_index(v, cap_rule_names, N_CAP_RULES);
+        if (a->capacity_rule < 0) die("--capacity %s: the rule is t5x, colossalai or none", v);
+    } else if (strcmp(f, "--drop-policy") == 0) {
+        a->drop_policy = name_index(v, drop_policy_names, N_DROP_POLICIES);
+        if (a->drop_policy < 0) die("--drop-policy %s: the policy is position or probs", v);
+    } else if (strcmp(f, "--freeze-router") == 0) {
+        a->freeze = (int)flag_int(f, v, 0, MAX_STEPS);
+    } else if (strcmp(f, "--router-bias") == 0) {
+        a->bias_rate = (float)flag_float(f, v, 0.0, 0, MAX_BIAS_RATE);
+    } else {
+        fprintf(stderr, "error: unknown option '%s'\n", f);
+        usage(2);
+    }
+}
+
+// a one-letter flag f and its value v
+static void letter_flag_parse(TrainArgs *a, const char *f, const char *v) {
+    switch (f[1]) {
+    case 'c': a->init = flag_path(f, v); break;
+    case 'i': a->train_path = flag_path(f, v); break;
+    case 'j': a->val_path = flag_path(f, v); break;
+    case 'k': a->ood_path = flag_path(f, v); break;
+    case 'z': a->tok_path = flag_path(f, v); a->tok_given = 1; break;
+    case 'o': a->dir = flag_path(f, v); break;
+    case 'x':
+        if (strcmp(v, "adamw") == 0) a->kind = OPT_ADAMW;
+        else if (strcmp(v, "adafactor") == 0) a->kind = OPT_ADAFACTOR;
+        else die("-x %s: the optimizer is adamw or adafactor", v);
+        break;
+    case 'l': a->lr = (float)flag_float(f, v, 0.0, 1, MAX_LR); break;
+    case 'f': a->cf_train = (float)flag_float(f, v, MIN_CF, 0, MAX_CF); break;
+    case 'g': a->cf_eval = (float)flag_float(f, v, MIN_CF, 0, MAX_CF); break;
+    case 'b': a->B = (int)flag_int(f, v, 1, MAX_BATCH); break;
+    case 't': a->T = (int)flag_int(f, v, 1, MAX_SEQ_LEN); break;
+    case 'n': a->n_steps = (int)flag_int(f, v, 1, MAX_STEPS); break;
+    case 'y': a->stop = (int)flag_int(f, v, 0, MAX_STEPS); break;
+    case 'w': a->warmup = (int)flag_int(f, v, 0, MAX_STEPS); break;
+    case 'q': a->group = (int)flag_int(f, v, 0, INT32_MAX); break;
+    case 's': a->seed = (int)flag_int(f, v, 0, INT32_MAX); break;
+    case 'e': a->ckpt_every = (int)flag_int(f, v, 0, MAX_STEPS); break;
+    case 'v': a->val_every = (int)flag_int(f, v, 0, MAX_STEPS); break;
+    case 'V': a->val_batches = (int)flag_int(f, v, 1, MAX_STEPS); break;
+    case 'a': a->trace_seqs = (int)flag_int(f, v, 0, MAX_STEPS); break;
+    default: fprintf(stderr, "error: unknown option '%s'\n", f); usage(2);
+    }
+}
+
+// the flags, then the defaults that depend on others (-y, -w)
+static void args_parse(TrainArgs *a, int argc, char **argv) {
+    args_default(a);
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) usage(0);
-        if (strcmp(a, "-r") == 0) { resume = 1; continue; }
-        if (strcmp(a, "--bf16") == 0) { prec = PRECISION_BF16; continue; }
-        if (strncmp(a, "--", 2) == 0 && i + 1 < argc) {  // the routing variants, each with a value
-            const char *v = argv[i + 1];
-            if (strcmp(a, "--capacity") == 0) {
-                capacity_rule = name_index(v, cap_rule_names, N_CAP_RULES);
-                if (capacity_rule < 0) die("--capacity %s: the rule is t5x, colossalai or none", v);
-            } else if (strcmp(a, "--drop-policy") == 0) {
-                drop_policy = name_index(v, drop_policy_names, N_DROP_POLICIES);
-                if (drop_policy < 0) die("--drop-policy %s: the policy is position or probs", v);
-            } else if (strcmp(a, "--freeze-router") == 0) {
-                freeze = (int)flag_int(a, v, 0, MAX_STEPS);
-            } else if (strcmp(a, "--router-bias") == 0) {
-                bias_rate = (float)flag_float(a, v, 0.0, 0, MAX_BIAS_RATE);
-            } else {
-                fprintf(stderr, "error: unknown option '%s'\n", a);
-                usage(2);
-            }
-            i++;
-            continue;
-        }
-        if (a[0] != '-' || strlen(a) != 2 || i + 1 >= argc) {
-            fprintf(stderr, "error: unknown or incomplete option '%s'\n", a);
+        const char *f = argv[i];
+        if (strcmp(f, "-h") == 0 || strcmp(f, "--help") == 0) usage(0);
+        else if (strcmp(f, "-r") == 0) a->resume = 1;
+        else if (strcmp(f, "--bf16") == 0) a->prec = PRECISION_BF16;
+        else if (strncmp(f, "--", 2) == 0 && i + 1 < argc) routing_flag_parse(a, f, argv[++i]);
+        else if (f[0] == '-' && strlen(f) == 2 && i + 1 < argc) letter_flag_parse(a, f, argv[++i]);
+        else {
+            fprintf(stderr, "error: unknown or incomplete option '%s'\n", f);
             usage(2);
         }
-        const char *v = argv[++i];
-        switch (a[1]) {
-        case 'c': init = flag_path(a, v); break;
-        case 'i': train_path = flag_path(a, v); break;
-        case 'j': val_path = flag_path(a, v); break;
-        case 'k': ood_path = flag_path(a, v); break;
-        case 'z': tok_path = flag_path(a, v); tok_given = 1; break;
-        case 'o': dir = flag_path(a, v); break;
-        case 'x':
-            if (strcmp(v, "adamw") == 0) kind = OPT_ADAMW;
-            else if (strcmp(v, "adafactor") == 0) kind = OPT_ADAFACTOR;
-            else die("-x %s: the optimizer is adamw or adafactor", v);
-            break;
-        case 'l': lr = (float)flag_float(a, v, 0.0, 1, MAX_LR); break;
-        case 'f': cf_train = (float)flag_float(a, v, MIN_CF, 0, MAX_CF); break;
-        case 'g': cf_eval = (float)flag_float(a, v, MIN_CF, 0, MAX_CF); break;
-        case 'b': B = (int)flag_int(a, v, 1, MAX_BATCH); break;
-        case 't': T = (int)flag_int(a, v, 1, MAX_SEQ_LEN); break;
-        case 'n': n_steps = (int)flag_int(a, v, 1, MAX_STEPS); break;
-        case 'y': stop = (int)flag_int(a, v, 0, MAX_STEPS); break;
-        case 'w': warmup = (int)flag_int(a, v, 0, MAX_STEPS); break;
-        case 'q': group = (int)flag_int(a, v, 0, INT32_MAX); break;
-        case 's': seed = (int)flag_int(a, v, 0, INT32_MAX); break;
-        case 'e': ckpt_every = (int)flag_int(a, v, 0, MAX_STEPS); break;
-        case 'v': val_every = (int)flag_int(a, v, 0, MAX_STEPS); break;
-        case 'V': val_batches = (int)flag_int(a, v, 1, MAX_STEPS); break;
-        case 'a': trace_seqs = (int)flag_int(a, v, 0, MAX_STEPS); break;
-        default: fprintf(stderr, "error: unknown option '%s'\n", a); usage(2);
-        }
     }
-    if (stop < 0 || stop > n_steps) stop = n_steps;
-    if (warmup < 0) warmup = kind == OPT_ADAFACTOR ? 10000 : n_steps / 50;
-    if (warmup < 1) warmup = 1;
-    int trace_seq_n = (trace_seqs + B - 1) / B * B;  // whole batches
-    if (B % dp.n != 0) die("-b %d: the batch does not split over %d ranks", B, dp.n);
-    int Bl = B / dp.n;  // this rank's share of every batch
+    if (a->stop < 0 || a->stop > a->n_steps) a->stop = a->n_steps;
+    if (a->warmup < 0) a->warmup = a->kind == OPT_ADAFACTOR ? 10000 : a->n_steps / 50;
+    if (a->warmup < 1) a->warmup = 1;
+}
 
-    // data first: with a preset, V follows the data's tokenizer
-    TokenData train, val, ood = {NULL, 0, 0};
-    tokens_load(&train, train_path);
-    tokens_load(&val, val_path);
-    if (val.V != train.V) die("%s has vocabulary %d, but %s has %d", val_path, val.V, train_path, train.V);
-    uint64_t run_hash = hash_bytes(FNV_BASIS, &train.n, sizeof(train.n));
-    run_hash = hash_bytes(run_hash, &val.n, sizeof(val.n));
-    for (int i = 1; i < argc; i++) run_hash = hash_bytes(run_hash, argv[i], strlen(argv[i]) + 1);
-    dp_same(run_hash, "their flags or the sizes of their data files (-i, -j)");
-    Config c;
+// ----------------------------------------------------------------------------
+// setting up: the data, the model, the tokenizer, the output directory; then
+// a checkpoint to resume from, or the initial weights
+
+// -b over the ranks; -a in whole batches
+static void batch_split(Run *r) {
+    if (r->a.B % r->dp.n != 0) die("-b %d: the batch does not split over %d ranks", r->a.B, r->dp.n);
+    r->Bl = r->a.B / r->dp.n;
+    r->trace_seq_n = (r->a.trace_seqs + r->a.B - 1) / r->a.B * r->a.B;
+}
+
+// the training and validation tokens; first, because with a preset the
+// model's V follows the data's tokenizer
+static void data_load(Run *r) {
+    tokens_load(&r->train, r->a.train_path);
+    tokens_load(&r->val, r->a.val_path);
+    if (r->val.V != r->train.V)
+        die("%s has vocabulary %d, but %s has %d", r->a.val_path, r->val.V, r->a.train_path, r->train.V);
+}
+
+// what the ranks must agree on: their flags and the sizes of their data
+static uint64_t flags_data_hash(const Run *r, int argc, char **argv) {
+    uint64_t h = hash_bytes(FNV_BASIS, &r->train.n, sizeof(r->train.n));
+    h = hash_bytes(h, &r->val.n, sizeof(r->val.n));
+    for (int i = 1; i < argc; i++) h = hash_bytes(h, argv[i], strlen(argv[i]) + 1);
+    return h;
+}
+
+// the config of -c, a preset or a model file, whose parameters it returns
+// (NULL for a preset), checked against the data and -t
+static float *config_load(Run *r) {
     float *init_params = NULL;
-    if (config_preset(init, &c)) c.V = train.V;
-    else init_params = model_file_load(init, &c);
-    if (c.V != train.V) die("%s: the model's vocabulary is %d, but the data's (%s) is %d", init, c.V, train_path, train.V);
-    if (T > c.max_seq_len) die("-t %d is longer than the model's context %d", T, c.max_seq_len);
-    if ((long)B * T + 1 > train.n) die("%s: %ld tokens, fewer than one batch of %d x %d + 1", train_path, train.n, B, T);
-    long val_fit = (val.n - 1) / ((long)B * T);  // whole batches in the validation data
-    if (val_fit < 1) die("%s: %ld tokens, fewer than one batch of %d x %d + 1", val_path, val.n, B, T);
-    if (val_batches > val_fit) val_batches = (int)val_fit;
-    if (trace_seq_n > 0) {
-        if ((long)trace_seq_n * T + 1 > val.n)
-            die("-a %d: %s holds fewer than %d sequences of %d tokens (+1)", trace_seqs, val_path, trace_seq_n, T);
-        if (access(ood_path, R_OK) != 0) {
-            printf("note: no out-of-domain data %s: routing traces of the validation data only\n", ood_path);
-        } else {
-            tokens_load(&ood, ood_path);
-            if (ood.V != c.V) die("%s has vocabulary %d, but the model has %d", ood_path, ood.V, c.V);
-            if ((long)trace_seq_n * T + 1 > ood.n) {
-                printf("note: %s holds fewer than %d sequences of %d tokens (+1): not traced\n", ood_path,
-                       trace_seq_n, T);
-                free(ood.tokens);
-                ood.tokens = NULL;
-                ood.n = 0;
-            }
-        }
-    }
-    Tokenizer tokenizer, *tok = NULL;
-    if (tok_given || access(tok_path, R_OK) == 0) {
-        tokenizer_load(&tokenizer, tok_path);
-        if (tokenizer.vocab_size != c.V)
-            die("%s: the tokenizer has %d pieces, but the model's vocabulary is %d", tok_path, tokenizer.vocab_size, c.V);
-        tok = &tokenizer;
-    }
-    int sample_start = tok && tok->eos_id >= 0 ? tok->eos_id : tok && tok->bos_id >= 0 ? tok->bos_id : 0;
+    if (config_preset(r->a.init, &r->c)) r->c.V = r->train.V;
+    else init_params = model_file_load(r->a.init, &r->c);
+    if (r->c.V != r->train.V)
+        die("%s: the model's vocabulary is %d, but the data's (%s) is %d", r->a.init, r->c.V, r->a.train_path,
+            r->train.V);
+    if (r->a.T > r->c.max_seq_len) die("-t %d is longer than the model's context %d", r->a.T, r->c.max_seq_len);
+    r->nm = n_moe_layers(&r->c);
+    return init_params;
+}
 
-    // the output directory, checked for writing before any work
-    char path[4096];
-    if (lead) {
-        make_dirs(dir);
-        snprintf(path, sizeof(path), "%s/.write_test", dir);
-        FILE *probe = fopen(path, "w");
-        if (!probe) die("-o %s: cannot write there: %s", dir, strerror(errno));
-        fclose(probe);
-        remove(path);
+// the data of the -a traces: the validation data, and the out-of-domain data
+// when it is there and long enough
+static void trace_data_load(Run *r) {
+    int n_seq = r->trace_seq_n, T = r->a.T;
+    const char *ood_path = r->a.ood_path;
+    if ((long)n_seq * T + 1 > r->val.n)
+        die("-a %d: %s holds fewer than %d sequences of %d tokens (+1)", r->a.trace_seqs, r->a.val_path, n_seq, T);
+    if (access(ood_path, R_OK) != 0) {
+        printf("note: no out-of-domain data %s: routing traces of the validation data only\n", ood_path);
+        return;
     }
-    if (lead && trace_seq_n > 0) {
+    tokens_load(&r->ood, ood_path);
+    if (r->ood.V != r->c.V) die("%s has vocabulary %d, but the model has %d", ood_path, r->ood.V, r->c.V);
+    if ((long)n_seq * T + 1 > r->ood.n) {
+        printf("note: %s holds fewer than %d sequences of %d tokens (+1): not traced\n", ood_path, n_seq, T);
+        free(r->ood.tokens);
+        r->ood.tokens = NULL;
+        r->ood.n = 0;
+    }
+}
+
+// one batch fits the training data, at least one the validation data (-V is
+// cut to those it holds); then the trace data
+static void data_check(Run *r) {
+    int B = r->a.B, T = r->a.T;
+    if ((long)B * T + 1 > r->train.n)
+        die("%s: %ld tokens, fewer than one batch of %d x %d + 1", r->a.train_path, r->train.n, B, T);
+    long val_fit = (r->val.n - 1) / ((long)B * T);  // whole batches in the validation data
+    if (val_fit < 1) die("%s: %ld tokens, fewer than one batch of %d x %d + 1", r->a.val_path, r->val.n, B, T);
+    if (r->a.val_batches > val_fit) r->a.val_batches = (int)val_fit;
+    if (r->trace_seq_n > 0) trace_data_load(r);
+}
+
+// the tokenizer of the samples, when -z is given or the default exists
+static void tokenizer_open(Run *r) {
+    const char *tok_path = r->a.tok_path;
+    r->tok = NULL;
+    if (r->a.tok_given || access(tok_path, R_OK) == 0) {
+        tokenizer_load(&r->tokenizer, tok_path);
+        if (r->tokenizer.vocab_size != r->c.V)
+            die("%s: the tokenizer has %d pieces, but the model's vocabulary is %d", tok_path,
+                r->tokenizer.vocab_size, r->c.V);
+        r->tok = &r->tokenizer;
+    }
+    const Tokenizer *tok = r->tok;
+    r->sample_start = tok && tok->eos_id >= 0 ? tok->eos_id : tok && tok->bos_id >= 0 ? tok->bos_id : 0;
+}
+
+// the output directory (and its trace/ for -a), checked for writing before any work
+static void output_dir_make(const Run *r) {
+    const char *dir = r->a.dir;
+    char path[4096];
+    make_dirs(dir);
+    snprintf(path, sizeof(path), "%s/.write_test", dir);
+    FILE *probe = fopen(path, "w");
+    if (!probe) die("-o %s: cannot write there: %s", dir, strerror(errno));
+    fclose(probe);
+    remove(path);
+    if (r->trace_seq_n > 0) {
         snprintf(path, sizeof(path), "%s/trace", dir);
         mkdir(path, 0755);
     }
+}
 
-    OptSettings opt = opt_settings_default(kind);
-    float peak_lr = lr > 0.0f ? lr : kind == OPT_ADAMW ? 3e-3f : 0.01f;
-    opt.lr = peak_lr;
-    MoeSettings s_train = moe_settings_default(), s_eval = moe_settings_default();
-    s_train.cf1000 = (int)lrintf(cf_train * 1000);
-    s_eval.cf1000 = (int)lrintf(cf_eval * 1000);
-    s_train.group_size = s_eval.group_size = group;
-    s_train.capacity_rule = s_eval.capacity_rule = capacity_rule;
-    s_train.drop_policy = s_eval.drop_policy = drop_policy;
-    RunSettings run = {n_steps, warmup, s_train.cf1000, group, seed, peak_lr, capacity_rule, drop_policy, freeze,
-                       bias_rate};
+// the optimizer's, the routing's and the checkpoints' settings from the flags
+static void settings_make(Run *r) {
+    const TrainArgs *a = &r->a;
+    r->opt = opt_settings_default(a->kind);
+    r->peak_lr = a->lr > 0.0f ? a->lr : a->kind == OPT_ADAMW ? 3e-3f : 0.01f;
+    r->opt.lr = r->peak_lr;
+    r->s_train = r->s_eval = moe_settings_default();
+    r->s_train.cf1000 = (int)lrintf(a->cf_train * 1000);
+    r->s_eval.cf1000 = (int)lrintf(a->cf_eval * 1000);
+    r->s_train.group_size = r->s_eval.group_size = a->group;
+    r->s_train.capacity_rule = r->s_eval.capacity_rule = a->capacity_rule;
+    r->s_train.drop_policy = r->s_eval.drop_policy = a->drop_policy;
+    RunSettings rs = {a->n_steps, a->warmup, r->s_train.cf1000, a->group, a->seed, r->peak_lr,
+                      a->capacity_rule, a->drop_policy, a->freeze, a->bias_rate};
+    r->rs = rs;
+}
 
+// the model on this rank's share of a batch, its optimizer state's shard
+// (ZeRO-1), and the buffers of the steps
+static void model_make(Run *r) {
+    const Config *c = &r->c;
     ParamTable table;
-    param_table_build(&table, &c);
-    dp_shards(&dp, &table);
-    opt.shard_lo = dp.shard[dp.rank];
-    opt.shard_hi = dp.shard[dp.rank + 1];
+    param_table_build(&table, c);
+    dp_shards(&r->dp, &table);
+    r->opt.shard_lo = r->dp.shard[r->dp.rank];
+    r->opt.shard_hi = r->dp.shard[r->dp.rank + 1];
     param_table_free(&table);
-    Model *m = model_create(&c, Bl, T, prec, &opt);
-    const ParamTable *pt = model_param_table(m);
-    float *params = (float *)mallocCheck(pt->n_params * sizeof(float));
-    size_t n_state = opt_state_floats(pt, kind, opt.min_dim);
-    size_t n_part = opt_state_floats_range(pt, kind, opt.min_dim, opt.shard_lo, opt.shard_hi);
-    float *state = lead ? (float *)callocCheck(n_state, sizeof(float)) : NULL;  // the whole state, for checkpoints
-    float *part = (float *)callocCheck(n_part ? n_part : 1, sizeof(float));       // this rank's shard of it
-    size_t n_bias = bias_rate > 0.0f ? (size_t)n_moe_layers(&c) * c.E : 0;
-    float *bias = (float *)callocCheck(n_bias, sizeof(float));  // the router bias, SPEC §8
-    Rng data_rng = {(uint64_t)seed * 0x9E3779B97F4A7C15ull + 1};  // the batches' offsets
-    int step = resume && lead ? resume_step(dir, &c, &opt, B, T, &run, n_state, n_bias) : -1;
+    r->m = model_create(c, r->Bl, r->a.T, r->a.prec, &r->opt);
+    r->pt = model_param_table(r->m);
+    OptKind kind = r->a.kind;
+    int min_dim = r->opt.min_dim;
+    size_t n_part = opt_state_floats_range(r->pt, kind, min_dim, r->opt.shard_lo, r->opt.shard_hi);
+    r->params = (float *)mallocCheck(r->pt->n_params * sizeof(float));
+    r->n_state = opt_state_floats(r->pt, kind, min_dim);
+    r->state = r->lead ? (float *)callocCheck(r->n_state, sizeof(float)) : NULL;
+    r->part = (float *)callocCheck(n_part ? n_part : 1, sizeof(float));
+    r->n_bias = r->a.bias_rate > 0.0f ? (size_t)r->nm * c->E : 0;
+    r->bias = (float *)callocCheck(r->n_bias, sizeof(float));
+    r->data_rng.s = (uint64_t)r->a.seed * 0x9E3779B97F4A7C15ull + 1;
+    r->x = (int32_t *)mallocCheck((size_t)r->Bl * r->a.T * sizeof(int32_t));
+    r->y = (int32_t *)mallocCheck((size_t)r->Bl * r->a.T * sizeof(int32_t));
+    r->probs = (ProbIndex *)mallocCheck(c->V * sizeof(ProbIndex));
+    r->drop = (float *)mallocCheck(r->nm * sizeof(float));
+}
+
+// the weights, optimizer state, router bias and data RNG of checkpoint step:
+// rank 0 reads them, the others receive
+static void checkpoint_resume(Run *r, int step) {
+    char path[4096];
+    const char *dir = r->a.dir;
+    if (r->lead) {
+        snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
+        Config cc;
+        float *p = model_file_load(path, &cc);
+        if (memcmp(&cc, &r->c, sizeof(cc)) != 0) die("%s: its config differs from this run's (-c %s)", path, r->a.init);
+        memcpy(r->params, p, r->pt->n_params * sizeof(float));
+        free(p);
+        snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
+        if (ckpt_load(r, path) != step) die("%s: its step differs from its name", path);
+    }
+    dp_bcast(r->params, r->pt->n_params * sizeof(float));
+    dp_bcast(&r->data_rng, sizeof(r->data_rng));
+    dp_bcast(r->bias, r->n_bias * sizeof(float));
+    model_set_params(r->m, r->params);
+    dp_state_move(&r->dp, r->pt, &r->opt, r->state, r->part, 0);
+    model_set_opt_state(r->m, r->part);
+    if (r->n_bias) model_set_router_bias(r->m, r->bias);
+    printf("resumed from %s/model_%08d.bin and state_%08d.bin at step %d\n", dir, step, step, step);
+}
+
+// with -r, the latest checkpoint this run can resume; else (or when there is
+// none) step 0 with the weights of -c's model file or SPEC §5's initialisation
+static void resume_or_init(Run *r, const float *init_params) {
+    int step = r->a.resume && r->lead ? resume_step(r) : -1;
     dp_bcast(&step, sizeof(step));
-    if (step >= 0) {  // rank 0 reads, the others receive
-        if (lead) {
-            snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
-            Config cc;
-            float *p = model_file_load(path, &cc);
-            if (memcmp(&cc, &c, sizeof(c)) != 0) die("%s: its config differs from this run's (-c %s)", path, init);
-            memcpy(params, p, pt->n_params * sizeof(float));
-            free(p);
-            snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
-            if (ckpt_load(path, &opt, B, T, &run, &data_rng, state, n_state, bias, n_bias) != step)
-                die("%s: its step differs from its name", path);
-        }
-        dp_bcast(params, pt->n_params * sizeof(float));
-        dp_bcast(&data_rng, sizeof(data_rng));
-        dp_bcast(bias, n_bias * sizeof(float));
-        model_set_params(m, params);
-        dp_state_move(&dp, pt, &opt, state, part, 0);
-        model_set_opt_state(m, part);
-        if (n_bias) model_set_router_bias(m, bias);
-        printf("resumed from %s/model_%08d.bin and state_%08d.bin at step %d\n", dir, step, step, step);
+    if (step >= 0) {
+        checkpoint_resume(r, step);
+        r->step = step;
+        return;
+    }
+    if (r->a.resume) printf("no checkpoint in %s: starting from scratch\n", r->a.dir);
+    r->step = 0;
+    if (init_params) {
+        model_set_params(r->m, init_params);
     } else {
-        if (resume) printf("no checkpoint in %s: starting from scratch\n", dir);
-        step = 0;
-        if (init_params) model_set_params(m, init_params);
-        else {
-            params_init(pt, &c, params, (uint64_t)seed);
-            model_set_params(m, params);
-        }
+        params_init(r->pt, &r->c, r->params, (uint64_t)r->a.seed);
+        model_set_params(r->m, r->params);
     }
-    free(init_params);
-    int nm = n_moe_layers(&c);
+}
+
+// the model, the data and the settings, in three lines
+static void run_print(const Run *r) {
+    const Config *c = &r->c;
+    const TrainArgs *a = &r->a;
+    size_t n = r->pt->n_params;
+    char variant[256];
     printf("model: L %d D %d H %d Hd %d F %d E %d K %d Fe %d moe_every %d, V %d, ctx %d, %zu parameters (%.1f MB)\n",
-           c.L, c.D, c.H, c.Hd, c.F, c.E, c.K, c.Fe, c.moe_every, c.V, c.max_seq_len, pt->n_params,
-           pt->n_params * 4 / 1e6);
+           c->L, c->D, c->H, c->Hd, c->F, c->E, c->K, c->Fe, c->moe_every, c->V, c->max_seq_len, n, n * 4 / 1e6);
     printf("data: %s %ld tokens, %s %ld tokens; batch %d x %d, %d steps, %s lr %.2e warmup %d, cf %.2f train "
-           "%.2f eval, group %d\n", train_path, train.n, val_path, val.n, B, T, n_steps,
-           kind == OPT_ADAMW ? "adamw" : "adafactor", peak_lr, warmup, cf_train, cf_eval, group);
-    variant_text(path, sizeof(path), capacity_rule, drop_policy, freeze, bias_rate);
-    printf("routing: %s\n", path);
+           "%.2f eval, group %d\n", a->train_path, r->train.n, a->val_path, r->val.n, a->B, a->T, a->n_steps,
+           a->kind == OPT_ADAMW ? "adamw" : "adafactor", r->peak_lr, a->warmup, a->cf_train, a->cf_eval, a->group);
+    variant_text(variant, sizeof(variant), a->capacity_rule, a->drop_policy, a->freeze, a->bias_rate);
+    printf("routing: %s\n", variant);
+}
 
-    FILE *logf = lead ? log_open(dir, step, nm) : NULL;
-    char log_path[4096 + 16];
-    snprintf(log_path, sizeof(log_path), "%s/log.tsv", dir);
-    int32_t *x = (int32_t *)mallocCheck((size_t)Bl * T * sizeof(int32_t));
-    int32_t *y = (int32_t *)mallocCheck((size_t)Bl * T * sizeof(int32_t));
-    float *probs = (float *)mallocCheck(c.V * sizeof(float));
-    float *drop = (float *)mallocCheck(nm * sizeof(float));  // dropped share per MoE layer of the step
-    long starts[MAX_BATCH];
-    float losses[N_LOSSES];
-    if (lead && trace_seq_n > 0 && step == 0)
-        traces_write(m, dir, 0, &val, &ood, trace_seq_n, Bl, T, &s_train, &s_eval, x, y);
-    while (step < stop) {
-        step++;
-        // one step: B windows of T+1 tokens at random offsets, forward, backward, update
-        double t0 = now();
-        for (int b = 0; b < B; b++) starts[b] = (long)(rng_u64(&data_rng) % (uint64_t)(train.n - T));
-        batch_fill(x, y, &train, starts + (size_t)dp.rank * Bl, Bl, T);
-        model_forward(m, x, y, Bl, T, &s_train, losses);
-        model_backward(m);
-        model_grads_allreduce(m);  // data parallelism: the whole batch's gradients on every rank
-        opt.lr = learning_rate(kind, peak_lr, warmup, step, n_steps);
-        opt.freeze_router = freeze >= 0 && step > freeze;
-        float norm = model_update(m, &opt, step);
-        model_params_allgather(m, dp.shard);  // ZeRO-1: every rank's stepped shard to all
-        if (n_bias) {  // loss-free balancing: from this step's loads (all ranks'), before validation's forward
-            dp_sum_router_loads(model_router_stats(m), nm, c.E);
-            router_bias_update(bias, model_router_stats(m), nm, c.E, bias_rate);
-            model_set_router_bias(m, bias);
-        }
-        dp_mean(losses, N_LOSSES, &dp);
-        double ms = 1e3 * (now() - t0);
-        printf("step %5d/%d | loss %.4f (ce %.4f lb %.4f rz %.4f lz %.2f) | drop %.3f | lr %.2e | norm %.3f | "
-               "%.1f ms | %.0f tok/s\n", step, n_steps, losses[LOSS_TOTAL], losses[LOSS_CE], losses[LOSS_LB],
-               losses[LOSS_RZ], losses[LOSS_LZ], losses[LOSS_DROPPED], opt.lr, norm, ms, B * T / (ms / 1e3));
-        for (int i = 0; i < nm; i++) drop[i] = model_router_stats(m)[i].dropped;  // before validation's forward
-        dp_mean(drop, nm, &dp);
-        if (lead) fprintf(logf, "%d\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6f\t%.6e\t%.6f\t%.2f\t%.0f", step, losses[LOSS_TOTAL],
-                losses[LOSS_CE], losses[LOSS_LB], losses[LOSS_RZ], losses[LOSS_LZ], losses[LOSS_DROPPED], opt.lr,
-                norm, ms, B * T / (ms / 1e3));
+static void run_free(Run *r) {
+    if (r->lead) fcloseCheck(r->logf, r->log_path);
+    if (r->tok) tokenizer_free(r->tok);
+    free(r->train.tokens);
+    free(r->val.tokens);
+    free(r->ood.tokens);
+    free(r->params);
+    free(r->state);
+    free(r->part);
+    free(r->dp.shard);
+    free(r->dp.counts);
+    free(r->bias);
+    free(r->x);
+    free(r->y);
+    free(r->probs);
+    free(r->drop);
+    model_free(r->m);
+}
 
-        // validation at the evaluation capacity factor, router load of its last batch, a sample
-        double val_ce = NAN, val_loss = NAN;
-        if (lead && ((val_every > 0 && step % val_every == 0) || step == n_steps)) {
-            validate(m, &val, Bl, T, val_batches * dp.n, &s_eval, x, y, &val_ce, &val_loss);
-            printf("val  %5d | ce %.4f | loss %.4f | cf %.2f; per MoE layer, last batch:\n", step, val_ce, val_loss,
-                   cf_eval);
-            const RouterStats *rs = model_router_stats(m);
-            for (int i = 0, l = 0; l < c.L; l++) {
-                if (!is_moe_layer(&c, l)) continue;
-                printf("  layer %2d: lb %.3f rz %.3f drop %.3f | routed %%:", l, rs[i].lb, rs[i].rz, rs[i].dropped);
-                for (int e = 0; e < c.E; e++) printf(" %.0f", 100.0 * rs[i].routed[e] / ((double)Bl * T * c.K));
-                printf("\n");
-                i++;
-            }
-            print_sample(m, tok, sample_start, 48, (uint64_t)seed + step, probs);
-        }
-        if (lead) {
-            fprintf(logf, "\t%.6f\t%.6f", val_ce, val_loss);
-            for (int i = 0; i < nm; i++) fprintf(logf, "\t%.6f", drop[i]);
-            fprintf(logf, "\n");
-            if (fflush(logf) != 0 || ferror(logf)) die("%s: write failed: %s", log_path, strerror(errno));
-        }
-        fflush(stdout);
+// ----------------------------------------------------------------------------
+// the steps
 
-        // checkpoint: the model first, the state last, so a state file always has its model
-        if ((ckpt_every > 0 && step % ckpt_every == 0) || step == stop) {
-            model_get_params(m, params);
-            if (dp.n > 1)
-                dp_same(hash_bytes(FNV_BASIS, params, pt->n_params * sizeof(float)),
-                        "their weights (a nondeterministic reduction?)");
-            model_get_opt_state(m, part);
-            dp_state_move(&dp, pt, &opt, state, part, 1);
-            if (lead) {
-                snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
-                model_file_save(path, &c, params);
-                snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
-                ckpt_save(path, step, &opt, B, T, &data_rng, &run, state, n_state, bias, n_bias);
-                printf("checkpoint %s/model_%08d.bin\n", dir, step);
-                if (trace_seq_n > 0)
-                    traces_write(m, dir, step, &val, &ood, trace_seq_n, Bl, T, &s_train, &s_eval, x, y);
-            }
-        }
+// step r->step: B windows of T+1 tokens at random offsets (this rank's share
+// of them), forward, backward, update; the whole batch's losses and dropped
+// shares (the mean over the ranks), and the time it took
+static void train_step(Run *r) {
+    int B = r->a.B, Bl = r->Bl, T = r->a.T, nm = r->nm;
+    double t0 = wall_seconds();
+    for (int b = 0; b < B; b++) r->starts[b] = (long)(rng_u64(&r->data_rng) % (uint64_t)(r->train.n - T));
+    batch_fill(r->x, r->y, &r->train, r->starts + (size_t)r->dp.rank * Bl, Bl, T);
+    model_forward(r->m, r->x, r->y, Bl, T, &r->s_train, r->losses);
+    model_backward(r->m);
+    model_grads_allreduce(r->m);  // data parallelism: the whole batch's gradients on every rank
+    r->opt.lr = learning_rate(r->a.kind, r->peak_lr, r->a.warmup, r->step, r->a.n_steps);
+    r->opt.freeze_router = r->a.freeze >= 0 && r->step > r->a.freeze;
+    r->norm = model_update(r->m, &r->opt, r->step);
+    model_params_allgather(r->m, r->dp.shard);  // ZeRO-1: every rank's stepped shard to all
+    if (r->n_bias) {  // loss-free balancing: from this step's loads (all ranks'), before validation's forward
+        dp_sum_router_loads(model_router_stats(r->m), nm, r->c.E);
+        router_bias_update(r->bias, model_router_stats(r->m), nm, r->c.E, r->a.bias_rate);
+        model_set_router_bias(r->m, r->bias);
     }
-    if (lead) fcloseCheck(logf, log_path);
-    if (tok) tokenizer_free(tok);
-    free(train.tokens);
-    free(val.tokens);
-    free(ood.tokens);
-    free(params);
-    free(state);
-    free(part);
-    free(dp.shard);
-    free(dp.counts);
-    free(bias);
-    free(x);
-    free(y);
-    free(probs);
-    free(drop);
-    model_free(m);
+    dp_mean(r->losses, N_LOSSES, &r->dp);
+    r->ms = 1e3 * (wall_seconds() - t0);
+    for (int i = 0; i < nm; i++) r->drop[i] = model_router_stats(r->m)[i].dropped;  // before validation's forward
+    dp_mean(r->drop, nm, &r->dp);
+}
+
+static void step_print(const Run *r) {
+    const float *l = r->losses;
+    printf("step %5d/%d | loss %.4f (ce %.4f lb %.4f rz %.4f lz %.2f) | drop %.3f | lr %.2e | norm %.3f | "
+           "%.1f ms | %.0f tok/s\n", r->step, r->a.n_steps, l[LOSS_TOTAL], l[LOSS_CE], l[LOSS_LB], l[LOSS_RZ],
+           l[LOSS_LZ], l[LOSS_DROPPED], r->opt.lr, r->norm, r->ms, r->a.B * r->a.T / (r->ms / 1e3));
+}
+
+static int validation_due(const Run *r) {
+    return (r->a.val_every > 0 && r->step % r->a.val_every == 0) || r->step == r->a.n_steps;
+}
+
+static int checkpoint_due(const Run *r) {
+    return (r->a.ckpt_every > 0 && r->step % r->a.ckpt_every == 0) || r->step == r->a.stop;
+}
+
+// checkpoint r->step: the model first, the state last, so that a state file
+// always has its model; then the traces of -a
+static void checkpoint_write(Run *r) {
+    model_get_params(r->m, r->params);
+    if (r->dp.n > 1)
+        dp_same(hash_bytes(FNV_BASIS, r->params, r->pt->n_params * sizeof(float)),
+                "their weights (a nondeterministic reduction?)");
+    model_get_opt_state(r->m, r->part);
+    dp_state_move(&r->dp, r->pt, &r->opt, r->state, r->part, 1);
+    if (!r->lead) return;
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/model_%08d.bin", r->a.dir, r->step);
+    model_file_save(path, &r->c, r->params);
+    snprintf(path, sizeof(path), "%s/state_%08d.bin", r->a.dir, r->step);
+    ckpt_save(r, path);
+    printf("checkpoint %s/model_%08d.bin\n", r->a.dir, r->step);
+    if (r->trace_seq_n > 0) traces_write(r);
+}
+
+// ----------------------------------------------------------------------------
+
+int main(int argc, char **argv) {
+    Run r;
+    memset(&r, 0, sizeof(r));
+    dp_start(&r.dp, &argc, &argv);
+    r.lead = r.dp.rank == 0;
+    args_parse(&r.a, argc, argv);
+    batch_split(&r);
+    data_load(&r);
+    dp_same(flags_data_hash(&r, argc, argv), "their flags or the sizes of their data files (-i, -j)");
+    float *init_params = config_load(&r);
+    data_check(&r);
+    tokenizer_open(&r);
+    if (r.lead) output_dir_make(&r);
+    settings_make(&r);
+    model_make(&r);
+    resume_or_init(&r, init_params);
+    free(init_params);
+    run_print(&r);
+    if (r.lead) log_open(&r);
+    if (r.lead && r.trace_seq_n > 0 && r.step == 0) traces_write(&r);
+    while (r.step < r.a.stop) {
+        r.step++;
+        train_step(&r);
+        step_print(&r);
+        r.val_ce = r.val_loss = NAN;
+        if (r.lead && validation_due(&r)) evaluate(&r);
+        if (r.lead) log_row(&r);
+        fflush(stdout);
+        if (checkpoint_due(&r)) checkpoint_write(&r);
+    }
+    run_free(&r);
     dp_end();
     return 0;
 }

@@ -12,13 +12,6 @@
 //
 // CONFIG: V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn (as SPEC §1), or a preset name.
 #include "../openmoe.c"
-#include <time.h>
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -62,11 +55,11 @@ static void bench_step(const Config *c, int B, int T, int steps, const char *mod
     float losses[N_LOSSES], first[2] = {0};
     double *ms = (double *)mallocCheck(steps * sizeof(double));
     for (int i = -1; i < steps; i++) {  // one warm-up step
-        double t0 = now();
+        double t0 = wall_seconds();
         model_forward(m, x, y, B, T, &s, losses);
         model_backward(m);
         model_update(m, &o, i + 2);
-        if (i >= 0) ms[i] = 1e3 * (now() - t0);
+        if (i >= 0) ms[i] = 1e3 * (wall_seconds() - t0);
         if (i < 1) first[i + 1] = losses[LOSS_TOTAL];
     }
     qsort(ms, steps, sizeof(double), cmp_double);
@@ -89,11 +82,11 @@ static void bench_matmul(const char *shape) {
     for (size_t i = 0; i < (size_t)OUT * IN; i++) w[i] = rng_uniform(&r) - 0.5f;
     double best_f = 1e9, best_b = 1e9;
     for (int rep = 0; rep < 5; rep++) {
-        double t0 = now();
+        double t0 = wall_seconds();
         matmul_forward(out, inp, w, N, IN, OUT, scratch);
-        double t1 = now();
+        double t1 = wall_seconds();
         matmul_backward(dinp, dw, out, inp, w, N, IN, OUT, 0, scratch);
-        double t2 = now();
+        double t2 = wall_seconds();
         best_f = fmin(best_f, t1 - t0);
         best_b = fmin(best_b, t2 - t1);
     }
@@ -110,14 +103,14 @@ static void bench_matmul(const char *shape) {
 static void bench_decode(const Config *c, int tokens) {
     Model *m = random_model(c, 1, 1, NULL, NULL);
     int tok = 1;
-    double t0 = now();
+    double t0 = wall_seconds();
     for (int pos = 0; pos < tokens; pos++) {
         const float *logits = model_decode(m, tok, pos);
         int best = 0;
         for (int v = 1; v < c->V; v++) best = logits[v] > logits[best] ? v : best;
         tok = best;
     }
-    printf("decode_tok_s %.1f\n", tokens / (now() - t0));
+    printf("decode_tok_s %.1f\n", tokens / (wall_seconds() - t0));
     model_free(m);
 }
 
@@ -158,14 +151,14 @@ static void bench_peak(void) {
 #endif
     int threads = 1;
     float sum = 0.0f;
-    double t0 = now();
+    double t0 = wall_seconds();
 #pragma omp parallel reduction(+ : sum)
     {
         sum += peak();
 #pragma omp single
         threads = omp_get_num_threads();
     }
-    double seconds = now() - t0;
+    double seconds = wall_seconds() - t0;
     if (sum == 12345.0f) printf("%f\n", sum);  // keeps the loops alive
     printf("peak_gflops %.1f width %d isa %s threads %d\n",
            threads * PEAK_ITERS * PEAK_CHAINS * 2.0 * width / seconds / 1e9, width, isa, threads);

@@ -10,13 +10,6 @@
 // CONFIG: a preset name (tiny small base 8b 34b) or V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn.
 #include "openmoe.h"
 #include <cuda_runtime.h>
-#include <time.h>
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -60,15 +53,15 @@ int main(int argc, char **argv) {
     double *tu = (double *)mallocCheck(steps * sizeof(double)), *ts = (double *)mallocCheck(steps * sizeof(double));
     for (int i = -3; i < steps; i++) {  // three warm-up steps
         cudaDeviceSynchronize();
-        double t0 = now();
+        double t0 = wall_seconds();
         model_forward(m, x, y, B, T, &s, losses);  // ends with a sync (the losses)
-        double t1 = now();
+        double t1 = wall_seconds();
         model_backward(m);
         cudaDeviceSynchronize();
-        double t2 = now();
+        double t2 = wall_seconds();
         model_update(m, &o, i + 4);  // ends with the kernels queued after a sync on the norm
         cudaDeviceSynchronize();
-        double t3 = now();
+        double t3 = wall_seconds();
         if (i < 0) continue;
         tf[i] = 1e3 * (t1 - t0);
         tb[i] = 1e3 * (t2 - t1);

@@ -20,7 +20,7 @@ lib_path = os.path.join(root, "build", "libbench_gpu.so")
 
 
 def build():
-    srcs = [os.path.join(root, f) for f in ("dev/bench_gpu.c", "openmoe.cu", "openmoe.h")]
+    srcs = [os.path.join(root, f) for f in ("dev/bench_gpu.c", "openmoe.cu", "openmoe.h", "utils.h")]
     if os.path.exists(lib_path) and all(os.path.getmtime(s) < os.path.getmtime(lib_path) for s in srcs):
         return
     os.makedirs(os.path.dirname(lib_path), exist_ok=True)

@@ -83,3 +83,19 @@ patch_word $s $BUILD/s_t.bin 3 100000;       expect_error "state: T longer than 
 patch_word $s $BUILD/s_cap.bin 10 3;        expect_error "state: unknown capacity rule" "s_cap.bin: header word 10 (capacity rule) is 3" ./test_cpu $m $BUILD/s_cap.bin
 patch_word $s $BUILD/s_drop.bin 11 -1;      expect_error "state: unknown drop policy" "s_drop.bin: header word 11 (drop policy) is -1" ./test_cpu $m $BUILD/s_drop.bin
 patch_word $s $BUILD/s_x.bin 256 100000;     expect_error "state: token out of range" "token x\[0\] = 100000 is out of range" ./test_cpu $m $BUILD/s_x.bin
+
+# 5. the config parser (the benchmarks' -c) and the model header's words, which
+#    must be in SPEC §6's order: V, max_seq_len (2048 when parsed), L, D, H, Hd,
+#    F, E, K, moe_every, Fe, extra_ffn (distinct values, so that a swap shows)
+check_config() {  # check_config NAME SPEC WORDS: test_cpu --config SPEC must print WORDS
+    local got
+    got=$(./test_cpu --config "$2" 2>&1)
+    if [ "$got" = "$3" ]; then pass "config $1"; else fail "config $1: '$2' gave '$got', want '$3'"; fi
+}
+check_config "numbers" 5000,6,64,4,16,96,8,2,3,48,1 "5000 2048 6 64 4 16 96 8 2 3 48 1"
+check_config "numbers, leading blanks" " 5000, 6,64,4,16,96,8,2,3,48,0" "5000 2048 6 64 4 16 96 8 2 3 48 0"
+check_config "preset tiny" tiny "4096 256 4 128 4 32 384 8 2 2 384 1"
+expect_error "config: a field missing" "not a preset name nor V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn" \
+    ./test_cpu --config 5000,6,64,4,16,96,8,2,3,48
+expect_error "config: a blank before a comma" "not a preset name nor" ./test_cpu --config "5000 ,6,64,4,16,96,8,2,3,48,1"
+expect_error "config: checked" "K = 9 > E = 8" ./test_cpu --config 5000,6,64,4,16,96,8,9,3,48,1

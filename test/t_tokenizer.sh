@@ -48,11 +48,15 @@ else
     fi
 fi
 
-# tokenizer.h must also compile as C++ (nvcc compiles run.c and train.c as C++)
+# tokenizer.h needs utils.h only: it compiles with openmoe.h's include guard
+# already defined (so that nothing of openmoe.h is seen), as C and as C++
+# (nvcc compiles run.c and train.c as C++)
+printf '#include "tokenizer.h"\nint main(void){Tokenizer t; (void)t; return 0;}\n' > "$T/alone.c"
+expect_ok "tokenizer.h compiles without openmoe.h" gcc -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter \
+    -Wno-unused-function -DOPENMOE_H -I. -fsyntax-only "$T/alone.c"
 if command -v g++ >/dev/null; then
-    printf '#include "tokenizer.h"\nint main(void){Tokenizer t; (void)t; return 0;}\n' > "$T/cxx.cpp"
     expect_ok "tokenizer.h compiles as C++" g++ -std=c++17 -Wall -Wextra -Werror -Wno-unused-parameter \
-        -Wno-unused-function -I. -fsyntax-only "$T/cxx.cpp"
+        -Wno-unused-function -DOPENMOE_H -I. -fsyntax-only -x c++ "$T/alone.c"
 fi
 
 # --- texts --------------------------------------------------------------------------

@@ -263,6 +263,14 @@ if [ $HAVE_TOK = 1 ]; then
     else
         fail "run: sampling with a seed"
     fi
+    # a top-p so small that the nucleus is the most probable token alone: greedy decoding
+    "$RUN" $M -z tok.bin -i "the" -n 40 -t 0 > greedy.out 2> /dev/null
+    "$RUN" $M -z tok.bin -i "the" -n 40 -t 1 -p 1e-6 -s 5 > nucleus1.out 2> /dev/null
+    if [ -s greedy.out ] && cmp -s greedy.out nucleus1.out; then
+        pass "run: top-p 1e-6 (a nucleus of one token) gives the greedy text"
+    else
+        fail "run: top-p 1e-6 differs from greedy: $(head -c 200 nucleus1.out) vs $(head -c 200 greedy.out)"
+    fi
 else
     echo "SKIP run tests: no tokenizer"
 fi

@@ -13,11 +13,120 @@
 //       central finite differences of the total loss against the backward on a
 //       micro config, routing held fixed; --break scales the backward's
 //       gradients by 1.1, which the check must catch
+//   test_cpu --config SPEC
+//       the model header words 2..13 of a config as config_parse reads it
 //
 // Exit status 0 only when every comparison holds.
 #include "openmoe.h"
 
 static float opt_tol_scale = 1.0f;
+
+// ----------------------------------------------------------------------------
+// the debug state file (SPEC §7): one batch, its settings, and what a correct
+// implementation computes from it. The header (utils.h) holds these words;
+// the coefficients as integer millionths.
+
+enum {
+    STATE_B = 2, STATE_T, STATE_CF1000, STATE_MIN_CAPACITY, STATE_LB_COEF, STATE_RZ_COEF, STATE_LZ_COEF,
+    STATE_GROUP_SIZE, STATE_CAPACITY_RULE, STATE_DROP_POLICY, STATE_HEADER_WORDS
+};
+#define STATE_COEF_SCALE 1e6
+
+typedef struct {
+    int B, T;
+    MoeSettings s;
+    int32_t *x, *y;   // [B*T] tokens, targets (-1 = ignored)
+    float *logits;    // [B*T*V]
+    float losses[N_LOSSES];
+    float *grads;     // [n_params]
+} DebugState;
+
+// the batch size and settings of header h, checked against model config c
+static void state_settings_from_header(const int32_t *h, const char *path, const Config *c, DebugState *st) {
+    st->B = h[STATE_B];
+    st->T = h[STATE_T];
+    st->s.cf1000 = h[STATE_CF1000];
+    st->s.min_capacity = h[STATE_MIN_CAPACITY];
+    st->s.lb_coef = h[STATE_LB_COEF] * (float)(1.0 / STATE_COEF_SCALE);
+    st->s.rz_coef = h[STATE_RZ_COEF] * (float)(1.0 / STATE_COEF_SCALE);
+    st->s.lz_coef = h[STATE_LZ_COEF] * (float)(1.0 / STATE_COEF_SCALE);
+    st->s.group_size = h[STATE_GROUP_SIZE];
+    st->s.capacity_rule = h[STATE_CAPACITY_RULE];
+    st->s.drop_policy = h[STATE_DROP_POLICY];
+    if (st->s.capacity_rule < 0 || st->s.capacity_rule >= N_CAP_RULES)
+        die("%s: header word %d (capacity rule) is %d: must be 0 (t5x), 1 (colossalai) or 2 (none)", path,
+            STATE_CAPACITY_RULE, st->s.capacity_rule);
+    if (st->s.drop_policy < 0 || st->s.drop_policy >= N_DROP_POLICIES)
+        die("%s: header word %d (drop policy) is %d: must be 0 (position) or 1 (probs)", path, STATE_DROP_POLICY,
+            st->s.drop_policy);
+    if (st->B <= 0 || st->T <= 0) die("%s: B = %d, T = %d, both must be > 0", path, st->B, st->T);
+    if (st->T > c->max_seq_len) die("%s: T = %d is longer than the model's context %d", path, st->T, c->max_seq_len);
+    if (st->s.cf1000 <= 0 || st->s.min_capacity < 0 || st->s.group_size < 0 || h[STATE_LB_COEF] < 0 ||
+        h[STATE_RZ_COEF] < 0 || h[STATE_LZ_COEF] < 0)
+        die("%s: bad settings: cf1000 %d, min_capacity %d, group_size %d, coefs %d %d %d", path, st->s.cf1000,
+            st->s.min_capacity, st->s.group_size, h[STATE_LB_COEF], h[STATE_RZ_COEF], h[STATE_LZ_COEF]);
+}
+
+static void state_file_load(const char *path, const Config *c, DebugState *st) {
+    FILE *f = fopenCheck(path, "rb");
+    int32_t h[HEADER_INTS];
+    long size = header_read(f, path, "state", STATE_MAGIC, STATE_HEADER_WORDS, h);
+    state_settings_from_header(h, path, c, st);
+    size_t BT = (size_t)st->B * st->T, n_params = config_n_params(c);
+    uint64_t nfloat = size_add(size_add(2 * BT, size_mul(BT, c->V)), N_LOSSES + n_params);
+    uint64_t want = size_add(HEADER_BYTES, size_mul(sizeof(float), nfloat));
+    if ((uint64_t)size != want)
+        die("%s: size %ld bytes, but B=%d T=%d V=%d and %zu parameters make %llu bytes", path, size, st->B, st->T,
+            c->V, n_params, (unsigned long long)want);
+    st->x = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+    st->y = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+    st->logits = (float *)mallocCheck(BT * c->V * sizeof(float));
+    st->grads = (float *)mallocCheck(n_params * sizeof(float));
+    freadCheck(st->x, sizeof(int32_t), BT, f, path);
+    freadCheck(st->y, sizeof(int32_t), BT, f, path);
+    freadCheck(st->logits, sizeof(float), BT * c->V, f, path);
+    freadCheck(st->losses, sizeof(float), N_LOSSES, f, path);
+    freadCheck(st->grads, sizeof(float), n_params, f, path);
+    fcloseCheck(f, path);
+    for (size_t i = 0; i < BT; i++) {
+        if (st->x[i] < 0 || st->x[i] >= c->V) die("%s: token x[%zu] = %d is out of range [0, %d)", path, i, st->x[i], c->V);
+        if (st->y[i] < -1 || st->y[i] >= c->V) die("%s: target y[%zu] = %d is out of range [-1, %d)", path, i, st->y[i], c->V);
+    }
+}
+
+static void state_file_save(const char *path, const Config *c, const DebugState *st) {
+    int32_t h[HEADER_INTS] = {0};
+    h[0] = STATE_MAGIC;
+    h[1] = FILE_VERSION;
+    h[STATE_B] = st->B;
+    h[STATE_T] = st->T;
+    h[STATE_CF1000] = st->s.cf1000;
+    h[STATE_MIN_CAPACITY] = st->s.min_capacity;
+    h[STATE_LB_COEF] = (int32_t)lrint(st->s.lb_coef * STATE_COEF_SCALE);
+    h[STATE_RZ_COEF] = (int32_t)lrint(st->s.rz_coef * STATE_COEF_SCALE);
+    h[STATE_LZ_COEF] = (int32_t)lrint(st->s.lz_coef * STATE_COEF_SCALE);
+    h[STATE_GROUP_SIZE] = st->s.group_size;
+    h[STATE_CAPACITY_RULE] = st->s.capacity_rule;
+    h[STATE_DROP_POLICY] = st->s.drop_policy;
+    size_t BT = (size_t)st->B * st->T;
+    char tmp[MAX_PATH_BYTES];
+    FILE *f = atomic_open(path, tmp, sizeof(tmp));
+    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
+    fwriteCheck(st->x, sizeof(int32_t), BT, f, tmp);
+    fwriteCheck(st->y, sizeof(int32_t), BT, f, tmp);
+    fwriteCheck(st->logits, sizeof(float), BT * c->V, f, tmp);
+    fwriteCheck(st->losses, sizeof(float), N_LOSSES, f, tmp);
+    fwriteCheck(st->grads, sizeof(float), config_n_params(c), f, tmp);
+    atomic_commit(f, tmp, path);
+}
+
+static void state_free(DebugState *st) {
+    free(st->x);
+    free(st->y);
+    free(st->logits);
+    free(st->grads);
+    memset(st, 0, sizeof(*st));
+}
 
 // ----------------------------------------------------------------------------
 // comparisons: each prints its worst error against what it allows
@@ -317,20 +426,42 @@ static int check_gradients(int broken, Precision prec) {
 }
 
 // ----------------------------------------------------------------------------
+// check 4: a config as config_parse reads it (the benchmarks' -c), printed as
+// the model header's words 2..13, which t_cpu.sh compares with SPEC §6's
+// order; the words must read back to the same config
+
+static int check_config(const char *spec) {
+    Config c, back;
+    char why[160];
+    if (!config_parse(spec, &c, why, sizeof(why))) die("config '%s': %s", spec, why);
+    int32_t h[HEADER_INTS];
+    config_to_header(&c, h);
+    for (int i = 2; i < MODEL_HEADER_WORDS; i++) printf("%d%c", h[i], i + 1 < MODEL_HEADER_WORDS ? ' ' : '\n');
+    config_from_header(h, &back);
+    if (memcmp(&c, &back, sizeof(c)) != 0) {
+        printf("FAILED the header words read back to another config\n");
+        return 0;
+    }
+    return 1;
+}
+
+// ----------------------------------------------------------------------------
 
 static void usage(const char *prog) {
     fprintf(stderr,
             "usage: %s MODEL STATE [-o OUT] [--bf16] [--tol-scale S]\n"
             "       %s MODEL STATE --update adamw|adafactor EXPECTED\n"
             "       %s --gradcheck [--break]\n"
+            "       %s --config SPEC\n"
             "Compares one forward+backward (or three optimizer steps) with a debug state\n"
-            "file at SPEC §7's tolerances; exits 0 only if all hold.\n",
-            prog, prog, prog);
+            "file at SPEC §7's tolerances; exits 0 only if all hold. --config prints the\n"
+            "model header words 2..13 of a preset name or V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn.\n",
+            prog, prog, prog, prog);
     exit(2);
 }
 
 int main(int argc, char **argv) {
-    const char *pos[2] = {NULL, NULL}, *out = NULL, *update = NULL, *expect = NULL;
+    const char *pos[2] = {NULL, NULL}, *out = NULL, *update = NULL, *expect = NULL, *config = NULL;
     int npos = 0, gradcheck = 0, broken = 0;
     Precision prec = PRECISION_FP32;
     for (int i = 1; i < argc; i++) {
@@ -342,13 +473,15 @@ int main(int argc, char **argv) {
             expect = argv[++i];
         } else if (strcmp(argv[i], "--gradcheck") == 0) gradcheck = 1;
         else if (strcmp(argv[i], "--break") == 0) broken = 1;
+        else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) config = argv[++i];
         else if (argv[i][0] != '-' && npos < 2) pos[npos++] = argv[i];
         else usage(argv[0]);
     }
     if (prec == PRECISION_BF16 && opt_tol_scale == 1.0f) opt_tol_scale = 30.0f;  // SPEC §7, documented in test/
     if (!(opt_tol_scale > 0.0f)) die("--tol-scale must be > 0");
     int ok;
-    if (gradcheck) ok = check_gradients(broken, prec);
+    if (config) ok = check_config(config);
+    else if (gradcheck) ok = check_gradients(broken, prec);
     else if (npos != 2) usage(argv[0]);
     else if (update) ok = check_update(pos[0], pos[1], update, expect, prec);
     else ok = check_state(pos[0], pos[1], out, prec);
