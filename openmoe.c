@@ -156,36 +156,45 @@ static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const
         gemm_block(C, ldc, A, ars, aks, B, ldb, NULL, i, i + MC < i1 ? i + MC : i1, 0, N, N, K, accumulate);
 }
 
-// Tasks for the threads: blocks of MC rows times ranges of whole panels of
-// columns. A range is at most GEMM_RANGE_PANELS wide, so that its share of B
-// stays in L2 while the tasks of one range (numbered one after the other)
-// run through the row blocks; where the row blocks are too few to keep every
-// thread busy (the experts' few hundred rows), ranges are cut narrower, down
-// to GEMM_MIN_PANELS.
-#define GEMM_TASKS_PER_THREAD 4
+// Tasks for the threads: blocks of rows times ranges of whole panels of
+// columns, GEMM_TASKS_PER_THREAD tasks a thread or more. A range is at most
+// GEMM_RANGE_PANELS wide, so that its share of B stays in L2 while the tasks
+// of one range (numbered one after the other) run through the row blocks.
+// Where blocks of MC rows are too few (the experts' few hundred rows), the
+// ranges are cut narrower, down to GEMM_MIN_PANELS, then the row blocks
+// thinner, in whole tiles. The grid follows the thread count; the bits do
+// not (every element is still one chain in k order).
+#define GEMM_TASKS_PER_THREAD 2
 #define GEMM_MIN_PANELS 4
 #define GEMM_RANGE_PANELS 16
-static int gemm_column_ranges(int M, int N) {
-    int row_blocks = (M + MC - 1) / MC, panels = (N + NR - 1) / NR, threads = 1;
+static void gemm_task_grid(int M, int N, int *rows, int *ranges) {
+    int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    int for_threads = (threads * GEMM_TASKS_PER_THREAD + row_blocks - 1) / row_blocks;
-    int narrowest = panels / GEMM_MIN_PANELS, for_cache = (panels + GEMM_RANGE_PANELS - 1) / GEMM_RANGE_PANELS;
-    int ranges = for_threads < narrowest ? for_threads : narrowest;
-    return ranges > for_cache ? ranges : for_cache;
+    int want = threads * GEMM_TASKS_PER_THREAD, row_blocks = (M + MC - 1) / MC, panels = (N + NR - 1) / NR;
+    int for_threads = (want + row_blocks - 1) / row_blocks, narrowest = panels / GEMM_MIN_PANELS;
+    int for_cache = (panels + GEMM_RANGE_PANELS - 1) / GEMM_RANGE_PANELS;
+    *ranges = for_threads < narrowest ? for_threads : narrowest;
+    *ranges = *ranges > for_cache ? *ranges : for_cache;
+    *ranges = *ranges > 1 ? *ranges : 1;
+    int blocks = (want + *ranges - 1) / *ranges, r = ((M + blocks - 1) / blocks + MR - 1) / MR * MR;
+    *rows = row_blocks >= blocks || r > MC ? MC : r > MR ? r : MR;
 }
 
-// all of C, spread over the threads, with B's panels packed in bpacked
-static void gemm_tasks(float *C, int ldc, const float *A, int ars, int aks, const float *bpacked, int M, int N, int K,
-                       int accumulate) {
-    int row_blocks = (M + MC - 1) / MC, ranges = gemm_column_ranges(M, N), panels = (N + NR - 1) / NR;
+// all of C, spread over the threads; B's panels packed in bpacked, or
+// without it packed by each task from B (ldb)
+static void gemm_tasks(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
+                       const float *bpacked, int M, int N, int K, int accumulate) {
+    int rows, ranges, panels = (N + NR - 1) / NR;
+    gemm_task_grid(M, N, &rows, &ranges);
+    int row_blocks = (M + rows - 1) / rows;
 #pragma omp for schedule(dynamic, 1)
     for (int task = 0; task < row_blocks * ranges; task++) {
         int rb = task % row_blocks, cr = task / row_blocks;
-        int i0 = rb * MC, i1 = i0 + MC < M ? i0 + MC : M;
+        int i0 = rb * rows, i1 = i0 + rows < M ? i0 + rows : M;
         int j0 = panels * cr / ranges * NR, j1 = panels * (cr + 1) / ranges * NR;
-        gemm_block(C, ldc, A, ars, aks, NULL, 0, bpacked, i0, i1, j0, j1 < N ? j1 : N, N, K, accumulate);
+        gemm_block(C, ldc, A, ars, aks, B, ldb, bpacked, i0, i1, j0, j1 < N ? j1 : N, N, K, accumulate);
     }
 }
 
@@ -203,15 +212,19 @@ static void gemm_pack_all(float *bpacked, const float *B, int ldb, int transpose
     }
 }
 
-// all of C, spread over the threads, B packed once into bpacked
-// (gemm_packed_floats(N, K)): a row block then reads B's panels instead of
-// packing its own copy
+// all of C, spread over the threads. Where several row blocks share B, it is
+// packed once into bpacked (gemm_packed_floats(N, K)) and read by all;
+// otherwise each task packs a panel just before using it, from L1.
+#define GEMM_SHARED_B_MIN_BLOCKS 8
 static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                  int M, int N, int K, int accumulate, float *bpacked) {
+    int rows, ranges;
+    gemm_task_grid(M, N, &rows, &ranges);
+    int shared = (M + rows - 1) / rows >= GEMM_SHARED_B_MIN_BLOCKS;
 #pragma omp parallel if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
     {
-        gemm_pack_all(bpacked, B, ldb, 0, N, K);
-        gemm_tasks(C, ldc, A, ars, aks, bpacked, M, N, K, accumulate);
+        if (shared) gemm_pack_all(bpacked, B, ldb, 0, N, K);
+        gemm_tasks(C, ldc, A, ars, aks, B, ldb, shared ? bpacked : NULL, M, N, K, accumulate);
     }
 }
 
@@ -252,7 +265,7 @@ static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, 
 #pragma omp parallel if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
     {
         gemm_pack_all(bpacked, W, K, 1, N, K);
-        gemm_tasks(C, ldc, A, lda, 1, bpacked, M, N, K, 0);
+        gemm_tasks(C, ldc, A, lda, 1, NULL, 0, bpacked, M, N, K, 0);
     }
 }
 
@@ -1467,6 +1480,22 @@ static void attention_values_row(float *out, const float *att, const float *v, i
     }
 }
 
+// one token's attention, the row pos of attention_forward's three steps:
+// q (H,Hd) -> out (H,Hd) over the cached kc, vc (pos+1 rows of H*Hd); att (pos+1) scratch
+static void attention_decode(float *out, float *att, const float *q, const float *kc, const float *vc, int pos, int H,
+                             int Hd) {
+    for (int h = 0; h < H; h++) {
+        attention_scores_row(att, q + h * Hd, kc + h * Hd, pos + 1, Hd, H * Hd);
+        attention_softmax_row(att, pos, pos + 1);
+        attention_values_row(out + h * Hd, att, vc + h * Hd, pos + 1, Hd, H * Hd);
+    }
+}
+
+// acc (D) += p[e] * y (D) for the expert e = *top: one expert's share of a token's MoE output
+static void moe_decode_accumulate(float *acc, const float *y, const float *p, const int *top, int D) {
+    for (int i = 0; i < D; i++) acc[i] = acc[i] + p[*top] * y[i];
+}
+
 // params_t: every weight matrix but the embedding (decode reads its rows),
 // each slice (rows, cols) transposed to (cols, rows) for matvec_forward.
 // Made on the first decode after the parameters change, not before: a
@@ -1518,12 +1547,7 @@ const float *model_decode(Model *m, int token, int pos) {
             rope_row(m->t_q + h * c->Hd, cs, sn, c->Hd, 1.0f);
             rope_row(kc + (size_t)pos * HHd + h * c->Hd, cs, sn, c->Hd, 1.0f);
         }
-        for (int h = 0; h < c->H; h++) {  // the row pos of attention_forward's three steps
-            float *att = m->t_att;
-            attention_scores_row(att, m->t_q + h * c->Hd, kc + h * c->Hd, pos + 1, c->Hd, HHd);
-            attention_softmax_row(att, pos, pos + 1);
-            attention_values_row(m->t_aty + h * c->Hd, att, vc + h * c->Hd, pos + 1, c->Hd, HHd);
-        }
+        attention_decode(m->t_aty, m->t_att, m->t_q, kc, vc, pos, c->H, c->Hd);
         matvec_forward(m->t_out, m->t_aty, WT + lp->wo, HHd, D);
         residual_forward(x, x, m->t_out, D);
         rmsnorm_row(xn, NULL, x, W + lp->mlp_norm, D);
@@ -1540,7 +1564,7 @@ const float *model_decode(Model *m, int token, int pos) {
             int e = m->t_top[r];
             ffn_token(m, m->t_out, xn, WT + lp->w_gate + (size_t)e * 2 * c->Fe * D, WT + lp->w_up + (size_t)e * c->Fe * D,
                       WT + lp->w_down + (size_t)e * D * c->Fe, c->Fe);
-            for (int i = 0; i < D; i++) m->t_acc[i] = m->t_acc[i] + m->t_p[e] * m->t_out[i];
+            moe_decode_accumulate(m->t_acc, m->t_out, m->t_p, m->t_top + r, D);
         }
         residual_forward(x, m->t_acc, x, D);
         if (c->extra_ffn) {
