@@ -189,7 +189,7 @@ static void gemm_tasks(float *C, int ldc, const float *A, int ars, int aks, cons
     int rows, ranges, panels = (N + NR - 1) / NR;
     gemm_task_grid(M, N, &rows, &ranges);
     int row_blocks = (M + rows - 1) / rows;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait  // the parallel region's end waits for all
     for (int task = 0; task < row_blocks * ranges; task++) {
         int rb = task % row_blocks, cr = task / row_blocks;
         int i0 = rb * rows, i1 = i0 + rows < M ? i0 + rows : M;
@@ -215,13 +215,13 @@ static void gemm_pack_all(float *bpacked, const float *B, int ldb, int transpose
 // all of C, spread over the threads. Where several row blocks share B, it is
 // packed once into bpacked (gemm_packed_floats(N, K)) and read by all;
 // otherwise each task packs a panel just before using it, from L1.
-#define GEMM_SHARED_B_MIN_BLOCKS 8
+#define GEMM_SHARED_B_MIN_BLOCKS 16
 static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                  int M, int N, int K, int accumulate, float *bpacked) {
     int rows, ranges;
     gemm_task_grid(M, N, &rows, &ranges);
-    int shared = (M + rows - 1) / rows >= GEMM_SHARED_B_MIN_BLOCKS;
-#pragma omp parallel if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
+    int row_blocks = (M + rows - 1) / rows, shared = row_blocks >= GEMM_SHARED_B_MIN_BLOCKS;
+#pragma omp parallel if (row_blocks * ranges > 1 && (size_t)M * N * K > GEMM_PARALLEL_MIN)
     {
         if (shared) gemm_pack_all(bpacked, B, ldb, 0, N, K);
         gemm_tasks(C, ldc, A, ars, aks, B, ldb, shared ? bpacked : NULL, M, N, K, accumulate);
