@@ -212,9 +212,10 @@ static void gemm_pack_all(float *bpacked, const float *B, int ldb, int transpose
     }
 }
 
-// all of C, spread over the threads. Where several row blocks share B, it is
-// packed once into bpacked (gemm_packed_floats(N, K)) and read by all;
-// otherwise each task packs a panel just before using it, from L1.
+// all of C, spread over the threads. Where many row blocks share B (at least
+// GEMM_SHARED_B_MIN_BLOCKS), it is packed once into bpacked
+// (gemm_packed_floats(N, K)) and read by all; otherwise each task packs a
+// panel just before using it, so that it is read from L1.
 #define GEMM_SHARED_B_MIN_BLOCKS 16
 static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                  int M, int N, int K, int accumulate, float *bpacked) {
