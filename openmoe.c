@@ -1189,14 +1189,7 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
     m->T = T;
     m->s = *s;
     m->has_targets = y != NULL;
-    m->n_targets = 0;
-    for (int n = 0; n < BT; n++) {
-        if (x[n] < 0 || x[n] >= V) die("model_forward: token x[%d] = %d out of range [0, %d)", n, x[n], V);
-        if (y && (y[n] < -1 || y[n] >= V)) die("model_forward: target y[%d] = %d out of range [-1, %d)", n, y[n], V);
-        m->x[n] = x[n];
-        m->y[n] = y ? y[n] : -1;
-        m->n_targets += m->y[n] >= 0;
-    }
+    m->n_targets = forward_tokens_copy(m->x, m->y, x, y, BT, V);
     const float *W = m->params;
     encoder_forward(m->resid, m->x, W + m->table.wte, BT, D);
     int im = 0;

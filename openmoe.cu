@@ -1654,14 +1654,7 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
     m->T = T;
     m->s = *s;
     m->has_targets = y != NULL;
-    m->n_targets = 0;
-    for (int n = 0; n < BT; n++) {
-        if (x[n] < 0 || x[n] >= V) die("model_forward: token x[%d] = %d out of range [0, %d)", n, x[n], V);
-        if (y && (y[n] < -1 || y[n] >= V)) die("model_forward: target y[%d] = %d out of range [-1, %d)", n, y[n], V);
-        m->h_x[n] = x[n];
-        m->h_y[n] = y ? y[n] : -1;
-        m->n_targets += m->h_y[n] >= 0;
-    }
+    m->n_targets = forward_tokens_copy(m->h_x, m->h_y, x, y, BT, V);
     cudaCheck(cudaMemcpyAsync(m->d_x, m->h_x, BT * sizeof(int), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpyAsync(m->d_y, m->h_y, BT * sizeof(int), cudaMemcpyHostToDevice));
     if (m->precision == PRECISION_BF16) forward_impl<bf16>(m, B, T);

@@ -684,6 +684,20 @@ static inline void forward_args_check(int B, int T, int Bmax, int Tmax, const Mo
             "drop policy %d)", s->cf1000, s->min_capacity, s->group_size, s->capacity_rule, s->drop_policy);
 }
 
+// x, y (BT) checked against the vocabulary V and copied to xd, yd (y NULL:
+// no targets, yd all -1); returns the number of targets
+static inline int forward_tokens_copy(int *xd, int *yd, const int32_t *x, const int32_t *y, int BT, int V) {
+    int n_targets = 0;
+    for (int n = 0; n < BT; n++) {
+        if (x[n] < 0 || x[n] >= V) die("model_forward: token x[%d] = %d out of range [0, %d)", n, x[n], V);
+        if (y && (y[n] < -1 || y[n] >= V)) die("model_forward: target y[%d] = %d out of range [-1, %d)", n, y[n], V);
+        xd[n] = x[n];
+        yd[n] = y ? y[n] : -1;
+        n_targets += yd[n] >= 0;
+    }
+    return n_targets;
+}
+
 // model_update's arguments, against the optimizer the model was created with
 static inline void update_args_check(int has_grads, OptKind kind, int min_dim, const OptSettings *o, int t) {
     if (!has_grads) die("model_update: the model was created without an optimizer");
