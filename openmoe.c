@@ -207,7 +207,12 @@ static void gemm_pack_all(float *bpacked, const float *B, int ldb, int transpose
     for (int t = 0; t < panels * blocks; t++) {
         int j0 = t % panels * NR, k0 = t / panels * KC, kc = K - k0 < KC ? K - k0 : KC, nr = N - j0 < NR ? N - j0 : NR;
         float *bp = (float *)gemm_packed_panel(bpacked, N, j0, k0, kc);
-        if (transposed) gemm_pack_bt(bp, B + (size_t)j0 * ldb + k0, ldb, nr, kc);
+        if (transposed) {  // reading W's rows is what this waits on: ask for the next panel's meanwhile
+            const float *next = B + (size_t)(j0 + NR) * ldb + k0;
+            for (int r = 0; r < nr && j0 + NR + r < N; r++)
+                for (int k = 0; k < kc; k += 64 / sizeof(float)) __builtin_prefetch(next + (size_t)r * ldb + k);
+            gemm_pack_bt(bp, B + (size_t)j0 * ldb + k0, ldb, nr, kc);
+        }
         else gemm_pack_b(bp, B + (size_t)k0 * ldb + j0, ldb, nr, kc);
     }
 }

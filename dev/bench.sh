@@ -14,9 +14,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${THREADS:-$(nproc)}
-export OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads OMP_WAIT_POLICY=PASSIVE
+export OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads
+# OpenMP's wait policy: torch runs PASSIVE (its OpenMP threads must not spin
+# while OpenBLAS's own threads compute: spinning halves its matmuls on 2
+# cores); C keeps the environment's, libgomp's default unless set, which is
+# what ./train runs with
+c_wait=${OMP_WAIT_POLICY:-default}
 PY=${PYTHON:-/usr/bin/python3}
-py() { $PY dev/bench_torch.py "$@"; }
+py() { OMP_WAIT_POLICY=PASSIVE $PY dev/bench_torch.py "$@"; }
 c() { build/bench_cpu "$@"; }
 field() { sed -n "s/.*$1 \([0-9.e+-]*\).*/\1/p"; }
 mkdir -p build/bench
@@ -24,6 +29,7 @@ mkdir -p build/bench
 flags=$(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo | head -1)
 has() { [[ " $flags " == *" $1 "* ]]; }
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $threads threads, $(has avx512f && echo AVX-512 || (has avx2 && echo AVX2 || echo 'no AVX2')); $(gcc --version | head -1); torch $($PY -c 'import torch; print(torch.__version__)')"
+echo "OpenMP wait policy: C $c_wait, torch PASSIVE"
 
 # --- the OpenBLAS core for torch ---------------------------------------------
 # blas_probe LABEL ENV...: the core OpenBLAS reports under ENV, the worst
@@ -31,7 +37,7 @@ echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $threads threads, $(has 
 blas_probe() {
     local label=$1; shift
     local out core
-    out=$(env "$@" OPENBLAS_VERBOSE=2 $PY dev/bench_torch.py blas 2>&1) || { echo "$label - failed - -"; return; }
+    out=$(env "$@" OMP_WAIT_POLICY=PASSIVE OPENBLAS_VERBOSE=2 $PY dev/bench_torch.py blas 2>&1) || { echo "$label - failed - -"; return; }
     core=$(echo "$out" | sed -n 's/^Core: //p' | tail -1)
     echo "$label ${core:-unknown} $(echo "$out" | field blas_rel_err) $(echo "$out" | field blas_gflops)"
 }
@@ -59,7 +65,7 @@ if [ "$best_label" = environment ]; then
 else
     echo "torch runs on OpenBLAS core $best_core: bench set it ($best_env), the fastest correct core"
 fi
-py() { env $best_env $PY dev/bench_torch.py "$@"; }
+py() { env $best_env OMP_WAIT_POLICY=PASSIVE $PY dev/bench_torch.py "$@"; }
 
 # --- results -------------------------------------------------------------------
 printf "%-44s %12s %12s %8s\n" "what" "C" "PyTorch" "C/torch"
