@@ -96,14 +96,44 @@ static void gemm_pack_b(float *bp, const float *B, int ldb, int nr, int kc) {
     }
 }
 
-// The same panel of B^T: bp (kc,NR) = columns 0..kc-1 of rows 0..nr-1 of W
-// (rows ldw apart), zero columns past nr. Each row of W is read along k.
-static void gemm_pack_bt(float *bp, const float *W, int ldw, int nr, int kc) {
-    if (nr < NR) memset(bp, 0, (size_t)kc * NR * sizeof(float));
-    for (int j = 0; j < nr; j++) {
-        const float *w = W + (size_t)j * ldw;
-        for (int k = 0; k < kc; k++) bp[k * NR + j] = w[k];
+// the VW x VW block in rows r[0..VW-1] transposed in place: log2(VW)
+// stages, each swapping the off-diagonal h x h blocks of the row pairs
+// (i, i+h); the shuffles are constants once the loops are unrolled
+typedef int veci __attribute__((vector_size(VW * sizeof(int))));
+static inline void transpose_block(vecf *r) {
+#pragma GCC unroll 8
+    for (int h = VW / 2; h >= 1; h /= 2) {
+        veci lo, hi;
+#pragma GCC unroll 16
+        for (int p = 0; p < VW; p++) {
+            lo[p] = (p & h) ? VW + p - h : p;
+            hi[p] = (p & h) ? VW + p : p + h;
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < VW; i++)
+            if (!(i & h)) {
+                vecf a = r[i], b = r[i + h];
+                r[i] = __builtin_shuffle(a, b, lo);
+                r[i + h] = __builtin_shuffle(a, b, hi);
+            }
     }
+}
+
+// The same panel of B^T: bp (kc,NR) = columns 0..kc-1 of rows 0..nr-1 of W
+// (rows ldw apart), zero columns past nr. A full panel goes VW x VW block
+// by block through the vector registers; the rest element by element.
+static void gemm_pack_bt(float *bp, const float *W, int ldw, int nr, int kc) {
+    int k0 = 0;
+    if (nr == NR)
+        for (; k0 + VW <= kc; k0 += VW)
+            for (int j0 = 0; j0 < NR; j0 += VW) {
+                vecf r[VW];
+                for (int t = 0; t < VW; t++) r[t] = *(const vecf *)(W + (size_t)(j0 + t) * ldw + k0);
+                transpose_block(r);
+                for (int t = 0; t < VW; t++) *(vecf *)(bp + (k0 + t) * NR + j0) = r[t];
+            }
+    for (int k = k0; k < kc; k++)
+        for (int j = 0; j < NR; j++) bp[k * NR + j] = j < nr ? W[(size_t)j * ldw + k] : 0.0f;
 }
 
 // B packed once for all threads: the panel of columns j0..j0+NR-1 of depth
