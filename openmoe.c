@@ -35,11 +35,11 @@
 #if defined(__AVX512F__)
 #define VW 16   // floats per vector: one zmm
 #define MR 14   // rows of C per register tile: 28 of the 32 zmm registers
-#define MC 112  // rows of C per thread task: its packed A (MC x KC) stays in L2
+#define MC 112  // rows of A packed at a time: MC x KC of it stays in L2
 #else
 #define VW 8    // floats per vector: one ymm
 #define MR 6    // rows of C per register tile: 12 of the 16 ymm registers
-#define MC 96   // rows of C per thread task: its packed A (MC x KC) stays in L2
+#define MC 96   // rows of A packed at a time: MC x KC of it stays in L2
 #endif
 #define NR (2 * VW)  // columns of C per register tile: two vectors
 #define KC 256       // depth of one pass: a KC x NR panel of B stays in L1
@@ -136,132 +136,130 @@ static void gemm_pack_bt(float *bp, const float *W, int ldw, int nr, int kc) {
         for (int j = 0; j < NR; j++) bp[k * NR + j] = j < nr ? W[(size_t)j * ldw + k] : 0.0f;
 }
 
-// B packed once for all threads: the panel of columns j0..j0+NR-1 of depth
-// block k0..k0+kc-1 sits at bpacked + k0*Npad + j0*kc (Npad = N rounded up to NR)
-static size_t gemm_packed_floats(int N, int K) { return (size_t)((N + NR - 1) / NR) * NR * K; }
-static const float *gemm_packed_panel(const float *bpacked, int N, int j0, int k0, int kc) {
-    return bpacked + (size_t)k0 * ((N + NR - 1) / NR * NR) + (size_t)j0 * kc;
+// One tile of C, mr x nr of it inside C (an edge tile runs in a buffer, so
+// that one kernel serves every tile)
+static void gemm_tile_edge(float *C, int ldc, const float *ap, const float *bp, int kc, int load_c, int mr, int nr) {
+    if (mr == MR && nr == NR) {
+        gemm_tile(C, ldc, ap, bp, kc, load_c);
+        return;
+    }
+    float tile[MR * NR] = {0};
+    for (int r = 0; r < mr; r++)
+        for (int j = 0; j < nr; j++) tile[r * NR + j] = C[(size_t)r * ldc + j];
+    gemm_tile(tile, NR, ap, bp, kc, load_c);
+    for (int r = 0; r < mr; r++)
+        for (int j = 0; j < nr; j++) C[(size_t)r * ldc + j] = tile[r * NR + j];
 }
 
-// rows i0..i1-1 (at most MC) and columns j0..j1-1 of C, on the calling
-// thread. A is packed into a stack buffer; B's panels come packed (bpacked)
-// or are packed here one by one. Zero-padded at the edges, so that one
-// kernel serves every tile: an edge tile runs in a buffer.
-static void gemm_block(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
-                       const float *bpacked, int i0, int i1, int j0, int j1, int N, int K, int accumulate) {
-    float apack[MC * KC] __attribute__((aligned(64))), bpack[KC * NR] __attribute__((aligned(64)));
-    if (K <= 0 && !accumulate)  // an empty sum
-        for (int i = i0; i < i1; i++) memset(C + (size_t)i * ldc + j0, 0, (j1 - j0) * sizeof(float));
-    for (int k0 = 0; k0 < K; k0 += KC) {
-        int kc = K - k0 < KC ? K - k0 : KC, load_c = accumulate || k0 > 0;
-        for (int i = i0; i < i1; i += MR)
-            gemm_pack_a(apack + (size_t)(i - i0) * kc, A, ars, aks, i, i1 - i < MR ? i1 - i : MR, k0, kc);
-        for (int j = j0; j < j1; j += NR) {
-            int nr = j1 - j < NR ? j1 - j : NR;
-            const float *bp = bpacked ? gemm_packed_panel(bpacked, N, j, k0, kc) : bpack;
-            if (!bpacked) gemm_pack_b(bpack, B + (size_t)k0 * ldb + j, ldb, nr, kc);
-            for (int i = i0; i < i1; i += MR) {
-                int mr = i1 - i < MR ? i1 - i : MR;
-                const float *ap = apack + (size_t)(i - i0) * kc;
-                float *c = C + (size_t)i * ldc + j;
-                if (mr == MR && nr == NR) {
-                    gemm_tile(c, ldc, ap, bp, kc, load_c);
-                    continue;
-                }
-                float tile[MR * NR] = {0};
-                for (int r = 0; r < mr; r++)
-                    for (int jj = 0; jj < nr; jj++) tile[r * NR + jj] = c[(size_t)r * ldc + jj];
-                gemm_tile(tile, NR, ap, bp, kc, load_c);
-                for (int r = 0; r < mr; r++)
-                    for (int jj = 0; jj < nr; jj++) c[(size_t)r * ldc + jj] = tile[r * NR + jj];
-            }
+// bp (kc,NR): the panel of columns j..j+nr-1 of B at depth k0..k0+kc-1, from
+// B (K,N) row-major or, transposed, from W (N,K) row-major (B = W^T); rows
+// ldb apart. Reading W's rows is what the transposed packing waits on, so it
+// asks for the next panel's rows meanwhile.
+static void gemm_pack_panel(float *bp, const float *B, int ldb, int transposed, int j, int nr, int N, int k0, int kc) {
+    if (!transposed) {
+        gemm_pack_b(bp, B + (size_t)k0 * ldb + j, ldb, nr, kc);
+        return;
+    }
+    const float *w = B + (size_t)j * ldb + k0;
+    for (int r = NR; r < 2 * NR && j + r < N; r++)
+        for (int k = 0; k < kc; k += 64 / sizeof(float)) __builtin_prefetch(w + (size_t)r * ldb + k);
+    gemm_pack_bt(bp, w, ldb, nr, kc);
+}
+
+// The threaded matmul. C is cut into tasks: a range of columns times a group
+// of rows, numbered range by range. A thread packs the range of B it works
+// on itself, all of a depth slice deep, into bblock (its own, in L2), and
+// keeps it while its next task is of the same range; it packs A MC rows at
+// a time. Nothing packed is shared between threads: on the machines
+// measured (README), a core reading lines that another has written, or
+// writing over lines that another has read, runs at memory speed.
+#define GEMM_B_FLOATS (16 * KC * NR)  // a thread's packed B: 512 KB under AVX-512, 256 KB under AVX2 (in L2)
+#define GEMM_MIN_RANGE_PANELS 8       // a slice is shallow enough for a range this wide
+#define GEMM_RANGE_PANELS 16          // and a range at most this wide
+#define GEMM_TASKS_PER_THREAD 4       // rows are cut into groups (whole tiles) until there are this many tasks
+
+// bblock: the panels of columns j0..j1-1 of B at depth d0..d0+dk-1, depth block
+// k0 (from d0) and panel j at bblock + k0*cols + (j-j0)*kc, cols = j1-j0 rounded up to NR
+static void gemm_pack_range(float *bblock, const float *B, int ldb, int transposed, int j0, int j1, int N, int d0,
+                            int dk) {
+    int cols = (j1 - j0 + NR - 1) / NR * NR;
+    for (int k0 = 0; k0 < dk; k0 += KC) {
+        int kc = dk - k0 < KC ? dk - k0 : KC;
+        for (int j = j0; j < j1; j += NR)
+            gemm_pack_panel(bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc, B, ldb, transposed, j,
+                            j1 - j < NR ? j1 - j : NR, N, d0 + k0, kc);
+    }
+}
+
+// rows i0..i1-1 times columns j0..j1-1 of C at depth d0..d0+dk-1, B's range
+// packed in bblock: MC rows at a time, their packed A and C's block staying
+// in L2 while the depth blocks pass. load_c: continue C's chains.
+static void gemm_range_rows(float *C, int ldc, const float *A, int ars, int aks, const float *bblock, int i0, int i1,
+                            int j0, int j1, int d0, int dk, int load_c) {
+    float apack[MC * KC] __attribute__((aligned(64)));
+    int cols = (j1 - j0 + NR - 1) / NR * NR;
+    for (int ib = i0; ib < i1; ib += MC) {
+        int ie = ib + MC < i1 ? ib + MC : i1;
+        for (int k0 = 0; k0 < dk; k0 += KC) {
+            int kc = dk - k0 < KC ? dk - k0 : KC;
+            for (int i = ib; i < ie; i += MR)
+                gemm_pack_a(apack + (size_t)(i - ib) * kc, A, ars, aks, i, ie - i < MR ? ie - i : MR, d0 + k0, kc);
+            for (int j = j0; j < j1; j += NR)
+                for (int i = ib; i < ie; i += MR)
+                    gemm_tile_edge(C + (size_t)i * ldc + j, ldc, apack + (size_t)(i - ib) * kc,
+                                   bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc, kc, load_c || k0 > 0,
+                                   ie - i < MR ? ie - i : MR, j1 - j < NR ? j1 - j : NR);
         }
     }
 }
 
-// rows i0..i1-1 of C, on the calling thread
-static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
-                      int i0, int i1, int N, int K, int accumulate) {
-    for (int i = i0; i < i1; i += MC)
-        gemm_block(C, ldc, A, ars, aks, B, ldb, NULL, i, i + MC < i1 ? i + MC : i1, 0, N, N, K, accumulate);
+// C (M,N) (+)= A (M,K) @ B on `threads` threads, with A read through strides
+// (A[i*ars + k*aks]) and B (K,N) row-major or, with transposed, W^T for W
+// (N,K) row-major (rows ldb apart). Depth slice by depth slice (a barrier
+// between, as each continues the chains of the one before); the bits do not
+// depend on the tasks: every element is one chain in k order.
+static void gemm_on(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb, int transposed,
+                    int M, int N, int K, int accumulate, int threads) {
+    static __thread float bblock[GEMM_B_FLOATS] __attribute__((aligned(64)));  // a thread's, made with it
+    if (K <= 0) {
+        if (!accumulate)  // an empty sum
+            for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, N * sizeof(float));
+        return;
+    }
+    int deepest = GEMM_B_FLOATS / (GEMM_MIN_RANGE_PANELS * NR) / KC * KC, depth = K < deepest ? K : deepest;
+    int range = GEMM_B_FLOATS / (depth * NR) < GEMM_RANGE_PANELS ? GEMM_B_FLOATS / (depth * NR) : GEMM_RANGE_PANELS;
+    int panels = (N + NR - 1) / NR, ranges = (panels + range - 1) / range, tiles = (M + MR - 1) / MR;
+    int want = threads * GEMM_TASKS_PER_THREAD, groups = ranges >= want ? 1 : (want + ranges - 1) / ranges;
+    groups = groups < tiles ? groups : tiles;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    for (int d0 = 0; d0 < K; d0 += depth) {
+        int dk = K - d0 < depth ? K - d0 : depth, held = -1;  // the range this thread holds packed
+#pragma omp for schedule(dynamic, 1)
+        for (int t = 0; t < ranges * groups; t++) {
+            int r = t / groups, g = t % groups;
+            int j0 = r * range * NR, j1 = j0 + range * NR < N ? j0 + range * NR : N;
+            int i0 = tiles * g / groups * MR, i1 = tiles * (g + 1) / groups * MR;
+            if (held != r) gemm_pack_range(bblock, B, ldb, transposed, j0, j1, N, d0, dk);
+            held = r;
+            gemm_range_rows(C, ldc, A, ars, aks, bblock, i0, i1 < M ? i1 : M, j0, j1, d0, dk, accumulate || d0 > 0);
+        }
+    }
 }
 
-// Tasks for the threads: blocks of rows times ranges of whole panels of
-// columns, GEMM_TASKS_PER_THREAD tasks a thread or more. A range is at most
-// GEMM_RANGE_PANELS wide, so that its share of B stays in L2 while the tasks
-// of one range (numbered one after the other) run through the row blocks.
-// Where blocks of MC rows are too few (the experts' few hundred rows), the
-// ranges are cut narrower, down to GEMM_MIN_PANELS, then the row blocks
-// thinner, in whole tiles. The grid follows the thread count; the bits do
-// not (every element is still one chain in k order).
-#define GEMM_TASKS_PER_THREAD 2
-#define GEMM_MIN_PANELS 4
-#define GEMM_RANGE_PANELS 16
-static void gemm_task_grid(int M, int N, int *rows, int *ranges) {
+// the same on all threads (one for a small product)
+static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb, int transposed,
+                 int M, int N, int K, int accumulate) {
     int threads = 1;
 #ifdef _OPENMP
-    threads = omp_get_max_threads();
+    if ((size_t)M * N * K > GEMM_PARALLEL_MIN) threads = omp_get_max_threads();
 #endif
-    int want = threads * GEMM_TASKS_PER_THREAD, row_blocks = (M + MC - 1) / MC, panels = (N + NR - 1) / NR;
-    int for_threads = (want + row_blocks - 1) / row_blocks, narrowest = panels / GEMM_MIN_PANELS;
-    int for_cache = (panels + GEMM_RANGE_PANELS - 1) / GEMM_RANGE_PANELS;
-    *ranges = for_threads < narrowest ? for_threads : narrowest;
-    *ranges = *ranges > for_cache ? *ranges : for_cache;
-    *ranges = *ranges > 1 ? *ranges : 1;
-    int blocks = (want + *ranges - 1) / *ranges, r = ((M + blocks - 1) / blocks + MR - 1) / MR * MR;
-    *rows = row_blocks >= blocks || r > MC ? MC : r > MR ? r : MR;
+    gemm_on(C, ldc, A, ars, aks, B, ldb, transposed, M, N, K, accumulate, threads);
 }
 
-// all of C, spread over the threads; B's panels packed in bpacked, or
-// without it packed by each task from B (ldb)
-static void gemm_tasks(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
-                       const float *bpacked, int M, int N, int K, int accumulate) {
-    int rows, ranges, panels = (N + NR - 1) / NR;
-    gemm_task_grid(M, N, &rows, &ranges);
-    int row_blocks = (M + rows - 1) / rows;
-#pragma omp for schedule(dynamic, 1) nowait  // the parallel region's end waits for all
-    for (int task = 0; task < row_blocks * ranges; task++) {
-        int rb = task % row_blocks, cr = task / row_blocks;
-        int i0 = rb * rows, i1 = i0 + rows < M ? i0 + rows : M;
-        int j0 = panels * cr / ranges * NR, j1 = panels * (cr + 1) / ranges * NR;
-        gemm_block(C, ldc, A, ars, aks, B, ldb, bpacked, i0, i1, j0, j1 < N ? j1 : N, N, K, accumulate);
-    }
-}
-
-// every panel of B into bpacked (gemm_packed_floats(N, K)), shared by the
-// threads: from B (K,N) row-major (ldb), or with transposed from W (N,K)
-// row-major (rows ldb apart) for B = W^T. Inside a parallel region.
-static void gemm_pack_all(float *bpacked, const float *B, int ldb, int transposed, int N, int K) {
-    int panels = (N + NR - 1) / NR, blocks = (K + KC - 1) / KC;
-#pragma omp for schedule(static)
-    for (int t = 0; t < panels * blocks; t++) {
-        int j0 = t % panels * NR, k0 = t / panels * KC, kc = K - k0 < KC ? K - k0 : KC, nr = N - j0 < NR ? N - j0 : NR;
-        float *bp = (float *)gemm_packed_panel(bpacked, N, j0, k0, kc);
-        if (transposed) {  // reading W's rows is what this waits on: ask for the next panel's meanwhile
-            const float *next = B + (size_t)(j0 + NR) * ldb + k0;
-            for (int r = 0; r < nr && j0 + NR + r < N; r++)
-                for (int k = 0; k < kc; k += 64 / sizeof(float)) __builtin_prefetch(next + (size_t)r * ldb + k);
-            gemm_pack_bt(bp, B + (size_t)j0 * ldb + k0, ldb, nr, kc);
-        }
-        else gemm_pack_b(bp, B + (size_t)k0 * ldb + j0, ldb, nr, kc);
-    }
-}
-
-// all of C, spread over the threads. Where many row blocks share B (at least
-// GEMM_SHARED_B_MIN_BLOCKS), it is packed once into bpacked
-// (gemm_packed_floats(N, K)) and read by all; otherwise each task packs a
-// panel just before using it, so that it is read from L1.
-#define GEMM_SHARED_B_MIN_BLOCKS 16
-static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
-                 int M, int N, int K, int accumulate, float *bpacked) {
-    int rows, ranges;
-    gemm_task_grid(M, N, &rows, &ranges);
-    int row_blocks = (M + rows - 1) / rows, shared = row_blocks >= GEMM_SHARED_B_MIN_BLOCKS;
-#pragma omp parallel if (row_blocks * ranges > 1 && (size_t)M * N * K > GEMM_PARALLEL_MIN)
-    {
-        if (shared) gemm_pack_all(bpacked, B, ldb, 0, N, K);
-        gemm_tasks(C, ldc, A, ars, aks, B, ldb, shared ? bpacked : NULL, M, N, K, accumulate);
-    }
+// rows i0..i1-1 of C, on the calling thread (attention: a (batch, head) per thread)
+static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
+                      int i0, int i1, int N, int K, int accumulate) {
+    gemm_on(C + (size_t)i0 * ldc, ldc, A + (size_t)i0 * ars, ars, aks, B, ldb, 0, i1 - i0, N, K, accumulate, 1);
 }
 
 // Narrow C (N <= VW, a router's E columns): one vector of columns per row,
@@ -287,22 +285,18 @@ static void gemm_narrow_rows(float *C, int ldc, const float *A, int lda, const f
     }
 }
 
-// C (M,N) = A (M,K) @ W^T for W (N,K) row-major: W's panels packed once,
-// shared by the threads (bpacked holds gemm_packed_floats(N, K))
-static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, float *bpacked, int M, int N, int K) {
-    if (N <= VW) {
-        for (int k = 0; k < K; k++)
-            for (int j = 0; j < VW; j++) bpacked[k * VW + j] = j < N ? W[(size_t)j * K + k] : 0.0f;
-        int tiles = (M + MR - 1) / MR;
-#pragma omp parallel for schedule(static) if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
-        for (int t = 0; t < tiles; t++) gemm_narrow_rows(C, ldc, A, lda, bpacked, t * MR, t * MR + MR < M ? t * MR + MR : M, N, K);
+// C (M,N) = A (M,K) @ W^T for W (N,K) row-major; wt_narrow holds K*VW
+// floats, for the narrow case's W^T
+static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, float *wt_narrow, int M, int N, int K) {
+    if (N > VW) {
+        gemm(C, ldc, A, lda, 1, W, K, 1, M, N, K, 0);
         return;
     }
-#pragma omp parallel if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
-    {
-        gemm_pack_all(bpacked, W, K, 1, N, K);
-        gemm_tasks(C, ldc, A, lda, 1, NULL, 0, bpacked, M, N, K, 0);
-    }
+    for (int k = 0; k < K; k++)
+        for (int j = 0; j < VW; j++) wt_narrow[k * VW + j] = j < N ? W[(size_t)j * K + k] : 0.0f;
+    int tiles = (M + MR - 1) / MR;
+#pragma omp parallel for schedule(static) if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
+    for (int t = 0; t < tiles; t++) gemm_narrow_rows(C, ldc, A, lda, wt_narrow, t * MR, t * MR + MR < M ? t * MR + MR : M, N, K);
 }
 
 // out [OUT] = wt [IN,OUT]^T @ inp [IN]: one token (inference), same bits as
@@ -361,18 +355,19 @@ static void transpose(float *wt, const float *w, int OUT, int IN) {
     for (int i0 = 0; i0 < IN; i0 += 32) transpose_rows(wt, w, OUT, IN, IN, i0, i0 + 32 < IN ? i0 + 32 : IN);
 }
 
-// out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T; scratch holds gemm_packed_floats(OUT, IN)
+// out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T; scratch holds IN*VW floats (a
+// narrow w's transpose)
 static void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT,
                            float *scratch) {
     gemm_bt(out, OUT, inp, IN, w, scratch, N, OUT, IN);
 }
 
 // dinp (N,IN) = (or +=, with accumulate) dout (N,OUT) @ w (OUT,IN);
-// dw (OUT,IN) += dout^T @ inp; scratch holds gemm_packed_floats(IN, max(OUT, N))
+// dw (OUT,IN) += dout^T @ inp
 static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
-                            const float *w, int N, int IN, int OUT, int accumulate, float *scratch) {
-    if (dinp) gemm(dinp, IN, dout, OUT, 1, w, IN, N, IN, OUT, accumulate, scratch);
-    gemm(dw, IN, dout, 1, OUT, inp, IN, OUT, IN, N, 1, scratch);
+                            const float *w, int N, int IN, int OUT, int accumulate) {
+    if (dinp) gemm(dinp, IN, dout, OUT, 1, w, IN, 0, N, IN, OUT, accumulate);
+    gemm(dw, IN, dout, 1, OUT, inp, IN, 0, OUT, IN, N, 1);
 }
 
 // ----------------------------------------------------------------------------
@@ -562,12 +557,12 @@ static void ffn_forward(float *out, float *g, float *u, float *h, const float *i
 }
 
 // dout (N,D) -> dinp (N,D) overwritten, dwg, dwu, dwd accumulated;
-// dg (N,2F), du (N,F), dh (N,F) scratch; scratch as matmul_backward's
+// dg (N,2F), du (N,F), dh (N,F) scratch
 static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const float *dout,
                          const float *inp, const float *g, const float *u, const float *h,
                          const float *wg, const float *wu, const float *wd, int N, int D, int F,
-                         float *dg, float *du, float *dh, float *scratch) {
-    matmul_backward(dh, dwd, dout, h, wd, N, F, D, 0, scratch);
+                         float *dg, float *du, float *dh) {
+    matmul_backward(dh, dwd, dout, h, wd, N, F, D, 0);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *gn = g + (size_t)n * 2 * F, *un = u + (size_t)n * F, *dhn = dh + (size_t)n * F;
@@ -579,8 +574,8 @@ static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const 
             dun[i] = dhn[i] * a * silu;
         }
     }
-    matmul_backward(dinp, dwg, dg, inp, wg, N, D, 2 * F, 0, scratch);
-    matmul_backward(dinp, dwu, du, inp, wu, N, D, F, 1, scratch);
+    matmul_backward(dinp, dwg, dg, inp, wg, N, D, 2 * F, 0);
+    matmul_backward(dinp, dwu, du, inp, wu, N, D, F, 1);
 }
 
 // ----------------------------------------------------------------------------
@@ -898,7 +893,7 @@ struct Model {
     float *tmp;               // (BT,D) a sublayer's output before the residual add
     float *kt;                // (B,H,Hd,T) k (forward) or v (backward) transposed per head
     int *x, *y;               // (BT) the batch of the last forward
-    float *scratch;           // the largest weight matrix, packed for the matmul (gemm_bt)
+    float *scratch;           // a narrow weight transposed, for the matmul (matmul_scratch_floats)
     float *lbP;               // (E) load-balance scratch
     int *cursor, *seg;        // (E), (E+1)
     uint64_t *prio_key;       // (BT*K) the drop policy "probs"' sort keys
@@ -953,19 +948,11 @@ static int *carve_int(int *base, size_t *used, size_t n) {
     return p;
 }
 
-// the packed B of the largest matmul (gemm_packed_floats): each weight
-// (OUT,IN) as forward (OUT,IN) and as dinp's (IN,OUT), and dw's activations
-// (IN, at most BT rows)
-static size_t matmul_scratch_floats(const Config *c, size_t BT) {
-    int D = c->D, HHd = c->H * c->Hd, F2 = 2 * c->F, Fe2 = 2 * c->Fe;
-    int shapes[][2] = {{c->V, D}, {HHd, D}, {D, HHd}, {F2, D}, {D, c->F}, {Fe2, D}, {D, c->Fe}, {c->E, D}};
-    size_t most = 0;
-    for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++) {
-        int OUT = shapes[i][0], IN = shapes[i][1];
-        size_t need[] = {gemm_packed_floats(OUT, IN), gemm_packed_floats(IN, OUT), gemm_packed_floats(IN, (int)BT)};
-        for (int j = 0; j < 3; j++) most = need[j] > most ? need[j] : most;
-    }
-    return most;
+// a narrow weight's transpose (matmul_forward): the widest input times VW
+static size_t matmul_scratch_floats(const Config *c) {
+    int ins[] = {c->D, c->H * c->Hd, c->F, c->Fe}, most = 0;
+    for (size_t i = 0; i < sizeof(ins) / sizeof(ins[0]); i++) most = ins[i] > most ? ins[i] : most;
+    return (size_t)most * VW;
 }
 
 // the MoE sublayer's buffers of layer l: router, routing and the experts' rows (BT*K at most)
@@ -1061,7 +1048,7 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     m->kt = carve(fb, nf, BT * HHd);
     m->x = carve_int(ib, ni, BT);
     m->y = carve_int(ib, ni, BT);
-    m->scratch = carve(fb, nf, matmul_scratch_floats(c, BT));
+    m->scratch = carve(fb, nf, matmul_scratch_floats(c));
     m->lbP = carve(fb, nf, E);
     m->cursor = carve_int(ib, ni, E);
     m->seg = carve_int(ib, ni, E + 1);
@@ -1287,12 +1274,12 @@ static void moe_backward(Model *m, LayerActs *a, const LayerParams *lp, int BT) 
         size_t og = lp->w_gate + (size_t)e * 2 * Fe * D, ou = lp->w_up + (size_t)e * Fe * D,
                od = lp->w_down + (size_t)e * D * Fe;
         ffn_backward(m->dxe + r0 * D, G + og, G + ou, G + od, m->dye + r0 * D, a->xe + r0 * D, a->ge + r0 * 2 * Fe,
-                     a->ue + r0 * Fe, a->he + r0 * Fe, W + og, W + ou, W + od, rows, D, Fe, m->dg, m->du, m->dh, m->scratch);
+                     a->ue + r0 * Fe, a->he + r0 * Fe, W + og, W + ou, W + od, rows, D, Fe, m->dg, m->du, m->dh);
     }
     // the router: combine weights, load balance and z-loss all act on p
     moe_load_balance_backward(m->dp, a->lbf, BT, E, m->s.group_size, m->s.lb_coef / nm);
     router_backward(m->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
-    matmul_backward(m->d_ln, G + lp->router, m->dp, a->ln2, W + lp->router, BT, D, E, 0, m->scratch);
+    matmul_backward(m->d_ln, G + lp->router, m->dp, a->ln2, W + lp->router, BT, D, E, 0);
     moe_dispatch_backward(m->d_ln, m->dxe, a->row_of, BT, K, D);
     rmsnorm_backward(m->d_res, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
 }
@@ -1308,7 +1295,7 @@ void model_backward(Model *m) {
     memset(G, 0, pt->n_params * sizeof(float));
 
     crossentropy_backward(m->dlogits, m->logits, m->lse, m->y, BT, V, m->n_targets, m->s.lz_coef);
-    matmul_backward(m->d_ln, G + pt->lm_head, m->dlogits, m->lnf, W + pt->lm_head, BT, D, V, 0, m->scratch);
+    matmul_backward(m->d_ln, G + pt->lm_head, m->dlogits, m->lnf, W + pt->lm_head, BT, D, V, 0);
     memset(m->d_res, 0, (size_t)BT * D * sizeof(float));
     rmsnorm_backward(m->d_res, G + pt->final_norm, m->d_ln, m->final_in, W + pt->final_norm,
                      m->rstdf, BT, D);
@@ -1317,25 +1304,25 @@ void model_backward(Model *m) {
         const LayerParams *lp = &pt->layer[l];
         if (!lp->moe) {
             ffn_backward(m->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, m->d_res, a->ln2, a->g, a->u, a->h,
-                         W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D, c->F, m->dg, m->du, m->dh, m->scratch);
+                         W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D, c->F, m->dg, m->du, m->dh);
             rmsnorm_backward(m->d_res, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
         } else {
             if (c->extra_ffn) {
                 ffn_backward(m->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, m->d_res, a->ln3, a->gx, a->ux,
-                             a->hx, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D, c->F, m->dg, m->du, m->dh, m->scratch);
+                             a->hx, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D, c->F, m->dg, m->du, m->dh);
                 rmsnorm_backward(m->d_res, G + lp->extra_norm, m->d_ln, a->moe_out, W + lp->extra_norm, a->rstd3, BT, D);
             }
             moe_backward(m, a, lp, BT);
         }
         // d_res now holds d mid; attention: mid = in + Wo attn(...)
-        matmul_backward(m->datty, G + lp->wo, m->d_res, a->atty, W + lp->wo, BT, HHd, D, 0, m->scratch);
+        matmul_backward(m->datty, G + lp->wo, m->d_res, a->atty, W + lp->wo, BT, HHd, D, 0);
         attention_backward(m->dq, m->dk, m->dv, m->dscore, m->kt, m->datty, a->att, a->q, a->k, a->v, B, T, c->H,
                            c->Hd);
         rope_backward(m->dq, m->rope_cos, m->rope_sin, B, T, c->H, c->Hd);
         rope_backward(m->dk, m->rope_cos, m->rope_sin, B, T, c->H, c->Hd);
-        matmul_backward(m->d_ln, G + lp->wq, m->dq, a->ln1, W + lp->wq, BT, D, HHd, 0, m->scratch);
-        matmul_backward(m->d_ln, G + lp->wk, m->dk, a->ln1, W + lp->wk, BT, D, HHd, 1, m->scratch);
-        matmul_backward(m->d_ln, G + lp->wv, m->dv, a->ln1, W + lp->wv, BT, D, HHd, 1, m->scratch);
+        matmul_backward(m->d_ln, G + lp->wq, m->dq, a->ln1, W + lp->wq, BT, D, HHd, 0);
+        matmul_backward(m->d_ln, G + lp->wk, m->dk, a->ln1, W + lp->wk, BT, D, HHd, 1);
+        matmul_backward(m->d_ln, G + lp->wv, m->dv, a->ln1, W + lp->wv, BT, D, HHd, 1);
         rmsnorm_backward(m->d_res, G + lp->attn_norm, m->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D);
     }
     encoder_backward(G + pt->wte, m->d_res, m->x, BT, D);
