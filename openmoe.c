@@ -71,31 +71,6 @@ static inline void gemm_tile(float *C, int ldc, const float *ap, const float *bp
     }
 }
 
-// ap (kc,MR) k-major = rows i..i+mr-1, columns k0..k0+kc-1 of A, zero rows below mr
-static void gemm_pack_a(float *ap, const float *A, int ars, int aks, int i, int mr, int k0, int kc) {
-    const float *a = A + (size_t)i * ars + (size_t)k0 * aks;
-    if (mr == MR) {  // no test per element: the common case runs at about a cycle per float
-        for (int k = 0; k < kc; k++)
-            for (int r = 0; r < MR; r++) ap[k * MR + r] = a[(size_t)r * ars + (size_t)k * aks];
-        return;
-    }
-    for (int k = 0; k < kc; k++)
-        for (int r = 0; r < MR; r++) ap[k * MR + r] = r < mr ? a[(size_t)r * ars + (size_t)k * aks] : 0.0f;
-}
-
-// bp (kc,NR) = rows 0..kc-1, columns 0..nr-1 of B (rows ldb apart), zero columns past nr
-static void gemm_pack_b(float *bp, const float *B, int ldb, int nr, int kc) {
-    for (int k = 0; k < kc; k++) {
-        const float *b = B + (size_t)k * ldb;
-        if (nr == NR) {
-            *(vecf *)(bp + k * NR) = *(const vecf *)b;
-            *(vecf *)(bp + k * NR + VW) = *(const vecf *)(b + VW);
-        } else {
-            for (int j = 0; j < NR; j++) bp[k * NR + j] = j < nr ? b[j] : 0.0f;
-        }
-    }
-}
-
 // the VW x VW block in rows r[0..VW-1] transposed in place: log2(VW)
 // stages, each swapping the off-diagonal h x h blocks of the row pairs
 // (i, i+h); the shuffles are constants once the loops are unrolled
@@ -119,6 +94,45 @@ static inline void transpose_block(vecf *r) {
     }
 }
 
+// ap (kc,MR) k-major = rows i..i+mr-1, columns k0..k0+kc-1 of A, zero rows
+// below mr. Where VW rows of A can be read from i (avail of them) and A runs
+// along i (ars 1) or along k (aks 1), whole vectors move: k's VW values land
+// at ap + k*MR, and the VW-MR past the tile's rows are overwritten by k+1's
+// (so the buffer keeps VW floats to spare past its last tile).
+static void gemm_pack_a(float *ap, const float *A, int ars, int aks, int i, int mr, int avail, int k0, int kc) {
+    const float *a = A + (size_t)i * ars + (size_t)k0 * aks;
+    int k = 0;
+    if (mr == MR && avail >= VW && ars == 1)
+        for (; k < kc; k++) *(vecf *)(ap + k * MR) = *(const vecf *)(a + (size_t)k * aks);
+    if (mr == MR && avail >= VW && aks == 1)
+        for (; k + VW <= kc; k += VW) {
+            vecf r[VW];
+            for (int t = 0; t < VW; t++) r[t] = *(const vecf *)(a + (size_t)t * ars + k);
+            transpose_block(r);
+            for (int t = 0; t < VW; t++) *(vecf *)(ap + (k + t) * MR) = r[t];
+        }
+    if (mr == MR) {  // no test per element
+        for (; k < kc; k++)
+            for (int r = 0; r < MR; r++) ap[k * MR + r] = a[(size_t)r * ars + (size_t)k * aks];
+        return;
+    }
+    for (; k < kc; k++)
+        for (int r = 0; r < MR; r++) ap[k * MR + r] = r < mr ? a[(size_t)r * ars + (size_t)k * aks] : 0.0f;
+}
+
+// bp (kc,NR) = rows 0..kc-1, columns 0..nr-1 of B (rows ldb apart), zero columns past nr
+static void gemm_pack_b(float *bp, const float *B, int ldb, int nr, int kc) {
+    for (int k = 0; k < kc; k++) {
+        const float *b = B + (size_t)k * ldb;
+        if (nr == NR) {
+            *(vecf *)(bp + k * NR) = *(const vecf *)b;
+            *(vecf *)(bp + k * NR + VW) = *(const vecf *)(b + VW);
+        } else {
+            for (int j = 0; j < NR; j++) bp[k * NR + j] = j < nr ? b[j] : 0.0f;
+        }
+    }
+}
+
 // The same panel of B^T: bp (kc,NR) = columns 0..kc-1 of rows 0..nr-1 of W
 // (rows ldw apart), zero columns past nr. A full panel goes VW x VW block
 // by block through the vector registers; the rest element by element.
@@ -138,7 +152,8 @@ static void gemm_pack_bt(float *bp, const float *W, int ldw, int nr, int kc) {
 
 // One tile of C, mr x nr of it inside C (an edge tile runs in a buffer, so
 // that one kernel serves every tile)
-static void gemm_tile_edge(float *C, int ldc, const float *ap, const float *bp, int kc, int load_c, int mr, int nr) {
+static inline __attribute__((always_inline)) void gemm_tile_edge(float *C, int ldc, const float *ap, const float *bp, int kc,
+                                                                  int load_c, int mr, int nr) {
     if (mr == MR && nr == NR) {
         gemm_tile(C, ldc, ap, bp, kc, load_c);
         return;
@@ -166,100 +181,141 @@ static void gemm_pack_panel(float *bp, const float *B, int ldb, int transposed, 
     gemm_pack_bt(bp, w, ldb, nr, kc);
 }
 
-// The threaded matmul. C is cut into tasks: a range of columns times a group
-// of rows, numbered range by range. A thread packs the range of B it works
-// on itself, all of a depth slice deep, into bblock (its own, in L2), and
-// keeps it while its next task is of the same range; it packs A MC rows at
-// a time. Nothing packed is shared between threads: on the machines
-// measured (README), a core reading lines that another has written, or
-// writing over lines that another has read, runs at memory speed.
+// The threaded matmul. C is cut into tasks, a range of columns times a
+// group of rows, which the threads take in turn. A task packs its range of
+// B itself, one depth slice at a time, into bblock (its thread's own, in
+// L2), then its rows' A, MC rows at a time. Nothing packed is shared between
+// threads: on the machines measured (README), a core that writes over lines
+// another core has read, or reads lines another has written, runs at memory
+// speed. A task runs its rows' chains to the end, so no task waits for
+// another.
 #define GEMM_B_FLOATS (16 * KC * NR)  // a thread's packed B: 512 KB under AVX-512, 256 KB under AVX2 (in L2)
 #define GEMM_MIN_RANGE_PANELS 8       // a slice is shallow enough for a range this wide
 #define GEMM_RANGE_PANELS 16          // and a range at most this wide
 #define GEMM_TASKS_PER_THREAD 4       // rows are cut into groups (whole tiles) until there are this many tasks
 
-// bblock: the panels of columns j0..j1-1 of B at depth d0..d0+dk-1, depth block
-// k0 (from d0) and panel j at bblock + k0*cols + (j-j0)*kc, cols = j1-j0 rounded up to NR
-static void gemm_pack_range(float *bblock, const float *B, int ldb, int transposed, int j0, int j1, int N, int d0,
-                            int dk) {
+typedef struct {  // C (M,N) (+)= A (M,K) @ B
+    float *C;
+    int ldc;
+    const float *A;  // A[i*ars + k*aks]: A or a transposed view
+    int ars, aks;
+    const float *B;  // B (K,N) row-major or, transposed, W (N,K) row-major for B = W^T; rows ldb apart
+    int ldb, transposed;
+    int M, N, K, accumulate;
+    int depth, range, ranges, groups, tiles;  // the tasks, as gemm_plan cuts them
+} Gemm;
+
+// bblock: the panels of columns j0..j1-1 of B at depth d0..d0+dk-1; depth
+// block k0 (from d0), panel j at bblock + k0*cols + (j-j0)*kc, cols = j1-j0
+// rounded up to NR
+static void gemm_pack_range(float *bblock, const Gemm *g, int j0, int j1, int d0, int dk) {
     int cols = (j1 - j0 + NR - 1) / NR * NR;
     for (int k0 = 0; k0 < dk; k0 += KC) {
         int kc = dk - k0 < KC ? dk - k0 : KC;
         for (int j = j0; j < j1; j += NR)
-            gemm_pack_panel(bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc, B, ldb, transposed, j,
-                            j1 - j < NR ? j1 - j : NR, N, d0 + k0, kc);
+            gemm_pack_panel(bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc, g->B, g->ldb, g->transposed, j,
+                            j1 - j < NR ? j1 - j : NR, g->N, d0 + k0, kc);
     }
 }
 
 // rows i0..i1-1 times columns j0..j1-1 of C at depth d0..d0+dk-1, B's range
 // packed in bblock: MC rows at a time, their packed A and C's block staying
-// in L2 while the depth blocks pass. load_c: continue C's chains.
-static void gemm_range_rows(float *C, int ldc, const float *A, int ars, int aks, const float *bblock, int i0, int i1,
-                            int j0, int j1, int d0, int dk, int load_c) {
-    float apack[MC * KC] __attribute__((aligned(64)));
+// in L2 while the depth blocks pass
+static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, int j0, int j1, int d0, int dk) {
+    float apack[MC * KC + VW] __attribute__((aligned(64)));  // VW to spare: gemm_pack_a
     int cols = (j1 - j0 + NR - 1) / NR * NR;
     for (int ib = i0; ib < i1; ib += MC) {
         int ie = ib + MC < i1 ? ib + MC : i1;
         for (int k0 = 0; k0 < dk; k0 += KC) {
-            int kc = dk - k0 < KC ? dk - k0 : KC;
+            int kc = dk - k0 < KC ? dk - k0 : KC, load_c = g->accumulate || d0 + k0 > 0;
             for (int i = ib; i < ie; i += MR)
-                gemm_pack_a(apack + (size_t)(i - ib) * kc, A, ars, aks, i, ie - i < MR ? ie - i : MR, d0 + k0, kc);
+                gemm_pack_a(apack + (size_t)(i - ib) * kc, g->A, g->ars, g->aks, i, ie - i < MR ? ie - i : MR, g->M - i,
+                            d0 + k0, kc);
             for (int j = j0; j < j1; j += NR)
                 for (int i = ib; i < ie; i += MR)
-                    gemm_tile_edge(C + (size_t)i * ldc + j, ldc, apack + (size_t)(i - ib) * kc,
-                                   bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc, kc, load_c || k0 > 0,
+                    gemm_tile_edge(g->C + (size_t)i * g->ldc + j, g->ldc, apack + (size_t)(i - ib) * kc,
+                                   bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc, kc, load_c,
                                    ie - i < MR ? ie - i : MR, j1 - j < NR ? j1 - j : NR);
         }
     }
 }
 
-// C (M,N) (+)= A (M,K) @ B on `threads` threads, with A read through strides
-// (A[i*ars + k*aks]) and B (K,N) row-major or, with transposed, W^T for W
-// (N,K) row-major (rows ldb apart). Depth slice by depth slice (a barrier
-// between, as each continues the chains of the one before); the bits do not
-// depend on the tasks: every element is one chain in k order.
-static void gemm_on(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb, int transposed,
-                    int M, int N, int K, int accumulate, int threads) {
-    static __thread float bblock[GEMM_B_FLOATS] __attribute__((aligned(64)));  // a thread's, made with it
-    if (K <= 0) {
-        if (!accumulate)  // an empty sum
-            for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, N * sizeof(float));
-        return;
+// The tasks for `threads` threads: the slice as deep as a range of
+// GEMM_MIN_RANGE_PANELS allows, the range as wide as the slice allows, then
+// the rows cut into groups (whole tiles) until there are tasks enough
+static void gemm_plan(Gemm *g, int threads) {
+    int deepest = GEMM_B_FLOATS / (GEMM_MIN_RANGE_PANELS * NR) / KC * KC;
+    g->depth = g->K < deepest ? g->K : deepest;
+    g->range = GEMM_B_FLOATS / (g->depth * NR) < GEMM_RANGE_PANELS ? GEMM_B_FLOATS / (g->depth * NR) : GEMM_RANGE_PANELS;
+    int panels = (g->N + NR - 1) / NR, want = threads * GEMM_TASKS_PER_THREAD;
+    g->ranges = (panels + g->range - 1) / g->range;
+    g->tiles = (g->M + MR - 1) / MR;
+    g->groups = g->ranges >= want ? 1 : (want + g->ranges - 1) / g->ranges;
+    if (g->K > g->depth) {  // a group packs its range anew slice by slice: past a task per thread, groups of MC rows
+        int one_each = (threads + g->ranges - 1) / g->ranges, of_mc = g->tiles / (MC / MR) / one_each * one_each;
+        int most = one_each > of_mc ? one_each : of_mc;  // a multiple of one_each, for balance
+        g->groups = g->groups < most ? g->groups : most;
     }
-    int deepest = GEMM_B_FLOATS / (GEMM_MIN_RANGE_PANELS * NR) / KC * KC, depth = K < deepest ? K : deepest;
-    int range = GEMM_B_FLOATS / (depth * NR) < GEMM_RANGE_PANELS ? GEMM_B_FLOATS / (depth * NR) : GEMM_RANGE_PANELS;
-    int panels = (N + NR - 1) / NR, ranges = (panels + range - 1) / range, tiles = (M + MR - 1) / MR;
-    int want = threads * GEMM_TASKS_PER_THREAD, groups = ranges >= want ? 1 : (want + ranges - 1) / ranges;
-    groups = groups < tiles ? groups : tiles;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    for (int d0 = 0; d0 < K; d0 += depth) {
-        int dk = K - d0 < depth ? K - d0 : depth, held = -1;  // the range this thread holds packed
-#pragma omp for schedule(dynamic, 1)
-        for (int t = 0; t < ranges * groups; t++) {
-            int r = t / groups, g = t % groups;
-            int j0 = r * range * NR, j1 = j0 + range * NR < N ? j0 + range * NR : N;
-            int i0 = tiles * g / groups * MR, i1 = tiles * (g + 1) / groups * MR;
-            if (held != r) gemm_pack_range(bblock, B, ldb, transposed, j0, j1, N, d0, dk);
-            held = r;
-            gemm_range_rows(C, ldc, A, ars, aks, bblock, i0, i1 < M ? i1 : M, j0, j1, d0, dk, accumulate || d0 > 0);
-        }
+    g->groups = g->groups < g->tiles ? g->groups : g->tiles;
+}
+
+// task t: a range of columns times a group of rows of C, slice by slice of
+// depth. *held names the range and slice this thread's bblock holds, so
+// that a thread taking the next group of the same range (a single slice)
+// does not pack it again.
+static void gemm_task(const Gemm *g, int t, int *held) {
+    static __thread float bblock[GEMM_B_FLOATS] __attribute__((aligned(64)));  // a thread's, made with it
+    int r = t / g->groups, p = t % g->groups, panels = (g->N + NR - 1) / NR, slices = (g->K + g->depth - 1) / g->depth;
+    int j0 = panels * r / g->ranges * NR, j1 = panels * (r + 1) / g->ranges * NR;  // the panels spread evenly
+    j1 = j1 < g->N ? j1 : g->N;
+    int i0 = g->tiles * p / g->groups * MR, i1 = g->tiles * (p + 1) / g->groups * MR;
+    for (int d0 = 0; d0 < g->K; d0 += g->depth) {
+        int dk = g->K - d0 < g->depth ? g->K - d0 : g->depth, block = r * slices + d0 / g->depth;
+        if (*held != block) gemm_pack_range(bblock, g, j0, j1, d0, dk);
+        *held = block;
+        gemm_range_rows(g, bblock, i0, i1 < g->M ? i1 : g->M, j0, j1, d0, dk);
     }
 }
 
-// the same on all threads (one for a small product)
+// g's product on `threads` threads (1: on the calling thread, without a
+// team). The bits do not depend on the tasks: every element is one chain in
+// k order.
+static void gemm_on(Gemm *g, int threads) {
+    if (g->K <= 0) {
+        if (!g->accumulate)  // an empty sum
+            for (int i = 0; i < g->M; i++) memset(g->C + (size_t)i * g->ldc, 0, g->N * sizeof(float));
+        return;
+    }
+    gemm_plan(g, threads);
+    if (threads == 1) {  // attention runs many small ones, each on a thread of its own loop
+        int held = -1;
+        for (int t = 0; t < g->ranges * g->groups; t++) gemm_task(g, t, &held);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int held = -1;
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int t = 0; t < g->ranges * g->groups; t++) gemm_task(g, t, &held);
+    }
+}
+
+// C (M,N) (+)= A (M,K) @ B as Gemm says, on all threads (one for a small product)
 static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb, int transposed,
                  int M, int N, int K, int accumulate) {
+    Gemm g = {C, ldc, A, ars, aks, B, ldb, transposed, M, N, K, accumulate, 0, 0, 0, 0, 0};
     int threads = 1;
 #ifdef _OPENMP
     if ((size_t)M * N * K > GEMM_PARALLEL_MIN) threads = omp_get_max_threads();
 #endif
-    gemm_on(C, ldc, A, ars, aks, B, ldb, transposed, M, N, K, accumulate, threads);
+    gemm_on(&g, threads);
 }
 
 // rows i0..i1-1 of C, on the calling thread (attention: a (batch, head) per thread)
 static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                       int i0, int i1, int N, int K, int accumulate) {
-    gemm_on(C + (size_t)i0 * ldc, ldc, A + (size_t)i0 * ars, ars, aks, B, ldb, 0, i1 - i0, N, K, accumulate, 1);
+    Gemm g = {C + (size_t)i0 * ldc, ldc, A + (size_t)i0 * ars, ars, aks, B, ldb, 0, i1 - i0, N, K, accumulate, 0, 0, 0, 0, 0};
+    gemm_on(&g, 1);
 }
 
 // Narrow C (N <= VW, a router's E columns): one vector of columns per row,
