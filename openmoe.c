@@ -189,7 +189,7 @@ static void gemm_pack_panel(float *bp, const float *B, int ldb, int transposed, 
 // another core has read, or reads lines another has written, runs at memory
 // speed. A task runs its rows' chains to the end, so no task waits for
 // another.
-#define GEMM_B_FLOATS (16 * KC * NR)  // a thread's packed B: 512 KB under AVX-512, 256 KB under AVX2 (in L2)
+#define GEMM_B_FLOATS (1 << 17)       // a thread's packed B, 512 KB: half of L2
 #define GEMM_MIN_RANGE_PANELS 8       // a slice is shallow enough for a range this wide
 #define GEMM_RANGE_PANELS 16          // and a range at most this wide
 #define GEMM_TASKS_PER_THREAD 4       // rows are cut into groups (whole tiles) until there are this many tasks
