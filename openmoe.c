@@ -190,8 +190,8 @@ static void gemm_pack_panel(float *bp, const float *B, int ldb, int transposed, 
 // speed. A task runs its rows' chains to the end, so no task waits for
 // another.
 #define GEMM_B_FLOATS (1 << 17)       // a thread's packed B, 512 KB: half of L2
-#define GEMM_MIN_RANGE_PANELS 8       // a slice is shallow enough for a range this wide
-#define GEMM_RANGE_PANELS 16          // and a range at most this wide
+#define GEMM_MIN_RANGE_COLS 256       // a slice is shallow enough for a range this wide
+#define GEMM_RANGE_COLS 512           // and a range at most this wide
 #define GEMM_TASKS_PER_THREAD 4       // rows are cut into groups (whole tiles) until there are this many tasks
 
 typedef struct {  // C (M,N) (+)= A (M,K) @ B
@@ -241,12 +241,12 @@ static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, 
 }
 
 // The tasks for `threads` threads: the slice as deep as a range of
-// GEMM_MIN_RANGE_PANELS allows, the range as wide as the slice allows, then
+// GEMM_MIN_RANGE_COLS allows, the range as wide as the slice allows, then
 // the rows cut into groups (whole tiles) until there are tasks enough
 static void gemm_plan(Gemm *g, int threads) {
-    int deepest = GEMM_B_FLOATS / (GEMM_MIN_RANGE_PANELS * NR) / KC * KC;
+    int deepest = GEMM_B_FLOATS / GEMM_MIN_RANGE_COLS / KC * KC, widest = GEMM_RANGE_COLS / NR;
     g->depth = g->K < deepest ? g->K : deepest;
-    g->range = GEMM_B_FLOATS / (g->depth * NR) < GEMM_RANGE_PANELS ? GEMM_B_FLOATS / (g->depth * NR) : GEMM_RANGE_PANELS;
+    g->range = GEMM_B_FLOATS / (g->depth * NR) < widest ? GEMM_B_FLOATS / (g->depth * NR) : widest;  // in panels
     int panels = (g->N + NR - 1) / NR, want = threads * GEMM_TASKS_PER_THREAD;
     g->ranges = (panels + g->range - 1) / g->range;
     g->tiles = (g->M + MR - 1) / MR;
