@@ -251,10 +251,9 @@ static void gemm_plan(Gemm *g, int threads) {
     g->ranges = (panels + g->range - 1) / g->range;
     g->tiles = (g->M + MR - 1) / MR;
     g->groups = g->ranges >= want ? 1 : (want + g->ranges - 1) / g->ranges;
-    if (g->K > g->depth) {  // a group packs its range anew slice by slice: past a task per thread, groups of MC rows
-        int one_each = (threads + g->ranges - 1) / g->ranges, of_mc = g->tiles / (MC / MR) / one_each * one_each;
-        int most = one_each > of_mc ? one_each : of_mc;  // a multiple of one_each, for balance
-        g->groups = g->groups < most ? g->groups : most;
+    if (g->K > g->depth) {  // a group packs its range anew slice by slice: only groups enough for a task per thread
+        int one_each = (threads + g->ranges - 1) / g->ranges;
+        g->groups = g->groups < one_each ? g->groups : one_each;
     }
     g->groups = g->groups < g->tiles ? g->groups : g->tiles;
 }
