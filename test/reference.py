@@ -743,6 +743,11 @@ CASES = [
     Case("tiny_like", Config(512, 128, 4, 64, 4, 16, 192, 8, 2, 2, 128, 1), 4, 64,
          Settings(), seed=9000,
          about="near the tiny preset's shape, default settings (group_size 4096 > B*T)"),
+    Case("deep", Config(700, 160, 2, 32, 2, 16, 48, 4, 2, 2, 24, 1), 4, 160,
+         Settings(group_size=0), seed=13000,
+         about="B*T = 640 and V = 700 past 512: the weight gradients' products and lm_head's"
+               " input gradient run deeper than one depth slice of the CPU matmul, with ragged"
+               " ends, and lm_head's 700 columns take more than one range"),
 ]
 
 ADAMW_TEST = AdamWSettings(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
