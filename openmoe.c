@@ -152,8 +152,8 @@ static void gemm_pack_bt(float *bp, const float *W, int ldw, int nr, int kc) {
 
 // One tile of C, mr x nr of it inside C (an edge tile runs in a buffer, so
 // that one kernel serves every tile)
-static inline __attribute__((always_inline)) void gemm_tile_edge(float *C, int ldc, const float *ap, const float *bp, int kc,
-                                                                  int load_c, int mr, int nr) {
+static inline __attribute__((always_inline)) void gemm_tile_edge(float *C, int ldc, const float *ap,
+                                                                  const float *bp, int kc, int load_c, int mr, int nr) {
     if (mr == MR && nr == NR) {
         gemm_tile(C, ldc, ap, bp, kc, load_c);
         return;
@@ -264,7 +264,8 @@ static void gemm_plan(Gemm *g, int threads) {
 // does not pack it again.
 static void gemm_task(const Gemm *g, int t, int *held) {
     static __thread float bblock[GEMM_B_FLOATS] __attribute__((aligned(64)));  // a thread's, made with it
-    int r = t / g->groups, p = t % g->groups, panels = (g->N + NR - 1) / NR, slices = (g->K + g->depth - 1) / g->depth;
+    int r = t / g->groups, p = t % g->groups, panels = (g->N + NR - 1) / NR;
+    int slices = (g->K + g->depth - 1) / g->depth;
     int j0 = panels * r / g->ranges * NR, j1 = panels * (r + 1) / g->ranges * NR;  // the panels spread evenly
     j1 = j1 < g->N ? j1 : g->N;
     int i0 = g->tiles * p / g->groups * MR, i1 = g->tiles * (p + 1) / g->groups * MR;
@@ -313,7 +314,8 @@ static void gemm(float *C, int ldc, const float *A, int ars, int aks, const floa
 // rows i0..i1-1 of C, on the calling thread (attention: a (batch, head) per thread)
 static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                       int i0, int i1, int N, int K, int accumulate) {
-    Gemm g = {C + (size_t)i0 * ldc, ldc, A + (size_t)i0 * ars, ars, aks, B, ldb, 0, i1 - i0, N, K, accumulate, 0, 0, 0, 0, 0};
+    Gemm g = {C + (size_t)i0 * ldc, ldc, A + (size_t)i0 * ars, ars, aks, B, ldb, 0, i1 - i0, N, K, accumulate,
+              0, 0, 0, 0, 0};
     gemm_on(&g, 1);
 }
 
