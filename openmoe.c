@@ -104,7 +104,7 @@ static void gemm_pack_a(float *ap, const float *A, int ars, int aks, int i, int 
     int k = 0;
     if (mr == MR && avail >= VW && ars == 1)
         for (; k < kc; k++) *(vecf *)(ap + k * MR) = *(const vecf *)(a + (size_t)k * aks);
-    if (mr == MR && avail >= VW && aks == 1)
+    else if (mr == MR && avail >= VW && aks == 1)
         for (; k + VW <= kc; k += VW) {
             vecf r[VW];
             for (int t = 0; t < VW; t++) r[t] = *(const vecf *)(a + (size_t)t * ars + k);
