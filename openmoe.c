@@ -657,16 +657,10 @@ static void router_z_loss_sum(double *rz_sum, const float *lse, int N) {
 
 // dp (N,E) holds dLoss/dp; adds the router z-loss term (coefficient rz_w on
 // mean lse^2) and returns dz (N,E) through the softmax, in place of dp
+// (router_backward_row, openmoe.h)
 static void router_backward(float *dp, const float *p, const float *lse, float rz_w, int N, int E) {
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        float *d = dp + (size_t)n * E;
-        const float *pn = p + (size_t)n * E;
-        float pd = 0.0f;
-        for (int e = 0; e < E; e++) pd += pn[e] * d[e];
-        float zl = rz_w * 2.0f * lse[n] / N;  // d(rz_w * mean lse^2)/dlse, and dlse/dz = p
-        for (int e = 0; e < E; e++) d[e] = pn[e] * (d[e] - pd) + zl * pn[e];
-    }
+    for (int n = 0; n < N; n++) router_backward_row(dp + (size_t)n * E, p + (size_t)n * E, lse[n], rz_w, N, E);
 }
 
 // Drop policy "position" (SPEC §3 step 4) in one group [g0, n1): slots in

@@ -713,16 +713,12 @@ static void router_z_loss_sum(double *rz_sum, const float *lse, int N) {
 }
 
 // dp (N,E) holds dLoss/dp; adds the router z-loss term (coefficient rz_w on
-// mean lse^2) and turns it into dz through the softmax, in place
+// mean lse^2) and turns it into dz through the softmax, in place; one thread
+// per token (router_backward_row, openmoe.h)
 __global__ void router_backward_kernel(float *dp, const float *p, const float *lse, float rz_w, int N, int E) {
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
-    float *d = dp + (size_t)n * E;
-    const float *pn = p + (size_t)n * E;
-    float pd = 0.0f;
-    for (int e = 0; e < E; e++) pd += pn[e] * d[e];
-    float zl = rz_w * 2.0f * lse[n] / N;  // d(rz_w * mean lse^2)/dlse, and dlse/dz = p
-    for (int e = 0; e < E; e++) d[e] = pn[e] * (d[e] - pd) + zl * pn[e];
+    router_backward_row(dp + (size_t)n * E, p + (size_t)n * E, lse[n], rz_w, N, E);
 }
 static void router_backward(float *dp, const float *p, const float *lse, float rz_w, int N, int E) {
     router_backward_kernel<<<ceil_div(N, 128), 128>>>(dp, p, lse, rz_w, N, E);

@@ -615,6 +615,16 @@ static inline HOST_DEVICE float router_row(float *p, int *top, const float *z, c
     return maxz + logf(sum);
 }
 
+// router_row's backward for one token of N: d (E) holds dLoss/dp and becomes
+// dLoss/dz through the softmax, with the router z-loss term (coefficient rz_w
+// on mean lse^2) added; p (E) and lse as router_row gave them
+static inline HOST_DEVICE void router_backward_row(float *d, const float *p, float lse, float rz_w, int N, int E) {
+    float pd = 0.0f;
+    for (int e = 0; e < E; e++) pd += p[e] * d[e];
+    float zl = rz_w * 2.0f * lse / N;  // d(rz_w * mean lse^2)/dlse, and dlse/dz = p
+    for (int e = 0; e < E; e++) d[e] = p[e] * (d[e] - pd) + zl * p[e];
+}
+
 // RoPE tables (SPEC §2): cos, sin (max_seq_len, Hd/2) of pos * 10000^(-2i/Hd), computed in double
 static inline void rope_tables(float *cosv, float *sinv, int max_seq_len, int Hd) {
     for (int pos = 0; pos < max_seq_len; pos++)
