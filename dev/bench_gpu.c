@@ -2,10 +2,11 @@
 // dev/bench_gpu.py is its PyTorch twin. Built by bench_gpu.sh with nvcc
 // (the file compiles as CUDA C++ with openmoe.cu, as train.c does).
 //
-//   bench_gpu CONFIG B T STEPS [--fp32]
+//   bench_gpu CONFIG B T STEPS [--fp32] [--capacity t5x|colossalai|none]
 //       median ms of a training step (forward, backward, AdamW update) in bf16
 //       (or fp32), on random tokens, after three warm-up steps (as bench_gpu.py); also the median
-//       of each phase and the tokens per second
+//       of each phase and the tokens per second. --capacity: the capacity rule
+//       (SPEC §8; none is dropless), t5x by default
 //
 // CONFIG: a preset name (tiny small base 8b 34b) or V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn.
 #include "openmoe.h"
@@ -28,10 +29,22 @@ static Config parse_config(const char *s) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 5) die("usage: bench_gpu CONFIG B T STEPS [--fp32]");
+    const char *usage = "usage: bench_gpu CONFIG B T STEPS [--fp32] [--capacity t5x|colossalai|none]";
+    if (argc < 5) die("%s", usage);
     Config c = parse_config(argv[1]);
     int B = atoi(argv[2]), T = atoi(argv[3]), steps = atoi(argv[4]);
-    Precision prec = argc > 5 && strcmp(argv[5], "--fp32") == 0 ? PRECISION_FP32 : PRECISION_BF16;
+    Precision prec = PRECISION_BF16;
+    MoeSettings s = moe_settings_default();
+    for (int i = 5; i < argc; i++) {
+        if (strcmp(argv[i], "--fp32") == 0) {
+            prec = PRECISION_FP32;
+        } else if (strcmp(argv[i], "--capacity") == 0 && i + 1 < argc) {
+            s.capacity_rule = name_index(argv[++i], cap_rule_names, N_CAP_RULES);
+            if (s.capacity_rule < 0) die("bench_gpu --capacity %s: the rule is t5x, colossalai or none", argv[i]);
+        } else {
+            die("bench_gpu: unknown argument '%s'; %s", argv[i], usage);
+        }
+    }
     if (B < 1 || T < 1 || T > c.max_seq_len || steps < 1) die("bench_gpu: bad B %d, T %d or steps %d", B, T, steps);
     OptSettings o = opt_settings_default(OPT_ADAMW);
     Model *m = model_create(&c, B, T, prec, &o);
@@ -47,7 +60,6 @@ int main(int argc, char **argv) {
         x[i] = (int32_t)(rng_u64(&r) % c.V);
         y[i] = (int32_t)(rng_u64(&r) % c.V);
     }
-    MoeSettings s = moe_settings_default();
     float losses[N_LOSSES];
     double *tf = (double *)mallocCheck(steps * sizeof(double)), *tb = (double *)mallocCheck(steps * sizeof(double));
     double *tu = (double *)mallocCheck(steps * sizeof(double)), *ts = (double *)mallocCheck(steps * sizeof(double));

@@ -5,7 +5,7 @@ dev/bench_gpu.c (built as a shared library, its main called through ctypes)
 into a process with PyTorch and records its kernels with torch.profiler.
 Prints each kernel's GPU time per step, summed over its launches.
 
-  python3 dev/profile_gpu.py CONFIG B T [STEPS] [--fp32]     (CONFIG as bench_gpu.c takes it)
+  python3 dev/profile_gpu.py CONFIG B T [STEPS] [--fp32] [--capacity RULE]   (as bench_gpu.c takes them)
 """
 import ctypes
 import os
@@ -38,8 +38,8 @@ def main():
     build()
     torch.cuda.init()
     lib = ctypes.CDLL(lib_path)
-    args = [b"bench_gpu", cfg.encode(), B.encode(), T.encode(), steps.encode()] + [a.encode() for a in sys.argv[4:]
-                                                                                   if a == "--fp32"]
+    flags = sys.argv[5:] if len(sys.argv) > 4 and sys.argv[4].isdigit() else sys.argv[4:]
+    args = [b"bench_gpu", cfg.encode(), B.encode(), T.encode(), steps.encode()] + [a.encode() for a in flags]
     argv = (ctypes.c_char_p * len(args))(*args)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         rc = lib.main(len(args), argv)
