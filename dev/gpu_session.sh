@@ -13,7 +13,7 @@
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck on two small cases
 #   profile   dev/profile_gpu.py base 4 2048: GPU time per kernel
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 LOGS=${LOGS:-${OUT:-build/gpu_session}}
 BUDGET=${BUDGET:-580}
 STAGES=${STAGES:-build test bench dropless sanitize profile}
@@ -46,6 +46,7 @@ sanitize() {  # the cases make test_gpu wrote (build/test): a plain fp32 one, an
     san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
     for tool in memcheck racecheck synccheck; do
         for run in "$cases/moe_drop" "$more/flash64 --bf16 --tol-scale 200"; do
+            # shellcheck disable=SC2086  # a case and its flags, split into words
             set -- $run
             timeout 40 "$san" --tool $tool --error-exitcode 1 ./test_gpu "$1.model.bin" "$1.state.bin" "${@:2}" \
                 > build/sanitize.last 2>&1
