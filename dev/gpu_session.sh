@@ -50,7 +50,8 @@ sanitize() {  # the cases make test_gpu wrote (build/test): a plain fp32 one, an
             set -- $run
             timeout 40 "$san" --tool $tool --error-exitcode 1 ./test_gpu "$1.model.bin" "$1.state.bin" "${@:2}" \
                 > build/sanitize.last 2>&1
-            echo "$tool $(basename "$1") ${2:-fp32}: rc $? $(grep -m1 'ERROR SUMMARY' build/sanitize.last)"
+            local rc=$?  # (each tool's summary line: ERROR SUMMARY, or RACECHECK SUMMARY)
+            echo "$tool $(basename "$1") ${2:-fp32}: rc $rc, $(grep -m1 'SUMMARY' build/sanitize.last)"
         done
     done
 }
