@@ -47,10 +47,13 @@
 
 typedef float vecf __attribute__((vector_size(VW * sizeof(float)), aligned(4)));  // any float alignment
 
-// ap, bp: an MR x K panel of A and a K x NR panel of B, packed k-major
-// (ap[k*MR + r], bp[k*NR + j]); C (MR,NR) with leading dim ldc. The 2*MR
-// accumulators live in vector registers.
-static inline void gemm_tile(float *C, int ldc, const float *ap, const float *bp, int K, int load_c) {
+// a: an MR x K panel of A, a[r*ars + k*aks]: packed k-major (ars 1, aks
+// MR) or, for A with rows along k, read in place (ars its row stride, aks 1);
+// bp: a K x NR panel of B packed k-major (bp[k*NR + j]); C (MR,NR) with
+// leading dim ldc. The 2*MR accumulators live in vector registers. Inlined,
+// so that each caller's strides are constants where they can be.
+static inline __attribute__((always_inline)) void gemm_tile(float *C, int ldc, const float *a, int ars, int aks,
+                                                            const float *bp, int K, int load_c) {
     vecf acc[MR][2];
     for (int r = 0; r < MR; r++) {
         vecf zero = {0};
@@ -60,9 +63,9 @@ static inline void gemm_tile(float *C, int ldc, const float *ap, const float *bp
     for (int k = 0; k < K; k++) {
         vecf b0 = *(const vecf *)(bp + k * NR), b1 = *(const vecf *)(bp + k * NR + VW);
         for (int r = 0; r < MR; r++) {
-            float a = ap[k * MR + r];
-            acc[r][0] = acc[r][0] + a * b0;
-            acc[r][1] = acc[r][1] + a * b1;
+            float a_rk = a[(size_t)r * ars + (size_t)k * aks];
+            acc[r][0] = acc[r][0] + a_rk * b0;
+            acc[r][1] = acc[r][1] + a_rk * b1;
         }
     }
     for (int r = 0; r < MR; r++) {
@@ -151,17 +154,17 @@ static void gemm_pack_bt(float *bp, const float *W, int ldw, int nr, int kc) {
 }
 
 // One tile of C, mr x nr of it inside C (an edge tile runs in a buffer, so
-// that one kernel serves every tile)
-static inline __attribute__((always_inline)) void gemm_tile_edge(float *C, int ldc, const float *ap,
+// that one kernel serves every tile); A as gemm_tile reads it
+static inline __attribute__((always_inline)) void gemm_tile_edge(float *C, int ldc, const float *a, int ars, int aks,
                                                                   const float *bp, int kc, int load_c, int mr, int nr) {
     if (mr == MR && nr == NR) {
-        gemm_tile(C, ldc, ap, bp, kc, load_c);
+        gemm_tile(C, ldc, a, ars, aks, bp, kc, load_c);
         return;
     }
     float tile[MR * NR] = {0};
     for (int r = 0; r < mr; r++)
         for (int j = 0; j < nr; j++) tile[r * NR + j] = C[(size_t)r * ldc + j];
-    gemm_tile(tile, NR, ap, bp, kc, load_c);
+    gemm_tile(tile, NR, a, ars, aks, bp, kc, load_c);
     for (int r = 0; r < mr; r++)
         for (int j = 0; j < nr; j++) C[(size_t)r * ldc + j] = tile[r * NR + j];
 }
@@ -218,24 +221,75 @@ static void gemm_pack_range(float *bblock, const Gemm *g, int j0, int j1, int d0
     }
 }
 
+// The cache lines of A that the tiles of rows i..i+rows-1 at depth
+// k0..k0+kc-1 read (or gemm_pack_a does), numbered along A's unit stride:
+// lines from..to-1 of them are prefetched, so that the next block of A comes
+// from L2 rather than memory
+#define LINE_FLOATS (64 / (int)sizeof(float))
+static int gemm_a_lines(const Gemm *g, int rows, int kc) {
+    if (g->aks == 1) return rows * ((kc + LINE_FLOATS - 1) / LINE_FLOATS);
+    if (g->ars == 1) return kc * ((rows + LINE_FLOATS - 1) / LINE_FLOATS);
+    return 0;
+}
+static void gemm_prefetch_a(const Gemm *g, int i, int rows, int k0, int kc, int from, int to) {
+    if (g->aks == 1) {
+        int per_row = (kc + LINE_FLOATS - 1) / LINE_FLOATS;
+        for (int l = from; l < to; l++)
+            __builtin_prefetch(g->A + (size_t)(i + l / per_row) * g->ars + k0 + (l % per_row) * LINE_FLOATS, 0, 2);
+    } else {
+        int per_k = (rows + LINE_FLOATS - 1) / LINE_FLOATS;
+        for (int l = from; l < to; l++)
+            __builtin_prefetch(g->A + (size_t)(k0 + l / per_k) * g->aks + i + (l % per_k) * LINE_FLOATS, 0, 2);
+    }
+}
+
 // rows i0..i1-1 times columns j0..j1-1 of C at depth d0..d0+dk-1, B's range
-// packed in bblock: MC rows at a time, their packed A and C's block staying
-// in L2 while the depth blocks pass
+// packed in bblock: MC rows at a time, their A and C's block staying in L2
+// while the depth blocks pass. A whose rows run along k (aks 1: activations,
+// output gradients) is read in place by whole tiles of rows: packing it
+// would cost as much as the products (with 256 columns in a range, about 7%
+// of them); other A, and a last partial tile of rows, is packed. While one
+// block of A runs, the next is prefetched, a share of its lines per tile.
+// A read in place: rows along k, and a row stride that spreads a tile's
+// rows over L1's sets. Rows a multiple of 4 KB apart share one set, and 14
+// of them with the B panel's lines overflow its 12 ways (measured: 0.85x
+// where the rows are 12 KB apart).
+#define L1_SET_SPAN 4096  // bytes after which L1's set index repeats
+static int gemm_a_in_place(const Gemm *g) {
+    size_t stride = (size_t)g->ars * sizeof(float), same = L1_SET_SPAN;  // same: gcd(stride, L1_SET_SPAN)
+    while (stride % same) same /= 2;
+    return g->aks == 1 && MR * same / L1_SET_SPAN <= MR / 2;
+}
+
 static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, int j0, int j1, int d0, int dk) {
     float apack[MC * KC + VW] __attribute__((aligned(64)));  // VW to spare: gemm_pack_a
-    int cols = (j1 - j0 + NR - 1) / NR * NR;
+    int cols = (j1 - j0 + NR - 1) / NR * NR, in_place = gemm_a_in_place(g);
     for (int ib = i0; ib < i1; ib += MC) {
         int ie = ib + MC < i1 ? ib + MC : i1;
         for (int k0 = 0; k0 < dk; k0 += KC) {
             int kc = dk - k0 < KC ? dk - k0 : KC, load_c = g->accumulate || d0 + k0 > 0;
             for (int i = ib; i < ie; i += MR)
-                gemm_pack_a(apack + (size_t)(i - ib) * kc, g->A, g->ars, g->aks, i, ie - i < MR ? ie - i : MR, g->M - i,
-                            d0 + k0, kc);
+                if (!in_place || ie - i < MR)
+                    gemm_pack_a(apack + (size_t)(i - ib) * kc, g->A, g->ars, g->aks, i, ie - i < MR ? ie - i : MR,
+                                g->M - i, d0 + k0, kc);
+            // the next block of A: these rows' next depth block, else the next rows
+            int nb = k0 + KC < dk ? ib : ie, nk = k0 + KC < dk ? k0 + KC : 0;
+            int n_rows = (nb + MC < i1 ? nb + MC : i1) - nb, n_kc = dk - nk < KC ? dk - nk : KC;
+            int lines = nb < i1 ? gemm_a_lines(g, n_rows, n_kc) : 0, issued = 0, tile = 0;
+            int tiles = (j1 - j0 + NR - 1) / NR * ((ie - ib + MR - 1) / MR);
             for (int j = j0; j < j1; j += NR)
-                for (int i = ib; i < ie; i += MR)
-                    gemm_tile_edge(g->C + (size_t)i * g->ldc + j, g->ldc, apack + (size_t)(i - ib) * kc,
-                                   bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc, kc, load_c,
-                                   ie - i < MR ? ie - i : MR, j1 - j < NR ? j1 - j : NR);
+                for (int i = ib; i < ie; i += MR) {
+                    int upto = (int)((long long)lines * ++tile / tiles), mr = ie - i < MR ? ie - i : MR;
+                    int nr = j1 - j < NR ? j1 - j : NR;
+                    gemm_prefetch_a(g, nb, n_rows, d0 + nk, n_kc, issued, upto);
+                    issued = upto;
+                    float *c = g->C + (size_t)i * g->ldc + j;
+                    const float *bp = bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc;
+                    if (in_place && mr == MR)
+                        gemm_tile_edge(c, g->ldc, g->A + (size_t)i * g->ars + d0 + k0, g->ars, 1, bp, kc, load_c, MR, nr);
+                    else
+                        gemm_tile_edge(c, g->ldc, apack + (size_t)(i - ib) * kc, 1, MR, bp, kc, load_c, mr, nr);
+                }
         }
     }
 }
