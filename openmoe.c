@@ -15,6 +15,9 @@
 #include <float.h>
 #include <limits.h>
 #include <sys/mman.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -74,9 +77,58 @@ static inline __attribute__((always_inline)) void gemm_tile(float *C, int ldc, c
     }
 }
 
-// the VW x VW block in rows r[0..VW-1] transposed in place: log2(VW)
-// stages, each swapping the off-diagonal h x h blocks of the row pairs
-// (i, i+h); the shuffles are constants once the loops are unrolled
+// the VW x VW block in rows r[0..VW-1] transposed in place. With AVX-512
+// or AVX, the unpack and shuffle network of immediate-operand instructions
+// (measured on Zen 5: 2.9x and 5x faster than the generic form, which GCC
+// compiles to two-source permutes that each need an index register).
+// Pairs of rows are interleaved by floats, then by pairs of floats, then
+// (AVX-512) 128-bit lanes are gathered twice, each lane of the result from
+// its own row group.
+#if defined(__AVX512F__)
+static inline void transpose_block(vecf *r) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {  // t: (r[i][c], r[i+1][c]) pairs, per 128-bit lane
+        t[i] = _mm512_unpacklo_ps((__m512)r[i], (__m512)r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps((__m512)r[i], (__m512)r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // u[i+m], lane L: rows i..i+3 of column 4L+m
+        __m512d t0 = (__m512d)t[i], t1 = (__m512d)t[i + 1], t2 = (__m512d)t[i + 2], t3 = (__m512d)t[i + 3];
+        u[i] = (__m512)_mm512_unpacklo_pd(t0, t2);
+        u[i + 1] = (__m512)_mm512_unpackhi_pd(t0, t2);
+        u[i + 2] = (__m512)_mm512_unpacklo_pd(t1, t3);
+        u[i + 3] = (__m512)_mm512_unpackhi_pd(t1, t3);
+    }
+    for (int m = 0; m < 4; m++) {  // column 4L+m: lane L of u[m], u[4+m], u[8+m], u[12+m]
+        __m512 even = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88), odd = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
+        __m512 even2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+        __m512 odd2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
+        r[m] = (vecf)_mm512_shuffle_f32x4(even, even2, 0x88);
+        r[4 + m] = (vecf)_mm512_shuffle_f32x4(odd, odd2, 0x88);
+        r[8 + m] = (vecf)_mm512_shuffle_f32x4(even, even2, 0xDD);
+        r[12 + m] = (vecf)_mm512_shuffle_f32x4(odd, odd2, 0xDD);
+    }
+}
+#elif defined(__AVX__)
+static inline void transpose_block(vecf *r) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {  // t: (r[i][c], r[i+1][c]) pairs, per 128-bit lane
+        t[i] = _mm256_unpacklo_ps((__m256)r[i], (__m256)r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps((__m256)r[i], (__m256)r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {  // u[i+m], lane L: rows i..i+3 of column 4L+m
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int m = 0; m < 4; m++) {  // column 4L+m: lane L of u[m] and u[4+m]
+        r[m] = (vecf)_mm256_permute2f128_ps(u[m], u[4 + m], 0x20);
+        r[4 + m] = (vecf)_mm256_permute2f128_ps(u[m], u[4 + m], 0x31);
+    }
+}
+#else
+// generic: log2(VW) stages, each swapping the off-diagonal h x h blocks of
+// the row pairs (i, i+h); the shuffles are constants once the loops unroll
 typedef int veci __attribute__((vector_size(VW * sizeof(int))));
 static inline void transpose_block(vecf *r) {
 #pragma GCC unroll 8
@@ -96,6 +148,7 @@ static inline void transpose_block(vecf *r) {
             }
     }
 }
+#endif
 
 // ap (kc,MR) k-major = rows i..i+mr-1, columns k0..k0+kc-1 of A, zero rows
 // below mr. Where VW rows of A can be read from i (avail of them) and A runs
