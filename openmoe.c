@@ -285,14 +285,12 @@ static int gemm_a_lines(const Gemm *g, int rows, int kc) {
     return 0;
 }
 static void gemm_prefetch_a(const Gemm *g, int i, int rows, int k0, int kc, int from, int to) {
-    if (g->aks == 1) {
-        int per_row = (kc + LINE_FLOATS - 1) / LINE_FLOATS;
-        for (int l = from; l < to; l++)
-            __builtin_prefetch(g->A + (size_t)(i + l / per_row) * g->ars + k0 + (l % per_row) * LINE_FLOATS, 0, 2);
-    } else {
-        int per_k = (rows + LINE_FLOATS - 1) / LINE_FLOATS;
-        for (int l = from; l < to; l++)
-            __builtin_prefetch(g->A + (size_t)(k0 + l / per_k) * g->aks + i + (l % per_k) * LINE_FLOATS, 0, 2);
+    const float *base = g->A + (size_t)i * g->ars + (size_t)k0 * g->aks;
+    size_t step = g->aks == 1 ? g->ars : g->aks;  // from one run of lines to the next
+    int per = ((g->aks == 1 ? kc : rows) + LINE_FLOATS - 1) / LINE_FLOATS, run = from / per, l = from % per;
+    for (int n = from; n < to; n++) {
+        __builtin_prefetch(base + run * step + (size_t)l * LINE_FLOATS, 0, 2);
+        if (++l == per) l = 0, run++;
     }
 }
 
@@ -300,18 +298,20 @@ static void gemm_prefetch_a(const Gemm *g, int i, int rows, int k0, int kc, int 
 // packed in bblock: MC rows at a time, their A and C's block staying in L2
 // while the depth blocks pass. A whose rows run along k (aks 1: activations,
 // output gradients) is read in place by whole tiles of rows: packing it
-// would cost as much as the products (with 256 columns in a range, about 7%
-// of them); other A, and a last partial tile of rows, is packed. While one
-// block of A runs, the next is prefetched, a share of its lines per tile.
-// A read in place: rows along k, and a row stride that spreads a tile's
-// rows over L1's sets. Rows a multiple of 4 KB apart share one set, and 14
-// of them with the B panel's lines overflow its 12 ways (measured: 0.85x
-// where the rows are 12 KB apart).
-#define L1_SET_SPAN 4096  // bytes after which L1's set index repeats
+// cost about 7% of the time of the tiles it fed (a range of 256 columns);
+// other A, and a last partial tile of rows, is packed. While one block of A
+// runs, the next is prefetched, a share of its lines per tile.
+// A read in place: rows along k, deep enough that a tile's fixed costs do
+// not outweigh packing (measured: 0.88x at K = 8), and a row stride that
+// spreads a tile's rows over L1's sets. Rows a multiple of 4 KB apart share
+// one set, and 14 of them with the B panel's lines overflow its 12 ways
+// (measured: 0.85x where the rows are 12 KB apart).
+#define L1_SET_SPAN 4096         // bytes after which L1's set index repeats
+#define GEMM_IN_PLACE_MIN_K 64   // shallower A is packed
 static int gemm_a_in_place(const Gemm *g) {
     size_t stride = (size_t)g->ars * sizeof(float), same = L1_SET_SPAN;  // same: gcd(stride, L1_SET_SPAN)
     while (stride % same) same /= 2;
-    return g->aks == 1 && MR * same / L1_SET_SPAN <= MR / 2;
+    return g->aks == 1 && g->K >= GEMM_IN_PLACE_MIN_K && MR * same / L1_SET_SPAN <= MR / 2;
 }
 
 static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, int j0, int j1, int d0, int dk) {
@@ -328,14 +328,16 @@ static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, 
             // the next block of A: these rows' next depth block, else the next rows
             int nb = k0 + KC < dk ? ib : ie, nk = k0 + KC < dk ? k0 + KC : 0;
             int n_rows = (nb + MC < i1 ? nb + MC : i1) - nb, n_kc = dk - nk < KC ? dk - nk : KC;
-            int lines = nb < i1 ? gemm_a_lines(g, n_rows, n_kc) : 0, issued = 0, tile = 0;
-            int tiles = (j1 - j0 + NR - 1) / NR * ((ie - ib + MR - 1) / MR);
+            int lines = nb < i1 ? gemm_a_lines(g, n_rows, n_kc) : 0, issued = 0;
+            int tiles = (j1 - j0 + NR - 1) / NR * ((ie - ib + MR - 1) / MR), per_tile = (lines + tiles - 1) / tiles;
             for (int j = j0; j < j1; j += NR)
                 for (int i = ib; i < ie; i += MR) {
-                    int upto = (int)((long long)lines * ++tile / tiles), mr = ie - i < MR ? ie - i : MR;
-                    int nr = j1 - j < NR ? j1 - j : NR;
-                    gemm_prefetch_a(g, nb, n_rows, d0 + nk, n_kc, issued, upto);
-                    issued = upto;
+                    int mr = ie - i < MR ? ie - i : MR, nr = j1 - j < NR ? j1 - j : NR;
+                    if (issued < lines) {
+                        int upto = issued + per_tile < lines ? issued + per_tile : lines;
+                        gemm_prefetch_a(g, nb, n_rows, d0 + nk, n_kc, issued, upto);
+                        issued = upto;
+                    }
                     float *c = g->C + (size_t)i * g->ldc + j;
                     const float *bp = bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc;
                     if (in_place && mr == MR)
