@@ -3,7 +3,8 @@
 # torch on OpenBLAS, eager float32, the fast implementation in
 # dev/bench_torch.py) on the same configs, batches, weights and threads,
 # measured in one run and printed as ratios. Each pair is timed C first, then
-# torch, back to back (each matmul twice over, the best of each side kept).
+# torch, back to back (each matmul three times over, MATMUL_ROUNDS, the best
+# of each side kept).
 # Run it alone on a quiet machine.
 #
 # Fairness: OpenBLAS picks its kernels by CPU; an old OpenBLAS on a newer CPU
@@ -101,10 +102,13 @@ small_shapes="2048:512:512 2048:512:3072 2048:512:1536 2048:1536:512 2048:512:32
 min_ratio=1e9
 for shape in $tiny_shapes $small_shapes; do
     IFS=: read -r n i o <<< "$shape"
-    # back to back, shape by shape, C then torch twice over: a slow spell of
-    # a shared machine then costs neither side its row
-    cl=$(c matmul $shape) tl=$(py matmul $shape)
-    cl="$cl"$'\n'$(c matmul $shape) tl="$tl"$'\n'$(py matmul $shape)
+    # back to back, shape by shape, C then torch MATMUL_ROUNDS times over
+    # (each run the best of five products): a slow spell of a shared machine
+    # then costs neither side its row
+    cl="" tl=""
+    for _ in $(seq "${MATMUL_ROUNDS:-3}"); do
+        cl="$cl"$'\n'$(c matmul $shape) tl="$tl"$'\n'$(py matmul $shape)
+    done
     for dir in fwd bwd; do
         cg=$(echo "$cl" | field ${dir}_gflops | sort -g | tail -1)
         tg=$(echo "$tl" | field ${dir}_gflops | sort -g | tail -1)
