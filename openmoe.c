@@ -249,7 +249,7 @@ static void gemm_pack_panel(float *bp, const float *B, int ldb, int transposed, 
 #define GEMM_MIN_RANGE_COLS 256       // a slice is shallow enough for a range this wide
 #define GEMM_RANGE_COLS 512           // and a range at most this wide
 #define GEMM_TASKS_PER_THREAD 4       // rows are cut into groups (whole tiles) until there are this many tasks
-#define GEMM_MIN_RANGE_PANELS 4       // a range narrowed to make tasks keeps this many panels
+#define GEMM_MIN_NARROWED_COLS 192    // a range narrowed to make tasks keeps this many columns
 
 typedef struct {  // C (M,N) (+)= A (M,K) @ B
     float *C;
@@ -359,7 +359,7 @@ static void gemm_plan(Gemm *g, int threads) {
     g->range = GEMM_B_FLOATS / (g->depth * NR) < widest ? GEMM_B_FLOATS / (g->depth * NR) : widest;  // in panels
     int panels = (g->N + NR - 1) / NR, want = threads * GEMM_TASKS_PER_THREAD;
     g->ranges = (panels + g->range - 1) / g->range;
-    if (g->K <= g->depth && g->ranges < want && panels / GEMM_MIN_RANGE_PANELS >= want)
+    if (g->K <= g->depth && g->ranges < want && panels / (GEMM_MIN_NARROWED_COLS / NR) >= want)
         g->ranges = want;  // narrower ranges rather than groups, whose threads would each pack the same range
     g->tiles = (g->M + MR - 1) / MR;
     g->groups = g->ranges >= want ? 1 : (want + g->ranges - 1) / g->ranges;
