@@ -295,13 +295,6 @@ static void gemm_prefetch_a(const Gemm *g, int i, int rows, int k0, int kc, int 
     }
 }
 
-// rows i0..i1-1 times columns j0..j1-1 of C at depth d0..d0+dk-1, B's range
-// packed in bblock: MC rows at a time, their A and C's block staying in L2
-// while the depth blocks pass. A whose rows run along k (aks 1: activations,
-// output gradients) is read in place by whole tiles of rows: packing it
-// cost about 7% of the time of the tiles it fed (a range of 256 columns);
-// other A, and a last partial tile of rows, is packed. While one block of A
-// runs, the next is prefetched, a share of its lines per tile.
 // A read in place: rows along k, deep enough that a tile's fixed costs do
 // not outweigh packing (measured: 0.88x at K = 8), and a row stride that
 // spreads a tile's rows over L1's sets. Rows a multiple of 4 KB apart share
@@ -315,6 +308,13 @@ static int gemm_a_in_place(const Gemm *g) {
     return g->aks == 1 && g->K >= GEMM_IN_PLACE_MIN_K && MR * same / L1_SET_SPAN <= MR / 2;
 }
 
+// rows i0..i1-1 times columns j0..j1-1 of C at depth d0..d0+dk-1, B's range
+// packed in bblock: MC rows at a time, their A and C's block staying in L2
+// while the depth blocks pass. A that gemm_a_in_place allows (activations,
+// output gradients) is read in place by whole tiles of rows: packing it
+// cost about 7% of the time of the tiles it fed (a range of 256 columns);
+// other A, and a last partial tile of rows, is packed. While one block of A
+// runs, the next is prefetched, a share of its lines per tile.
 static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, int j0, int j1, int d0, int dk) {
     float apack[MC * KC + VW] __attribute__((aligned(64)));  // VW to spare: gemm_pack_a
     int cols = (j1 - j0 + NR - 1) / NR * NR, in_place = gemm_a_in_place(g);
@@ -342,7 +342,8 @@ static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, 
                     float *c = g->C + (size_t)i * g->ldc + j;
                     const float *bp = bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc;
                     if (in_place && mr == MR)
-                        gemm_tile_edge(c, g->ldc, g->A + (size_t)i * g->ars + d0 + k0, g->ars, 1, bp, kc, load_c, MR, nr);
+                        gemm_tile_edge(c, g->ldc, g->A + (size_t)i * g->ars + d0 + k0, g->ars, 1, bp, kc, load_c,
+                                       MR, nr);
                     else
                         gemm_tile_edge(c, g->ldc, apack + (size_t)(i - ib) * kc, 1, MR, bp, kc, load_c, mr, nr);
                 }
