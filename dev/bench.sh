@@ -3,8 +3,8 @@
 # torch on OpenBLAS, eager float32, the fast implementation in
 # dev/bench_torch.py) on the same configs, batches, weights and threads,
 # measured in one run and printed as ratios. Each pair is timed C first, then
-# torch, back to back (each matmul three times over, MATMUL_ROUNDS, the best
-# of each side kept).
+# torch, back to back (each matmul five times over, MATMUL_ROUNDS, the two
+# sides in turn, the best of each side kept).
 # Run it alone on a quiet machine.
 #
 # Fairness: OpenBLAS picks its kernels by CPU; an old OpenBLAS on a newer CPU
@@ -99,15 +99,35 @@ echo "fp32 FMA peak of this machine, measured at $(echo "$peak_line" | field wid
 # q/k/v/o, gate (2F), up, down, lm_head, router; experts at their capacity of 320 rows
 tiny_shapes="2048:128:128 2048:128:768 2048:128:384 2048:384:128 2048:128:4096 2048:128:8 320:128:768 320:128:384 320:384:128"
 small_shapes="2048:512:512 2048:512:3072 2048:512:1536 2048:1536:512 2048:512:32000 2048:512:8 320:512:3072 320:512:1536 320:1536:512"
+# Each side serves the products from a process of its own (matmul -: a
+# shape a line), and the bench asks the two in turn, C then torch, each
+# shape MATMUL_ROUNDS times over, each answer the best of five products: the
+# sides alternate every fraction of a second, so that a slow spell of a
+# shared machine (they last seconds to minutes here) costs both. After
+# each answer the bench waits, so that neither side's idle threads
+# (libgomp's spinning, OpenBLAS's thread timeout) still run while the other
+# computes.
+settle=0.2  # seconds
+fifos=$(mktemp -d)
+trap 'rm -rf "$fifos"' EXIT
+mkfifo "$fifos/c_in" "$fifos/c_out" "$fifos/t_in" "$fifos/t_out"
+c matmul - < "$fifos/c_in" > "$fifos/c_out" &
+py matmul - < "$fifos/t_in" > "$fifos/t_out" &
+exec 3> "$fifos/c_in" 4< "$fifos/c_out" 5> "$fifos/t_in" 6< "$fifos/t_out"
+ask() {  # ask IN_FD OUT_FD SHAPE: the server's answer line
+    local line
+    echo "$3" >&"$1"
+    read -r line <&"$2" || { echo "a matmul server stopped at $3" >&2; exit 1; }
+    echo "$line"
+    sleep $settle
+}
 min_ratio=1e9
 for shape in $tiny_shapes $small_shapes; do
     IFS=: read -r n i o <<< "$shape"
-    # back to back, shape by shape, C then torch MATMUL_ROUNDS times over
-    # (each run the best of five products): a slow spell of a shared machine
-    # then costs neither side its row
     cl="" tl=""
-    for _ in $(seq "${MATMUL_ROUNDS:-3}"); do
-        cl="$cl"$'\n'$(c matmul $shape) tl="$tl"$'\n'$(py matmul $shape)
+    for _ in $(seq "${MATMUL_ROUNDS:-5}"); do
+        cl="$cl"$'\n'$(ask 3 4 $shape)
+        tl="$tl"$'\n'$(ask 5 6 $shape)
     done
     for dir in fwd bwd; do
         cg=$(echo "$cl" | field ${dir}_gflops | sort -g | tail -1)
@@ -117,6 +137,8 @@ for shape in $tiny_shapes $small_shapes; do
         awk -v g="$cg" -v p="$peak" 'BEGIN { printf "%-44s %11.0f%%\n", "    C at share of peak", 100 * g / p }'
     done
 done
+exec 3>&- 4<&- 5>&- 6<&-  # the servers see the end of their input and stop
+wait
 echo "slowest matmul against torch: $(awk -v m="$min_ratio" 'BEGIN { printf "%.2fx", m }')"
 
 cv=$(c decode tiny 200 | field decode_tok_s)

@@ -6,6 +6,9 @@
 //                                            initial weights to MODEL for bench_torch.py
 //   bench_cpu matmul N:IN:OUT ...            GFLOP/s of out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T
 //                                            and its backward
+//   bench_cpu matmul -                       the same for each shape read from stdin, a line
+//                                            each, answered as it comes (bench.sh alternates
+//                                            this process with bench_torch.py's)
 //   bench_cpu decode CONFIG TOKENS           tokens/s of model_decode with a KV cache
 //   bench_cpu peak                           GFLOP/s of independent vector FMAs on every
 //                                            thread at the CPU's widest vectors: the ceiling
@@ -113,7 +116,8 @@ static void bench_decode(const Config *c, int tokens) {
 // the CPU runs, whatever this file was compiled for, so that a build for an
 // older target is not measured against its own ceiling.
 #define PEAK_CHAINS 12       // more than FMA latency x FMA ports on current cores
-#define PEAK_ITERS 50000000L
+#define PEAK_ITERS 10000000L
+#define PEAK_RUNS 5           // the best of these: a slow spell of a shared machine is not the ceiling
 #define DEFINE_PEAK(name, vtype)                                                  \
     static float name(void) {                                                     \
         vtype acc[PEAK_CHAINS], b = (vtype){0} + 0.999f, c = (vtype){0} + 1e-4f; \
@@ -145,14 +149,17 @@ static void bench_peak(void) {
 #endif
     int threads = 1;
     float sum = 0.0f;
-    double t0 = wall_seconds();
+    double seconds = 1e9;
+    for (int run = 0; run < PEAK_RUNS; run++) {
+        double t0 = wall_seconds();
 #pragma omp parallel reduction(+ : sum)
-    {
-        sum += peak();
+        {
+            sum += peak();
 #pragma omp single
-        threads = omp_get_num_threads();
+            threads = omp_get_num_threads();
+        }
+        seconds = fmin(seconds, wall_seconds() - t0);
     }
-    double seconds = wall_seconds() - t0;
     if (sum == 12345.0f) printf("%f\n", sum);  // keeps the loops alive
     printf("peak_gflops %.1f width %d isa %s threads %d\n",
            threads * PEAK_ITERS * PEAK_CHAINS * 2.0 * width / seconds / 1e9, width, isa, threads);
@@ -162,6 +169,13 @@ int main(int argc, char **argv) {
     if ((argc == 6 || argc == 7) && strcmp(argv[1], "step") == 0) {
         Config c = parse_config(argv[2]);
         bench_step(&c, atoi(argv[3]), atoi(argv[4]), atoi(argv[5]), argc == 7 ? argv[6] : NULL);
+    } else if (argc == 3 && strcmp(argv[1], "matmul") == 0 && strcmp(argv[2], "-") == 0) {
+        char line[128];
+        while (fgets(line, sizeof(line), stdin)) {
+            line[strcspn(line, "\n")] = '\0';
+            bench_matmul(line);
+            fflush(stdout);
+        }
     } else if (argc >= 3 && strcmp(argv[1], "matmul") == 0) {
         for (int i = 2; i < argc; i++) bench_matmul(argv[i]);
     } else if (argc == 4 && strcmp(argv[1], "decode") == 0) {
@@ -170,7 +184,7 @@ int main(int argc, char **argv) {
     } else if (argc == 2 && strcmp(argv[1], "peak") == 0) {
         bench_peak();
     } else {
-        fprintf(stderr, "usage: bench_cpu step CONFIG B T STEPS [MODEL] | matmul N:IN:OUT ... | decode CONFIG TOKENS | peak\n");
+        fprintf(stderr, "usage: bench_cpu step CONFIG B T STEPS [MODEL] | matmul N:IN:OUT ... | matmul - | decode CONFIG TOKENS | peak\n");
         return 2;
     }
     return 0;

@@ -12,6 +12,8 @@ only, global clip 1.0). No Python loop runs over tokens.
                                                 the losses of the first two steps on
                                                 MODEL's weights and bench_cpu's batch
   bench_torch.py matmul N:IN:OUT ...            GFLOP/s of x @ w.T and its backward
+  bench_torch.py matmul -                       the same for each shape read from stdin,
+                                                a line each, answered as it comes
   bench_torch.py decode CONFIG TOKENS           tokens/s of greedy generation with a KV cache
   bench_torch.py blas                           the OpenBLAS core in use, its worst error
                                                 against float64 and its GFLOP/s
@@ -180,16 +182,19 @@ def bench_matmul(shapes):
         N, IN, OUT = (int(a) for a in shape.split(":"))
         x = torch.rand(N, IN) - 0.5
         w = torch.rand(OUT, IN) - 0.5
+        # the products write into tensors made once, as the C side's do: a
+        # new 25 MB result each time can come from fresh pages, whose faults
+        # cost OpenBLAS up to a third of the forward here
+        out, dx, dw = torch.empty(N, OUT), torch.empty(N, IN), torch.empty(OUT, IN)
         best_f = best_b = 1e9
         for _ in range(5):
             t0 = time.perf_counter()
-            out = x @ w.T
+            torch.mm(x, w.T, out=out)
             t1 = time.perf_counter()
-            dx = out @ w       # the two products of the backward
-            dw = out.T @ x
+            torch.mm(out, w, out=dx)       # the two products of the backward
+            torch.mm(out.T, x, out=dw)
             t2 = time.perf_counter()
             best_f, best_b = min(best_f, t1 - t0), min(best_b, t2 - t1)
-        del dx, dw
         flop = 2.0 * N * IN * OUT
         print(f"{shape} fwd_gflops {flop / best_f / 1e9:.1f} bwd_gflops {2 * flop / best_b / 1e9:.1f}")
 
@@ -263,6 +268,10 @@ def main():
     torch.manual_seed(0)
     if len(a) in (5, 6) and a[0] == "step":
         bench_step(parse_config(a[1]), int(a[2]), int(a[3]), int(a[4]), a[5] if len(a) == 6 else None)
+    elif a == ["matmul", "-"]:
+        for line in sys.stdin:
+            bench_matmul([line.strip()])
+            sys.stdout.flush()
     elif len(a) >= 2 and a[0] == "matmul":
         bench_matmul(a[1:])
     elif len(a) == 3 and a[0] == "decode":
