@@ -53,10 +53,13 @@ typedef float vecf __attribute__((vector_size(VW * sizeof(float)), aligned(4)));
 // a: an MR x K panel of A, a[r*ars + k*aks]: packed k-major (ars 1, aks
 // MR) or, for A with rows along k, read in place (ars its row stride, aks 1);
 // bp: a K x NR panel of B packed k-major (bp[k*NR + j]); C (MR,NR) with
-// leading dim ldc. The 2*MR accumulators live in vector registers. Inlined,
-// so that each caller's strides are constants where they can be.
+// leading dim ldc. The 2*MR accumulators live in vector registers. With
+// `stream` (C's last pass; rows aligned to the vector), the tile goes to
+// memory with non-temporal stores, without reading C's lines in first (see
+// gemm_streams). Inlined, so that each caller's strides are constants where
+// they can be.
 static inline __attribute__((always_inline)) void gemm_tile(float *C, int ldc, const float *a, int ars, int aks,
-                                                            const float *bp, int K, int load_c) {
+                                                            const float *bp, int K, int load_c, int stream) {
     vecf acc[MR][2];
     for (int r = 0; r < MR; r++) {
         vecf zero = {0};
@@ -71,6 +74,18 @@ static inline __attribute__((always_inline)) void gemm_tile(float *C, int ldc, c
             acc[r][1] = acc[r][1] + a_rk * b1;
         }
     }
+#if defined(__AVX512F__) || defined(__AVX__)
+    if (stream) {
+        for (int r = 0; r < MR; r++)
+            for (int h = 0; h < 2; h++)
+#if defined(__AVX512F__)
+                _mm512_stream_ps(C + (size_t)r * ldc + h * VW, (__m512)acc[r][h]);
+#else
+                _mm256_stream_ps(C + (size_t)r * ldc + h * VW, (__m256)acc[r][h]);
+#endif
+        return;
+    }
+#endif
     for (int r = 0; r < MR; r++) {
         *(vecf *)(C + (size_t)r * ldc) = acc[r][0];
         *(vecf *)(C + (size_t)r * ldc + VW) = acc[r][1];
@@ -209,15 +224,16 @@ static void gemm_pack_bt(float *bp, const float *W, int ldw, int nr, int kc) {
 // One tile of C, mr x nr of it inside C (an edge tile runs in a buffer, so
 // that one kernel serves every tile); A as gemm_tile reads it
 static inline __attribute__((always_inline)) void gemm_tile_edge(float *C, int ldc, const float *a, int ars, int aks,
-                                                                  const float *bp, int kc, int load_c, int mr, int nr) {
+                                                                  const float *bp, int kc, int load_c, int stream,
+                                                                  int mr, int nr) {
     if (mr == MR && nr == NR) {
-        gemm_tile(C, ldc, a, ars, aks, bp, kc, load_c);
+        gemm_tile(C, ldc, a, ars, aks, bp, kc, load_c, stream);
         return;
     }
     float tile[MR * NR] = {0};
     for (int r = 0; r < mr; r++)
         for (int j = 0; j < nr; j++) tile[r * NR + j] = C[(size_t)r * ldc + j];
-    gemm_tile(tile, NR, a, ars, aks, bp, kc, load_c);
+    gemm_tile(tile, NR, a, ars, aks, bp, kc, load_c, 0);
     for (int r = 0; r < mr; r++)
         for (int j = 0; j < nr; j++) C[(size_t)r * ldc + j] = tile[r * NR + j];
 }
@@ -261,6 +277,7 @@ typedef struct {  // C (M,N) (+)= A (M,K) @ B
     int ldb, transposed;
     int M, N, K, accumulate;
     int depth, range, ranges, groups, tiles;  // the tasks, as gemm_plan cuts them
+    int stream;                               // gemm_streams
 } Gemm;
 
 // bblock: the panels of columns j0..j1-1 of B at depth d0..d0+dk-1; depth
@@ -346,6 +363,7 @@ static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, 
         int ie = ib + MC < i1 ? ib + MC : i1;
         for (int k0 = 0; k0 < dk; k0 += KC) {
             int kc = dk - k0 < KC ? dk - k0 : KC, load_c = g->accumulate || d0 + k0 > 0;
+            int stream = g->stream && d0 + k0 + kc == g->K;  // C's last pass
             gemm_pack_block(apack, g, ib, ie, d0 + k0, kc, in_place);
             // the next block of A: these rows' next depth block, else the next rows
             int nb = k0 + KC < dk ? ib : ie, nk = k0 + KC < dk ? k0 + KC : 0;
@@ -364,12 +382,31 @@ static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, 
                     const float *bp = bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc;
                     if (in_place && mr == MR)
                         gemm_tile_edge(c, g->ldc, g->A + (size_t)i * g->ars + d0 + k0, g->ars, 1, bp, kc, load_c,
-                                       MR, nr);
+                                       stream, MR, nr);
                     else
-                        gemm_tile_edge(c, g->ldc, apack + (size_t)(i - ib) * kc, 1, MR, bp, kc, load_c, mr, nr);
+                        gemm_tile_edge(c, g->ldc, apack + (size_t)(i - ib) * kc, 1, MR, bp, kc, load_c, stream, mr,
+                                       nr);
                 }
         }
     }
+}
+
+// Whether C's last pass goes to memory with non-temporal stores: a C too
+// big to stay in cache for whoever reads it next, whose rows are aligned to
+// the vector. Ordinary stores first read each line of C in from memory;
+// without that read the 2048x128 @ 128x4096 forward (32 MB of logits) ran
+// 1.25x as fast, 2048x128 @ 128x768 (6 MB) 1.15x. Only the last pass: a
+// streamed C that the next depth block reads back comes from memory (the
+// 2048x512 @ 512x3072 forward lost 6% streaming the first of its two).
+#define GEMM_STREAM_BYTES (4 << 20)  // C at least this big
+static int gemm_streams(const Gemm *g) {
+#if defined(__AVX512F__) || defined(__AVX__)
+    size_t align = VW * sizeof(float);
+    return (size_t)g->M * g->N * sizeof(float) >= GEMM_STREAM_BYTES && (uintptr_t)g->C % align == 0 &&
+           g->ldc % VW == 0;
+#else
+    return 0;
+#endif
 }
 
 // The tasks for `threads` threads: the slice as deep as a range of
@@ -402,6 +439,7 @@ static void gemm_plan(Gemm *g, int threads) {
         g->groups = g->groups < one_each ? g->groups : one_each;
     }
     g->groups = g->groups < g->tiles ? g->groups : g->tiles;
+    g->stream = gemm_streams(g);
 }
 
 // task t: a range of columns times a group of rows of C, slice by slice of
@@ -421,6 +459,9 @@ static void gemm_task(const Gemm *g, int t, int *held) {
         *held = block;
         gemm_range_rows(g, bblock, i0, i1 < g->M ? i1 : g->M, j0, j1, d0, dk);
     }
+#if defined(__AVX__)
+    if (g->stream) _mm_sfence();  // streamed stores are weakly ordered: done before whoever reads C
+#endif
 }
 
 // g's product on `threads` threads (1: on the calling thread, without a
@@ -449,7 +490,7 @@ static void gemm_on(Gemm *g, int threads) {
 // C (M,N) (+)= A (M,K) @ B as Gemm says, on all threads (one for a small product)
 static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb, int transposed,
                  int M, int N, int K, int accumulate) {
-    Gemm g = {C, ldc, A, ars, aks, B, ldb, transposed, M, N, K, accumulate, 0, 0, 0, 0, 0};
+    Gemm g = {C, ldc, A, ars, aks, B, ldb, transposed, M, N, K, accumulate, 0, 0, 0, 0, 0, 0};
     int threads = 1;
 #ifdef _OPENMP
     if ((size_t)M * N * K > GEMM_PARALLEL_MIN) threads = omp_get_max_threads();
@@ -461,7 +502,7 @@ static void gemm(float *C, int ldc, const float *A, int ars, int aks, const floa
 static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                       int i0, int i1, int N, int K, int accumulate) {
     Gemm g = {C + (size_t)i0 * ldc, ldc, A + (size_t)i0 * ars, ars, aks, B, ldb, 0, i1 - i0, N, K, accumulate,
-              0, 0, 0, 0, 0};
+              0, 0, 0, 0, 0, 0};
     gemm_on(&g, 1);
 }
 
@@ -1133,10 +1174,12 @@ static float *alloc_floats_huge(size_t n) {
     return p;
 }
 
-// a bump allocator over one buffer: a first pass with base NULL only counts
+// a bump allocator over one buffer: a first pass with base NULL only counts.
+// Arrays take whole cache lines (the buffer starts on one), so that each
+// starts on a line: gemm_streams streams only aligned rows.
 static float *carve(float *base, size_t *used, size_t n) {
     float *p = base ? base + *used : NULL;
-    *used += n;
+    *used += (n + LINE_FLOATS - 1) / LINE_FLOATS * LINE_FLOATS;
     return p;
 }
 static int *carve_int(int *base, size_t *used, size_t n) {
@@ -1289,12 +1332,12 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     m->Bmax = B;
     m->Tmax = T;
     size_t n = m->table.n_params;
-    m->params = (float *)callocCheck(n, sizeof(float));
+    m->params = (float *)callocAlignedCheck(n, sizeof(float), LINE_FLOATS * sizeof(float));
     m->params_t = alloc_floats_huge(n);  // untouched (not resident) until a decode
     if (opt) {
         m->opt_kind = opt->kind;
         m->opt_min_dim = opt->min_dim;
-        m->grads = (float *)callocCheck(n, sizeof(float));
+        m->grads = (float *)callocAlignedCheck(n, sizeof(float), LINE_FLOATS * sizeof(float));
         m->shard_lo = opt->shard_lo;
         m->shard_hi = opt->shard_hi ? opt->shard_hi : n;
         m->n_opt_state = opt_state_floats_range(&m->table, opt->kind, opt->min_dim, m->shard_lo, m->shard_hi);
@@ -1304,7 +1347,7 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     size_t nf, ni, dnf, dni;
     acts_layout(m, NULL, NULL, &nf, &ni);
     decode_layout(m, NULL, NULL, &dnf, &dni);
-    m->acts = (float *)callocCheck(nf + dnf, sizeof(float));
+    m->acts = (float *)callocAlignedCheck(nf + dnf, sizeof(float), LINE_FLOATS * sizeof(float));
     m->iacts = (int *)callocCheck(ni + dni, sizeof(int));
     acts_layout(m, m->acts, m->iacts, &nf, &ni);
     decode_layout(m, m->acts + nf, m->iacts + ni, &dnf, &dni);

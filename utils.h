@@ -86,6 +86,17 @@ static inline void *calloc_check(size_t n, size_t size, const char *file, int li
 }
 #define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
 
+// zeroed, starting on a multiple of `align` bytes (a power of two)
+static inline void *calloc_aligned_check(size_t n, size_t size, size_t align, const char *file, int line) {
+    if (size && n > ((size_t)-1 - align) / size) die("allocating %zu x %zu bytes overflows  [%s:%d]", n, size, file, line);
+    size_t bytes = (n * size + align - 1) / align * align;
+    void *p = aligned_alloc(align, bytes ? bytes : align);
+    if (!p) die("out of memory allocating %zu x %zu bytes  [%s:%d]", n, size, file, line);
+    memset(p, 0, bytes);
+    return p;
+}
+#define callocAlignedCheck(n, size, align) calloc_aligned_check(n, size, align, __FILE__, __LINE__)
+
 // seconds on a monotonic clock, for the time a step or a generation takes
 static inline double wall_seconds(void) {
     struct timespec t;

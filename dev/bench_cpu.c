@@ -71,9 +71,10 @@ static void bench_matmul(const char *shape) {
     int N, IN, OUT;
     if (sscanf(shape, "%d:%d:%d", &N, &IN, &OUT) != 3 || N <= 0 || IN <= 0 || OUT <= 0)
         die("matmul shape '%s': expected N:IN:OUT, three positive integers", shape);
-    float *inp = (float *)mallocCheck((size_t)N * IN * 4), *w = (float *)mallocCheck((size_t)OUT * IN * 4);
-    float *out = (float *)mallocCheck((size_t)N * OUT * 4), *dinp = (float *)mallocCheck((size_t)N * IN * 4);
-    float *dw = (float *)callocCheck((size_t)OUT * IN, 4), *scratch = (float *)mallocCheck((size_t)IN * VW * 4);  // matmul_forward's, for a narrow w
+    // on cache lines, as the model's parameters, gradients and activations are
+    float *inp = (float *)callocAlignedCheck((size_t)N * IN, 4, 64), *w = (float *)callocAlignedCheck((size_t)OUT * IN, 4, 64);
+    float *out = (float *)callocAlignedCheck((size_t)N * OUT, 4, 64), *dinp = (float *)callocAlignedCheck((size_t)N * IN, 4, 64);
+    float *dw = (float *)callocAlignedCheck((size_t)OUT * IN, 4, 64), *scratch = (float *)mallocCheck((size_t)IN * VW * 4);  // matmul_forward's, for a narrow w
     Rng r = {3};
     for (size_t i = 0; i < (size_t)N * IN; i++) inp[i] = rng_uniform(&r) - 0.5f;
     for (size_t i = 0; i < (size_t)OUT * IN; i++) w[i] = rng_uniform(&r) - 0.5f;
