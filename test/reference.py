@@ -748,6 +748,10 @@ CASES = [
          about="B*T = 640 and V = 700 past 512: the weight gradients' products and lm_head's"
                " input gradient run deeper than one depth slice of the CPU matmul, with ragged"
                " ends, and lm_head's 700 columns take more than one range"),
+    Case("stream", Config(1040, 258, 1, 32, 2, 16, 48, 4, 2, 1, 24, 1), 4, 258,
+         Settings(), seed=14000,
+         about="logits of 1032 x 1040 floats, past the 4 MB above which the CPU matmul streams"
+               " C's last pass to memory (rows on cache lines, a ragged last panel of 16 columns)"),
 ]
 
 ADAMW_TEST = AdamWSettings(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
