@@ -74,15 +74,10 @@ static inline __attribute__((always_inline)) void gemm_tile(float *C, int ldc, c
             acc[r][1] = acc[r][1] + a_rk * b1;
         }
     }
-#if defined(__AVX512F__) || defined(__AVX__)
+#if defined(__AVX512F__)
     if (stream) {
         for (int r = 0; r < MR; r++)
-            for (int h = 0; h < 2; h++)
-#if defined(__AVX512F__)
-                _mm512_stream_ps(C + (size_t)r * ldc + h * VW, (__m512)acc[r][h]);
-#else
-                _mm256_stream_ps(C + (size_t)r * ldc + h * VW, (__m256)acc[r][h]);
-#endif
+            for (int h = 0; h < 2; h++) _mm512_stream_ps(C + (size_t)r * ldc + h * VW, (__m512)acc[r][h]);
         return;
     }
 #endif
@@ -398,9 +393,11 @@ static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, 
 // 1.25x as fast, 2048x128 @ 128x768 (6 MB) 1.15x. Only the last pass: a
 // streamed C that the next depth block reads back comes from memory (the
 // 2048x512 @ 512x3072 forward lost 6% streaming the first of its two).
+// AVX-512 only: the AVX2 tile writes C at half the rate, and streaming
+// bought nothing there (0.97-0.99x, within noise).
 #define GEMM_STREAM_BYTES (4 << 20)  // C at least this big
 static int gemm_streams(const Gemm *g) {
-#if defined(__AVX512F__) || defined(__AVX__)
+#if defined(__AVX512F__)
     size_t align = VW * sizeof(float);
     return (size_t)g->M * g->N * sizeof(float) >= GEMM_STREAM_BYTES && (uintptr_t)g->C % align == 0 &&
            g->ldc % VW == 0;
@@ -459,7 +456,7 @@ static void gemm_task(const Gemm *g, int t, int *held) {
         *held = block;
         gemm_range_rows(g, bblock, i0, i1 < g->M ? i1 : g->M, j0, j1, d0, dk);
     }
-#if defined(__AVX__)
+#if defined(__AVX512F__)
     if (g->stream) _mm_sfence();  // streamed stores are weakly ordered: done before whoever reads C
 #endif
 }
