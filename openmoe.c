@@ -333,7 +333,8 @@ static void gemm_pack_block(float *apack, const Gemm *g, int ib, int ie, int k0,
         while (whole > 0 && g->M - (ib + (whole - 1) * MR) < VW) whole--;
         const float *a = g->A + ib + (size_t)k0 * g->aks;
         for (int k = 0; k < kc - 1; k++, a += g->aks)  // VW-MR floats spill over into k+1's, written next
-            for (int t = 0; t < whole; t++) *(vecf *)(apack + (size_t)t * MR * kc + k * MR) = *(const vecf *)(a + t * MR);
+            for (int t = 0; t < whole; t++)
+                *(vecf *)(apack + (size_t)t * MR * kc + k * MR) = *(const vecf *)(a + t * MR);
         for (int t = 0; t < whole; t++)  // the last k would spill over into the next tile's first
             memcpy(apack + (size_t)t * MR * kc + (size_t)(kc - 1) * MR, a + t * MR, MR * sizeof(float));
         i = ib + whole * MR;

@@ -88,7 +88,8 @@ static inline void *calloc_check(size_t n, size_t size, const char *file, int li
 
 // zeroed, starting on a multiple of `align` bytes (a power of two)
 static inline void *calloc_aligned_check(size_t n, size_t size, size_t align, const char *file, int line) {
-    if (size && n > ((size_t)-1 - align) / size) die("allocating %zu x %zu bytes overflows  [%s:%d]", n, size, file, line);
+    if (size && n > ((size_t)-1 - align) / size)
+        die("allocating %zu x %zu bytes overflows  [%s:%d]", n, size, file, line);
     size_t bytes = (n * size + align - 1) / align * align;
     void *p = aligned_alloc(align, bytes ? bytes : align);
     if (!p) die("out of memory allocating %zu x %zu bytes  [%s:%d]", n, size, file, line);
