@@ -79,9 +79,9 @@ row() {  # row NAME C_VALUE TORCH_VALUE HIGHER_IS_BETTER
 
 # training steps from the same weights and batch, C then torch STEP_ROUNDS
 # times over (each run the median of its steps), the best run of each side
-# kept: a slow spell (this machine's clock drops for a while after sustained
-# load) then does not decide the ratio. The losses of the first two steps
-# (before and after one AdamW update) must agree to 1e-5.
+# kept: a slow spell of a shared machine (one C tiny step read 227 ms in a
+# bench, 168-174 ms alone) then does not decide the ratio. The losses of the
+# first two steps (before and after one AdamW update) must agree to 1e-5.
 for cfg in tiny:8:256:5 small:2:1024:3; do
     IFS=: read -r name B T steps <<< "$cfg"
     cms=1e30 tms=1e30
