@@ -162,15 +162,15 @@ static inline void transpose_block(vecf *r) {
 
 // ap (kc,MR) k-major = rows i..i+mr-1, columns k0..k0+kc-1 of A, zero rows
 // below mr. Where VW rows of A can be read from i (avail of them) and A runs
-// along i (ars 1) or along k (aks 1), whole vectors move: k's VW values land
-// at ap + k*MR, and the VW-MR past the tile's rows are overwritten by k+1's
-// (so the buffer keeps VW floats to spare past its last tile).
+// along k (aks 1), whole VW x VW blocks go through the vector registers: k's
+// VW values land at ap + k*MR, and the VW-MR past the tile's rows are
+// overwritten by k+1's (so the buffer keeps VW floats to spare past its last
+// tile). Whole tiles of A along i (ars 1) never come here: gemm_pack_block
+// copies them.
 static void gemm_pack_a(float *ap, const float *A, int ars, int aks, int i, int mr, int avail, int k0, int kc) {
     const float *a = A + (size_t)i * ars + (size_t)k0 * aks;
     int k = 0;
-    if (mr == MR && avail >= VW && ars == 1)
-        for (; k < kc; k++) *(vecf *)(ap + k * MR) = *(const vecf *)(a + (size_t)k * aks);
-    else if (mr == MR && avail >= VW && aks == 1)
+    if (mr == MR && avail >= VW && aks == 1)
         for (; k + VW <= kc; k += VW) {
             vecf r[VW];
             for (int t = 0; t < VW; t++) r[t] = *(const vecf *)(a + (size_t)t * ars + k);
