@@ -35,17 +35,24 @@
 // B plus one broadcast of A beside them. GCC's generic vectors compile to one
 // register each under AVX-512 (zmm) and AVX (ymm), and to pairs of xmm (or
 // NEON q) registers elsewhere.
+// KC is the depth of one pass of a tile. Under AVX-512 the pass is deep:
+// its KC x NR panel of B (64 KB) streams from L2 rather than staying in L1,
+// and C is loaded and stored once per 512 of depth rather than twice, with
+// half the tiles' fixed costs (measured on Zen 5: forward products with K
+// of 512 or more 2-8% faster, the others within noise; the AVX2 build lost
+// up to 8% on backward products, so it keeps the panel in L1).
 #if defined(__AVX512F__)
 #define VW 16   // floats per vector: one zmm
 #define MR 14   // rows of C per register tile: 28 of the 32 zmm registers
-#define MC 112  // rows of A packed at a time: MC x KC of it stays in L2
+#define KC 512  // depth of one pass
+#define MC 56   // rows of A packed at a time: MC x KC of it (112 KB) stays in L2
 #else
 #define VW 8    // floats per vector: one ymm
 #define MR 6    // rows of C per register tile: 12 of the 16 ymm registers
-#define MC 96   // rows of A packed at a time: MC x KC of it stays in L2
+#define KC 256  // depth of one pass: a KC x NR panel of B (16 KB) stays in L1
+#define MC 96   // rows of A packed at a time: MC x KC of it (96 KB) stays in L2
 #endif
 #define NR (2 * VW)  // columns of C per register tile: two vectors
-#define KC 256       // depth of one pass: a KC x NR panel of B stays in L1
 #define GEMM_PARALLEL_MIN (1 << 15)  // multiply-adds below which one thread is faster
 
 typedef float vecf __attribute__((vector_size(VW * sizeof(float)), aligned(4)));  // any float alignment
@@ -415,8 +422,10 @@ static int gemm_streams(const Gemm *g) {
 // faster; with 2048 rows, groups were 2-4% faster). Packed A is packed
 // again for every range, so a deep product with packed A and N that fits
 // one range of GEMM_RANGE_COLS takes that one range, with slices as shallow
-// as it needs, and groups of rows for the threads (measured: the 2048x512 @
-// 512x3072 backward's dinp and dW 5-10% faster).
+// as it needs, and groups of rows for the threads (measured with a KC of
+// 256: the 2048x512 @ 512x3072 backward's dinp and dW 5-10% faster; with
+// AVX-512's 512, slices are never shallower than a pass, so only N of 128
+// or less takes this, within noise of the plain plan).
 static void gemm_plan(Gemm *g, int threads) {
     int deepest = GEMM_B_FLOATS / GEMM_MIN_RANGE_COLS / KC * KC, widest = GEMM_RANGE_COLS / NR;
     int panels = (g->N + NR - 1) / NR, want = threads * GEMM_TASKS_PER_THREAD;
