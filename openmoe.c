@@ -35,23 +35,27 @@
 // B plus one broadcast of A beside them. GCC's generic vectors compile to one
 // register each under AVX-512 (zmm) and AVX (ymm), and to pairs of xmm (or
 // NEON q) registers elsewhere.
-// KC is the depth of one pass of a tile. Under AVX-512 the pass is deep:
-// its KC x NR panel of B (64 KB) streams from L2 rather than staying in L1,
-// and C is loaded and stored once per 512 of depth rather than twice, with
-// half the tiles' fixed costs (measured on Zen 5: forward products with K
-// of 512 or more 2-8% faster, the others within noise; the AVX2 build lost
-// up to 8% on backward products, so it keeps the panel in L1).
+// A pass of a tile runs KC deep, with its KC x NR panel of B in L1. Under
+// AVX-512, a product whose A is read in place (gemm_a_in_place: most
+// forwards) runs KC_IN_PLACE deep: its panel (64 KB) streams from L2, and
+// C is loaded and stored once per 512 of depth rather than twice, with
+// half the tiles' fixed costs (measured on Zen 5: those forwards 2-8%
+// faster). With packed A the deeper pass bought nothing and cost the
+// 2048x512 @ 512x3072 backward 5%; the AVX2 build lost up to 8% on
+// backward products with it.
 #if defined(__AVX512F__)
-#define VW 16   // floats per vector: one zmm
-#define MR 14   // rows of C per register tile: 28 of the 32 zmm registers
-#define KC 512  // depth of one pass
-#define MC 56   // rows of A packed at a time: MC x KC of it (112 KB) stays in L2
+#define VW 16            // floats per vector: one zmm
+#define MR 14            // rows of C per register tile: 28 of the 32 zmm registers
+#define KC_IN_PLACE 512  // depth of one pass where A is read in place
+#define GEMM_A_ROWS 112  // rows of A at a time at depth KC: GEMM_A_ROWS x KC of it (112 KB) stays in L2
 #else
-#define VW 8    // floats per vector: one ymm
-#define MR 6    // rows of C per register tile: 12 of the 16 ymm registers
-#define KC 256  // depth of one pass: a KC x NR panel of B (16 KB) stays in L1
-#define MC 96   // rows of A packed at a time: MC x KC of it (96 KB) stays in L2
+#define VW 8             // floats per vector: one ymm
+#define MR 6             // rows of C per register tile: 12 of the 16 ymm registers
+#define KC_IN_PLACE 256
+#define GEMM_A_ROWS 96   // (96 KB)
 #endif
+#define KC 256                              // depth of one pass: a KC x NR panel of B (32 KB, AVX2 16) in L1
+#define GEMM_A_FLOATS (GEMM_A_ROWS * KC)    // a block of A: rows x depth, the rows fewer where passes are deeper
 #define NR (2 * VW)  // columns of C per register tile: two vectors
 #define GEMM_PARALLEL_MIN (1 << 15)  // multiply-adds below which one thread is faster
 
@@ -258,7 +262,7 @@ static void gemm_pack_panel(float *bp, const float *B, int ldb, int transposed, 
 // The threaded matmul. C is cut into tasks, a range of columns times a
 // group of rows, which the threads take in turn. A task packs its range of
 // B itself, one depth slice at a time, into bblock (its thread's own, in
-// L2), then its rows' A, MC rows at a time. Nothing packed is shared between
+// L2), then its rows' A, a block at a time. Nothing packed is shared between
 // threads: on the machines measured (README), a core that writes over lines
 // another core has read, or reads lines another has written, runs at memory
 // speed. A task runs its rows' chains to the end, so no task waits for
@@ -278,17 +282,18 @@ typedef struct {  // C (M,N) (+)= A (M,K) @ B
     const float *B;  // B (K,N) row-major or, transposed, W (N,K) row-major for B = W^T; rows ldb apart
     int ldb, transposed;
     int M, N, K, accumulate;
+    int pass, block_rows;                     // depth of a tile's pass; rows of A per block
     int depth, range, ranges, groups, tiles;  // the tasks, as gemm_plan cuts them
     int stream;                               // gemm_streams
 } Gemm;
 
-// bblock: the panels of columns j0..j1-1 of B at depth d0..d0+dk-1; depth
-// block k0 (from d0), panel j at bblock + k0*cols + (j-j0)*kc, cols = j1-j0
-// rounded up to NR
+// bblock: the panels of columns j0..j1-1 of B at depth d0..d0+dk-1; pass
+// k0 (from d0, g->pass deep), panel j at bblock + k0*cols + (j-j0)*kc,
+// cols = j1-j0 rounded up to NR
 static void gemm_pack_range(float *bblock, const Gemm *g, int j0, int j1, int d0, int dk) {
     int cols = (j1 - j0 + NR - 1) / NR * NR;
-    for (int k0 = 0; k0 < dk; k0 += KC) {
-        int kc = dk - k0 < KC ? dk - k0 : KC;
+    for (int k0 = 0; k0 < dk; k0 += g->pass) {
+        int kc = dk - k0 < g->pass ? dk - k0 : g->pass;
         for (int j = j0; j < j1; j += NR)
             gemm_pack_panel(bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc, g->B, g->ldb, g->transposed, j,
                             j1 - j < NR ? j1 - j : NR, g->N, d0 + k0, kc);
@@ -353,24 +358,24 @@ static void gemm_pack_block(float *apack, const Gemm *g, int ib, int ie, int k0,
 }
 
 // rows i0..i1-1 times columns j0..j1-1 of C at depth d0..d0+dk-1, B's range
-// packed in bblock: MC rows at a time, their A and C's block staying in L2
-// while the depth blocks pass. A that gemm_a_in_place allows (activations,
+// packed in bblock: g->block_rows at a time, their A and C's block staying
+// in L2 while the passes go by. A that gemm_a_in_place allows (activations,
 // output gradients) is read in place by whole tiles of rows: packing it
 // cost about 7% of the time of the tiles it fed (a range of 256 columns);
 // other A, and a last partial tile of rows, is packed. While one block of A
 // runs, the next is prefetched, a share of its lines per tile.
 static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, int j0, int j1, int d0, int dk) {
-    float apack[MC * KC + VW] __attribute__((aligned(64)));  // VW to spare: gemm_pack_a
-    int cols = (j1 - j0 + NR - 1) / NR * NR, in_place = gemm_a_in_place(g);
-    for (int ib = i0; ib < i1; ib += MC) {
-        int ie = ib + MC < i1 ? ib + MC : i1;
-        for (int k0 = 0; k0 < dk; k0 += KC) {
-            int kc = dk - k0 < KC ? dk - k0 : KC, load_c = g->accumulate || d0 + k0 > 0;
+    float apack[GEMM_A_FLOATS + VW] __attribute__((aligned(64)));  // VW to spare: gemm_pack_a
+    int cols = (j1 - j0 + NR - 1) / NR * NR, in_place = gemm_a_in_place(g), mc = g->block_rows, pass = g->pass;
+    for (int ib = i0; ib < i1; ib += mc) {
+        int ie = ib + mc < i1 ? ib + mc : i1;
+        for (int k0 = 0; k0 < dk; k0 += pass) {
+            int kc = dk - k0 < pass ? dk - k0 : pass, load_c = g->accumulate || d0 + k0 > 0;
             int stream = g->stream && d0 + k0 + kc == g->K;  // C's last pass
             gemm_pack_block(apack, g, ib, ie, d0 + k0, kc, in_place);
             // the next block of A: these rows' next depth block, else the next rows
-            int nb = k0 + KC < dk ? ib : ie, nk = k0 + KC < dk ? k0 + KC : 0;
-            int n_rows = (nb + MC < i1 ? nb + MC : i1) - nb, n_kc = dk - nk < KC ? dk - nk : KC;
+            int nb = k0 + pass < dk ? ib : ie, nk = k0 + pass < dk ? k0 + pass : 0;
+            int n_rows = (nb + mc < i1 ? nb + mc : i1) - nb, n_kc = dk - nk < pass ? dk - nk : pass;
             int lines = nb < i1 ? gemm_a_lines(g, n_rows, n_kc) : 0, issued = 0;
             int tiles = (j1 - j0 + NR - 1) / NR * ((ie - ib + MR - 1) / MR), per_tile = (lines + tiles - 1) / tiles;
             for (int j = j0; j < j1; j += NR)
@@ -422,15 +427,16 @@ static int gemm_streams(const Gemm *g) {
 // faster; with 2048 rows, groups were 2-4% faster). Packed A is packed
 // again for every range, so a deep product with packed A and N that fits
 // one range of GEMM_RANGE_COLS takes that one range, with slices as shallow
-// as it needs, and groups of rows for the threads (measured with a KC of
-// 256: the 2048x512 @ 512x3072 backward's dinp and dW 5-10% faster; with
-// AVX-512's 512, slices are never shallower than a pass, so only N of 128
-// or less takes this, within noise of the plain plan).
+// as it needs, and groups of rows for the threads (measured: the 2048x512 @
+// 512x3072 backward's dinp and dW 5-10% faster).
 static void gemm_plan(Gemm *g, int threads) {
-    int deepest = GEMM_B_FLOATS / GEMM_MIN_RANGE_COLS / KC * KC, widest = GEMM_RANGE_COLS / NR;
+    int in_place = gemm_a_in_place(g);
+    g->pass = in_place ? KC_IN_PLACE : KC;
+    g->block_rows = GEMM_A_FLOATS / g->pass;  // a multiple of MR
+    int deepest = GEMM_B_FLOATS / GEMM_MIN_RANGE_COLS / g->pass * g->pass, widest = GEMM_RANGE_COLS / NR;
     int panels = (g->N + NR - 1) / NR, want = threads * GEMM_TASKS_PER_THREAD;
     g->tiles = (g->M + MR - 1) / MR;
-    if (!gemm_a_in_place(g) && g->K > deepest && panels <= widest && g->tiles >= GEMM_GROUP_TILES * threads) {
+    if (!in_place && g->K > deepest && panels <= widest && g->tiles >= GEMM_GROUP_TILES * threads) {
         int d = GEMM_B_FLOATS / (panels * NR) / KC * KC;  // packed A, packed once per range: one range of all N
         deepest = d > KC ? d : KC;
     }
@@ -497,7 +503,7 @@ static void gemm_on(Gemm *g, int threads) {
 // C (M,N) (+)= A (M,K) @ B as Gemm says, on all threads (one for a small product)
 static void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb, int transposed,
                  int M, int N, int K, int accumulate) {
-    Gemm g = {C, ldc, A, ars, aks, B, ldb, transposed, M, N, K, accumulate, 0, 0, 0, 0, 0, 0};
+    Gemm g = {C, ldc, A, ars, aks, B, ldb, transposed, M, N, K, accumulate, 0, 0, 0, 0, 0, 0, 0, 0};
     int threads = 1;
 #ifdef _OPENMP
     if ((size_t)M * N * K > GEMM_PARALLEL_MIN) threads = omp_get_max_threads();
@@ -509,7 +515,7 @@ static void gemm(float *C, int ldc, const float *A, int ars, int aks, const floa
 static void gemm_rows(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
                       int i0, int i1, int N, int K, int accumulate) {
     Gemm g = {C + (size_t)i0 * ldc, ldc, A + (size_t)i0 * ars, ars, aks, B, ldb, 0, i1 - i0, N, K, accumulate,
-              0, 0, 0, 0, 0, 0};
+              0, 0, 0, 0, 0, 0, 0, 0};
     gemm_on(&g, 1);
 }
 

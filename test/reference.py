@@ -752,12 +752,6 @@ CASES = [
          Settings(), seed=14000,
          about="logits of 1032 x 1040 floats, past the 4 MB above which the CPU matmul streams"
                " C's last pass to memory (rows on cache lines, a ragged last panel of 16 columns)"),
-    Case("deep_pass", Config(50, 128, 2, 32, 2, 16, 1024, 4, 2, 2, 24, 1), 4, 128,
-         Settings(), seed=15000,
-         about="F = 1024 over D = 32 columns: the dense FFN's down projection and its input"
-               " gradients are products deeper than one pass of the CPU matmul's tile (512"
-               " under AVX-512) that start from zero, so the later passes must add to C"
-               " (on two threads: with many, the plan cuts those products into shallower slices)"),
 ]
 
 ADAMW_TEST = AdamWSettings(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)

@@ -2,9 +2,9 @@
 # the finite-difference gradient check, and the rejection of bad files.
 source test/lib.sh
 cases=$BUILD/cases
-# two threads, as on the CI machine, whatever this one has: the matmul's plan
-# depends on the thread count, and deep_pass reaches its multi-pass products
-# only with few threads
+# two threads, as on the CI machine, whatever this one has: the matmul cuts
+# its tasks by the thread count, and the cases were made to reach its paths
+# (deeper than a slice, several passes, several ranges) on two
 export OMP_NUM_THREADS=2
 $PYTHON test/reference.py $cases > $BUILD/reference.log || { fail "reference.py could not write the cases"; exit 1; }
 
