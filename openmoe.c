@@ -41,8 +41,9 @@
 // C is loaded and stored once per 512 of depth rather than twice, with
 // half the tiles' fixed costs (measured on Zen 5: those forwards 2-8%
 // faster). With packed A the deeper pass bought nothing and cost the
-// 2048x512 @ 512x3072 backward 5%; the AVX2 build lost up to 8% on
-// backward products with it.
+// 2048x512 @ 512x3072 backward 5%. Under AVX2 (run on the same Zen 5) it
+// bought 1-3% on those forwards, within noise, so the AVX2 build keeps the
+// pass that earlier rounds measured on AVX2 machines.
 #if defined(__AVX512F__)
 #define VW 16            // floats per vector: one zmm
 #define MR 14            // rows of C per register tile: 28 of the 32 zmm registers
