@@ -72,11 +72,11 @@ static void bench_matmul(const char *shape) {
     if (sscanf(shape, "%d:%d:%d", &N, &IN, &OUT) != 3 || N <= 0 || IN <= 0 || OUT <= 0)
         die("matmul shape '%s': expected N:IN:OUT, three positive integers", shape);
     // on cache lines, as the model's parameters, gradients and activations are
-    float *inp = (float *)callocAlignedCheck((size_t)N * IN, 4, 64);
-    float *w = (float *)callocAlignedCheck((size_t)OUT * IN, 4, 64);
-    float *out = (float *)callocAlignedCheck((size_t)N * OUT, 4, 64);
-    float *dinp = (float *)callocAlignedCheck((size_t)N * IN, 4, 64);
-    float *dw = (float *)callocAlignedCheck((size_t)OUT * IN, 4, 64);
+    float *inp = (float *)callocAlignedCheck((size_t)N * IN, sizeof(float), LINE_FLOATS * sizeof(float));
+    float *w = (float *)callocAlignedCheck((size_t)OUT * IN, sizeof(float), LINE_FLOATS * sizeof(float));
+    float *out = (float *)callocAlignedCheck((size_t)N * OUT, sizeof(float), LINE_FLOATS * sizeof(float));
+    float *dinp = (float *)callocAlignedCheck((size_t)N * IN, sizeof(float), LINE_FLOATS * sizeof(float));
+    float *dw = (float *)callocAlignedCheck((size_t)OUT * IN, sizeof(float), LINE_FLOATS * sizeof(float));
     float *scratch = (float *)mallocCheck((size_t)IN * VW * 4);  // matmul_forward's, for a narrow w
     Rng r = {3};
     for (size_t i = 0; i < (size_t)N * IN; i++) inp[i] = rng_uniform(&r) - 0.5f;
