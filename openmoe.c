@@ -49,11 +49,13 @@
 #define MR 14            // rows of C per register tile: 28 of the 32 zmm registers
 #define KC_IN_PLACE 512  // depth of one pass where A is read in place
 #define GEMM_A_ROWS 112  // rows of A at a time at depth KC: GEMM_A_ROWS x KC of it (112 KB) stays in L2
+#define TILES_ALONG_ROWS 1  // where C comes back from beyond L2 (gemm_range_rows)
 #else
 #define VW 8             // floats per vector: one ymm
 #define MR 6             // rows of C per register tile: 12 of the 16 ymm registers
 #define KC_IN_PLACE 256
 #define GEMM_A_ROWS 96   // (96 KB)
+#define TILES_ALONG_ROWS 0
 #endif
 #define KC 256                              // depth of one pass: a KC x NR panel of B (32 KB, AVX2 16) in L1
 #define GEMM_A_FLOATS (GEMM_A_ROWS * KC)    // a block of A: rows x depth, the rows fewer where passes are deeper
@@ -367,13 +369,14 @@ static void gemm_pack_block(float *apack, const Gemm *g, int ib, int ie, int k0,
 // runs, the next is prefetched, a share of its lines per tile.
 // The tiles walk down the block's rows panel by panel, a panel of B staying
 // in L1, except in the first pass of a later slice, whose C comes back from
-// beyond L2 (the slice before wrote the other rows' C since): they then walk
+// beyond L2 (the slice before has since written the other rows'): they walk
 // along each row group's columns, so that each tile's C continues the rows
 // the tile before read. Walking down, the rows of a tile's C are new and, as
 // ldc is often a multiple of 512, a multiple of 4 KB from the rows just
 // stored. Measured on Zen 5, one thread: the 2048x512 @ 512x3072 backward's
 // input gradient 3-4% faster and its weight gradient 5-6%, the lm_head's
-// weight gradient 5-7%, others within noise, as under AVX2.
+// weight gradient 5-7%, others within noise. Under AVX2 (its 6x16 tile) it
+// read 1-2% slower, within noise, and that build always walks down.
 static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, int j0, int j1, int d0, int dk) {
     float apack[GEMM_A_FLOATS + VW] __attribute__((aligned(64)));  // VW to spare: gemm_pack_a
     int cols = (j1 - j0 + NR - 1) / NR * NR, in_place = gemm_a_in_place(g), mc = g->block_rows, pass = g->pass;
@@ -388,7 +391,7 @@ static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, 
             int n_rows = (nb + mc < i1 ? nb + mc : i1) - nb, n_kc = dk - nk < pass ? dk - nk : pass;
             int lines = nb < i1 ? gemm_a_lines(g, n_rows, n_kc) : 0, issued = 0;
             int panels = (j1 - j0 + NR - 1) / NR, rows = (ie - ib + MR - 1) / MR, tiles = panels * rows;
-            int per_tile = (lines + tiles - 1) / tiles, along_rows = load_c && k0 == 0;  // C from an earlier slice
+            int per_tile = (lines + tiles - 1) / tiles, along_rows = TILES_ALONG_ROWS && load_c && k0 == 0;
             for (int t = 0; t < tiles; t++) {
                 int j = j0 + (along_rows ? t % panels : t / rows) * NR;
                 int i = ib + (along_rows ? t / panels : t % rows) * MR;
