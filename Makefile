@@ -33,7 +33,7 @@ endif
 CPU_TARGETS = train run test_cpu
 GPU_TARGETS = train_gpu run_gpu test_gpu
 
-.PHONY: all gpu test data bench analyze tiny experiments clean asan fuzz
+.PHONY: all gpu test data bench analyze tiny experiments clean asan fuzz fuzz_harnesses mutate
 all: $(CPU_TARGETS) $(if $(HAVE_CUDA),gpu)
 
 train: train.c openmoe.c openmoe.h utils.h tokenizer.h
@@ -85,8 +85,28 @@ build/asan/test_cpu: test/test_model.c openmoe.c openmoe.h utils.h
 
 # the hardening test with N mutants per file reader (make test runs 200)
 N ?= 2000
-fuzz: $(CPU_TARGETS)
+mutate: $(CPU_TARGETS)
 	FUZZ_N=$(N) bash test/t_hardening.sh
+
+# coverage-guided fuzzing: a libFuzzer harness per file reader
+# (test/fuzz_targets.c), built with clang's ASan and UBSan into
+# build/fuzz/fuzz_NAME; make fuzz runs each for FUZZ_SECONDS from seed corpora
+# that test/t_fuzz.sh makes (make test: 3 s each). No OpenMP: one thread per
+# input. Inputs that crash are kept under build/fuzz/.
+FUZZ_SECONDS ?= 60
+FUZZ_CC ?= clang
+FUZZ_FLAGS = -O1 -g -march=native -std=gnu11 -ffp-contract=fast -fno-math-errno -fno-omit-frame-pointer \
+             -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra -Wno-unused-parameter \
+             -Wno-unknown-pragmas -DFUZZING -I.
+FUZZ_HARNESSES = model tokenizer text tokens checkpoint debug_state
+fuzz: $(CPU_TARGETS)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash test/t_fuzz.sh
+fuzz_harnesses: $(addprefix build/fuzz/fuzz_,$(FUZZ_HARNESSES))
+build/fuzz/openmoe.o: openmoe.c openmoe.h utils.h
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -c openmoe.c -o $@
+build/fuzz/fuzz_%: test/fuzz_targets.c build/fuzz/openmoe.o train.c test/test_model.c openmoe.h utils.h tokenizer.h
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer -DFUZZ_$* test/fuzz_targets.c build/fuzz/openmoe.o -o $@ -lm
 
 data:
 	bash dev/prepare_kjv.sh

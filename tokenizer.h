@@ -112,7 +112,7 @@ static inline void tok_buf_reserve(TokBuf *b, size_t need) {
 }
 static inline void tok_buf_put(TokBuf *b, const char *s, size_t n) {
     tok_buf_reserve(b, b->n + n + 1);
-    memcpy(b->p + b->n, s, n);
+    if (n) memcpy(b->p + b->n, s, n);  // s may be NULL when n is 0 (an empty buffer's text)
     b->n += n;
 }
 static inline void tok_buf_putc(TokBuf *b, char c) {

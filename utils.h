@@ -33,6 +33,11 @@ static inline char *pending_tmp(void) {
     return path;
 }
 
+#ifdef FUZZING
+// the fuzz harnesses (test/fuzz_targets.c) turn die() into a return to the harness
+__attribute__((noreturn)) void fuzz_die(void);
+#endif
+
 __attribute__((noreturn, format(printf, 1, 2))) static inline void die(const char *fmt, ...) {
     if (pending_tmp()[0]) remove(pending_tmp());
     va_list ap;
@@ -41,6 +46,9 @@ __attribute__((noreturn, format(printf, 1, 2))) static inline void die(const cha
     vfprintf(stderr, fmt, ap);
     fprintf(stderr, "\n");
     va_end(ap);
+#ifdef FUZZING
+    fuzz_die();
+#endif
     exit(1);
 }
 

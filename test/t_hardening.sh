@@ -8,7 +8,8 @@
 #   2. ASan + UBSan builds (build/asan/) of train, run and test_cpu: a short
 #      real train / resume / run / encode / test_cpu pass through them;
 #   3. the seeded mutation test of every file reader through them (test/fuzz.py,
-#      FUZZ_N mutants per reader, 200 in make test; make fuzz N=... for more);
+#      FUZZ_N mutants per reader, 200 in make test; make mutate N=... for more;
+#      make fuzz runs the coverage-guided fuzzers of test/t_fuzz.sh);
 #   4. the bad-flag table: every numeric and path flag of train and run with
 #      values that are not numbers, not finite or out of range.
 #

@@ -447,7 +447,7 @@ static int check_config(const char *spec) {
 
 // ----------------------------------------------------------------------------
 
-static void usage(const char *prog) {
+__attribute__((noreturn)) static void usage(const char *prog) {
     fprintf(stderr,
             "usage: %s MODEL STATE [-o OUT] [--bf16] [--tol-scale S]\n"
             "       %s MODEL STATE --update adamw|adafactor EXPECTED\n"
