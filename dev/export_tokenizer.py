@@ -9,10 +9,20 @@ sentencepiece_model_pb2.py, but that needs python3-protobuf, which is not a
 dependency): only the fields tokenizer.h needs are read, every other field is
 skipped. The checks SentencePiece makes when it loads a model
 (model_interface.cc InitializePieces) are made here too, so that a model
-spm_encode refuses is refused here, with a message.
+spm_encode refuses is refused here, with a message. Files that people save
+as a .model by mistake (a Git LFS pointer, Llama 3's tiktoken file, a
+tokenizer.json) are named for what they are.
+
+The safe file helpers here (open_regular, atomic_output) serve
+dev/import_openmoe.py as well.
 """
+import contextlib
+import os
+import re
+import stat
 import struct
 import sys
+import tempfile
 
 TOKENIZER_MAGIC = 240201738
 TOKENIZER_VERSION = 1
@@ -29,8 +39,64 @@ F_BYTE_FALLBACK = 8
 F_TREAT_WHITESPACE_AS_SUFFIX = 16
 
 
+# the largest .model read (umT5's, 256000 pieces, is 4.3 MB)
+MAX_MODEL_BYTES = 1 << 28
+LFS_SIGNATURE = b"version https://git-lfs.github.com/spec/"
+TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?\n")  # "IQ== 0": a token's base64 bytes, its rank
+
+
 class ProtoError(Exception):
     pass
+
+
+class Refused(Exception):
+    """a file that cannot be used: the message names it and says what is wrong"""
+
+
+# ----------------------------------------------------------------------------
+# files: read only when regular, written through a fresh temporary
+
+def open_regular(path, shown=None, what="file"):
+    """(binary file, size) of PATH for reading. A FIFO (which would block),
+    a device or a directory is refused, and so is a Git LFS pointer."""
+    shown = shown or path
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # O_NONBLOCK: opening a FIFO returns
+    except OSError as e:
+        raise Refused("%s: cannot open (%s)" % (shown, e.strerror))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise Refused("%s: not a regular file" % shown)
+    f = os.fdopen(fd, "rb")
+    if f.read(len(LFS_SIGNATURE)) == LFS_SIGNATURE:
+        f.close()
+        raise Refused("%s: is a Git LFS pointer, not the %s: fetch it with git lfs pull" % (shown, what))
+    f.seek(0)
+    return f, st.st_size
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """a binary file for PATH's new content: a new temporary file beside PATH
+    (mkstemp opens with O_CREAT|O_EXCL|O_NOFOLLOW, so never a planted file or
+    link), synced and renamed over PATH when the block ends, removed when it
+    raises. Raises OSError when the temporary cannot be made or written."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # what open() would give, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def varint(buf, pos):
@@ -170,16 +236,40 @@ def flags_of(norm):
     return f
 
 
-def export(model_path, out_path):
-    with open(model_path, "rb") as f:
-        buf = f.read()
+def read_model(path, shown=None):
+    f, size = open_regular(path, shown, "model")
+    with f:
+        if size > MAX_MODEL_BYTES:
+            raise Refused("%s: %d bytes, more than any SentencePiece model (%d)"
+                          % (shown or path, size, MAX_MODEL_BYTES))
+        return f.read(size)
+
+
+def what_else(buf):
+    """what a file that is not a SentencePiece model is, when it is one of
+    those saved as one by mistake (a model starts with byte 0x0a, its first
+    piece)"""
+    if not buf:
+        return "is empty"
+    if TIKTOKEN_LINE.match(buf):
+        return "is a tiktoken BPE file (Llama 3 style), not a SentencePiece model"
+    if buf[:1] == b"{":
+        return "is JSON (a Hugging Face tokenizer.json?), not a SentencePiece model"
+    return None
+
+
+def tokenizer_bytes(buf, model_path):
+    """(the tokenizer.bin file, its number of pieces, a summary) of the
+    serialized model BUF, read from MODEL_PATH"""
+    def bad(msg):
+        raise Refused("%s: %s" % (model_path, msg))
+
+    if what_else(buf):
+        bad(what_else(buf))
     try:
         pieces, trainer, norm, denorm = parse_model(buf)
     except ProtoError as e:
-        raise SystemExit("error: %s: not a SentencePiece model: %s" % (model_path, e))
-
-    def bad(msg):
-        raise SystemExit("error: %s: %s" % (model_path, msg))
+        bad("not a SentencePiece model: %s" % e)
 
     if not pieces:
         bad("no pieces (not a SentencePiece model?)")
@@ -233,12 +323,16 @@ def export(model_path, out_path):
     if trainer["treat_whitespace_as_suffix"]:
         flags |= F_TREAT_WHITESPACE_AS_SUFFIX
     charsmap = norm["charsmap"]
-    if charsmap:
-        check_charsmap(charsmap, "normalizer")
+    try:
+        if charsmap:
+            check_charsmap(charsmap, "normalizer")
+        if denorm is not None and denorm["charsmap"]:
+            check_charsmap(denorm["charsmap"], "denormalizer")
+    except ProtoError as e:
+        bad(str(e))
     # spm uses a denormalizer only when it has a charsmap
     denorm_flags, denorm_charsmap = 0, b""
     if denorm is not None and denorm["charsmap"]:
-        check_charsmap(denorm["charsmap"], "denormalizer")
         denorm_flags, denorm_charsmap = flags_of(denorm), denorm["charsmap"]
 
     table = bytearray()
@@ -263,27 +357,31 @@ def export(model_path, out_path):
     h[14] = len(denorm_charsmap)
     h[15] = max(len(p["piece"]) for p in pieces)
 
-    tmp = out_path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<%di" % HEADER_INTS, *h))
-        f.write(name)
-        f.write(unk_surface)
-        f.write(table)
-        f.write(charsmap)
-        f.write(denorm_charsmap)
-    import os
-    os.replace(tmp, out_path)
+    data = b"".join([struct.pack("<%di" % HEADER_INTS, *h), name, unk_surface, table, charsmap, denorm_charsmap])
     kinds = {UNIGRAM: "unigram", BPE: "bpe"}
-    print("%s: %d pieces, %s, normalizer %s (charsmap %d bytes), unk %d bos %d eos %d pad %d, "
-          "flags 0x%x" % (out_path, len(pieces), kinds[trainer["model_type"]],
-                          name.decode("utf-8", "replace") or "-", len(charsmap),
-                          unk_id, bos_id, eos_id, pad_id, flags))
+    summary = "%d pieces, %s, normalizer %s (charsmap %d bytes), unk %d bos %d eos %d pad %d, flags 0x%x" % (
+        len(pieces), kinds[trainer["model_type"]], name.decode("utf-8", "replace") or "-", len(charsmap),
+        unk_id, bos_id, eos_id, pad_id, flags)
+    return data, len(pieces), summary
+
+
+def export(model_path, out_path):
+    data, _, summary = tokenizer_bytes(read_model(model_path), model_path)
+    try:
+        with atomic_output(out_path) as f:
+            f.write(data)
+    except OSError as e:
+        raise Refused("%s: cannot write (%s)" % (out_path, e.strerror or e))
+    print("%s: %s" % (out_path, summary))
 
 
 def main():
     if len(sys.argv) != 3:
         raise SystemExit("usage: %s IN.model OUT.bin" % sys.argv[0])
-    export(sys.argv[1], sys.argv[2])
+    try:
+        export(sys.argv[1], sys.argv[2])
+    except Refused as e:
+        sys.exit("error: %s" % e)
 
 
 if __name__ == "__main__":

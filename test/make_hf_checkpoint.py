@@ -6,7 +6,7 @@ convert_openmoe_ckpt.py saves them), so that the importer and the oracle
 
     make_hf_checkpoint.py OUT_DIR [--preset micro|base] [--format bin|bin-sharded|st|st-sharded]
                           [--dtype f32|f16|bf16] [--spelling base|8b] [--skew S] [--seed N]
-                          [--bad KIND]
+                          [--bad KIND] [--set KEY=JSON ...]
 
 --skew S adds S times one shared direction to every embedding row and to the
 router row of expert 0, so that many tokens choose expert 0 and capacity
@@ -14,11 +14,22 @@ drops some of them. --bad writes a directory that the importer
 must refuse (see BAD_KINDS), or one whose expert tensors are laid out wrong
 but fit the expected shapes (transposed, gate-up-swapped). --chain "A B C"
 writes a model whose every block outputs 0 and whose lm_head maps token A to
-B and B to C, so that greedy generation from A follows the chain.
+B and B to C, so that greedy generation from A follows the chain. --set KEY=JSON
+sets a config.json key to a JSON value (2147483648, 48.0, "48", true, ...).
+
+The --bad kinds of issue 27 write what a malicious or broken download holds:
+pickle-exec (a .bin whose pickle calls os.system to create OUT_DIR/EXECUTED;
+pickle-exec-legacy the same in torch's pre-1.6 format), shared-storage (two
+.bin tensors on one storage, the second a view of the first), overlap (two
+safetensors tensors on the same bytes, leaving a hole), duplicate-key (a
+tensor twice in a safetensors header, the second with other offsets), nan and
+inf (one weight not finite), lfs-pointer (the weights a Git LFS pointer, as a
+clone without git-lfs leaves them).
 """
 import argparse
 import json
 import os
+import shlex
 import struct
 import sys
 
@@ -32,7 +43,21 @@ PRESETS = {  # H*Hd != D, moe_layer_interval 2, V a multiple of 128 and larger t
 }
 BAD_KINDS = ["missing-tensor", "unexpected-tensor", "wrong-shape", "unknown-dtype", "topk-disagree",
              "kv-heads", "tied", "bad-eps", "no-config", "index-missing-file", "no-weights",
-             "transposed", "gate-up-swapped"]
+             "transposed", "gate-up-swapped",
+             "pickle-exec", "pickle-exec-legacy", "shared-storage", "overlap", "duplicate-key", "nan", "inf",
+             "lfs-pointer"]
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
+               b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 1234567\n")
+
+
+class RunsCommand:
+    """pickles as a call of os.system(command), as a malicious checkpoint does"""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
 
 
 def hf_config(p, spelling):
@@ -110,8 +135,11 @@ ST_DTYPES = {"f32": ("F32", lambda a: a.astype(np.float32)), "f16": ("F16", lamb
              "bf16": ("BF16", to_bf16_bits), "i32": ("I32", lambda a: a.astype(np.int32))}
 
 
-def write_safetensors(path, tensors, dtype):
-    """The documented format: u64 header length, JSON header, raw little-endian data."""
+def write_safetensors(path, tensors, dtype, bad=None):
+    """The documented format: u64 header length, JSON header, raw little-endian data.
+    bad "overlap": the second of two same-sized tensors on the first one's
+    bytes; "duplicate-key": the last tensor listed a second time, on the
+    first one's bytes."""
     header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
     for name, a in tensors.items():
         st_name, conv = ST_DTYPES[dtype.get(name, dtype["*"])]
@@ -119,7 +147,14 @@ def write_safetensors(path, tensors, dtype):
         header[name] = {"dtype": st_name, "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
         blobs.append(b)
         off += len(b)
+    names = list(tensors)
+    if bad == "overlap":
+        same = [n for n in names if header[n]["shape"] == header[names[1]]["shape"]]
+        header[same[1]]["data_offsets"] = header[same[0]]["data_offsets"]
     h = json.dumps(header).encode()
+    if bad == "duplicate-key":
+        entry = dict(header[names[-1]], data_offsets=header[names[0]]["data_offsets"])
+        h = h[:-1] + b", " + json.dumps(names[-1]).encode() + b": " + json.dumps(entry).encode() + b"}"
     h += b" " * (-len(h) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(h)))
@@ -128,21 +163,31 @@ def write_safetensors(path, tensors, dtype):
             f.write(b)
 
 
-def write_bin(path, tensors, dtype):
+def write_bin(path, tensors, dtype, bad=None):
+    """torch.save's zip format; bad "pickle-exec": one more entry whose
+    unpickling runs a command that creates EXECUTED beside the file
+    ("pickle-exec-legacy": in the pre-1.6 format); "shared-storage": the
+    second of two same-shaped tensors a view of the first"""
     import torch
     tdt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "i32": torch.int32}
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)).to(tdt[dtype.get(k, dtype["*"])])
-                for k, v in tensors.items()}, path)
+    sd = {k: torch.from_numpy(np.ascontiguousarray(v)).to(tdt[dtype.get(k, dtype["*"])]) for k, v in tensors.items()}
+    if bad in ("pickle-exec", "pickle-exec-legacy"):
+        marker = os.path.join(os.path.dirname(os.path.abspath(path)), "EXECUTED")
+        sd["model.layers.0.input_layernorm.weight"] = RunsCommand("touch " + shlex.quote(marker))
+    if bad == "shared-storage":
+        sd["model.layers.0.post_attention_layernorm.weight"] = sd["model.layers.0.input_layernorm.weight"].view(-1)
+    torch.save(sd, path, _use_new_zipfile_serialization=bad != "pickle-exec-legacy")
 
 
-def write_weights(out, tensors, fmt, dtype):
-    """single file or two shards with an index json, as save_pretrained writes them"""
+def write_weights(out, tensors, fmt, dtype, bad=None):
+    """single file or two shards with an index json, as save_pretrained writes
+    them; bad applies to the (first) file"""
     st = fmt.startswith("st")
     single, index = ("model.safetensors", "model.safetensors.index.json") if st else \
         ("pytorch_model.bin", "pytorch_model.bin.index.json")
     write = write_safetensors if st else write_bin
     if not fmt.endswith("sharded"):
-        write(os.path.join(out, single), tensors, dtype)
+        write(os.path.join(out, single), tensors, dtype, bad)
         return
     names = list(tensors)
     half = len(names) // 2
@@ -152,7 +197,7 @@ def write_weights(out, tensors, fmt, dtype):
     weight_map = {}
     for s, part in enumerate(shards):
         fname = "%s-%05d-of-%05d.%s" % (prefix, s + 1, len(shards), ext)
-        write(os.path.join(out, fname), {k: tensors[k] for k in part}, dtype)
+        write(os.path.join(out, fname), {k: tensors[k] for k in part}, dtype, bad if s == 0 else None)
         weight_map.update({k: fname for k in part})
     total = sum(a.size * 4 for a in tensors.values())
     with open(os.path.join(out, index), "w") as f:
@@ -170,6 +215,7 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--bad", choices=BAD_KINDS)
     ap.add_argument("--chain", help="ids: each one's successor under greedy generation")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="a config.json value")
     a = ap.parse_args()
     p = dict(PRESETS[a.preset])
     cfg = hf_config(p, a.spelling)
@@ -199,6 +245,15 @@ def main():
     elif a.bad == "gate-up-swapped":  # the SiLU on the first half instead of the second
         g = t[moe + "experts.wi_gate"]
         t[moe + "experts.wi_gate"] = np.concatenate([g[:, :, F:], g[:, :, :F]], axis=2)
+    elif a.bad in ("nan", "inf"):
+        t["model.norm.weight"][3] = float(a.bad)
+    needs = {"pickle-exec": "bin", "pickle-exec-legacy": "bin", "shared-storage": "bin", "overlap": "st",
+             "duplicate-key": "st"}
+    if a.bad in needs and not a.format.startswith(needs[a.bad]):
+        sys.exit("--bad %s needs a %s --format" % (a.bad, needs[a.bad]))
+    for kv in a.set:
+        key, _, value = kv.partition("=")
+        cfg[key] = json.loads(value)
     if a.chain:
         chain_model(t, [int(i) for i in a.chain.split()])
     os.makedirs(a.out, exist_ok=True)
@@ -206,7 +261,12 @@ def main():
         with open(os.path.join(a.out, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
     if a.bad != "no-weights":
-        write_weights(a.out, t, a.format, dtype)
+        write_weights(a.out, t, a.format, dtype, a.bad)
+    if a.bad == "lfs-pointer":
+        for name in os.listdir(a.out):
+            if name.endswith((".safetensors", ".bin")):
+                with open(os.path.join(a.out, name), "wb") as f:
+                    f.write(LFS_POINTER)
     if a.bad == "index-missing-file":
         shard = sorted(n for n in os.listdir(a.out) if n.endswith(("of-00002.safetensors", "of-00002.bin")))
         if not shard:

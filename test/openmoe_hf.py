@@ -42,6 +42,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
+from import_openmoe import CheckpointDir, Refused, TorchBinFile  # noqa: E402
+
 STATE_MAGIC = 240201740
 EOS_ID = 1
 
@@ -66,10 +69,21 @@ def read_safetensors(path):
     return out
 
 
+def read_bin(path):
+    """a .bin shard as torch reads it (weights_only=True), after the
+    importer's reader has checked it: its pickle may call nothing but the
+    rebuilding of tensors. torch.load would run whatever the pickle calls,
+    and weights_only=True is not safe before torch 2.6 (CVE-2025-32434)."""
+    try:
+        TorchBinFile(CheckpointDir(os.path.dirname(path)), os.path.basename(path))
+    except Refused as e:
+        sys.exit("error: %s" % e)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_state_dict(d):
     for index, single, reader in (("model.safetensors.index.json", "model.safetensors", read_safetensors),
-                                  ("pytorch_model.bin.index.json", "pytorch_model.bin",
-                                   lambda p: torch.load(p, map_location="cpu"))):
+                                  ("pytorch_model.bin.index.json", "pytorch_model.bin", read_bin)):
         if os.path.exists(os.path.join(d, index)):
             with open(os.path.join(d, index)) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))

@@ -134,7 +134,7 @@ expect_error "import --tokenizer: none in the directory" "no tokenizer.model" im
 while read -r kind fmt pattern; do
     mk $I/bad_$kind --format $fmt --dtype bf16 --seed 1 --bad $kind
     expect_error "import refuses: $kind" "$pattern" imp $I/bad_$kind $I/bad_$kind.bin
-    [ -e $I/bad_$kind.bin ] || [ -e $I/bad_$kind.bin.tmp ] && fail "import $kind left a file behind"
+    if ls $I/bad_$kind.bin* > /dev/null 2>&1; then fail "import $kind left a file behind"; fi
 done <<'EOF'
 missing-tensor st-sharded tensor model.layers.1.mlp.experts.wo is missing
 unexpected-tensor st unexpected tensor model.layers.0.self_attn.rotary_emb.inv_freq
@@ -144,9 +144,177 @@ topk-disagree st 'router_topk' = 2 and 'topk' = 1 disagree
 kv-heads st 'num_key_value_heads' = 1
 tied st 'tie_word_embeddings' = True
 bad-eps st 'rms_norm_eps' = 1e-05
-no-config st config.json: cannot read
+no-config st config.json: cannot open (No such file or directory)
 index-missing-file st-sharded names shard model-00002-of-00002.safetensors, which is missing
 no-weights st no model.safetensors
 EOF
 mk $I/bad_dtype_bin --format bin --dtype f32 --bad unknown-dtype
 expect_error "import refuses: unknown dtype in a .bin" "model.norm.weight has dtype torch.int32" imp $I/bad_dtype_bin $I/x.bin
+
+# 9. what a malicious or broken download can hold (issue 27). Each refusal
+#    must exit 1 with one "error: FILE: ..." line, the last of stderr, no
+#    traceback, and leave neither x.bin nor a temporary file behind; a hang
+#    is cut after 60 s (and fails)
+imp_refuses() {  # NAME PATTERN HF_DIR [ARGS...]
+    local name=$1 pattern=$2 dir=$3; shift 3
+    rm -rf $I/out && mkdir $I/out
+    timeout 60 $PYTHON dev/import_openmoe.py "$dir" $I/out/x.bin "$@" > /dev/null 2> $I/x.err
+    local rc=$? last
+    last=$(tail -1 $I/x.err)
+    if [ $rc = 1 ] && [ "$(grep -c '^error: ' $I/x.err)" = 1 ] && [[ $last == "error: "* ]] &&
+        ! grep -q Traceback $I/x.err && echo "$last" | grep -q -- "$pattern" && [ -z "$(ls -A $I/out)" ]; then
+        pass "import refuses: $name"
+    else
+        fail "import refuses: $name (exit $rc, left [$(ls -A $I/out | tr '\n' ' ')], stderr: $(tail -3 $I/x.err | tr '\n' ' '))"
+    fi
+}
+
+# finding 1: a .bin whose pickle calls os.system is refused without running
+#    it (torch.load, even with weights_only=True on torch < 2.6, would), in
+#    both of torch's formats; the oracle refuses it too
+for fmt in bin bin-sharded; do
+    mk $I/exec_$fmt --format $fmt --dtype f32 --bad pickle-exec
+    imp_refuses "a pickle calling os.system ($fmt)" "pickle calls posix.system" $I/exec_$fmt
+    mk $I/legacy_$fmt --format $fmt --dtype f32 --bad pickle-exec-legacy
+    imp_refuses "a .bin in torch's legacy format ($fmt)" "legacy" $I/legacy_$fmt
+done
+$PYTHON test/openmoe_hf.py logits $I/exec_bin $I/x.state > $I/x.log 2>&1 && fail "the oracle loaded a pickle calling os.system"
+if ls $I/exec_*/EXECUTED $I/legacy_*/EXECUTED > /dev/null 2>&1; then
+    fail "a checkpoint's pickle ran its command: $(ls $I/*/EXECUTED | tr '\n' ' ')"
+else
+    pass "no checkpoint's pickle ran its command (importer and oracle)"
+fi
+# .bin shards read without torch give the model the safetensors give
+mk $I/same_bin --format bin-sharded --dtype bf16 --seed 1
+expect_ok "a .bin import = the safetensors import of the same weights" \
+    sh -c "$PYTHON dev/import_openmoe.py $I/same_bin $I/same_bin.bin > /dev/null 2>&1 && cmp $I/same_bin.bin $I/st.bin"
+
+# finding 6: config values checked against the model file's limits first
+while read -r kv pattern; do
+    mk $I/cfg --format st --dtype bf16 --set "$kv"
+    imp_refuses "config $kv" "$pattern" $I/cfg
+done <<'EOF2'
+max_position_embeddings=4294967360 'max_position_embeddings' = 4294967360, needs a whole number in 1 .. 2147483647
+max_position_embeddings=2147483648 'max_position_embeddings' = 2147483648, needs
+max_position_embeddings=2097152 'max_position_embeddings' = 2097152 > 1048576
+hidden_size=2147483648 'hidden_size' = 2147483648, needs
+hidden_size=48.0 'hidden_size' = 48.0, needs a whole number
+hidden_size="48" 'hidden_size' = '48', needs a whole number
+hidden_size=true 'hidden_size' = True, needs a whole number
+num_experts=-8 'num_experts' = -8, needs a whole number
+num_attention_heads=134217728 num_attention_heads \* head_dim = 2147483648 does not fit an int32
+intermediate_size=1073741824 2 \* intermediate_size = 2147483648 does not fit an int32
+num_hidden_layers=1000000 model.layers.4.input_layernorm.weight is missing (config.json describes 11500003 tensors, the weight files hold 49)
+EOF2
+mk $I/cfg --format st --dtype bf16
+sed -i 's/"hidden_size": 48,/"hidden_size": 48, "hidden_size": 96,/' $I/cfg/config.json
+imp_refuses "config.json with a key twice" "config.json: key 'hidden_size' appears twice" $I/cfg
+echo '[1, 2]' > $I/cfg/config.json
+imp_refuses "config.json not an object" "config.json: holds a JSON array, not an object" $I/cfg
+
+# finding 8: nothing outside the checkpoint directory is opened, and only
+#    regular files are read
+mkfifo $I/fifo
+for fmt in st-sharded bin-sharded; do
+    ext=$([ $fmt = st-sharded ] && echo safetensors || echo bin)
+    prefix=$([ $fmt = st-sharded ] && echo model || echo pytorch_model)
+    for name in ../../../../../../../etc/passwd /etc/passwd ../fifo; do
+        rm -rf $I/paths && mk $I/paths --format $fmt --dtype f32
+        sed -i "s|$prefix-00002-of-00002.$ext|$name|" $I/paths/$prefix.$ext.index.json
+        imp_refuses "the index names $name ($fmt)" "'${name//./\\.}' is not a file name in the checkpoint directory" $I/paths
+    done
+done
+rm -rf $I/paths && mk $I/paths --format st --dtype f32
+rm $I/paths/model.safetensors && mkfifo $I/paths/model.safetensors
+imp_refuses "model.safetensors a FIFO" "model.safetensors: not a regular file" $I/paths
+rm -rf $I/paths $I/outside && mk $I/paths --format st-sharded --dtype f32 && mkdir $I/outside
+mv $I/paths/model-00002-of-00002.safetensors $I/outside/ && ln -s ../outside/model-00002-of-00002.safetensors $I/paths/
+imp_refuses "a shard linking out of the directory" "model-00002-of-00002.safetensors: links to .*/outside/model-00002-of-00002.safetensors, outside the checkpoint directory" $I/paths
+# a Hugging Face cache snapshot, whose files link to ../../blobs, imports
+C=$I/cache/models--OrionZheng--openmoe-micro
+mkdir -p $C/blobs $C/snapshots/0123abc
+for f in $I/st/*; do
+    h=$(sha256sum < $f | cut -c1-64); cp $f $C/blobs/$h; ln -s ../../blobs/$h $C/snapshots/0123abc/$(basename $f)
+done
+expect_ok "a Hugging Face cache snapshot (files linking to ../../blobs) imports" \
+    sh -c "$PYTHON dev/import_openmoe.py $C/snapshots/0123abc $I/cache.bin > /dev/null 2>&1 && cmp $I/cache.bin $I/st.bin"
+rm -rf $I/paths && mk $I/paths --format st --dtype f32 && rm -f $I/paths/tokenizer.model && mkfifo $I/paths/tokenizer.model
+imp_refuses "tokenizer.model a FIFO" "tokenizer.model: not a regular file" $I/paths --tokenizer $I/out/x_tok.bin
+
+# finding 9: malformed, ambiguous or non-finite weights, and a failed write
+mk $I/w_base --format st --dtype bf16
+st_edit() {  # DIR PYTHON: runs PYTHON on h, the header of DIR/model.safetensors (t: a tensor's name), and rewrites it
+    $PYTHON - "$1/model.safetensors" "$2" <<'PY'
+import json, struct, sys
+with open(sys.argv[1], "rb") as f:
+    data = f.read()
+n = struct.unpack_from("<Q", data)[0]
+h, t = json.loads(data[8:8 + n]), "model.norm.weight"
+exec(sys.argv[2])
+raw = json.dumps(h).encode()
+with open(sys.argv[1], "wb") as f:
+    f.write(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+PY
+}
+while IFS='|' read -r name edit pattern; do
+    rm -rf $I/hdr && cp -r $I/w_base $I/hdr && st_edit $I/hdr "$edit"
+    imp_refuses "$name" "$pattern" $I/hdr
+done <<'EOF2'
+a header that is a list|h = [h]|model.safetensors: the header is a JSON array, not an object
+a nested header|h = {"tensors": {k: v for k, v in h.items() if k != "__metadata__"}}|tensor tensors: its entry holds .*, not dtype, shape and data_offsets
+offsets that are not integers|h[t]["data_offsets"] = [h[t]["data_offsets"][0] + 0.0, h[t]["data_offsets"][1]]|tensor model.norm.weight: data_offsets \[.*\], needs two whole numbers
+a dtype that is a list|h[t]["dtype"] = ["BF16"]|tensor model.norm.weight has dtype \['BF16'\]
+EOF2
+mk $I/wm --format st-sharded --dtype bf16
+sed -i 's/"weight_map": {/"weight_map": [{/; $ s/}$/]}/' $I/wm/model.safetensors.index.json
+imp_refuses "a weight_map that is a list" "model.safetensors.index.json: 'weight_map' is a JSON array, not an object" $I/wm
+for bad in overlap duplicate-key nan inf lfs-pointer; do
+    mk $I/w_$bad --format st --dtype bf16 --bad $bad
+done
+mk $I/w_nan_bin --format bin --dtype f32 --bad nan
+mk $I/w_shared --format bin --dtype f32 --bad shared-storage
+imp_refuses ".bin tensors sharing elements" "its tensors have 240912 elements, more than the 240864 of its storages" $I/w_shared
+imp_refuses "safetensors tensors on the same bytes" "tensors model.layers.0.input_layernorm.weight and model.layers.0.post_attention_layernorm.weight overlap" $I/w_overlap
+imp_refuses "a tensor twice in a safetensors header" "key 'lm_head.weight' appears twice" $I/w_duplicate-key
+imp_refuses "a NaN weight (safetensors)" "tensor model.norm.weight has 1 values that are not finite" $I/w_nan
+imp_refuses "an inf weight (safetensors)" "tensor model.norm.weight has 1 values that are not finite" $I/w_inf
+imp_refuses "a NaN weight (.bin)" "tensor model.norm.weight has 1 values that are not finite" $I/w_nan_bin
+imp_refuses "a Git LFS pointer for the weights" "model.safetensors: is a Git LFS pointer, not the file: fetch it with git lfs pull" $I/w_lfs-pointer
+expect_error "import into a directory that does not exist" "^error: $I/none/x.bin: cannot write (No such file or directory)$" \
+    imp $I/st $I/none/x.bin
+# a full disk: a 256 KiB tmpfs for the 964 KiB output where this may mount
+# one (root), and always a file size limit (ulimit -f: writes fail with
+# EFBIG, which Python receives as an OSError, not as SIGXFSZ)
+mkdir -p $I/full
+if [ "$(id -u)" = 0 ] && mount -t tmpfs -o size=256k tmpfs $I/full 2> /dev/null; then
+    $PYTHON dev/import_openmoe.py $I/st $I/full/x.bin > /dev/null 2> $I/x.err
+    rc=$?
+    if [ $rc = 1 ] && [ "$(tail -1 $I/x.err)" = "error: $I/full/x.bin: cannot write (No space left on device)" ] &&
+        [ -z "$(ls -A $I/full)" ]; then
+        pass "import on a full disk: one error line, nothing left"
+    else
+        fail "import on a full disk: exit $rc, left [$(ls -A $I/full | tr '\n' ' ')], $(tail -2 $I/x.err | tr '\n' ' ')"
+    fi
+    umount $I/full
+else
+    echo "SKIP import on a full disk (a tmpfs needs root)"
+fi
+(ulimit -f 256; imp_refuses "a write past the file size limit (ulimit -f)" "x.bin: cannot write (File too large)" $I/st)
+# finding 7: a planted OUT.tmp link is neither followed nor renamed; the
+#    importer's and the exporter's outputs are new regular files
+echo "keep" > $I/victim
+ln -sf victim $I/planted.bin.tmp
+ln -sf victim $I/planted_tok.bin.tmp
+$PYTHON dev/import_openmoe.py $I/st $I/planted.bin > /dev/null 2>&1
+$PYTHON dev/export_tokenizer.py $T.model $I/planted_tok.bin > /dev/null 2>&1
+if [ "$(cat $I/victim)" = keep ] && [ -f $I/planted.bin ] && [ ! -L $I/planted.bin ] && cmp -s $I/planted.bin $I/st.bin &&
+    [ -f $I/planted_tok.bin ] && [ ! -L $I/planted_tok.bin ] && cmp -s $I/planted_tok.bin $T.bin; then
+    pass "a planted OUT.tmp link is not followed (importer, exporter)"
+else
+    fail "a planted OUT.tmp link was followed: victim '$(head -c 20 $I/victim | tr -c '[:print:]' .)', $(ls -l $I/planted.bin $I/planted_tok.bin 2>&1 | tr '\n' ' ')"
+fi
+
+# the structured mutation test: JSON structure, offsets, dtypes, shapes,
+# paths, config values, non-finite weights, .bin pickles (IMPORT_MUTANTS
+# mutants, 300 by default)
+$PYTHON test/mutate_import.py $I/mutants $T.bin ${IMPORT_MUTANTS:-300} 27

@@ -295,3 +295,17 @@ expect_error "tokenizer: --decode rejects '12x'" 'line 1: "12x" is not an id' \
     sh -c "\"\$0\" -z \"\$1\" --decode < \"\$2\"" "$RUN" "$good" "$T/bad_ids.txt"
 expect_error "export_tokenizer: not a model" "not a SentencePiece model\|no pieces" \
     "$PY" dev/export_tokenizer.py "$T/hello.txt" "$T/hello.bin"
+# what people save as spiece.model / tokenizer.model by mistake (issue 27,
+# finding 12): each named for what it is, in one error line
+printf 'version https://git-lfs.github.com/spec/v1\noid sha256:%064d\nsize 4309802\n' 0 > "$T/lfs.model"
+printf 'IQ== 0\nIg== 1\nIw== 2\nJA== 3\n' > "$T/tiktoken.model"
+printf '{"version": "1.0", "model": {"type": "BPE"}}\n' > "$T/json.model"
+while read -r what pattern; do
+    expect_error "export_tokenizer: $what" "^error: $T/$what.model: $pattern" \
+        "$PY" dev/export_tokenizer.py "$T/$what.model" "$T/$what.bin"
+    if [ -e "$T/$what.bin" ]; then fail "export_tokenizer: $what left $T/$what.bin behind"; fi
+done <<'EOF2'
+lfs is a Git LFS pointer, not the model: fetch it with git lfs pull$
+tiktoken is a tiktoken BPE file (Llama 3 style), not a SentencePiece model$
+json is JSON (a Hugging Face tokenizer.json[?]), not a SentencePiece model$
+EOF2
