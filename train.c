@@ -638,7 +638,26 @@ static void dp_mean(float *x, int n, const Ranks *dp) {
     for (int i = 0; i < n; i++) x[i] /= dp->n;
 }
 #else
-static void dp_start(Ranks *dp, int *argc, char ***argv) { dp->rank = 0, dp->n = 1; }
+// A launcher (mpirun -np N, srun -n N) starting this build, which has no MPI,
+// starts N copies that each train alone and write over each other's files in
+// -o: refuse. The launchers say so in the environment: a world size above 1
+// (Open MPI, MPICH and Intel MPI through PMI, MVAPICH2), or a rank above 0
+// (PMIx, whose launchers need not set a size).
+static void dp_start(Ranks *dp, int *argc, char ***argv) {
+    static const struct { const char *name; int min_several; } vars[] = {
+        {"OMPI_COMM_WORLD_SIZE", 2}, {"PMI_SIZE", 2}, {"MV2_COMM_WORLD_SIZE", 2},
+        {"OMPI_COMM_WORLD_RANK", 1}, {"PMI_RANK", 1}, {"PMIX_RANK", 1}, {"MV2_COMM_WORLD_RANK", 1},
+    };
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+        const char *v = getenv(vars[i].name);
+        if (v && atol(v) >= vars[i].min_several)
+            die("%s was built without MPI, but %s=%s: a launcher (mpirun) started it as one of several ranks, "
+                "which would each train alone and write over each other's files; build it with MPI=1 "
+                "(make -B train MPI=1, README \"Several GPUs\"), or run it without mpirun", (*argv)[0],
+                vars[i].name, v);
+    }
+    dp->rank = 0, dp->n = 1;
+}
 static void dp_end(void) {}
 static void dp_same(uint64_t h, const char *what) {}
 static void dp_bcast(void *p, size_t bytes) {}
