@@ -35,7 +35,8 @@
 typedef struct {
     int32_t *tokens;
     long n;
-    int V;
+    int V;        // the header's vocabulary
+    int max_id;   // the largest token id present
 } TokenData;
 
 static void tokens_load(TokenData *d, const char *path) {
@@ -61,9 +62,12 @@ static void tokens_load(TokenData *d, const char *path) {
         free(u);
     }
     fcloseCheck(f, path);
-    for (long i = 0; i < d->n; i++)
+    d->max_id = 0;
+    for (long i = 0; i < d->n; i++) {
         if (d->tokens[i] < 0 || d->tokens[i] >= d->V)
             die("%s: token %ld is %d, out of range [0, %d)", path, i, d->tokens[i], d->V);
+        d->max_id = d->tokens[i] > d->max_id ? d->tokens[i] : d->max_id;
+    }
 }
 
 // x, y (B*T): B windows of T+1 tokens starting at starts[b]
@@ -869,15 +873,37 @@ static uint64_t flags_data_hash(const Run *r, int argc, char **argv) {
     return h;
 }
 
+// whether the samples have a tokenizer: -z, or the default when it exists
+static int tokenizer_wanted(const TrainArgs *a) { return a->tok_given || access(a->tok_path, R_OK) == 0; }
+
+// A preset's vocabulary: the data's, which the tokenizer must then have
+// (tokenizer_open). Without a tokenizer the data's header V is a claim that
+// nothing checks, and a short file may declare millions: the model then has
+// 1 + the largest token id in the training and validation data.
+static int preset_vocab(const Run *r) {
+    if (tokenizer_wanted(&r->a)) return r->train.V;
+    int V = 1 + (r->train.max_id > r->val.max_id ? r->train.max_id : r->val.max_id);
+    if (V < r->train.V)
+        printf("note: no tokenizer (%s): the model's vocabulary is %d, 1 + the largest token id in %s and %s, "
+               "not their headers' %d\n", r->a.tok_path, V, r->a.train_path, r->a.val_path, r->train.V);
+    return V;
+}
+
 // the config of -c, a preset or a model file, whose parameters it returns
 // (NULL for a preset), checked against the data and -t
 static float *config_load(Run *r) {
     float *init_params = NULL;
-    if (config_preset(r->a.init, &r->c)) r->c.V = r->train.V;
-    else init_params = model_file_load(r->a.init, &r->c);
-    if (r->c.V != r->train.V)
-        die("%s: the model's vocabulary is %d, but the data's (%s) is %d", r->a.init, r->c.V, r->a.train_path,
-            r->train.V);
+    char why[160];
+    if (config_preset(r->a.init, &r->c)) {
+        r->c.V = preset_vocab(r);
+        if (!config_check(&r->c, why, sizeof(why)))
+            die("-c %s with the vocabulary of %s: %s", r->a.init, r->a.train_path, why);
+    } else {
+        init_params = model_file_load(r->a.init, &r->c);
+        if (r->c.V != r->train.V)
+            die("%s: the model's vocabulary is %d, but the data's (%s) is %d", r->a.init, r->c.V, r->a.train_path,
+                r->train.V);
+    }
     if (r->a.T > r->c.max_seq_len) die("-t %d is longer than the model's context %d", r->a.T, r->c.max_seq_len);
     r->nm = n_moe_layers(&r->c);
     return init_params;
@@ -895,7 +921,10 @@ static void trace_data_load(Run *r) {
         return;
     }
     tokens_load(&r->ood, ood_path);
-    if (r->ood.V != r->c.V) die("%s has vocabulary %d, but the model has %d", ood_path, r->ood.V, r->c.V);
+    if (r->ood.V != r->train.V)
+        die("%s has vocabulary %d, but %s has %d", ood_path, r->ood.V, r->a.train_path, r->train.V);
+    if (r->ood.max_id >= r->c.V)
+        die("%s: token id %d is outside the model's vocabulary of %d", ood_path, r->ood.max_id, r->c.V);
     if ((long)n_seq * T + 1 > r->ood.n) {
         printf("note: %s holds fewer than %d sequences of %d tokens (+1): not traced\n", ood_path, n_seq, T);
         free(r->ood.tokens);
@@ -920,7 +949,7 @@ static void data_check(Run *r) {
 static void tokenizer_open(Run *r) {
     const char *tok_path = r->a.tok_path;
     r->tok = NULL;
-    if (r->a.tok_given || access(tok_path, R_OK) == 0) {
+    if (tokenizer_wanted(&r->a)) {
         tokenizer_load(&r->tokenizer, tok_path);
         if (r->tokenizer.vocab_size != r->c.V)
             die("%s: the tokenizer has %d pieces, but the model's vocabulary is %d", tok_path,

@@ -352,6 +352,22 @@ expect_error "train: unknown preset or missing model file" "cannot open" "$TRAIN
 expect_error "train: unwritable output directory" "cannot write there" "$TRAIN" -c micro.bin -i train.bin -j val.bin -b 4 -t 32 -n 2 -o afile/out
 expect_error "train: resume with another batch size" "cannot resume from checkpoint 20 in full: full/state_00000020.bin: saved with -b 4, this run has -b 2" "$TRAIN" "${COMMON[@]}" -b 2 -o full -r
 expect_error "train: bad option value" "needs a whole number" "$TRAIN" -b x
+# a token file's header may declare any vocabulary (issue 27, finding 5): without a tokenizer, a preset's
+# model has 1 + the largest id present, so that a small file declaring V = 3,000,000 takes no gigabytes
+tokens v3m.bin 3000000 val.ids
+out=$( (ulimit -v 2000000; "$TRAIN" -c tiny -i v3m.bin -j v3m.bin -b 2 -t 16 -n 1 -e 1 -v 0 -o v3m 2>&1); echo "rc=$?")
+if echo "$out" | grep -q "rc=0" && echo "$out" | grep -q "note: no tokenizer .* vocabulary is [0-9]*, 1 + the largest token id" &&
+    $PY - v3m/model_00000001.bin val.ids <<'EOF'
+import sys, numpy as np
+V = int(np.fromfile(sys.argv[1], np.int32, 3)[2])
+top = max(int(t) for t in open(sys.argv[2]).read().split() + ["2"])
+sys.exit(0 if V == top + 1 else f"model V {V}, largest id {top}")
+EOF
+then
+    pass "train: a $(($(stat -c %s v3m.bin) / 1024)) KB token file declaring V = 3000000, no tokenizer: the model's V is 1 + its largest id"
+else
+    fail "train: token file declaring V = 3000000: $(echo "$out" | tail -2 | tr '\n' ' ')"
+fi
 if [ $HAVE_TOK = 1 ]; then
     expect_error "train: tokenizer vocabulary differs from the model's" "the tokenizer has 200 pieces" "$TRAIN" -c micro.bin -i train.bin -j val.bin -z tok200.bin "${B[@]}"
     expect_error "train: missing tokenizer given with -z" "cannot open" "$TRAIN" -c micro.bin -i train.bin -j val.bin -z nope.bin "${B[@]}"
