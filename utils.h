@@ -17,6 +17,8 @@
 #include <string.h>
 #include <math.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <sys/stat.h>
 #include <time.h>
 
@@ -133,11 +135,20 @@ static inline long file_size(FILE *f, const char *path) {
 }
 
 // write to PATH.tmp, then rename over PATH, so that PATH is never half written;
-// one file at a time, and die() removes the .tmp of a write that failed
+// one file at a time, and die() removes the .tmp of a write that failed. The
+// .tmp is made anew (O_EXCL, O_NOFOLLOW): a link planted under its name is
+// removed, never followed, and one planted again after that makes the open
+// fail. A fixed name rather than mkstemp's: a killed run's .tmp is replaced by
+// the next write instead of piling up, and the file gets fopen's mode (0666
+// less the umask; mkstemp's 0600 would hide the checkpoints from the group).
 static inline FILE *atomic_open(const char *path, char *tmp, size_t ntmp) {
     if ((size_t)snprintf(tmp, ntmp, "%s.tmp", path) >= ntmp) die("%s: path too long", path);
-    FILE *f = fopenCheck(tmp, "wb");
+    if (unlink(tmp) != 0 && errno != ENOENT) die("%s: cannot remove the old temporary file: %s", tmp, strerror(errno));
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0666);
+    if (fd < 0) die("%s: cannot create: %s", tmp, strerror(errno));
     snprintf(pending_tmp(), MAX_PATH_BYTES, "%s", tmp);
+    FILE *f = fdopen(fd, "wb");
+    if (!f) die("%s: fdopen failed: %s", tmp, strerror(errno));
     return f;
 }
 static inline void atomic_commit(FILE *f, const char *tmp, const char *path) {

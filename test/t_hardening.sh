@@ -227,6 +227,21 @@ for w in 2=4194305:V 3=1048577:max_seq_len 4=513:L 5=65537:D 6=65537,7=2:H 7=655
 done
 [ -z "$wrong" ] && pass "issue 27 finding 4: each of the 12 header fields one past its bound is refused, naming it" ||
     fail "issue 27 finding 4: bounds:$(echo "$wrong" | cut -c1-600)"
+# finding 7: a link planted under a writer's temporary name (OUT.tmp) was followed: its target overwritten,
+# OUT renamed into a link to it; the same for the probe of -o (DIR/.write_test, truncated)
+mkdir -p l7/trace
+echo "precious" > victim.txt
+for f in log.tsv model_00000001.bin state_00000001.bin; do ln -s ../victim.txt "l7/$f.tmp"; done
+ln -s ../victim.txt l7/.write_test
+ln -s ../../victim.txt l7/trace/s00000000_d0_cf1250.bin.tmp
+"$BIN/train" "${TR[@]}" -n 1 -v 0 -a 2 -o l7 > l7.out 2>&1; rc=$?
+links=$(find l7 -type l | tr '\n' ' ')
+if [ $rc = 0 ] && [ "$(cat victim.txt)" = precious ] && [ "$links" = "l7/.write_test " ] && [ -f l7/model_00000001.bin ] &&
+    [ -f l7/trace/s00000000_d0_cf1250.bin ]; then
+    pass "issue 27 finding 7: links planted as the .tmp of the log, model, state and trace are replaced, not followed"
+else
+    fail "issue 27 finding 7: planted links (exit $rc): victim.txt holds '$(head -c 40 victim.txt | tr -cd '[:alnum:] ')'; links: $links"
+fi
 echo "(findings: $(($(date +%s) - T0)) s)"
 [ "${FINDINGS_ONLY:-0}" = 1 ] && exit 0
 
