@@ -381,17 +381,19 @@ static inline float *model_file_load(const char *path, Config *c) {
     return params;
 }
 
-static inline void model_file_save(const char *path, const Config *c, const float *params) {
-    ParamTable p;
-    param_table_build(&p, c);
+// the model file of c and params to f, an atomic_open'd tmp
+static inline void model_file_write(FILE *f, const char *tmp, const Config *c, const float *params) {
     int32_t h[HEADER_INTS];
     config_to_header(c, h);
+    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
+    fwriteCheck(params, sizeof(float), config_n_params(c), f, tmp);
+}
+
+static inline void model_file_save(const char *path, const Config *c, const float *params) {
     char tmp[MAX_PATH_BYTES];
     FILE *f = atomic_open(path, tmp, sizeof(tmp));
-    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
-    fwriteCheck(params, sizeof(float), p.n_params, f, tmp);
+    model_file_write(f, tmp, c, params);
     atomic_commit(f, tmp, path);
-    param_table_free(&p);
 }
 
 // Per-call settings of routing and losses (SPEC §3, §4, §8); the debug state

@@ -10,7 +10,7 @@
 // a validation loss at the evaluation capacity factor and a short sample;
 // every -e steps (and at the end) a checkpoint: DIR/model_NNNNNNNN.bin (SPEC
 // §6, usable by ./run) and DIR/state_NNNNNNNN.bin (optimizer state, step, RNG),
-// each written to a temporary name and renamed. With -a N, routing traces of N
+// both written to temporary names, then renamed (all or nothing). With -a N, routing traces of N
 // validation and N out-of-domain sequences for dev/analyze_routing.py.
 #include "openmoe.h"
 #include "tokenizer.h"
@@ -163,8 +163,8 @@ typedef struct {
 // saved run, and a resuming run that differs is told so; 17..21, the routing
 // variant (SPEC §8), must match: a run is one variant from its first step.
 
-// the state of step r->step (rank 0's whole optimizer state) to path
-static void ckpt_save(const Run *r, const char *path) {
+// the state of step r->step (rank 0's whole optimizer state) to f, an atomic_open'd tmp
+static void ckpt_write(const Run *r, FILE *f, const char *tmp) {
     const RunSettings *rs = &r->rs;
     int32_t h[HEADER_INTS] = {0};
     h[0] = CKPT_MAGIC;
@@ -188,12 +188,9 @@ static void ckpt_save(const Run *r, const char *path) {
     h[19] = rs->freeze + 1;
     memcpy(&h[20], &rs->bias_rate, 4);
     h[21] = (int32_t)r->n_bias;
-    char tmp[4096];
-    FILE *f = atomic_open(path, tmp, sizeof(tmp));
     fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
     fwriteCheck(r->state, sizeof(float), r->n_state, f, tmp);
     fwriteCheck(r->bias, sizeof(float), r->n_bias, f, tmp);
-    atomic_commit(f, tmp, path);
 }
 
 // the routing variant of a run, for messages: "capacity t5x, drop position, freeze off, bias 0"
@@ -318,9 +315,9 @@ static const char *checkpoint_problem(const Run *r, int step, int *damaged, char
 }
 
 // The step to resume from: the latest checkpoint N of dir with a
-// state_N.bin (the model is written first and the state last, each to a .tmp
-// renamed into place, so a model without its state is an interrupted write and
-// does not count); -1 when dir holds none. Exits naming the checkpoint and the
+// state_N.bin (both are written to .tmp files, then renamed, the model first,
+// so a model without its state is an interrupted checkpoint and does not
+// count: checkpoint_write); -1 when dir holds none. Exits naming the checkpoint and the
 // setting when that checkpoint is from a run with other settings, or when
 // every checkpoint is damaged; a damaged checkpoint after a good one is
 // skipped with a note.
@@ -1142,8 +1139,12 @@ static int checkpoint_due(const Run *r) {
     return (r->a.ckpt_every > 0 && r->step % r->a.ckpt_every == 0) || r->step == r->a.stop;
 }
 
-// checkpoint r->step: the model first, the state last, so that a state file
-// always has its model; then the traces of -a
+// Checkpoint r->step, all or nothing: the model and the state are written in
+// full to their temporaries, then renamed, the model first, so that a state
+// file always has its model (resume_step counts a checkpoint by its state).
+// A write that fails (a full disk) leaves neither, and the previous checkpoint
+// stays the latest. An older state of the same step goes first, so that no
+// moment pairs it with the new model. Then the traces of -a.
 static void checkpoint_write(Run *r) {
     model_get_params(r->m, r->params);
     if (r->dp.n > 1)
@@ -1152,12 +1153,19 @@ static void checkpoint_write(Run *r) {
     model_get_opt_state(r->m, r->part);
     dp_state_move(&r->dp, r->pt, &r->opt, r->state, r->part, 1);
     if (!r->lead) return;
-    char path[4096];
-    snprintf(path, sizeof(path), "%s/model_%08d.bin", r->a.dir, r->step);
-    model_file_save(path, &r->c, r->params);
-    snprintf(path, sizeof(path), "%s/state_%08d.bin", r->a.dir, r->step);
-    ckpt_save(r, path);
-    printf("checkpoint %s/model_%08d.bin\n", r->a.dir, r->step);
+    char model[4096], state[4096], model_tmp[4096], state_tmp[4096];
+    snprintf(model, sizeof(model), "%s/model_%08d.bin", r->a.dir, r->step);
+    snprintf(state, sizeof(state), "%s/state_%08d.bin", r->a.dir, r->step);
+    FILE *f = atomic_open(model, model_tmp, sizeof(model_tmp));
+    model_file_write(f, model_tmp, &r->c, r->params);
+    atomic_close(f, model_tmp);
+    f = atomic_open(state, state_tmp, sizeof(state_tmp));
+    ckpt_write(r, f, state_tmp);
+    atomic_close(f, state_tmp);
+    if (remove(state) != 0 && errno != ENOENT) die("%s: cannot remove: %s", state, strerror(errno));
+    atomic_rename(model_tmp, model);
+    atomic_rename(state_tmp, state);
+    printf("checkpoint %s\n", model);
     if (r->trace_seq_n > 0) traces_write(r);
 }
 

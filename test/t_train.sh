@@ -8,8 +8,9 @@
 #     log.tsv (all but the timing columns) and byte-identical model and state
 #     files, for AdamW and Adafactor; incomplete checkpoints left by an
 #     interrupted write (a model without its state, a short state, stale .tmp
-#     files) are skipped, and a run killed with -9 resumes from its last
-#     complete checkpoint;
+#     files) are skipped, a run killed with -9 resumes from its last
+#     complete checkpoint, and a checkpoint that finds no space left is all
+#     or nothing;
 #   - the thread count changes no bit of the log, model or state;
 #   - routing traces (-a) in the format dev/analyze_routing.py reads;
 #   - ./run: greedy generation equals the argmax of one full forward pass
@@ -216,6 +217,30 @@ if [ $rc = 0 ] && [ $last -gt 0 ] && grep -q "resumed from killed/model_$(printf
 else
     fail "resume after kill -9 (last $last, exit $rc): $(grep -E 'resumed|error' killed2.out | head -2 | tr '\n' ' ')"
 fi
+
+# a checkpoint that cannot be written in full (no space left) is all or nothing (issue 27, finding 10): the
+# failed run leaves no model without its state and no .tmp, the previous checkpoint stays the latest, and a
+# retry with room resumes from it and ends as the run that never failed. As root: a 1300 KB tmpfs, which
+# holds checkpoint 10 and the model of 20, not its state; else a file size limit between the two sizes.
+mkdir -p disk
+if [ "$(id -u)" = 0 ] && mount -t tmpfs -o size=1300k tmpfs disk 2> /dev/null; then
+    how="a full 1300 KB tmpfs" want="model_00000010.bin state_00000010.bin "
+    "$TRAIN" "${COMMON[@]}" -o disk/ck > disk1.out 2>&1; rc=$?
+else
+    how="a 400 KB file size limit" want=""
+    (trap '' XFSZ; ulimit -f 400; "$TRAIN" "${COMMON[@]}" -o disk/ck > disk1.out 2>&1); rc=$?
+fi
+left=$(ls disk/ck | grep -v '^log.tsv$' | tr '\n' ' ')
+if [ $rc = 1 ] && grep -q "state_000000[12]0.bin.tmp: write failed" disk1.out && [ "$left" = "$want" ]; then
+    pass "checkpoint on $how: the failed one leaves nothing, the latest is ${want:-none}"
+else
+    fail "checkpoint on $how (exit $rc): disk/ck holds $left; $(tail -1 disk1.out)"
+fi
+mountpoint -q disk && mount -o remount,size=4m disk
+"$TRAIN" "${COMMON[@]}" -o disk/ck -r > disk2.out 2>&1
+[ -z "$want" ] || grep -q "resumed from disk/ck/model_00000010.bin" disk2.out || fail "checkpoint on $how: no resume from 10"
+same_run full disk/ck "checkpoint on $how, retried with room"
+mountpoint -q disk && umount disk
 
 # --- routing traces ------------------------------------------------------------------------
 $PY - full/trace val.bin <<'EOF' && pass "traces: header, sizes and contents as dev/analyze_routing.py reads them" || fail "traces: bad trace files"
