@@ -46,7 +46,7 @@ extern "C" {
 #define MAX_E 4096
 // experts per token: OpenMoE has 2, the MoEs in use at most about 8. The
 // router's top-K is O(E*K) a token, and the drop policy probs keeps the rank
-// in 5 bits of its sort key: every config can take every policy
+// in 5 bits of its sort key (probs_key): every config can take every policy
 #define MAX_K 32
 
 typedef struct {
@@ -646,6 +646,25 @@ static inline HOST_DEVICE float router_row(float *p, int *top, const float *z, c
     }
     return maxz + logf(sum);
 }
+
+// Drop policy probs (SPEC §8): each expert keeps the C assignments of its
+// group with the largest p_e(n), ties to the lower rank r, then the lower n.
+// probs_key orders them so, ascending, as one integer both backends compare:
+// the complement of p's bits (p >= 0, so its bits grow with it; a NaN, whose
+// bits differ between devices, counts as 0), then r (5 bits, K <= MAX_K),
+// then i = n - g0, the token's place in its group (27 bits).
+#define PROBS_MAX_GROUP ((1 << 27) - 1)
+static inline HOST_DEVICE uint64_t probs_key(float p, int r, int i) {
+    uint32_t bits;
+    memcpy(&bits, &p, 4);
+    if (p != p) bits = 0;
+    return (uint64_t)(0xFFFFFFFFu - bits) << 32 | (uint64_t)r << 27 | (uint64_t)i;
+}
+static inline HOST_DEVICE int probs_key_rank(uint64_t key) { return (int)(key >> 27 & 31); }
+static inline HOST_DEVICE int probs_key_index(uint64_t key) { return (int)(key & PROBS_MAX_GROUP); }
+#if MAX_K > 32
+#error "probs_key holds the rank r < MAX_K in 5 bits"
+#endif
 
 // router_row's backward for one token of N: d (E) holds dLoss/dp and becomes
 // dLoss/dz through the softmax, with the router z-loss term (coefficient rz_w
