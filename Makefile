@@ -20,7 +20,8 @@ CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
 MPI_CFLAGS = -DUSE_MPI
 ifdef MPI
 CC = mpicc
-CFLAGS += $(MPI_CFLAGS)
+# override, as above: a plain += after an override is ignored
+override CFLAGS += $(MPI_CFLAGS)
 NVCC_FLAGS += $(MPI_CFLAGS) $(shell mpicc --showme:compile) -I$(CUDA_HOME)/include
 NVCC_LDLIBS += $(shell mpicc --showme:link) -L$(CUDA_HOME)/lib64 -lnccl
 ifdef GPU_BINARIES

@@ -943,11 +943,8 @@ static int compare_u64(const void *a, const void *b) {
 
 // Drop policy "probs" (SPEC §8) in one group [g0, n1): each expert keeps the
 // C assignments with the largest p_e(n), ties to the lower rank, then the
-// lower n. An assignment's key orders it so, ascending: the complement of
-// p's bits (p > 0, so its bits grow with it), then r, then n - g0; each
-// expert's keys are sorted in its own segment of key (N*K). seg (E+1), cursor (E) scratch.
-#define PROBS_MAX_K 32                 // ranks r = 0..31 take 5 bits of the key
-#define PROBS_MAX_GROUP ((1 << 27) - 1)  // n - g0 takes 27 bits
+// lower n, the order of their keys (probs_key, openmoe.h); each expert's keys
+// are sorted in its own segment of key (N*K). seg (E+1), cursor (E) scratch.
 static void moe_keep_by_probs(int *kept, const int *top, const float *p, int g0, int n1, int K, int E, int C,
                               uint64_t *key, int *seg, int *cursor) {
     memset(seg, 0, (E + 1) * sizeof(int));
@@ -957,14 +954,12 @@ static void moe_keep_by_probs(int *kept, const int *top, const float *p, int g0,
     for (int n = g0; n < n1; n++)
         for (int r = 0; r < K; r++) {
             int e = top[(size_t)n * K + r];
-            uint32_t bits;
-            memcpy(&bits, &p[(size_t)n * E + e], 4);
-            key[cursor[e]++] = (uint64_t)(0xFFFFFFFFu - bits) << 32 | (uint64_t)r << 27 | (uint64_t)(n - g0);
+            key[cursor[e]++] = probs_key(p[(size_t)n * E + e], r, n - g0);
         }
     for (int e = 0; e < E; e++) {
         qsort(key + seg[e], seg[e + 1] - seg[e], sizeof(uint64_t), compare_u64);
         for (int j = seg[e]; j < seg[e + 1]; j++) {
-            int r = (int)(key[j] >> 27 & 31), n = g0 + (int)(key[j] & ((1u << 27) - 1));
+            int r = probs_key_rank(key[j]), n = g0 + probs_key_index(key[j]);
             kept[(size_t)n * K + r] = j - seg[e] < C;
         }
     }
@@ -979,9 +974,9 @@ static void moe_capacity(int *kept, const int *top, const float *p, int N, int K
     for (int g0 = 0; g0 < N; g0 += G) {
         int n1 = g0 + G < N ? g0 + G : N;
         int C = moe_capacity_of(n1 - g0, E, K, s->cf1000, s->min_capacity, s->capacity_rule);
-        if (s->drop_policy == DROP_PROBS && (K > PROBS_MAX_K || n1 - g0 > PROBS_MAX_GROUP))
-            die("drop policy probs: K = %d and a group of %d tokens do not fit its sort keys (K <= %d, group <= %d)",
-                K, n1 - g0, PROBS_MAX_K, PROBS_MAX_GROUP);
+        if (s->drop_policy == DROP_PROBS && n1 - g0 > PROBS_MAX_GROUP)
+            die("drop policy probs: a group of %d tokens does not fit its sort keys (group <= %d)", n1 - g0,
+                PROBS_MAX_GROUP);
         if (s->drop_policy == DROP_PROBS) moe_keep_by_probs(kept, top, p, g0, n1, K, E, C, key, seg, count);
         else moe_keep_by_position(kept, top, g0, n1, K, E, C, count);
     }

@@ -89,6 +89,7 @@ static void cublas_check(cublasStatus_t st, const char *what, const char *file, 
 #define cublasCheck(call) cublas_check((call), #call, __FILE__, __LINE__)
 
 static inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
+#define MAX_GRID_Y 65535  // CUDA's limit on a grid's y (and z) dimension
 
 // ----------------------------------------------------------------------------
 // device helpers
@@ -294,8 +295,9 @@ static void cublas_acquire(void) {
     cublasCheck(cublasCreate(&cublas_handle));
     cublasCheck(cublasSetMathMode(cublas_handle, CUBLAS_DEFAULT_MATH));  // no TF32 for fp32 matmuls
     cudaCheck(cudaMalloc(&cublas_workspace, CUBLAS_WORKSPACE_BYTES));
-    cublasCheck(cublasSetWorkspace(cublas_handle, cublas_workspace, CUBLAS_WORKSPACE_BYTES));
+    // the stream first: cublasSetStream puts the handle back on cuBLAS's own workspace pool
     cublasCheck(cublasSetStream(cublas_handle, 0));
+    cublasCheck(cublasSetWorkspace(cublas_handle, cublas_workspace, CUBLAS_WORKSPACE_BYTES));
 }
 static void cublas_release(void) {
     if (--cublas_users > 0) return;
@@ -765,21 +767,20 @@ __global__ void moe_capacity_kernel(int *kept, int *pos, int *count, const int *
 
 // Drop policy probs (SPEC §8), one thread per assignment i = n*K + r: pos =
 // how many assignments of its group to the same expert come before it by
-// (p desc, rank asc, token asc), so that again the first C are kept. It
-// scans the group's G*K assignments: O(G*K) per assignment.
+// their keys (probs_key, openmoe.h: p desc, rank asc, token asc, as the CPU
+// sorts them), so that again the first C are kept. The keys are distinct, a
+// NaN p included, so no two assignments share a place. It scans the group's
+// G*K assignments: O(G*K) per assignment.
 __global__ void moe_probs_rank_kernel(int *kept, int *pos, const int *top, const float *p, int N, int K, int E, int G,
                                       int cf1000, int min_capacity, int rule) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)N * K) return;
     int n = (int)(i / K), r = (int)(i % K), e = top[i], g0 = n / G * G, n1 = g0 + G < N ? g0 + G : N;
-    float pi = p[(size_t)n * E + e];
+    uint64_t key = probs_key(p[(size_t)n * E + e], r, n - g0);
     int before = 0;
     for (int m = g0; m < n1; m++)
-        for (int q = 0; q < K; q++) {
-            if (top[(size_t)m * K + q] != e) continue;
-            float pj = p[(size_t)m * E + e];
-            before += pj > pi || (pj == pi && (q < r || (q == r && m < n)));
-        }
+        for (int q = 0; q < K; q++)
+            before += top[(size_t)m * K + q] == e && probs_key(p[(size_t)m * E + e], q, m - g0) < key;
     pos[i] = before;
     kept[i] = before < moe_capacity_of(n1 - g0, E, K, cf1000, min_capacity, rule);
 }
@@ -791,6 +792,8 @@ __global__ void moe_probs_rank_kernel(int *kept, int *pos, const int *top, const
 static void moe_capacity(int *kept, int *pos, int *count, const int *top, const float *p, int N, int K, int E,
                          const MoeSettings *s) {
     int G = group_len(N, s->group_size), n_groups = (N + G - 1) / G;
+    if (s->drop_policy == DROP_PROBS && G > PROBS_MAX_GROUP)
+        die("drop policy probs: a group of %d tokens does not fit its sort keys (group <= %d)", G, PROBS_MAX_GROUP);
     moe_capacity_kernel<<<n_groups, MAX_EXPERTS>>>(kept, pos, count, top, N, K, E, G, s->cf1000, s->min_capacity,
                                                    s->capacity_rule);
     launchCheck();
@@ -1062,10 +1065,12 @@ static void moe_dispatch_backward(float *dinp, const float *dxe, const int *row_
 struct MaxSum {
     float m, s;
 };
+// a side that saw no value above -inf has s 0, or NaN when it saw a NaN, which
+// the merge carries (as the CPU's sum does)
 __device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
     MaxSum r;
     r.m = fmaxf(a.m, b.m);
-    r.s = (a.m == -INFINITY ? 0.0f : a.s * expf(a.m - r.m)) + (b.m == -INFINITY ? 0.0f : b.s * expf(b.m - r.m));
+    r.s = (a.m == -INFINITY ? a.s : a.s * expf(a.m - r.m)) + (b.m == -INFINITY ? b.s : b.s * expf(b.m - r.m));
     return r;
 }
 __device__ MaxSum block_maxsum(MaxSum v) {
@@ -1083,7 +1088,8 @@ __device__ MaxSum block_maxsum(MaxSum v) {
     return t;
 }
 
-// lse (N) of logits (N,V), reading each row once: one block per row
+// lse (N) of logits (N,V), reading each row once: one block per row. A NaN
+// logit makes the row's lse NaN, as on the CPU (the sum s carries it)
 template <typename X> __global__ void crossentropy_forward_kernel(float *lse, const X *logits, int V) {
     int n = blockIdx.x;
     const X *l = logits + (size_t)n * V;
@@ -1091,9 +1097,9 @@ template <typename X> __global__ void crossentropy_forward_kernel(float *lse, co
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
         float x = to_float(l[v]);
         if (x > a.m) {
-            a.s = (a.m == -INFINITY ? 0.0f : a.s * expf(a.m - x)) + 1.0f;
+            a.s = (a.m == -INFINITY ? a.s : a.s * expf(a.m - x)) + 1.0f;
             a.m = x;
-        } else if (x > -INFINITY) {
+        } else if (x != -INFINITY) {
             a.s += expf(x - a.m);
         }
     }
@@ -1354,7 +1360,8 @@ static void params_to_x(Model *m) {
     if (m->precision == PRECISION_BF16) cast_to_x(m->x16.params_x, m->params, m->table.n_params);
 }
 
-// model_create's arguments, against this backend's limits; then device 0
+// model_create's arguments, against this backend's limits. The model lives
+// on the current device: dp_init's choice with MPI, else CUDA's default 0.
 static void create_args_check(const Config *c, int B, int T, Precision precision) {
     char why[128];
     if (!config_check(c, why, sizeof(why))) die("model_create: bad config: %s", why);
@@ -1363,19 +1370,18 @@ static void create_args_check(const Config *c, int B, int T, Precision precision
         die("model_create: B = %d, T = %d: need B > 0 and 0 < T <= max_seq_len = %d", B, T, c->max_seq_len);
     if (c->E > MAX_EXPERTS) die("model_create: E = %d experts, the CUDA backend handles at most %d", c->E, MAX_EXPERTS);
     if ((long long)B * T * c->K >= (1LL << 31) || (long long)B * c->H * T >= (1LL << 31) ||
-        ((long long)B * T + DW_ROWS - 1) / DW_ROWS > 65535)
+        ((long long)B * T + DW_ROWS - 1) / DW_ROWS > MAX_GRID_Y)
         die("model_create: batch %d x %d is too large for this backend's index types and grids", B, T);
     int ndev = 0;
     cudaError_t err = cudaGetDeviceCount(&ndev);
     if (err != cudaSuccess) die("no CUDA device: %s", cudaGetErrorString(err));
     if (ndev == 0) die("no CUDA device: cudaGetDeviceCount found none");
-    cudaCheck(cudaSetDevice(0));
 }
 
-// m->flash and m->moe_exact from the precision, the head width, the GPU and
-// the environment. Attention: the flash kernels in bf16 mode for the head
-// widths they have; OPENMOE_ATTENTION=cublas forces the (T,T) path (fp32
-// mode always uses it).
+// m->flash and m->moe_exact from the precision, the head width, the batch, the
+// GPU and the environment. Attention: the flash kernels in bf16 mode for the
+// head widths they have and B*H within their grid's y; OPENMOE_ATTENTION=cublas
+// forces the (T,T) path (fp32 mode always uses it).
 static void kernel_choices(Model *m) {
     const Config *c = &m->c;
     const char *att = getenv("OPENMOE_ATTENTION");
@@ -1389,9 +1395,16 @@ static void kernel_choices(Model *m) {
     if (att && strcmp(att, "flash") == 0 && !m->flash)
         die("OPENMOE_ATTENTION=flash: the flash kernels need bf16 mode and a head width of 16, 32, 64 or 128 (Hd = %d)",
             c->Hd);
+    if (m->flash && (long long)m->Bmax * c->H > MAX_GRID_Y) {  // the flash grids' y is B*H: the cuBLAS path
+        if (att && strcmp(att, "flash") == 0)
+            die("OPENMOE_ATTENTION=flash: B*H = %lld is more than the flash kernels' grid takes (%d)",
+                (long long)m->Bmax * c->H, MAX_GRID_Y);
+        m->flash = 0;
+    }
     if (m->flash) {
-        int optin = 0;
-        cudaCheck(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
+        int optin = 0, dev = 0;
+        cudaCheck(cudaGetDevice(&dev));
+        cudaCheck(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
         if ((size_t)optin < flash_smem_bytes(c->Hd)) m->flash = 0;  // too little shared memory: the cuBLAS path
         else flash_init(c->Hd);
     }
@@ -2171,7 +2184,16 @@ static void ncclCheck(ncclResult_t r, const char *what) {
     if (r != ncclSuccess) die("%s failed: %s", what, ncclGetErrorString(r));
 }
 
+// NCCL picks each collective's algorithm and protocol from its size, the
+// topology, its version's tuning tables and any tuner plugin, and each sums in
+// its own order. dp_init pins the all-reduce to Ring and Simple, before any
+// NCCL call reads them, so that the order is a function of the ranks, the
+// topology and the buffer alone: reruns and resumed runs sum the gradients to
+// the same bits. NCCL_ALGO or NCCL_PROTO set by the user win (faster choices
+// exist on large clusters: Tree, NVLS).
 void dp_init(int rank, int n_ranks, int local_rank) {
+    if (setenv("NCCL_ALGO", "Ring", 0) != 0 || setenv("NCCL_PROTO", "Simple", 0) != 0)
+        die("setenv of NCCL_ALGO, NCCL_PROTO failed: %s", strerror(errno));
     int n_dev;
     cudaCheck(cudaGetDeviceCount(&n_dev));
     cudaCheck(cudaSetDevice(local_rank % n_dev));

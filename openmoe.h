@@ -27,9 +27,27 @@ extern "C" {
 // ----------------------------------------------------------------------------
 // 2. config (SPEC §1)
 
-// the longest context a model may have: RoPE tables and the KV cache are
-// allocated for all of it (OpenMoE's models have 2048)
+// The bounds of the config's fields (config_check), each field bounded
+// whether the model uses it or not, so that no header asks for more than the
+// largest models need. Each admits the presets and OpenMoE's released models
+// (base, 8B, 34B) with room to spare:
+// the longest context: RoPE tables and the KV cache are allocated for all of
+// it (OpenMoE's models have 2048)
 #define MAX_SEQ_LEN (1 << 20)
+// the vocabulary: OpenMoE's is 256384, the largest tokenizers in use about 10^6
+#define MAX_V (1 << 22)
+// layers (L, and moe_every up to MAX_L + 1, a model without MoE layers): the
+// presets have up to 32, the deepest published transformers about 100-200
+#define MAX_L 512
+// the widths D, Hd, H*Hd, F, Fe and the head count H: 34b has F = Fe = 12288,
+// the widest published FFNs about 5*10^4
+#define MAX_WIDTH (1 << 16)
+// experts: the presets have up to 32, fine-grained MoEs a few hundred
+#define MAX_E 4096
+// experts per token: OpenMoE has 2, the MoEs in use at most about 8. The
+// router's top-K is O(E*K) a token, and the drop policy probs keeps the rank
+// in 5 bits of its sort key (probs_key): every config can take every policy
+#define MAX_K 32
 
 typedef struct {
     int V;            // vocabulary size
@@ -66,20 +84,22 @@ static inline int config_preset(const char *name, Config *c) {
 // The Config fields, described once: name, place in the struct, and word of
 // the model file's header (SPEC §6). The checks, the parser, the header I/O
 // and train.c's resume go through this table, so that a new field is one row
-// here and cannot shift the file format. positive: the field must be > 0.
+// here and cannot shift the file format. The field must lie in [lo, hi].
 typedef struct {
     const char *name;
     size_t offset;   // offsetof(Config, field)
     int word;        // header word
-    int positive;
+    int lo, hi;
 } ConfigField;
 
-#define CONFIG_FIELD(field, word, positive) {#field, offsetof(Config, field), word, positive}
+#define CONFIG_FIELD(field, word, lo, hi) {#field, offsetof(Config, field), word, lo, hi}
 static const ConfigField config_fields[] = {
-    CONFIG_FIELD(V, 2, 1),           CONFIG_FIELD(max_seq_len, 3, 1), CONFIG_FIELD(L, 4, 1),
-    CONFIG_FIELD(D, 5, 1),           CONFIG_FIELD(H, 6, 1),           CONFIG_FIELD(Hd, 7, 1),
-    CONFIG_FIELD(F, 8, 1),           CONFIG_FIELD(E, 9, 1),           CONFIG_FIELD(K, 10, 1),
-    CONFIG_FIELD(moe_every, 11, 1),  CONFIG_FIELD(Fe, 12, 1),         CONFIG_FIELD(extra_ffn, 13, 0),
+    CONFIG_FIELD(V, 2, 1, MAX_V),                 CONFIG_FIELD(max_seq_len, 3, 1, MAX_SEQ_LEN),
+    CONFIG_FIELD(L, 4, 1, MAX_L),                 CONFIG_FIELD(D, 5, 1, MAX_WIDTH),
+    CONFIG_FIELD(H, 6, 1, MAX_WIDTH),             CONFIG_FIELD(Hd, 7, 1, MAX_WIDTH),
+    CONFIG_FIELD(F, 8, 1, MAX_WIDTH),             CONFIG_FIELD(E, 9, 1, MAX_E),
+    CONFIG_FIELD(K, 10, 1, MAX_K),                CONFIG_FIELD(moe_every, 11, 1, MAX_L + 1),
+    CONFIG_FIELD(Fe, 12, 1, MAX_WIDTH),           CONFIG_FIELD(extra_ffn, 13, 0, 1),
 };
 #undef CONFIG_FIELD
 #define N_CONFIG_FIELDS ((int)(sizeof(config_fields) / sizeof(config_fields[0])))
@@ -100,29 +120,31 @@ static inline int config_value(const Config *c, int i) {
     return *(const int *)((const char *)c + config_fields[i].offset);
 }
 
-// checks a config as SPEC §6 asks of a header; on failure writes why and returns 0
+// checks a config as SPEC §6 asks of a header; on failure writes why and
+// returns 0. K > E comes before the upper bounds, so that a K too large for
+// E is named so; H*Hd after them, so that H or Hd past MAX_WIDTH is named.
 static inline int config_check(const Config *c, char *why, size_t nwhy) {
     for (int i = 0; i < N_CONFIG_FIELDS; i++) {
         int v = config_value(c, i);
-        if (config_fields[i].positive && v <= 0) {
-            snprintf(why, nwhy, "%s = %d, must be > 0", config_fields[i].name, v);
+        if (v < config_fields[i].lo) {
+            if (config_fields[i].lo == 1) snprintf(why, nwhy, "%s = %d, must be > 0", config_fields[i].name, v);
+            else snprintf(why, nwhy, "%s = %d, must be in [%d, %d]", config_fields[i].name, v, config_fields[i].lo,
+                          config_fields[i].hi);
             return 0;
         }
     }
-    if (c->max_seq_len > MAX_SEQ_LEN) {
-        snprintf(why, nwhy, "max_seq_len = %d > %d", c->max_seq_len, MAX_SEQ_LEN);
-        return 0;
-    }
-    // the widths the parameter table and the backends hold in an int
-    if ((int64_t)c->H * c->Hd > INT32_MAX || 2 * (int64_t)c->F > INT32_MAX || 2 * (int64_t)c->Fe > INT32_MAX) {
-        snprintf(why, nwhy, "H*Hd = %lld, 2F = %lld or 2Fe = %lld does not fit an int32", (long long)c->H * c->Hd,
-                 2 * (long long)c->F, 2 * (long long)c->Fe);
-        return 0;
-    }
     if (c->K > c->E) { snprintf(why, nwhy, "K = %d > E = %d", c->K, c->E); return 0; }
     if (c->Hd % 2) { snprintf(why, nwhy, "Hd = %d is odd (RoPE pairs i with i+Hd/2)", c->Hd); return 0; }
-    if (c->extra_ffn != 0 && c->extra_ffn != 1) {
-        snprintf(why, nwhy, "extra_ffn = %d, must be 0 or 1", c->extra_ffn);
+    for (int i = 0; i < N_CONFIG_FIELDS; i++) {
+        int v = config_value(c, i);
+        if (v > config_fields[i].hi) {
+            snprintf(why, nwhy, "%s = %d, must be in [%d, %d]", config_fields[i].name, v, config_fields[i].lo,
+                     config_fields[i].hi);
+            return 0;
+        }
+    }
+    if ((int64_t)c->H * c->Hd > MAX_WIDTH) {
+        snprintf(why, nwhy, "H*Hd = %lld, must be <= %d", (long long)c->H * c->Hd, MAX_WIDTH);
         return 0;
     }
     return 1;
@@ -359,17 +381,19 @@ static inline float *model_file_load(const char *path, Config *c) {
     return params;
 }
 
-static inline void model_file_save(const char *path, const Config *c, const float *params) {
-    ParamTable p;
-    param_table_build(&p, c);
+// the model file of c and params to f, an atomic_open'd tmp
+static inline void model_file_write(FILE *f, const char *tmp, const Config *c, const float *params) {
     int32_t h[HEADER_INTS];
     config_to_header(c, h);
+    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
+    fwriteCheck(params, sizeof(float), config_n_params(c), f, tmp);
+}
+
+static inline void model_file_save(const char *path, const Config *c, const float *params) {
     char tmp[MAX_PATH_BYTES];
     FILE *f = atomic_open(path, tmp, sizeof(tmp));
-    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
-    fwriteCheck(params, sizeof(float), p.n_params, f, tmp);
+    model_file_write(f, tmp, c, params);
     atomic_commit(f, tmp, path);
-    param_table_free(&p);
 }
 
 // Per-call settings of routing and losses (SPEC §3, §4, §8); the debug state
@@ -591,9 +615,16 @@ static inline HOST_DEVICE int moe_capacity_of(int n, int E, int K, int cf1000, i
     return c > min_capacity ? (int)c : min_capacity;
 }
 
+// what the router ranks expert e by: p + bias (bias NULL: p)
+static inline HOST_DEVICE float router_score(const float *p, const float *bias, int e) {
+    return bias ? p[e] + bias[e] : p[e];
+}
+
 // the router of one token: logits z (E) -> p (E) = softmax(z) in fp32, top
 // (K) the K experts of largest p + bias (bias NULL: 0), best first (ties keep
-// the lower index); returns logsumexp(z) for the router z-loss
+// the lower index); returns logsumexp(z) for the router z-loss. The experts
+// are visited in order, top held sorted: e goes in front of the first
+// expert it beats strictly, so that a tie keeps the lower index, in O(E*K).
 static inline HOST_DEVICE float router_row(float *p, int *top, const float *z, const float *bias, int E, int K) {
     float maxz = -FLT_MAX;
     for (int e = 0; e < E; e++) maxz = z[e] > maxz ? z[e] : maxz;
@@ -603,17 +634,37 @@ static inline HOST_DEVICE float router_row(float *p, int *top, const float *z, c
         sum += p[e];
     }
     for (int e = 0; e < E; e++) p[e] /= sum;
-    for (int r = 0; r < K; r++) {
-        int best = -1;
-        for (int e = 0; e < E; e++) {
-            int taken = 0;
-            for (int q = 0; q < r; q++) taken |= top[q] == e;
-            if (!taken && (best < 0 || (bias ? p[e] + bias[e] > p[best] + bias[best] : p[e] > p[best]))) best = e;
-        }
-        top[r] = best;
+    int n = 0;  // experts in top so far
+    for (int e = 0; e < E; e++) {
+        float s = router_score(p, bias, e);
+        int at = n;
+        while (at > 0 && s > router_score(p, bias, top[at - 1])) at--;
+        if (at == K) continue;
+        if (n < K) n++;
+        for (int j = n - 1; j > at; j--) top[j] = top[j - 1];
+        top[at] = e;
     }
     return maxz + logf(sum);
 }
+
+// Drop policy probs (SPEC §8): each expert keeps the C assignments of its
+// group with the largest p_e(n), ties to the lower rank r, then the lower n.
+// probs_key orders them so, ascending, as one integer both backends compare:
+// the complement of p's bits (p >= 0, so its bits grow with it; a NaN, whose
+// bits differ between devices, counts as 0), then r (5 bits, K <= MAX_K),
+// then i = n - g0, the token's place in its group (27 bits).
+#define PROBS_MAX_GROUP ((1 << 27) - 1)
+static inline HOST_DEVICE uint64_t probs_key(float p, int r, int i) {
+    uint32_t bits;
+    memcpy(&bits, &p, 4);
+    if (p != p) bits = 0;
+    return (uint64_t)(0xFFFFFFFFu - bits) << 32 | (uint64_t)r << 27 | (uint64_t)i;
+}
+static inline HOST_DEVICE int probs_key_rank(uint64_t key) { return (int)(key >> 27 & 31); }
+static inline HOST_DEVICE int probs_key_index(uint64_t key) { return (int)(key & PROBS_MAX_GROUP); }
+#if MAX_K > 32
+#error "probs_key holds the rank r < MAX_K in 5 bits"
+#endif
 
 // router_row's backward for one token of N: d (E) holds dLoss/dp and becomes
 // dLoss/dz through the softmax, with the router z-loss term (coefficient rz_w

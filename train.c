@@ -10,7 +10,7 @@
 // a validation loss at the evaluation capacity factor and a short sample;
 // every -e steps (and at the end) a checkpoint: DIR/model_NNNNNNNN.bin (SPEC
 // §6, usable by ./run) and DIR/state_NNNNNNNN.bin (optimizer state, step, RNG),
-// each written to a temporary name and renamed. With -a N, routing traces of N
+// both written to temporary names, then renamed (all or nothing). With -a N, routing traces of N
 // validation and N out-of-domain sequences for dev/analyze_routing.py.
 #include "openmoe.h"
 #include "tokenizer.h"
@@ -35,7 +35,8 @@
 typedef struct {
     int32_t *tokens;
     long n;
-    int V;
+    int V;        // the header's vocabulary
+    int max_id;   // the largest token id present
 } TokenData;
 
 static void tokens_load(TokenData *d, const char *path) {
@@ -61,9 +62,12 @@ static void tokens_load(TokenData *d, const char *path) {
         free(u);
     }
     fcloseCheck(f, path);
-    for (long i = 0; i < d->n; i++)
+    d->max_id = 0;
+    for (long i = 0; i < d->n; i++) {
         if (d->tokens[i] < 0 || d->tokens[i] >= d->V)
             die("%s: token %ld is %d, out of range [0, %d)", path, i, d->tokens[i], d->V);
+        d->max_id = d->tokens[i] > d->max_id ? d->tokens[i] : d->max_id;
+    }
 }
 
 // x, y (B*T): B windows of T+1 tokens starting at starts[b]
@@ -159,8 +163,8 @@ typedef struct {
 // saved run, and a resuming run that differs is told so; 17..21, the routing
 // variant (SPEC §8), must match: a run is one variant from its first step.
 
-// the state of step r->step (rank 0's whole optimizer state) to path
-static void ckpt_save(const Run *r, const char *path) {
+// the state of step r->step (rank 0's whole optimizer state) to f, an atomic_open'd tmp
+static void ckpt_write(const Run *r, FILE *f, const char *tmp) {
     const RunSettings *rs = &r->rs;
     int32_t h[HEADER_INTS] = {0};
     h[0] = CKPT_MAGIC;
@@ -184,12 +188,9 @@ static void ckpt_save(const Run *r, const char *path) {
     h[19] = rs->freeze + 1;
     memcpy(&h[20], &rs->bias_rate, 4);
     h[21] = (int32_t)r->n_bias;
-    char tmp[4096];
-    FILE *f = atomic_open(path, tmp, sizeof(tmp));
     fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
     fwriteCheck(r->state, sizeof(float), r->n_state, f, tmp);
     fwriteCheck(r->bias, sizeof(float), r->n_bias, f, tmp);
-    atomic_commit(f, tmp, path);
 }
 
 // the routing variant of a run, for messages: "capacity t5x, drop position, freeze off, bias 0"
@@ -314,9 +315,9 @@ static const char *checkpoint_problem(const Run *r, int step, int *damaged, char
 }
 
 // The step to resume from: the latest checkpoint N of dir with a
-// state_N.bin (the model is written first and the state last, each to a .tmp
-// renamed into place, so a model without its state is an interrupted write and
-// does not count); -1 when dir holds none. Exits naming the checkpoint and the
+// state_N.bin (both are written to .tmp files, then renamed, the model first,
+// so a model without its state is an interrupted checkpoint and does not
+// count: checkpoint_write); -1 when dir holds none. Exits naming the checkpoint and the
 // setting when that checkpoint is from a run with other settings, or when
 // every checkpoint is damaged; a damaged checkpoint after a good one is
 // skipped with a note.
@@ -638,7 +639,26 @@ static void dp_mean(float *x, int n, const Ranks *dp) {
     for (int i = 0; i < n; i++) x[i] /= dp->n;
 }
 #else
-static void dp_start(Ranks *dp, int *argc, char ***argv) { dp->rank = 0, dp->n = 1; }
+// A launcher (mpirun -np N, srun -n N) starting this build, which has no MPI,
+// starts N copies that each train alone and write over each other's files in
+// -o: refuse. The launchers say so in the environment: a world size above 1
+// (Open MPI, MPICH and Intel MPI through PMI, MVAPICH2), or a rank above 0
+// (PMIx, whose launchers need not set a size).
+static void dp_start(Ranks *dp, int *argc, char ***argv) {
+    static const struct { const char *name; int min_several; } vars[] = {
+        {"OMPI_COMM_WORLD_SIZE", 2}, {"PMI_SIZE", 2}, {"MV2_COMM_WORLD_SIZE", 2},
+        {"OMPI_COMM_WORLD_RANK", 1}, {"PMI_RANK", 1}, {"PMIX_RANK", 1}, {"MV2_COMM_WORLD_RANK", 1},
+    };
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+        const char *v = getenv(vars[i].name);
+        if (v && atol(v) >= vars[i].min_several)
+            die("%s was built without MPI, but %s=%s: a launcher (mpirun) started it as one of several ranks, "
+                "which would each train alone and write over each other's files; build it with MPI=1 "
+                "(make -B train MPI=1, README \"Several GPUs\"), or run it without mpirun", (*argv)[0],
+                vars[i].name, v);
+    }
+    dp->rank = 0, dp->n = 1;
+}
 static void dp_end(void) {}
 static void dp_same(uint64_t h, const char *what) {}
 static void dp_bcast(void *p, size_t bytes) {}
@@ -850,15 +870,37 @@ static uint64_t flags_data_hash(const Run *r, int argc, char **argv) {
     return h;
 }
 
+// whether the samples have a tokenizer: -z, or the default when it exists
+static int tokenizer_wanted(const TrainArgs *a) { return a->tok_given || access(a->tok_path, R_OK) == 0; }
+
+// A preset's vocabulary: the data's, which the tokenizer must then have
+// (tokenizer_open). Without a tokenizer the data's header V is a claim that
+// nothing checks, and a short file may declare millions: the model then has
+// 1 + the largest token id in the training and validation data.
+static int preset_vocab(const Run *r) {
+    if (tokenizer_wanted(&r->a)) return r->train.V;
+    int V = 1 + (r->train.max_id > r->val.max_id ? r->train.max_id : r->val.max_id);
+    if (V < r->train.V)
+        printf("note: no tokenizer (%s): the model's vocabulary is %d, 1 + the largest token id in %s and %s, "
+               "not their headers' %d\n", r->a.tok_path, V, r->a.train_path, r->a.val_path, r->train.V);
+    return V;
+}
+
 // the config of -c, a preset or a model file, whose parameters it returns
 // (NULL for a preset), checked against the data and -t
 static float *config_load(Run *r) {
     float *init_params = NULL;
-    if (config_preset(r->a.init, &r->c)) r->c.V = r->train.V;
-    else init_params = model_file_load(r->a.init, &r->c);
-    if (r->c.V != r->train.V)
-        die("%s: the model's vocabulary is %d, but the data's (%s) is %d", r->a.init, r->c.V, r->a.train_path,
-            r->train.V);
+    char why[160];
+    if (config_preset(r->a.init, &r->c)) {
+        r->c.V = preset_vocab(r);
+        if (!config_check(&r->c, why, sizeof(why)))
+            die("-c %s with the vocabulary of %s: %s", r->a.init, r->a.train_path, why);
+    } else {
+        init_params = model_file_load(r->a.init, &r->c);
+        if (r->c.V != r->train.V)
+            die("%s: the model's vocabulary is %d, but the data's (%s) is %d", r->a.init, r->c.V, r->a.train_path,
+                r->train.V);
+    }
     if (r->a.T > r->c.max_seq_len) die("-t %d is longer than the model's context %d", r->a.T, r->c.max_seq_len);
     r->nm = n_moe_layers(&r->c);
     return init_params;
@@ -876,7 +918,10 @@ static void trace_data_load(Run *r) {
         return;
     }
     tokens_load(&r->ood, ood_path);
-    if (r->ood.V != r->c.V) die("%s has vocabulary %d, but the model has %d", ood_path, r->ood.V, r->c.V);
+    if (r->ood.V != r->train.V)
+        die("%s has vocabulary %d, but %s has %d", ood_path, r->ood.V, r->a.train_path, r->train.V);
+    if (r->ood.max_id >= r->c.V)
+        die("%s: token id %d is outside the model's vocabulary of %d", ood_path, r->ood.max_id, r->c.V);
     if ((long)n_seq * T + 1 > r->ood.n) {
         printf("note: %s holds fewer than %d sequences of %d tokens (+1): not traced\n", ood_path, n_seq, T);
         free(r->ood.tokens);
@@ -901,7 +946,7 @@ static void data_check(Run *r) {
 static void tokenizer_open(Run *r) {
     const char *tok_path = r->a.tok_path;
     r->tok = NULL;
-    if (r->a.tok_given || access(tok_path, R_OK) == 0) {
+    if (tokenizer_wanted(&r->a)) {
         tokenizer_load(&r->tokenizer, tok_path);
         if (r->tokenizer.vocab_size != r->c.V)
             die("%s: the tokenizer has %d pieces, but the model's vocabulary is %d", tok_path,
@@ -912,16 +957,14 @@ static void tokenizer_open(Run *r) {
     r->sample_start = tok && tok->eos_id >= 0 ? tok->eos_id : tok && tok->bos_id >= 0 ? tok->bos_id : 0;
 }
 
-// the output directory (and its trace/ for -a), checked for writing before any work
+// the output directory (and its trace/ for -a), checked for writing before
+// any work (by access: a probe file written there would follow a link planted
+// under its name)
 static void output_dir_make(const Run *r) {
     const char *dir = r->a.dir;
     char path[4096];
     make_dirs(dir);
-    snprintf(path, sizeof(path), "%s/.write_test", dir);
-    FILE *probe = fopen(path, "w");
-    if (!probe) die("-o %s: cannot write there: %s", dir, strerror(errno));
-    fclose(probe);
-    remove(path);
+    if (access(dir, W_OK | X_OK) != 0) die("-o %s: cannot write there: %s", dir, strerror(errno));
     if (r->trace_seq_n > 0) {
         snprintf(path, sizeof(path), "%s/trace", dir);
         mkdir(path, 0755);
@@ -1096,8 +1139,12 @@ static int checkpoint_due(const Run *r) {
     return (r->a.ckpt_every > 0 && r->step % r->a.ckpt_every == 0) || r->step == r->a.stop;
 }
 
-// checkpoint r->step: the model first, the state last, so that a state file
-// always has its model; then the traces of -a
+// Checkpoint r->step, all or nothing: the model and the state are written in
+// full to their temporaries, then renamed, the model first, so that a state
+// file always has its model (resume_step counts a checkpoint by its state).
+// A write that fails (a full disk) leaves neither, and the previous checkpoint
+// stays the latest. An older state of the same step goes first, so that no
+// moment pairs it with the new model. Then the traces of -a.
 static void checkpoint_write(Run *r) {
     model_get_params(r->m, r->params);
     if (r->dp.n > 1)
@@ -1106,12 +1153,19 @@ static void checkpoint_write(Run *r) {
     model_get_opt_state(r->m, r->part);
     dp_state_move(&r->dp, r->pt, &r->opt, r->state, r->part, 1);
     if (!r->lead) return;
-    char path[4096];
-    snprintf(path, sizeof(path), "%s/model_%08d.bin", r->a.dir, r->step);
-    model_file_save(path, &r->c, r->params);
-    snprintf(path, sizeof(path), "%s/state_%08d.bin", r->a.dir, r->step);
-    ckpt_save(r, path);
-    printf("checkpoint %s/model_%08d.bin\n", r->a.dir, r->step);
+    char model[4096], state[4096], model_tmp[4096], state_tmp[4096];
+    snprintf(model, sizeof(model), "%s/model_%08d.bin", r->a.dir, r->step);
+    snprintf(state, sizeof(state), "%s/state_%08d.bin", r->a.dir, r->step);
+    FILE *f = atomic_open(model, model_tmp, sizeof(model_tmp));
+    model_file_write(f, model_tmp, &r->c, r->params);
+    atomic_close(f, model_tmp);
+    f = atomic_open(state, state_tmp, sizeof(state_tmp));
+    ckpt_write(r, f, state_tmp);
+    atomic_close(f, state_tmp);
+    if (remove(state) != 0 && errno != ENOENT) die("%s: cannot remove: %s", state, strerror(errno));
+    atomic_rename(model_tmp, model);
+    atomic_rename(state_tmp, state);
+    printf("checkpoint %s\n", model);
     if (r->trace_seq_n > 0) traces_write(r);
 }
 

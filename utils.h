@@ -17,6 +17,8 @@
 #include <string.h>
 #include <math.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <sys/stat.h>
 #include <time.h>
 
@@ -26,11 +28,13 @@
 // the longest path the programs build (a checkpoint name, its .tmp)
 #define MAX_PATH_BYTES 4096
 
-// atomic_open's temporary file while it is being written: die() removes it, so
-// that a failed write (a full disk) leaves nothing behind
-static inline char *pending_tmp(void) {
-    static char path[MAX_PATH_BYTES];
-    return path;
+// atomic_open's temporary files until they are renamed (at most
+// MAX_PENDING_TMP at once: a checkpoint's model and state): die() removes
+// them, so that a failed write (a full disk) leaves nothing behind
+#define MAX_PENDING_TMP 2
+static inline char *pending_tmp(int i) {
+    static char paths[MAX_PENDING_TMP][MAX_PATH_BYTES];
+    return paths[i];
 }
 
 #ifdef FUZZING
@@ -39,7 +43,8 @@ __attribute__((noreturn)) void fuzz_die(void);
 #endif
 
 __attribute__((noreturn, format(printf, 1, 2))) static inline void die(const char *fmt, ...) {
-    if (pending_tmp()[0]) remove(pending_tmp());
+    for (int i = 0; i < MAX_PENDING_TMP; i++)
+        if (pending_tmp(i)[0]) remove(pending_tmp(i));
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "error: ");
@@ -141,18 +146,39 @@ static inline long file_size(FILE *f, const char *path) {
 }
 
 // write to PATH.tmp, then rename over PATH, so that PATH is never half written;
-// one file at a time, and die() removes the .tmp of a write that failed
+// die() removes the .tmp of a write that failed. atomic_commit closes and
+// renames; atomic_close then atomic_rename do it in two steps, so that several
+// files (MAX_PENDING_TMP) are all written before any is renamed. The
+// .tmp is made anew (O_EXCL, O_NOFOLLOW): a link planted under its name is
+// removed, never followed, and one planted again after that makes the open
+// fail. A fixed name rather than mkstemp's: a killed run's .tmp is replaced by
+// the next write instead of piling up, and the file gets fopen's mode (0666
+// less the umask; mkstemp's 0600 would hide the checkpoints from the group).
 static inline FILE *atomic_open(const char *path, char *tmp, size_t ntmp) {
     if ((size_t)snprintf(tmp, ntmp, "%s.tmp", path) >= ntmp) die("%s: path too long", path);
-    FILE *f = fopenCheck(tmp, "wb");
-    snprintf(pending_tmp(), MAX_PATH_BYTES, "%s", tmp);
+    if (unlink(tmp) != 0 && errno != ENOENT) die("%s: cannot remove the old temporary file: %s", tmp, strerror(errno));
+    int slot = 0;
+    while (slot < MAX_PENDING_TMP && pending_tmp(slot)[0]) slot++;
+    if (slot == MAX_PENDING_TMP) die("%s: more than %d files written at once", path, MAX_PENDING_TMP);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0666);
+    if (fd < 0) die("%s: cannot create: %s", tmp, strerror(errno));
+    snprintf(pending_tmp(slot), MAX_PATH_BYTES, "%s", tmp);
+    FILE *f = fdopen(fd, "wb");
+    if (!f) die("%s: fdopen failed: %s", tmp, strerror(errno));
     return f;
 }
-static inline void atomic_commit(FILE *f, const char *tmp, const char *path) {
+static inline void atomic_close(FILE *f, const char *tmp) {
     if (fflush(f) != 0 || ferror(f)) die("%s: write failed: %s", tmp, strerror(errno));
     fcloseCheck(f, tmp);
+}
+static inline void atomic_rename(const char *tmp, const char *path) {
     if (rename(tmp, path) != 0) die("%s: cannot rename to %s: %s", tmp, path, strerror(errno));
-    pending_tmp()[0] = '\0';
+    for (int i = 0; i < MAX_PENDING_TMP; i++)
+        if (strcmp(pending_tmp(i), tmp) == 0) pending_tmp(i)[0] = '\0';
+}
+static inline void atomic_commit(FILE *f, const char *tmp, const char *path) {
+    atomic_close(f, tmp);
+    atomic_rename(tmp, path);
 }
 
 // Sizes computed from header values saturate at SIZE_OVERFLOW, so that a header

@@ -41,6 +41,7 @@ READERS = sys.argv[5].split(",") if len(sys.argv) > 5 else None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "dev"))
 INT32_MAX, MAX_SEQ_LEN = 2**31 - 1, 1 << 20
+MAX_V, MAX_L, MAX_WIDTH, MAX_E, MAX_K = 1 << 22, 512, 1 << 16, 4096, 32  # openmoe.h's bounds of the header fields
 B, T = 2, 16  # the batch test/t_sanitize.sh trains with
 TIMEOUT = 60
 
@@ -83,8 +84,9 @@ def mutate(rng, data, header_words, regions):
 
 def config_ok(c):
     V, ctx, L, D, H, Hd, F, E, K, every, Fe, extra = c
-    return (min(c[:11]) > 0 and ctx <= MAX_SEQ_LEN and H * Hd <= INT32_MAX and 2 * F <= INT32_MAX
-            and 2 * Fe <= INT32_MAX and K <= E and Hd % 2 == 0 and extra in (0, 1))
+    return (min(c[:11]) > 0 and V <= MAX_V and ctx <= MAX_SEQ_LEN and L <= MAX_L and every <= MAX_L + 1
+            and max(D, H, Hd, F, Fe, H * Hd) <= MAX_WIDTH and E <= MAX_E and K <= min(E, MAX_K)
+            and Hd % 2 == 0 and extra in (0, 1))
 
 
 def n_params(c):

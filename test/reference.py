@@ -40,6 +40,9 @@ LOSS_NAMES = ("total", "ce", "lb", "rz", "lz", "dropped")
 # config (SPEC §1) and per-call settings (SPEC §3, §4, §7)
 
 CONFIG_FIELDS = ("V", "max_seq_len", "L", "D", "H", "Hd", "F", "E", "K", "moe_every", "Fe", "extra_ffn")
+# openmoe.h's upper bounds (MAX_*) of the fields, used by the model or not
+CONFIG_BOUNDS = dict(V=1 << 22, max_seq_len=1 << 20, L=512, D=1 << 16, H=1 << 16, Hd=1 << 16, F=1 << 16, E=4096,
+                     K=32, moe_every=513, Fe=1 << 16)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ class Config:
         for f in CONFIG_FIELDS[:-1]:
             if getattr(self, f) <= 0:
                 return f"{f} = {getattr(self, f)}, must be > 0"
+        for f, hi in CONFIG_BOUNDS.items():
+            if getattr(self, f) > hi:
+                return f"{f} = {getattr(self, f)}, must be in [1, {hi}]"
+        if self.H * self.Hd > CONFIG_BOUNDS["D"]:
+            return f"H*Hd = {self.H * self.Hd}, must be <= {CONFIG_BOUNDS['D']}"
         if self.K > self.E:
             return f"K = {self.K} > E = {self.E}"
         if self.Hd % 2:

@@ -103,3 +103,21 @@ expect_error "config: a field missing" "not a preset name nor V,L,D,H,Hd,F,E,K,m
     ./test_cpu --config 5000,6,64,4,16,96,8,2,3,48
 expect_error "config: a blank before a comma" "not a preset name nor" ./test_cpu --config "5000 ,6,64,4,16,96,8,2,3,48,1"
 expect_error "config: checked" "K = 9 > E = 8" ./test_cpu --config 5000,6,64,4,16,96,8,9,3,48,1
+# every field has an upper bound (openmoe.h MAX_*), used by the model or not (issue 27, finding 4): every
+# preset and a config at all the bounds pass; each field one past its bound is refused, naming the field
+for p in tiny small base 8b 34b; do expect_ok "config: preset $p within the bounds" ./test_cpu --config $p; done
+at_bounds=(4194304 512 65536 1 65536 65536 4096 32 513 65536 1)
+expect_ok "config: every field at its bound" ./test_cpu --config "$(IFS=,; echo "${at_bounds[*]}")"
+names=(V L D H Hd F E K moe_every Fe extra_ffn)
+for i in "${!at_bounds[@]}"; do
+    past=("${at_bounds[@]}")
+    past[$i]=$((past[i] + 1 + (i == 4)))  # Hd stays even
+    [ $i = 3 ] && past[3]=65537 && past[4]=2  # H past its bound, with Hd 2
+    expect_error "config: ${names[$i]} past its bound is refused" "${names[$i]} = ${past[$i]}, must be in \[" \
+        ./test_cpu --config "$(IFS=,; echo "${past[*]}")"
+done
+expect_error "config: H*Hd past the width bound is refused" "H\*Hd = 131072, must be <= 65536" \
+    ./test_cpu --config 5000,6,64,2,65536,96,8,2,3,48,1
+
+# 6. the router's top-K (openmoe.h router_row, O(E*K) a token) against its definition, K scans (issue 27, finding 3)
+expect_ok "router: top-K equals its definition (K scans, ties to the lower index) on random rows" ./test_cpu --router

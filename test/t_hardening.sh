@@ -84,11 +84,11 @@ snapshot() { (cd "$1" && md5sum * 2> /dev/null | sort); }
 
 # --- 1. the findings ---------------------------------------------------------------------------
 T0=$(date +%s)
-# finding 1: a huge L is refused from the file size, before any table is built
+# finding 1: a huge L is refused from the file size (or, since issue 27, its bound), before any table is built
 patch_words micro.bin hugeL.bin 4=16777216
 err=$( (ulimit -v 1500000; timeout 20 "$BIN/run" hugeL.bin -z tok.bin -n 1 2>&1 >/dev/null); echo "rc=$?")
-if echo "$err" | grep -q "rc=1" && echo "$err" | grep -q "^error: hugeL.bin: size .* header describes"; then
-    pass "finding 1: a header with L = 16777216 is refused by size, in little memory and time"
+if echo "$err" | grep -q "rc=1" && echo "$err" | grep -q "^error: hugeL.bin: \(size .* header describes\|inconsistent header: L = 16777216\)"; then
+    pass "finding 1: a header with L = 16777216 is refused by size or bound, in little memory and time"
 else
     fail "finding 1: huge L: $(echo "$err" | head -2 | tr '\n' ' ')"
 fi
@@ -115,7 +115,7 @@ done
 
 # finding 4: H*Hd that wraps around 2^32 to the file's 32 is refused, not accepted
 patch_words micro.bin wrapH.bin 6=268435458
-expect_error "finding 4: H = 268435458 (H*Hd wraps to 32) is refused" "^error: wrapH.bin: inconsistent header: H\*Hd" \
+expect_error "finding 4: H = 268435458 (H*Hd wraps to 32) is refused" "^error: wrapH.bin: inconsistent header: H" \
     "$BIN/run" wrapH.bin -z tok.bin -n 1
 patch_words micro.bin wrapF.bin 8=1073741856
 expect_error "finding 4: F = 2^30 + 32 (2F wraps) is refused" "^error: wrapF.bin: inconsistent header" \
@@ -178,6 +178,70 @@ if echo "$err" | grep -q "rc=1" && echo "$err" | grep -q "model_00000001.bin.tmp
     pass "finding 9: a failed checkpoint write exits naming the file and removes its .tmp"
 else
     fail "finding 9: failed write: $(echo "$err" | tail -2 | tr '\n' ' '); w9 holds: $(ls w9 | tr '\n' ' ')"
+fi
+
+# --- issue 27 ---------------------------------------------------------------------------------------
+# model PATH V ctx L D H Hd F E K moe_every Fe extra_ffn: a model file of that header and size, random weights
+model() {
+    $PY - "$@" <<'EOF2'
+import sys, numpy as np
+V, ctx, L, D, H, Hd, F, E, K, every, Fe, extra = c = [int(a) for a in sys.argv[2:]]
+nm = L // every
+n = 2 * V * D + D + (L - nm) * (2 * D + 4 * H * Hd * D + 4 * F * D) \
+    + nm * (2 * D + 4 * H * Hd * D + E * D + 4 * E * Fe * D + (D + 4 * F * D if extra else 0))
+h = np.zeros(256, np.int32)
+h[:14] = [240201739, 1] + c
+open(sys.argv[1], "wb").write(h.tobytes() + np.random.default_rng(4).normal(0, 0.1, n).astype(np.float32).tobytes())
+EOF2
+}
+# finding 3: E = K = 20000 (800 KB) or E = K = 4096: top-K was O(K^2 E) a token, hours for run's first token
+model ek20000.bin 256 64 1 2 1 2 2 20000 20000 1 1 0
+model ek4096.bin 256 64 1 2 1 2 2 4096 4096 1 1 0
+for m in ek20000.bin:E ek4096.bin:K; do
+    f=${m#*:} m=${m%:*}
+    expect_error "issue 27 finding 3: run on $m is refused at once, naming $f" "^error: $m: inconsistent header: $f = .*must be in" \
+        timeout 20 "$BIN/run" $m -z tok.bin -i "the" -n 1
+    expect_error "issue 27 finding 3: train -c $m is refused at once, naming $f" "^error: $m: inconsistent header: $f = .*must be in" \
+        timeout 20 "$BIN/train" "${TR[@]}" -c $m -n 1 -o ek
+done
+# finding 4: every header field has a bound, used or not: a 30 KB model whose F no parameter uses
+# (every layer MoE, no extra FFN), or whose Fe none uses (no MoE layer), sized activations of GBs
+model unusedF.bin 256 64 2 8 2 4 536870912 4 2 1 8 0
+model unusedFe.bin 256 64 2 8 2 4 16 4 2 3 536870912 1
+for m in unusedF.bin:F unusedFe.bin:Fe; do
+    f=${m#*:} m=${m%:*}
+    err=$( (ulimit -v 4000000; timeout 60 "$BIN/run" $m -z tok.bin -i "the" -n 1 2>&1 >/dev/null); echo "rc=$?")
+    if echo "$err" | grep -q "rc=1" && echo "$err" | grep -q "^error: $m: inconsistent header: $f = 536870912, must be in \[1, "; then
+        pass "issue 27 finding 4: a $(($(stat -c %s $m) / 1024)) KB model with an unused $f = 2^29 is refused, naming $f"
+    else
+        fail "issue 27 finding 4: unused $f = 2^29: $(echo "$err" | tail -2 | tr '\n' ' ')"
+    fi
+done
+# ... and each field one past its bound (openmoe.h MAX_*) in micro.bin's header
+wrong=""
+for w in 2=4194305:V 3=1048577:max_seq_len 4=513:L 5=65537:D 6=65537,7=2:H 7=65538:Hd 8=65537:F 9=4097:E \
+    9=4096,10=33:K 11=514:moe_every 12=65537:Fe 13=2:extra_ffn; do
+    f=${w#*:} words=${w%:*}
+    patch_words micro.bin bound.bin ${words//,/ }
+    err=$("$BIN/run" bound.bin -z tok.bin -n 1 2>&1 >/dev/null)
+    echo "$err" | grep -q "^error: bound.bin: inconsistent header: $f = [0-9]*, must be in \[" || wrong="$wrong [$f: $err]"
+done
+[ -z "$wrong" ] && pass "issue 27 finding 4: each of the 12 header fields one past its bound is refused, naming it" ||
+    fail "issue 27 finding 4: bounds:$(echo "$wrong" | cut -c1-600)"
+# finding 7: a link planted under a writer's temporary name (OUT.tmp) was followed: its target overwritten,
+# OUT renamed into a link to it; the same for the probe of -o (DIR/.write_test, truncated)
+mkdir -p l7/trace
+echo "precious" > victim.txt
+for f in log.tsv model_00000001.bin state_00000001.bin; do ln -s ../victim.txt "l7/$f.tmp"; done
+ln -s ../victim.txt l7/.write_test
+ln -s ../../victim.txt l7/trace/s00000000_d0_cf1250.bin.tmp
+"$BIN/train" "${TR[@]}" -n 1 -v 0 -a 2 -o l7 > l7.out 2>&1; rc=$?
+links=$(find l7 -type l | tr '\n' ' ')
+if [ $rc = 0 ] && [ "$(cat victim.txt)" = precious ] && [ "$links" = "l7/.write_test " ] && [ -f l7/model_00000001.bin ] &&
+    [ -f l7/trace/s00000000_d0_cf1250.bin ]; then
+    pass "issue 27 finding 7: links planted as the .tmp of the log, model, state and trace are replaced, not followed"
+else
+    fail "issue 27 finding 7: planted links (exit $rc): victim.txt holds '$(head -c 40 victim.txt | tr -cd '[:alnum:] ')'; links: $links"
 fi
 echo "(findings: $(($(date +%s) - T0)) s)"
 [ "${FINDINGS_ONLY:-0}" = 1 ] && exit 0

@@ -14,7 +14,9 @@
 #     2 ranks follow 1 rank;
 #   - bad input: a batch the ranks do not divide, ranks with different flags
 #     or data files, a checkpoint of another batch, a rank that fails alone:
-#     a clear message and a non-zero exit, never a hang.
+#     a clear message and a non-zero exit, never a hang;
+#   - the README's `make -B train MPI=1` builds with MPI (also with CFLAGS given),
+#     and a ./train built without MPI refuses to run as one of several ranks.
 set -u
 source test/lib.sh
 BUILD=${BUILD:-build/test}
@@ -138,3 +140,17 @@ expect_error "mpi: a checkpoint of another batch is refused on 2 ranks" "saved w
     "${MPIRUN[@]}" -np 2 "$TMPI" "${COMMON[@]}" -o res -r -b 8
 expect_error "mpi: a rank that fails alone brings the job down" "missing.bin" \
     "${MPIRUN[@]}" -np 1 "$TMPI" "${COMMON[@]}" -o bad : -np 1 "$TMPI" "${COMMON[@]/train.bin/missing.bin}" -o bad
+
+# --- builds with and without MPI (issue 27, finding 2) ---------------------------------------
+mpi_build_ok=1
+for flags in "" "CFLAGS=-O2"; do
+    # shellcheck disable=SC2086  # flags is one word or none
+    make -C "$ROOT" -n -B train MPI=1 $flags 2> /dev/null | grep -q "^mpicc .* -DUSE_MPI .*-o train " || mpi_build_ok=0
+done
+[ $mpi_build_ok = 1 ] && pass "mpi: make -B train MPI=1 (and with CFLAGS=...) compiles ./train with mpicc -DUSE_MPI" ||
+    fail "mpi: make -B train MPI=1 builds ./train without -DUSE_MPI: $(make -C "$ROOT" -n -B train MPI=1 2>&1 | grep -- '-o train ')"
+expect_error "mpi: ./train built without MPI refuses to run as one of 2 ranks" \
+    "built without MPI, but OMPI_COMM_WORLD_SIZE=2" "${MPIRUN[@]}" -np 2 "$TRAIN" "${COMMON[@]}" -o nompi
+[ ! -e nompi/log.tsv ] && pass "mpi: ... and writes nothing" || fail "mpi: the refused ./train wrote nompi/log.tsv"
+expect_ok "mpi: ./train built without MPI runs as 1 rank under mpirun" "${MPIRUN[@]}" -np 1 "$TRAIN" "${COMMON[@]}" \
+    -n 1 -o nompi1

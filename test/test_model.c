@@ -1,5 +1,5 @@
 // test_model.c: one source for test_cpu (linked with openmoe.c) and test_gpu
-// (linked with openmoe.cu). Three checks:
+// (linked with openmoe.cu). Its checks:
 //
 //   test_cpu MODEL STATE [-o OUT] [--bf16] [--tol-scale S]
 //       one forward and backward on STATE's batch and settings, compared with
@@ -15,6 +15,8 @@
 //       gradients by 1.1, which the check must catch
 //   test_cpu --config SPEC
 //       the model header words 2..13 of a config as config_parse reads it
+//   test_cpu --router
+//       router_row's top-K (openmoe.h) against its definition on random rows
 //
 // Exit status 0 only when every comparison holds.
 #include "openmoe.h"
@@ -446,6 +448,52 @@ static int check_config(const char *spec) {
 }
 
 // ----------------------------------------------------------------------------
+// check 5: router_row's top-K against its definition: K scans of the experts,
+// each taking the best by p + bias not yet taken, ties to the lower index.
+// Random rows of up to MAX_E experts whose logits and biases take few values
+// (ties everywhere), with and without a bias, and rows whose p are all NaN.
+
+#define ROUTER_ROWS 20000
+
+static void router_top_definition(int *top, const float *p, const float *bias, int E, int K) {
+    for (int r = 0; r < K; r++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int q = 0; q < r; q++) taken |= top[q] == e;
+            if (!taken && (best < 0 || router_score(p, bias, e) > router_score(p, bias, best))) best = e;
+        }
+        top[r] = best;
+    }
+}
+
+static int check_router(void) {
+    static float z[MAX_E], p[MAX_E], bias[MAX_E];
+    static int top[MAX_K], want[MAX_K];
+    Rng rng = {2024};
+    int wrong = 0;
+    for (int row = 0; row < ROUTER_ROWS && wrong < 5; row++) {
+        int E = row % 100 == 0 ? MAX_E : 1 + (int)(rng_u64(&rng) % 300);
+        int K = 1 + (int)(rng_u64(&rng) % (E < MAX_K ? E : MAX_K));
+        int levels = 1 + (int)(rng_u64(&rng) % 8), nan_row = row % 50 == 1, with_bias = row % 2;
+        for (int e = 0; e < E; e++) {
+            z[e] = nan_row ? NAN : 0.5f * (float)(rng_u64(&rng) % levels);
+            bias[e] = 0.01f * (float)(rng_u64(&rng) % 3);
+        }
+        const float *b = with_bias ? bias : NULL;
+        router_row(p, top, z, b, E, K);
+        router_top_definition(want, p, b, E, K);
+        if (memcmp(top, want, K * sizeof(int)) != 0) {
+            printf("FAILED row %d (E %d, K %d, %d levels, bias %d): rank 0 is %d, the definition's %d\n", row, E, K,
+                   levels, with_bias, top[0], want[0]);
+            wrong++;
+        }
+    }
+    printf("router: %d rows, top-K %s its definition\n", ROUTER_ROWS, wrong ? "differs from" : "equals");
+    return wrong == 0;
+}
+
+// ----------------------------------------------------------------------------
 
 __attribute__((noreturn)) static void usage(const char *prog) {
     fprintf(stderr,
@@ -453,16 +501,18 @@ __attribute__((noreturn)) static void usage(const char *prog) {
             "       %s MODEL STATE --update adamw|adafactor EXPECTED\n"
             "       %s --gradcheck [--break]\n"
             "       %s --config SPEC\n"
+            "       %s --router\n"
             "Compares one forward+backward (or three optimizer steps) with a debug state\n"
             "file at SPEC §7's tolerances; exits 0 only if all hold. --config prints the\n"
-            "model header words 2..13 of a preset name or V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn.\n",
-            prog, prog, prog, prog);
+            "model header words 2..13 of a preset name or V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn;\n"
+            "--router compares the router's top-K with its definition.\n",
+            prog, prog, prog, prog, prog);
     exit(2);
 }
 
 int main(int argc, char **argv) {
     const char *pos[2] = {NULL, NULL}, *out = NULL, *update = NULL, *expect = NULL, *config = NULL;
-    int npos = 0, gradcheck = 0, broken = 0;
+    int npos = 0, gradcheck = 0, broken = 0, router = 0;
     Precision prec = PRECISION_FP32;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "-o") == 0 && i + 1 < argc) out = argv[++i];
@@ -474,6 +524,7 @@ int main(int argc, char **argv) {
         } else if (strcmp(argv[i], "--gradcheck") == 0) gradcheck = 1;
         else if (strcmp(argv[i], "--break") == 0) broken = 1;
         else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) config = argv[++i];
+        else if (strcmp(argv[i], "--router") == 0) router = 1;
         else if (argv[i][0] != '-' && npos < 2) pos[npos++] = argv[i];
         else usage(argv[0]);
     }
@@ -481,6 +532,7 @@ int main(int argc, char **argv) {
     if (!(opt_tol_scale > 0.0f)) die("--tol-scale must be > 0");
     int ok;
     if (config) ok = check_config(config);
+    else if (router) ok = check_router();
     else if (gradcheck) ok = check_gradients(broken, prec);
     else if (npos != 2) usage(argv[0]);
     else if (update) ok = check_update(pos[0], pos[1], update, expect, prec);

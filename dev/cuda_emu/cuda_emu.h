@@ -257,7 +257,10 @@ static inline cudaError_t cudaGetDeviceCount(int *n) {
     *n = 1;
     return cudaSuccess;
 }
-static inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+static inline cudaError_t cudaGetDevice(int *d) {
+    *d = 0;
+    return cudaSuccess;
+}
 static inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr, int) {
     *v = 232448;  // an H100's 227 KB
     return cudaSuccess;
