@@ -2,7 +2,13 @@
 """Converts a SentencePiece model (.model, a serialized ModelProto) to the
 tokenizer.bin format of tokenizer.bin-spec, read by tokenizer.h.
 
-    /usr/bin/python3 dev/export_tokenizer.py IN.model OUT.bin
+    /usr/bin/python3 dev/export_tokenizer.py IN.model OUT.bin [--extra-ids S]
+
+--extra-ids S appends S sentinel pieces after the model's own V_tok pieces, as
+OpenMoE's seqio (SentencePieceVocabulary with extra_ids) adds them to the
+model it encodes and decodes with: user-defined pieces "\u2581<extra_id_k>" of
+score 0, k = S-1 down to 0, so that <extra_id_k> is id V_tok + S - 1 - k
+(SPEC §10). Header word [16] records S.
 
 The protobuf is parsed by hand (Debian's python3-sentencepiece ships
 sentencepiece_model_pb2.py, but that needs python3-protobuf, which is not a
@@ -170,7 +176,13 @@ def flags_of(norm):
     return f
 
 
-def export(model_path, out_path):
+def sentinel_pieces(n):
+    """seqio's extra ids: <extra_id_k> for k = n-1 .. 0, user defined, score 0."""
+    return [{"piece": ("\u2581<extra_id_%d>" % k).encode(), "score": 0, "type": USER_DEFINED}
+            for k in reversed(range(n))]
+
+
+def export(model_path, out_path, extra_ids=0):
     with open(model_path, "rb") as f:
         buf = f.read()
     try:
@@ -183,6 +195,7 @@ def export(model_path, out_path):
 
     if not pieces:
         bad("no pieces (not a SentencePiece model?)")
+    pieces += sentinel_pieces(extra_ids)  # checked below like the model's own pieces
     if trainer["model_type"] not in (UNIGRAM, BPE):
         bad("model_type %d is not supported (only 1 = unigram and 2 = BPE)" % trainer["model_type"])
 
@@ -262,6 +275,7 @@ def export(model_path, out_path):
     h[13] = denorm_flags
     h[14] = len(denorm_charsmap)
     h[15] = max(len(p["piece"]) for p in pieces)
+    h[16] = extra_ids
 
     tmp = out_path + ".tmp"
     with open(tmp, "wb") as f:
@@ -274,16 +288,26 @@ def export(model_path, out_path):
     import os
     os.replace(tmp, out_path)
     kinds = {UNIGRAM: "unigram", BPE: "bpe"}
-    print("%s: %d pieces, %s, normalizer %s (charsmap %d bytes), unk %d bos %d eos %d pad %d, "
-          "flags 0x%x" % (out_path, len(pieces), kinds[trainer["model_type"]],
+    print("%s: %d pieces (%d sentinels), %s, normalizer %s (charsmap %d bytes), unk %d bos %d eos %d pad %d, "
+          "flags 0x%x" % (out_path, len(pieces), extra_ids, kinds[trainer["model_type"]],
                           name.decode("utf-8", "replace") or "-", len(charsmap),
                           unk_id, bos_id, eos_id, pad_id, flags))
 
 
 def main():
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: %s IN.model OUT.bin" % sys.argv[0])
-    export(sys.argv[1], sys.argv[2])
+    args = sys.argv[1:]
+    extra_ids = 0
+    if len(args) == 4 and args[2] == "--extra-ids":
+        try:
+            extra_ids = int(args[3])
+        except ValueError:
+            extra_ids = -1
+        if extra_ids < 0:
+            raise SystemExit("error: --extra-ids %s: needs a whole number >= 0" % args[3])
+        args = args[:2]
+    if len(args) != 2:
+        raise SystemExit("usage: %s IN.model OUT.bin [--extra-ids S]" % sys.argv[0])
+    export(args[0], args[1], extra_ids)
 
 
 if __name__ == "__main__":
