@@ -244,9 +244,10 @@ static void generate(Generation *g, int print_ids) {
 }
 
 // --verify: one forward over tokens 0..n-2, each token its own routing group
-// as in model_decode; its argmax must give every generated token and (where
-// model_decode_bitwise) its logits those of decode bit for bit (compared
-// through their hashes). Returns the exit status, 1 on a mismatch
+// as in model_decode; its argmax over the ids generation samples (the
+// tokenizer's, when it has fewer than the model) must give every generated
+// token and (where model_decode_bitwise) its logits those of decode bit for
+// bit (compared through their hashes). Returns the exit status, 1 on a mismatch
 static int verify(Generation *g, float cf) {
     int n = g->n, V = g->c.V;
     MoeSettings s = moe_settings_default();
@@ -257,7 +258,8 @@ static int verify(Generation *g, float cf) {
     float *all = (float *)mallocCheck((size_t)(n - 1) * V * sizeof(float));
     model_get_logits(g->m, all);
     int match = 0, same = 0;
-    for (int p = g->n_prompt - 1; p < n - 1; p++) match += argmax(all + (size_t)p * V, V) == g->tokens[p + 1];
+    for (int p = g->n_prompt - 1; p < n - 1; p++)
+        match += argmax(all + (size_t)p * V, g->sampler.n) == g->tokens[p + 1];
     for (int p = 0; p < n - 1; p++)
         same += hash_bytes(FNV_BASIS, all + (size_t)p * V, (size_t)V * sizeof(float)) == g->digest[p];
     printf("verify: %d/%d positions match; logits bit-identical at %d/%d positions\n", match, n - g->n_prompt, same,

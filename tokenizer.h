@@ -26,6 +26,9 @@
 //               is not part of valid UTF-8, U+2581 -> ' ', the first piece's
 //               leading U+2581 dropped (all leading ones with
 //               remove_extra_whitespaces), then the denormalizer if any.
+//   sentinels   the last n_sentinels pieces, "\u2581<extra_id_k>" at id V-1-k
+//               (SPEC §10), are user-defined pieces as OpenMoE's seqio appends
+//               them, encoded and decoded as such.
 //
 // Piece lookup uses a byte trie whose edges live in one open-addressing hash
 // table, so that encoding is linear in the line length times the longest
@@ -71,6 +74,7 @@ typedef struct {
     int unk_id, bos_id, eos_id, pad_id;   // -1 when absent (unk_id never is)
     int flags;             // TOK_* flag bits
     int max_piece_bytes;
+    int n_sentinels;       // S: the last S pieces are SPEC §10's sentinels, <extra_id_k> at id vocab_size - 1 - k
     float *scores;         // [vocab_size]
     uint8_t *types;        // [vocab_size] TOK_NORMAL ...
     int16_t *byte_of;      // [vocab_size] the byte of a TOK_BYTE piece, else -1
@@ -279,7 +283,7 @@ static inline void tok_load_charsmap(TokNormalizer *nz, const unsigned char *blo
 enum {
     TOKH_V = 2, TOKH_MODEL_TYPE, TOKH_UNK_ID, TOKH_BOS_ID, TOKH_EOS_ID, TOKH_PAD_ID, TOKH_FLAGS, TOKH_NAME_BYTES,
     TOKH_UNK_BYTES, TOKH_PIECE_BYTES, TOKH_MAP_BYTES, TOKH_DENORM_FLAGS, TOKH_DEMAP_BYTES, TOKH_MAX_PIECE_BYTES,
-    TOKENIZER_HEADER_WORDS
+    TOKH_SENTINELS, TOKENIZER_HEADER_WORDS
 };
 // a piece record: <float32 score><uint8 type><uint16 length>, then length > 0 bytes
 #define TOK_PIECE_RECORD_BYTES 7
@@ -314,6 +318,8 @@ static inline void tok_read_header(const unsigned char *buf, long size, const ch
         die("%s: unknown denormalizer flag bits 0x%x", path, h[TOKH_DENORM_FLAGS]);
     for (int i = TOKH_NAME_BYTES; i <= TOKH_MAX_PIECE_BYTES; i++)
         if (h[i] < 0) die("%s: header[%d] = %d, a size must be >= 0", path, i, h[i]);
+    if (h[TOKH_SENTINELS] < 0 || h[TOKH_SENTINELS] > h[TOKH_V])
+        die("%s: %d sentinels, must be in [0, %d] (the vocab size)", path, h[TOKH_SENTINELS], h[TOKH_V]);
     if (h[TOKH_DEMAP_BYTES] == 0 && h[TOKH_DENORM_FLAGS] != 0)
         die("%s: denormalizer flags 0x%x without a denormalizer (header[%d] = 0), must be 0", path,
             h[TOKH_DENORM_FLAGS], TOKH_DEMAP_BYTES);
@@ -432,6 +438,19 @@ static inline void tok_check_special_pieces(const Tokenizer *t, const char *path
     }
 }
 
+// the sentinels (tokenizer.bin-spec 1.1 [16]): piece V-1-k is the user-defined
+// "\u2581<extra_id_k>", as seqio appends them
+static inline void tok_check_sentinels(const Tokenizer *t, const char *path) {
+    for (int k = 0; k < t->n_sentinels; k++) {
+        int id = t->vocab_size - 1 - k;
+        char want[32];
+        snprintf(want, sizeof(want), "%s<extra_id_%d>", TOK_SPACE_SYMBOL, k);
+        if (t->types[id] != TOK_USER_DEFINED || strcmp(t->pieces + t->offset[id], want) != 0)
+            die("%s: piece %d must be sentinel %d of %d, the user-defined piece \"%s\" (it is \"%s\", type %d)", path,
+                id, k, t->n_sentinels, want, t->pieces + t->offset[id], t->types[id]);
+    }
+}
+
 // the decoded text of each piece: U+2581 -> ' '
 static inline void tok_build_texts(Tokenizer *t) {
     const int V = t->vocab_size;
@@ -467,6 +486,7 @@ static inline void tokenizer_load(Tokenizer *t, const char *path) {
     t->norm.flags = h[TOKH_FLAGS] & TOK_NORMALIZER_FLAGS;
     t->denorm.flags = h[TOKH_DENORM_FLAGS];
     t->max_piece_bytes = h[TOKH_MAX_PIECE_BYTES];
+    t->n_sentinels = h[TOKH_SENTINELS];
     // the sections, in file order
     const unsigned char *p = buf + HEADER_BYTES;
     t->normalizer_name = tok_strndup(p, (size_t)h[TOKH_NAME_BYTES]);
@@ -477,6 +497,7 @@ static inline void tokenizer_load(Tokenizer *t, const char *path) {
     tok_load_pieces(t, p, h[TOKH_PIECE_BYTES], h[TOKH_MAX_PIECE_BYTES], path);
     p += h[TOKH_PIECE_BYTES];
     tok_check_special_pieces(t, path);
+    tok_check_sentinels(t, path);
     tok_build_texts(t);
     if (h[TOKH_MAP_BYTES] > 0) tok_load_charsmap(&t->norm, p, (size_t)h[TOKH_MAP_BYTES], path, "normalizer");
     p += h[TOKH_MAP_BYTES];
@@ -930,6 +951,12 @@ static inline void tok_decode_bytes(const Tokenizer *t, const int32_t *ids, int 
 
 static inline void tok_check_id(const Tokenizer *t, int id) {
     if (id < 0 || id >= t->vocab_size) die("tokenizer: id %d is out of range [0, %d)", id, t->vocab_size);
+}
+
+// the piece of id as the model spells it ("\u2581the", "<0x0A>", "<unk>")
+static inline const char *tokenizer_piece(const Tokenizer *t, int id) {
+    tok_check_id(t, id);
+    return t->pieces + t->offset[id];
 }
 
 // ids -> text in out (replacing its contents; not NUL-terminated)

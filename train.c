@@ -25,6 +25,8 @@
 #define MAX_BATCH 4096
 #define MAX_LR 10.0
 #define MAX_BIAS_RATE 1.0
+// the most rows --dump-examples writes
+#define MAX_DUMP_ROWS 1000000
 // tokens in each sample printed at validation
 #define SAMPLE_TOKENS 48
 
@@ -80,6 +82,277 @@ static void batch_fill(int32_t *x, int32_t *y, const TokenData *d, const long *s
 }
 
 // ----------------------------------------------------------------------------
+// UL2 (SPEC §10): OpenMoE's mixture of denoisers as rows of T tokens, packed.
+// An example is a chunk of the training stream at a random offset, turned by
+// one of six denoisers into inputs ++ targets: span corruption (R, X: each
+// noise span replaced by a sentinel in the inputs, and follows its sentinel in
+// the targets) or prefix LM (S: the chunk cut in two), with its mode prefix in
+// front of the inputs, and EOS after inputs and targets. The model reads
+// [0] ++ example[:-1] and is trained on the targets only. Examples fill the
+// rows greedily in order, each its own segment with positions from 0; the rest
+// of a row is padding (segment -1, target -1). An example's draws come from the
+// generator's RNG in a fixed order (denoiser, offset, then the prefix LM's cut
+// or the span lengths), so the rows depend on the seed, the data, the
+// tokenizer and T alone, and a checkpoint saves the RNG state from which the
+// next example (the one that did not fit the last row) is drawn again.
+
+#define UL2_DENOISERS 6
+#define UL2_START_TOKEN 0    // the model's input before an example's first token (seqio's shift fills 0)
+#define UL2_PAD_TOKEN 0      // the input at padding
+#define UL2_MAX_MODE_IDS 64  // room for a mode prefix's ids
+
+enum { OBJ_CAUSAL, OBJ_UL2, N_OBJECTIVES };
+static const char *const objective_names[N_OBJECTIVES] = {"causal", "ul2"};
+
+// one denoiser of ul2_objective (OpenMoE's fork of t5/data/preprocessors.py)
+typedef struct {
+    char kind;          // 'R', 'X' (span corruption) or 'S' (prefix LM)
+    int mean_span;      // μ (span corruption)
+    int density_pct;    // r, in percent (span corruption)
+    int rate_pct;       // its share of the examples, in percent
+    const char *mode;   // the mode prefix, as text
+} Denoiser;
+
+static const Denoiser ul2_denoisers[UL2_DENOISERS] = {
+    {'R', 3, 15, 10, "[NLU] "}, {'R', 8, 15, 10, "[NLU] "}, {'X', 3, 50, 10, "[NLG] "},
+    {'X', 8, 50, 10, "[NLG] "}, {'X', 64, 50, 10, "[NLG] "}, {'S', 0, 0, 50, "[S2S] "},
+};
+
+// span corruption of a raw chunk of n tokens: m noise tokens in s spans
+typedef struct { int n, m, s; } Spans;
+
+// a / b rounded to nearest, halves to even (Python's round, tf.round); a >= 0, b > 0
+static int div_round_even(int a, int b) {
+    int q = a / b, twice_rest = 2 * (a % b);
+    return q + (twice_rest > b || (twice_rest == b && (q & 1)));
+}
+
+// m = round(n r) kept in [1, n - 1], s = max(1, round(m / μ)) (random_spans_noise_mask); n >= 2
+static Spans spans_of(int n, const Denoiser *d) {
+    Spans sp = {n, div_round_even(n * d->density_pct, 100), 0};
+    sp.m = sp.m < 1 ? 1 : sp.m > n - 1 ? n - 1 : sp.m;
+    sp.s = div_round_even(sp.m, d->mean_span);
+    if (sp.s < 1) sp.s = 1;
+    return sp;
+}
+
+// inputs: the n - m other tokens, a sentinel per span, EOS; targets: a sentinel per span, the m noise tokens, EOS
+static int spans_inputs(Spans sp) { return sp.n - sp.m + sp.s + 1; }
+static int spans_targets(Spans sp) { return sp.m + sp.s + 1; }
+
+// T5's random_spans_helper: the longest chunk whose inputs fit I (they grow
+// with n); at r = 0.5 one token shorter when its targets would not fit I. I >= 3
+static Spans spans_for(int I, const Denoiser *d) {
+    int n = I - 1;
+    while (spans_inputs(spans_of(n + 1, d)) <= I) n++;
+    Spans sp = spans_of(n, d);
+    if (d->density_pct == 50 && spans_targets(sp) > I) sp = spans_of(n - 1, d);
+    return sp;
+}
+
+typedef struct {
+    // fixed: the stream, the ids, the lengths
+    const TokenData *data;
+    int B, T, I;                      // rows of T; inputs get I = T/2, targets T - I
+    int eos;
+    int sentinel0;                    // sentinel k is id sentinel0 - k (V_tok + S - 1 - k)
+    Spans spans[UL2_DENOISERS];       // the span denoisers' chunks at I
+    int chunk_s;                      // the prefix LM's chunk: I - 1 tokens
+    int32_t mode[UL2_DENOISERS][UL2_MAX_MODE_IDS];  // the mode prefixes' ids
+    int mode_len[UL2_DENOISERS];
+    int n_sentinels;                  // the tokenizer's
+    // the state
+    Rng rng;                          // the draws after those of the next example
+    Rng next_from;                    // the RNG state the next example was drawn from: what a checkpoint keeps
+    int32_t *seq;                     // (T) the next example, inputs ++ targets (each at most I: spans_for)
+    int seq_len, n_inputs;
+    int *noise, *runs;                // (T) scratch: a chunk's span and run lengths
+    // the batch it fills: B rows of T
+    int32_t *x, *y;                   // the model's inputs, the targets (-1: no loss)
+    int32_t *segment, *position;      // the example of each token in its row (-1: padding), its position in it
+} Ul2;
+
+// the longest mode prefix, in ids
+static int ul2_mode_max(const Ul2 *g) {
+    int most = 0;
+    for (int d = 0; d < UL2_DENOISERS; d++) most = g->mode_len[d] > most ? g->mode_len[d] : most;
+    return most;
+}
+
+// the most spans an example masks: sentinels it needs
+static int ul2_sentinels_needed(const Ul2 *g) {
+    int most = 0;
+    for (int d = 0; d < UL2_DENOISERS; d++) most = g->spans[d].s > most ? g->spans[d].s : most;
+    return most;
+}
+
+// which denoiser the next example uses, by the rates
+static int denoiser_draw(Rng *rng) {
+    int u = (int)(rng_u64(rng) % 100), d = 0;
+    while (u >= ul2_denoisers[d].rate_pct) u -= ul2_denoisers[d++].rate_pct;
+    return d;
+}
+
+// len[0..parts) <- a uniformly random composition of total into parts positive
+// parts (T5's _random_segmentation): parts - 1 of the total - 1 gaps between
+// items are cuts, each gap in turn a cut with probability cuts left / gaps left
+static void composition_draw(Rng *rng, int total, int parts, int *len) {
+    int cuts = parts - 1, k = 0;
+    len[0] = 1;
+    for (int gap = 0; gap < total - 1; gap++) {
+        if (cuts > 0 && rng_u64(rng) % (uint64_t)(total - 1 - gap) < (uint64_t)cuts) {
+            len[++k] = 1;
+            cuts--;
+        } else {
+            len[k]++;
+        }
+    }
+}
+
+// the next example into g->seq, drawn from g->rng: the mode prefix, the
+// denoised chunk, EOS (inputs cut to I - 1 tokens before their EOS:
+// append_eos_after_trim), then the targets and EOS
+static void ul2_draw(Ul2 *g) {
+    g->next_from = g->rng;
+    int d = denoiser_draw(&g->rng), I = g->I, k = 0;
+    int32_t *seq = g->seq;
+    for (int i = 0; i < g->mode_len[d]; i++) seq[k++] = g->mode[d][i];
+    if (ul2_denoisers[d].kind == 'S') {
+        int n = g->chunk_s;
+        const int32_t *c = g->data->tokens + rng_u64(&g->rng) % (uint64_t)(g->data->n - n + 1);
+        int p = 1 + (int)(rng_u64(&g->rng) % (uint64_t)(n - 1));  // the cut, in [1, n - 1]
+        for (int i = 0; i < p && k < I - 1; i++) seq[k++] = c[i];
+        seq[k++] = g->eos;
+        g->n_inputs = k;
+        for (int i = p; i < n; i++) seq[k++] = c[i];
+    } else {
+        Spans sp = g->spans[d];
+        const int32_t *c = g->data->tokens + rng_u64(&g->rng) % (uint64_t)(g->data->n - sp.n + 1);
+        composition_draw(&g->rng, sp.m, sp.s, g->noise);
+        composition_draw(&g->rng, sp.n - sp.m, sp.s, g->runs);
+        // the chunk is run_0 span_0 run_1 span_1 ...: inputs run_0 <0> run_1 <1> ..., targets <0> span_0 <1> span_1 ...
+        for (int j = 0, at = 0; j < sp.s; j++) {
+            for (int i = 0; i < g->runs[j] && k < I - 1; i++) seq[k++] = c[at + i];
+            if (k < I - 1) seq[k++] = g->sentinel0 - j;
+            at += g->runs[j] + g->noise[j];
+        }
+        seq[k++] = g->eos;
+        g->n_inputs = k;
+        for (int j = 0, at = 0; j < sp.s; j++) {
+            at += g->runs[j];
+            seq[k++] = g->sentinel0 - j;
+            for (int i = 0; i < g->noise[j]; i++) seq[k++] = c[at++];
+        }
+    }
+    seq[k++] = g->eos;
+    g->seq_len = k;
+}
+
+// the generator of B rows of T from data, with the sentinels, EOS and mode
+// prefixes of tok (read from tok_path); its first example drawn from the seed.
+// Exits naming the file or -t when they cannot make §10's examples
+static void ul2_make(Ul2 *g, const TokenData *data, const Tokenizer *tok, const char *tok_path, int B, int T,
+                     int seed) {
+    memset(g, 0, sizeof(*g));
+    g->data = data;
+    g->B = B;
+    g->T = T;
+    g->I = T / 2;
+    g->eos = tok->eos_id;
+    g->sentinel0 = tok->vocab_size - 1;
+    g->n_sentinels = tok->n_sentinels;
+    if (g->eos < 0) die("%s: the tokenizer has no EOS, which ends UL2's inputs and targets", tok_path);
+    if (tok->n_sentinels == 0)
+        die("%s: the tokenizer has no sentinels <extra_id_k>, which --objective ul2 needs "
+            "(dev/export_tokenizer.py --extra-ids S)", tok_path);
+    for (int d = 0; d < UL2_DENOISERS; d++) {
+        const char *text = ul2_denoisers[d].mode;
+        g->mode_len[d] = tokenizer_encode(tok, text, strlen(text), g->mode[d], UL2_MAX_MODE_IDS);
+    }
+    int least_I = ul2_mode_max(g) + 2;  // the mode prefix, a token of the chunk and EOS
+    if (g->I < least_I)
+        die("-t %d is too short for UL2: its inputs (T/2 = %d tokens) must hold a mode prefix (%d tokens with "
+            "%s), a token of text and EOS: -t %d at least", T, g->I, ul2_mode_max(g), tok_path, 2 * least_I);
+    for (int d = 0; d < UL2_DENOISERS; d++)
+        if (ul2_denoisers[d].kind != 'S') g->spans[d] = spans_for(g->I, &ul2_denoisers[d]);
+    g->chunk_s = g->I - 1;
+    if (ul2_sentinels_needed(g) > tok->n_sentinels)
+        die("%s: the tokenizer has %d sentinels, but UL2 at -t %d masks up to %d spans, one sentinel each "
+            "(dev/export_tokenizer.py --extra-ids)", tok_path, tok->n_sentinels, T, ul2_sentinels_needed(g));
+    g->seq = (int32_t *)mallocCheck((size_t)T * sizeof(int32_t));
+    g->noise = (int *)mallocCheck((size_t)T * sizeof(int));
+    g->runs = (int *)mallocCheck((size_t)T * sizeof(int));
+    size_t BT = (size_t)B * T;
+    g->x = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+    g->y = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+    g->segment = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+    g->position = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+    g->rng.s = (uint64_t)seed * 0x9E3779B97F4A7C15ull + 2;  // the data RNG's seeding, one stream over
+    ul2_draw(g);
+}
+
+static void ul2_free(Ul2 *g) {
+    free(g->seq);
+    free(g->noise);
+    free(g->runs);
+    free(g->x);
+    free(g->y);
+    free(g->segment);
+    free(g->position);
+}
+
+// the lengths at I, for the run's summary: "R(3, 0.15) n 1137 m 171 s 57, ..."
+static void ul2_print(const Ul2 *g) {
+    printf("ul2: I %d; ", g->I);
+    for (int d = 0; d < UL2_DENOISERS; d++) {
+        const Denoiser *dn = &ul2_denoisers[d];
+        if (dn->kind == 'S') printf("S n %d", g->chunk_s);
+        else printf("%c(%d, %g) n %d m %d s %d, ", dn->kind, dn->mean_span, dn->density_pct / 100.0, g->spans[d].n,
+                    g->spans[d].m, g->spans[d].s);
+    }
+    printf("; mode prefixes");
+    for (int d = 0; d < UL2_DENOISERS; d++)
+        if (d == 0 || strcmp(ul2_denoisers[d].mode, ul2_denoisers[d - 1].mode) != 0)
+            printf(" \"%s\" %d ids", ul2_denoisers[d].mode, g->mode_len[d]);
+    printf("; %d of %d sentinels\n", ul2_sentinels_needed(g), g->n_sentinels);
+}
+
+// the next B rows: whole examples in order, each in the current row while it
+// fits, else in the next (greedy packing)
+static void ul2_batch(Ul2 *g) {
+    int T = g->T;
+    for (int b = 0; b < g->B; b++) {
+        int32_t *x = g->x + (size_t)b * T, *y = g->y + (size_t)b * T;
+        int32_t *seg = g->segment + (size_t)b * T, *pos = g->position + (size_t)b * T;
+        int col = 0;
+        for (int segment = 0; g->seq_len <= T - col; segment++) {
+            for (int t = 0; t < g->seq_len; t++, col++) {
+                x[col] = t == 0 ? UL2_START_TOKEN : g->seq[t - 1];
+                y[col] = t >= g->n_inputs ? g->seq[t] : -1;
+                seg[col] = segment;
+                pos[col] = t;
+            }
+            ul2_draw(g);
+        }
+        for (; col < T; col++) {
+            x[col] = UL2_PAD_TOKEN;
+            y[col] = -1;
+            seg[col] = -1;
+            pos[col] = 0;
+        }
+    }
+}
+
+// the state a checkpoint keeps: the RNG state the next example is drawn from
+static uint64_t ul2_state(const Ul2 *g) { return g->next_from.s; }
+
+// continues from a kept state: the next example drawn again
+static void ul2_restore(Ul2 *g, uint64_t state) {
+    g->rng.s = state;
+    ul2_draw(g);
+}
+
+// ----------------------------------------------------------------------------
 // the run: its flags, and all that main's steps share
 
 // the ranks of data parallelism (section "data parallelism" below)
@@ -96,16 +369,20 @@ typedef struct {
     int ckpt_every, val_every, val_batches, trace_seqs, resume, tok_given;
     float lr, cf_train, cf_eval, bias_rate;  // lr -1: the optimizer's default
     int capacity_rule, drop_policy, freeze;  // SPEC §8; freeze -1: off
+    int objective, ul2_steps;                // SPEC §10: OBJ_*; causal LM after step ul2_steps (0: never)
+    int dump_rows;                           // --dump-examples: rows to write to dump_path (0: off)
+    const char *dump_path;
     OptKind kind;
     Precision prec;
 } TrainArgs;
 
-// what a checkpoint records of the run's settings (header words 11..21 below)
+// what a checkpoint records of the run's settings (header words 11..23 below)
 typedef struct {
     int n_steps, warmup, cf1000, group, seed;
     float lr;
     int capacity_rule, drop_policy, freeze;  // SPEC §8; freeze -1: off
     float bias_rate;                         // 0: off
+    int objective, ul2_steps;                // SPEC §10
 } RunSettings;
 
 // a training run as each rank holds it
@@ -132,6 +409,7 @@ typedef struct {
     float *bias;                 // (n_bias) the router bias, SPEC §8
     size_t n_state, n_bias;
     Rng data_rng;                // the batches' offsets
+    Ul2 ul2;                     // with --objective ul2: the batches of its steps
     int step;                    // the last step taken
     FILE *logf;                  // rank 0
     char log_path[4096 + 16];
@@ -155,13 +433,18 @@ typedef struct {
 //   [15] routing group size  [16] seed
 //   [17] capacity rule  [18] drop policy  [19] router freeze step S + 1 (0: off)
 //   [20] router bias rate u (float32 bits, 0: off)  [21] router bias floats (n_moe*E when u > 0, else 0)
-//   [22..255] 0
+//   [22] objective (0 causal, 1 ul2: SPEC §10)  [23] --ul2-steps S (0: never switches)
+//   [24..25] with ul2, the UL2 generator's RNG state from which its next example is drawn (uint64, low
+//   word first), else 0
+//   [26..255] 0
 // then the optimizer state (openmoe.h section 6 layout) as fp32, then the
 // router bias (SPEC §8) as fp32 when u > 0. The model's parameters are
 // DIR/model_NNNNNNNN.bin. Words 2..10 must match the resuming run (else it
 // could not continue exactly); 11..16 are the schedule and settings of the
 // saved run, and a resuming run that differs is told so; 17..21, the routing
-// variant (SPEC §8), must match: a run is one variant from its first step.
+// variant (SPEC §8), and 22..23, the objective, must match: a run is one
+// variant and one objective from its first step. Files written before §10
+// have 0 in 22..25: a causal run's words.
 
 // the state of step r->step (rank 0's whole optimizer state) to f, an atomic_open'd tmp
 static void ckpt_write(const Run *r, FILE *f, const char *tmp) {
@@ -188,6 +471,10 @@ static void ckpt_write(const Run *r, FILE *f, const char *tmp) {
     h[19] = rs->freeze + 1;
     memcpy(&h[20], &rs->bias_rate, 4);
     h[21] = (int32_t)r->n_bias;
+    h[22] = rs->objective;
+    h[23] = rs->ul2_steps;
+    uint64_t ul2 = rs->objective == OBJ_UL2 ? ul2_state(&r->ul2) : 0;
+    memcpy(&h[24], &ul2, 8);
     fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
     fwriteCheck(r->state, sizeof(float), r->n_state, f, tmp);
     fwriteCheck(r->bias, sizeof(float), r->n_bias, f, tmp);
@@ -203,6 +490,12 @@ static void variant_text(char *buf, size_t n, int rule, int policy, long long fr
              policy >= 0 && policy < N_DROP_POLICIES ? drop_policy_names[policy] : "?", fz, u);
 }
 
+// the objective of a run, for messages: "--objective ul2 --ul2-steps 100"
+static void objective_text(char *buf, size_t n, int objective, int ul2_steps) {
+    snprintf(buf, n, "--objective %s --ul2-steps %d",
+             objective >= 0 && objective < N_OBJECTIVES ? objective_names[objective] : "?", ul2_steps);
+}
+
 static const char *opt_name(int kind) {
     return kind == OPT_ADAMW ? "adamw" : kind == OPT_ADAFACTOR ? "adafactor" : "unknown";
 }
@@ -215,11 +508,18 @@ static const char *opt_name(int kind) {
 enum { CKPT_OTHER_RUN = 1, CKPT_DAMAGED = 2 };
 static int ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int B, int T, const RunSettings *rs,
                          size_t n_state, size_t n_bias, char *why, size_t nwhy) {
-    uint64_t n64;
+    uint64_t n64, ul2;
     memcpy(&n64, &h[9], 8);
+    memcpy(&ul2, &h[24], 8);
     float u;
     memcpy(&u, &h[20], 4);
-    if (h[17] != rs->capacity_rule || h[18] != rs->drop_policy || h[19] != rs->freeze + 1 || u != rs->bias_rate) {
+    if (h[22] != rs->objective || h[23] != rs->ul2_steps) {
+        char saved[96], now_[96];
+        objective_text(saved, sizeof(saved), h[22], h[23]);
+        objective_text(now_, sizeof(now_), rs->objective, rs->ul2_steps);
+        snprintf(why, nwhy, "saved with %s, this run has %s (a run keeps its objective: use another -o)", saved, now_);
+    } else if (h[17] != rs->capacity_rule || h[18] != rs->drop_policy || h[19] != rs->freeze + 1 ||
+               u != rs->bias_rate) {
         char saved[160], now_[160];
         variant_text(saved, sizeof(saved), h[17], h[18], (long long)h[19] - 1, u);  // a damaged word may be INT_MIN
         variant_text(now_, sizeof(now_), rs->capacity_rule, rs->drop_policy, rs->freeze, rs->bias_rate);
@@ -240,18 +540,22 @@ static int ckpt_mismatch(const int32_t *h, long size, const OptSettings *o, int 
         snprintf(why, nwhy, "step %d, size %ld bytes, but its header describes %llu + %d floats (damaged)", h[2],
                  size, (unsigned long long)n64, h[21]);
         return CKPT_DAMAGED;
+    } else if (rs->objective != OBJ_UL2 && ul2 != 0) {
+        snprintf(why, nwhy, "a causal run's, but words 24..25 hold a UL2 generator state (damaged)");
+        return CKPT_DAMAGED;
     } else {
         return 0;
     }
     return CKPT_OTHER_RUN;
 }
 
-// reads the optimizer state, the router bias and the data RNG into r; returns the step
-static int ckpt_load(Run *r, const char *path) {
+// reads the optimizer state, the router bias and the data RNG into r, the UL2
+// generator's state into *ul2; returns the step
+static int ckpt_load(Run *r, const char *path, uint64_t *ul2) {
     const RunSettings *rs = &r->rs;
     FILE *f = fopenCheck(path, "rb");
     int32_t h[HEADER_INTS];
-    long size = header_read(f, path, "training state", CKPT_MAGIC, 22, h);
+    long size = header_read(f, path, "training state", CKPT_MAGIC, 26, h);
     char why[512];
     if (ckpt_mismatch(h, size, &r->opt, r->a.B, r->a.T, rs, r->n_state, r->n_bias, why, sizeof(why)))
         die("%s: cannot resume: %s", path, why);
@@ -263,6 +567,7 @@ static int ckpt_load(Run *r, const char *path) {
                "-l %g -f %g -q %d -s %d\n", path, h[11], h[12], lr, h[14] / 1000.0, h[15], h[16], rs->n_steps,
                rs->warmup, rs->lr, rs->cf1000 / 1000.0, rs->group, rs->seed);
     memcpy(&r->data_rng.s, &h[6], 8);
+    memcpy(ul2, &h[24], 8);
     freadCheck(r->state, sizeof(float), r->n_state, f, path);
     freadCheck(r->bias, sizeof(float), r->n_bias, f, path);
     fcloseCheck(f, path);
@@ -734,6 +1039,12 @@ static void usage(int status) {
             "  --freeze-router S   routers not updated after step S (off)\n"
             "  --router-bias U     loss-free balancing bias, rate U > 0 (0: off); with --capacity\n"
             "                      none it balances the experts' work, as nothing is dropped\n"
+            "  the objective (SPEC §10):\n"
+            "  --objective causal|ul2  causal LM, or OpenMoE's UL2 mixture of denoisers, which needs\n"
+            "                      -z's sentinels (causal)\n"
+            "  --ul2-steps S       with ul2: causal LM after step S, as OpenMoE-8B (0: never)\n"
+            "  --dump-examples N FILE  write the first N rows of the batches the flags give to FILE,\n"
+            "                      a line per token, then exit (off)\n"
             "  --bf16        bf16 mixed precision (the CUDA backend)\n");
     exit(status);
 }
@@ -768,6 +1079,10 @@ static void args_default(TrainArgs *a) {
     a->capacity_rule = CAP_T5X;
     a->drop_policy = DROP_POSITION;
     a->freeze = -1;
+    a->objective = OBJ_CAUSAL;
+    a->ul2_steps = 0;
+    a->dump_rows = 0;
+    a->dump_path = NULL;
     a->kind = OPT_ADAMW;
     a->prec = PRECISION_FP32;
 }
@@ -787,6 +1102,16 @@ static void routing_flag_parse(TrainArgs *a, const char *f, const char *v) {
     } else {
         fprintf(stderr, "error: unknown option '%s'\n", f);
         usage(2);
+    }
+}
+
+// the objective (SPEC §10): --objective, --ul2-steps
+static void objective_flag_parse(TrainArgs *a, const char *f, const char *v) {
+    if (strcmp(f, "--objective") == 0) {
+        a->objective = name_index(v, objective_names, N_OBJECTIVES);
+        if (a->objective < 0) die("--objective %s: the objective is causal or ul2", v);
+    } else {
+        a->ul2_steps = (int)flag_int(f, v, 0, MAX_STEPS);
     }
 }
 
@@ -830,6 +1155,13 @@ static void args_parse(TrainArgs *a, int argc, char **argv) {
         if (strcmp(f, "-h") == 0 || strcmp(f, "--help") == 0) usage(0);
         else if (strcmp(f, "-r") == 0) a->resume = 1;
         else if (strcmp(f, "--bf16") == 0) a->prec = PRECISION_BF16;
+        else if (strcmp(f, "--dump-examples") == 0) {
+            if (i + 2 >= argc) die("--dump-examples: needs N and FILE");
+            a->dump_rows = (int)flag_int(f, argv[i + 1], 1, MAX_DUMP_ROWS);
+            a->dump_path = flag_path(f, argv[i + 2]);
+            i += 2;
+        } else if ((strcmp(f, "--objective") == 0 || strcmp(f, "--ul2-steps") == 0) && i + 1 < argc)
+            objective_flag_parse(a, f, argv[++i]);
         else if (strncmp(f, "--", 2) == 0 && i + 1 < argc) routing_flag_parse(a, f, argv[++i]);
         else if (f[0] == '-' && strlen(f) == 2 && i + 1 < argc) letter_flag_parse(a, f, argv[++i]);
         else {
@@ -838,6 +1170,12 @@ static void args_parse(TrainArgs *a, int argc, char **argv) {
         }
     }
     if (a->stop < 0 || a->stop > a->n_steps) a->stop = a->n_steps;
+    if (a->ul2_steps > 0 && a->objective != OBJ_UL2)
+        die("--ul2-steps %d: switches from UL2 to causal LM, and needs --objective ul2", a->ul2_steps);
+    if (a->ul2_steps > a->n_steps) die("--ul2-steps %d is beyond the run's -n %d steps", a->ul2_steps, a->n_steps);
+    if (a->objective == OBJ_UL2 && a->dump_rows == 0)
+        die("--objective ul2: training on UL2 batches is not built yet (the model does not take segments and "
+            "positions); --dump-examples N FILE shows them");
     if (a->warmup < 0) a->warmup = a->kind == OPT_ADAFACTOR ? 10000 : a->n_steps / 50;
     if (a->warmup < 1) a->warmup = 1;
 }
@@ -971,7 +1309,7 @@ static void output_dir_make(const Run *r) {
     }
 }
 
-// the optimizer's, the routing's and the checkpoints' settings from the flags
+// the optimizer's, the routing's and the checkpoints' settings from the flags; the data RNG
 static void settings_make(Run *r) {
     const TrainArgs *a = &r->a;
     r->opt = opt_settings_default(a->kind);
@@ -984,8 +1322,9 @@ static void settings_make(Run *r) {
     r->s_train.capacity_rule = r->s_eval.capacity_rule = a->capacity_rule;
     r->s_train.drop_policy = r->s_eval.drop_policy = a->drop_policy;
     RunSettings rs = {a->n_steps, a->warmup, r->s_train.cf1000, a->group, a->seed, r->peak_lr,
-                      a->capacity_rule, a->drop_policy, a->freeze, a->bias_rate};
+                      a->capacity_rule, a->drop_policy, a->freeze, a->bias_rate, a->objective, a->ul2_steps};
     r->rs = rs;
+    r->data_rng.s = (uint64_t)a->seed * 0x9E3779B97F4A7C15ull + 1;
 }
 
 // the model on this rank's share of a batch, its optimizer state's shard
@@ -1009,18 +1348,18 @@ static void model_make(Run *r) {
     r->part = (float *)callocCheck(n_part ? n_part : 1, sizeof(float));
     r->n_bias = r->a.bias_rate > 0.0f ? (size_t)r->nm * c->E : 0;
     r->bias = (float *)callocCheck(r->n_bias, sizeof(float));
-    r->data_rng.s = (uint64_t)r->a.seed * 0x9E3779B97F4A7C15ull + 1;
     r->x = (int32_t *)mallocCheck((size_t)r->Bl * r->a.T * sizeof(int32_t));
     r->y = (int32_t *)mallocCheck((size_t)r->Bl * r->a.T * sizeof(int32_t));
     r->probs = (ProbIndex *)mallocCheck(c->V * sizeof(ProbIndex));
     r->drop = (float *)mallocCheck(r->nm * sizeof(float));
 }
 
-// the weights, optimizer state, router bias and data RNG of checkpoint step:
-// rank 0 reads them, the others receive
+// the weights, optimizer state, router bias, data RNG and UL2 generator of
+// checkpoint step: rank 0 reads them, the others receive
 static void checkpoint_resume(Run *r, int step) {
     char path[4096];
     const char *dir = r->a.dir;
+    uint64_t ul2 = 0;
     if (r->lead) {
         snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
         Config cc;
@@ -1029,10 +1368,12 @@ static void checkpoint_resume(Run *r, int step) {
         memcpy(r->params, p, r->pt->n_params * sizeof(float));
         free(p);
         snprintf(path, sizeof(path), "%s/state_%08d.bin", dir, step);
-        if (ckpt_load(r, path) != step) die("%s: its step differs from its name", path);
+        if (ckpt_load(r, path, &ul2) != step) die("%s: its step differs from its name", path);
     }
     dp_bcast(r->params, r->pt->n_params * sizeof(float));
     dp_bcast(&r->data_rng, sizeof(r->data_rng));
+    dp_bcast(&ul2, sizeof(ul2));
+    if (r->a.objective == OBJ_UL2) ul2_restore(&r->ul2, ul2);
     dp_bcast(r->bias, r->n_bias * sizeof(float));
     model_set_params(r->m, r->params);
     dp_state_move(&r->dp, r->pt, &r->opt, r->state, r->part, 0);
@@ -1077,7 +1418,7 @@ static void run_print(const Run *r) {
 }
 
 static void run_free(Run *r) {
-    if (r->lead) fcloseCheck(r->logf, r->log_path);
+    if (r->logf) fcloseCheck(r->logf, r->log_path);
     if (r->tok) tokenizer_free(r->tok);
     free(r->train.tokens);
     free(r->val.tokens);
@@ -1092,19 +1433,31 @@ static void run_free(Run *r) {
     free(r->y);
     free(r->probs);
     free(r->drop);
+    ul2_free(&r->ul2);
     model_free(r->m);
 }
 
 // ----------------------------------------------------------------------------
 // the steps
 
+// whether step is one of UL2's (SPEC §10), else causal LM
+static int ul2_step(const TrainArgs *a, int step) {
+    return a->objective == OBJ_UL2 && (a->ul2_steps == 0 || step <= a->ul2_steps);
+}
+
+// a causal LM step's B windows of T+1 tokens: their offsets in r->starts,
+// drawn from the data RNG (every rank draws all B)
+static void windows_draw(Run *r) {
+    for (int b = 0; b < r->a.B; b++) r->starts[b] = (long)(rng_u64(&r->data_rng) % (uint64_t)(r->train.n - r->a.T));
+}
+
 // step r->step: B windows of T+1 tokens at random offsets (this rank's share
-// of them), forward, backward, update; the whole batch's losses and dropped
+// of them: windows_draw), forward, backward, update; the whole batch's losses and dropped
 // shares (the mean over the ranks), and the time it took
 static void train_step(Run *r) {
-    int B = r->a.B, Bl = r->Bl, T = r->a.T, nm = r->nm;
+    int Bl = r->Bl, T = r->a.T, nm = r->nm;
     double t0 = wall_seconds();
-    for (int b = 0; b < B; b++) r->starts[b] = (long)(rng_u64(&r->data_rng) % (uint64_t)(r->train.n - T));
+    windows_draw(r);
     batch_fill(r->x, r->y, &r->train, r->starts + (size_t)r->dp.rank * Bl, Bl, T);
     model_forward(r->m, r->x, r->y, Bl, T, &r->s_train, r->losses);
     model_backward(r->m);
@@ -1170,6 +1523,72 @@ static void checkpoint_write(Run *r) {
 }
 
 // ----------------------------------------------------------------------------
+// the UL2 generator of --objective ul2, and --dump-examples N FILE: the first
+// N rows of the batches the flags give (UL2 steps' packed rows, causal steps'
+// windows) without a model, a tab-separated line per token after a header
+// line: row col token target segment position piece, where token is what the
+// model reads, target what it learns (-1: no loss), segment the example of
+// the token in its row (-1: padding), position its position there, piece
+// the token's piece (bytes below 0x20 and '\' as \xNN; "-" without a
+// tokenizer). Between UL2 batches the generator goes through the state a
+// checkpoint keeps (ul2_state, ul2_restore), as a run resumed there would.
+
+// the generator from the training data and the tokenizer, and its lengths
+static void ul2_setup(Run *r) {
+    if (!r->tok)
+        die("--objective ul2 needs the data's tokenizer, for its sentinels and mode prefixes: %s is missing (-z FILE)",
+            r->a.tok_path);
+    ul2_make(&r->ul2, &r->train, r->tok, r->a.tok_path, r->a.B, r->a.T, r->a.seed);
+    if (r->lead) ul2_print(&r->ul2);
+}
+
+static void piece_write(FILE *f, const Tokenizer *tok, int id) {
+    if (!tok) {
+        fputc('-', f);
+        return;
+    }
+    for (const char *p = tokenizer_piece(tok, id); *p; p++) {
+        if ((unsigned char)*p < 0x20 || *p == '\\') fprintf(f, "\\x%02X", (unsigned char)*p);
+        else fputc(*p, f);
+    }
+}
+
+// --dump-examples N FILE, on rank 0
+static void examples_dump(Run *r) {
+    const TrainArgs *a = &r->a;
+    const Ul2 *g = &r->ul2;
+    int B = a->B, T = a->T;
+    int32_t *x = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t));  // a causal step's windows
+    int32_t *y = (int32_t *)mallocCheck((size_t)B * T * sizeof(int32_t));
+    char tmp[4096];
+    FILE *f = atomic_open(a->dump_path, tmp, sizeof(tmp));
+    fprintf(f, "row\tcol\ttoken\ttarget\tsegment\tposition\tpiece\n");
+    for (int step = 1, row = 0; row < a->dump_rows; step++) {
+        int ul2 = ul2_step(a, step);
+        if (ul2) {
+            ul2_batch(&r->ul2);
+        } else {
+            windows_draw(r);
+            batch_fill(x, y, &r->train, r->starts, B, T);
+        }
+        for (int b = 0; b < B && row < a->dump_rows; b++, row++)
+            for (int t = 0; t < T; t++) {
+                size_t i = (size_t)b * T + t;
+                int token = ul2 ? g->x[i] : x[i];
+                fprintf(f, "%d\t%d\t%d\t%d\t%d\t%d\t", row, t, token, ul2 ? g->y[i] : y[i], ul2 ? g->segment[i] : 0,
+                        ul2 ? g->position[i] : t);
+                piece_write(f, r->tok, token);
+                fputc('\n', f);
+            }
+        if (ul2) ul2_restore(&r->ul2, ul2_state(g));
+    }
+    atomic_commit(f, tmp, a->dump_path);
+    printf("wrote %s: %d rows of %d tokens\n", a->dump_path, a->dump_rows, T);
+    free(x);
+    free(y);
+}
+
+// ----------------------------------------------------------------------------
 
 int main(int argc, char **argv) {
     Run r;
@@ -1183,8 +1602,16 @@ int main(int argc, char **argv) {
     float *init_params = config_load(&r);
     data_check(&r);
     tokenizer_open(&r);
-    if (r.lead) output_dir_make(&r);
     settings_make(&r);
+    if (r.a.objective == OBJ_UL2) ul2_setup(&r);
+    if (r.a.dump_rows) {
+        if (r.lead) examples_dump(&r);
+        free(init_params);
+        run_free(&r);
+        dp_end();
+        return 0;
+    }
+    if (r.lead) output_dir_make(&r);
     model_make(&r);
     resume_or_init(&r, init_params);
     free(init_params);

@@ -2,7 +2,13 @@
 """Converts a SentencePiece model (.model, a serialized ModelProto) to the
 tokenizer.bin format of tokenizer.bin-spec, read by tokenizer.h.
 
-    /usr/bin/python3 dev/export_tokenizer.py IN.model OUT.bin
+    /usr/bin/python3 dev/export_tokenizer.py IN.model OUT.bin [--extra-ids S]
+
+--extra-ids S appends S sentinel pieces after the model's own V_tok pieces, as
+OpenMoE's seqio (SentencePieceVocabulary with extra_ids) adds them to the
+model it encodes and decodes with: user-defined pieces "\u2581<extra_id_k>" of
+score 0, k = S-1 down to 0, so that <extra_id_k> is id V_tok + S - 1 - k
+(SPEC §10). Header word [16] records S.
 
 The protobuf is parsed by hand (Debian's python3-sentencepiece ships
 sentencepiece_model_pb2.py, but that needs python3-protobuf, which is not a
@@ -258,9 +264,15 @@ def what_else(buf):
     return None
 
 
-def tokenizer_bytes(buf, model_path):
+def sentinel_pieces(n):
+    """seqio's extra ids: <extra_id_k> for k = n-1 .. 0, user defined, score 0."""
+    return [{"piece": ("\u2581<extra_id_%d>" % k).encode(), "score": 0, "type": USER_DEFINED}
+            for k in reversed(range(n))]
+
+
+def tokenizer_bytes(buf, model_path, extra_ids=0):
     """(the tokenizer.bin file, its number of pieces, a summary) of the
-    serialized model BUF, read from MODEL_PATH"""
+    serialized model BUF, read from MODEL_PATH, with EXTRA_IDS sentinels appended"""
     def bad(msg):
         raise Refused("%s: %s" % (model_path, msg))
 
@@ -273,6 +285,7 @@ def tokenizer_bytes(buf, model_path):
 
     if not pieces:
         bad("no pieces (not a SentencePiece model?)")
+    pieces += sentinel_pieces(extra_ids)  # checked below like the model's own pieces
     if trainer["model_type"] not in (UNIGRAM, BPE):
         bad("model_type %d is not supported (only 1 = unigram and 2 = BPE)" % trainer["model_type"])
 
@@ -356,17 +369,18 @@ def tokenizer_bytes(buf, model_path):
     h[13] = denorm_flags
     h[14] = len(denorm_charsmap)
     h[15] = max(len(p["piece"]) for p in pieces)
+    h[16] = extra_ids
 
     data = b"".join([struct.pack("<%di" % HEADER_INTS, *h), name, unk_surface, table, charsmap, denorm_charsmap])
     kinds = {UNIGRAM: "unigram", BPE: "bpe"}
-    summary = "%d pieces, %s, normalizer %s (charsmap %d bytes), unk %d bos %d eos %d pad %d, flags 0x%x" % (
-        len(pieces), kinds[trainer["model_type"]], name.decode("utf-8", "replace") or "-", len(charsmap),
+    summary = "%d pieces (%d sentinels), %s, normalizer %s (charsmap %d bytes), unk %d bos %d eos %d pad %d, " \
+        "flags 0x%x" % (len(pieces), extra_ids, kinds[trainer["model_type"]], name.decode("utf-8", "replace") or "-", len(charsmap),
         unk_id, bos_id, eos_id, pad_id, flags)
     return data, len(pieces), summary
 
 
-def export(model_path, out_path):
-    data, _, summary = tokenizer_bytes(read_model(model_path), model_path)
+def export(model_path, out_path, extra_ids=0):
+    data, _, summary = tokenizer_bytes(read_model(model_path), model_path, extra_ids)
     try:
         with atomic_output(out_path) as f:
             f.write(data)
@@ -376,10 +390,20 @@ def export(model_path, out_path):
 
 
 def main():
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: %s IN.model OUT.bin" % sys.argv[0])
+    args = sys.argv[1:]
+    extra_ids = 0
+    if len(args) == 4 and args[2] == "--extra-ids":
+        try:
+            extra_ids = int(args[3])
+        except ValueError:
+            extra_ids = -1
+        if extra_ids < 0:
+            sys.exit("error: --extra-ids %s: needs a whole number >= 0" % args[3])
+        args = args[:2]
+    if len(args) != 2:
+        raise SystemExit("usage: %s IN.model OUT.bin [--extra-ids S]" % sys.argv[0])
     try:
-        export(sys.argv[1], sys.argv[2])
+        export(args[0], args[1], extra_ids)
     except Refused as e:
         sys.exit("error: %s" % e)
 

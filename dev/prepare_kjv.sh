@@ -6,7 +6,8 @@
 #   data/kjv/train.txt        the verses of the training split
 #   data/kjv/val.txt          the verses of the validation split
 #   data/kjv/tokenizer.model  SentencePiece unigram model trained on train.txt
-#   data/kjv/tokenizer.bin    the same model for tokenizer.h (dev/export_tokenizer.py)
+#   data/kjv/tokenizer.bin    the same model for tokenizer.h with $EXTRA_IDS sentinels
+#                             appended (dev/export_tokenizer.py --extra-ids)
 #   data/kjv/train.bin        token data files (format in tokenizer.bin-spec):
 #   data/kjv/val.bin            each verse's ids followed by the EOS id
 #   data/kjv/ood.bin          out-of-domain text for routing analysis: every
@@ -21,11 +22,15 @@
 # (59 chapters: Genesis 20, Genesis 40, Exodus 10, ..., about 5% of the verses),
 # everything else is training. The tokenizer sees only the training split.
 #
-# Tokenizer: spm_train, unigram, vocab $VOCAB (default 4096), byte_fallback (so
-# that every character encodes, the fortunes' included), character_coverage 1,
-# the default nmt_nfkc normalizer; one thread and a fixed seed so that the
-# model is the same on every run (spm's unigram trainer gives different models
-# for different thread counts).
+# Tokenizer: spm_train, unigram, vocab $VOCAB - $EXTRA_IDS (default 4096 - 100),
+# byte_fallback (so that every character encodes, the fortunes' included),
+# character_coverage 1, the default nmt_nfkc normalizer; one thread and a fixed
+# seed so that the model is the same on every run (spm's unigram trainer gives
+# different models for different thread counts). tokenizer.bin appends
+# $EXTRA_IDS sentinels <extra_id_k> (SPEC §10: the UL2 denoisers' span markers,
+# k at id VOCAB - 1 - k), so that the tokenizer, the data files and the model
+# all have VOCAB ids. The text never spells a sentinel, so the data's ids are
+# those of tokenizer.model.
 #
 # Encoding: Python sentencepiece (python3-sentencepiece) encodes the .bin files;
 # test/t_tokenizer.sh checks that tokenizer.h (./run -z ... --encode) gives the
@@ -37,6 +42,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=/usr/bin/python3
 VOCAB=${VOCAB:-4096}
+EXTRA_IDS=${EXTRA_IDS:-100}
+[ "$EXTRA_IDS" -ge 0 ] && [ "$VOCAB" -gt "$EXTRA_IDS" ] ||
+    { echo "error: VOCAB=$VOCAB must exceed EXTRA_IDS=$EXTRA_IDS >= 0" >&2; exit 1; }
 OUT=data/kjv
 mkdir -p "$OUT"
 
@@ -54,7 +62,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # --- up to date? ----------------------------------------------------------------
-stamp="vocab=$VOCAB split=chapter%20==19 spm=$(dpkg-query -W -f='${Version}' sentencepiece) \
+stamp="vocab=$VOCAB extra_ids=$EXTRA_IDS split=chapter%20==19 spm=$(dpkg-query -W -f='${Version}' sentencepiece) \
 bible=$(dpkg-query -W -f='${Version}' bible-kjv-text 2>/dev/null || true) \
 fortunes=$(dpkg-query -W -f='${Version}' fortunes) \
 scripts=$(cat dev/prepare_kjv.sh dev/export_tokenizer.py | md5sum | cut -c1-32)"
@@ -95,20 +103,20 @@ EOF
 rm -f "$OUT/raw.txt"
 
 # --- the tokenizer ----------------------------------------------------------------
-spm_train --input="$OUT/train.txt" --model_prefix="$OUT/tokenizer" --vocab_size="$VOCAB" \
+spm_train --input="$OUT/train.txt" --model_prefix="$OUT/tokenizer" --vocab_size="$((VOCAB - EXTRA_IDS))" \
     --model_type=unigram --byte_fallback=true --character_coverage=1.0 \
     --input_sentence_size=0 --shuffle_input_sentence=false --num_threads=1 --random_seed=1 \
     --minloglevel=2 > "$OUT/spm_train.log" 2>&1 || { cat "$OUT/spm_train.log"; exit 1; }
-$PY dev/export_tokenizer.py "$OUT/tokenizer.model" "$OUT/tokenizer.bin"
+$PY dev/export_tokenizer.py "$OUT/tokenizer.model" "$OUT/tokenizer.bin" --extra-ids "$EXTRA_IDS"
 
 # --- token data files -------------------------------------------------------------
-$PY - "$OUT" <<'EOF'
+$PY - "$OUT" "$EXTRA_IDS" <<'EOF'
 import glob, os, sys
 import numpy as np
 import sentencepiece as spm
 out = sys.argv[1]
 sp = spm.SentencePieceProcessor(model_file=out + "/tokenizer.model")
-V, eos = sp.get_piece_size(), sp.eos_id()
+V, eos = sp.get_piece_size() + int(sys.argv[2]), sp.eos_id()  # the sentinels' ids too
 assert eos >= 0, "the tokenizer has no EOS"
 MAGIC, VERSION = 240201741, 1
 
@@ -160,4 +168,4 @@ with open(out + "/stats.txt", "w") as f:
 print("\n".join(stats))
 EOF
 echo "$stamp" > "$OUT/.stamp"
-echo "wrote $OUT: tokenizer.model tokenizer.bin train.bin val.bin ood.bin (vocab $VOCAB)"
+echo "wrote $OUT: tokenizer.model tokenizer.bin train.bin val.bin ood.bin (vocab $VOCAB, $EXTRA_IDS sentinels)"

@@ -125,6 +125,8 @@ def debug_state_oracle(d, c):
 def checkpoint_oracle(d, good):
     h, g = words(d), words(good)
     rate = lambda w: struct.unpack("<f", struct.pack("<i", w[20]))[0]  # the router bias rate, float32 bits
+    # [22..25] the objective, --ul2-steps and the UL2 generator's state: 0 in the good (causal) run's, as the
+    # resuming causal run must find them; [26..] reserved
     if (h is None or h[0:6] != g[0:6] or h[8:11] != g[8:11] or h[17:20] != g[17:20] or rate(h) != rate(g)
             or h[21] != g[21] or any(h[22:]) or len(d) != len(good)):
         return "refuse"
@@ -150,6 +152,7 @@ def tokenizer_oracle(d, good):
     if h is None or h[0] != 240201738 or h[1] != 1:
         return "refuse"
     V, mtype, unk, bos, eos, pad, flags, n_name, n_unk, n_pieces, n_map, dflags, n_demap, maxlen = h[2:16]
+    # h[16], the sentinels, is 0 in the good file, whose last pieces are no "\u2581<extra_id_k>": any other refused
     if (V <= 0 or mtype not in (1, 2) or flags & ~31 or dflags & ~7 or min(h[9:16]) < 0 or (n_demap == 0 and dflags)
             or any(h[16:]) or len(d) != 1024 + n_name + n_unk + n_pieces + n_map + n_demap or V * 8 > n_pieces):
         return "refuse"
@@ -298,7 +301,7 @@ def main():
         return run([f"{BIN}/train", "-c", "micro.bin", "-i", "train.bin", "-j", "val.bin", "-z", "tok.bin", "-b", str(B),
                     "-t", str(T), "-n", "3", "-e", "0", "-v", "0", "-V", "1", "-o", "mut_ck", "-r"],
                    "mut_ck/state_00000002.bin")
-    campaign("checkpoint", state_good, list(range(22)), [(1024, size(state_good))],
+    campaign("checkpoint", state_good, list(range(26)), [(1024, size(state_good))],
                                     lambda d: checkpoint_oracle(d, good_state), exe_ckpt)
 
     # token data: train -j MUTANT
@@ -322,7 +325,7 @@ def main():
         if r != "accepted":
             return r
         return run([f"{BIN}/run", "ck/model_00000002.bin", "-z", "mut_tok.bin", "-i", "the", "-n", "3"], "mut_tok.bin")
-    campaign("tokenizer", w("tok.bin"), list(range(16)), regions,
+    campaign("tokenizer", w("tok.bin"), list(range(17)), regions,
                                    lambda d: tokenizer_oracle(d, tok_good), exe_tok)
 
     # routing trace: dev/analyze_routing.py read_trace, in this process

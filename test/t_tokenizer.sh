@@ -8,9 +8,11 @@
 # whitespace settings, nfkc_cf, unused pieces. Each is exported with
 # dev/export_tokenizer.py and must encode a different text (fortunes, other
 # verses, and lines with accents, CJK, emoji, full-width characters, odd
-# whitespace, empty lines, unknown characters, malformed UTF-8) to the same ids
-# as spm_encode, line for line, and decode spm's ids, and random ids, to the
-# same text as spm_decode. Deliberately changed models show that the
+# whitespace, empty lines, unknown characters, malformed UTF-8, spelled
+# sentinels) to the same ids as spm_encode, line for line, and decode spm's ids,
+# and random ids, to the same text as spm_decode; so must exports with
+# --extra-ids (SPEC §10's sentinels) against spm with the model OpenMoE's seqio
+# builds from the same sentinels. Deliberately changed models show that the
 # comparisons can fail. Malformed tokenizer files and bad --decode input must
 # give a clear error.
 #
@@ -84,6 +86,8 @@ lines = [
     "<unk> <s> </s> <sep> literal control strings", "<0x41> looks like a byte piece",
     "digits 0123456789 3.14159", "CR at end\r", "mixed\u2028line separator",
     "\x01\x02 control chars \x7f", "the man <sep> Lord and the Lord",
+    "<extra_id_0> sentinels <extra_id_3>  spelled <extra_id_9>, inside<extra_id_1>words <extra_id_1>x",
+    "<extra_id_10> <extra_id_99> <extra_id_> <extra_id_0 \u2581<extra_id_2> <EXTRA_ID_0>",
 ]
 with open(sys.argv[1], "wb") as f:
     for l in lines:
@@ -131,8 +135,14 @@ def field(num, wt, val):
     if wt == 2: return key + varint(len(val)) + val
     return key + struct.pack("<I", val)
 src, dst, mode = sys.argv[1:4]
-out, normal = bytearray(), 0
+out, normal, last_piece = bytearray(), 0, False
 for num, wt, val in fields(open(src, "rb").read()):
+    if mode == "extra" and last_piece and num != 1:
+        # seqio's SentencePieceVocabulary(extra_ids=10): <extra_id_9> .. <extra_id_0>, user defined, score 0
+        for k in reversed(range(10)):
+            sub = field(1, 2, ("\u2581<extra_id_%d>" % k).encode()) + field(2, 5, 0) + field(3, 0, 4)
+            out += field(1, 2, sub)
+    last_piece = num == 1
     if num == 1 and wt == 2:
         p = {1: None, 2: None, 3: None}
         for n2, w2, v2 in fields(val):
@@ -226,6 +236,25 @@ for m in unigram_nmt_nfkc_bftrue bpe_nmt_nfkc_bffalse; do
     else fail "tokenizer ${m}_unused: unused pieces differ from spm"; fi
 done
 
+# sentinels (SPEC §10): an export with --extra-ids 10 against spm with the model
+# OpenMoE's seqio builds (the same ten pieces appended to the .model), on text
+# that spells sentinels, and on random ids that include them
+for m in unigram_nmt_nfkc_bftrue bpe_identity_bffalse; do
+    "$PY" "$T/mutate.py" "$T/$m.model" "$T/${m}_extra.model" extra &&
+        "$PY" dev/export_tokenizer.py "$T/$m.model" "$T/${m}_extra.bin" --extra-ids 10 >/dev/null
+    { cat "$T/$m.vocab"; for k in 9 8 7 6 5 4 3 2 1 0; do printf '\xe2\x96\x81<extra_id_%d>\t0\n' $k; done; } \
+        > "$T/${m}_extra.vocab"
+    if compare "${m}_extra"; then pass "tokenizer ${m}_extra: --extra-ids 10 as spm with seqio's sentinels"
+    else fail "tokenizer ${m}_extra: --extra-ids 10 differs from spm with seqio's sentinels"; fi
+done
+m=unigram_nmt_nfkc_bftrue
+ids=$(echo "<extra_id_0> and <extra_id_9>" | "$RUN" -z "$T/${m}_extra.bin" --encode)
+if [ "${ids%% *}" = 809 ] && [ "${ids##* }" = 800 ]; then
+    pass "tokenizer ${m}_extra: <extra_id_0> and <extra_id_9> are ids 809 and 800 ($ids)"
+else
+    fail "tokenizer ${m}_extra: '<extra_id_0> and <extra_id_9>' encodes to $ids, not 809 ... 800"
+fi
+
 # --- the comparisons can fail ----------------------------------------------------------
 # one piece score changed in the model spm uses, but not in the .bin: encode must differ;
 # then the .bin exported from the changed model must agree again
@@ -270,6 +299,15 @@ x = bytearray(b); struct.pack_into("<i", x, 44, struct.unpack_from("<i", b, 44)[
 x = bytearray(b); struct.pack_into("<i", x, 4, 99); put("version.bin", x)
 x = bytearray(b); x += b"junk"; put("trailing.bin", x)
 x = bytearray(struct.pack("<256i", 240201741, 1, 2, 800, 0, *([0] * 251))); put("tokens.bin", x)
+x = bytearray(b); struct.pack_into("<i", x, 64, 3); put("sentinels_not.bin", x)
+x = bytearray(b); struct.pack_into("<i", x, 64, struct.unpack_from("<i", b, 8)[0] + 1); put("sentinels_many.bin", x)
+EOF
+# a file whose last two sentinels are swapped (piece 809 is <extra_id_1>, 808 <extra_id_0>)
+"$PY" - "$T/unigram_nmt_nfkc_bftrue_extra.bin" "$T/sentinels_swapped.bin" <<'EOF'
+import sys
+b = open(sys.argv[1], "rb").read()
+a, z, tmp = (("\u2581<extra_id_%s>" % k).encode() for k in "01X")
+open(sys.argv[2], "wb").write(b.replace(a, tmp).replace(z, a).replace(tmp, z))
 EOF
 echo "hello" > "$T/hello.txt"
 expect_error "tokenizer: missing file" "cannot open" "$RUN" -z "$T/nonexistent.bin" --encode
@@ -282,6 +320,12 @@ expect_error "tokenizer: piece table size" "inconsistent sizes" "$RUN" -z "$T/pi
 expect_error "tokenizer: trailing bytes" "inconsistent sizes" "$RUN" -z "$T/trailing.bin" --encode
 expect_error "tokenizer: wrong version" "version 99" "$RUN" -z "$T/version.bin" --encode
 expect_error "tokenizer: token data file given" "token data file" "$RUN" -z "$T/tokens.bin" --encode
+expect_error "tokenizer: sentinels in header word 16 that the pieces are not" \
+    "piece 799 must be sentinel 0 of 3, the user-defined piece" "$RUN" -z "$T/sentinels_not.bin" --encode
+expect_error "tokenizer: more sentinels than pieces" "801 sentinels, must be in \[0, 800\]" \
+    "$RUN" -z "$T/sentinels_many.bin" --encode
+expect_error "tokenizer: sentinels out of order" "piece 809 must be sentinel 0 of 10" \
+    "$RUN" -z "$T/sentinels_swapped.bin" --encode
 for input in "5 800 7" "5 -1" "99999999999999999999"; do
     echo "$input" > "$T/bad_ids.txt"
     expect_error "tokenizer: --decode rejects id in '$input'" "line 1: id .* is out of range \[0, 800)" \

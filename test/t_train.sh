@@ -420,7 +420,8 @@ expect_error "run: no model file" "no model file" "$RUN"
 # --- usage ----------------------------------------------------------------------------------------
 "$TRAIN" -h > train_h.out 2>&1; rc=$?
 missing=""
-for f in -c -i -j -k -z -o -b -t -n -x -l -w -f -g -q -s -e -v -V -a -r -y --capacity --drop-policy --freeze-router --router-bias; do
+for f in -c -i -j -k -z -o -b -t -n -x -l -w -f -g -q -s -e -v -V -a -r -y --capacity --drop-policy --freeze-router --router-bias \
+    --objective --ul2-steps --dump-examples; do
     grep -q -- "^  $f " train_h.out || missing="$missing $f"
 done
 [ $rc = 0 ] && [ -z "$missing" ] && pass "train -h: every flag with its default" || fail "train -h (exit $rc, missing:$missing)"
