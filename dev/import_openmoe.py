@@ -1,10 +1,17 @@
 #!/usr/bin/python3
 """Converts a released OpenMoE checkpoint (a Hugging Face directory written by
 ColossalAI's convert_openmoe_ckpt.py: OrionZheng/openmoe-base, -8b, -8b-chat,
--34b-200B) to the model file of SPEC §6, and optionally its SentencePiece
-tokenizer to tokenizer.bin.
+-34b-200B) to the model file of SPEC §6 and §11, and optionally its
+SentencePiece tokenizer to tokenizer.bin.
 
-    /usr/bin/python3 dev/import_openmoe.py HF_DIR OUT.bin [--tokenizer OUT_TOK.bin] [--spm FILE.model]
+    /usr/bin/python3 dev/import_openmoe.py HF_DIR OUT.bin [--dtype fp32|bf16|int8] [--group G]
+                                           [--tokenizer OUT_TOK.bin] [--spm FILE.model]
+
+--dtype picks the model file's version: fp32 (1, the default), bf16 (2: a
+bf16 checkpoint's bits are copied as they are, so nothing is lost) or int8
+in groups of G (3; G a multiple of 4 dividing D, H·Hd, F and Fe, 64 by
+default); dev/convert_model.py defines the encodings and converts between
+them.
 
 Weights: model.safetensors, sharded safetensors with model.safetensors.index.json,
 pytorch_model.bin, or sharded pytorch_model-*.bin with their index json
@@ -13,8 +20,11 @@ bf16 tensors. Both formats are parsed here and memory-mapped: safetensors
 from its documented layout (u64 header length, JSON header, raw data), .bin
 from torch.save's zip archive, whose pickle is read by an unpickler that
 knows only tensors and refuses anything else it names, so that a malicious
-file runs nothing (no torch.load). Each tensor is converted to fp32 and
-written at its offset in the output, so peak memory is about one tensor.
+file runs nothing (no torch.load). Each tensor is converted a piece at a
+time (rows of at most convert_model.PIECE elements; an expert stack one
+expert at a time, its last two dims transposed) and written at its offset
+in the output, and the pages of the checkpoint read for a piece are let go
+after it: peak memory is a few pieces, whatever the model's size.
 
 A downloaded checkpoint is untrusted input. Before anything is written,
 config.json's values are checked against the model file's limits (int32
@@ -42,10 +52,10 @@ import zipfile
 
 import numpy as np
 
+from convert_model import (HEADER_ORDER, PIECE, ModelWriter, check_group, dtype_args, dtype_from_args, n_params,
+                           printable, tensors)
 from export_tokenizer import Refused, atomic_output, open_regular, read_model, tokenizer_bytes
 
-MODEL_MAGIC = 240201739
-HEADER_INTS = 256
 RMS_EPS = 1e-6  # the only epsilon the C code computes with (SPEC §2)
 INT32_MAX = 2**31 - 1  # the model file's header words, and the widths the C code holds in an int
 MAX_SEQ_LEN = 1 << 20  # openmoe.h: RoPE tables and the KV cache are allocated for the whole context
@@ -203,9 +213,6 @@ def config_from_hf(cdir):
     return c
 
 
-HEADER_ORDER = ["V", "max_seq_len", "L", "D", "H", "Hd", "F", "E", "K", "moe_every", "Fe", "extra_ffn"]
-
-
 # ----------------------------------------------------------------------------
 # the expected tensors, in the order of the model file
 
@@ -243,49 +250,56 @@ def n_model_tensors(c):
     return 3 + 9 * c["L"] + 5 * (c["L"] // c["moe_every"])
 
 
-def tensor_table(c, sources, hf_dir):
-    """HF name -> (shape, offset in floats, transpose) of every tensor, and
-    the number of parameters. Walks the config's tensors only as far as the
-    files have them: a config that describes more than the files hold (10^6
-    layers) costs no more than one that fits them."""
-    table, off = {}, 0
-    for name, shape, transpose in model_tensors(c):
+def tensor_table(c, sources, hf_dir, version, G):
+    """HF name -> (shape, transpose, its convert_model.Tensor in a model file
+    of version VERSION and group G) of every tensor. Walks the config's
+    tensors only as far as the files have them: a config that describes
+    more than the files hold (10^6 layers) costs no more than one that fits
+    them."""
+    table = {}
+    for (name, shape, transpose), t in zip(model_tensors(c), tensors(c, version, G)):
         if name not in sources:
             raise Refused("%s: tensor %s is missing (config.json describes %d tensors, the weight files hold %d)"
                           % (hf_dir, name, n_model_tensors(c), len(sources)))
-        table[name] = (shape, off, transpose)
-        off += math.prod(shape)
+        table[name] = (shape, transpose, t)
     for name, reader in sources.items():
         if name not in table:
             raise Refused("%s: unexpected tensor %s (not in an OpenMoE model of this config)" % (reader.shown, name))
         if reader.shape(name) != table[name][0]:
             raise Refused("%s: tensor %s has shape %s, expected %s"
                           % (reader.shown, name, list(reader.shape(name)), list(table[name][0])))
-    return table, off
+    return table
 
 
 # ----------------------------------------------------------------------------
 # weight files. Each reader checks its whole header (or pickle) when it
-# opens the file, keeps the data on disk (mmap), and gives a tensor as fp32.
+# opens the file, keeps the data on disk (mmap), and gives a tensor as a view
+# of the mapping in its own dtype: float32, float16, or bf16 as its bits
+# (uint16).
 
 ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
-def bf16_to_f32(bits):
-    u = bits.astype(np.uint32)
-    u <<= 16  # in place: one fp32-sized array, not two
-    return u.view(np.float32)
+class MappedFile:
+    """a weight file mapped into memory (self.mm, None when empty)"""
 
+    def map(self, f, size):
+        """the bytes of open file F as a uint8 array"""
+        self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        return np.frombuffer(self.mm, np.uint8) if size else np.zeros(0, np.uint8)
 
-def map_file(f, size):
-    return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8) if size else np.zeros(0, np.uint8)
+    def drop_pages(self):
+        """lets go of the pages read so far: they stay in the page cache, but
+        no longer count in this process's memory"""
+        if self.mm is not None:
+            self.mm.madvise(mmap.MADV_DONTNEED)
 
 
 def is_count(v):
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-class SafetensorsFile:
+class SafetensorsFile(MappedFile):
     """one .safetensors file: u64 header length, JSON header, raw data. The
     header must be what the format (and its reference reader) allows: an
     object of tensors, each exactly {dtype, shape, data_offsets}, whose data
@@ -305,7 +319,7 @@ class SafetensorsFile:
                 raise Refused("%s: header length %d, more than safetensors allows (%d)"
                               % (self.shown, n, MAX_JSON_BYTES))
             header = parse_json(f.read(n), self.shown)
-            self.data = map_file(f, size)[8 + n:]
+            self.data = self.map(f, size)[8 + n:]
         self.tensors = self.check(header)
 
     def check(self, header):
@@ -356,13 +370,9 @@ class SafetensorsFile:
     def shape(self, name):
         return self.tensors[name][1]
 
-    def array(self, name, index=None):
-        """the tensor (or its slice [index] along dim 0) as fp32"""
+    def source(self, name):
         dt, shape, b, e = self.tensors[name]
-        a = self.data[b:e].view(dt).reshape(shape)
-        if index is not None:
-            a = a[index]
-        return bf16_to_f32(a) if dt == ST_DTYPES["BF16"] else a.astype(np.float32)
+        return self.data[b:e].view(dt).reshape(shape)
 
 
 # torch.save's storage types: the numpy dtype of their elements (bf16 as its
@@ -427,7 +437,7 @@ class StateDictUnpickler(pickle.Unpickler):
         return Tensor(storage, offset, shape, stride)
 
 
-class TorchBinFile:
+class TorchBinFile(MappedFile):
     """one pytorch_model*.bin shard in torch.save's zip format (torch >= 1.6):
     data.pkl, unpickled by StateDictUnpickler, and one stored (uncompressed)
     entry data/KEY per storage, mapped from the file"""
@@ -444,7 +454,7 @@ class TorchBinFile:
                 raise Refused("%s: not a zip archive, as torch.save writes since torch 1.6" % self.shown)
             try:
                 self.sd, storages = self.read_pickle(zipfile.ZipFile(f))
-                data = map_file(f, size)
+                data = self.map(f, size)
                 self.storages = {key: self.storage_data(f, size, data, info, st)
                                  for key, (info, st) in storages.items()}
             except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError, RuntimeError) as e:
@@ -518,14 +528,11 @@ class TorchBinFile:
     def shape(self, name):
         return self.sd[name].shape
 
-    def array(self, name, index=None):
+    def source(self, name):
         t = self.sd[name]
         base = self.storages[t.storage.key]
-        a = np.lib.stride_tricks.as_strided(base[t.offset:], t.shape, tuple(s * base.itemsize for s in t.stride),
-                                            writeable=False)
-        if index is not None:
-            a = a[index]
-        return bf16_to_f32(a) if t.storage.kind == "BFloat16Storage" else a.astype(np.float32)
+        return np.lib.stride_tricks.as_strided(base[t.offset:], t.shape, tuple(s * base.itemsize for s in t.stride),
+                                               writeable=False)
 
 
 def weight_files(cdir):
@@ -573,51 +580,47 @@ def tensor_sources(readers, weight_map, index_path):
 # ----------------------------------------------------------------------------
 # conversion
 
-def finite(a, reader, name, what=""):
-    bad = a.size - np.count_nonzero(np.isfinite(a))
-    if bad:
-        raise Refused("%s: tensor %s%s has %d values that are not finite (NaN or inf)"
-                      % (reader.shown, name, what, bad))
-    return a
-
-
-def write_tensor(out, offset, reader, name, shape, transpose):
-    """fp32 at float offset; expert stacks one expert at a time, last two dims transposed"""
+def write_tensor(writer, t, reader, name, transpose):
+    """tensor NAME of READER as T (a convert_model.Tensor), PIECE elements
+    at a time: expert stacks [E, a, b] one expert at a time, each as its
+    [b, a] transpose; the pages read are let go after each piece"""
+    a = reader.source(name)
     if transpose:
-        rows, cols = shape[1], shape[2]
-        for e in range(shape[0]):
-            out.seek(1024 + 4 * (offset + e * rows * cols))
-            a = finite(reader.array(name, e), reader, name, " (expert %d)" % e)
-            out.write(np.ascontiguousarray(a.T, dtype="<f4").data)
+        parts = [(a[e].T, e * a.shape[2], " (expert %d)" % e) for e in range(a.shape[0])]
     else:
-        out.seek(1024 + 4 * offset)
-        out.write(np.ascontiguousarray(finite(reader.array(name), reader, name), dtype="<f4").data)
+        parts = [(a.reshape(1, -1) if a.ndim == 1 else a, 0, "")]
+    step = max(1, PIECE // t.cols)
+    for m, first, what in parts:
+        for row in range(0, m.shape[0], step):
+            piece = m[row:row + step]
+            # bf16 stays bits, so that version 2 copies it; fp16 and fp32 widen exactly to fp32
+            piece = np.ascontiguousarray(piece, None if piece.dtype == np.uint16 else np.float32)
+            writer.put(t, first + row, piece, "%s: tensor %s%s" % (reader.shown, name, what))
+            reader.drop_pages()
 
 
-def read_checkpoint(cdir):
-    """(config, readers, tensor table, number of parameters): config,
-    files and every tensor's name, dtype and shape checked, nothing written"""
+def read_checkpoint(cdir, version, G):
+    """(config, readers, tensor table) for a model file of version VERSION
+    and group G: config, --group, files and every tensor's name, dtype and
+    shape checked, nothing written"""
     c = config_from_hf(cdir)
+    check_group(c, version, G)
     names, cls, weight_map, index_path = weight_files(cdir)
     readers = [cls(cdir, name) for name in names]  # headers (pickles) only: the data stays on disk
-    table, n_params = tensor_table(c, tensor_sources(readers, weight_map, index_path), cdir.path)
-    return c, readers, table, n_params
+    table = tensor_table(c, tensor_sources(readers, weight_map, index_path), cdir.path, version, G)
+    return c, readers, table
 
 
-def write_model(c, readers, table, n_params, out_path, log):
+def write_model(c, readers, table, version, G, out_path, log):
     """the model file, through a fresh temporary beside OUT_PATH renamed when
     complete; a weight that is not finite is refused on the way"""
     try:
         with atomic_output(out_path) as out:
-            header = np.zeros(HEADER_INTS, "<i4")
-            header[0], header[1] = MODEL_MAGIC, 1
-            header[2:14] = [c[k] for k in HEADER_ORDER]
-            out.write(header.data)
-            out.truncate(1024 + 4 * n_params)
+            writer = ModelWriter(out, c, version, G)
             for r in readers:
                 for name in r.names():
-                    shape, offset, transpose = table[name]
-                    write_tensor(out, offset, r, name, shape, transpose)
+                    _, transpose, t = table[name]
+                    write_tensor(writer, t, r, name, transpose)
                 log("%s: %d tensors" % (r.name, len(r.names())))
     except OSError as e:
         raise Refused("%s: cannot write (%s)" % (out_path, e.strerror or e))
@@ -649,25 +652,23 @@ def write_tokenizer(data, out_tok):
         raise Refused("%s: cannot write (%s)" % (out_tok, e.strerror or e))
 
 
-def printable(msg):
-    """one line of printable characters: a message may quote a file's bytes"""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in msg)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("hf_dir")
     ap.add_argument("out")
+    dtype_args(ap)
     ap.add_argument("--tokenizer", metavar="OUT_TOK.bin", help="also export the SentencePiece model")
     ap.add_argument("--spm", metavar="FILE.model", help="the SentencePiece model, when HF_DIR has none")
     a = ap.parse_args()
     try:
+        version, G = dtype_from_args(a)
         cdir = CheckpointDir(a.hf_dir)
-        c, readers, table, n = read_checkpoint(cdir)
+        c, readers, table = read_checkpoint(cdir, version, G)
         if a.tokenizer:
             tok, spm, pieces = read_tokenizer(cdir, a.spm, c["V"])
-        write_model(c, readers, table, n, a.out, lambda s: print(s, file=sys.stderr))
-        print("%s: %s, %d parameters" % (a.out, " ".join("%s=%d" % (k, c[k]) for k in HEADER_ORDER), n))
+        write_model(c, readers, table, version, G, a.out, lambda s: print(s, file=sys.stderr))
+        print("%s: %s, %d parameters, version %d%s" % (a.out, " ".join("%s=%d" % (k, c[k]) for k in HEADER_ORDER),
+                                                      n_params(c), version, " G=%d" % G if G else ""))
         if a.tokenizer:
             write_tokenizer(tok, a.tokenizer)
             print("%s: %d pieces from %s" % (a.tokenizer, pieces, spm))

@@ -4,9 +4,18 @@
 convert_openmoe_ckpt.py saves them), so that the importer and the oracle
 (test/openmoe_hf.py) can be tested without the real weights.
 
-    make_hf_checkpoint.py OUT_DIR [--preset micro|base] [--format bin|bin-sharded|st|st-sharded]
+    make_hf_checkpoint.py OUT_DIR [--preset micro|base|8b] [--format bin|bin-sharded|st|st-sharded]
                           [--dtype f32|f16|bf16] [--spelling base|8b] [--skew S] [--seed N]
-                          [--bad KIND] [--set KEY=JSON ...]
+                          [--bad KIND] [--set KEY=JSON ...] [--stream]
+
+--preset 8b (OpenMoE-8B's shapes, 11.9 billion parameters: 24 GB in bf16)
+is written as it goes, a piece of a tensor at a time into safetensors
+shards of at most 5 GB, never the whole model in memory. Its weights are
+drawn fast: each tensor's elements pick at random from a table of 65536
+draws of its distribution (the same as the small presets', N(0, 1/fan_in)
+for a matrix and the router, N(0, 1) for the embedding, 1 + N(0, 0.01) for
+a norm). It takes no --bad, --chain or --skew. --stream writes any preset
+that way.
 
 --skew S adds S times one shared direction to every embedding row and to the
 router row of expert 0, so that many tokens choose expert 0 and capacity
@@ -40,7 +49,13 @@ PRESETS = {  # H*Hd != D, moe_layer_interval 2, V a multiple of 128 and larger t
                   intermediate_size=40, num_experts=8, moe_layer_interval=2, max_position_embeddings=64),
     "base": dict(vocab_size=256384, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, head_dim=64,
                  intermediate_size=2048, num_experts=16, moe_layer_interval=4, max_position_embeddings=2048),
+    "8b": dict(vocab_size=256384, hidden_size=2048, num_hidden_layers=24, num_attention_heads=24, head_dim=128,
+               intermediate_size=8192, num_experts=32, moe_layer_interval=6, max_position_embeddings=2048),
 }
+STREAMED = ["8b"]  # presets written as they are drawn
+SHARD_BYTES = 5 << 30  # save_pretrained's default max_shard_size, 5GB
+PIECE = 1 << 22  # elements drawn and written at once
+TABLE = 1 << 16  # draws of each distribution that a streamed tensor picks from
 BAD_KINDS = ["missing-tensor", "unexpected-tensor", "wrong-shape", "unknown-dtype", "topk-disagree",
              "kv-heads", "tied", "bad-eps", "no-config", "index-missing-file", "no-weights",
              "transposed", "gate-up-swapped",
@@ -73,42 +88,50 @@ def hf_config(p, spelling):
     return cfg
 
 
+def hf_specs(p):
+    """(name, shape, kind) of every tensor, in the order and shapes of the
+    released files; kind: "embedding", "norm", "router", or a matrix's fan-in"""
+    V, D, L = p["vocab_size"], p["hidden_size"], p["num_hidden_layers"]
+    H, Hd, F, E = p["num_attention_heads"], p["head_dim"], p["intermediate_size"], p["num_experts"]
+    yield "model.embed_tokens.weight", (V, D), "embedding"
+    for i in range(L):
+        pre = "model.layers.%d." % i
+        yield pre + "input_layernorm.weight", (D,), "norm"
+        for w in "qkv":
+            yield pre + "self_attn.%s_proj.weight" % w, (H * Hd, D), D
+        yield pre + "self_attn.o_proj.weight", (D, H * Hd), H * Hd
+        yield pre + "post_attention_layernorm.weight", (D,), "norm"
+        mlp = "mlp." if (i + 1) % p["moe_layer_interval"] else "extra_mlp."
+        if mlp == "extra_mlp.":
+            yield pre + "mlp.gate_weight", (E, D), "router"
+            yield pre + "mlp.experts.wi_gate", (E, D, 2 * F), D
+            yield pre + "mlp.experts.wi_up", (E, D, F), D
+            yield pre + "mlp.experts.wo", (E, F, D), F
+            yield pre + "pre_extra_mlp_layernorm.weight", (D,), "norm"
+        yield pre + mlp + "gate_proj.weight", (2 * F, D), D
+        yield pre + mlp + "up_proj.weight", (F, D), D
+        yield pre + mlp + "down_proj.weight", (D, F), F
+    yield "model.norm.weight", (D,), "norm"
+    yield "lm_head.weight", (V, D), D
+
+
 def hf_tensors(p, rng, skew):
     """name -> fp32 array, in the order and shapes of the released files.
     Scales keep activations O(1) so that logits are well conditioned."""
-    V, D, L = p["vocab_size"], p["hidden_size"], p["num_hidden_layers"]
-    H, Hd, F, E = p["num_attention_heads"], p["head_dim"], p["intermediate_size"], p["num_experts"]
-
-    def mat(*shape, fan_in):
-        return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-
-    def norm():
-        return (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32)
-
+    D = p["hidden_size"]
     shared = rng.standard_normal(D).astype(np.float32)
     shared /= np.linalg.norm(shared) / np.sqrt(D)
-    t = {"model.embed_tokens.weight": (rng.standard_normal((V, D)) + skew * shared).astype(np.float32)}
-    for i in range(L):
-        pre = "model.layers.%d." % i
-        t[pre + "input_layernorm.weight"] = norm()
-        for w in "qkv":
-            t[pre + "self_attn.%s_proj.weight" % w] = mat(H * Hd, D, fan_in=D)
-        t[pre + "self_attn.o_proj.weight"] = mat(D, H * Hd, fan_in=H * Hd)
-        t[pre + "post_attention_layernorm.weight"] = norm()
-        mlp = "mlp." if (i + 1) % p["moe_layer_interval"] else "extra_mlp."
-        if mlp == "extra_mlp.":
-            router = mat(E, D, fan_in=D)
-            router[0] += skew * shared / np.sqrt(D)
-            t[pre + "mlp.gate_weight"] = router
-            t[pre + "mlp.experts.wi_gate"] = mat(E, D, 2 * F, fan_in=D)
-            t[pre + "mlp.experts.wi_up"] = mat(E, D, F, fan_in=D)
-            t[pre + "mlp.experts.wo"] = mat(E, F, D, fan_in=F)
-            t[pre + "pre_extra_mlp_layernorm.weight"] = norm()
-        t[pre + mlp + "gate_proj.weight"] = mat(2 * F, D, fan_in=D)
-        t[pre + mlp + "up_proj.weight"] = mat(F, D, fan_in=D)
-        t[pre + mlp + "down_proj.weight"] = mat(D, F, fan_in=F)
-    t["model.norm.weight"] = norm()
-    t["lm_head.weight"] = mat(V, D, fan_in=D)
+    t = {}
+    for name, shape, kind in hf_specs(p):
+        if kind == "embedding":
+            t[name] = (rng.standard_normal(shape) + skew * shared).astype(np.float32)
+        elif kind == "norm":
+            t[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            fan_in = D if kind == "router" else kind
+            t[name] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+            if kind == "router":
+                t[name][0] += skew * shared / np.sqrt(D)
     return t
 
 
@@ -163,6 +186,54 @@ def write_safetensors(path, tensors, dtype, bad=None):
             f.write(b)
 
 
+def write_streamed(out, p, fmt, dtype, rng):
+    """the weights of hf_specs(P) as safetensors (a single file, or shards of
+    at most SHARD_BYTES with their index), drawn and written a piece at a
+    time: each element picks at random from TABLE draws of its tensor's
+    distribution"""
+    st_name, conv = ST_DTYPES[dtype]
+    size = conv(np.zeros(1, np.float32)).itemsize
+    specs = list(hf_specs(p))
+    shards, used = [[]], 0
+    for spec in specs:
+        n = int(np.prod(spec[1])) * size
+        if fmt == "st-sharded" and shards[-1] and used + n > SHARD_BYTES:
+            shards.append([])
+            used = 0
+        shards[-1].append(spec)
+        used += n
+    names = ["model.safetensors"] if fmt == "st" else \
+        ["model-%05d-of-%05d.safetensors" % (i + 1, len(shards)) for i in range(len(shards))]
+    for fname, part in zip(names, shards):
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, _ in part:
+            n = int(np.prod(shape)) * size
+            header[name] = {"dtype": st_name, "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        h = json.dumps(header).encode()
+        h += b" " * (-len(h) % 8)
+        with open(os.path.join(out, fname), "wb") as f:
+            f.write(struct.pack("<Q", len(h)))
+            f.write(h)
+            for name, shape, kind in part:
+                if kind == "embedding":
+                    table = rng.standard_normal(TABLE)
+                elif kind == "norm":
+                    table = 1.0 + 0.1 * rng.standard_normal(TABLE)
+                else:
+                    table = rng.standard_normal(TABLE) / np.sqrt(p["hidden_size"] if kind == "router" else kind)
+                table = conv(table.astype(np.float32))
+                n = int(np.prod(shape))
+                for i in range(0, n, PIECE):
+                    f.write(table[rng.integers(0, TABLE, min(PIECE, n - i), dtype=np.uint16)].data)
+        print("%s: %d tensors, %.1f GB" % (fname, len(part), off / 1e9), file=sys.stderr)
+    if fmt == "st-sharded":
+        weight_map = {name: fname for fname, part in zip(names, shards) for name, _, _ in part}
+        total = sum(int(np.prod(shape)) * size for _, shape, _ in specs)
+        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
 def write_bin(path, tensors, dtype, bad=None):
     """torch.save's zip format; bad "pickle-exec": one more entry whose
     unpickling runs a command that creates EXECUTED beside the file
@@ -215,10 +286,23 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--bad", choices=BAD_KINDS)
     ap.add_argument("--chain", help="ids: each one's successor under greedy generation")
+    ap.add_argument("--stream", action="store_true", help="write as --preset 8b is written, whatever the preset")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="a config.json value")
     a = ap.parse_args()
     p = dict(PRESETS[a.preset])
     cfg = hf_config(p, a.spelling)
+    for kv in a.set:
+        key, _, value = kv.partition("=")
+        cfg[key] = json.loads(value)
+    if a.stream or a.preset in STREAMED:
+        if a.bad or a.chain or a.skew or not a.format.startswith("st"):
+            sys.exit("--stream (and --preset %s): a safetensors --format, no --bad, --chain or --skew"
+                     % "/".join(STREAMED))
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        write_streamed(a.out, p, a.format, a.dtype, np.random.default_rng(a.seed))
+        return
     t = hf_tensors(p, np.random.default_rng(a.seed), a.skew)
     dtype = {"*": a.dtype}
     E, D, F = p["num_experts"], p["hidden_size"], p["intermediate_size"]
@@ -251,9 +335,6 @@ def main():
              "duplicate-key": "st"}
     if a.bad in needs and not a.format.startswith(needs[a.bad]):
         sys.exit("--bad %s needs a %s --format" % (a.bad, needs[a.bad]))
-    for kv in a.set:
-        key, _, value = kv.partition("=")
-        cfg[key] = json.loads(value)
     if a.chain:
         chain_model(t, [int(i) for i in a.chain.split()])
     os.makedirs(a.out, exist_ok=True)
