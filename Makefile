@@ -36,12 +36,15 @@ GPU_TARGETS = train_gpu run_gpu test_gpu
 .PHONY: all gpu test data bench analyze tiny experiments clean asan fuzz
 all: $(CPU_TARGETS) $(if $(HAVE_CUDA),gpu)
 
-train: train.c openmoe.c openmoe.h utils.h tokenizer.h
-	$(CC) $(CFLAGS) train.c openmoe.c -o $@ $(LDLIBS)
-run: run.c openmoe.c openmoe.h utils.h tokenizer.h
-	$(CC) $(CFLAGS) run.c openmoe.c -o $@ $(LDLIBS)
-test_cpu: test/test_model.c openmoe.c openmoe.h utils.h
-	$(CC) $(CFLAGS) test/test_model.c openmoe.c -o $@ $(LDLIBS)
+# the CPU backend: openmoe.c, with its matrix products from gemm.c
+CPU_SRC = openmoe.c gemm.c
+CPU_DEPS = $(CPU_SRC) openmoe.h gemm.h utils.h
+train: train.c $(CPU_DEPS) tokenizer.h
+	$(CC) $(CFLAGS) train.c $(CPU_SRC) -o $@ $(LDLIBS)
+run: run.c $(CPU_DEPS) tokenizer.h
+	$(CC) $(CFLAGS) run.c $(CPU_SRC) -o $@ $(LDLIBS)
+test_cpu: test/test_model.c $(CPU_DEPS)
+	$(CC) $(CFLAGS) test/test_model.c $(CPU_SRC) -o $@ $(LDLIBS)
 
 # The CUDA backend links with the same programs: the .c files compile as C++
 # under nvcc. "test_gpu" names both the binary and the GPU test run, so the
@@ -73,15 +76,15 @@ ASAN_FLAGS = -O1 -fexpensive-optimizations -g -march=native -fno-omit-frame-poin
              -fno-sanitize-recover=all
 ASAN_TARGETS = build/asan/train build/asan/run build/asan/test_cpu
 asan: $(ASAN_TARGETS)
-build/asan/train: train.c openmoe.c openmoe.h utils.h tokenizer.h
+build/asan/train: train.c $(CPU_DEPS) tokenizer.h
 	@mkdir -p build/asan
-	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) train.c openmoe.c -o $@ $(LDLIBS)
-build/asan/run: run.c openmoe.c openmoe.h utils.h tokenizer.h
+	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) train.c $(CPU_SRC) -o $@ $(LDLIBS)
+build/asan/run: run.c $(CPU_DEPS) tokenizer.h
 	@mkdir -p build/asan
-	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) run.c openmoe.c -o $@ $(LDLIBS)
-build/asan/test_cpu: test/test_model.c openmoe.c openmoe.h utils.h
+	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) run.c $(CPU_SRC) -o $@ $(LDLIBS)
+build/asan/test_cpu: test/test_model.c $(CPU_DEPS)
 	@mkdir -p build/asan
-	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) test/test_model.c openmoe.c -o $@ $(LDLIBS)
+	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) test/test_model.c $(CPU_SRC) -o $@ $(LDLIBS)
 
 # the hardening test with N mutants per file reader (make test runs 200)
 N ?= 2000
@@ -104,16 +107,16 @@ tiny:
 	$(MAKE) analyze RUN_DIR=out/tiny
 
 # the MPI build of train.c that test/t_mpi.sh runs (mpicc from openmpi-bin)
-build/train_mpi: train.c openmoe.c openmoe.h utils.h tokenizer.h
+build/train_mpi: train.c $(CPU_DEPS) tokenizer.h
 	@mkdir -p build
-	mpicc $(CFLAGS) $(MPI_CFLAGS) train.c openmoe.c -o $@ $(LDLIBS)
+	mpicc $(CFLAGS) $(MPI_CFLAGS) train.c $(CPU_SRC) -o $@ $(LDLIBS)
 # the routing variants of SPEC §8 on tiny, one run each (dev/experiments.sh):
 # 800 steps each unless STEPS=N is given; out/experiments/summary.md
 experiments: train
 	$(MAKE) data
 	PYTHON=$(PYTHON) bash dev/experiments.sh $(if $(filter command line environment,$(origin STEPS)),$(STEPS),800)
 
-build/bench_cpu: dev/bench_cpu.c openmoe.c openmoe.h utils.h
+build/bench_cpu: dev/bench_cpu.c $(CPU_DEPS)
 	@mkdir -p build
 	$(CC) $(CFLAGS) dev/bench_cpu.c -o $@ $(LDLIBS)
 bench: build/bench_cpu
