@@ -33,12 +33,23 @@ endif
 CPU_TARGETS = train run test_cpu
 GPU_TARGETS = train_gpu run_gpu test_gpu
 
-.PHONY: all gpu test data bench analyze tiny experiments clean asan fuzz
+.PHONY: all gpu test data bench analyze tiny experiments clean asan fuzz FORCE
 all: $(CPU_TARGETS) $(if $(HAVE_CUDA),gpu)
 
-# the CPU backend: openmoe.c, with its matrix products from gemm.c
+# the CPU backend: openmoe.c, with its matrix products from gemm.c; make
+# PLAIN=1 builds it with openmoe.c's plain loops instead (the same bits, slowly)
+ifdef PLAIN
+CPU_SRC = openmoe.c
+override CFLAGS += -DPLAIN
+else
 CPU_SRC = openmoe.c gemm.c
-CPU_DEPS = $(CPU_SRC) openmoe.h gemm.h utils.h
+endif
+CPU_DEPS = $(CPU_SRC) openmoe.h gemm.h utils.h build/flags
+# the compile line in build/flags: a change of PLAIN, CC or CFLAGS rebuilds the CPU programs
+BUILD_FLAGS = $(CC) $(CFLAGS) $(CPU_SRC)
+build/flags: FORCE
+	@mkdir -p build
+	@echo '$(BUILD_FLAGS)' | cmp -s - $@ || echo '$(BUILD_FLAGS)' > $@
 train: train.c $(CPU_DEPS) tokenizer.h
 	$(CC) $(CFLAGS) train.c $(CPU_SRC) -o $@ $(LDLIBS)
 run: run.c $(CPU_DEPS) tokenizer.h
@@ -68,6 +79,14 @@ endif
 # every test: test/t_*.sh, counted by test/run_tests.sh into "N passed, M failed"
 test: $(CPU_TARGETS)
 	bash test/run_tests.sh
+
+# ./train in both builds, whatever PLAIN says, for test/t_plain.sh
+build/plain/train: train.c openmoe.c openmoe.h gemm.h utils.h tokenizer.h
+	@mkdir -p build/plain
+	$(CC) $(filter-out -DPLAIN,$(CFLAGS)) -DPLAIN train.c openmoe.c -o $@ $(LDLIBS)
+build/fast/train: train.c openmoe.c gemm.c openmoe.h gemm.h utils.h tokenizer.h
+	@mkdir -p build/fast
+	$(CC) $(filter-out -DPLAIN,$(CFLAGS)) train.c openmoe.c gemm.c -o $@ $(LDLIBS)
 
 # ASan + UBSan builds for test/t_hardening.sh, beside the normal binaries
 # -fexpensive-optimizations: at -O1 GCC would not fuse gemm's a*b+c, and
@@ -116,9 +135,9 @@ experiments: train
 	$(MAKE) data
 	PYTHON=$(PYTHON) bash dev/experiments.sh $(if $(filter command line environment,$(origin STEPS)),$(STEPS),800)
 
-build/bench_cpu: dev/bench_cpu.c $(CPU_DEPS)
+build/bench_cpu: dev/bench_cpu.c openmoe.c gemm.c openmoe.h gemm.h utils.h
 	@mkdir -p build
-	$(CC) $(CFLAGS) dev/bench_cpu.c -o $@ $(LDLIBS)
+	$(CC) $(filter-out -DPLAIN,$(CFLAGS)) dev/bench_cpu.c -o $@ $(LDLIBS)
 bench: build/bench_cpu
 	bash dev/bench.sh
 

@@ -1,10 +1,11 @@
 // openmoe.c: OpenMoE on the CPU in plain C with OpenMP. Forward, backward,
 // router, capacity, losses and optimizers, exactly as ../shared/SPEC.md says.
 //
-// Reading order: the layers, each _forward beside its _backward, then the
-// router and the MoE plumbing, the losses, the model (forward, backward), the
-// optimizers, and inference with a KV cache. The matrix products are gemm.h's. Shapes use B batch, T time, D width, HHd = H*Hd,
-// BT = B*T tokens, E experts, K experts per token, V vocabulary.
+// Reading order: the matrix products (their plain definition), the layers,
+// each _forward beside its _backward, then the router and the MoE plumbing,
+// the losses, the model (forward, backward), the optimizers, and inference
+// with a KV cache. Shapes use B batch, T time, D width, HHd = H*Hd, BT = B*T
+// tokens, E experts, K experts per token, V vocabulary.
 //
 // Determinism: every output element is summed by one thread in a fixed order,
 // so results do not depend on the number of threads, and a token's result does
@@ -18,6 +19,73 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+// ----------------------------------------------------------------------------
+// matrix products (gemm.h), plain: the definition. Every output element is
+// one chain c = MADD(a, b, c) over k in order. Where k is not the innermost
+// loop, the chains wait in the output itself between steps (storing a float
+// rounds nothing). A normal build takes the same chains from gemm.c, tiled,
+// vectorised and threaded (a reader can skip that file); make PLAIN=1 builds
+// these loops instead, and both give the same bits.
+#ifdef PLAIN
+
+// out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T
+void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT, float *scratch) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OUT; o++) {
+            const float *x = inp + (size_t)n * IN, *wo = w + (size_t)o * IN;
+            float acc = 0.0f;
+            for (int i = 0; i < IN; i++) acc = MADD(x[i], wo[i], acc);
+            out[(size_t)n * OUT + o] = acc;
+        }
+}
+size_t matmul_scratch_floats(int IN) { return 0; }
+
+// dinp (N,IN) = (or += with accumulate) dout (N,OUT) @ w (OUT,IN), unless
+// dinp is NULL; dw (OUT,IN) += dout^T @ inp
+void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int N, int IN,
+                     int OUT, int accumulate) {
+#pragma omp parallel for schedule(static)
+    for (int o = 0; o < OUT; o++)  // dw[o][i]: a chain over n
+        for (int n = 0; n < N; n++)
+            for (int i = 0; i < IN; i++)
+                dw[(size_t)o * IN + i] = MADD(dout[(size_t)n * OUT + o], inp[(size_t)n * IN + i], dw[(size_t)o * IN + i]);
+    if (!dinp) return;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {  // dinp[n][i]: a chain over o
+        float *d = dinp + (size_t)n * IN;
+        if (!accumulate) memset(d, 0, IN * sizeof(float));
+        for (int o = 0; o < OUT; o++)
+            for (int i = 0; i < IN; i++) d[i] = MADD(dout[(size_t)n * OUT + o], w[(size_t)o * IN + i], d[i]);
+    }
+}
+
+// C (M,N; rows ldc apart) = (or += with accumulate) A (M,K) @ B (K,N),
+// A(i,k) = A[i*ars + k*aks], B(k,n) = B[k*ldb + n]
+void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb, int M, int N, int K,
+          int accumulate) {
+    for (int i = 0; i < M; i++) {  // C[i][j]: a chain over k
+        float *c = C + (size_t)i * ldc;
+        if (!accumulate) memset(c, 0, N * sizeof(float));
+        for (int k = 0; k < K; k++)
+            for (int j = 0; j < N; j++) c[j] = MADD(A[(size_t)i * ars + (size_t)k * aks], B[(size_t)k * ldb + j], c[j]);
+    }
+}
+
+// out (OUT) = wt (IN,OUT)^T @ inp (IN), wt's rows ldw apart
+void matvec_forward(float *out, const float *inp, const float *wt, int IN, int OUT, int ldw) {
+    memset(out, 0, OUT * sizeof(float));  // out[o]: a chain over i
+    for (int i = 0; i < IN; i++)
+        for (int o = 0; o < OUT; o++) out[o] = MADD(inp[i], wt[(size_t)i * ldw + o], out[o]);
+}
+
+// wt (IN,OUT) = w (OUT,IN)^T, w's rows ldw apart
+void transpose(float *wt, const float *w, int OUT, int IN, int ldw) {
+    for (int o = 0; o < OUT; o++)
+        for (int i = 0; i < IN; i++) wt[(size_t)i * OUT + o] = w[(size_t)o * ldw + i];
+}
+#endif  // PLAIN
 
 // ----------------------------------------------------------------------------
 // embedding
