@@ -1,6 +1,18 @@
 // gemm.c: the CPU's matrix products (gemm.h), fast. A reader of the model
 // can skip this file: it computes exactly what openmoe.c's plain loops
-// (make PLAIN=1) compute, the same bits, only faster.
+// compute (make PLAIN=1 builds those instead), the same bits, only faster.
+//
+// What it does, for the curious: a BLIS-style engine in GCC vector
+// extensions (AVX-512 or AVX2 intrinsics only for register transposes and
+// streaming stores). C is cut into tasks, a range of columns times a group of
+// rows, that the threads take from one pool; a task packs its range of B
+// into its thread's own L2 block, a slice of depth at a time, and runs
+// register tiles of MR x NR accumulators over it, A packed or read in place.
+// Every element is still one chain of multiply-adds in k order: the tiling
+// changes where a chain's partial sums wait (registers, then C between
+// passes), never its order. Sections: the register tile; packing; the tasks
+// and their plan; the products gemm.h names; decode's matvec and transposes.
+// What was measured for each choice is in doc/engine-notes.md.
 #include "gemm.h"
 #include <stdint.h>
 #include <string.h>
@@ -10,28 +22,23 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-// ----------------------------------------------------------------------------
-// matmul. One kernel: C[M,N] (+)= A[M,K] B[K,N], with C row-major, A read
-// through strides (A[i*ars + k*aks]) so that it can be a transposed view, and
-// B row-major or the transpose of a row-major W (gemm_bt).
-// Each C element is one chain c = c + a*b over k in order (fused multiply-adds
-// under -ffp-contract=fast), so any tiling, any thread count and the matvec
-// below give identical bits.
 
-// The register tile follows the compile target: VW floats per vector, a tile
-// of MR x NR accumulators that fills the vector registers, and two vectors of
-// B plus one broadcast of A beside them. GCC's generic vectors compile to one
-// register each under AVX-512 (zmm) and AVX (ymm), and to pairs of xmm (or
-// NEON q) registers elsewhere.
-// A pass of a tile runs KC deep, with its KC x NR panel of B in L1. Under
-// AVX-512, a product whose A is read in place (gemm_a_in_place: most
-// forwards) runs KC_IN_PLACE deep: its panel (64 KB) streams from L2, and
-// C is loaded and stored once per 512 of depth rather than twice, with
-// half the tiles' fixed costs (measured on Zen 5: those forwards 2-8%
-// faster). With packed A the deeper pass bought nothing and cost the
-// 2048x512 @ 512x3072 backward 5%. Under AVX2 (run on the same Zen 5) it
-// bought 1-3% on those forwards, within noise, so the AVX2 build keeps the
-// pass that earlier rounds measured on AVX2 machines.
+// ----------------------------------------------------------------------------
+// the register tile. One kernel: C[M,N] (+)= A[M,K] B[K,N], with C row-major,
+// A read through strides (A[i*ars + k*aks]) so that it can be a transposed
+// view, and B row-major or the transpose of a row-major W. Each C element is
+// one chain c = c + a*b over k in order (fused multiply-adds under
+// -ffp-contract=fast).
+//
+// The tile follows the compile target: VW floats per vector, MR x NR
+// accumulators that fill the vector registers, and two vectors of B plus one
+// broadcast of A beside them. GCC's generic vectors compile to one register
+// each under AVX-512 (zmm) and AVX (ymm), and to pairs of xmm (or NEON q)
+// registers elsewhere. A pass of a tile runs KC deep, with its KC x NR panel
+// of B in L1. Under AVX-512, a product whose A is read in place
+// (gemm_a_in_place: most forwards) runs KC_IN_PLACE deep: its panel streams
+// from L2, and C is loaded and stored once per 512 of depth rather than
+// twice. Packed A, and the AVX2 build, keep KC.
 #if defined(__AVX512F__)
 #define VW 16            // floats per vector: one zmm
 #define MR 14            // rows of C per register tile: 28 of the 32 zmm registers
@@ -89,11 +96,13 @@ static inline __attribute__((always_inline)) void gemm_tile(float *C, int ldc, c
     }
 }
 
+// ----------------------------------------------------------------------------
+// packing
+
 // the VW x VW block in rows r[0..VW-1] transposed in place. With AVX-512
-// or AVX, the unpack and shuffle network of immediate-operand instructions
-// (measured on Zen 5: 2.9x and 5x faster than the generic form, which GCC
-// compiles to two-source permutes that each need an index register).
-// Pairs of rows are interleaved by floats, then by pairs of floats, then
+// or AVX, a network of immediate-operand unpacks and shuffles (the generic
+// form compiles to two-source permutes that each need an index register):
+// pairs of rows are interleaved by floats, then by pairs of floats, then
 // (AVX-512) 128-bit lanes are gathered twice, each lane of the result from
 // its own row group.
 #if defined(__AVX512F__)
@@ -250,14 +259,14 @@ static void gemm_pack_panel(float *bp, const float *B, int ldb, int transposed, 
     gemm_pack_bt(bp, w, ldb, nr, kc);
 }
 
-// The threaded matmul. C is cut into tasks, a range of columns times a
-// group of rows, which the threads take in turn. A task packs its range of
-// B itself, one depth slice at a time, into bblock (its thread's own, in
-// L2), then its rows' A, a block at a time. Nothing packed is shared between
-// threads: on the machines measured (README), a core that writes over lines
-// another core has read, or reads lines another has written, runs at memory
-// speed. A task runs its rows' chains to the end, so no task waits for
-// another.
+// ----------------------------------------------------------------------------
+// the tasks. C is cut into tasks, a range of columns times a group of rows,
+// which the threads take in turn. A task packs its range of B itself, one
+// depth slice at a time, into bblock (its thread's own, in L2), then its
+// rows' A, a block at a time. Nothing packed is shared between threads: a
+// core that writes over lines another core has read, or reads lines another
+// has written, runs at memory speed. A task runs its rows' chains to the
+// end, so no task waits for another.
 #define GEMM_B_FLOATS (1 << 17)       // a thread's packed B, 512 KB: half of L2
 #define GEMM_MIN_RANGE_COLS 256       // a slice is shallow enough for a range this wide
 #define GEMM_RANGE_COLS 512           // and a range at most this wide
@@ -311,10 +320,9 @@ static void gemm_prefetch_a(const Gemm *g, int i, int rows, int k0, int kc, int 
 }
 
 // A read in place: rows along k, deep enough that a tile's fixed costs do
-// not outweigh packing (measured: 0.88x at K = 8), and a row stride that
-// spreads a tile's rows over L1's sets. Rows a multiple of 4 KB apart share
-// one set, and 14 of them with the B panel's lines overflow its 12 ways
-// (measured: 0.85x where the rows are 12 KB apart).
+// not outweigh packing, and a row stride that spreads a tile's rows over
+// L1's sets (rows a multiple of 4 KB apart share one set, and 14 of them
+// with the B panel's lines overflow its 12 ways).
 #define L1_SET_SPAN 4096         // bytes after which L1's set index repeats
 #define GEMM_IN_PLACE_MIN_K 64   // shallower A is packed
 static int gemm_a_in_place(const Gemm *g) {
@@ -327,7 +335,7 @@ static int gemm_a_in_place(const Gemm *g) {
 // read in place, MR*kc floats each. A along i (ars 1: dout^T in dW) is
 // copied k by k across all of the block's whole tiles, so that each row of
 // A (a k, rows often pages apart) is visited once per block rather than once
-// per tile (measured: the 3072x2048 @ 2048x512 dW 6% faster).
+// per tile.
 static void gemm_pack_block(float *apack, const Gemm *g, int ib, int ie, int k0, int kc, int in_place) {
     int i = ib;
     if (!in_place && g->ars == 1) {
@@ -350,20 +358,16 @@ static void gemm_pack_block(float *apack, const Gemm *g, int ib, int ie, int k0,
 // rows i0..i1-1 times columns j0..j1-1 of C at depth d0..d0+dk-1, B's range
 // packed in bblock: g->block_rows at a time, their A and C's block staying
 // in L2 while the passes go by. A that gemm_a_in_place allows (activations,
-// output gradients) is read in place by whole tiles of rows: packing it
-// cost about 7% of the time of the tiles it fed (a range of 256 columns);
-// other A, and a last partial tile of rows, is packed. While one block of A
-// runs, the next is prefetched, a share of its lines per tile.
+// output gradients) is read in place by whole tiles of rows, saving the
+// packing; other A, and a last partial tile of rows, is packed. While one
+// block of A runs, the next is prefetched, a share of its lines per tile.
 // The tiles walk down the block's rows panel by panel, a panel of B staying
-// in L1, except in the first pass of a later slice, whose C comes back from
-// beyond L2 (the slice before has since written the other rows'): they walk
-// along each row group's columns, so that each tile's C continues the rows
-// the tile before read. Walking down, the rows of a tile's C are new and, as
-// ldc is often a multiple of 512, a multiple of 4 KB from the rows just
-// stored. Measured on Zen 5, one thread: the 2048x512 @ 512x3072 backward's
-// input gradient 3-4% faster and its weight gradient 5-6%, the lm_head's
-// weight gradient 5-7%, others within noise. Under AVX2 (its 6x16 tile) it
-// read 1-2% slower, within noise, and that build always walks down.
+// in L1, except (TILES_ALONG_ROWS, AVX-512) in the first pass of a later
+// slice, whose C comes back from beyond L2 (the slice before has since
+// written the other rows'): they walk along each row group's columns, so
+// that each tile's C continues the rows the tile before read. Walking down,
+// the rows of a tile's C are new and, as ldc is often a multiple of 512, a
+// multiple of 4 KB from the rows just stored.
 static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, int j0, int j1, int d0, int dk) {
     float apack[GEMM_A_FLOATS + VW] __attribute__((aligned(64)));  // VW to spare: gemm_pack_a
     int cols = (j1 - j0 + NR - 1) / NR * NR, in_place = gemm_a_in_place(g), mc = g->block_rows, pass = g->pass;
@@ -403,12 +407,9 @@ static void gemm_range_rows(const Gemm *g, const float *bblock, int i0, int i1, 
 // Whether C's last pass goes to memory with non-temporal stores: a C too
 // big to stay in cache for whoever reads it next, whose rows are aligned to
 // the vector. Ordinary stores first read each line of C in from memory;
-// without that read the 2048x128 @ 128x4096 forward (32 MB of logits) ran
-// 1.25x as fast, 2048x128 @ 128x768 (6 MB) 1.15x. Only the last pass: a
-// streamed C that the next depth block reads back comes from memory (the
-// 2048x512 @ 512x3072 forward lost 6% streaming the first of its two).
-// AVX-512 only: the AVX2 tile writes C at half the rate, and streaming
-// bought nothing there (0.97-0.99x, within noise).
+// streaming stores do not. Only the last pass: a streamed C that the next
+// depth block reads back would come from memory. AVX-512 only: the AVX2 tile
+// writes C at half the rate, too slowly for the saved reads to matter.
 #define GEMM_STREAM_BYTES (4 << 20)  // C at least this big
 static int gemm_streams(const Gemm *g) {
 #if defined(__AVX512F__)
@@ -423,13 +424,12 @@ static int gemm_streams(const Gemm *g) {
 // The tasks for `threads` threads: the slice as deep as a range of
 // GEMM_MIN_RANGE_COLS allows, the range as wide as the slice allows, then
 // the rows cut into groups (whole tiles) until there are tasks enough.
-// Where those groups would be small (the 320 rows of an expert), a single
-// slice takes narrower ranges instead (320x512 @ 512x1536 forward 4-10%
-// faster; with 2048 rows, groups were 2-4% faster). Packed A is packed
-// again for every range, so a deep product with packed A and N that fits
-// one range of GEMM_RANGE_COLS takes that one range, with slices as shallow
-// as it needs, and groups of rows for the threads (measured: the 2048x512 @
-// 512x3072 backward's dinp and dW 5-10% faster).
+// Where those groups would be small (under GEMM_GROUP_TILES tiles: the 320
+// rows of an expert), a single slice takes narrower ranges instead, as the
+// threads of several groups would each pack the same range. Packed A is
+// packed again for every range, so a deep product with packed A and N that
+// fits one range of GEMM_RANGE_COLS takes that one range, with slices as
+// shallow as it needs, and groups of rows for the threads.
 static void gemm_plan(Gemm *g, int threads) {
     int in_place = gemm_a_in_place(g);
     g->pass = in_place ? KC_IN_PLACE : KC;
@@ -503,11 +503,10 @@ static int gemm_threads(const Gemm *g) {
 
 // the n products g[0..n-1], independent of each other, on `threads` threads
 // (1: on the calling thread, without a team), their tasks in one pool: a
-// thread done with its share of one product goes on to the next rather than
-// waiting at a barrier for the others (a backward's input and weight
-// gradients: measured on Zen 5, two threads, the backwards of the bench's
-// matmul table 1-7% faster). The bits do not depend on the tasks: every
-// element is one chain in k order.
+// thread done with its share of one product (a backward's input gradient)
+// goes on to the next (its weight gradient) rather than waiting at a barrier
+// for the others. The bits do not depend on the tasks: every element is one
+// chain in k order.
 static void gemm_on(Gemm *g, int n, int threads) {
     int tasks = 0;
     for (int p = 0; p < n; p++) {
@@ -532,6 +531,9 @@ static void gemm_on(Gemm *g, int n, int threads) {
         for (int t = 0; t < tasks; t++) gemm_task(g, t, &held);
     }
 }
+
+// ----------------------------------------------------------------------------
+// the products gemm.h names
 
 // C (M,N) (+)= A (M,K) @ B as Gemm says, on all threads (one for a small product)
 static void gemm_threaded(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
@@ -583,6 +585,9 @@ static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, 
     for (int t = 0; t < tiles; t++) gemm_narrow_rows(C, ldc, A, lda, wt_narrow, t * MR, t * MR + MR < M ? t * MR + MR : M, N, K);
 }
 
+// ----------------------------------------------------------------------------
+// decode: one token's products and the transposes
+
 // out [OUT] = wt [IN,OUT]^T @ inp [IN]: one token (inference), same bits as
 // gemm. wt is the weight matrix transposed (decode keeps such a copy), so
 // that a vector holds VW neighbouring outputs: each output is one chain of
@@ -625,9 +630,7 @@ void matvec_forward(float *out, const float *inp, const float *wt, int IN, int O
 
 // rows i0..i1-1 of wt [IN,OUT] = w [OUT,IN]^T, w's rows ldw apart: whole
 // VW x VW blocks through the vector registers (transpose_block), the
-// ragged edges element by element (measured on Zen 5, weights in cache:
-// tiny's lm_head, 4096x128, 1.8 -> 0.08 ms; 3072x512 5.6 -> 0.25 ms; all
-// of tiny's weights, as the first decode transposes them, 7 -> 2 ms)
+// ragged edges element by element
 static void transpose_rows(float *wt, const float *w, int OUT, int IN, int ldw, int i0, int i1) {
     int o = 0;
     for (; o + VW <= OUT; o += VW) {
