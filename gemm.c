@@ -456,6 +456,9 @@ static void gemm_plan(Gemm *g, int threads) {
     g->stream = gemm_streams(g);
 }
 
+// a thread's packed range of B (gemm_task), or a narrow W^T (gemm_bt), made with the thread
+static __thread float gemm_bblock[GEMM_B_FLOATS] __attribute__((aligned(64)));
+
 // what a thread's bblock holds: product g's range and slice `block`
 typedef struct {
     const Gemm *g;
@@ -468,7 +471,7 @@ typedef struct {
 // taking the next group of the same range (a single slice) does not pack it
 // again.
 static void gemm_task(const Gemm *g, int t, GemmHeld *held) {
-    static __thread float bblock[GEMM_B_FLOATS] __attribute__((aligned(64)));  // a thread's, made with it
+    float *bblock = gemm_bblock;
     for (; t >= g->ranges * g->groups; g++) t -= g->ranges * g->groups;
     int r = t / g->groups, p = t % g->groups, panels = (g->N + NR - 1) / NR;
     int slices = (g->K + g->depth - 1) / g->depth;
@@ -571,13 +574,15 @@ static void gemm_narrow_rows(float *C, int ldc, const float *A, int lda, const f
     }
 }
 
-// C (M,N) = A (M,K) @ W^T for W (N,K) row-major; wt_narrow holds K*VW
-// floats, for the narrow case's W^T
-static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, float *wt_narrow, int M, int N, int K) {
-    if (N > VW) {
-        gemm_threaded(C, ldc, A, lda, 1, W, K, 1, M, N, K, 0);
+// C (M,N) = (or += with accumulate) A (M,K) @ W^T for W (N,K) row-major.
+// A narrow W's transpose goes to the calling thread's bblock, which every
+// thread then reads.
+static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, int M, int N, int K, int accumulate) {
+    if (N > VW || accumulate || (size_t)K * VW > GEMM_B_FLOATS) {
+        gemm_threaded(C, ldc, A, lda, 1, W, K, 1, M, N, K, accumulate);
         return;
     }
+    float *wt_narrow = gemm_bblock;
     for (int k = 0; k < K; k++)
         for (int j = 0; j < VW; j++) wt_narrow[k * VW + j] = j < N ? W[(size_t)j * K + k] : 0.0f;
     int tiles = (M + MR - 1) / MR;
@@ -588,9 +593,9 @@ static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, 
 // ----------------------------------------------------------------------------
 // decode: one token's products and the transposes
 
-// out [OUT] = wt [IN,OUT]^T @ inp [IN]: one token (inference), same bits as
-// gemm. wt is the weight matrix transposed (decode keeps such a copy), so
-// that a vector holds VW neighbouring outputs: each output is one chain of
+// out [OUT] (+)= inp [IN] @ w [IN,OUT]: one token (inference), same bits as
+// gemm. w is input-major (decode keeps each weight matrix so), so that a
+// vector holds VW neighbouring outputs: each output is one chain of
 // multiply-adds in i order, a + b*c as in gemm_tile (fused where the target
 // fuses gemm's). A chain waits on its own latency, so MATVEC_VECS vectors of
 // outputs run side by side.
@@ -599,8 +604,10 @@ static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, 
 #define MATVEC_PARALLEL_MIN (1 << 20)       // multiply-adds below which one thread is faster
 
 // outputs o0..o0+nv*VW-1, nv <= MATVEC_VECS whole vectors
-static void matvec_vectors(float *out, const float *inp, const float *wt, int IN, int ldw, int o0, int nv) {
+static void matvec_vectors(float *out, const float *inp, const float *wt, int IN, int ldw, int o0, int nv,
+                           int accumulate) {
     vecf acc[MATVEC_VECS] = {{0}};
+    for (int v = 0; accumulate && v < nv; v++) acc[v] = *(const vecf *)(out + o0 + v * VW);
     for (int i = 0; i < IN; i++) {
         const float a = inp[i], *w = wt + (size_t)i * ldw + o0;
         for (int v = 0; v < nv; v++) acc[v] = acc[v] + a * *(const vecf *)(w + v * VW);
@@ -608,22 +615,23 @@ static void matvec_vectors(float *out, const float *inp, const float *wt, int IN
     for (int v = 0; v < nv; v++) *(vecf *)(out + o0 + v * VW) = acc[v];
 }
 // outputs o0..OUT-1, fewer than one vector
-static void matvec_scalars(float *out, const float *inp, const float *wt, int IN, int OUT, int ldw, int o0) {
+static void matvec_scalars(float *out, const float *inp, const float *wt, int IN, int OUT, int ldw, int o0,
+                           int accumulate) {
     for (int o = o0; o < OUT; o++) {
-        float acc = 0.0f;
+        float acc = accumulate ? out[o] : 0.0f;
         for (int i = 0; i < IN; i++) acc = MADD(inp[i], wt[(size_t)i * ldw + o], acc);
         out[o] = acc;
     }
 }
-void matvec_forward(float *out, const float *inp, const float *wt, int IN, int OUT, int ldw) {
+void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT, int accumulate, int ldw) {
     int n_blocks = (OUT + MATVEC_COLS - 1) / MATVEC_COLS;
 #pragma omp parallel for schedule(static) if ((size_t)OUT * IN >= MATVEC_PARALLEL_MIN)
     for (int b = 0; b < n_blocks; b++) {
         int o0 = b * MATVEC_COLS, nv = (OUT - o0) / VW;
-        if (nv >= MATVEC_VECS) matvec_vectors(out, inp, wt, IN, ldw, o0, MATVEC_VECS);  // nv known: unrolled
+        if (nv >= MATVEC_VECS) matvec_vectors(out, inp, w, IN, ldw, o0, MATVEC_VECS, accumulate);  // nv known: unrolled
         else {
-            matvec_vectors(out, inp, wt, IN, ldw, o0, nv);
-            matvec_scalars(out, inp, wt, IN, OUT, ldw, o0 + nv * VW);
+            matvec_vectors(out, inp, w, IN, ldw, o0, nv, accumulate);
+            matvec_scalars(out, inp, w, IN, OUT, ldw, o0 + nv * VW, accumulate);
         }
     }
 }
@@ -660,19 +668,14 @@ void transpose(float *wt, const float *w, int OUT, int IN, int ldw) {
         transpose_rows(wt, w, OUT, IN, ldw, i0, i0 + TRANSPOSE_ROWS < IN ? i0 + TRANSPOSE_ROWS : IN);
 }
 
-// out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T; scratch holds IN*VW floats (a
-// narrow w's transpose)
-void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT, float *scratch) {
-    gemm_bt(out, OUT, inp, IN, w, scratch, N, OUT, IN);
+void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT, int ldo, int accumulate) {
+    gemm_bt(out, ldo, inp, IN, w, N, OUT, IN, accumulate);
 }
 
-// dinp (N,IN) = (or +=, with accumulate) dout (N,OUT) @ w (OUT,IN), unless
-// NULL; dw (OUT,IN) += dout^T @ inp. The two products share one team.
+// the input and the weight gradient share one team
 void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int N, int IN,
-                     int OUT, int accumulate) {
-    Gemm g[2] = {gemm_product(dw, IN, dout, 1, OUT, inp, IN, 0, OUT, IN, N, 1),
-                 gemm_product(dinp, IN, dout, OUT, 1, w, IN, 0, N, IN, OUT, accumulate)};
+                     int OUT, int ldo, int accumulate) {
+    Gemm g[2] = {gemm_product(dw, IN, dout, 1, ldo, inp, IN, 0, OUT, IN, N, 1),
+                 gemm_product(dinp, IN, dout, ldo, 1, w, IN, 0, N, IN, OUT, accumulate)};
     gemm_on(g, dinp ? 2 : 1, gemm_threads(&g[0]));
 }
-
-size_t matmul_scratch_floats(int IN) { return (size_t)IN * VW; }

@@ -28,14 +28,13 @@ extern "C" {
 // floats per cache line: buffers the products write start on one
 #define LINE_FLOATS (64 / (int)sizeof(float))
 
-// out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T; scratch holds matmul_scratch_floats(IN)
-void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT, float *scratch);
-size_t matmul_scratch_floats(int IN);
+// out (N,OUT; rows ldo apart) = (or += with accumulate) inp (N,IN) @ w (OUT,IN)^T
+void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT, int ldo, int accumulate);
 
-// dinp (N,IN) = (or += with accumulate) dout (N,OUT) @ w (OUT,IN), unless
-// dinp is NULL; dw (OUT,IN) += dout^T @ inp
+// dinp (N,IN) = (or += with accumulate) dout (N,OUT; rows ldo apart) @ w
+// (OUT,IN), unless dinp is NULL; dw (OUT,IN) += dout^T @ inp
 void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int N, int IN,
-                     int OUT, int accumulate);
+                     int OUT, int ldo, int accumulate);
 
 // C (M,N; rows ldc apart) = (or += with accumulate) A (M,K) @ B (K,N), on
 // the calling thread (attention runs one per thread). A(i,k) = A[i*ars +
@@ -44,9 +43,11 @@ void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp
 void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb, int M, int N, int K,
           int accumulate);
 
-// out (OUT) = wt (IN,OUT)^T @ inp (IN), wt's rows ldw apart: one token's
-// product with a weight stored transposed (model_decode keeps such a copy)
-void matvec_forward(float *out, const float *inp, const float *wt, int IN, int OUT, int ldw);
+// out (OUT) = (or += with accumulate) inp (IN) @ w (IN,OUT), w's rows ldw
+// apart: one token's product. model_decode keeps each weight matrix
+// (OUT,IN) transposed to (IN,OUT) for it, and its attention reads the
+// cached values (pos+1, Hd) so.
+void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT, int accumulate, int ldw);
 
 // wt (IN,OUT) = w (OUT,IN)^T, w's rows ldw apart; a copy
 void transpose(float *wt, const float *w, int OUT, int IN, int ldw);

@@ -29,35 +29,34 @@
 // these loops instead, and both give the same bits.
 #ifdef PLAIN
 
-// out (N,OUT) = inp (N,IN) @ w (OUT,IN)^T
-void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT, float *scratch) {
+// out (N,OUT; rows ldo apart) = (or += with accumulate) inp (N,IN) @ w (OUT,IN)^T
+void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT, int ldo, int accumulate) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         for (int o = 0; o < OUT; o++) {
             const float *x = inp + (size_t)n * IN, *wo = w + (size_t)o * IN;
-            float acc = 0.0f;
+            float acc = accumulate ? out[(size_t)n * ldo + o] : 0.0f;
             for (int i = 0; i < IN; i++) acc = MADD(x[i], wo[i], acc);
-            out[(size_t)n * OUT + o] = acc;
+            out[(size_t)n * ldo + o] = acc;
         }
 }
-size_t matmul_scratch_floats(int IN) { return 0; }
 
-// dinp (N,IN) = (or += with accumulate) dout (N,OUT) @ w (OUT,IN), unless
-// dinp is NULL; dw (OUT,IN) += dout^T @ inp
+// dinp (N,IN) = (or += with accumulate) dout (N,OUT; rows ldo apart) @ w
+// (OUT,IN), unless dinp is NULL; dw (OUT,IN) += dout^T @ inp
 void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int N, int IN,
-                     int OUT, int accumulate) {
+                     int OUT, int ldo, int accumulate) {
 #pragma omp parallel for schedule(static)
     for (int o = 0; o < OUT; o++)  // dw[o][i]: a chain over n
         for (int n = 0; n < N; n++)
             for (int i = 0; i < IN; i++)
-                dw[(size_t)o * IN + i] = MADD(dout[(size_t)n * OUT + o], inp[(size_t)n * IN + i], dw[(size_t)o * IN + i]);
+                dw[(size_t)o * IN + i] = MADD(dout[(size_t)n * ldo + o], inp[(size_t)n * IN + i], dw[(size_t)o * IN + i]);
     if (!dinp) return;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {  // dinp[n][i]: a chain over o
         float *d = dinp + (size_t)n * IN;
         if (!accumulate) memset(d, 0, IN * sizeof(float));
         for (int o = 0; o < OUT; o++)
-            for (int i = 0; i < IN; i++) d[i] = MADD(dout[(size_t)n * OUT + o], w[(size_t)o * IN + i], d[i]);
+            for (int i = 0; i < IN; i++) d[i] = MADD(dout[(size_t)n * ldo + o], w[(size_t)o * IN + i], d[i]);
     }
 }
 
@@ -73,11 +72,11 @@ void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, i
     }
 }
 
-// out (OUT) = wt (IN,OUT)^T @ inp (IN), wt's rows ldw apart
-void matvec_forward(float *out, const float *inp, const float *wt, int IN, int OUT, int ldw) {
-    memset(out, 0, OUT * sizeof(float));  // out[o]: a chain over i
+// out (OUT) = (or += with accumulate) inp (IN) @ w (IN,OUT), w's rows ldw apart
+void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT, int accumulate, int ldw) {
+    if (!accumulate) memset(out, 0, OUT * sizeof(float));  // out[o]: a chain over i
     for (int i = 0; i < IN; i++)
-        for (int o = 0; o < OUT; o++) out[o] = MADD(inp[i], wt[(size_t)i * ldw + o], out[o]);
+        for (int o = 0; o < OUT; o++) out[o] = MADD(inp[i], w[(size_t)i * ldw + o], out[o]);
 }
 
 // wt (IN,OUT) = w (OUT,IN)^T, w's rows ldw apart
@@ -115,10 +114,10 @@ static void rmsnorm_row(float *out, float *rstd, const float *x, const float *w,
     if (rstd) *rstd = r;
 }
 
-// inp (N,D) -> out (N,D), rstd (N)
+// inp (N,D) -> out (N,D), rstd (N) (rstd may be NULL)
 static void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int N, int D) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) rmsnorm_row(out + (size_t)n * D, rstd + n, inp + (size_t)n * D, w, D);
+#pragma omp parallel for schedule(static) if (N > 1)
+    for (int n = 0; n < N; n++) rmsnorm_row(out + (size_t)n * D, rstd ? rstd + n : NULL, inp + (size_t)n * D, w, D);
 }
 
 // dinp += d/dx, dw += d/dw, from dout (N,D)
@@ -158,25 +157,29 @@ static void rope_row(float *x, const float *cosv, const float *sinv, int Hd, flo
     }
 }
 
-// in place on q or k (B,T,H,Hd); the backward is the rotation by -angle
-static void rope_forward(float *x, const float *cosv, const float *sinv, int B, int T, int H, int Hd, float sign) {
-    int half = Hd / 2;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++)
-            for (int h = 0; h < H; h++)
-                rope_row(x + (((size_t)b * T + t) * H + h) * Hd, cosv + (size_t)t * half, sinv + (size_t)t * half, Hd, sign);
+// in place on the q and k parts of qkv (N,3HHd), token n at position pos0 +
+// n % T; the backward is the rotation by -angle
+static void rope_forward(float *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int pos0,
+                         float sign) {
+    int half = Hd / 2, HHd = H * Hd;
+#pragma omp parallel for schedule(static) if (N > 1)
+    for (int n = 0; n < N; n++) {
+        size_t pos = pos0 + n % T;
+        for (int h = 0; h < 2 * H; h++)  // q's heads, then k's
+            rope_row(qkv + (size_t)n * 3 * HHd + (size_t)h * Hd, cosv + pos * half, sinv + pos * half, Hd, sign);
+    }
 }
-static void rope_backward(float *dx, const float *cosv, const float *sinv, int B, int T, int H, int Hd) {
-    rope_forward(dx, cosv, sinv, B, T, H, Hd, -1.0f);
+static void rope_backward(float *dqkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd) {
+    rope_forward(dqkv, cosv, sinv, N, T, H, Hd, 0, -1.0f);
 }
 
 // ----------------------------------------------------------------------------
 // causal attention, no 1/sqrt(Hd) (OpenMoE folds it into Wq's init). Per
-// (batch, head) it is three small matmuls on strided views of q, k, v
-// (rows H*Hd apart): scores = q k^T, softmax over s <= t, out = P v. The
-// masked probabilities are exactly 0, so the sums equal those of the one-token
-// path in model_decode bit for bit.
+// (batch, head) it is three small matmuls on strided views of q, k, v: head
+// h of token n is at qkv[n*3HHd + h*Hd] (q), + HHd (k), + 2HHd (v).
+// scores = q k^T, softmax over s <= t, out = P v. The masked probabilities
+// are exactly 0, so the sums equal those of the one-token path in
+// model_decode bit for bit.
 
 // scores att[0..t] -> probabilities in place; att[t+1..T-1] = 0
 static void attention_softmax_row(float *att, int t, int T) {
@@ -194,41 +197,41 @@ static void attention_softmax_row(float *att, int t, int T) {
 
 #define AB 64  // attention rows per block: a block needs keys 0..its last row only
 
-// q, k, v (B,T,H,Hd) -> out (B,T,H,Hd), att (B,H,T,T) probabilities; kt (B,H,Hd,T) scratch
-static void attention_forward(float *out, float *att, float *kt, const float *q, const float *k, const float *v,
-                              int B, int T, int H, int Hd) {
-    int ld = H * Hd;
+// qkv (BT,3HHd) -> out (BT,HHd), att (B,H,T,T) probabilities; kt (B,H,Hd,T) scratch
+static void attention_forward(float *out, float *att, float *kt, const float *qkv, int B, int T, int H, int Hd) {
+    int HHd = H * Hd, ld = 3 * HHd;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
-            size_t base = (size_t)b * T * ld + h * Hd, bh = (size_t)b * H + h;
-            float *P = att + bh * T * T, *kT = kt + bh * Hd * T;
-            transpose(kT, k + base, T, Hd, ld);
+            size_t bh = (size_t)b * H + h;
+            const float *q = qkv + (size_t)b * T * ld + h * Hd, *k = q + HHd, *v = q + 2 * HHd;
+            float *P = att + bh * T * T, *kT = kt + bh * Hd * T, *o = out + (size_t)b * T * HHd + h * Hd;
+            transpose(kT, k, T, Hd, ld);
             for (int i0 = 0; i0 < T; i0 += AB) {
                 int i1 = i0 + AB < T ? i0 + AB : T;
-                gemm(P + (size_t)i0 * T, T, q + base + (size_t)i0 * ld, ld, 1, kT, T, i1 - i0, i1, Hd, 0);
+                gemm(P + (size_t)i0 * T, T, q + (size_t)i0 * ld, ld, 1, kT, T, i1 - i0, i1, Hd, 0);
                 for (int t = i0; t < i1; t++) attention_softmax_row(P + (size_t)t * T, t, T);
-                gemm(out + base + (size_t)i0 * ld, ld, P + (size_t)i0 * T, T, 1, v + base, ld, i1 - i0, Hd, i1, 0);
+                gemm(o + (size_t)i0 * HHd, HHd, P + (size_t)i0 * T, T, 1, v, ld, i1 - i0, Hd, i1, 0);
             }
         }
 }
 
-// dout (B,T,H,Hd) -> dq, dk, dv (B,T,H,Hd), overwritten; dscore (B,H,T,T), vt (B,H,Hd,T) scratch
-static void attention_backward(float *dq, float *dk, float *dv, float *dscore, float *vt, const float *dout,
-                               const float *att, const float *q, const float *k, const float *v,
-                               int B, int T, int H, int Hd) {
-    int ld = H * Hd;
+// dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; dscore (B,H,T,T), vt (B,H,Hd,T) scratch
+static void attention_backward(float *dqkv, float *dscore, float *vt, const float *dout, const float *att,
+                               const float *qkv, int B, int T, int H, int Hd) {
+    int HHd = H * Hd, ld = 3 * HHd;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
-            size_t base = (size_t)b * T * ld + h * Hd, bh = (size_t)b * H + h;
-            const float *P = att + bh * T * T;
-            float *dS = dscore + bh * T * T, *vT = vt + bh * Hd * T;
-            transpose(vT, v + base, T, Hd, ld);
+            size_t bh = (size_t)b * H + h, base = (size_t)b * T * ld + h * Hd;
+            const float *q = qkv + base, *k = q + HHd, *v = q + 2 * HHd, *P = att + bh * T * T;
+            const float *dy = dout + (size_t)b * T * HHd + h * Hd;
+            float *dq = dqkv + base, *dk = dq + HHd, *dv = dq + 2 * HHd, *dS = dscore + bh * T * T, *vT = vt + bh * Hd * T;
+            transpose(vT, v, T, Hd, ld);
             for (int i0 = 0; i0 < T; i0 += AB) {  // query rows i0..i1-1 see keys 0..i1-1
                 int i1 = i0 + AB < T ? i0 + AB : T;
                 // dP = dout v^T, then through the softmax: dS = P (dP - rowsum(P dP))
-                gemm(dS + (size_t)i0 * T, T, dout + base + (size_t)i0 * ld, ld, 1, vT, T, i1 - i0, i1, Hd, 0);
+                gemm(dS + (size_t)i0 * T, T, dy + (size_t)i0 * HHd, HHd, 1, vT, T, i1 - i0, i1, Hd, 0);
                 for (int t = i0; t < i1; t++) {
                     const float *p = P + (size_t)t * T;
                     float *ds = dS + (size_t)t * T, pdp = 0.0f;
@@ -236,15 +239,15 @@ static void attention_backward(float *dq, float *dk, float *dv, float *dscore, f
                     for (int s = 0; s <= t; s++) ds[s] = p[s] * (ds[s] - pdp);
                     for (int s = t + 1; s < T; s++) ds[s] = 0.0f;
                 }
-                gemm(dq + base + (size_t)i0 * ld, ld, dS + (size_t)i0 * T, T, 1, k + base, ld, i1 - i0, Hd, i1, 0);
+                gemm(dq + (size_t)i0 * ld, ld, dS + (size_t)i0 * T, T, 1, k, ld, i1 - i0, Hd, i1, 0);
             }
             for (int s0 = 0; s0 < T; s0 += AB) {  // key rows s0..s1-1 are seen by queries s0..T-1
                 int s1 = s0 + AB < T ? s0 + AB : T;
                 size_t at = (size_t)s0 * T + s0;
-                gemm(dk + base + (size_t)s0 * ld, ld, dS + at, 1, T, q + base + (size_t)s0 * ld, ld, s1 - s0, Hd,
-                     T - s0, 0);  // dk = dS^T q
-                gemm(dv + base + (size_t)s0 * ld, ld, P + at, 1, T, dout + base + (size_t)s0 * ld, ld, s1 - s0, Hd,
-                     T - s0, 0);  // dv = P^T dout
+                gemm(dk + (size_t)s0 * ld, ld, dS + at, 1, T, q + (size_t)s0 * ld, ld, s1 - s0, Hd, T - s0,
+                     0);  // dk = dS^T q
+                gemm(dv + (size_t)s0 * ld, ld, P + at, 1, T, dy + (size_t)s0 * HHd, HHd, s1 - s0, Hd, T - s0,
+                     0);  // dv = P^T dout
             }
         }
 }
@@ -252,47 +255,56 @@ static void attention_backward(float *dq, float *dk, float *dv, float *dscore, f
 // ----------------------------------------------------------------------------
 // the gated FFN of OpenMoE (dense, extra and every expert):
 //   [a | b] = x Wg^T,  h = a * silu(b) * (x Wu^T),  out = h Wd^T
+// The matmuls write a and b and u side by side, gu (N,3F) = [a | b | u]; when
+// Wu follows Wg in the parameter buffer (dense and extra FFNs: w_gate, w_up
+// are adjacent in the file order) that is one matmul with OUT = 3F.
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// gated product of one row: g (2F), u (F) -> h (F)
-static void ffn_gate_row(float *h, const float *g, const float *u, int F) {
+// gated product of one row: gu (3F) = [a | b | u] -> h (F)
+static void ffn_gate_row(float *h, const float *gu, int F) {
     for (int i = 0; i < F; i++) {
-        float b = g[F + i];
-        h[i] = g[i] * (b * sigmoidf(b)) * u[i];
+        float b = gu[F + i];
+        h[i] = gu[i] * (b * sigmoidf(b)) * gu[2 * F + i];
     }
 }
 
-// inp (N,D) -> out (N,D); keeps g (N,2F), u (N,F), h (N,F) for the backward
-static void ffn_forward(float *out, float *g, float *u, float *h, const float *inp, const float *wg,
-                        const float *wu, const float *wd, int N, int D, int F, float *scratch) {
-    matmul_forward(g, inp, wg, N, D, 2 * F, scratch);
-    matmul_forward(u, inp, wu, N, D, F, scratch);
+// inp (N,D) -> out (N,D) (= or += with accumulate); keeps gu (N,3F), h (N,F) for the backward
+static void ffn_forward(float *out, float *gu, float *h, const float *inp, const float *wg, const float *wu,
+                        const float *wd, int N, int D, int F, int accumulate) {
+    if (wu == wg + 2 * (size_t)F * D) {
+        matmul_forward(gu, inp, wg, N, D, 3 * F, 3 * F, 0);
+    } else {
+        matmul_forward(gu, inp, wg, N, D, 2 * F, 3 * F, 0);
+        matmul_forward(gu + 2 * F, inp, wu, N, D, F, 3 * F, 0);
+    }
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) ffn_gate_row(h + (size_t)n * F, g + (size_t)n * 2 * F, u + (size_t)n * F, F);
-    matmul_forward(out, h, wd, N, F, D, scratch);
+    for (int n = 0; n < N; n++) ffn_gate_row(h + (size_t)n * F, gu + (size_t)n * 3 * F, F);
+    matmul_forward(out, h, wd, N, F, D, D, accumulate);
 }
 
-// dout (N,D) -> dinp (N,D) overwritten, dwg, dwu, dwd accumulated;
-// dg (N,2F), du (N,F), dh (N,F) scratch
-static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const float *dout,
-                         const float *inp, const float *g, const float *u, const float *h,
-                         const float *wg, const float *wu, const float *wd, int N, int D, int F,
-                         float *dg, float *du, float *dh) {
-    matmul_backward(dh, dwd, dout, h, wd, N, F, D, 0);
+// dout (N,D) -> dinp (N,D) overwritten; dwg, dwu, dwd accumulated; dgu (N,3F), dh (N,F) scratch
+static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const float *dout, const float *inp,
+                         const float *gu, const float *h, const float *wg, const float *wu, const float *wd, int N,
+                         int D, int F, float *dgu, float *dh) {
+    matmul_backward(dh, dwd, dout, h, wd, N, F, D, D, 0);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        const float *gn = g + (size_t)n * 2 * F, *un = u + (size_t)n * F, *dhn = dh + (size_t)n * F;
-        float *dgn = dg + (size_t)n * 2 * F, *dun = du + (size_t)n * F;
+        const float *g = gu + (size_t)n * 3 * F, *dhn = dh + (size_t)n * F;
+        float *dg = dgu + (size_t)n * 3 * F;
         for (int i = 0; i < F; i++) {
-            float a = gn[i], b = gn[F + i], s = sigmoidf(b), silu = b * s;
-            dgn[i] = dhn[i] * silu * un[i];
-            dgn[F + i] = dhn[i] * a * un[i] * s * (1.0f + b * (1.0f - s));
-            dun[i] = dhn[i] * a * silu;
+            float a = g[i], b = g[F + i], u = g[2 * F + i], s = sigmoidf(b), silu = b * s;
+            dg[i] = dhn[i] * silu * u;
+            dg[F + i] = dhn[i] * a * u * s * (1.0f + b * (1.0f - s));
+            dg[2 * F + i] = dhn[i] * a * silu;
         }
     }
-    matmul_backward(dinp, dwg, dg, inp, wg, N, D, 2 * F, 0);
-    matmul_backward(dinp, dwu, du, inp, wu, N, D, F, 1);
+    if (wu == wg + 2 * (size_t)F * D) {
+        matmul_backward(dinp, dwg, dgu, inp, wg, N, D, 3 * F, 3 * F, 0);
+    } else {
+        matmul_backward(dinp, dwg, dgu, inp, wg, N, D, 2 * F, 3 * F, 0);
+        matmul_backward(dinp, dwu, dgu + 2 * F, inp, wu, N, D, F, 3 * F, 1);
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -301,8 +313,8 @@ static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const 
 
 // inp (N,D), wr (E,D), bias (E) -> z, p (N,E), lse (N), top (N,K) chosen by p + bias
 static void router_forward(float *z, float *p, float *lse, int *top, const float *inp, const float *wr,
-                           const float *bias, int N, int D, int E, int K, float *scratch) {
-    matmul_forward(z, inp, wr, N, D, E, scratch);
+                           const float *bias, int N, int D, int E, int K) {
+    matmul_forward(z, inp, wr, N, D, E, E, 0);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         lse[n] = router_row(p + (size_t)n * E, top + (size_t)n * K, z + (size_t)n * E, bias, E, K);
@@ -565,20 +577,20 @@ static void residual_forward(float *out, const float *a, const float *b, size_t 
 typedef struct {  // what one layer keeps for the backward; NULL where unused
     float *in;                // (BT,D) the residual stream entering the layer
     float *ln1, *rstd1;       // (BT,D), (BT)
-    float *q, *k, *v;         // (BT,HHd), q and k after RoPE
+    float *qkv;               // (BT,3HHd) q | k | v of each token, q and k after RoPE
     float *att;               // (B,H,T,T) attention probabilities
     float *atty;              // (BT,HHd) attention output before Wo
     float *mid;               // (BT,D) residual after attention
     float *ln2, *rstd2;       // (BT,D), (BT) the FFN's or the MoE's input
-    float *g, *u, *h;         // dense FFN: (BT,2F), (BT,F), (BT,F)
+    float *gu, *h;            // dense FFN: (BT,3F) = [a | b | u], (BT,F)
     float *z, *p, *lse;       // MoE router: logits, probabilities (BT,E), logsumexp (BT)
     float *lbf;               // (groups,E) f_e of the load-balance loss
     int *top, *kept, *row_of; // (BT,K): choices best first, kept flags, row in the expert buffers (-1: dropped)
     int *start, *row_token;   // (E+1), (BT*K): expert e owns rows start[e]..start[e+1]-1
-    float *xe, *ge, *ue, *he, *ye;  // (BT*K, D | 2Fe | Fe | Fe | D) the experts' rows
+    float *xe, *gue, *he, *ye;  // (BT*K, D | 3Fe | Fe | D) the experts' rows
     float *moe_out;           // (BT,D) residual after the MoE (the layer's output without extra FFN)
     float *ln3, *rstd3;       // extra FFN: its norm,
-    float *gx, *ux, *hx;      // and its hidden states
+    float *gux, *hx;          // and its hidden states
 } LayerActs;
 
 struct Model {
@@ -604,16 +616,16 @@ struct Model {
     float *tmp;               // (BT,D) a sublayer's output before the residual add
     float *kt;                // (B,H,Hd,T) k (forward) or v (backward) transposed per head
     int *x, *y;               // (BT) the batch of the last forward
-    float *scratch;           // a narrow weight transposed, for the matmul (matmul_scratch_floats)
     float *lbP;               // (E) load-balance scratch
     int *cursor, *seg;        // (E), (E+1)
     uint64_t *prio_key;       // (BT*K) the drop policy "probs"' sort keys
     float *router_bias;       // (n_moe, E) loss-free balancing bias, 0 unless set
     // backward scratch (with an optimizer only)
     float *d_res, *d_ln;      // (BT,D) residual gradient, gradient at a norm's output
-    float *dq, *dk, *dv, *datty;  // (BT,HHd)
+    float *dqkv;              // (BT,3HHd)
+    float *datty;             // (BT,HHd)
     float *dscore;            // (B,H,T,T)
-    float *dg, *du, *dh;      // (BT*K, 2Fmax | Fmax | Fmax)
+    float *dgu, *dh;          // (BT*K, 3Fmax | Fmax)
     float *dxe, *dye;         // (BT*K, D)
     float *dp;                // (BT,E)
     float *dlogits;           // (BT,V)
@@ -626,7 +638,7 @@ struct Model {
     float *rope_cos, *rope_sin;  // (max_seq_len, Hd/2)
     // inference: KV cache (L, max_seq_len, HHd) and one token's buffers
     float *kcache, *vcache;
-    float *t_x, *t_xn, *t_q, *t_att, *t_aty, *t_out, *t_acc, *t_g, *t_u, *t_h, *t_z, *t_p, *t_logits;
+    float *t_x, *t_xn, *t_qkv, *t_att, *t_aty, *t_out, *t_acc, *t_gu, *t_h, *t_z, *t_p, *t_logits;
     int *t_top;
 };
 
@@ -661,13 +673,6 @@ static int *carve_int(int *base, size_t *used, size_t n) {
     return p;
 }
 
-// a narrow weight's transpose (matmul_forward): for the widest input
-static size_t widest_scratch_floats(const Config *c) {
-    int ins[] = {c->D, c->H * c->Hd, c->F, c->Fe}, most = 0;
-    for (size_t i = 0; i < sizeof(ins) / sizeof(ins[0]); i++) most = ins[i] > most ? ins[i] : most;
-    return matmul_scratch_floats(most);
-}
-
 // the MoE sublayer's buffers of layer l: router, routing and the experts' rows (BT*K at most)
 static void moe_acts_layout(Model *m, LayerActs *a, int l, float *fb, int *ib, size_t *nf, size_t *ni) {
     const Config *c = &m->c;
@@ -682,16 +687,14 @@ static void moe_acts_layout(Model *m, LayerActs *a, int l, float *fb, int *ib, s
     a->start = carve_int(ib, ni, E + 1);
     a->row_token = carve_int(ib, ni, BT * K);
     a->xe = carve(fb, nf, BT * K * D);
-    a->ge = carve(fb, nf, BT * K * 2 * c->Fe);
-    a->ue = carve(fb, nf, BT * K * c->Fe);
+    a->gue = carve(fb, nf, BT * K * 3 * c->Fe);
     a->he = carve(fb, nf, BT * K * c->Fe);
     a->ye = carve(fb, nf, BT * K * D);
     if (c->extra_ffn) {
         a->moe_out = carve(fb, nf, BT * D);
         a->ln3 = carve(fb, nf, BT * D);
         a->rstd3 = carve(fb, nf, BT);
-        a->gx = carve(fb, nf, BT * 2 * c->F);
-        a->ux = carve(fb, nf, BT * c->F);
+        a->gux = carve(fb, nf, BT * 3 * c->F);
         a->hx = carve(fb, nf, BT * c->F);
     } else {
         a->moe_out = m->resid ? m->resid + (l + 1) * BT * D : NULL;
@@ -707,9 +710,7 @@ static void layer_acts_layout(Model *m, int l, float *fb, int *ib, size_t *nf, s
     a->in = m->resid ? m->resid + l * BT * D : NULL;  // BT here is the largest batch's
     a->ln1 = carve(fb, nf, BT * D);
     a->rstd1 = carve(fb, nf, BT);
-    a->q = carve(fb, nf, BT * HHd);
-    a->k = carve(fb, nf, BT * HHd);
-    a->v = carve(fb, nf, BT * HHd);
+    a->qkv = carve(fb, nf, BT * 3 * HHd);
     a->att = carve(fb, nf, BT * m->Tmax * c->H);
     a->atty = carve(fb, nf, BT * HHd);
     a->mid = carve(fb, nf, BT * D);
@@ -719,8 +720,7 @@ static void layer_acts_layout(Model *m, int l, float *fb, int *ib, size_t *nf, s
         moe_acts_layout(m, a, l, fb, ib, nf, ni);
         return;
     }
-    a->g = carve(fb, nf, BT * 2 * c->F);
-    a->u = carve(fb, nf, BT * c->F);
+    a->gu = carve(fb, nf, BT * 3 * c->F);
     a->h = carve(fb, nf, BT * c->F);
 }
 
@@ -731,13 +731,10 @@ static void backward_layout(Model *m, float *fb, size_t *nf) {
     size_t Fmax = c->F > c->Fe ? c->F : c->Fe;
     m->d_res = carve(fb, nf, BT * D);
     m->d_ln = carve(fb, nf, BT * D);
-    m->dq = carve(fb, nf, BT * HHd);
-    m->dk = carve(fb, nf, BT * HHd);
-    m->dv = carve(fb, nf, BT * HHd);
+    m->dqkv = carve(fb, nf, BT * 3 * HHd);
     m->datty = carve(fb, nf, BT * HHd);
     m->dscore = carve(fb, nf, BT * m->Tmax * c->H);
-    m->dg = carve(fb, nf, BT * K * 2 * Fmax);
-    m->du = carve(fb, nf, BT * K * Fmax);
+    m->dgu = carve(fb, nf, BT * K * 3 * Fmax);
     m->dh = carve(fb, nf, BT * K * Fmax);
     m->dxe = carve(fb, nf, BT * K * D);
     m->dye = carve(fb, nf, BT * K * D);
@@ -761,7 +758,6 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     m->kt = carve(fb, nf, BT * HHd);
     m->x = carve_int(ib, ni, BT);
     m->y = carve_int(ib, ni, BT);
-    m->scratch = carve(fb, nf, widest_scratch_floats(c));
     m->lbP = carve(fb, nf, E);
     m->cursor = carve_int(ib, ni, E);
     m->seg = carve_int(ib, ni, E + 1);
@@ -779,13 +775,12 @@ static void decode_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) 
     m->vcache = carve(fb, nf, (size_t)c->L * c->max_seq_len * HHd);
     m->t_x = carve(fb, nf, c->D);
     m->t_xn = carve(fb, nf, c->D);
-    m->t_q = carve(fb, nf, HHd);
-    m->t_att = carve(fb, nf, c->max_seq_len);
+    m->t_qkv = carve(fb, nf, 3 * HHd);
+    m->t_att = carve(fb, nf, (size_t)c->H * c->max_seq_len);
     m->t_aty = carve(fb, nf, HHd);
     m->t_out = carve(fb, nf, c->D);
     m->t_acc = carve(fb, nf, c->D);
-    m->t_g = carve(fb, nf, 2 * Fmax);
-    m->t_u = carve(fb, nf, Fmax);
+    m->t_gu = carve(fb, nf, 3 * Fmax);
     m->t_h = carve(fb, nf, Fmax);
     m->t_z = carve(fb, nf, c->E);
     m->t_p = carve(fb, nf, c->E);
@@ -896,8 +891,7 @@ static void moe_forward(Model *m, LayerActs *a, const LayerParams *lp, int im, i
     int D = c->D, E = c->E, K = c->K, Fe = c->Fe;
     const float *W = m->params;
     rmsnorm_forward(a->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
-    router_forward(a->z, a->p, a->lse, a->top, a->ln2, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E, K,
-                   m->scratch);
+    router_forward(a->z, a->p, a->lse, a->top, a->ln2, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E, K);
     moe_capacity(a->kept, a->top, a->p, BT, K, E, &m->s, m->prio_key, m->seg, m->cursor);
     moe_rows(a->start, a->row_token, a->row_of, m->stats[im].routed, m->stats[im].kept, a->top, a->kept, BT, K, E,
              m->cursor);
@@ -906,9 +900,9 @@ static void moe_forward(Model *m, LayerActs *a, const LayerParams *lp, int im, i
         size_t r0 = a->start[e];
         int rows = a->start[e + 1] - a->start[e];
         if (rows == 0) continue;
-        ffn_forward(a->ye + r0 * D, a->ge + r0 * 2 * Fe, a->ue + r0 * Fe, a->he + r0 * Fe, a->xe + r0 * D,
+        ffn_forward(a->ye + r0 * D, a->gue + r0 * 3 * Fe, a->he + r0 * Fe, a->xe + r0 * D,
                     W + lp->w_gate + (size_t)e * 2 * Fe * D, W + lp->w_up + (size_t)e * Fe * D,
-                    W + lp->w_down + (size_t)e * D * Fe, rows, D, Fe, m->scratch);
+                    W + lp->w_down + (size_t)e * D * Fe, rows, D, Fe, 0);
     }
     moe_combine(a->moe_out, a->mid, a->ye, a->p, a->top, a->row_of, BT, K, E, D);
     moe_load_balance_forward(m->sums + 2 + 2 * im, a->lbf, a->p, a->top, BT, K, E, m->s.group_size, m->lbP);
@@ -919,7 +913,7 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
                    float *losses) {
     const Config *c = &m->c;
     forward_args_check(B, T, m->Bmax, m->Tmax, s);
-    int BT = B * T, D = c->D, HHd = c->H * c->Hd, V = c->V;
+    int BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, V = c->V;
     m->B = B;
     m->T = T;
     m->s = *s;
@@ -932,20 +926,16 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
         LayerActs *a = &m->la[l];
         const LayerParams *lp = &m->table.layer[l];
         float *out = l + 1 < c->L ? m->la[l + 1].in : m->final_in;
-        // mid = in + Attn(RMSNorm(in))
+        // mid = in + Attn(RMSNorm(in)): q, k, v in one matmul (wq, wk, wv are adjacent)
         rmsnorm_forward(a->ln1, a->rstd1, a->in, W + lp->attn_norm, BT, D);
-        matmul_forward(a->q, a->ln1, W + lp->wq, BT, D, HHd, m->scratch);
-        matmul_forward(a->k, a->ln1, W + lp->wk, BT, D, HHd, m->scratch);
-        matmul_forward(a->v, a->ln1, W + lp->wv, BT, D, HHd, m->scratch);
-        rope_forward(a->q, m->rope_cos, m->rope_sin, B, T, c->H, c->Hd, 1.0f);
-        rope_forward(a->k, m->rope_cos, m->rope_sin, B, T, c->H, c->Hd, 1.0f);
-        attention_forward(a->atty, a->att, m->kt, a->q, a->k, a->v, B, T, c->H, c->Hd);
-        matmul_forward(m->tmp, a->atty, W + lp->wo, BT, HHd, D, m->scratch);
+        matmul_forward(a->qkv, a->ln1, W + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
+        rope_forward(a->qkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 0, 1.0f);
+        attention_forward(a->atty, a->att, m->kt, a->qkv, B, T, H, Hd);
+        matmul_forward(m->tmp, a->atty, W + lp->wo, BT, HHd, D, D, 0);
         residual_forward(a->mid, a->in, m->tmp, (size_t)BT * D);
         if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
             rmsnorm_forward(a->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
-            ffn_forward(m->tmp, a->g, a->u, a->h, a->ln2, W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D,
-                        c->F, m->scratch);
+            ffn_forward(m->tmp, a->gu, a->h, a->ln2, W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D, c->F, 0);
             residual_forward(out, a->mid, m->tmp, (size_t)BT * D);
             continue;
         }
@@ -953,13 +943,13 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
         moe_forward(m, a, lp, im++, BT);
         if (c->extra_ffn) {
             rmsnorm_forward(a->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
-            ffn_forward(m->tmp, a->gx, a->ux, a->hx, a->ln3, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D,
-                        c->F, m->scratch);
+            ffn_forward(m->tmp, a->gux, a->hx, a->ln3, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D, c->F,
+                        0);
             residual_forward(out, a->moe_out, m->tmp, (size_t)BT * D);
         }
     }
     rmsnorm_forward(m->lnf, m->rstdf, m->final_in, W + m->table.final_norm, BT, D);
-    matmul_forward(m->logits, m->lnf, W + m->table.lm_head, BT, D, V, m->scratch);
+    matmul_forward(m->logits, m->lnf, W + m->table.lm_head, BT, D, V, V, 0);
 
     crossentropy_forward(m->sums, m->lse, m->logits, m->y, BT, V);
 
@@ -986,13 +976,13 @@ static void moe_backward(Model *m, LayerActs *a, const LayerParams *lp, int BT) 
         if (rows == 0) continue;
         size_t og = lp->w_gate + (size_t)e * 2 * Fe * D, ou = lp->w_up + (size_t)e * Fe * D,
                od = lp->w_down + (size_t)e * D * Fe;
-        ffn_backward(m->dxe + r0 * D, G + og, G + ou, G + od, m->dye + r0 * D, a->xe + r0 * D, a->ge + r0 * 2 * Fe,
-                     a->ue + r0 * Fe, a->he + r0 * Fe, W + og, W + ou, W + od, rows, D, Fe, m->dg, m->du, m->dh);
+        ffn_backward(m->dxe + r0 * D, G + og, G + ou, G + od, m->dye + r0 * D, a->xe + r0 * D, a->gue + r0 * 3 * Fe,
+                     a->he + r0 * Fe, W + og, W + ou, W + od, rows, D, Fe, m->dgu, m->dh);
     }
     // the router: combine weights, load balance and z-loss all act on p
     moe_load_balance_backward(m->dp, a->lbf, BT, E, m->s.group_size, m->s.lb_coef / nm);
     router_backward(m->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
-    matmul_backward(m->d_ln, G + lp->router, m->dp, a->ln2, W + lp->router, BT, D, E, 0);
+    matmul_backward(m->d_ln, G + lp->router, m->dp, a->ln2, W + lp->router, BT, D, E, E, 0);
     moe_dispatch_backward(m->d_ln, m->dxe, a->row_of, BT, K, D);
     rmsnorm_backward(m->d_res, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
 }
@@ -1001,14 +991,14 @@ void model_backward(Model *m) {
     const Config *c = &m->c;
     if (!m->grads) die("model_backward: the model was created without an optimizer, so it has no gradients");
     if (!m->has_targets) die("model_backward: the last model_forward had no targets (y == NULL)");
-    int B = m->B, T = m->T, BT = B * T, D = c->D, HHd = c->H * c->Hd, V = c->V;
+    int B = m->B, T = m->T, BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, V = c->V;
     const float *W = m->params;
     float *G = m->grads;
     const ParamTable *pt = &m->table;
     memset(G, 0, pt->n_params * sizeof(float));
 
     crossentropy_backward(m->dlogits, m->logits, m->lse, m->y, BT, V, m->n_targets, m->s.lz_coef);
-    matmul_backward(m->d_ln, G + pt->lm_head, m->dlogits, m->lnf, W + pt->lm_head, BT, D, V, 0);
+    matmul_backward(m->d_ln, G + pt->lm_head, m->dlogits, m->lnf, W + pt->lm_head, BT, D, V, V, 0);
     memset(m->d_res, 0, (size_t)BT * D * sizeof(float));
     rmsnorm_backward(m->d_res, G + pt->final_norm, m->d_ln, m->final_in, W + pt->final_norm,
                      m->rstdf, BT, D);
@@ -1016,26 +1006,22 @@ void model_backward(Model *m) {
         LayerActs *a = &m->la[l];
         const LayerParams *lp = &pt->layer[l];
         if (!lp->moe) {
-            ffn_backward(m->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, m->d_res, a->ln2, a->g, a->u, a->h,
-                         W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D, c->F, m->dg, m->du, m->dh);
+            ffn_backward(m->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, m->d_res, a->ln2, a->gu, a->h,
+                         W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D, c->F, m->dgu, m->dh);
             rmsnorm_backward(m->d_res, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
         } else {
             if (c->extra_ffn) {
-                ffn_backward(m->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, m->d_res, a->ln3, a->gx, a->ux,
-                             a->hx, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D, c->F, m->dg, m->du, m->dh);
+                ffn_backward(m->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, m->d_res, a->ln3, a->gux, a->hx,
+                             W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D, c->F, m->dgu, m->dh);
                 rmsnorm_backward(m->d_res, G + lp->extra_norm, m->d_ln, a->moe_out, W + lp->extra_norm, a->rstd3, BT, D);
             }
             moe_backward(m, a, lp, BT);
         }
         // d_res now holds d mid; attention: mid = in + Wo attn(...)
-        matmul_backward(m->datty, G + lp->wo, m->d_res, a->atty, W + lp->wo, BT, HHd, D, 0);
-        attention_backward(m->dq, m->dk, m->dv, m->dscore, m->kt, m->datty, a->att, a->q, a->k, a->v, B, T, c->H,
-                           c->Hd);
-        rope_backward(m->dq, m->rope_cos, m->rope_sin, B, T, c->H, c->Hd);
-        rope_backward(m->dk, m->rope_cos, m->rope_sin, B, T, c->H, c->Hd);
-        matmul_backward(m->d_ln, G + lp->wq, m->dq, a->ln1, W + lp->wq, BT, D, HHd, 0);
-        matmul_backward(m->d_ln, G + lp->wk, m->dk, a->ln1, W + lp->wk, BT, D, HHd, 1);
-        matmul_backward(m->d_ln, G + lp->wv, m->dv, a->ln1, W + lp->wv, BT, D, HHd, 1);
+        matmul_backward(m->datty, G + lp->wo, m->d_res, a->atty, W + lp->wo, BT, HHd, D, D, 0);
+        attention_backward(m->dqkv, m->dscore, m->kt, m->datty, a->att, a->qkv, B, T, H, Hd);
+        rope_backward(m->dqkv, m->rope_cos, m->rope_sin, BT, T, H, Hd);
+        matmul_backward(m->d_ln, G + lp->wq, m->dqkv, a->ln1, W + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
         rmsnorm_backward(m->d_res, G + lp->attn_norm, m->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D);
     }
     encoder_backward(G + pt->wte, m->d_res, m->x, BT, D);
@@ -1193,14 +1179,16 @@ static void attention_scores_row(float *att, const float *q, const float *k, int
     }
 }
 
-// one token's attention, the row pos of attention_forward's three steps:
-// q (H,Hd) -> out (H,Hd) over the cached kc, vc (pos+1 rows of H*Hd); att (pos+1) scratch
-static void attention_decode(float *out, float *att, const float *q, const float *kc, const float *vc, int pos, int H,
-                             int Hd) {
+// one token's attention, the row pos of attention_forward's three steps: q
+// of qkv (3HHd) against the cached kc, vc (pos+1 rows of HHd) -> out (HHd);
+// att (H, max_seq_len) scratch
+static void attention_decode(float *out, float *att, const float *qkv, const float *kc, const float *vc, int pos, int H,
+                             int Hd, int max_seq_len) {
     for (int h = 0; h < H; h++) {
-        attention_scores_row(att, q + h * Hd, kc + h * Hd, pos + 1, Hd, H * Hd);
-        attention_softmax_row(att, pos, pos + 1);
-        matvec_forward(out + h * Hd, att, vc + h * Hd, pos + 1, Hd, H * Hd);
+        float *a = att + (size_t)h * max_seq_len;
+        attention_scores_row(a, qkv + h * Hd, kc + h * Hd, pos + 1, Hd, H * Hd);
+        attention_softmax_row(a, pos, pos + 1);
+        matvec_forward(out + h * Hd, a, vc + h * Hd, pos + 1, Hd, 0, H * Hd);
     }
 }
 
@@ -1209,31 +1197,59 @@ static void moe_decode_accumulate(float *acc, const float *y, const float *p, co
     for (int i = 0; i < D; i++) acc[i] = acc[i] + p[*top] * y[i];
 }
 
-// params_t: every weight matrix but the embedding (decode reads its rows),
-// each slice (rows, cols) transposed to (cols, rows) for matvec_forward.
-// Made on the first decode after the parameters change, not before: a
-// model that never decodes never touches these pages.
+// params_t: the weight matrices model_decode reads, each (OUT,IN) transposed
+// to (IN,OUT) for matvec_forward, at its own offset; wq | wk | wv, and an
+// FFN's w_gate | w_up where they are adjacent (as ffn_token reads them),
+// each as one matrix. Made on the first decode after the parameters change,
+// not before: a model that never decodes never touches these pages.
+static void params_t_matrix(Model *m, size_t off, int OUT, int IN) {
+    transpose(m->params_t + off, m->params + off, OUT, IN, IN);
+}
+static void params_t_ffn(Model *m, size_t wg, size_t wu, size_t wd, int F) {
+    int D = m->c.D;
+    if (wu == wg + 2 * (size_t)F * D) {
+        params_t_matrix(m, wg, 3 * F, D);
+    } else {
+        params_t_matrix(m, wg, 2 * F, D);
+        params_t_matrix(m, wu, F, D);
+    }
+    params_t_matrix(m, wd, D, F);
+}
 static void params_t_refresh(Model *m) {
     if (m->params_t_fresh) return;
+    const Config *c = &m->c;
     const ParamTable *pt = &m->table;
-    for (int t = 0; t < pt->n_tensors; t++) {
-        const TensorInfo *ti = &pt->tensors[t];
-        if (!ti->matrix || ti->offset == pt->wte) continue;
-        for (int s = 0; s < ti->slices; s++) {
-            size_t off = ti->offset + (size_t)s * ti->rows * ti->cols;
-            transpose(m->params_t + off, m->params + off, ti->rows, ti->cols, ti->cols);
+    int D = c->D, HHd = c->H * c->Hd, Fe = c->Fe;
+    for (int l = 0; l < c->L; l++) {
+        const LayerParams *lp = &pt->layer[l];
+        params_t_matrix(m, lp->wq, 3 * HHd, D);
+        params_t_matrix(m, lp->wo, D, HHd);
+        if (!lp->moe) {
+            params_t_ffn(m, lp->w_gate, lp->w_up, lp->w_down, c->F);
+            continue;
         }
+        params_t_matrix(m, lp->router, c->E, D);
+        for (int e = 0; e < c->E; e++)
+            params_t_ffn(m, lp->w_gate + (size_t)e * 2 * Fe * D, lp->w_up + (size_t)e * Fe * D,
+                         lp->w_down + (size_t)e * D * Fe, Fe);
+        if (c->extra_ffn) params_t_ffn(m, lp->x_gate, lp->x_up, lp->x_down, c->F);
     }
+    params_t_matrix(m, pt->lm_head, c->V, D);
     m->params_t_fresh = 1;
 }
 
-// one token's gated FFN: x (D) -> out (D); wg, wu, wd transposed (params_t)
-static void ffn_token(Model *m, float *out, const float *x, const float *wg, const float *wu, const float *wd, int F) {
+// one token's gated FFN: out (D) = (or += with accumulate) FFN(x); wg, wu, wd in params_t
+static void ffn_token(Model *m, float *out, const float *x, const float *wg, const float *wu, const float *wd, int F,
+                      int accumulate) {
     int D = m->c.D;
-    matvec_forward(m->t_g, x, wg, D, 2 * F, 2 * F);
-    matvec_forward(m->t_u, x, wu, D, F, F);
-    ffn_gate_row(m->t_h, m->t_g, m->t_u, F);
-    matvec_forward(out, m->t_h, wd, F, D, D);
+    if (wu == wg + 2 * (size_t)F * D) {
+        matvec_forward(m->t_gu, x, wg, D, 3 * F, 0, 3 * F);
+    } else {
+        matvec_forward(m->t_gu, x, wg, D, 2 * F, 0, 2 * F);
+        matvec_forward(m->t_gu + 2 * F, x, wu, D, F, 0, F);
+    }
+    ffn_gate_row(m->t_h, m->t_gu, F);
+    matvec_forward(out, m->t_h, wd, F, D, accumulate, D);
 }
 
 const int model_decode_bitwise = 1;  // matvec_forward sums as gemm does
@@ -1242,7 +1258,7 @@ const float *model_decode(Model *m, int token, int pos) {
     const Config *c = &m->c;
     if (token < 0 || token >= c->V) die("model_decode: token %d out of range [0, %d)", token, c->V);
     if (pos < 0 || pos >= c->max_seq_len) die("model_decode: position %d outside the context [0, %d)", pos, c->max_seq_len);
-    int D = c->D, HHd = c->H * c->Hd, E = c->E, K = c->K, im = 0;
+    int D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, E = c->E, K = c->K, im = 0;
     params_t_refresh(m);
     const float *W = m->params, *WT = m->params_t;  // norms and embedding; the weight matrices
     const ParamTable *pt = &m->table;
@@ -1251,43 +1267,39 @@ const float *model_decode(Model *m, int token, int pos) {
     for (int l = 0; l < c->L; l++) {
         const LayerParams *lp = &pt->layer[l];
         float *kc = m->kcache + (size_t)l * c->max_seq_len * HHd, *vc = m->vcache + (size_t)l * c->max_seq_len * HHd;
-        rmsnorm_row(xn, NULL, x, W + lp->attn_norm, D);
-        matvec_forward(m->t_q, xn, WT + lp->wq, D, HHd, HHd);
-        matvec_forward(kc + (size_t)pos * HHd, xn, WT + lp->wk, D, HHd, HHd);
-        matvec_forward(vc + (size_t)pos * HHd, xn, WT + lp->wv, D, HHd, HHd);
-        const float *cs = m->rope_cos + (size_t)pos * (c->Hd / 2), *sn = m->rope_sin + (size_t)pos * (c->Hd / 2);
-        for (int h = 0; h < c->H; h++) {
-            rope_row(m->t_q + h * c->Hd, cs, sn, c->Hd, 1.0f);
-            rope_row(kc + (size_t)pos * HHd + h * c->Hd, cs, sn, c->Hd, 1.0f);
-        }
-        attention_decode(m->t_aty, m->t_att, m->t_q, kc, vc, pos, c->H, c->Hd);
-        matvec_forward(m->t_out, m->t_aty, WT + lp->wo, HHd, D, D);
+        rmsnorm_forward(xn, NULL, x, W + lp->attn_norm, 1, D);
+        matvec_forward(m->t_qkv, xn, WT + lp->wq, D, 3 * HHd, 0, 3 * HHd);  // q | k | v
+        rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, 1, 1, H, Hd, pos, 1.0f);
+        memcpy(kc + (size_t)pos * HHd, m->t_qkv + HHd, HHd * sizeof(float));
+        memcpy(vc + (size_t)pos * HHd, m->t_qkv + 2 * HHd, HHd * sizeof(float));
+        attention_decode(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, c->max_seq_len);
+        matvec_forward(m->t_out, m->t_aty, WT + lp->wo, HHd, D, 0, D);
         residual_forward(x, x, m->t_out, D);
-        rmsnorm_row(xn, NULL, x, W + lp->mlp_norm, D);
+        rmsnorm_forward(xn, NULL, x, W + lp->mlp_norm, 1, D);
         if (!lp->moe) {
-            ffn_token(m, m->t_out, xn, WT + lp->w_gate, WT + lp->w_up, WT + lp->w_down, c->F);
+            ffn_token(m, m->t_out, xn, WT + lp->w_gate, WT + lp->w_up, WT + lp->w_down, c->F, 0);
             residual_forward(x, x, m->t_out, D);
             continue;
         }
         // a group of one token: capacity never binds, every choice is kept
-        matvec_forward(m->t_z, xn, WT + lp->router, D, E, E);
+        matvec_forward(m->t_z, xn, WT + lp->router, D, E, 0, E);
         router_row(m->t_p, m->t_top, m->t_z, m->router_bias + (size_t)im++ * E, E, K);
-        for (int i = 0; i < D; i++) m->t_acc[i] = 0.0f;
+        memset(m->t_acc, 0, D * sizeof(float));
         for (int r = 0; r < K; r++) {
             int e = m->t_top[r];
             ffn_token(m, m->t_out, xn, WT + lp->w_gate + (size_t)e * 2 * c->Fe * D, WT + lp->w_up + (size_t)e * c->Fe * D,
-                      WT + lp->w_down + (size_t)e * D * c->Fe, c->Fe);
+                      WT + lp->w_down + (size_t)e * D * c->Fe, c->Fe, 0);
             moe_decode_accumulate(m->t_acc, m->t_out, m->t_p, m->t_top + r, D);
         }
         residual_forward(x, m->t_acc, x, D);
         if (c->extra_ffn) {
-            rmsnorm_row(xn, NULL, x, W + lp->extra_norm, D);
-            ffn_token(m, m->t_out, xn, WT + lp->x_gate, WT + lp->x_up, WT + lp->x_down, c->F);
+            rmsnorm_forward(xn, NULL, x, W + lp->extra_norm, 1, D);
+            ffn_token(m, m->t_out, xn, WT + lp->x_gate, WT + lp->x_up, WT + lp->x_down, c->F, 0);
             residual_forward(x, x, m->t_out, D);
         }
     }
-    rmsnorm_row(xn, NULL, x, W + pt->final_norm, D);
-    matvec_forward(m->t_logits, xn, WT + pt->lm_head, D, c->V, c->V);
+    rmsnorm_forward(xn, NULL, x, W + pt->final_norm, 1, D);
+    matvec_forward(m->t_logits, xn, WT + pt->lm_head, D, c->V, 0, c->V);
     return m->t_logits;
 }
 
