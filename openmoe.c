@@ -571,6 +571,9 @@ static void residual_forward(float *out, const float *a, const float *b, size_t 
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
+// dst (n) = src: a residual, which the next matmul then adds to
+static void copy_floats(float *dst, const float *src, size_t n) { memcpy(dst, src, n * sizeof(float)); }
+
 // ----------------------------------------------------------------------------
 // the model: parameters, gradients and activations, each in one buffer
 
@@ -613,7 +616,6 @@ struct Model {
     float *resid;             // (L+1, BT, D): layer l reads resid[l], writes resid[l+1]
     float *final_in;          // resid[L], the input of the final norm
     float *lnf, *rstdf, *logits, *lse;  // (BT,D), (BT), (BT,V), (BT)
-    float *tmp;               // (BT,D) a sublayer's output before the residual add
     float *kt;                // (B,H,Hd,T) k (forward) or v (backward) transposed per head
     int *x, *y;               // (BT) the batch of the last forward
     float *lbP;               // (E) load-balance scratch
@@ -754,7 +756,6 @@ static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
     m->rstdf = carve(fb, nf, BT);
     m->logits = carve(fb, nf, BT * c->V);
     m->lse = carve(fb, nf, BT);
-    m->tmp = carve(fb, nf, BT * D);
     m->kt = carve(fb, nf, BT * HHd);
     m->x = carve_int(ib, ni, BT);
     m->y = carve_int(ib, ni, BT);
@@ -931,21 +932,20 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
         matmul_forward(a->qkv, a->ln1, W + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
         rope_forward(a->qkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 0, 1.0f);
         attention_forward(a->atty, a->att, m->kt, a->qkv, B, T, H, Hd);
-        matmul_forward(m->tmp, a->atty, W + lp->wo, BT, HHd, D, D, 0);
-        residual_forward(a->mid, a->in, m->tmp, (size_t)BT * D);
+        copy_floats(a->mid, a->in, (size_t)BT * D);  // the residual, then += atty Wo^T
+        matmul_forward(a->mid, a->atty, W + lp->wo, BT, HHd, D, D, 1);
         if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
             rmsnorm_forward(a->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
-            ffn_forward(m->tmp, a->gu, a->h, a->ln2, W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D, c->F, 0);
-            residual_forward(out, a->mid, m->tmp, (size_t)BT * D);
+            copy_floats(out, a->mid, (size_t)BT * D);
+            ffn_forward(out, a->gu, a->h, a->ln2, W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D, c->F, 1);
             continue;
         }
         // moe_out = mid + MoE(RMSNorm(mid)); then out = moe_out + FFN_extra(RMSNorm(moe_out))
         moe_forward(m, a, lp, im++, BT);
         if (c->extra_ffn) {
             rmsnorm_forward(a->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
-            ffn_forward(m->tmp, a->gux, a->hx, a->ln3, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D, c->F,
-                        0);
-            residual_forward(out, a->moe_out, m->tmp, (size_t)BT * D);
+            copy_floats(out, a->moe_out, (size_t)BT * D);
+            ffn_forward(out, a->gux, a->hx, a->ln3, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D, c->F, 1);
         }
     }
     rmsnorm_forward(m->lnf, m->rstdf, m->final_in, W + m->table.final_norm, BT, D);
@@ -1273,12 +1273,10 @@ const float *model_decode(Model *m, int token, int pos) {
         memcpy(kc + (size_t)pos * HHd, m->t_qkv + HHd, HHd * sizeof(float));
         memcpy(vc + (size_t)pos * HHd, m->t_qkv + 2 * HHd, HHd * sizeof(float));
         attention_decode(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, c->max_seq_len);
-        matvec_forward(m->t_out, m->t_aty, WT + lp->wo, HHd, D, 0, D);
-        residual_forward(x, x, m->t_out, D);
+        matvec_forward(x, m->t_aty, WT + lp->wo, HHd, D, 1, D);  // x += Wo aty
         rmsnorm_forward(xn, NULL, x, W + lp->mlp_norm, 1, D);
         if (!lp->moe) {
-            ffn_token(m, m->t_out, xn, WT + lp->w_gate, WT + lp->w_up, WT + lp->w_down, c->F, 0);
-            residual_forward(x, x, m->t_out, D);
+            ffn_token(m, x, xn, WT + lp->w_gate, WT + lp->w_up, WT + lp->w_down, c->F, 1);
             continue;
         }
         // a group of one token: capacity never binds, every choice is kept
@@ -1294,8 +1292,7 @@ const float *model_decode(Model *m, int token, int pos) {
         residual_forward(x, m->t_acc, x, D);
         if (c->extra_ffn) {
             rmsnorm_forward(xn, NULL, x, W + lp->extra_norm, 1, D);
-            ffn_token(m, m->t_out, xn, WT + lp->x_gate, WT + lp->x_up, WT + lp->x_down, c->F, 0);
-            residual_forward(x, x, m->t_out, D);
+            ffn_token(m, x, xn, WT + lp->x_gate, WT + lp->x_up, WT + lp->x_down, c->F, 1);
         }
     }
     rmsnorm_forward(xn, NULL, x, W + pt->final_norm, 1, D);
