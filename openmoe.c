@@ -198,7 +198,7 @@ static void attention_softmax_row(float *att, int t, int T) {
 #define AB 64  // attention rows per block: a block needs keys 0..its last row only
 
 // qkv (BT,3HHd) -> out (BT,HHd), att (B,H,T,T) probabilities; kt (B,H,Hd,T) scratch
-static void attention_forward(float *out, float *att, float *kt, const float *qkv, int B, int T, int H, int Hd) {
+static void attention_forward(float *out, float *att, const float *qkv, int B, int T, int H, int Hd, float *kt) {
     int HHd = H * Hd, ld = 3 * HHd;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
@@ -216,9 +216,9 @@ static void attention_forward(float *out, float *att, float *kt, const float *qk
         }
 }
 
-// dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; dscore (B,H,T,T), vt (B,H,Hd,T) scratch
-static void attention_backward(float *dqkv, float *dscore, float *vt, const float *dout, const float *att,
-                               const float *qkv, int B, int T, int H, int Hd) {
+// dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; dscore (B,H,T,T); vt (B,H,Hd,T) scratch
+static void attention_backward(float *dqkv, float *dscore, const float *dout, const float *att, const float *qkv,
+                               int B, int T, int H, int Hd, float *vt) {
     int HHd = H * Hd, ld = 3 * HHd;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
@@ -384,9 +384,9 @@ static void moe_keep_by_probs(int *kept, const int *top, const float *p, int g0,
 
 // Capacity and dropping within each routing group (group_len and
 // moe_capacity_of in openmoe.h) by s's rule and policy. top (N,K), p (N,E)
-// -> kept (N,K) 0/1; key (N*K), seg (E+1), count (E) scratch.
+// -> kept (N,K) 0/1; key (N*K), seg (E+1), cursor (E) scratch.
 static void moe_capacity(int *kept, const int *top, const float *p, int N, int K, int E, const MoeSettings *s,
-                         uint64_t *key, int *seg, int *count) {
+                         uint64_t *key, int *seg, int *cursor) {
     int G = group_len(N, s->group_size);
     for (int g0 = 0; g0 < N; g0 += G) {
         int n1 = g0 + G < N ? g0 + G : N;
@@ -394,8 +394,8 @@ static void moe_capacity(int *kept, const int *top, const float *p, int N, int K
         if (s->drop_policy == DROP_PROBS && (K > PROBS_MAX_K || n1 - g0 > PROBS_MAX_GROUP))
             die("drop policy probs: K = %d and a group of %d tokens do not fit its sort keys (K <= %d, group <= %d)",
                 K, n1 - g0, PROBS_MAX_K, PROBS_MAX_GROUP);
-        if (s->drop_policy == DROP_PROBS) moe_keep_by_probs(kept, top, p, g0, n1, K, E, C, key, seg, count);
-        else moe_keep_by_position(kept, top, g0, n1, K, E, C, count);
+        if (s->drop_policy == DROP_PROBS) moe_keep_by_probs(kept, top, p, g0, n1, K, E, C, key, seg, cursor);
+        else moe_keep_by_position(kept, top, g0, n1, K, E, C, cursor);
     }
 }
 
@@ -931,7 +931,7 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
         rmsnorm_forward(a->ln1, a->rstd1, a->in, W + lp->attn_norm, BT, D);
         matmul_forward(a->qkv, a->ln1, W + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
         rope_forward(a->qkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 0, 1.0f);
-        attention_forward(a->atty, a->att, m->kt, a->qkv, B, T, H, Hd);
+        attention_forward(a->atty, a->att, a->qkv, B, T, H, Hd, m->kt);
         copy_floats(a->mid, a->in, (size_t)BT * D);  // the residual, then += atty Wo^T
         matmul_forward(a->mid, a->atty, W + lp->wo, BT, HHd, D, D, 1);
         if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
@@ -1019,7 +1019,7 @@ void model_backward(Model *m) {
         }
         // d_res now holds d mid; attention: mid = in + Wo attn(...)
         matmul_backward(m->datty, G + lp->wo, m->d_res, a->atty, W + lp->wo, BT, HHd, D, D, 0);
-        attention_backward(m->dqkv, m->dscore, m->kt, m->datty, a->att, a->qkv, B, T, H, Hd);
+        attention_backward(m->dqkv, m->dscore, m->datty, a->att, a->qkv, B, T, H, Hd, m->kt);
         rope_backward(m->dqkv, m->rope_cos, m->rope_sin, BT, T, H, Hd);
         matmul_backward(m->d_ln, G + lp->wq, m->dqkv, a->ln1, W + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
         rmsnorm_backward(m->d_res, G + lp->attn_norm, m->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D);
@@ -1062,8 +1062,8 @@ static void adamw_update(float *w, const float *g, float *mom, float *vel, size_
 }
 
 // one slice w, g (rows,cols); state r (rows) then c (cols) when factored, else v (rows*cols)
-static void adafactor_update(float *w, const float *g, float *state, int rows, int cols, int factored,
-                             const OptSettings *o, int t) {
+static void adafactor_slice(float *w, const float *g, float *state, int rows, int cols, int factored,
+                            const OptSettings *o, int t) {
     size_t n = (size_t)rows * cols;
     float beta = 1.0f - powf((float)t, -o->decay);
     float scale = o->lr * fmaxf(o->eps2, sqrtf((float)(sum_squares(w, n) / n)));
@@ -1112,6 +1112,15 @@ static void adafactor_update(float *w, const float *g, float *state, int rows, i
         }
 }
 
+// one tensor: S slices w, g (rows,cols), one after another, and their state
+// (factored: r then c per slice, else v per slice)
+static void adafactor_update(float *w, const float *g, float *state, int S, int rows, int cols, int factored,
+                             const OptSettings *o, int t) {
+    size_t n = (size_t)rows * cols, per_slice = factored ? (size_t)rows + cols : n;
+    for (int sl = 0; sl < S; sl++)
+        adafactor_slice(w + sl * n, g + sl * n, state + sl * per_slice, rows, cols, factored, o, t);
+}
+
 float model_update(Model *m, const OptSettings *o, int t) {
     update_args_check(m->grads != NULL, m->opt_kind, m->opt_min_dim, o, t);
     m->params_t_fresh = 0;
@@ -1137,12 +1146,11 @@ float model_update(Model *m, const OptSettings *o, int t) {
     for (int i = 0; i < pt->n_tensors; i++) {
         const TensorInfo *ti = &pt->tensors[i];
         if (ti->offset < m->shard_lo || ti->offset >= m->shard_hi) continue;
-        int factored = adafactor_factored(ti, o->min_dim), skip = o->freeze_router && is_router_tensor(ti);
-        for (int sl = 0; sl < ti->slices; sl++) {
-            size_t off = ti->offset + (size_t)sl * ti->rows * ti->cols;
-            if (!skip) adafactor_update(m->params + off, m->grads + off, state, ti->rows, ti->cols, factored, o, t);
-            state += factored ? (size_t)ti->rows + ti->cols : (size_t)ti->rows * ti->cols;
-        }
+        int factored = adafactor_factored(ti, o->min_dim);
+        if (!(o->freeze_router && is_router_tensor(ti)))
+            adafactor_update(m->params + ti->offset, m->grads + ti->offset, state, ti->slices, ti->rows, ti->cols,
+                             factored, o, t);
+        state += (size_t)ti->slices * (factored ? (size_t)ti->rows + ti->cols : (size_t)ti->rows * ti->cols);
     }
     return norm;
 }

@@ -242,7 +242,7 @@ struct Model {
     float *dp;                // (BT,E)
     float *dvec;              // flash attention: (B,H,T) rowsum(dout * out)
     float *dw_partial;        // (ceil(BT/64), D) RMSNorm weight-gradient partial sums
-    int *d_order, *d_ustart, *d_utok;  // (BT), (BT+1), (BT) the tokens grouped by id (encoder_backward)
+    int *d_order, *d_ustart;  // (BT), (BT+1) the tokens grouped by id (encoder_backward)
     // optimizer scratch
     double *opt_partial;      // partial sums of the reductions
     float *opt_scale, *opt_clip;  // (max slices) Adafactor per slice
@@ -254,7 +254,7 @@ struct Model {
     int *t_top;
     // host side
     int *h_x, *h_y;           // (BT) pinned staging of the batch
-    int *h_order, *h_ustart, *h_utok;  // pinned: the encoder_backward buckets
+    int *h_order, *h_ustart;  // pinned: the encoder_backward buckets
     int *h_bucket;            // (V) counting sort scratch
     int *h_ints;              // (BT*K) model_get_routing scratch
     float *h_p;               // (BT*E)
@@ -331,22 +331,22 @@ static void gemm(TO *C, int ldc, const TI *A, int ars, int aks, const TI *B, int
                                                &beta, C, to, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-// out (N,OUT; row stride ldo) = (or += with accumulate) inp (N,IN; ldi) @ w (OUT,IN)^T.
+// out (N,OUT; rows ldo apart) = (or += with accumulate) inp (N,IN) @ w (OUT,IN)^T.
 // With batch > 1, `batch` such products (the experts): operand i at i*s_out, i*s_inp, i*s_w.
 template <typename TI, typename TO>
-static void matmul_forward(TO *out, int ldo, const TI *inp, int ldi, const TI *w, int N, int IN, int OUT,
-                           int accumulate, int batch = 1, long long s_out = 0, long long s_inp = 0, long long s_w = 0) {
-    gemm(out, ldo, inp, ldi, 1, w, IN, N, OUT, IN, accumulate, 1, batch, s_out, s_inp, s_w);
+static void matmul_forward(TO *out, const TI *inp, const TI *w, int N, int IN, int OUT, int ldo, int accumulate,
+                           int batch = 1, long long s_out = 0, long long s_inp = 0, long long s_w = 0) {
+    gemm(out, ldo, inp, IN, 1, w, IN, N, OUT, IN, accumulate, 1, batch, s_out, s_inp, s_w);
 }
 
-// dinp (N,IN; ldd) = (or += with accumulate) dout (N,OUT; ldo) @ w (OUT,IN), when dinp is not NULL;
-// dw (OUT,IN) += dout^T @ inp (N,IN; ldi). Batched as matmul_forward (dw at the weights' stride s_w).
+// dinp (N,IN) = (or += with accumulate) dout (N,OUT; rows ldo apart) @ w (OUT,IN), when dinp is
+// not NULL; dw (OUT,IN) += dout^T @ inp (N,IN). Batched as matmul_forward (dw at the weights' stride s_w).
 template <typename TI, typename TD>
-static void matmul_backward(TD *dinp, int ldd, float *dw, const TI *dout, int ldo, const TI *inp, int ldi,
-                            const TI *w, int N, int IN, int OUT, int accumulate, int batch = 1, long long s_dinp = 0,
-                            long long s_dout = 0, long long s_inp = 0, long long s_w = 0) {
-    if (dinp) gemm(dinp, ldd, dout, ldo, 1, w, IN, N, IN, OUT, accumulate, 0, batch, s_dinp, s_dout, s_w);
-    gemm(dw, IN, dout, 1, ldo, inp, ldi, OUT, IN, N, 1, 0, batch, s_w, s_dout, s_inp);
+static void matmul_backward(TD *dinp, float *dw, const TI *dout, const TI *inp, const TI *w, int N, int IN, int OUT,
+                            int ldo, int accumulate, int batch = 1, long long s_dinp = 0, long long s_dout = 0,
+                            long long s_inp = 0, long long s_w = 0) {
+    if (dinp) gemm(dinp, IN, dout, ldo, 1, w, IN, N, IN, OUT, accumulate, 0, batch, s_dinp, s_dout, s_w);
+    gemm(dw, IN, dout, 1, ldo, inp, IN, OUT, IN, N, 1, 0, batch, s_w, s_dout, s_inp);
 }
 
 // ----------------------------------------------------------------------------
@@ -381,22 +381,24 @@ static void encoder_forward(float *out, const int *x, const float *wte, int BT, 
     launchCheck();
 }
 
-// dwte[tok] += dout[n] over the positions n of each distinct token, in token
-// order: one block per distinct token (utok[u]), its positions order[ustart[u]
-// .. ustart[u+1]-1] ascending (sorted on the host), so no two blocks share a row
-__global__ void encoder_backward_kernel(float *dwte, const float *dout, const int *order, const int *ustart,
-                                        const int *utok, int D) {
+// dwte[x[n]] += dout[n] over the positions n of each distinct token, in token
+// order: one block per distinct token, its positions order[ustart[u] ..
+// ustart[u+1]-1] ascending (sorted on the host), so no two blocks share a row
+__global__ void encoder_backward_kernel(float *dwte, const float *dout, const int *x, const int *order,
+                                        const int *ustart, int D) {
     int u = blockIdx.x;
-    float *dw = dwte + (size_t)utok[u] * D;
+    float *dw = dwte + (size_t)x[order[ustart[u]]] * D;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
         float acc = dw[i];
         for (int j = ustart[u]; j < ustart[u + 1]; j++) acc += dout[(size_t)order[j] * D + i];
         dw[i] = acc;
     }
 }
-static void encoder_backward(float *dwte, const float *dout, const int *order, const int *ustart, const int *utok,
-                             int n_unique, int D) {
-    encoder_backward_kernel<<<n_unique, 128>>>(dwte, dout, order, ustart, utok, D);
+// x (BT) grouped by token id: order (BT) the positions of each of the
+// n_unique distinct tokens, those of the u-th at ustart[u] .. ustart[u+1]-1
+static void encoder_backward(float *dwte, const float *dout, const int *x, int BT, int D, const int *order,
+                             const int *ustart, int n_unique) {
+    encoder_backward_kernel<<<n_unique, 128>>>(dwte, dout, x, order, ustart, D);
     launchCheck();
 }
 
@@ -464,8 +466,8 @@ __global__ void rmsnorm_dw_sum_kernel(float *dw, const float *partial, int n_chu
 
 // dinp += d/dx (dinp_x its copy in X), dw += d/dw, from dout (N,D); dw_partial (ceil(N/DW_ROWS), D) scratch
 template <typename X>
-static void rmsnorm_backward(float *dinp, X *dinp_x, float *dw, const float *dout, const float *inp, const float *w,
-                             const float *rstd, int N, int D, float *dw_partial) {
+static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                             const float *rstd, int N, int D, X *dinp_x, float *dw_partial) {
     rmsnorm_backward_kernel<X><<<ceil_div(N, 4), 128>>>(dinp, dinp_x, dout, inp, w, rstd, N, D);
     launchCheck();
     int n_chunks = ceil_div(N, DW_ROWS);
@@ -482,8 +484,8 @@ static void rmsnorm_backward(float *dinp, X *dinp_x, float *dw, const float *dou
 // is at position pos0 + n % T. sign -1 rotates back (the backward).
 
 template <typename X>
-__global__ void rope_forward_kernel(X *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int ld,
-                                    int pos0, float sign) {
+__global__ void rope_forward_kernel(X *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int pos0,
+                                    float sign) {
     int half = Hd / 2;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, total = (size_t)N * 2 * H * half;
     if (idx >= total) return;
@@ -493,22 +495,22 @@ __global__ void rope_forward_kernel(X *qkv, const float *cosv, const float *sinv
     rest /= H;
     int part = rest % 2;  // 0: q, 1: k
     int n = (int)(rest / 2), pos = pos0 + n % T;
-    X *x = qkv + (size_t)n * ld + (size_t)part * H * Hd + (size_t)h * Hd;
+    X *x = qkv + (size_t)n * 3 * H * Hd + (size_t)part * H * Hd + (size_t)h * Hd;
     float c = cosv[(size_t)pos * half + i], s = sign * sinv[(size_t)pos * half + i];
     float a = to_float(x[i]), b = to_float(x[i + half]);
     x[i] = from_float<X>(a * c - b * s);
     x[i + half] = from_float<X>(b * c + a * s);
 }
 template <typename X>
-static void rope_forward(X *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int ld, int pos0,
+static void rope_forward(X *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int pos0,
                          float sign) {
     size_t total = (size_t)N * 2 * H * (Hd / 2);
-    rope_forward_kernel<X><<<ceil_div(total, 256), 256>>>(qkv, cosv, sinv, N, T, H, Hd, ld, pos0, sign);
+    rope_forward_kernel<X><<<ceil_div(total, 256), 256>>>(qkv, cosv, sinv, N, T, H, Hd, pos0, sign);
     launchCheck();
 }
 template <typename X>
-static void rope_backward(X *dqkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int ld) {
-    rope_forward(dqkv, cosv, sinv, N, T, H, Hd, ld, 0, -1.0f);
+static void rope_backward(X *dqkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd) {
+    rope_forward(dqkv, cosv, sinv, N, T, H, Hd, 0, -1.0f);
 }
 
 // ----------------------------------------------------------------------------
@@ -553,7 +555,7 @@ __global__ void attention_softmax_backward_kernel(X *dscore, const float *dP, co
 
 // qkv (BT,3HHd) -> out (BT,HHd), att (B,H,T,T); scores (B,H,T,T) fp32 scratch
 template <typename X>
-static void attention_forward(X *out, X *att, float *scores, const X *qkv, int B, int T, int H, int Hd) {
+static void attention_forward(X *out, X *att, const X *qkv, int B, int T, int H, int Hd, float *scores) {
     int HHd = H * Hd, ld = 3 * HHd;
     long long TT = (long long)T * T;
     for (int b = 0; b < B; b++) {
@@ -572,10 +574,10 @@ static void attention_forward(X *out, X *att, float *scores, const X *qkv, int B
     }
 }
 
-// dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; dP (B,H,T,T) fp32 scratch, dscore (B,H,T,T)
+// dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; dscore (B,H,T,T); dP (B,H,T,T) fp32 scratch
 template <typename X>
-static void attention_backward(X *dqkv, X *dscore, float *dP, const X *dout, const X *att, const X *qkv, int B, int T,
-                               int H, int Hd) {
+static void attention_backward(X *dqkv, X *dscore, const X *dout, const X *att, const X *qkv, int B, int T, int H,
+                               int Hd, float *dP) {
     int HHd = H * Hd, ld = 3 * HHd;
     long long TT = (long long)T * T;
     for (int b = 0; b < B; b++) {  // dP (T,T) = dout (T,Hd) @ v^T
@@ -658,14 +660,14 @@ static void ffn_forward(TO *out, X *gu, X *h, const X *inp, const X *wg, const X
     if (N <= 0) return;
     long long sD = (long long)N * D, sG = (long long)N * 3 * F, sH = (long long)N * F, FD = (long long)F * D;
     if (batch == 1 && wu == wg + 2 * FD) {
-        matmul_forward(gu, 3 * F, inp, D, wg, N, D, 3 * F, 0);
+        matmul_forward(gu, inp, wg, N, D, 3 * F, 3 * F, 0);
     } else {
-        matmul_forward(gu, 3 * F, inp, D, wg, N, D, 2 * F, 0, batch, sG, sD, 2 * FD);
-        matmul_forward(gu + 2 * F, 3 * F, inp, D, wu, N, D, F, 0, batch, sG, sD, FD);
+        matmul_forward(gu, inp, wg, N, D, 2 * F, 3 * F, 0, batch, sG, sD, 2 * FD);
+        matmul_forward(gu + 2 * F, inp, wu, N, D, F, 3 * F, 0, batch, sG, sD, FD);
     }
     ffn_gate_kernel<X><<<ceil_div((size_t)batch * N * F, 256), 256>>>(h, gu, batch * N, F);
     launchCheck();
-    matmul_forward(out, D, h, F, wd, N, F, D, accumulate, batch, sD, sH, FD);
+    matmul_forward(out, h, wd, N, F, D, D, accumulate, batch, sD, sH, FD);
 }
 
 // dout (N,D) -> dinp (N,D) overwritten; dwg, dwu, dwd accumulated (dwu follows
@@ -676,14 +678,14 @@ static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const 
                          int batch = 1) {
     if (N <= 0) return;
     long long sD = (long long)N * D, sG = (long long)N * 3 * F, sH = (long long)N * F, FD = (long long)F * D;
-    matmul_backward(dh, F, dwd, dout, D, h, F, wd, N, F, D, 0, batch, sH, sD, sH, FD);
+    matmul_backward(dh, dwd, dout, h, wd, N, F, D, D, 0, batch, sH, sD, sH, FD);
     ffn_gate_backward_kernel<X><<<ceil_div((size_t)batch * N * F, 256), 256>>>(dgu, dh, gu, batch * N, F);
     launchCheck();
     if (batch == 1 && wu == wg + 2 * FD) {
-        matmul_backward(dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 3 * F, 0);
+        matmul_backward(dinp, dwg, dgu, inp, wg, N, D, 3 * F, 3 * F, 0);
     } else {
-        matmul_backward(dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 2 * F, 0, batch, sD, sG, sD, 2 * FD);
-        matmul_backward(dinp, D, dwu, dgu + 2 * F, 3 * F, inp, D, wu, N, D, F, 1, batch, sD, sG, sD, FD);
+        matmul_backward(dinp, dwg, dgu, inp, wg, N, D, 2 * F, 3 * F, 0, batch, sD, sG, sD, 2 * FD);
+        matmul_backward(dinp, dwu, dgu + 2 * F, inp, wu, N, D, F, 3 * F, 1, batch, sD, sG, sD, FD);
     }
 }
 
@@ -701,7 +703,7 @@ __global__ void router_forward_kernel(float *p, float *lse, int *top, const floa
 // inp (N,D) fp32, wr (E,D) fp32, bias (E) -> z, p (N,E), lse (N), top (N,K)
 static void router_forward(float *z, float *p, float *lse, int *top, const float *inp, const float *wr,
                            const float *bias, int N, int D, int E, int K) {
-    matmul_forward(z, E, inp, D, wr, N, D, E, 0);
+    matmul_forward(z, inp, wr, N, D, E, E, 0);
     router_forward_kernel<<<ceil_div(N, 128), 128>>>(p, lse, top, z, bias, N, E, K);
     launchCheck();
 }
@@ -788,8 +790,8 @@ __global__ void moe_probs_rank_kernel(int *kept, int *pos, const int *top, const
 // moe_capacity_of in openmoe.h) by s's rule and policy. top (N,K), p (N,E)
 // -> kept (N,K) 0/1; pos (N,K) each assignment's place in its (group, expert)
 // queue and count (groups,E) the queues' lengths, for moe_rows.
-static void moe_capacity(int *kept, int *pos, int *count, const int *top, const float *p, int N, int K, int E,
-                         const MoeSettings *s) {
+static void moe_capacity(int *kept, const int *top, const float *p, int N, int K, int E, const MoeSettings *s,
+                         int *pos, int *count) {
     int G = group_len(N, s->group_size), n_groups = (N + G - 1) / G;
     moe_capacity_kernel<<<n_groups, MAX_EXPERTS>>>(kept, pos, count, top, N, K, E, G, s->cf1000, s->min_capacity,
                                                    s->capacity_rule);
@@ -955,8 +957,8 @@ __global__ void moe_rows_kernel(int *row_of, int *row_token, const int *top, con
 // priority order; routed, kept_cnt (E) its assignments before and after
 // dropping (model_router_stats). R_pad > 0: the padded layout (padding rows
 // get token -1), else the exact one. goff (groups,E) scratch.
-static void moe_rows(int *start, int *start_host, int *row_token, int *row_of, int *routed, int *kept_cnt,
-                     const int *top, const int *kept, const int *pos, const int *count, int N, int K, int E,
+static void moe_rows(int *start, int *row_token, int *row_of, int *routed, int *kept_cnt, const int *top,
+                     const int *kept, int N, int K, int E, int *start_host, const int *pos, const int *count,
                      const MoeSettings *s, int R_pad, int *goff) {
     int G = group_len(N, s->group_size), n_groups = (N + G - 1) / G;
     moe_offsets_kernel<<<1, MAX_EXPERTS>>>(start, goff, routed, kept_cnt, count, n_groups, N, G, E, K, s->cf1000,
@@ -1100,9 +1102,9 @@ template <typename X> __global__ void crossentropy_forward_kernel(float *lse, co
     a = block_maxsum(a);
     if (threadIdx.x == 0) lse[n] = a.m + logf(a.s);
 }
-// out[0] = sum of ce, out[1] = sum of lse^2 over the targets (y >= 0)
+// sums[0] = sum of ce, sums[1] = sum of lse^2 over the targets (y >= 0)
 template <typename X>
-__global__ void crossentropy_sum_kernel(double *out, const float *lse, const X *logits, const int *y, int N, int V) {
+__global__ void crossentropy_sum_kernel(double *sums, const float *lse, const X *logits, const int *y, int N, int V) {
     double ce = 0.0, lz = 0.0;
     for (int n = threadIdx.x; n < N; n += blockDim.x) {
         if (y[n] < 0) continue;
@@ -1112,16 +1114,16 @@ __global__ void crossentropy_sum_kernel(double *out, const float *lse, const X *
     ce = block_sum(ce);
     lz = block_sum(lz);
     if (threadIdx.x == 0) {
-        out[0] = ce;
-        out[1] = lz;
+        sums[0] = ce;
+        sums[1] = lz;
     }
 }
-// logits (N,V), y (N) -> lse (N); out[0..1] the sums of ce and lse^2 over targets
+// logits (N,V), y (N) -> lse (N); sums[0..1] the sums of ce and lse^2 over the targets (y >= 0)
 template <typename X>
-static void crossentropy_forward(double *out, float *lse, const X *logits, const int *y, int N, int V) {
+static void crossentropy_forward(double *sums, float *lse, const X *logits, const int *y, int N, int V) {
     crossentropy_forward_kernel<X><<<N, 1024>>>(lse, logits, V);
     launchCheck();
-    crossentropy_sum_kernel<X><<<1, RED_THREADS>>>(out, lse, logits, y, N, V);
+    crossentropy_sum_kernel<X><<<1, RED_THREADS>>>(sums, lse, logits, y, N, V);
     launchCheck();
 }
 
@@ -1313,7 +1315,6 @@ template <typename X> static void backward_layout(Model *m, char *base, size_t *
     m->dw_partial = carve<float>(base, u, (size_t)ceil_div(BT, DW_ROWS) * D);
     m->d_order = carve<int>(base, u, BT);
     m->d_ustart = carve<int>(base, u, BT + 1);
-    m->d_utok = carve<int>(base, u, BT);
     int max_slices;
     m->n_opt_partial = opt_partial_size(m, &max_slices);
     m->opt_partial = carve<double>(base, u, m->n_opt_partial + 1);
@@ -1455,7 +1456,6 @@ static void host_alloc(Model *m) {
     cudaCheck(cudaMallocHost(&m->h_y, BT * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_order, BT * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_ustart, (BT + 1) * sizeof(int)));
-    cudaCheck(cudaMallocHost(&m->h_utok, BT * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_logits, c->V * sizeof(float)));
     if (m->precision == PRECISION_BF16) cudaCheck(cudaMallocHost(&m->h_stage, STAGE_ELEMS * sizeof(bf16)));
     cudaCheck(cudaEventCreateWithFlags(&m->buckets_copied, cudaEventDisableTiming));
@@ -1499,7 +1499,6 @@ void model_free(Model *m) {
     cudaCheck(cudaFreeHost(m->h_y));
     cudaCheck(cudaFreeHost(m->h_order));
     cudaCheck(cudaFreeHost(m->h_ustart));
-    cudaCheck(cudaFreeHost(m->h_utok));
     cudaCheck(cudaFreeHost(m->h_logits));
     if (m->h_stage) cudaCheck(cudaFreeHost(m->h_stage));
     cudaCheck(cudaEventDestroy(m->buckets_copied));
@@ -1569,7 +1568,7 @@ void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint
 // kept rows. Leaves the layer's lb and rz sums in m->sums and its routed/kept
 // counts in m->stat_counts, for model_forward's router statistics.
 template <typename X>
-static void moe_forward(Model *m, LayerActs *a, LayerActsX<X> *b, const LayerParams *lp, int im, int BT) {
+static void moe_forward(Model *m, LayerActs *a, const LayerParams *lp, int im, int BT, LayerActsX<X> *b) {
     const Config *c = &m->c;
     int D = c->D, E = c->E, K = c->K, Fe = c->Fe;
     const float *W = m->params;
@@ -1578,10 +1577,10 @@ static void moe_forward(Model *m, LayerActs *a, LayerActsX<X> *b, const LayerPar
     router_forward(a->z, a->p, a->lse, a->top, a->ln2f, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E,
                    K);
     int *routed = m->stat_counts + (size_t)2 * im * E, *kept = routed + E;
-    moe_capacity(a->kept, a->pos, a->count, a->top, a->p, BT, K, E, &m->s);
+    moe_capacity(a->kept, a->top, a->p, BT, K, E, &m->s, a->pos, a->count);
     a->R_pad = m->moe_exact ? 0 : moe_padded_rows(BT, K, E, &m->s);
-    moe_rows(a->start, a->start_host, a->row_token, a->row_of, routed, kept, a->top, a->kept, a->pos, a->count, BT,
-             K, E, &m->s, a->R_pad, a->goff);
+    moe_rows(a->start, a->row_token, a->row_of, routed, kept, a->top, a->kept, BT, K, E, a->start_host, a->pos,
+             a->count, &m->s, a->R_pad, a->goff);
     const int *start = a->start_host;
     moe_dispatch(b->xe, a->row_token, a->ln2f, start[E], D);
     if (a->R_pad > 0) {  // all experts in one batch of matmuls
@@ -1616,12 +1615,12 @@ template <typename X> static void forward_impl(Model *m, int B, int T) {
         float *out = l + 1 < c->L ? m->la[l + 1].in : m->final_in;
         // mid = in + Attn(RMSNorm(in)): q, k, v in one matmul (wq, wk, wv are adjacent)
         rmsnorm_forward(b->ln1, a->rstd1, a->in, W + lp->attn_norm, BT, D);
-        matmul_forward(b->qkv, 3 * HHd, b->ln1, D, WX + lp->wq, BT, D, 3 * HHd, 0);
-        rope_forward(b->qkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 3 * HHd, 0, 1.0f);
+        matmul_forward(b->qkv, b->ln1, WX + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
+        rope_forward(b->qkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 0, 1.0f);
         if (m->flash) attention_forward_flash(b->atty, a->att_lse, b->qkv, B, T, H, Hd);
-        else attention_forward(b->atty, b->att, m->scores, b->qkv, B, T, H, Hd);
+        else attention_forward(b->atty, b->att, b->qkv, B, T, H, Hd, m->scores);
         copy_floats(a->mid, a->in, (size_t)BT * D);  // the residual, then += atty Wo^T
-        matmul_forward(a->mid, D, b->atty, HHd, WX + lp->wo, BT, HHd, D, 1);
+        matmul_forward(a->mid, b->atty, WX + lp->wo, BT, HHd, D, D, 1);
         if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
             rmsnorm_forward(b->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
             copy_floats(out, a->mid, (size_t)BT * D);
@@ -1629,7 +1628,7 @@ template <typename X> static void forward_impl(Model *m, int B, int T) {
             continue;
         }
         // moe_out = mid + MoE(RMSNorm(mid)); then out = moe_out + FFN_extra(RMSNorm(moe_out))
-        moe_forward(m, a, b, lp, im++, BT);
+        moe_forward(m, a, lp, im++, BT, b);
         if (c->extra_ffn) {
             rmsnorm_forward(b->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
             copy_floats(out, a->moe_out, (size_t)BT * D);
@@ -1637,7 +1636,7 @@ template <typename X> static void forward_impl(Model *m, int B, int T) {
         }
     }
     rmsnorm_forward(ax.lnf, m->rstdf, m->final_in, W + m->table.final_norm, BT, D);
-    matmul_forward(ax.logits, V, ax.lnf, D, WX + m->table.lm_head, BT, D, V, 0);
+    matmul_forward(ax.logits, ax.lnf, WX + m->table.lm_head, BT, D, V, V, 0);
     crossentropy_forward(m->sums, m->lse, ax.logits, m->d_y, BT, V);
 }
 
@@ -1674,7 +1673,7 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
 // matmuls that read it); each sublayer adds its input gradient through its RMSNorm.
 
 // d_res holds d moe_out; adds the gradient through the MoE and its norm
-template <typename X> static void moe_backward(Model *m, LayerActs *a, LayerActsX<X> *b, const LayerParams *lp, int BT) {
+template <typename X> static void moe_backward(Model *m, LayerActs *a, const LayerParams *lp, int BT, LayerActsX<X> *b) {
     const Config *c = &m->c;
     ActsX<X> &ax = acts_x<X>(m);
     int D = c->D, E = c->E, K = c->K, Fe = c->Fe, nm = n_moe_layers(c);
@@ -1701,10 +1700,10 @@ template <typename X> static void moe_backward(Model *m, LayerActs *a, LayerActs
     // the router: combine weights, load balance and z-loss all act on p
     moe_load_balance_backward(m->dp, a->lbf, BT, E, m->s.group_size, m->s.lb_coef / nm);
     router_backward(m->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
-    matmul_backward(m->d_ln, D, G + lp->router, m->dp, E, a->ln2f, D, W + lp->router, BT, D, E, 0);
+    matmul_backward(m->d_ln, G + lp->router, m->dp, a->ln2f, W + lp->router, BT, D, E, E, 0);
     moe_dispatch_backward(m->d_ln, m->dxe, a->row_of, BT, K, D);
-    rmsnorm_backward(m->d_res, ax.dres_x, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D,
-                     m->dw_partial);
+    rmsnorm_backward(m->d_res, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D,
+                     ax.dres_x, m->dw_partial);
 }
 
 // encoder_backward's buckets, on the host: the positions of each distinct
@@ -1716,12 +1715,8 @@ static int encoder_buckets(Model *m, int BT) {
     for (int n = 0; n < BT; n++) cnt[m->h_x[n] + 1]++;
     for (int v = 0; v < V; v++) cnt[v + 1] += cnt[v];  // cnt[v] = first slot of token v
     for (int n = 0; n < BT; n++) m->h_order[cnt[m->h_x[n]]++] = n;  // cnt[v] ends at the slot after v's
-    for (int j = 0; j < BT; j++) {
-        if (j == 0 || m->h_x[m->h_order[j]] != m->h_x[m->h_order[j - 1]]) {
-            m->h_ustart[U] = j;
-            m->h_utok[U++] = m->h_x[m->h_order[j]];
-        }
-    }
+    for (int j = 0; j < BT; j++)
+        if (j == 0 || m->h_x[m->h_order[j]] != m->h_x[m->h_order[j - 1]]) m->h_ustart[U++] = j;
     m->h_ustart[U] = BT;
     return U;
 }
@@ -1737,10 +1732,10 @@ template <typename X> static void backward_impl(Model *m) {
     cudaCheck(cudaMemsetAsync(G, 0, pt->n_params * sizeof(float)));
 
     crossentropy_backward(ax.dlogits, ax.logits, m->lse, m->d_y, BT, V, m->n_targets, m->s.lz_coef);
-    matmul_backward(m->d_ln, D, G + pt->lm_head, ax.dlogits, V, ax.lnf, D, WX + pt->lm_head, BT, D, V, 0);
+    matmul_backward(m->d_ln, G + pt->lm_head, ax.dlogits, ax.lnf, WX + pt->lm_head, BT, D, V, V, 0);
     cudaCheck(cudaMemsetAsync(m->d_res, 0, (size_t)BT * D * sizeof(float)));
-    rmsnorm_backward(m->d_res, ax.dres_x, G + pt->final_norm, m->d_ln, m->final_in, W + pt->final_norm, m->rstdf,
-                     BT, D, m->dw_partial);
+    rmsnorm_backward(m->d_res, G + pt->final_norm, m->d_ln, m->final_in, W + pt->final_norm, m->rstdf, BT, D,
+                     ax.dres_x, m->dw_partial);
     for (int l = c->L - 1; l >= 0; l--) {
         LayerActs *a = &m->la[l];
         LayerActsX<X> *b = &ax.layer[l];
@@ -1748,33 +1743,32 @@ template <typename X> static void backward_impl(Model *m) {
         if (!lp->moe) {
             ffn_backward(m->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, ax.dres_x, b->ln2, b->gu, b->h,
                          WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, ax.dgu, ax.dh);
-            rmsnorm_backward(m->d_res, ax.dres_x, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D,
-                             m->dw_partial);
+            rmsnorm_backward(m->d_res, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D,
+                             ax.dres_x, m->dw_partial);
         } else {
             if (c->extra_ffn) {
                 ffn_backward(m->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, ax.dres_x, b->ln3, b->gux,
                              b->hx, WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, ax.dgu, ax.dh);
-                rmsnorm_backward(m->d_res, ax.dres_x, G + lp->extra_norm, m->d_ln, a->moe_out, W + lp->extra_norm,
-                                 a->rstd3, BT, D, m->dw_partial);
+                rmsnorm_backward(m->d_res, G + lp->extra_norm, m->d_ln, a->moe_out, W + lp->extra_norm,
+                                 a->rstd3, BT, D, ax.dres_x, m->dw_partial);
             }
-            moe_backward(m, a, b, lp, BT);
+            moe_backward(m, a, lp, BT, b);
         }
         // d_res now holds d mid; attention: mid = in + Wo attn(...)
-        matmul_backward(ax.datty, HHd, G + lp->wo, ax.dres_x, D, b->atty, HHd, WX + lp->wo, BT, HHd, D, 0);
+        matmul_backward(ax.datty, G + lp->wo, ax.dres_x, b->atty, WX + lp->wo, BT, HHd, D, D, 0);
         if (m->flash) attention_backward_flash(ax.dqkv, m->dvec, ax.datty, b->atty, a->att_lse, b->qkv, B, T, H, Hd);
-        else attention_backward(ax.dqkv, ax.dscore, m->scores, ax.datty, b->att, b->qkv, B, T, H, Hd);
-        rope_backward(ax.dqkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 3 * HHd);
-        matmul_backward(m->d_ln, D, G + lp->wq, ax.dqkv, 3 * HHd, b->ln1, D, WX + lp->wq, BT, D, 3 * HHd, 0);
-        rmsnorm_backward(m->d_res, ax.dres_x, G + lp->attn_norm, m->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D,
-                         m->dw_partial);
+        else attention_backward(ax.dqkv, ax.dscore, ax.datty, b->att, b->qkv, B, T, H, Hd, m->scores);
+        rope_backward(ax.dqkv, m->rope_cos, m->rope_sin, BT, T, H, Hd);
+        matmul_backward(m->d_ln, G + lp->wq, ax.dqkv, b->ln1, WX + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
+        rmsnorm_backward(m->d_res, G + lp->attn_norm, m->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D,
+                         ax.dres_x, m->dw_partial);
     }
     // the host sorts the tokens while the GPU runs the layers above
     int U = encoder_buckets(m, BT);
     cudaCheck(cudaMemcpyAsync(m->d_order, m->h_order, BT * sizeof(int), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpyAsync(m->d_ustart, m->h_ustart, (U + 1) * sizeof(int), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpyAsync(m->d_utok, m->h_utok, U * sizeof(int), cudaMemcpyHostToDevice));
     cudaCheck(cudaEventRecord(m->buckets_copied, 0));
-    encoder_backward(G + pt->wte, m->d_res, m->d_order, m->d_ustart, m->d_utok, U, D);
+    encoder_backward(G + pt->wte, m->d_res, m->d_x, BT, D, m->d_order, m->d_ustart, U);
 }
 
 void model_backward(Model *m) {
@@ -1827,8 +1821,8 @@ __global__ void adamw_update_kernel(float *w, bf16 *wx, const float *g, float *m
     w[i] = wi;
     if (wx) wx[i] = from_float<bf16>(wi);
 }
-static void adamw_update(float *w, bf16 *wx, const float *g, float *mom, float *vel, size_t n, const OptSettings *o,
-                         int t, float gscale, int decay) {
+static void adamw_update(float *w, const float *g, float *mom, float *vel, size_t n, const OptSettings *o, int t,
+                         float gscale, int decay, bf16 *wx) {
     float b1c = 1.0f - powf(o->beta1, (float)t), b2c = 1.0f - powf(o->beta2, (float)t);
     adamw_update_kernel<<<ceil_div(n, 256), 256>>>(w, wx, g, mom, vel, n, o->lr, o->beta1, o->beta2, b1c, b2c, o->eps,
                                                    decay ? o->weight_decay : 0.0f, gscale);
@@ -1984,8 +1978,8 @@ float model_update(Model *m, const OptSettings *o, int t) {
             const TensorInfo *ti = &pt->tensors[i];
             size_t off = ti->offset;
             if (off < lo || off >= m->shard_hi || (o->freeze_router && is_router_tensor(ti))) continue;
-            adamw_update(m->params + off, wx ? wx + off : NULL, m->grads + off, mom + (off - lo), vel + (off - lo),
-                         tensor_numel(ti), o, t, gscale, ti->matrix);
+            adamw_update(m->params + off, m->grads + off, mom + (off - lo), vel + (off - lo), tensor_numel(ti), o, t,
+                         gscale, ti->matrix, wx ? wx + off : NULL);
         }
         return norm;  // the bf16 weights were written by the update
     } else {
@@ -2041,8 +2035,8 @@ __global__ void matvec_forward_kernel(float *out, const float *inp, const float 
     acc = warp_sum(acc);
     if (lane == 0) out[o] = accumulate ? out[o] + acc : acc;
 }
-static void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT, const int *sel = NULL,
-                           size_t sel_stride = 0, int accumulate = 0) {
+static void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT, int accumulate,
+                           const int *sel = NULL, size_t sel_stride = 0) {
     matvec_forward_kernel<<<ceil_div(OUT, 8), 256>>>(out, inp, w, sel, sel_stride, IN, OUT, accumulate);
     launchCheck();
 }
@@ -2100,13 +2094,17 @@ static void moe_decode_accumulate(float *acc, const float *y, const float *p, co
 
 // one token's gated FFN: out (D) = (or += with accumulate) FFN(x); the weights of expert sel[0] when sel is not NULL
 static void ffn_token(Model *m, float *out, const float *x, const float *wg, const float *wu, const float *wd, int F,
-                      const int *sel, int accumulate) {
+                      int accumulate, const int *sel) {
     int D = m->c.D;
-    matvec_forward(m->t_gu, x, wg, D, 2 * F, sel, (size_t)2 * F * D);
-    matvec_forward(m->t_gu + 2 * F, x, wu, D, F, sel, (size_t)F * D);
+    if (!sel && wu == wg + 2 * (size_t)F * D) {
+        matvec_forward(m->t_gu, x, wg, D, 3 * F, 0);
+    } else {
+        matvec_forward(m->t_gu, x, wg, D, 2 * F, 0, sel, (size_t)2 * F * D);
+        matvec_forward(m->t_gu + 2 * F, x, wu, D, F, 0, sel, (size_t)F * D);
+    }
     ffn_gate_kernel<float><<<ceil_div(F, 256), 256>>>(m->t_h, m->t_gu, 1, F);
     launchCheck();
-    matvec_forward(out, m->t_h, wd, F, D, sel, (size_t)D * F, accumulate);
+    matvec_forward(out, m->t_h, wd, F, D, accumulate, sel, (size_t)D * F);
 }
 
 const int model_decode_bitwise = 0;  // cuBLAS sums the forward's products in its own order
@@ -2124,33 +2122,33 @@ const float *model_decode(Model *m, int token, int pos) {
         const LayerParams *lp = &pt->layer[l];
         float *kc = m->kcache + (size_t)l * c->max_seq_len * HHd, *vc = m->vcache + (size_t)l * c->max_seq_len * HHd;
         rmsnorm_forward(xn, (float *)NULL, x, W + lp->attn_norm, 1, D);
-        matvec_forward(m->t_qkv, xn, W + lp->wq, D, 3 * HHd);  // q | k | v
-        rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, 1, 1, H, Hd, 3 * HHd, pos, 1.0f);
+        matvec_forward(m->t_qkv, xn, W + lp->wq, D, 3 * HHd, 0);  // q | k | v
+        rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, 1, 1, H, Hd, pos, 1.0f);
         copy_floats(kc + (size_t)pos * HHd, m->t_qkv + HHd, HHd);
         copy_floats(vc + (size_t)pos * HHd, m->t_qkv + 2 * HHd, HHd);
         attention_decode(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, c->max_seq_len);
-        matvec_forward(x, m->t_aty, W + lp->wo, HHd, D, NULL, 0, 1);  // x += Wo aty
+        matvec_forward(x, m->t_aty, W + lp->wo, HHd, D, 1);  // x += Wo aty
         rmsnorm_forward(xn, (float *)NULL, x, W + lp->mlp_norm, 1, D);
         if (!lp->moe) {
-            ffn_token(m, x, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->F, NULL, 1);
+            ffn_token(m, x, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->F, 1, NULL);
             continue;
         }
         // a group of one token: capacity never binds, every choice is kept
-        matvec_forward(m->t_z, xn, W + lp->router, D, E);
+        matvec_forward(m->t_z, xn, W + lp->router, D, E, 0);
         router_token(m->t_p, m->t_lse, m->t_top, m->t_z, m->router_bias + (size_t)im++ * E, E, K);
         cudaCheck(cudaMemsetAsync(m->t_acc, 0, D * sizeof(float)));
         for (int r = 0; r < K; r++) {
-            ffn_token(m, m->t_out, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->Fe, m->t_top + r, 0);
+            ffn_token(m, m->t_out, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->Fe, 0, m->t_top + r);
             moe_decode_accumulate(m->t_acc, m->t_out, m->t_p, m->t_top + r, D);
         }
         residual_forward(x, m->t_acc, x, D);
         if (c->extra_ffn) {
             rmsnorm_forward(xn, (float *)NULL, x, W + lp->extra_norm, 1, D);
-            ffn_token(m, x, xn, W + lp->x_gate, W + lp->x_up, W + lp->x_down, c->F, NULL, 1);
+            ffn_token(m, x, xn, W + lp->x_gate, W + lp->x_up, W + lp->x_down, c->F, 1, NULL);
         }
     }
     rmsnorm_forward(xn, (float *)NULL, x, W + pt->final_norm, 1, D);
-    matvec_forward(m->t_logits, xn, W + pt->lm_head, D, c->V);
+    matvec_forward(m->t_logits, xn, W + pt->lm_head, D, c->V, 0);
     cudaCheck(cudaMemcpy(m->h_logits, m->t_logits, c->V * sizeof(float), cudaMemcpyDeviceToHost));
     return m->h_logits;
 }
