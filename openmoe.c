@@ -46,10 +46,11 @@ void matmul_forward(float *out, const float *inp, const float *w, int N, int IN,
 void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int N, int IN,
                      int OUT, int ldo, int accumulate) {
 #pragma omp parallel for schedule(static)
-    for (int o = 0; o < OUT; o++)  // dw[o][i]: a chain over n
+    for (int o = 0; o < OUT; o++) {  // dw[o][i]: a chain over n
+        float *d = dw + (size_t)o * IN;
         for (int n = 0; n < N; n++)
-            for (int i = 0; i < IN; i++)
-                dw[(size_t)o * IN + i] = MADD(dout[(size_t)n * ldo + o], inp[(size_t)n * IN + i], dw[(size_t)o * IN + i]);
+            for (int i = 0; i < IN; i++) d[i] = MADD(dout[(size_t)n * ldo + o], inp[(size_t)n * IN + i], d[i]);
+    }
     if (!dinp) return;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {  // dinp[n][i]: a chain over o
@@ -226,7 +227,8 @@ static void attention_backward(float *dqkv, float *dscore, const float *dout, co
             size_t bh = (size_t)b * H + h, base = (size_t)b * T * ld + h * Hd;
             const float *q = qkv + base, *k = q + HHd, *v = q + 2 * HHd, *P = att + bh * T * T;
             const float *dy = dout + (size_t)b * T * HHd + h * Hd;
-            float *dq = dqkv + base, *dk = dq + HHd, *dv = dq + 2 * HHd, *dS = dscore + bh * T * T, *vT = vt + bh * Hd * T;
+            float *dq = dqkv + base, *dk = dq + HHd, *dv = dq + 2 * HHd;
+            float *dS = dscore + bh * T * T, *vT = vt + bh * Hd * T;
             transpose(vT, v, T, Hd, ld);
             for (int i0 = 0; i0 < T; i0 += AB) {  // query rows i0..i1-1 see keys 0..i1-1
                 int i1 = i0 + AB < T ? i0 + AB : T;
@@ -272,6 +274,7 @@ static void ffn_gate_row(float *h, const float *gu, int F) {
 // inp (N,D) -> out (N,D) (= or += with accumulate); keeps gu (N,3F), h (N,F) for the backward
 static void ffn_forward(float *out, float *gu, float *h, const float *inp, const float *wg, const float *wu,
                         const float *wd, int N, int D, int F, int accumulate) {
+    if (N <= 0) return;
     if (wu == wg + 2 * (size_t)F * D) {
         matmul_forward(gu, inp, wg, N, D, 3 * F, 3 * F, 0);
     } else {
@@ -287,6 +290,7 @@ static void ffn_forward(float *out, float *gu, float *h, const float *inp, const
 static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const float *dout, const float *inp,
                          const float *gu, const float *h, const float *wg, const float *wu, const float *wd, int N,
                          int D, int F, float *dgu, float *dh) {
+    if (N <= 0) return;
     matmul_backward(dh, dwd, dout, h, wd, N, F, D, D, 0);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -575,26 +579,30 @@ static void residual_forward(float *out, const float *a, const float *b, size_t 
 static void copy_floats(float *dst, const float *src, size_t n) { memcpy(dst, src, n * sizeof(float)); }
 
 // ----------------------------------------------------------------------------
-// the model: parameters, gradients and activations, each in one buffer
+// the model: parameters, gradients and activations, each in one buffer. The
+// activations are openmoe.h's tables, and these of the CPU's own:
+//  name       type      elements          when
+#define CPU_ACTS(_)                                                                                             \
+    _(kt,        float,    B * H * Hd * T,   1)       /* (B,H,Hd,T) k (forward) or v (backward) transposed */   \
+    _(lbP,       float,    E,                any_moe) /* (E) load-balance scratch */                              \
+    _(cursor,    int,      E,                any_moe) /* (E) */                                                   \
+    _(seg,       int,      E + 1,            any_moe) /* (E+1) */                                                 \
+    _(prio_key,  uint64_t, BT * K,           any_moe) /* (BT*K) the drop policy probs' sort keys */
 
-typedef struct {  // what one layer keeps for the backward; NULL where unused
-    float *in;                // (BT,D) the residual stream entering the layer
-    float *ln1, *rstd1;       // (BT,D), (BT)
-    float *qkv;               // (BT,3HHd) q | k | v of each token, q and k after RoPE
-    float *att;               // (B,H,T,T) attention probabilities
-    float *atty;              // (BT,HHd) attention output before Wo
-    float *mid;               // (BT,D) residual after attention
-    float *ln2, *rstd2;       // (BT,D), (BT) the FFN's or the MoE's input
-    float *gu, *h;            // dense FFN: (BT,3F) = [a | b | u], (BT,F)
-    float *z, *p, *lse;       // MoE router: logits, probabilities (BT,E), logsumexp (BT)
-    float *lbf;               // (groups,E) f_e of the load-balance loss
-    int *top, *kept, *row_of; // (BT,K): choices best first, kept flags, row in the expert buffers (-1: dropped)
-    int *start, *row_token;   // (E+1), (BT*K): expert e owns rows start[e]..start[e+1]-1
-    float *xe, *gue, *he, *ye;  // (BT*K, D | 3Fe | Fe | D) the experts' rows
-    float *moe_out;           // (BT,D) residual after the MoE (the layer's output without extra FFN)
-    float *ln3, *rstd3;       // extra FFN: its norm,
-    float *gux, *hx;          // and its hidden states
+typedef float floatX;  // the matmul operands' type in the tables: fp32 on the CPU
+
+typedef struct {       // one layer's activations: LAYER_ACTS, NULL where the layer has none
+    float *in;         // (BT,D) the residual stream entering the layer: resid[l]
+    LAYER_ACTS(ACT_POINTER)
 } LayerActs;
+
+typedef struct {       // the model's: FORWARD_ACTS, BACKWARD_ACTS (with an optimizer) and CPU_ACTS
+    LayerActs *layer;  // [L]
+    float *final_in;   // (BT,D) resid[L], the final norm's input
+    FORWARD_ACTS(ACT_POINTER)
+    BACKWARD_ACTS(ACT_POINTER)
+    CPU_ACTS(ACT_POINTER)
+} Acts;
 
 struct Model {
     Config c;
@@ -609,39 +617,15 @@ struct Model {
     size_t shard_lo, shard_hi;  // ZeRO-1: model_update steps the tensors that start in [lo, hi)
     OptKind opt_kind;
     int opt_min_dim;
-    // activations: one float buffer and one int buffer, carved by acts_layout
-    float *acts;
-    int *iacts;
-    LayerActs *la;            // [L]
-    float *resid;             // (L+1, BT, D): layer l reads resid[l], writes resid[l+1]
-    float *final_in;          // resid[L], the input of the final norm
-    float *lnf, *rstdf, *logits, *lse;  // (BT,D), (BT), (BT,V), (BT)
-    float *kt;                // (B,H,Hd,T) k (forward) or v (backward) transposed per head
-    int *x, *y;               // (BT) the batch of the last forward
-    float *lbP;               // (E) load-balance scratch
-    int *cursor, *seg;        // (E), (E+1)
-    uint64_t *prio_key;       // (BT*K) the drop policy "probs"' sort keys
+    char *buffer;             // every activation and buffer, carved by acts_carve
+    Acts acts;
+    MODEL_BUFFERS(ACT_POINTER)
     float *router_bias;       // (n_moe, E) loss-free balancing bias, 0 unless set
-    // backward scratch (with an optimizer only)
-    float *d_res, *d_ln;      // (BT,D) residual gradient, gradient at a norm's output
-    float *dqkv;              // (BT,3HHd)
-    float *datty;             // (BT,HHd)
-    float *dscore;            // (B,H,T,T)
-    float *dgu, *dh;          // (BT*K, 3Fmax | Fmax)
-    float *dxe, *dye;         // (BT*K, D)
-    float *dp;                // (BT,E)
-    float *dlogits;           // (BT,V)
     // the last forward
     int B, T, has_targets, n_targets;
     MoeSettings s;
-    double *sums;             // (2 + 2 n_moe): ce and lz sums, then per MoE layer the lb sum over groups and the rz sum
     RouterStats *stats;       // [n_moe]
     int *stat_ints;           // the routed and kept counts behind stats
-    float *rope_cos, *rope_sin;  // (max_seq_len, Hd/2)
-    // inference: KV cache (L, max_seq_len, HHd) and one token's buffers
-    float *kcache, *vcache;
-    float *t_x, *t_xn, *t_qkv, *t_att, *t_aty, *t_out, *t_acc, *t_gu, *t_h, *t_z, *t_p, *t_logits;
-    int *t_top;
 };
 
 const Config *model_config(const Model *m) { return &m->c; }
@@ -663,130 +647,41 @@ static float *alloc_floats_huge(size_t n) {
 
 // a bump allocator over one buffer: a first pass with base NULL only counts.
 // Arrays take whole cache lines (the buffer starts on one), so that each
-// starts on a line: gemm_streams streams only aligned rows.
-static float *carve(float *base, size_t *used, size_t n) {
-    float *p = base ? base + *used : NULL;
-    *used += (n + LINE_FLOATS - 1) / LINE_FLOATS * LINE_FLOATS;
-    return p;
-}
-static int *carve_int(int *base, size_t *used, size_t n) {
-    int *p = base ? base + *used : NULL;
-    *used += n;
+// starts on a line: gemm.c streams only aligned rows.
+#define LINE_BYTES (LINE_FLOATS * sizeof(float))
+static void *carve(char *base, size_t *used, size_t bytes) {
+    void *p = base ? base + *used : NULL;
+    *used = size_add(*used, size_add(bytes, LINE_BYTES - 1) / LINE_BYTES * LINE_BYTES);
     return p;
 }
 
-// the MoE sublayer's buffers of layer l: router, routing and the experts' rows (BT*K at most)
-static void moe_acts_layout(Model *m, LayerActs *a, int l, float *fb, int *ib, size_t *nf, size_t *ni) {
+// every row of the tables at its offset in base; returns the bytes (base NULL: only counts)
+static size_t acts_carve(Model *m, char *base) {
     const Config *c = &m->c;
-    size_t BT = (size_t)m->Bmax * m->Tmax, D = c->D, E = c->E, K = c->K;
-    a->z = carve(fb, nf, BT * E);
-    a->p = carve(fb, nf, BT * E);
-    a->lse = carve(fb, nf, BT);
-    a->lbf = carve(fb, nf, BT * E);  // groups <= BT (group_size 1)
-    a->top = carve_int(ib, ni, BT * K);
-    a->kept = carve_int(ib, ni, BT * K);
-    a->row_of = carve_int(ib, ni, BT * K);
-    a->start = carve_int(ib, ni, E + 1);
-    a->row_token = carve_int(ib, ni, BT * K);
-    a->xe = carve(fb, nf, BT * K * D);
-    a->gue = carve(fb, nf, BT * K * 3 * c->Fe);
-    a->he = carve(fb, nf, BT * K * c->Fe);
-    a->ye = carve(fb, nf, BT * K * D);
-    if (c->extra_ffn) {
-        a->moe_out = carve(fb, nf, BT * D);
-        a->ln3 = carve(fb, nf, BT * D);
-        a->rstd3 = carve(fb, nf, BT);
-        a->gux = carve(fb, nf, BT * 3 * c->F);
-        a->hx = carve(fb, nf, BT * c->F);
-    } else {
-        a->moe_out = m->resid ? m->resid + (l + 1) * BT * D : NULL;
+    Acts *A = &m->acts;
+    size_t used = 0;
+    ACT_SIZES(c, m->Bmax, m->Tmax, 0);
+#define CARVE(name, type, n, when) A->name = (when) ? (type *)carve(base, &used, size_mul(n, sizeof(type))) : NULL;
+    FORWARD_ACTS(CARVE)
+    if (m->grads) {
+        BACKWARD_ACTS(CARVE)
     }
-}
-
-// what layer l keeps for the backward
-static void layer_acts_layout(Model *m, int l, float *fb, int *ib, size_t *nf, size_t *ni) {
-    const Config *c = &m->c;
-    size_t BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D;
-    LayerActs *a = &m->la[l];
-    memset(a, 0, sizeof(*a));
-    a->in = m->resid ? m->resid + l * BT * D : NULL;  // BT here is the largest batch's
-    a->ln1 = carve(fb, nf, BT * D);
-    a->rstd1 = carve(fb, nf, BT);
-    a->qkv = carve(fb, nf, BT * 3 * HHd);
-    a->att = carve(fb, nf, BT * m->Tmax * c->H);
-    a->atty = carve(fb, nf, BT * HHd);
-    a->mid = carve(fb, nf, BT * D);
-    a->ln2 = carve(fb, nf, BT * D);
-    a->rstd2 = carve(fb, nf, BT);
-    if (is_moe_layer(c, l)) {
-        moe_acts_layout(m, a, l, fb, ib, nf, ni);
-        return;
+    CPU_ACTS(CARVE)
+#undef CARVE
+#define CARVE(name, type, n, when) m->name = (when) ? (type *)carve(base, &used, size_mul(n, sizeof(type))) : NULL;
+    MODEL_BUFFERS(CARVE)
+#undef CARVE
+#define CARVE(name, type, n, when) a->name = (when) ? (type *)carve(base, &used, size_mul(n, sizeof(type))) : NULL;
+    for (int l = 0; l < c->L; l++) {
+        LayerActs *a = &A->layer[l];
+        ACT_LAYER(c, l);
+        LAYER_ACTS(CARVE)
+        a->in = A->resid ? A->resid + l * BT * D : NULL;
+        if (moe && !extra) a->moe_out = A->resid ? A->resid + (l + 1) * BT * D : NULL;
     }
-    a->gu = carve(fb, nf, BT * 3 * c->F);
-    a->h = carve(fb, nf, BT * c->F);
-}
-
-// the backward's scratch (with an optimizer only)
-static void backward_layout(Model *m, float *fb, size_t *nf) {
-    const Config *c = &m->c;
-    size_t BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D, E = c->E, K = c->K;
-    size_t Fmax = c->F > c->Fe ? c->F : c->Fe;
-    m->d_res = carve(fb, nf, BT * D);
-    m->d_ln = carve(fb, nf, BT * D);
-    m->dqkv = carve(fb, nf, BT * 3 * HHd);
-    m->datty = carve(fb, nf, BT * HHd);
-    m->dscore = carve(fb, nf, BT * m->Tmax * c->H);
-    m->dgu = carve(fb, nf, BT * K * 3 * Fmax);
-    m->dh = carve(fb, nf, BT * K * Fmax);
-    m->dxe = carve(fb, nf, BT * K * D);
-    m->dye = carve(fb, nf, BT * K * D);
-    m->dp = carve(fb, nf, BT * E);
-    m->dlogits = carve(fb, nf, BT * c->V);
-}
-
-// every activation at its offset in fb (floats) and ib (ints)
-static void acts_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
-    const Config *c = &m->c;
-    size_t BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D, E = c->E;
-    *nf = *ni = 0;
-    m->resid = carve(fb, nf, (c->L + 1) * BT * D);
-    for (int l = 0; l < c->L; l++) layer_acts_layout(m, l, fb, ib, nf, ni);
-    m->final_in = m->resid ? m->resid + c->L * BT * D : NULL;
-    m->lnf = carve(fb, nf, BT * D);
-    m->rstdf = carve(fb, nf, BT);
-    m->logits = carve(fb, nf, BT * c->V);
-    m->lse = carve(fb, nf, BT);
-    m->kt = carve(fb, nf, BT * HHd);
-    m->x = carve_int(ib, ni, BT);
-    m->y = carve_int(ib, ni, BT);
-    m->lbP = carve(fb, nf, E);
-    m->cursor = carve_int(ib, ni, E);
-    m->seg = carve_int(ib, ni, E + 1);
-    if (m->grads) backward_layout(m, fb, nf);
-}
-
-// the RoPE tables, the KV cache and one token's buffers for model_decode
-static void decode_layout(Model *m, float *fb, int *ib, size_t *nf, size_t *ni) {
-    const Config *c = &m->c;
-    size_t HHd = (size_t)c->H * c->Hd, Fmax = c->F > c->Fe ? c->F : c->Fe;
-    *nf = *ni = 0;
-    m->rope_cos = carve(fb, nf, (size_t)c->max_seq_len * (c->Hd / 2));
-    m->rope_sin = carve(fb, nf, (size_t)c->max_seq_len * (c->Hd / 2));
-    m->kcache = carve(fb, nf, (size_t)c->L * c->max_seq_len * HHd);
-    m->vcache = carve(fb, nf, (size_t)c->L * c->max_seq_len * HHd);
-    m->t_x = carve(fb, nf, c->D);
-    m->t_xn = carve(fb, nf, c->D);
-    m->t_qkv = carve(fb, nf, 3 * HHd);
-    m->t_att = carve(fb, nf, (size_t)c->H * c->max_seq_len);
-    m->t_aty = carve(fb, nf, HHd);
-    m->t_out = carve(fb, nf, c->D);
-    m->t_acc = carve(fb, nf, c->D);
-    m->t_gu = carve(fb, nf, 3 * Fmax);
-    m->t_h = carve(fb, nf, Fmax);
-    m->t_z = carve(fb, nf, c->E);
-    m->t_p = carve(fb, nf, c->E);
-    m->t_logits = carve(fb, nf, c->V);
-    m->t_top = carve_int(ib, ni, c->K);
+#undef CARVE
+    A->final_in = A->resid ? A->resid + L * BT * D : NULL;
+    return used;
 }
 
 Model *model_create(const Config *c, int B, int T, Precision precision, const OptSettings *opt) {
@@ -801,29 +696,22 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     m->Bmax = B;
     m->Tmax = T;
     size_t n = m->table.n_params;
-    m->params = (float *)callocAlignedCheck(n, sizeof(float), LINE_FLOATS * sizeof(float));
+    m->params = (float *)callocAlignedCheck(n, sizeof(float), LINE_BYTES);
     m->params_t = alloc_floats_huge(n);  // untouched (not resident) until a decode
     if (opt) {
         m->opt_kind = opt->kind;
         m->opt_min_dim = opt->min_dim;
-        m->grads = (float *)callocAlignedCheck(n, sizeof(float), LINE_FLOATS * sizeof(float));
+        m->grads = (float *)callocAlignedCheck(n, sizeof(float), LINE_BYTES);
         m->shard_lo = opt->shard_lo;
         m->shard_hi = opt->shard_hi ? opt->shard_hi : n;
         m->n_opt_state = opt_state_floats_range(&m->table, opt->kind, opt->min_dim, m->shard_lo, m->shard_hi);
         m->opt_state = (float *)callocCheck(m->n_opt_state, sizeof(float));
     }
-    m->la = (LayerActs *)callocCheck(c->L, sizeof(LayerActs));
-    size_t nf, ni, dnf, dni;
-    acts_layout(m, NULL, NULL, &nf, &ni);
-    decode_layout(m, NULL, NULL, &dnf, &dni);
-    m->acts = (float *)callocAlignedCheck(nf + dnf, sizeof(float), LINE_FLOATS * sizeof(float));
-    m->iacts = (int *)callocCheck(ni + dni, sizeof(int));
-    acts_layout(m, m->acts, m->iacts, &nf, &ni);
-    decode_layout(m, m->acts + nf, m->iacts + ni, &dnf, &dni);
+    m->acts.layer = (LayerActs *)callocCheck(c->L, sizeof(LayerActs));
+    m->buffer = (char *)callocAlignedCheck(acts_carve(m, NULL), 1, LINE_BYTES);
+    acts_carve(m, m->buffer);
     rope_tables(m->rope_cos, m->rope_sin, c->max_seq_len, c->Hd);
-    m->sums = (double *)callocCheck(2 + 2 * (size_t)n_moe_layers(c), sizeof(double));
     m->stats = router_stats_create(n_moe_layers(c), c->E, &m->stat_ints);
-    m->prio_key = (uint64_t *)mallocCheck((size_t)B * T * c->K * sizeof(uint64_t));
     m->router_bias = (float *)callocCheck((size_t)n_moe_layers(c) * c->E, sizeof(float));
     return m;
 }
@@ -834,13 +722,10 @@ void model_free(Model *m) {
     free(m->params_t);
     free(m->grads);
     free(m->opt_state);
-    free(m->acts);
-    free(m->iacts);
-    free(m->la);
-    free(m->sums);
+    free(m->buffer);
+    free(m->acts.layer);
     free(m->stats);
     free(m->stat_ints);
-    free(m->prio_key);
     free(m->router_bias);
     param_table_free(&m->table);
     free(m);
@@ -860,7 +745,7 @@ void model_set_grads(Model *m, const float *grads) {
     memcpy(m->grads, grads, m->table.n_params * sizeof(float));
 }
 void model_get_logits(const Model *m, float *logits) {
-    memcpy(logits, m->logits, (size_t)m->B * m->T * m->c.V * sizeof(float));
+    memcpy(logits, m->acts.logits, (size_t)m->B * m->T * m->c.V * sizeof(float));
 }
 const RouterStats *model_router_stats(const Model *m) { return m->stats; }
 void model_set_router_bias(Model *m, const float *bias) {
@@ -873,7 +758,7 @@ void model_get_router_bias(const Model *m, float *bias) {
 void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint8_t *kept) {
     int nm = n_moe_layers(&m->c), BTK = m->B * m->T * m->c.K, K = m->c.K;
     if (i < 0 || i >= nm) die("model_get_routing: MoE layer %d out of range [0, %d)", i, nm);
-    const LayerActs *a = &m->la[(i + 1) * m->c.moe_every - 1];
+    const LayerActs *a = &m->acts.layer[(i + 1) * m->c.moe_every - 1];
     for (int j = 0; j < BTK; j++) {
         expert[j] = a->top[j];
         prob[j] = a->p[(size_t)(j / K) * m->c.E + a->top[j]];
@@ -889,55 +774,52 @@ void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint
 // routed/kept counts in m->stats[im], for model_forward's router statistics.
 static void moe_forward(Model *m, LayerActs *a, const LayerParams *lp, int im, int BT) {
     const Config *c = &m->c;
+    Acts *A = &m->acts;
     int D = c->D, E = c->E, K = c->K, Fe = c->Fe;
     const float *W = m->params;
-    rmsnorm_forward(a->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
-    router_forward(a->z, a->p, a->lse, a->top, a->ln2, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E, K);
-    moe_capacity(a->kept, a->top, a->p, BT, K, E, &m->s, m->prio_key, m->seg, m->cursor);
-    moe_rows(a->start, a->row_token, a->row_of, m->stats[im].routed, m->stats[im].kept, a->top, a->kept, BT, K, E,
-             m->cursor);
-    moe_dispatch(a->xe, a->row_token, a->ln2, a->start[E], D);
+    const floatX *WX = W;  // the matmuls' weights (openmoe.cu: a bf16 copy in bf16 mode)
+    int *routed = m->stats[im].routed, *kept = m->stats[im].kept;
+    rmsnorm_forward(a->moe_in, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
+    router_forward(a->z, a->p, a->lse, a->top, a->moe_in, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E, K);
+    moe_capacity(a->kept, a->top, a->p, BT, K, E, &m->s, A->prio_key, A->seg, A->cursor);
+    moe_rows(a->start, a->row_token, a->row_of, routed, kept, a->top, a->kept, BT, K, E, A->cursor);
+    const int *start = a->start;
+    moe_dispatch(a->xe, a->row_token, a->moe_in, start[E], D);
     for (int e = 0; e < E; e++) {
-        size_t r0 = a->start[e];
-        int rows = a->start[e + 1] - a->start[e];
-        if (rows == 0) continue;
+        size_t r0 = start[e];
+        int rows = start[e + 1] - start[e];
         ffn_forward(a->ye + r0 * D, a->gue + r0 * 3 * Fe, a->he + r0 * Fe, a->xe + r0 * D,
-                    W + lp->w_gate + (size_t)e * 2 * Fe * D, W + lp->w_up + (size_t)e * Fe * D,
-                    W + lp->w_down + (size_t)e * D * Fe, rows, D, Fe, 0);
+                    WX + lp->w_gate + (size_t)e * 2 * Fe * D, WX + lp->w_up + (size_t)e * Fe * D,
+                    WX + lp->w_down + (size_t)e * D * Fe, rows, D, Fe, 0);
     }
     moe_combine(a->moe_out, a->mid, a->ye, a->p, a->top, a->row_of, BT, K, E, D);
-    moe_load_balance_forward(m->sums + 2 + 2 * im, a->lbf, a->p, a->top, BT, K, E, m->s.group_size, m->lbP);
+    moe_load_balance_forward(m->sums + 2 + 2 * im, a->lbf, a->p, a->top, BT, K, E, m->s.group_size, A->lbP);
     router_z_loss_sum(m->sums + 3 + 2 * im, a->lse, BT);
 }
 
-void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s,
-                   float *losses) {
+static void forward_layers(Model *m, int B, int T) {
     const Config *c = &m->c;
-    forward_args_check(B, T, m->Bmax, m->Tmax, s);
+    Acts *A = &m->acts;
     int BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, V = c->V;
-    m->B = B;
-    m->T = T;
-    m->s = *s;
-    m->has_targets = y != NULL;
-    m->n_targets = forward_tokens_copy(m->x, m->y, x, y, BT, V);
     const float *W = m->params;
-    encoder_forward(m->resid, m->x, W + m->table.wte, BT, D);
+    const floatX *WX = W;
+    encoder_forward(A->resid, m->x, W + m->table.wte, BT, D);
     int im = 0;
     for (int l = 0; l < c->L; l++) {
-        LayerActs *a = &m->la[l];
+        LayerActs *a = &A->layer[l];
         const LayerParams *lp = &m->table.layer[l];
-        float *out = l + 1 < c->L ? m->la[l + 1].in : m->final_in;
+        float *out = l + 1 < c->L ? A->layer[l + 1].in : A->final_in;
         // mid = in + Attn(RMSNorm(in)): q, k, v in one matmul (wq, wk, wv are adjacent)
         rmsnorm_forward(a->ln1, a->rstd1, a->in, W + lp->attn_norm, BT, D);
-        matmul_forward(a->qkv, a->ln1, W + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
+        matmul_forward(a->qkv, a->ln1, WX + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
         rope_forward(a->qkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 0, 1.0f);
-        attention_forward(a->atty, a->att, a->qkv, B, T, H, Hd, m->kt);
+        attention_forward(a->atty, a->att, a->qkv, B, T, H, Hd, A->kt);
         copy_floats(a->mid, a->in, (size_t)BT * D);  // the residual, then += atty Wo^T
-        matmul_forward(a->mid, a->atty, W + lp->wo, BT, HHd, D, D, 1);
+        matmul_forward(a->mid, a->atty, WX + lp->wo, BT, HHd, D, D, 1);
         if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
             rmsnorm_forward(a->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
             copy_floats(out, a->mid, (size_t)BT * D);
-            ffn_forward(out, a->gu, a->h, a->ln2, W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D, c->F, 1);
+            ffn_forward(out, a->gu, a->h, a->ln2, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, 1);
             continue;
         }
         // moe_out = mid + MoE(RMSNorm(mid)); then out = moe_out + FFN_extra(RMSNorm(moe_out))
@@ -945,18 +827,31 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
         if (c->extra_ffn) {
             rmsnorm_forward(a->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
             copy_floats(out, a->moe_out, (size_t)BT * D);
-            ffn_forward(out, a->gux, a->hx, a->ln3, W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D, c->F, 1);
+            ffn_forward(out, a->gux, a->hx, a->ln3, WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, 1);
         }
     }
-    rmsnorm_forward(m->lnf, m->rstdf, m->final_in, W + m->table.final_norm, BT, D);
-    matmul_forward(m->logits, m->lnf, W + m->table.lm_head, BT, D, V, V, 0);
+    rmsnorm_forward(A->lnf, A->rstdf, A->final_in, W + m->table.final_norm, BT, D);
+    matmul_forward(A->logits, A->lnf, WX + m->table.lm_head, BT, D, V, V, 0);
+    crossentropy_forward(m->sums, A->lse, A->logits, m->y, BT, V);
+}
 
-    crossentropy_forward(m->sums, m->lse, m->logits, m->y, BT, V);
+void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s,
+                   float *losses) {
+    const Config *c = &m->c;
+    forward_args_check(B, T, m->Bmax, m->Tmax, s);
+    int BT = B * T, K = c->K, E = c->E, nm = n_moe_layers(c);
+    m->B = B;
+    m->T = T;
+    m->s = *s;
+    m->has_targets = y != NULL;
+    m->n_targets = forward_tokens_copy(m->x, m->y, x, y, BT, c->V);
+    forward_layers(m, B, T);
 
     // the losses and router statistics from the sums and counts
+    const double *sums = m->sums;
     int G = group_len(BT, s->group_size), n_groups = (BT + G - 1) / G;
-    long dropped = router_stats_from_sums(m->stats, m->sums + 2, im, n_groups, BT, c->K, c->E);
-    losses_from_sums(losses, m->sums[0], m->sums[1], m->n_targets, m->stats, im, dropped, (long)BT * c->K, s);
+    long dropped = router_stats_from_sums(m->stats, sums + 2, nm, n_groups, BT, K, E);
+    losses_from_sums(losses, sums[0], sums[1], m->n_targets, m->stats, nm, dropped, (long)BT * K, s);
 }
 
 // ----------------------------------------------------------------------------
@@ -966,65 +861,73 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
 // d_res holds d moe_out; adds the gradient through the MoE and its norm
 static void moe_backward(Model *m, LayerActs *a, const LayerParams *lp, int BT) {
     const Config *c = &m->c;
+    Acts *A = &m->acts;
     int D = c->D, E = c->E, K = c->K, Fe = c->Fe, nm = n_moe_layers(c);
     const float *W = m->params;
+    const floatX *WX = W;
     float *G = m->grads;
-    moe_combine_backward(m->dye, m->dp, m->d_res, a->ye, a->p, a->top, a->row_of, BT, K, E, D);
+    const int *start = a->start;
+    moe_combine_backward(A->dye, A->dp, A->d_res, a->ye, a->p, a->top, a->row_of, BT, K, E, D);
     for (int e = 0; e < E; e++) {
-        size_t r0 = a->start[e];
-        int rows = a->start[e + 1] - a->start[e];
-        if (rows == 0) continue;
+        size_t r0 = start[e];
+        int rows = start[e + 1] - start[e];
         size_t og = lp->w_gate + (size_t)e * 2 * Fe * D, ou = lp->w_up + (size_t)e * Fe * D,
                od = lp->w_down + (size_t)e * D * Fe;
-        ffn_backward(m->dxe + r0 * D, G + og, G + ou, G + od, m->dye + r0 * D, a->xe + r0 * D, a->gue + r0 * 3 * Fe,
-                     a->he + r0 * Fe, W + og, W + ou, W + od, rows, D, Fe, m->dgu, m->dh);
+        ffn_backward(A->dxe + r0 * D, G + og, G + ou, G + od, A->dye + r0 * D, a->xe + r0 * D, a->gue + r0 * 3 * Fe,
+                     a->he + r0 * Fe, WX + og, WX + ou, WX + od, rows, D, Fe, A->dgu, A->dh);
     }
     // the router: combine weights, load balance and z-loss all act on p
-    moe_load_balance_backward(m->dp, a->lbf, BT, E, m->s.group_size, m->s.lb_coef / nm);
-    router_backward(m->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
-    matmul_backward(m->d_ln, G + lp->router, m->dp, a->ln2, W + lp->router, BT, D, E, E, 0);
-    moe_dispatch_backward(m->d_ln, m->dxe, a->row_of, BT, K, D);
-    rmsnorm_backward(m->d_res, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
+    moe_load_balance_backward(A->dp, a->lbf, BT, E, m->s.group_size, m->s.lb_coef / nm);
+    router_backward(A->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
+    matmul_backward(A->d_ln, G + lp->router, A->dp, a->moe_in, W + lp->router, BT, D, E, E, 0);
+    moe_dispatch_backward(A->d_ln, A->dxe, a->row_of, BT, K, D);
+    rmsnorm_backward(A->d_res, G + lp->mlp_norm, A->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
 }
 
-void model_backward(Model *m) {
+static void backward_layers(Model *m) {
     const Config *c = &m->c;
-    if (!m->grads) die("model_backward: the model was created without an optimizer, so it has no gradients");
-    if (!m->has_targets) die("model_backward: the last model_forward had no targets (y == NULL)");
+    Acts *A = &m->acts;
     int B = m->B, T = m->T, BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, V = c->V;
     const float *W = m->params;
+    const floatX *WX = W;
     float *G = m->grads;
     const ParamTable *pt = &m->table;
     memset(G, 0, pt->n_params * sizeof(float));
 
-    crossentropy_backward(m->dlogits, m->logits, m->lse, m->y, BT, V, m->n_targets, m->s.lz_coef);
-    matmul_backward(m->d_ln, G + pt->lm_head, m->dlogits, m->lnf, W + pt->lm_head, BT, D, V, V, 0);
-    memset(m->d_res, 0, (size_t)BT * D * sizeof(float));
-    rmsnorm_backward(m->d_res, G + pt->final_norm, m->d_ln, m->final_in, W + pt->final_norm,
-                     m->rstdf, BT, D);
+    crossentropy_backward(A->dlogits, A->logits, A->lse, m->y, BT, V, m->n_targets, m->s.lz_coef);
+    matmul_backward(A->d_ln, G + pt->lm_head, A->dlogits, A->lnf, WX + pt->lm_head, BT, D, V, V, 0);
+    memset(A->d_res, 0, (size_t)BT * D * sizeof(float));
+    rmsnorm_backward(A->d_res, G + pt->final_norm, A->d_ln, A->final_in, W + pt->final_norm, A->rstdf, BT, D);
     for (int l = c->L - 1; l >= 0; l--) {
-        LayerActs *a = &m->la[l];
+        LayerActs *a = &A->layer[l];
         const LayerParams *lp = &pt->layer[l];
         if (!lp->moe) {
-            ffn_backward(m->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, m->d_res, a->ln2, a->gu, a->h,
-                         W + lp->w_gate, W + lp->w_up, W + lp->w_down, BT, D, c->F, m->dgu, m->dh);
-            rmsnorm_backward(m->d_res, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
+            ffn_backward(A->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, A->d_res, a->ln2, a->gu, a->h,
+                         WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, A->dgu, A->dh);
+            rmsnorm_backward(A->d_res, G + lp->mlp_norm, A->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D);
         } else {
             if (c->extra_ffn) {
-                ffn_backward(m->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, m->d_res, a->ln3, a->gux, a->hx,
-                             W + lp->x_gate, W + lp->x_up, W + lp->x_down, BT, D, c->F, m->dgu, m->dh);
-                rmsnorm_backward(m->d_res, G + lp->extra_norm, m->d_ln, a->moe_out, W + lp->extra_norm, a->rstd3, BT, D);
+                ffn_backward(A->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, A->d_res, a->ln3, a->gux, a->hx,
+                             WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, A->dgu, A->dh);
+                rmsnorm_backward(A->d_res, G + lp->extra_norm, A->d_ln, a->moe_out, W + lp->extra_norm, a->rstd3, BT,
+                                 D);
             }
             moe_backward(m, a, lp, BT);
         }
         // d_res now holds d mid; attention: mid = in + Wo attn(...)
-        matmul_backward(m->datty, G + lp->wo, m->d_res, a->atty, W + lp->wo, BT, HHd, D, D, 0);
-        attention_backward(m->dqkv, m->dscore, m->datty, a->att, a->qkv, B, T, H, Hd, m->kt);
-        rope_backward(m->dqkv, m->rope_cos, m->rope_sin, BT, T, H, Hd);
-        matmul_backward(m->d_ln, G + lp->wq, m->dqkv, a->ln1, W + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
-        rmsnorm_backward(m->d_res, G + lp->attn_norm, m->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D);
+        matmul_backward(A->datty, G + lp->wo, A->d_res, a->atty, WX + lp->wo, BT, HHd, D, D, 0);
+        attention_backward(A->dqkv, A->dscore, A->datty, a->att, a->qkv, B, T, H, Hd, A->kt);
+        rope_backward(A->dqkv, m->rope_cos, m->rope_sin, BT, T, H, Hd);
+        matmul_backward(A->d_ln, G + lp->wq, A->dqkv, a->ln1, WX + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
+        rmsnorm_backward(A->d_res, G + lp->attn_norm, A->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D);
     }
-    encoder_backward(G + pt->wte, m->d_res, m->x, BT, D);
+    encoder_backward(G + pt->wte, A->d_res, m->x, BT, D);
+}
+
+void model_backward(Model *m) {
+    if (!m->grads) die("model_backward: the model was created without an optimizer, so it has no gradients");
+    if (!m->has_targets) die("model_backward: the last model_forward had no targets (y == NULL)");
+    backward_layers(m);
 }
 
 // ----------------------------------------------------------------------------
@@ -1271,15 +1174,15 @@ const float *model_decode(Model *m, int token, int pos) {
     const float *W = m->params, *WT = m->params_t;  // norms and embedding; the weight matrices
     const ParamTable *pt = &m->table;
     float *x = m->t_x, *xn = m->t_xn;
-    memcpy(x, W + pt->wte + (size_t)token * D, D * sizeof(float));
+    copy_floats(x, W + pt->wte + (size_t)token * D, D);
     for (int l = 0; l < c->L; l++) {
         const LayerParams *lp = &pt->layer[l];
         float *kc = m->kcache + (size_t)l * c->max_seq_len * HHd, *vc = m->vcache + (size_t)l * c->max_seq_len * HHd;
         rmsnorm_forward(xn, NULL, x, W + lp->attn_norm, 1, D);
         matvec_forward(m->t_qkv, xn, WT + lp->wq, D, 3 * HHd, 0, 3 * HHd);  // q | k | v
         rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, 1, 1, H, Hd, pos, 1.0f);
-        memcpy(kc + (size_t)pos * HHd, m->t_qkv + HHd, HHd * sizeof(float));
-        memcpy(vc + (size_t)pos * HHd, m->t_qkv + 2 * HHd, HHd * sizeof(float));
+        copy_floats(kc + (size_t)pos * HHd, m->t_qkv + HHd, HHd);
+        copy_floats(vc + (size_t)pos * HHd, m->t_qkv + 2 * HHd, HHd);
         attention_decode(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, c->max_seq_len);
         matvec_forward(x, m->t_aty, WT + lp->wo, HHd, D, 1, D);  // x += Wo aty
         rmsnorm_forward(xn, NULL, x, W + lp->mlp_norm, 1, D);
@@ -1293,8 +1196,9 @@ const float *model_decode(Model *m, int token, int pos) {
         memset(m->t_acc, 0, D * sizeof(float));
         for (int r = 0; r < K; r++) {
             int e = m->t_top[r];
-            ffn_token(m, m->t_out, xn, WT + lp->w_gate + (size_t)e * 2 * c->Fe * D, WT + lp->w_up + (size_t)e * c->Fe * D,
-                      WT + lp->w_down + (size_t)e * D * c->Fe, c->Fe, 0);
+            size_t Fe = c->Fe;
+            ffn_token(m, m->t_out, xn, WT + lp->w_gate + e * 2 * Fe * D, WT + lp->w_up + e * Fe * D,
+                      WT + lp->w_down + e * D * Fe, c->Fe, 0);
             moe_decode_accumulate(m->t_acc, m->t_out, m->t_p, m->t_top + r, D);
         }
         residual_forward(x, m->t_acc, x, D);

@@ -276,6 +276,124 @@ static inline void param_table_free(ParamTable *p) {
 }
 
 // ----------------------------------------------------------------------------
+// 3b. the activation tables: every tensor a forward keeps for its backward,
+// the backward's scratch and inference's buffers, described once for both
+// backends, as the parameter table describes the weights. A row names a
+// tensor, its element type, its size in elements and when a model has it
+// (else its pointer is NULL); its comment gives its shape. Each backend
+// declares its structs from the rows (ACT_POINTER), adds rows of its own,
+// and carves them all from one allocation in row order. floatX, the type of
+// a matmul's operands, is fp32 on the CPU and fp32 or bf16 in openmoe.cu.
+//
+// The sizes are for the largest batch, B x T (BT = B*T), and for what the
+// model uses, so that a width no layer has allocates nothing: in a layer,
+// dense (it has a dense FFN), moe (router and experts) and extra (the extra
+// FFN after the MoE); in the model, any_moe (a MoE layer), ffn_elems (the
+// most FFN rows x width the backward holds at once: BT*F with a dense or
+// extra FFN, BT*K*Fe with experts) and ffn_width (the widest FFN, F or Fe).
+// flash: openmoe.cu's flash attention keeps no (T,T) matrices.
+
+// what ACT_SIZES and ACT_LAYER name, as locals of the function that carves:
+// c the config, Bmax x Tmax the largest batch, flash_ as above
+#define ACT_SIZES(c, Bmax, Tmax, flash_)                                                                          \
+    const size_t B = (Bmax), T = (Tmax), BT = B * T, D = (c)->D, H = (c)->H, Hd = (c)->Hd, HHd = H * Hd;        \
+    const size_t V = (c)->V, L = (c)->L, E = (c)->E, K = (c)->K, F = (c)->F, Fe = (c)->Fe;                      \
+    const size_t max_seq_len = (c)->max_seq_len, n_moe = n_moe_layers(c);                                       \
+    const int any_moe = n_moe > 0, any_ffn = L > n_moe || (any_moe && (c)->extra_ffn), flash = (flash_);        \
+    const size_t ffn_f = any_ffn ? F : 0, ffn_fe = any_moe ? Fe : 0;                                            \
+    const size_t ffn_elems = BT * ffn_f > BT * K * ffn_fe ? BT * ffn_f : BT * K * ffn_fe;                        \
+    const size_t ffn_width = ffn_f > ffn_fe ? ffn_f : ffn_fe;                                                    \
+    (void)B, (void)T, (void)BT, (void)D, (void)H, (void)Hd, (void)HHd, (void)V, (void)L, (void)E, (void)K;      \
+    (void)F, (void)Fe, (void)max_seq_len, (void)n_moe, (void)any_moe, (void)flash, (void)ffn_elems, (void)ffn_width
+#define ACT_LAYER(c, l)                                                                                          \
+    const int moe = is_moe_layer(c, l), dense = !moe, extra = moe && (c)->extra_ffn;                            \
+    (void)moe, (void)dense, (void)extra
+
+// a row as a struct member
+#define ACT_POINTER(name, type, n, when) type *name;
+
+// one layer's: what it keeps for the backward. (Its input, resid[l], and a
+// MoE layer's moe_out without the extra FFN, resid[l+1], point into resid.)
+//  name       type    elements          when
+#define LAYER_ACTS(_)                                                                                            \
+    _(ln1,       floatX, BT * D,           1)       /* (BT,D) RMSNorm(in): attention's input */                \
+    _(rstd1,     float,  BT,               1)       /* (BT) its 1/rms */                                         \
+    _(qkv,       floatX, BT * 3 * HHd,     1)       /* (BT,3HHd) q | k | v of each token, q, k after RoPE */    \
+    _(att,       floatX, B * H * T * T,    !flash)  /* (B,H,T,T) attention probabilities */                     \
+    _(atty,      floatX, BT * HHd,         1)       /* (BT,HHd) attention's output before Wo */                 \
+    _(mid,       float,  BT * D,           1)       /* (BT,D) the residual after attention */                   \
+    _(rstd2,     float,  BT,               1)       /* (BT) 1/rms of mid */                                      \
+    _(ln2,       floatX, BT * D,           dense)   /* (BT,D) RMSNorm(mid): the dense FFN's input */            \
+    _(gu,        floatX, BT * 3 * F,       dense)   /* (BT,3F) its [a | b | u] */                               \
+    _(h,         floatX, BT * F,           dense)   /* (BT,F) a * silu(b) * u */                                \
+    _(moe_in,    float,  BT * D,           moe)     /* (BT,D) RMSNorm(mid) in fp32: router input, rows' source */ \
+    _(z,         float,  BT * E,           moe)     /* (BT,E) router logits */                                  \
+    _(p,         float,  BT * E,           moe)     /* (BT,E) their softmax */                                  \
+    _(lse,       float,  BT,               moe)     /* (BT) their logsumexp */                                  \
+    _(top,       int,    BT * K,           moe)     /* (BT,K) the experts chosen, best first */                 \
+    _(kept,      int,    BT * K,           moe)     /* (BT,K) 1 where capacity kept the choice */               \
+    _(row_of,    int,    BT * K,           moe)     /* (BT,K) its row in the experts' buffers, -1: dropped */   \
+    _(row_token, int,    BT * K,           moe)     /* (BT*K) each expert row's token */                        \
+    _(start,     int,    E + 1,            moe)     /* (E+1) expert e's rows: start[e] .. start[e+1]-1 */       \
+    _(lbf,       float,  BT * E,           moe)     /* (groups,E) f_e of the load-balance loss, groups <= BT */ \
+    _(xe,        floatX, BT * K * D,       moe)     /* (BT*K,D) the experts' rows: their inputs */              \
+    _(gue,       floatX, BT * K * 3 * Fe,  moe)     /* (BT*K,3Fe) their [a | b | u] */                          \
+    _(he,        floatX, BT * K * Fe,      moe)     /* (BT*K,Fe) */                                             \
+    _(ye,        floatX, BT * K * D,       moe)     /* (BT*K,D) their outputs */                                \
+    _(moe_out,   float,  BT * D,           extra)   /* (BT,D) the residual after the MoE */                     \
+    _(ln3,       floatX, BT * D,           extra)   /* (BT,D) RMSNorm(moe_out): the extra FFN's input */        \
+    _(rstd3,     float,  BT,               extra)   /* (BT) */                                                   \
+    _(gux,       floatX, BT * 3 * F,       extra)   /* (BT,3F) */                                               \
+    _(hx,        floatX, BT * F,           extra)   /* (BT,F) */
+
+// the model's forward, after its layers'
+#define FORWARD_ACTS(_)                                                                                          \
+    _(resid,     float,  (L + 1) * BT * D, 1)       /* (L+1,BT,D) layer l reads resid[l], writes resid[l+1] */ \
+    _(lnf,       floatX, BT * D,           1)       /* (BT,D) the final norm's output */                        \
+    _(rstdf,     float,  BT,               1)       /* (BT) */                                                   \
+    _(logits,    floatX, BT * V,           1)       /* (BT,V) */                                                \
+    _(lse,       float,  BT,               1)       /* (BT) logsumexp of each token's logits */
+
+// the backward's scratch, with an optimizer only
+#define BACKWARD_ACTS(_)                                                                                         \
+    _(d_res,     float,  BT * D,           1)       /* (BT,D) the residual stream's gradient */                 \
+    _(d_ln,      float,  BT * D,           1)       /* (BT,D) the gradient at a norm's output */                \
+    _(datty,     floatX, BT * HHd,         1)       /* (BT,HHd) */                                              \
+    _(dqkv,      floatX, BT * 3 * HHd,     1)       /* (BT,3HHd) */                                             \
+    _(dscore,    floatX, B * H * T * T,    !flash)  /* (B,H,T,T) */                                             \
+    _(dgu,       floatX, 3 * ffn_elems,    1)       /* (BT,3F) or (BT*K,3Fe) */                                 \
+    _(dh,        floatX, ffn_elems,        1)       /* (BT,F) or (BT*K,Fe) */                                   \
+    _(dxe,       float,  BT * K * D,       any_moe) /* (BT*K,D) the experts' input gradients */                 \
+    _(dye,       floatX, BT * K * D,       any_moe) /* (BT*K,D) their output gradients */                       \
+    _(dp,        float,  BT * E,           any_moe) /* (BT,E) dLoss/dp, then dLoss/dz */                        \
+    _(dlogits,   floatX, BT * V,           1)       /* (BT,V) */
+
+// the batch, the loss sums, the RoPE tables and inference's buffers: no
+// floatX, so that both backends keep them in the Model itself, where the
+// forward, its losses and model_decode (fp32 in both) reach them
+#define MODEL_BUFFERS(_)                                                                                         \
+    _(x,         int,    BT,               1)       /* (BT) the tokens of the last forward */                   \
+    _(y,         int,    BT,               1)       /* (BT) its targets, -1: none */                            \
+    _(sums,      double, 2 + 2 * n_moe,    1)       /* its ce and lz sums, then per MoE layer lb's and rz's */  \
+    _(rope_cos,  float,  max_seq_len * (Hd / 2), 1) /* (max_seq_len,Hd/2) */                                   \
+    _(rope_sin,  float,  max_seq_len * (Hd / 2), 1) /* (max_seq_len,Hd/2) */                                   \
+    _(kcache,    float,  L * max_seq_len * HHd, 1)  /* (L,max_seq_len,HHd) the keys of the tokens decoded */    \
+    _(vcache,    float,  L * max_seq_len * HHd, 1)  /* (L,max_seq_len,HHd) their values */                      \
+    _(t_x,       float,  D,                1)       /* one token's residual stream */                           \
+    _(t_xn,      float,  D,                1)       /* its norm */                                              \
+    _(t_qkv,     float,  3 * HHd,          1)                                                                    \
+    _(t_att,     float,  H * max_seq_len,  1)       /* (H,max_seq_len) a row of scores per head */              \
+    _(t_aty,     float,  HHd,              1)                                                                    \
+    _(t_gu,      float,  3 * ffn_width,    1)                                                                    \
+    _(t_h,       float,  ffn_width,        1)                                                                    \
+    _(t_out,     float,  D,                1)       /* an expert's output */                                    \
+    _(t_acc,     float,  D,                1)       /* the MoE's output */                                      \
+    _(t_z,       float,  E,                any_moe) /* router logits */                                         \
+    _(t_p,       float,  E,                any_moe) /* their softmax */                                         \
+    _(t_top,     int,    K,                any_moe) /* the experts chosen */                                    \
+    _(t_logits,  float,  V,                1)
+
+// ----------------------------------------------------------------------------
 // 4. RNG and initialisation (SPEC §5). The RNG is splitmix64: a 64-bit state
 // that checkpoints save, identical on every platform and backend.
 

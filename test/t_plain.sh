@@ -8,17 +8,8 @@
 # loops are slow.
 set -u
 source test/lib.sh
-BUILD=${BUILD:-build/test}
 PY=${PYTHON:-/usr/bin/python3}
-ROOT=$(pwd)
-S=$BUILD/plain
-rm -rf "$S"
-mkdir -p "$S"
-if ! make -s build/plain/train build/fast/train > "$S/make.log" 2>&1; then
-    fail "plain: make build/plain/train build/fast/train failed: $(tail -3 "$S/make.log" | tr '\n' ' ')"
-    exit 0
-fi
-cd "$S"  # no default path (data/kjv/...) points at a real corpus here
+in_scratch plain build/plain/train build/fast/train
 
 # a token data file (tokenizer.bin-spec §2) of tiny's vocabulary: a pattern with noise
 $PY - <<'EOF'
