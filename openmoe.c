@@ -931,7 +931,7 @@ void model_backward(Model *m) {
 }
 
 // ----------------------------------------------------------------------------
-// optimizers (formulas in openmoe.h, section 6)
+// optimizers (formulas in openmoe.h, section 2)
 
 // sum of squares in double over fixed chunks, so the result does not depend on the threads
 static double sum_squares(const float *x, size_t n) {
@@ -1213,7 +1213,7 @@ const float *model_decode(Model *m, int token, int pos) {
 }
 
 // ----------------------------------------------------------------------------
-// data parallelism over MPI (openmoe.h section 6; compiled with -DUSE_MPI)
+// data parallelism over MPI (openmoe.h section 2; compiled with -DUSE_MPI)
 
 #ifdef USE_MPI
 #include <mpi.h>

@@ -1,10 +1,10 @@
 // openmoe.cu: OpenMoE on one NVIDIA GPU, CUDA kernels and cuBLAS. The same
-// API (openmoe.h section 6) and the same math (../shared/SPEC.md) as the CPU
+// API (openmoe.h section 2) and the same math (../shared/SPEC.md) as the CPU
 // backend openmoe.c. Every kernel is launched by a host function named after
 // the CPU function doing the same job, with the CPU's arguments in the CPU's
 // order (GPU-only arguments after them): rmsnorm_forward launches
 // rmsnorm_forward_kernel, moe_rows launches moe_offsets_kernel and
-// moe_rows_kernel, gemm is openmoe.c's row-major gemm mapped onto cuBLAS.
+// moe_rows_kernel, gemm is gemm.h's row-major gemm mapped onto cuBLAS.
 // The functions sit in the same order, so that the two files can be read side
 // by side.
 //
@@ -248,7 +248,7 @@ template <> Acts<float> *acts<float>(Model *m) { return &m->a32; }
 template <> Acts<bf16> *acts<bf16>(Model *m) { return &m->a16; }
 
 // ----------------------------------------------------------------------------
-// matmul: one row-major gemm with openmoe.c's arguments, mapped onto cuBLAS.
+// matmul: one row-major gemm with gemm.h's arguments, mapped onto cuBLAS.
 // cuBLAS is column-major, and a row-major (R,C) matrix with row stride ld is a
 // column-major (C,R) matrix with leading dimension ld, so the row-major C = A B
 // is the column-major C^T = B^T A^T, with no data moved. Operands of type TI
@@ -282,9 +282,9 @@ template <> struct CudaType<float> { static const cudaDataType_t value = CUDA_R_
 template <> struct CudaType<bf16> { static const cudaDataType_t value = CUDA_R_16BF; };
 
 // C (M,N; row stride ldc) = (or += with accumulate) A (M,K) @ B (K,N), as
-// openmoe.c's gemm: A(i,k) = A[i*ars + k*aks], a row-major matrix (aks 1) or
+// gemm.h's gemm: A(i,k) = A[i*ars + k*aks], a row-major matrix (aks 1) or
 // a transposed view (ars 1); B(k,n) = B[k*ldb + n], or with b_trans the
-// transposed view B[n*ldb + k] (which openmoe.c materialises instead). With
+// transposed view B[n*ldb + k] (which the CPU materialises instead). With
 // batch > 1, `batch` products, operand i at C + i*sC, A + i*sA, B + i*sB.
 template <typename TI, typename TO>
 static void gemm(TO *C, int ldc, const TI *A, int ars, int aks, const TI *B, int ldb, int M, int N, int K,
@@ -1643,7 +1643,7 @@ void model_backward(Model *m) {
 }
 
 // ----------------------------------------------------------------------------
-// optimizers (formulas in openmoe.h, section 6). Sums of squares in double,
+// optimizers (formulas in openmoe.h, section 2). Sums of squares in double,
 // in two fixed-order steps: per slice (blockIdx.y) nb partial sums over fixed
 // chunks (blockIdx.x), then the partials in order.
 
@@ -2018,7 +2018,7 @@ const float *model_decode(Model *m, int token, int pos) {
 }
 
 // ----------------------------------------------------------------------------
-// data parallelism over NCCL (openmoe.h section 6; compiled with -DUSE_MPI):
+// data parallelism over NCCL (openmoe.h section 2; compiled with -DUSE_MPI):
 // one GPU per rank, the ranks' local rank picks it; MPI only carries the
 // NCCL id. Collectives run on the default stream, in order with the kernels.
 

@@ -152,7 +152,7 @@ typedef struct {
 //   [17] capacity rule  [18] drop policy  [19] router freeze step S + 1 (0: off)
 //   [20] router bias rate u (float32 bits, 0: off)  [21] router bias floats (n_moe*E when u > 0, else 0)
 //   [22..255] 0
-// then the optimizer state (openmoe.h section 6 layout) as fp32, then the
+// then the optimizer state (openmoe.h section 4 layout) as fp32, then the
 // router bias (SPEC §8) as fp32 when u > 0. The model's parameters are
 // DIR/model_NNNNNNNN.bin. Words 2..10 must match the resuming run (else it
 // could not continue exactly); 11..16 are the schedule and settings of the
