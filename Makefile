@@ -34,15 +34,29 @@ endif
 CPU_TARGETS = train run test_cpu
 GPU_TARGETS = train_gpu run_gpu test_gpu
 
-.PHONY: all gpu test data bench analyze tiny experiments clean asan fuzz fuzz_harnesses mutate
+.PHONY: all gpu test data bench analyze tiny experiments clean asan fuzz fuzz_harnesses mutate FORCE
 all: $(CPU_TARGETS) $(if $(HAVE_CUDA),gpu)
 
-train: train.c openmoe.c openmoe.h utils.h tokenizer.h
-	$(CC) $(CFLAGS) train.c openmoe.c -o $@ $(LDLIBS)
-run: run.c openmoe.c openmoe.h utils.h tokenizer.h
-	$(CC) $(CFLAGS) run.c openmoe.c -o $@ $(LDLIBS)
-test_cpu: test/test_model.c openmoe.c openmoe.h utils.h
-	$(CC) $(CFLAGS) test/test_model.c openmoe.c -o $@ $(LDLIBS)
+# the CPU backend: openmoe.c, with its matrix products from gemm.c; make
+# PLAIN=1 builds it with openmoe.c's plain loops instead (the same bits, slowly)
+ifdef PLAIN
+CPU_SRC = openmoe.c
+override CFLAGS += -DPLAIN
+else
+CPU_SRC = openmoe.c gemm.c
+endif
+CPU_DEPS = $(CPU_SRC) openmoe.h gemm.h utils.h build/flags
+# the compile line in build/flags: a change of PLAIN, CC or CFLAGS rebuilds the CPU programs
+BUILD_FLAGS = $(CC) $(CFLAGS) $(CPU_SRC)
+build/flags: FORCE
+	@mkdir -p build
+	@echo '$(BUILD_FLAGS)' | cmp -s - $@ || echo '$(BUILD_FLAGS)' > $@
+train: train.c $(CPU_DEPS) tokenizer.h
+	$(CC) $(CFLAGS) train.c $(CPU_SRC) -o $@ $(LDLIBS)
+run: run.c $(CPU_DEPS) tokenizer.h
+	$(CC) $(CFLAGS) run.c $(CPU_SRC) -o $@ $(LDLIBS)
+test_cpu: test/test_model.c $(CPU_DEPS)
+	$(CC) $(CFLAGS) test/test_model.c $(CPU_SRC) -o $@ $(LDLIBS)
 
 # The CUDA backend links with the same programs: the .c files compile as C++
 # under nvcc. "test_gpu" names both the binary and the GPU test run, so the
@@ -67,6 +81,14 @@ endif
 test: $(CPU_TARGETS)
 	bash test/run_tests.sh
 
+# ./train in both builds, whatever PLAIN says, for test/t_plain.sh
+build/plain/train: train.c openmoe.c openmoe.h gemm.h utils.h tokenizer.h
+	@mkdir -p build/plain
+	$(CC) $(filter-out -DPLAIN,$(CFLAGS)) -DPLAIN train.c openmoe.c -o $@ $(LDLIBS)
+build/fast/train: train.c openmoe.c gemm.c openmoe.h gemm.h utils.h tokenizer.h
+	@mkdir -p build/fast
+	$(CC) $(filter-out -DPLAIN,$(CFLAGS)) train.c openmoe.c gemm.c -o $@ $(LDLIBS)
+
 # ASan + UBSan builds for test/t_hardening.sh, beside the normal binaries
 # -fexpensive-optimizations: at -O1 GCC would not fuse gemm's a*b+c, and
 # decode (explicit fmaf) would then differ from the forward in the last bits
@@ -74,15 +96,15 @@ ASAN_FLAGS = -O1 -fexpensive-optimizations -g -march=native -fno-omit-frame-poin
              -fno-sanitize-recover=all
 ASAN_TARGETS = build/asan/train build/asan/run build/asan/test_cpu
 asan: $(ASAN_TARGETS)
-build/asan/train: train.c openmoe.c openmoe.h utils.h tokenizer.h
+build/asan/train: train.c $(CPU_DEPS) tokenizer.h
 	@mkdir -p build/asan
-	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) train.c openmoe.c -o $@ $(LDLIBS)
-build/asan/run: run.c openmoe.c openmoe.h utils.h tokenizer.h
+	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) train.c $(CPU_SRC) -o $@ $(LDLIBS)
+build/asan/run: run.c $(CPU_DEPS) tokenizer.h
 	@mkdir -p build/asan
-	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) run.c openmoe.c -o $@ $(LDLIBS)
-build/asan/test_cpu: test/test_model.c openmoe.c openmoe.h utils.h
+	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) run.c $(CPU_SRC) -o $@ $(LDLIBS)
+build/asan/test_cpu: test/test_model.c $(CPU_DEPS)
 	@mkdir -p build/asan
-	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) test/test_model.c openmoe.c -o $@ $(LDLIBS)
+	$(CC) $(ASAN_FLAGS) $(filter-out -O3 -march=native,$(CFLAGS)) test/test_model.c $(CPU_SRC) -o $@ $(LDLIBS)
 
 # the hardening test with N mutants per file reader (make test runs 200)
 N ?= 2000
@@ -103,11 +125,12 @@ FUZZ_HARNESSES = model tokenizer text tokens checkpoint debug_state
 fuzz: $(CPU_TARGETS)
 	FUZZ_SECONDS=$(FUZZ_SECONDS) bash test/t_fuzz.sh
 fuzz_harnesses: $(addprefix build/fuzz/fuzz_,$(FUZZ_HARNESSES))
-build/fuzz/openmoe.o: openmoe.c openmoe.h utils.h
+FUZZ_OBJS = build/fuzz/openmoe.o build/fuzz/gemm.o
+build/fuzz/%.o: %.c openmoe.h gemm.h utils.h
 	@mkdir -p build/fuzz
-	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -c openmoe.c -o $@
-build/fuzz/fuzz_%: test/fuzz_targets.c build/fuzz/openmoe.o train.c test/test_model.c openmoe.h utils.h tokenizer.h
-	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer -DFUZZ_$* test/fuzz_targets.c build/fuzz/openmoe.o -o $@ -lm
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+build/fuzz/fuzz_%: test/fuzz_targets.c $(FUZZ_OBJS) train.c test/test_model.c openmoe.h utils.h tokenizer.h
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer -DFUZZ_$* test/fuzz_targets.c $(FUZZ_OBJS) -o $@ -lm
 
 data:
 	bash dev/prepare_kjv.sh
@@ -125,18 +148,18 @@ tiny:
 	$(MAKE) analyze RUN_DIR=out/tiny
 
 # the MPI build of train.c that test/t_mpi.sh runs (mpicc from openmpi-bin)
-build/train_mpi: train.c openmoe.c openmoe.h utils.h tokenizer.h
+build/train_mpi: train.c $(CPU_DEPS) tokenizer.h
 	@mkdir -p build
-	mpicc $(CFLAGS) $(MPI_CFLAGS) train.c openmoe.c -o $@ $(LDLIBS)
+	mpicc $(CFLAGS) $(MPI_CFLAGS) train.c $(CPU_SRC) -o $@ $(LDLIBS)
 # the routing variants of SPEC §8 on tiny, one run each (dev/experiments.sh):
 # 800 steps each unless STEPS=N is given; out/experiments/summary.md
 experiments: train
 	$(MAKE) data
 	PYTHON=$(PYTHON) bash dev/experiments.sh $(if $(filter command line environment,$(origin STEPS)),$(STEPS),800)
 
-build/bench_cpu: dev/bench_cpu.c openmoe.c openmoe.h utils.h
+build/bench_cpu: dev/bench_cpu.c openmoe.c gemm.c openmoe.h gemm.h utils.h
 	@mkdir -p build
-	$(CC) $(CFLAGS) dev/bench_cpu.c -o $@ $(LDLIBS)
+	$(CC) $(filter-out -DPLAIN,$(CFLAGS)) dev/bench_cpu.c -o $@ $(LDLIBS)
 bench: build/bench_cpu
 	bash dev/bench.sh
 

@@ -1,10 +1,10 @@
 // openmoe.cu: OpenMoE on one NVIDIA GPU, CUDA kernels and cuBLAS. The same
-// API (openmoe.h section 6) and the same math (../shared/SPEC.md) as the CPU
+// API (openmoe.h section 2) and the same math (../shared/SPEC.md) as the CPU
 // backend openmoe.c. Every kernel is launched by a host function named after
 // the CPU function doing the same job, with the CPU's arguments in the CPU's
 // order (GPU-only arguments after them): rmsnorm_forward launches
 // rmsnorm_forward_kernel, moe_rows launches moe_offsets_kernel and
-// moe_rows_kernel, gemm is openmoe.c's row-major gemm mapped onto cuBLAS.
+// moe_rows_kernel, gemm is gemm.h's row-major gemm mapped onto cuBLAS.
 // The functions sit in the same order, so that the two files can be read side
 // by side.
 //
@@ -25,8 +25,8 @@
 // the residual stream, the norms' statistics, the router (its input, weights,
 // logits, softmax), the attention scores and softmax, and all loss math are
 // fp32. The code is one set of templates over X, the storage type of the
-// matmul operands (float or __nv_bfloat16): struct LayerActsX<X> holds those
-// tensors, struct LayerActs the ones that are fp32 in both modes. A bf16 copy
+// matmul operands (float or __nv_bfloat16): the activation structs
+// LayerActs<X> and Acts<X> hold openmoe.h's floatX rows as X. A bf16 copy
 // of the weights (params_x) is refreshed after every change of the master
 // weights (by the AdamW kernel itself). test/g_gpu.sh documents the bf16
 // tolerances.
@@ -156,54 +156,49 @@ __global__ void sumsq_kernel(double *out, const float *x, int n) {
 }
 
 // ----------------------------------------------------------------------------
-// the model's buffers (all allocated in model_create)
+// the model's buffers (all allocated in model_create). The activations are
+// openmoe.h's tables, floatX the storage type X of the matmul operands
+// (struct templates over X: fp32 mode carves Acts<float>, bf16 mode
+// Acts<bf16>), and these of the GPU's own:
+//  name         type    elements              when
+#define GPU_LAYER_ACTS(_)                                                                                        \
+    _(pos,         int,    BT * K,               moe)      /* (BT,K) place in the (group, expert) queue */       \
+    _(count,       int,    BT * E,               moe)      /* (groups,E) assignments before dropping */          \
+    _(goff,        int,    BT * E,               moe)      /* (groups,E) first row of (group, expert) */          \
+    _(lb_group,    double, BT,                   moe)      /* (groups) E sum_e f_e P_e per group */               \
+    _(att_lse,     float,  BT * H,               flash)    /* (B,H,T) logsumexp of each attention row */
+#define GPU_ACTS(_)                                                                                              \
+    _(scores,      float,  B * H * T * T,        !flash)   /* (B,H,T,T) scores (forward), dP (backward) */        \
+    _(params_x,    floatX, n_params,             bf16_mode) /* the weights in bf16 (fp32 mode: params) */         \
+    _(dres_x,      floatX, BT * D,               grads && bf16_mode) /* d_res in bf16 (fp32 mode: d_res) */       \
+    _(dvec,        float,  BT * H,               grads && flash) /* (B,H,T) rowsum(dout * out) */                 \
+    _(dw_partial,  float,  ceil_div(BT, DW_ROWS) * D, grads) /* RMSNorm weight-gradient partial sums */           \
+    _(order,       int,    BT,                   grads)    /* (BT) the tokens grouped by id (encoder_backward) */ \
+    _(ustart,      int,    BT + 1,               grads)    /* (BT+1) where each distinct token's positions begin */
+#define GPU_MODEL_BUFFERS(_)                                                                                     \
+    _(stat_counts, int,    n_moe * 2 * E,        any_moe)  /* (n_moe,2,E) routed and kept per expert */           \
+    _(t_lse,       float,  1,                    any_moe)  /* decode's router logsumexp */                        \
+    _(opt_partial, double, n_opt_partial + 1,    grads)    /* the optimizer's partial sums */                     \
+    _(opt_scale,   float,  max_slices,           grads)    /* Adafactor per slice */                              \
+    _(opt_clip,    float,  max_slices,           grads)                                                           \
+    _(opt_rmean,   double, max_slices,           grads)
 
-typedef struct {  // one layer's fp32 and int activations; NULL where unused
-    float *in;                // (BT,D) the residual stream entering the layer
-    float *rstd1;             // (BT)
-    float *mid;               // (BT,D) residual after attention
-    float *rstd2;             // (BT)
-    float *ln2f;              // MoE: (BT,D) RMSNorm(mid), the router's input and the experts' source
-    float *z, *p, *lse;       // MoE router: logits, probabilities (BT,E), logsumexp (BT)
-    int *top, *pos, *kept;    // (BT,K): choices best first; place in the (group, expert) queue; kept 0/1
-    int *row_of;              // (BT,K) row in the expert buffers, -1: dropped
-    int *row_token;           // (BT*K) token of each expert row
-    int *count;               // (groups,E) assignments per group and expert, before dropping
-    int *goff;                // (groups,E) first row of (group, expert)
-    int *start;               // (E+1) expert e owns rows start[e] .. start[e+1]-1
+template <typename X> struct LayerActs {  // one layer's: LAYER_ACTS, GPU_LAYER_ACTS; NULL where unused
+    typedef X floatX;
+    float *in;                // (BT,D) the residual stream entering the layer: resid[l]
+    LAYER_ACTS(ACT_POINTER)
+    GPU_LAYER_ACTS(ACT_POINTER)
     int *start_host;          // host copy of start: the rows of each expert
     int R_pad;                // rows per expert in the padded layout, 0: the exact layout
-    float *lbf;               // (groups,E) f_e of the load-balance loss
-    double *lb_group;         // (groups) E sum_e f_e P_e per group
-    float *moe_out;           // (BT,D) residual after the MoE
-    float *rstd3;             // extra FFN: (BT)
-    float *att_lse;           // flash attention: (B,H,T) logsumexp of each attention row
-} LayerActs;
-
-template <typename X> struct LayerActsX {  // one layer's tensors in the matmul type X
-    X *ln1;                   // (BT,D)
-    X *qkv;                   // (BT,3*HHd): q | k | v of each token, q and k after RoPE
-    X *att;                   // (B,H,T,T) attention probabilities (not with flash attention)
-    X *atty;                  // (BT,HHd) attention output before Wo
-    X *ln2;                   // dense: (BT,D) the FFN's input
-    X *gu, *h;                // dense FFN: (BT,3F) = [a | b | u], (BT,F) gated product
-    X *xe, *gue, *he, *ye;    // MoE: the experts' rows (BT*K, D | 3Fe | Fe | D)
-    X *ln3, *gux, *hx;        // extra FFN: (BT,D), (BT,3F), (BT,F)
 };
 
-template <typename X> struct ActsX {  // the model's tensors in the matmul type X
-    LayerActsX<X> *layer;     // [L]
-    X *params_x;              // (n_params) the weights in X; == params when X is float
-    X *lnf;                   // (BT,D) final norm output
-    X *logits;                // (BT,V) (bf16 in bf16 mode: the loss math reads it in fp32)
-    // backward
-    X *dres_x;                // (BT,D) d_res in X (the matmuls' operand); == d_res when X is float
-    X *datty;                 // (BT,HHd)
-    X *dqkv;                  // (BT,3*HHd)
-    X *dscore;                // (B,H,T,T)
-    X *dgu, *dh;              // (BT*K, 3*Fmax | Fmax)
-    X *dye;                   // (BT*K, D)
-    X *dlogits;               // (BT,V)
+template <typename X> struct Acts {  // FORWARD_ACTS, BACKWARD_ACTS (with an optimizer), GPU_ACTS
+    typedef X floatX;
+    LayerActs<X> *layer;      // [L]
+    float *final_in;          // (BT,D) resid[L], the final norm's input
+    FORWARD_ACTS(ACT_POINTER)
+    BACKWARD_ACTS(ACT_POINTER)
+    GPU_ACTS(ACT_POINTER)
 };
 
 #define STAGE_ELEMS (4u << 20)  // bf16 values per chunk of model_get_logits
@@ -222,40 +217,18 @@ struct Model {
     size_t shard_lo, shard_hi;  // ZeRO-1: model_update steps the tensors that start in [lo, hi)
     OptKind opt_kind;
     int opt_min_dim;
-    // activations: one device allocation carved by acts_layout
-    char *acts;
-    size_t acts_bytes;
-    LayerActs *la;            // [L]
-    ActsX<float> x32;         // used in fp32 mode
-    ActsX<bf16> x16;          // used in bf16 mode
-    float *resid;             // (L+1, BT, D): layer l reads resid[l], writes resid[l+1]
-    float *final_in;          // resid[L]
-    float *rstdf, *lse;       // (BT), (BT)
-    float *scores;            // (B,H,T,T) attention scores (forward), dP (backward)
-    int *d_x, *d_y;           // (BT) the batch of the last forward
-    float *rope_cos, *rope_sin;   // (max_seq_len, Hd/2)
-    double *sums;             // (2 + 2 n_moe): ce and lz sums, then per MoE layer the lb sum over groups and the rz sum
-    int *stat_counts;         // (n_moe, 2, E) routed and kept per expert
-    float *router_bias;       // (n_moe, E) loss-free balancing bias, 0 unless set
-    // backward scratch (with an optimizer only)
-    float *d_res, *d_ln;      // (BT,D) residual gradient, gradient at a norm's output
-    float *dxe;               // (BT*K, D) the experts' input gradients
-    float *dp;                // (BT,E)
-    float *dvec;              // flash attention: (B,H,T) rowsum(dout * out)
-    float *dw_partial;        // (ceil(BT/64), D) RMSNorm weight-gradient partial sums
-    int *d_order, *d_ustart, *d_utok;  // (BT), (BT+1), (BT) the tokens grouped by id (encoder_backward)
-    // optimizer scratch
-    double *opt_partial;      // partial sums of the reductions
-    float *opt_scale, *opt_clip;  // (max slices) Adafactor per slice
-    double *opt_rmean;        // (max slices)
+    char *buffer;             // every activation and buffer: one device allocation carved by acts_carve
+    size_t buffer_bytes;
+    Acts<float> a32;          // the activations in fp32 mode
+    Acts<bf16> a16;           // in bf16 mode
+    MODEL_BUFFERS(ACT_POINTER)
+    GPU_MODEL_BUFFERS(ACT_POINTER)
     size_t n_opt_partial;
-    // inference: KV cache (L, max_seq_len, HHd) and one token's buffers, fp32
-    float *kcache, *vcache;
-    float *t_x, *t_xn, *t_qkv, *t_att, *t_aty, *t_gu, *t_h, *t_out, *t_acc, *t_z, *t_p, *t_lse, *t_logits;
-    int *t_top;
+    float *router_bias;       // (n_moe, E) loss-free balancing bias, 0 unless set
     // host side
     int *h_x, *h_y;           // (BT) pinned staging of the batch
-    int *h_order, *h_ustart, *h_utok;  // pinned: the encoder_backward buckets
+    int *h_order, *h_ustart;  // pinned: the encoder_backward buckets
+    int *h_start;             // (L,E+1) each layer's start, copied to the host (LayerActs.start_host)
     int *h_bucket;            // (V) counting sort scratch
     int *h_ints;              // (BT*K) model_get_routing scratch
     float *h_p;               // (BT*E)
@@ -270,12 +243,13 @@ struct Model {
     int *stat_ints;           // host: the routed and kept counts behind stats
 };
 
-template <typename X> static ActsX<X> &acts_x(Model *m);
-template <> ActsX<float> &acts_x<float>(Model *m) { return m->x32; }
-template <> ActsX<bf16> &acts_x<bf16>(Model *m) { return m->x16; }
+// the activations in the matmul type X
+template <typename X> static Acts<X> *acts(Model *m);
+template <> Acts<float> *acts<float>(Model *m) { return &m->a32; }
+template <> Acts<bf16> *acts<bf16>(Model *m) { return &m->a16; }
 
 // ----------------------------------------------------------------------------
-// matmul: one row-major gemm with openmoe.c's arguments, mapped onto cuBLAS.
+// matmul: one row-major gemm with gemm.h's arguments, mapped onto cuBLAS.
 // cuBLAS is column-major, and a row-major (R,C) matrix with row stride ld is a
 // column-major (C,R) matrix with leading dimension ld, so the row-major C = A B
 // is the column-major C^T = B^T A^T, with no data moved. Operands of type TI
@@ -310,9 +284,9 @@ template <> struct CudaType<float> { static const cudaDataType_t value = CUDA_R_
 template <> struct CudaType<bf16> { static const cudaDataType_t value = CUDA_R_16BF; };
 
 // C (M,N; row stride ldc) = (or += with accumulate) A (M,K) @ B (K,N), as
-// openmoe.c's gemm: A(i,k) = A[i*ars + k*aks], a row-major matrix (aks 1) or
+// gemm.h's gemm: A(i,k) = A[i*ars + k*aks], a row-major matrix (aks 1) or
 // a transposed view (ars 1); B(k,n) = B[k*ldb + n], or with b_trans the
-// transposed view B[n*ldb + k] (which openmoe.c materialises instead). With
+// transposed view B[n*ldb + k] (which the CPU materialises instead). With
 // batch > 1, `batch` products, operand i at C + i*sC, A + i*sA, B + i*sB.
 template <typename TI, typename TO>
 static void gemm(TO *C, int ldc, const TI *A, int ars, int aks, const TI *B, int ldb, int M, int N, int K,
@@ -333,22 +307,22 @@ static void gemm(TO *C, int ldc, const TI *A, int ars, int aks, const TI *B, int
                                                &beta, C, to, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-// out (N,OUT; row stride ldo) = (or += with accumulate) inp (N,IN; ldi) @ w (OUT,IN)^T.
+// out (N,OUT; rows ldo apart) = (or += with accumulate) inp (N,IN) @ w (OUT,IN)^T.
 // With batch > 1, `batch` such products (the experts): operand i at i*s_out, i*s_inp, i*s_w.
 template <typename TI, typename TO>
-static void matmul_forward(TO *out, int ldo, const TI *inp, int ldi, const TI *w, int N, int IN, int OUT,
-                           int accumulate, int batch = 1, long long s_out = 0, long long s_inp = 0, long long s_w = 0) {
-    gemm(out, ldo, inp, ldi, 1, w, IN, N, OUT, IN, accumulate, 1, batch, s_out, s_inp, s_w);
+static void matmul_forward(TO *out, const TI *inp, const TI *w, int N, int IN, int OUT, int ldo, int accumulate,
+                           int batch = 1, long long s_out = 0, long long s_inp = 0, long long s_w = 0) {
+    gemm(out, ldo, inp, IN, 1, w, IN, N, OUT, IN, accumulate, 1, batch, s_out, s_inp, s_w);
 }
 
-// dinp (N,IN; ldd) = (or += with accumulate) dout (N,OUT; ldo) @ w (OUT,IN), when dinp is not NULL;
-// dw (OUT,IN) += dout^T @ inp (N,IN; ldi). Batched as matmul_forward (dw at the weights' stride s_w).
+// dinp (N,IN) = (or += with accumulate) dout (N,OUT; rows ldo apart) @ w (OUT,IN), when dinp is
+// not NULL; dw (OUT,IN) += dout^T @ inp (N,IN). Batched as matmul_forward (dw at the weights' stride s_w).
 template <typename TI, typename TD>
-static void matmul_backward(TD *dinp, int ldd, float *dw, const TI *dout, int ldo, const TI *inp, int ldi,
-                            const TI *w, int N, int IN, int OUT, int accumulate, int batch = 1, long long s_dinp = 0,
-                            long long s_dout = 0, long long s_inp = 0, long long s_w = 0) {
-    if (dinp) gemm(dinp, ldd, dout, ldo, 1, w, IN, N, IN, OUT, accumulate, 0, batch, s_dinp, s_dout, s_w);
-    gemm(dw, IN, dout, 1, ldo, inp, ldi, OUT, IN, N, 1, 0, batch, s_w, s_dout, s_inp);
+static void matmul_backward(TD *dinp, float *dw, const TI *dout, const TI *inp, const TI *w, int N, int IN, int OUT,
+                            int ldo, int accumulate, int batch = 1, long long s_dinp = 0, long long s_dout = 0,
+                            long long s_inp = 0, long long s_w = 0) {
+    if (dinp) gemm(dinp, IN, dout, ldo, 1, w, IN, N, IN, OUT, accumulate, 0, batch, s_dinp, s_dout, s_w);
+    gemm(dw, IN, dout, 1, ldo, inp, IN, OUT, IN, N, 1, 0, batch, s_w, s_dout, s_inp);
 }
 
 // ----------------------------------------------------------------------------
@@ -383,22 +357,24 @@ static void encoder_forward(float *out, const int *x, const float *wte, int BT, 
     launchCheck();
 }
 
-// dwte[tok] += dout[n] over the positions n of each distinct token, in token
-// order: one block per distinct token (utok[u]), its positions order[ustart[u]
-// .. ustart[u+1]-1] ascending (sorted on the host), so no two blocks share a row
-__global__ void encoder_backward_kernel(float *dwte, const float *dout, const int *order, const int *ustart,
-                                        const int *utok, int D) {
+// dwte[x[n]] += dout[n] over the positions n of each distinct token, in token
+// order: one block per distinct token, its positions order[ustart[u] ..
+// ustart[u+1]-1] ascending (sorted on the host), so no two blocks share a row
+__global__ void encoder_backward_kernel(float *dwte, const float *dout, const int *x, const int *order,
+                                        const int *ustart, int D) {
     int u = blockIdx.x;
-    float *dw = dwte + (size_t)utok[u] * D;
+    float *dw = dwte + (size_t)x[order[ustart[u]]] * D;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
         float acc = dw[i];
         for (int j = ustart[u]; j < ustart[u + 1]; j++) acc += dout[(size_t)order[j] * D + i];
         dw[i] = acc;
     }
 }
-static void encoder_backward(float *dwte, const float *dout, const int *order, const int *ustart, const int *utok,
-                             int n_unique, int D) {
-    encoder_backward_kernel<<<n_unique, 128>>>(dwte, dout, order, ustart, utok, D);
+// x (BT) grouped by token id: order (BT) the positions of each of the
+// n_unique distinct tokens, those of the u-th at ustart[u] .. ustart[u+1]-1
+static void encoder_backward(float *dwte, const float *dout, const int *x, int BT, int D, const int *order,
+                             const int *ustart, int n_unique) {
+    encoder_backward_kernel<<<n_unique, 128>>>(dwte, dout, x, order, ustart, D);
     launchCheck();
 }
 
@@ -466,8 +442,8 @@ __global__ void rmsnorm_dw_sum_kernel(float *dw, const float *partial, int n_chu
 
 // dinp += d/dx (dinp_x its copy in X), dw += d/dw, from dout (N,D); dw_partial (ceil(N/DW_ROWS), D) scratch
 template <typename X>
-static void rmsnorm_backward(float *dinp, X *dinp_x, float *dw, const float *dout, const float *inp, const float *w,
-                             const float *rstd, int N, int D, float *dw_partial) {
+static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                             const float *rstd, int N, int D, X *dinp_x, float *dw_partial) {
     rmsnorm_backward_kernel<X><<<ceil_div(N, 4), 128>>>(dinp, dinp_x, dout, inp, w, rstd, N, D);
     launchCheck();
     int n_chunks = ceil_div(N, DW_ROWS);
@@ -484,8 +460,8 @@ static void rmsnorm_backward(float *dinp, X *dinp_x, float *dw, const float *dou
 // is at position pos0 + n % T. sign -1 rotates back (the backward).
 
 template <typename X>
-__global__ void rope_forward_kernel(X *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int ld,
-                                    int pos0, float sign) {
+__global__ void rope_forward_kernel(X *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int pos0,
+                                    float sign) {
     int half = Hd / 2;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, total = (size_t)N * 2 * H * half;
     if (idx >= total) return;
@@ -495,22 +471,22 @@ __global__ void rope_forward_kernel(X *qkv, const float *cosv, const float *sinv
     rest /= H;
     int part = rest % 2;  // 0: q, 1: k
     int n = (int)(rest / 2), pos = pos0 + n % T;
-    X *x = qkv + (size_t)n * ld + (size_t)part * H * Hd + (size_t)h * Hd;
+    X *x = qkv + (size_t)n * 3 * H * Hd + (size_t)part * H * Hd + (size_t)h * Hd;
     float c = cosv[(size_t)pos * half + i], s = sign * sinv[(size_t)pos * half + i];
     float a = to_float(x[i]), b = to_float(x[i + half]);
     x[i] = from_float<X>(a * c - b * s);
     x[i + half] = from_float<X>(b * c + a * s);
 }
 template <typename X>
-static void rope_forward(X *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int ld, int pos0,
+static void rope_forward(X *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int pos0,
                          float sign) {
     size_t total = (size_t)N * 2 * H * (Hd / 2);
-    rope_forward_kernel<X><<<ceil_div(total, 256), 256>>>(qkv, cosv, sinv, N, T, H, Hd, ld, pos0, sign);
+    rope_forward_kernel<X><<<ceil_div(total, 256), 256>>>(qkv, cosv, sinv, N, T, H, Hd, pos0, sign);
     launchCheck();
 }
 template <typename X>
-static void rope_backward(X *dqkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int ld) {
-    rope_forward(dqkv, cosv, sinv, N, T, H, Hd, ld, 0, -1.0f);
+static void rope_backward(X *dqkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd) {
+    rope_forward(dqkv, cosv, sinv, N, T, H, Hd, 0, -1.0f);
 }
 
 // ----------------------------------------------------------------------------
@@ -555,7 +531,7 @@ __global__ void attention_softmax_backward_kernel(X *dscore, const float *dP, co
 
 // qkv (BT,3HHd) -> out (BT,HHd), att (B,H,T,T); scores (B,H,T,T) fp32 scratch
 template <typename X>
-static void attention_forward(X *out, X *att, float *scores, const X *qkv, int B, int T, int H, int Hd) {
+static void attention_forward(X *out, X *att, const X *qkv, int B, int T, int H, int Hd, float *scores) {
     int HHd = H * Hd, ld = 3 * HHd;
     long long TT = (long long)T * T;
     for (int b = 0; b < B; b++) {
@@ -574,10 +550,10 @@ static void attention_forward(X *out, X *att, float *scores, const X *qkv, int B
     }
 }
 
-// dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; dP (B,H,T,T) fp32 scratch, dscore (B,H,T,T)
+// dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; dscore (B,H,T,T); dP (B,H,T,T) fp32 scratch
 template <typename X>
-static void attention_backward(X *dqkv, X *dscore, float *dP, const X *dout, const X *att, const X *qkv, int B, int T,
-                               int H, int Hd) {
+static void attention_backward(X *dqkv, X *dscore, const X *dout, const X *att, const X *qkv, int B, int T, int H,
+                               int Hd, float *dP) {
     int HHd = H * Hd, ld = 3 * HHd;
     long long TT = (long long)T * T;
     for (int b = 0; b < B; b++) {  // dP (T,T) = dout (T,Hd) @ v^T
@@ -660,14 +636,14 @@ static void ffn_forward(TO *out, X *gu, X *h, const X *inp, const X *wg, const X
     if (N <= 0) return;
     long long sD = (long long)N * D, sG = (long long)N * 3 * F, sH = (long long)N * F, FD = (long long)F * D;
     if (batch == 1 && wu == wg + 2 * FD) {
-        matmul_forward(gu, 3 * F, inp, D, wg, N, D, 3 * F, 0);
+        matmul_forward(gu, inp, wg, N, D, 3 * F, 3 * F, 0);
     } else {
-        matmul_forward(gu, 3 * F, inp, D, wg, N, D, 2 * F, 0, batch, sG, sD, 2 * FD);
-        matmul_forward(gu + 2 * F, 3 * F, inp, D, wu, N, D, F, 0, batch, sG, sD, FD);
+        matmul_forward(gu, inp, wg, N, D, 2 * F, 3 * F, 0, batch, sG, sD, 2 * FD);
+        matmul_forward(gu + 2 * F, inp, wu, N, D, F, 3 * F, 0, batch, sG, sD, FD);
     }
     ffn_gate_kernel<X><<<ceil_div((size_t)batch * N * F, 256), 256>>>(h, gu, batch * N, F);
     launchCheck();
-    matmul_forward(out, D, h, F, wd, N, F, D, accumulate, batch, sD, sH, FD);
+    matmul_forward(out, h, wd, N, F, D, D, accumulate, batch, sD, sH, FD);
 }
 
 // dout (N,D) -> dinp (N,D) overwritten; dwg, dwu, dwd accumulated (dwu follows
@@ -678,14 +654,14 @@ static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const 
                          int batch = 1) {
     if (N <= 0) return;
     long long sD = (long long)N * D, sG = (long long)N * 3 * F, sH = (long long)N * F, FD = (long long)F * D;
-    matmul_backward(dh, F, dwd, dout, D, h, F, wd, N, F, D, 0, batch, sH, sD, sH, FD);
+    matmul_backward(dh, dwd, dout, h, wd, N, F, D, D, 0, batch, sH, sD, sH, FD);
     ffn_gate_backward_kernel<X><<<ceil_div((size_t)batch * N * F, 256), 256>>>(dgu, dh, gu, batch * N, F);
     launchCheck();
     if (batch == 1 && wu == wg + 2 * FD) {
-        matmul_backward(dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 3 * F, 0);
+        matmul_backward(dinp, dwg, dgu, inp, wg, N, D, 3 * F, 3 * F, 0);
     } else {
-        matmul_backward(dinp, D, dwg, dgu, 3 * F, inp, D, wg, N, D, 2 * F, 0, batch, sD, sG, sD, 2 * FD);
-        matmul_backward(dinp, D, dwu, dgu + 2 * F, 3 * F, inp, D, wu, N, D, F, 1, batch, sD, sG, sD, FD);
+        matmul_backward(dinp, dwg, dgu, inp, wg, N, D, 2 * F, 3 * F, 0, batch, sD, sG, sD, 2 * FD);
+        matmul_backward(dinp, dwu, dgu + 2 * F, inp, wu, N, D, F, 3 * F, 1, batch, sD, sG, sD, FD);
     }
 }
 
@@ -703,7 +679,7 @@ __global__ void router_forward_kernel(float *p, float *lse, int *top, const floa
 // inp (N,D) fp32, wr (E,D) fp32, bias (E) -> z, p (N,E), lse (N), top (N,K)
 static void router_forward(float *z, float *p, float *lse, int *top, const float *inp, const float *wr,
                            const float *bias, int N, int D, int E, int K) {
-    matmul_forward(z, E, inp, D, wr, N, D, E, 0);
+    matmul_forward(z, inp, wr, N, D, E, E, 0);
     router_forward_kernel<<<ceil_div(N, 128), 128>>>(p, lse, top, z, bias, N, E, K);
     launchCheck();
 }
@@ -789,8 +765,8 @@ __global__ void moe_probs_rank_kernel(int *kept, int *pos, const int *top, const
 // moe_capacity_of in openmoe.h) by s's rule and policy. top (N,K), p (N,E)
 // -> kept (N,K) 0/1; pos (N,K) each assignment's place in its (group, expert)
 // queue and count (groups,E) the queues' lengths, for moe_rows.
-static void moe_capacity(int *kept, int *pos, int *count, const int *top, const float *p, int N, int K, int E,
-                         const MoeSettings *s) {
+static void moe_capacity(int *kept, const int *top, const float *p, int N, int K, int E, const MoeSettings *s,
+                         int *pos, int *count) {
     int G = group_len(N, s->group_size), n_groups = (N + G - 1) / G;
     if (s->drop_policy == DROP_PROBS && G > PROBS_MAX_GROUP)
         die("drop policy probs: a group of %d tokens does not fit its sort keys (group <= %d)", G, PROBS_MAX_GROUP);
@@ -958,8 +934,8 @@ __global__ void moe_rows_kernel(int *row_of, int *row_token, const int *top, con
 // priority order; routed, kept_cnt (E) its assignments before and after
 // dropping (model_router_stats). R_pad > 0: the padded layout (padding rows
 // get token -1), else the exact one. goff (groups,E) scratch.
-static void moe_rows(int *start, int *start_host, int *row_token, int *row_of, int *routed, int *kept_cnt,
-                     const int *top, const int *kept, const int *pos, const int *count, int N, int K, int E,
+static void moe_rows(int *start, int *row_token, int *row_of, int *routed, int *kept_cnt, const int *top,
+                     const int *kept, int N, int K, int E, int *start_host, const int *pos, const int *count,
                      const MoeSettings *s, int R_pad, int *goff) {
     int G = group_len(N, s->group_size), n_groups = (N + G - 1) / G;
     moe_offsets_kernel<<<1, MAX_EXPERTS>>>(start, goff, routed, kept_cnt, count, n_groups, N, G, E, K, s->cf1000,
@@ -1106,9 +1082,9 @@ template <typename X> __global__ void crossentropy_forward_kernel(float *lse, co
     a = block_maxsum(a);
     if (threadIdx.x == 0) lse[n] = a.m + logf(a.s);
 }
-// out[0] = sum of ce, out[1] = sum of lse^2 over the targets (y >= 0)
+// sums[0] = sum of ce, sums[1] = sum of lse^2 over the targets (y >= 0)
 template <typename X>
-__global__ void crossentropy_sum_kernel(double *out, const float *lse, const X *logits, const int *y, int N, int V) {
+__global__ void crossentropy_sum_kernel(double *sums, const float *lse, const X *logits, const int *y, int N, int V) {
     double ce = 0.0, lz = 0.0;
     for (int n = threadIdx.x; n < N; n += blockDim.x) {
         if (y[n] < 0) continue;
@@ -1118,16 +1094,16 @@ __global__ void crossentropy_sum_kernel(double *out, const float *lse, const X *
     ce = block_sum(ce);
     lz = block_sum(lz);
     if (threadIdx.x == 0) {
-        out[0] = ce;
-        out[1] = lz;
+        sums[0] = ce;
+        sums[1] = lz;
     }
 }
-// logits (N,V), y (N) -> lse (N); out[0..1] the sums of ce and lse^2 over targets
+// logits (N,V), y (N) -> lse (N); sums[0..1] the sums of ce and lse^2 over the targets (y >= 0)
 template <typename X>
-static void crossentropy_forward(double *out, float *lse, const X *logits, const int *y, int N, int V) {
+static void crossentropy_forward(double *sums, float *lse, const X *logits, const int *y, int N, int V) {
     crossentropy_forward_kernel<X><<<N, 1024>>>(lse, logits, V);
     launchCheck();
-    crossentropy_sum_kernel<X><<<1, RED_THREADS>>>(out, lse, logits, y, N, V);
+    crossentropy_sum_kernel<X><<<1, RED_THREADS>>>(sums, lse, logits, y, N, V);
     launchCheck();
 }
 
@@ -1173,10 +1149,10 @@ const Config *model_config(const Model *m) { return &m->c; }
 const ParamTable *model_param_table(const Model *m) { return &m->table; }
 
 // a bump allocator over one buffer, 256-byte aligned: a first pass with base NULL only counts
-template <typename T> static T *carve(char *base, size_t *used, size_t n) {
-    *used = (*used + 255) & ~(size_t)255;
-    T *p = base ? (T *)(base + *used) : NULL;
-    *used += n * sizeof(T);
+static void *carve(char *base, size_t *used, size_t bytes) {
+    *used = size_add(*used, 255) & ~(size_t)255;
+    void *p = base ? base + *used : NULL;
+    *used = size_add(*used, bytes);
     return p;
 }
 
@@ -1206,158 +1182,49 @@ static size_t opt_partial_size(const Model *m, int *max_slices) {
     return need;
 }
 
-// The device buffers, each at its offset in base, u bytes in (base NULL: only
-// count), 256-byte aligned, in this order: the layers' activations, the
-// model's, inference's, the backward's.
-
-// the MoE sublayer's buffers of layer l: router, routing and the experts' rows
-template <typename X>
-static void moe_acts_layout(Model *m, LayerActs *a, LayerActsX<X> *b, int l, char *base, size_t *u) {
+// every row of the tables at its offset in base, 256-byte aligned, the
+// matmul operands in X; returns the bytes (base NULL: only counts)
+template <typename X> static size_t acts_carve(Model *m, char *base) {
+    typedef X floatX;
     const Config *c = &m->c;
-    size_t BT = (size_t)m->Bmax * m->Tmax, D = c->D, E = c->E, K = c->K, F = c->F, Fe = c->Fe;
-    size_t rows = BT * K;  // expert rows: at most every assignment kept
-    a->ln2f = carve<float>(base, u, BT * D);
-    a->z = carve<float>(base, u, BT * E);
-    a->p = carve<float>(base, u, BT * E);
-    a->lse = carve<float>(base, u, BT);
-    a->top = carve<int>(base, u, BT * K);
-    a->pos = carve<int>(base, u, BT * K);
-    a->kept = carve<int>(base, u, BT * K);
-    a->row_of = carve<int>(base, u, BT * K);
-    a->row_token = carve<int>(base, u, rows);
-    a->count = carve<int>(base, u, BT * E);  // groups <= BT (group_size 1)
-    a->goff = carve<int>(base, u, BT * E);
-    a->start = carve<int>(base, u, E + 1);
-    a->lbf = carve<float>(base, u, BT * E);
-    a->lb_group = carve<double>(base, u, BT);
-    b->xe = carve<X>(base, u, rows * D);
-    b->gue = carve<X>(base, u, rows * 3 * Fe);
-    b->he = carve<X>(base, u, rows * Fe);
-    b->ye = carve<X>(base, u, rows * D);
-    if (c->extra_ffn) {
-        a->moe_out = carve<float>(base, u, BT * D);
-        b->ln3 = carve<X>(base, u, BT * D);
-        a->rstd3 = carve<float>(base, u, BT);
-        b->gux = carve<X>(base, u, BT * 3 * F);
-        b->hx = carve<X>(base, u, BT * F);
-    } else {
-        a->moe_out = m->resid ? m->resid + (l + 1) * BT * D : NULL;
+    Acts<X> *A = acts<X>(m);
+    size_t used = 0, n_params = m->table.n_params;
+    int grads = m->grads != NULL, bf16_mode = sizeof(X) != sizeof(float), max_slices;
+    size_t n_opt_partial = m->n_opt_partial = opt_partial_size(m, &max_slices);
+    ACT_SIZES(c, m->Bmax, m->Tmax, m->flash);
+#define CARVE(name, type, n, when) A->name = (when) ? (type *)carve(base, &used, size_mul(n, sizeof(type))) : NULL;
+    FORWARD_ACTS(CARVE)
+    if (grads) {
+        BACKWARD_ACTS(CARVE)
     }
-}
-
-// what layer l keeps for the backward
-template <typename X> static void layer_acts_layout(Model *m, int l, char *base, size_t *u) {
-    const Config *c = &m->c;
-    size_t BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D, F = c->F;
-    size_t BHTT = (size_t)m->Bmax * c->H * m->Tmax * m->Tmax;
-    LayerActs *a = &m->la[l];
-    LayerActsX<X> *b = &acts_x<X>(m).layer[l];
-    int *start_host = a->start_host;  // host memory, kept
-    memset(a, 0, sizeof(*a));
-    memset(b, 0, sizeof(*b));
-    a->start_host = start_host;
-    a->in = m->resid ? m->resid + l * BT * D : NULL;
-    b->ln1 = carve<X>(base, u, BT * D);
-    a->rstd1 = carve<float>(base, u, BT);
-    b->qkv = carve<X>(base, u, BT * 3 * HHd);
-    if (m->flash) a->att_lse = carve<float>(base, u, BT * c->H);
-    else b->att = carve<X>(base, u, BHTT);
-    b->atty = carve<X>(base, u, BT * HHd);
-    a->mid = carve<float>(base, u, BT * D);
-    a->rstd2 = carve<float>(base, u, BT);
-    if (is_moe_layer(c, l)) {
-        moe_acts_layout(m, a, b, l, base, u);
-        return;
+    GPU_ACTS(CARVE)
+#undef CARVE
+#define CARVE(name, type, n, when) m->name = (when) ? (type *)carve(base, &used, size_mul(n, sizeof(type))) : NULL;
+    MODEL_BUFFERS(CARVE)
+    GPU_MODEL_BUFFERS(CARVE)
+#undef CARVE
+#define CARVE(name, type, n, when) a->name = (when) ? (type *)carve(base, &used, size_mul(n, sizeof(type))) : NULL;
+    for (int l = 0; l < c->L; l++) {
+        LayerActs<X> *a = &A->layer[l];
+        ACT_LAYER(c, l);
+        LAYER_ACTS(CARVE)
+        GPU_LAYER_ACTS(CARVE)
+        a->in = A->resid ? A->resid + l * BT * D : NULL;
+        if (moe && !extra) a->moe_out = A->resid ? A->resid + (l + 1) * BT * D : NULL;
+        a->start_host = m->h_start + l * (E + 1);
     }
-    b->ln2 = carve<X>(base, u, BT * D);
-    b->gu = carve<X>(base, u, BT * 3 * F);
-    b->h = carve<X>(base, u, BT * F);
-}
-
-// inference: the KV cache (L, max_seq_len, HHd) and one token's buffers, fp32
-static void decode_layout(Model *m, char *base, size_t *u) {
-    const Config *c = &m->c;
-    size_t HHd = (size_t)c->H * c->Hd, D = c->D, E = c->E, Fmax = c->F > c->Fe ? c->F : c->Fe;
-    m->kcache = carve<float>(base, u, (size_t)c->L * c->max_seq_len * HHd);
-    m->vcache = carve<float>(base, u, (size_t)c->L * c->max_seq_len * HHd);
-    m->t_x = carve<float>(base, u, D);
-    m->t_xn = carve<float>(base, u, D);
-    m->t_qkv = carve<float>(base, u, 3 * HHd);
-    m->t_att = carve<float>(base, u, (size_t)c->H * c->max_seq_len);
-    m->t_aty = carve<float>(base, u, HHd);
-    m->t_gu = carve<float>(base, u, 3 * Fmax);
-    m->t_h = carve<float>(base, u, Fmax);
-    m->t_out = carve<float>(base, u, D);
-    m->t_acc = carve<float>(base, u, D);
-    m->t_z = carve<float>(base, u, E);
-    m->t_p = carve<float>(base, u, E);
-    m->t_lse = carve<float>(base, u, 1);
-    m->t_logits = carve<float>(base, u, c->V);
-    m->t_top = carve<int>(base, u, c->K);
-}
-
-// the backward's and the optimizer's scratch (with an optimizer only)
-template <typename X> static void backward_layout(Model *m, char *base, size_t *u) {
-    const Config *c = &m->c;
-    ActsX<X> &ax = acts_x<X>(m);
-    size_t BT = (size_t)m->Bmax * m->Tmax, HHd = (size_t)c->H * c->Hd, D = c->D, E = c->E, K = c->K;
-    size_t Fmax = c->F > c->Fe ? c->F : c->Fe, BHTT = (size_t)m->Bmax * c->H * m->Tmax * m->Tmax;
-    size_t rows = BT * K;
-    m->d_res = carve<float>(base, u, BT * D);
-    m->d_ln = carve<float>(base, u, BT * D);
-    ax.dres_x = sizeof(X) == sizeof(float) ? (X *)m->d_res : carve<X>(base, u, BT * D);
-    ax.datty = carve<X>(base, u, BT * HHd);
-    ax.dqkv = carve<X>(base, u, BT * 3 * HHd);
-    ax.dscore = m->flash ? NULL : carve<X>(base, u, BHTT);
-    m->dvec = m->flash ? carve<float>(base, u, BT * c->H) : NULL;
-    ax.dgu = carve<X>(base, u, rows * 3 * Fmax);
-    ax.dh = carve<X>(base, u, rows * Fmax);
-    m->dxe = carve<float>(base, u, rows * D);
-    ax.dye = carve<X>(base, u, rows * D);
-    m->dp = carve<float>(base, u, BT * E);
-    ax.dlogits = carve<X>(base, u, BT * c->V);
-    m->dw_partial = carve<float>(base, u, (size_t)ceil_div(BT, DW_ROWS) * D);
-    m->d_order = carve<int>(base, u, BT);
-    m->d_ustart = carve<int>(base, u, BT + 1);
-    m->d_utok = carve<int>(base, u, BT);
-    int max_slices;
-    m->n_opt_partial = opt_partial_size(m, &max_slices);
-    m->opt_partial = carve<double>(base, u, m->n_opt_partial + 1);
-    m->opt_scale = carve<float>(base, u, max_slices);
-    m->opt_clip = carve<float>(base, u, max_slices);
-    m->opt_rmean = carve<double>(base, u, max_slices);
-}
-
-// every device buffer; returns the bytes
-template <typename X> static size_t acts_layout(Model *m, char *base) {
-    const Config *c = &m->c;
-    ActsX<X> &ax = acts_x<X>(m);
-    size_t u = 0, BT = (size_t)m->Bmax * m->Tmax, D = c->D, E = c->E;
-    int nm = n_moe_layers(c);
-    m->resid = carve<float>(base, &u, (c->L + 1) * BT * D);
-    for (int l = 0; l < c->L; l++) layer_acts_layout<X>(m, l, base, &u);
-    m->final_in = m->resid ? m->resid + c->L * BT * D : NULL;
-    ax.lnf = carve<X>(base, &u, BT * D);
-    m->rstdf = carve<float>(base, &u, BT);
-    ax.logits = carve<X>(base, &u, BT * c->V);
-    m->lse = carve<float>(base, &u, BT);
-    m->scores = m->flash ? NULL : carve<float>(base, &u, (size_t)m->Bmax * c->H * m->Tmax * m->Tmax);
-    m->d_x = carve<int>(base, &u, BT);
-    m->d_y = carve<int>(base, &u, BT);
-    m->rope_cos = carve<float>(base, &u, (size_t)c->max_seq_len * (c->Hd / 2));
-    m->rope_sin = carve<float>(base, &u, (size_t)c->max_seq_len * (c->Hd / 2));
-    m->sums = carve<double>(base, &u, 2 + 2 * (size_t)nm);
-    m->stat_counts = carve<int>(base, &u, (size_t)(nm > 0 ? nm : 1) * 2 * E);
-    // the weights in X (bf16 mode); in fp32 mode the master weights themselves
-    ax.params_x = sizeof(X) == sizeof(float) ? (X *)m->params : carve<X>(base, &u, m->table.n_params);
-    decode_layout(m, base, &u);
-    if (m->grads) backward_layout<X>(m, base, &u);
-    return u;
+#undef CARVE
+    A->final_in = A->resid ? A->resid + L * BT * D : NULL;
+    if (!bf16_mode) {  // fp32 mode: the matmuls read the master weights and d_res themselves
+        A->params_x = (X *)m->params;
+        A->dres_x = (X *)A->d_res;
+    }
+    return used;
 }
 
 // refresh the matmul copy of the weights after the master weights changed
 static void params_to_x(Model *m) {
-    if (m->precision == PRECISION_BF16) cast_to_x(m->x16.params_x, m->params, m->table.n_params);
+    if (m->precision == PRECISION_BF16) cast_to_x(m->a16.params_x, m->params, m->table.n_params);
 }
 
 // model_create's arguments, against this backend's limits. The model lives
@@ -1434,23 +1301,22 @@ static void params_alloc(Model *m, const OptSettings *opt) {
     cudaCheck(cudaMemset(m->opt_state, 0, m->n_opt_state * sizeof(float)));
 }
 
-// the activations (acts_layout) in one device allocation, zero, and the RoPE tables
+// the activations and buffers (acts_carve) in one device allocation, zero, and the RoPE tables
 static void acts_alloc(Model *m) {
     const Config *c = &m->c;
-    m->la = (LayerActs *)callocCheck(c->L, sizeof(LayerActs));
-    for (int l = 0; l < c->L; l++) m->la[l].start_host = (int *)callocCheck(c->E + 1, sizeof(int));
-    m->x32.layer = (LayerActsX<float> *)callocCheck(c->L, sizeof(LayerActsX<float>));
-    m->x16.layer = (LayerActsX<bf16> *)callocCheck(c->L, sizeof(LayerActsX<bf16>));
     int bf = m->precision == PRECISION_BF16;
-    size_t bytes = bf ? acts_layout<bf16>(m, NULL) : acts_layout<float>(m, NULL);
-    cudaError_t aerr = cudaMalloc(&m->acts, bytes);
+    m->h_start = (int *)callocCheck((size_t)c->L * (c->E + 1), sizeof(int));
+    if (bf) m->a16.layer = (LayerActs<bf16> *)callocCheck(c->L, sizeof(LayerActs<bf16>));
+    else m->a32.layer = (LayerActs<float> *)callocCheck(c->L, sizeof(LayerActs<float>));
+    size_t bytes = bf ? acts_carve<bf16>(m, NULL) : acts_carve<float>(m, NULL);
+    cudaError_t aerr = cudaMalloc(&m->buffer, bytes);
     if (aerr != cudaSuccess)
         die("model_create: cannot allocate %.2f GB of activations for batch %d x %d on the GPU: %s", bytes / 1e9,
             m->Bmax, m->Tmax, cudaGetErrorString(aerr));
-    cudaCheck(cudaMemset(m->acts, 0, bytes));
-    m->acts_bytes = bytes;
-    if (bf) acts_layout<bf16>(m, m->acts);
-    else acts_layout<float>(m, m->acts);
+    cudaCheck(cudaMemset(m->buffer, 0, bytes));
+    m->buffer_bytes = bytes;
+    if (bf) acts_carve<bf16>(m, m->buffer);
+    else acts_carve<float>(m, m->buffer);
     size_t half = (size_t)c->max_seq_len * (c->Hd / 2);
     float *cs = (float *)mallocCheck(2 * half * sizeof(float));
     rope_tables(cs, cs + half, c->max_seq_len, c->Hd);
@@ -1468,7 +1334,6 @@ static void host_alloc(Model *m) {
     cudaCheck(cudaMallocHost(&m->h_y, BT * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_order, BT * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_ustart, (BT + 1) * sizeof(int)));
-    cudaCheck(cudaMallocHost(&m->h_utok, BT * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_logits, c->V * sizeof(float)));
     if (m->precision == PRECISION_BF16) cudaCheck(cudaMallocHost(&m->h_stage, STAGE_ELEMS * sizeof(bf16)));
     cudaCheck(cudaEventCreateWithFlags(&m->buckets_copied, cudaEventDisableTiming));
@@ -1506,20 +1371,18 @@ void model_free(Model *m) {
     cudaCheck(cudaFree(m->params));
     cudaCheck(cudaFree(m->grads));
     cudaCheck(cudaFree(m->opt_state));
-    cudaCheck(cudaFree(m->acts));
+    cudaCheck(cudaFree(m->buffer));
     cudaCheck(cudaFree(m->router_bias));
     cudaCheck(cudaFreeHost(m->h_x));
     cudaCheck(cudaFreeHost(m->h_y));
     cudaCheck(cudaFreeHost(m->h_order));
     cudaCheck(cudaFreeHost(m->h_ustart));
-    cudaCheck(cudaFreeHost(m->h_utok));
     cudaCheck(cudaFreeHost(m->h_logits));
     if (m->h_stage) cudaCheck(cudaFreeHost(m->h_stage));
     cudaCheck(cudaEventDestroy(m->buckets_copied));
-    for (int l = 0; l < m->c.L; l++) free(m->la[l].start_host);
-    free(m->la);
-    free(m->x32.layer);
-    free(m->x16.layer);
+    free(m->h_start);
+    free(m->a32.layer);
+    free(m->a16.layer);
     free(m->h_bucket);
     free(m->h_ints);
     free(m->h_p);
@@ -1549,12 +1412,12 @@ void model_set_grads(Model *m, const float *grads) {
 void model_get_logits(const Model *m, float *logits) {
     size_t n = (size_t)m->B * m->T * m->c.V;
     if (m->precision == PRECISION_FP32) {
-        cudaCheck(cudaMemcpy(logits, m->x32.logits, n * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(logits, m->a32.logits, n * sizeof(float), cudaMemcpyDeviceToHost));
         return;
     }
     for (size_t i0 = 0; i0 < n; i0 += STAGE_ELEMS) {  // bf16 on the GPU: in chunks through the staging buffer
         size_t k = n - i0 < STAGE_ELEMS ? n - i0 : STAGE_ELEMS;
-        cudaCheck(cudaMemcpy(m->h_stage, m->x16.logits + i0, k * sizeof(bf16), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(m->h_stage, m->a16.logits + i0, k * sizeof(bf16), cudaMemcpyDeviceToHost));
         for (size_t i = 0; i < k; i++) logits[i0 + i] = __bfloat162float(m->h_stage[i]);
     }
 }
@@ -1564,10 +1427,13 @@ void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint
     int nm = n_moe_layers(&m->c), K = m->c.K, E = m->c.E;
     size_t BT = (size_t)m->B * m->T, BTK = BT * K;
     if (i < 0 || i >= nm) die("model_get_routing: MoE layer %d out of range [0, %d)", i, nm);
-    const LayerActs *a = &m->la[(i + 1) * m->c.moe_every - 1];
-    cudaCheck(cudaMemcpy(expert, a->top, BTK * sizeof(int32_t), cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(m->h_ints, a->kept, BTK * sizeof(int), cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(m->h_p, a->p, BT * E * sizeof(float), cudaMemcpyDeviceToHost));
+    int l = (i + 1) * m->c.moe_every - 1, bf = m->precision == PRECISION_BF16;
+    const int *top = bf ? m->a16.layer[l].top : m->a32.layer[l].top;
+    const int *kp = bf ? m->a16.layer[l].kept : m->a32.layer[l].kept;
+    const float *p = bf ? m->a16.layer[l].p : m->a32.layer[l].p;
+    cudaCheck(cudaMemcpy(expert, top, BTK * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(m->h_ints, kp, BTK * sizeof(int), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(m->h_p, p, BT * E * sizeof(float), cudaMemcpyDeviceToHost));
     for (size_t j = 0; j < BTK; j++) {
         prob[j] = m->h_p[(j / K) * E + expert[j]];
         kept[j] = (uint8_t)m->h_ints[j];
@@ -1581,104 +1447,102 @@ void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint
 // MoE(RMSNorm(mid)). The router runs in fp32; the experts in X, each on its
 // kept rows. Leaves the layer's lb and rz sums in m->sums and its routed/kept
 // counts in m->stat_counts, for model_forward's router statistics.
-template <typename X>
-static void moe_forward(Model *m, LayerActs *a, LayerActsX<X> *b, const LayerParams *lp, int im, int BT) {
+template <typename X> static void moe_forward(Model *m, LayerActs<X> *a, const LayerParams *lp, int im, int BT) {
     const Config *c = &m->c;
+    Acts<X> *A = acts<X>(m);
     int D = c->D, E = c->E, K = c->K, Fe = c->Fe;
     const float *W = m->params;
-    const X *WX = acts_x<X>(m).params_x;
-    rmsnorm_forward(a->ln2f, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
-    router_forward(a->z, a->p, a->lse, a->top, a->ln2f, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E,
-                   K);
+    const X *WX = A->params_x;
     int *routed = m->stat_counts + (size_t)2 * im * E, *kept = routed + E;
-    moe_capacity(a->kept, a->pos, a->count, a->top, a->p, BT, K, E, &m->s);
+    rmsnorm_forward(a->moe_in, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
+    router_forward(a->z, a->p, a->lse, a->top, a->moe_in, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E, K);
+    moe_capacity(a->kept, a->top, a->p, BT, K, E, &m->s, a->pos, a->count);
     a->R_pad = m->moe_exact ? 0 : moe_padded_rows(BT, K, E, &m->s);
-    moe_rows(a->start, a->start_host, a->row_token, a->row_of, routed, kept, a->top, a->kept, a->pos, a->count, BT,
-             K, E, &m->s, a->R_pad, a->goff);
+    moe_rows(a->start, a->row_token, a->row_of, routed, kept, a->top, a->kept, BT, K, E, a->start_host, a->pos,
+             a->count, &m->s, a->R_pad, a->goff);
     const int *start = a->start_host;
-    moe_dispatch(b->xe, a->row_token, a->ln2f, start[E], D);
+    moe_dispatch(a->xe, a->row_token, a->moe_in, start[E], D);
     if (a->R_pad > 0) {  // all experts in one batch of matmuls
-        ffn_forward(b->ye, b->gue, b->he, b->xe, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, a->R_pad, D, Fe,
+        ffn_forward(a->ye, a->gue, a->he, a->xe, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, a->R_pad, D, Fe,
                     0, E);
     } else {
         for (int e = 0; e < E; e++) {
             size_t r0 = start[e];
             int rows = start[e + 1] - start[e];
-            ffn_forward(b->ye + r0 * D, b->gue + r0 * 3 * Fe, b->he + r0 * Fe, b->xe + r0 * D,
+            ffn_forward(a->ye + r0 * D, a->gue + r0 * 3 * Fe, a->he + r0 * Fe, a->xe + r0 * D,
                         WX + lp->w_gate + (size_t)e * 2 * Fe * D, WX + lp->w_up + (size_t)e * Fe * D,
                         WX + lp->w_down + (size_t)e * D * Fe, rows, D, Fe, 0);
         }
     }
-    moe_combine(a->moe_out, a->mid, b->ye, a->p, a->top, a->row_of, BT, K, E, D);
+    moe_combine(a->moe_out, a->mid, a->ye, a->p, a->top, a->row_of, BT, K, E, D);
     moe_load_balance_forward(m->sums + 2 + 2 * im, a->lbf, a->p, a->top, BT, K, E, m->s.group_size, a->lb_group);
     router_z_loss_sum(m->sums + 3 + 2 * im, a->lse, BT);
 }
 
-template <typename X> static void forward_impl(Model *m, int B, int T) {
+template <typename X> static void forward_layers(Model *m, int B, int T) {
     const Config *c = &m->c;
-    ActsX<X> &ax = acts_x<X>(m);
+    Acts<X> *A = acts<X>(m);
     int BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, V = c->V;
     const float *W = m->params;
-    const X *WX = ax.params_x;
-    encoder_forward(m->resid, m->d_x, W + m->table.wte, BT, D);
+    const X *WX = A->params_x;
+    encoder_forward(A->resid, m->x, W + m->table.wte, BT, D);
     int im = 0;
     for (int l = 0; l < c->L; l++) {
-        LayerActs *a = &m->la[l];
-        LayerActsX<X> *b = &ax.layer[l];
+        LayerActs<X> *a = &A->layer[l];
         const LayerParams *lp = &m->table.layer[l];
-        float *out = l + 1 < c->L ? m->la[l + 1].in : m->final_in;
+        float *out = l + 1 < c->L ? A->layer[l + 1].in : A->final_in;
         // mid = in + Attn(RMSNorm(in)): q, k, v in one matmul (wq, wk, wv are adjacent)
-        rmsnorm_forward(b->ln1, a->rstd1, a->in, W + lp->attn_norm, BT, D);
-        matmul_forward(b->qkv, 3 * HHd, b->ln1, D, WX + lp->wq, BT, D, 3 * HHd, 0);
-        rope_forward(b->qkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 3 * HHd, 0, 1.0f);
-        if (m->flash) attention_forward_flash(b->atty, a->att_lse, b->qkv, B, T, H, Hd);
-        else attention_forward(b->atty, b->att, m->scores, b->qkv, B, T, H, Hd);
+        rmsnorm_forward(a->ln1, a->rstd1, a->in, W + lp->attn_norm, BT, D);
+        matmul_forward(a->qkv, a->ln1, WX + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
+        rope_forward(a->qkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 0, 1.0f);
+        if (m->flash) attention_forward_flash(a->atty, a->att_lse, a->qkv, B, T, H, Hd);
+        else attention_forward(a->atty, a->att, a->qkv, B, T, H, Hd, A->scores);
         copy_floats(a->mid, a->in, (size_t)BT * D);  // the residual, then += atty Wo^T
-        matmul_forward(a->mid, D, b->atty, HHd, WX + lp->wo, BT, HHd, D, 1);
+        matmul_forward(a->mid, a->atty, WX + lp->wo, BT, HHd, D, D, 1);
         if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
-            rmsnorm_forward(b->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
+            rmsnorm_forward(a->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
             copy_floats(out, a->mid, (size_t)BT * D);
-            ffn_forward(out, b->gu, b->h, b->ln2, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, 1);
+            ffn_forward(out, a->gu, a->h, a->ln2, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, 1);
             continue;
         }
         // moe_out = mid + MoE(RMSNorm(mid)); then out = moe_out + FFN_extra(RMSNorm(moe_out))
-        moe_forward(m, a, b, lp, im++, BT);
+        moe_forward(m, a, lp, im++, BT);
         if (c->extra_ffn) {
-            rmsnorm_forward(b->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
+            rmsnorm_forward(a->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
             copy_floats(out, a->moe_out, (size_t)BT * D);
-            ffn_forward(out, b->gux, b->hx, b->ln3, WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, 1);
+            ffn_forward(out, a->gux, a->hx, a->ln3, WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, 1);
         }
     }
-    rmsnorm_forward(ax.lnf, m->rstdf, m->final_in, W + m->table.final_norm, BT, D);
-    matmul_forward(ax.logits, V, ax.lnf, D, WX + m->table.lm_head, BT, D, V, 0);
-    crossentropy_forward(m->sums, m->lse, ax.logits, m->d_y, BT, V);
+    rmsnorm_forward(A->lnf, A->rstdf, A->final_in, W + m->table.final_norm, BT, D);
+    matmul_forward(A->logits, A->lnf, WX + m->table.lm_head, BT, D, V, V, 0);
+    crossentropy_forward(m->sums, A->lse, A->logits, m->y, BT, V);
 }
 
 void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s,
                    float *losses) {
     const Config *c = &m->c;
     forward_args_check(B, T, m->Bmax, m->Tmax, s);
-    int BT = B * T, V = c->V, K = c->K, E = c->E;
+    int BT = B * T, K = c->K, E = c->E, nm = n_moe_layers(c);
     m->B = B;
     m->T = T;
     m->s = *s;
     m->has_targets = y != NULL;
-    m->n_targets = forward_tokens_copy(m->h_x, m->h_y, x, y, BT, V);
-    cudaCheck(cudaMemcpyAsync(m->d_x, m->h_x, BT * sizeof(int), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpyAsync(m->d_y, m->h_y, BT * sizeof(int), cudaMemcpyHostToDevice));
-    if (m->precision == PRECISION_BF16) forward_impl<bf16>(m, B, T);
-    else forward_impl<float>(m, B, T);
+    m->n_targets = forward_tokens_copy(m->h_x, m->h_y, x, y, BT, c->V);
+    cudaCheck(cudaMemcpyAsync(m->x, m->h_x, BT * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpyAsync(m->y, m->h_y, BT * sizeof(int), cudaMemcpyHostToDevice));
+    if (m->precision == PRECISION_BF16) forward_layers<bf16>(m, B, T);
+    else forward_layers<float>(m, B, T);
 
     // the losses and router statistics from the sums and counts, copied to the
     // host here, after the whole forward: the one sync of a forward (in a MoE
     // layer it would be one per layer)
-    int nm = n_moe_layers(c);
     cudaCheck(cudaMemcpy(m->h_sums, m->sums, (2 + 2 * (size_t)nm) * sizeof(double), cudaMemcpyDeviceToHost));
     if (nm > 0)
         cudaCheck(cudaMemcpy(m->stat_ints, m->stat_counts, (size_t)nm * 2 * E * sizeof(int), cudaMemcpyDeviceToHost));
+    const double *sums = m->h_sums;
     int G = group_len(BT, s->group_size), n_groups = (BT + G - 1) / G;
-    long dropped = router_stats_from_sums(m->stats, m->h_sums + 2, nm, n_groups, BT, K, E);
-    losses_from_sums(losses, m->h_sums[0], m->h_sums[1], m->n_targets, m->stats, nm, dropped, (long)BT * K, s);
+    long dropped = router_stats_from_sums(m->stats, sums + 2, nm, n_groups, BT, K, E);
+    losses_from_sums(losses, sums[0], sums[1], m->n_targets, m->stats, nm, dropped, (long)BT * K, s);
 }
 
 // ----------------------------------------------------------------------------
@@ -1687,37 +1551,37 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
 // matmuls that read it); each sublayer adds its input gradient through its RMSNorm.
 
 // d_res holds d moe_out; adds the gradient through the MoE and its norm
-template <typename X> static void moe_backward(Model *m, LayerActs *a, LayerActsX<X> *b, const LayerParams *lp, int BT) {
+template <typename X> static void moe_backward(Model *m, LayerActs<X> *a, const LayerParams *lp, int BT) {
     const Config *c = &m->c;
-    ActsX<X> &ax = acts_x<X>(m);
+    Acts<X> *A = acts<X>(m);
     int D = c->D, E = c->E, K = c->K, Fe = c->Fe, nm = n_moe_layers(c);
     const float *W = m->params;
-    const X *WX = ax.params_x;
+    const X *WX = A->params_x;
     float *G = m->grads;
     const int *start = a->start_host;  // each expert's rows, from the forward
     if (a->R_pad > 0)  // the padding rows' output gradients are 0
-        cudaCheck(cudaMemsetAsync(ax.dye, 0, (size_t)start[E] * D * sizeof(X)));
-    moe_combine_backward(ax.dye, m->dp, m->d_res, b->ye, a->p, a->top, a->row_of, BT, K, E, D);
+        cudaCheck(cudaMemsetAsync(A->dye, 0, (size_t)start[E] * D * sizeof(X)));
+    moe_combine_backward(A->dye, A->dp, A->d_res, a->ye, a->p, a->top, a->row_of, BT, K, E, D);
     if (a->R_pad > 0) {
-        ffn_backward(m->dxe, G + lp->w_gate, G + lp->w_up, G + lp->w_down, ax.dye, b->xe, b->gue, b->he,
-                     WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, a->R_pad, D, Fe, ax.dgu, ax.dh, E);
+        ffn_backward(A->dxe, G + lp->w_gate, G + lp->w_up, G + lp->w_down, A->dye, a->xe, a->gue, a->he,
+                     WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, a->R_pad, D, Fe, A->dgu, A->dh, E);
     } else {
         for (int e = 0; e < E; e++) {
             size_t r0 = start[e];
             int rows = start[e + 1] - start[e];
             size_t og = lp->w_gate + (size_t)e * 2 * Fe * D, ou = lp->w_up + (size_t)e * Fe * D,
                    od = lp->w_down + (size_t)e * D * Fe;
-            ffn_backward(m->dxe + r0 * D, G + og, G + ou, G + od, ax.dye + r0 * D, b->xe + r0 * D,
-                         b->gue + r0 * 3 * Fe, b->he + r0 * Fe, WX + og, WX + ou, WX + od, rows, D, Fe, ax.dgu, ax.dh);
+            ffn_backward(A->dxe + r0 * D, G + og, G + ou, G + od, A->dye + r0 * D, a->xe + r0 * D,
+                         a->gue + r0 * 3 * Fe, a->he + r0 * Fe, WX + og, WX + ou, WX + od, rows, D, Fe, A->dgu, A->dh);
         }
     }
     // the router: combine weights, load balance and z-loss all act on p
-    moe_load_balance_backward(m->dp, a->lbf, BT, E, m->s.group_size, m->s.lb_coef / nm);
-    router_backward(m->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
-    matmul_backward(m->d_ln, D, G + lp->router, m->dp, E, a->ln2f, D, W + lp->router, BT, D, E, 0);
-    moe_dispatch_backward(m->d_ln, m->dxe, a->row_of, BT, K, D);
-    rmsnorm_backward(m->d_res, ax.dres_x, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D,
-                     m->dw_partial);
+    moe_load_balance_backward(A->dp, a->lbf, BT, E, m->s.group_size, m->s.lb_coef / nm);
+    router_backward(A->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
+    matmul_backward(A->d_ln, G + lp->router, A->dp, a->moe_in, W + lp->router, BT, D, E, E, 0);
+    moe_dispatch_backward(A->d_ln, A->dxe, a->row_of, BT, K, D);
+    rmsnorm_backward(A->d_res, G + lp->mlp_norm, A->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D, A->dres_x,
+                     A->dw_partial);
 }
 
 // encoder_backward's buckets, on the host: the positions of each distinct
@@ -1729,76 +1593,70 @@ static int encoder_buckets(Model *m, int BT) {
     for (int n = 0; n < BT; n++) cnt[m->h_x[n] + 1]++;
     for (int v = 0; v < V; v++) cnt[v + 1] += cnt[v];  // cnt[v] = first slot of token v
     for (int n = 0; n < BT; n++) m->h_order[cnt[m->h_x[n]]++] = n;  // cnt[v] ends at the slot after v's
-    for (int j = 0; j < BT; j++) {
-        if (j == 0 || m->h_x[m->h_order[j]] != m->h_x[m->h_order[j - 1]]) {
-            m->h_ustart[U] = j;
-            m->h_utok[U++] = m->h_x[m->h_order[j]];
-        }
-    }
+    for (int j = 0; j < BT; j++)
+        if (j == 0 || m->h_x[m->h_order[j]] != m->h_x[m->h_order[j - 1]]) m->h_ustart[U++] = j;
     m->h_ustart[U] = BT;
     return U;
 }
 
-template <typename X> static void backward_impl(Model *m) {
+template <typename X> static void backward_layers(Model *m) {
     const Config *c = &m->c;
-    ActsX<X> &ax = acts_x<X>(m);
+    Acts<X> *A = acts<X>(m);
     int B = m->B, T = m->T, BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, V = c->V;
     const float *W = m->params;
-    const X *WX = ax.params_x;
+    const X *WX = A->params_x;
     float *G = m->grads;
     const ParamTable *pt = &m->table;
     cudaCheck(cudaMemsetAsync(G, 0, pt->n_params * sizeof(float)));
 
-    crossentropy_backward(ax.dlogits, ax.logits, m->lse, m->d_y, BT, V, m->n_targets, m->s.lz_coef);
-    matmul_backward(m->d_ln, D, G + pt->lm_head, ax.dlogits, V, ax.lnf, D, WX + pt->lm_head, BT, D, V, 0);
-    cudaCheck(cudaMemsetAsync(m->d_res, 0, (size_t)BT * D * sizeof(float)));
-    rmsnorm_backward(m->d_res, ax.dres_x, G + pt->final_norm, m->d_ln, m->final_in, W + pt->final_norm, m->rstdf,
-                     BT, D, m->dw_partial);
+    crossentropy_backward(A->dlogits, A->logits, A->lse, m->y, BT, V, m->n_targets, m->s.lz_coef);
+    matmul_backward(A->d_ln, G + pt->lm_head, A->dlogits, A->lnf, WX + pt->lm_head, BT, D, V, V, 0);
+    cudaCheck(cudaMemsetAsync(A->d_res, 0, (size_t)BT * D * sizeof(float)));
+    rmsnorm_backward(A->d_res, G + pt->final_norm, A->d_ln, A->final_in, W + pt->final_norm, A->rstdf, BT, D,
+                     A->dres_x, A->dw_partial);
     for (int l = c->L - 1; l >= 0; l--) {
-        LayerActs *a = &m->la[l];
-        LayerActsX<X> *b = &ax.layer[l];
+        LayerActs<X> *a = &A->layer[l];
         const LayerParams *lp = &pt->layer[l];
         if (!lp->moe) {
-            ffn_backward(m->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, ax.dres_x, b->ln2, b->gu, b->h,
-                         WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, ax.dgu, ax.dh);
-            rmsnorm_backward(m->d_res, ax.dres_x, G + lp->mlp_norm, m->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D,
-                             m->dw_partial);
+            ffn_backward(A->d_ln, G + lp->w_gate, G + lp->w_up, G + lp->w_down, A->dres_x, a->ln2, a->gu, a->h,
+                         WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, A->dgu, A->dh);
+            rmsnorm_backward(A->d_res, G + lp->mlp_norm, A->d_ln, a->mid, W + lp->mlp_norm, a->rstd2, BT, D,
+                             A->dres_x, A->dw_partial);
         } else {
             if (c->extra_ffn) {
-                ffn_backward(m->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, ax.dres_x, b->ln3, b->gux,
-                             b->hx, WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, ax.dgu, ax.dh);
-                rmsnorm_backward(m->d_res, ax.dres_x, G + lp->extra_norm, m->d_ln, a->moe_out, W + lp->extra_norm,
-                                 a->rstd3, BT, D, m->dw_partial);
+                ffn_backward(A->d_ln, G + lp->x_gate, G + lp->x_up, G + lp->x_down, A->dres_x, a->ln3, a->gux, a->hx,
+                             WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, A->dgu, A->dh);
+                rmsnorm_backward(A->d_res, G + lp->extra_norm, A->d_ln, a->moe_out, W + lp->extra_norm, a->rstd3, BT,
+                                 D, A->dres_x, A->dw_partial);
             }
-            moe_backward(m, a, b, lp, BT);
+            moe_backward(m, a, lp, BT);
         }
         // d_res now holds d mid; attention: mid = in + Wo attn(...)
-        matmul_backward(ax.datty, HHd, G + lp->wo, ax.dres_x, D, b->atty, HHd, WX + lp->wo, BT, HHd, D, 0);
-        if (m->flash) attention_backward_flash(ax.dqkv, m->dvec, ax.datty, b->atty, a->att_lse, b->qkv, B, T, H, Hd);
-        else attention_backward(ax.dqkv, ax.dscore, m->scores, ax.datty, b->att, b->qkv, B, T, H, Hd);
-        rope_backward(ax.dqkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 3 * HHd);
-        matmul_backward(m->d_ln, D, G + lp->wq, ax.dqkv, 3 * HHd, b->ln1, D, WX + lp->wq, BT, D, 3 * HHd, 0);
-        rmsnorm_backward(m->d_res, ax.dres_x, G + lp->attn_norm, m->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D,
-                         m->dw_partial);
+        matmul_backward(A->datty, G + lp->wo, A->dres_x, a->atty, WX + lp->wo, BT, HHd, D, D, 0);
+        if (m->flash) attention_backward_flash(A->dqkv, A->dvec, A->datty, a->atty, a->att_lse, a->qkv, B, T, H, Hd);
+        else attention_backward(A->dqkv, A->dscore, A->datty, a->att, a->qkv, B, T, H, Hd, A->scores);
+        rope_backward(A->dqkv, m->rope_cos, m->rope_sin, BT, T, H, Hd);
+        matmul_backward(A->d_ln, G + lp->wq, A->dqkv, a->ln1, WX + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
+        rmsnorm_backward(A->d_res, G + lp->attn_norm, A->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D, A->dres_x,
+                         A->dw_partial);
     }
     // the host sorts the tokens while the GPU runs the layers above
     int U = encoder_buckets(m, BT);
-    cudaCheck(cudaMemcpyAsync(m->d_order, m->h_order, BT * sizeof(int), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpyAsync(m->d_ustart, m->h_ustart, (U + 1) * sizeof(int), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpyAsync(m->d_utok, m->h_utok, U * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpyAsync(A->order, m->h_order, BT * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpyAsync(A->ustart, m->h_ustart, (U + 1) * sizeof(int), cudaMemcpyHostToDevice));
     cudaCheck(cudaEventRecord(m->buckets_copied, 0));
-    encoder_backward(G + pt->wte, m->d_res, m->d_order, m->d_ustart, m->d_utok, U, D);
+    encoder_backward(G + pt->wte, A->d_res, m->x, BT, D, A->order, A->ustart, U);
 }
 
 void model_backward(Model *m) {
     if (!m->grads) die("model_backward: the model was created without an optimizer, so it has no gradients");
     if (!m->has_targets) die("model_backward: the last model_forward had no targets (y == NULL)");
-    if (m->precision == PRECISION_BF16) backward_impl<bf16>(m);
-    else backward_impl<float>(m);
+    if (m->precision == PRECISION_BF16) backward_layers<bf16>(m);
+    else backward_layers<float>(m);
 }
 
 // ----------------------------------------------------------------------------
-// optimizers (formulas in openmoe.h, section 6). Sums of squares in double,
+// optimizers (formulas in openmoe.h, section 2). Sums of squares in double,
 // in two fixed-order steps: per slice (blockIdx.y) nb partial sums over fixed
 // chunks (blockIdx.x), then the partials in order.
 
@@ -1840,8 +1698,8 @@ __global__ void adamw_update_kernel(float *w, bf16 *wx, const float *g, float *m
     w[i] = wi;
     if (wx) wx[i] = from_float<bf16>(wi);
 }
-static void adamw_update(float *w, bf16 *wx, const float *g, float *mom, float *vel, size_t n, const OptSettings *o,
-                         int t, float gscale, int decay) {
+static void adamw_update(float *w, const float *g, float *mom, float *vel, size_t n, const OptSettings *o, int t,
+                         float gscale, int decay, bf16 *wx) {
     float b1c = 1.0f - powf(o->beta1, (float)t), b2c = 1.0f - powf(o->beta2, (float)t);
     adamw_update_kernel<<<ceil_div(n, 256), 256>>>(w, wx, g, mom, vel, n, o->lr, o->beta1, o->beta2, b1c, b2c, o->eps,
                                                    decay ? o->weight_decay : 0.0f, gscale);
@@ -1992,13 +1850,13 @@ float model_update(Model *m, const OptSettings *o, int t) {
         float gscale = o->grad_clip > 0.0f && norm > o->grad_clip ? o->grad_clip / norm : 1.0f;
         size_t lo = m->shard_lo;
         float *mom = m->opt_state, *vel = m->opt_state + (m->shard_hi - lo);  // the shard's m, then its v
-        bf16 *wx = m->precision == PRECISION_BF16 ? m->x16.params_x : NULL;
+        bf16 *wx = m->precision == PRECISION_BF16 ? m->a16.params_x : NULL;
         for (int i = 0; i < pt->n_tensors; i++) {
             const TensorInfo *ti = &pt->tensors[i];
             size_t off = ti->offset;
             if (off < lo || off >= m->shard_hi || (o->freeze_router && is_router_tensor(ti))) continue;
-            adamw_update(m->params + off, wx ? wx + off : NULL, m->grads + off, mom + (off - lo), vel + (off - lo),
-                         tensor_numel(ti), o, t, gscale, ti->matrix);
+            adamw_update(m->params + off, m->grads + off, mom + (off - lo), vel + (off - lo), tensor_numel(ti), o, t,
+                         gscale, ti->matrix, wx ? wx + off : NULL);
         }
         return norm;  // the bf16 weights were written by the update
     } else {
@@ -2054,8 +1912,8 @@ __global__ void matvec_forward_kernel(float *out, const float *inp, const float 
     acc = warp_sum(acc);
     if (lane == 0) out[o] = accumulate ? out[o] + acc : acc;
 }
-static void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT, const int *sel = NULL,
-                           size_t sel_stride = 0, int accumulate = 0) {
+static void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT, int accumulate,
+                           const int *sel = NULL, size_t sel_stride = 0) {
     matvec_forward_kernel<<<ceil_div(OUT, 8), 256>>>(out, inp, w, sel, sel_stride, IN, OUT, accumulate);
     launchCheck();
 }
@@ -2113,13 +1971,17 @@ static void moe_decode_accumulate(float *acc, const float *y, const float *p, co
 
 // one token's gated FFN: out (D) = (or += with accumulate) FFN(x); the weights of expert sel[0] when sel is not NULL
 static void ffn_token(Model *m, float *out, const float *x, const float *wg, const float *wu, const float *wd, int F,
-                      const int *sel, int accumulate) {
+                      int accumulate, const int *sel) {
     int D = m->c.D;
-    matvec_forward(m->t_gu, x, wg, D, 2 * F, sel, (size_t)2 * F * D);
-    matvec_forward(m->t_gu + 2 * F, x, wu, D, F, sel, (size_t)F * D);
+    if (!sel && wu == wg + 2 * (size_t)F * D) {
+        matvec_forward(m->t_gu, x, wg, D, 3 * F, 0);
+    } else {
+        matvec_forward(m->t_gu, x, wg, D, 2 * F, 0, sel, (size_t)2 * F * D);
+        matvec_forward(m->t_gu + 2 * F, x, wu, D, F, 0, sel, (size_t)F * D);
+    }
     ffn_gate_kernel<float><<<ceil_div(F, 256), 256>>>(m->t_h, m->t_gu, 1, F);
     launchCheck();
-    matvec_forward(out, m->t_h, wd, F, D, sel, (size_t)D * F, accumulate);
+    matvec_forward(out, m->t_h, wd, F, D, accumulate, sel, (size_t)D * F);
 }
 
 const int model_decode_bitwise = 0;  // cuBLAS sums the forward's products in its own order
@@ -2137,39 +1999,39 @@ const float *model_decode(Model *m, int token, int pos) {
         const LayerParams *lp = &pt->layer[l];
         float *kc = m->kcache + (size_t)l * c->max_seq_len * HHd, *vc = m->vcache + (size_t)l * c->max_seq_len * HHd;
         rmsnorm_forward(xn, (float *)NULL, x, W + lp->attn_norm, 1, D);
-        matvec_forward(m->t_qkv, xn, W + lp->wq, D, 3 * HHd);  // q | k | v
-        rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, 1, 1, H, Hd, 3 * HHd, pos, 1.0f);
+        matvec_forward(m->t_qkv, xn, W + lp->wq, D, 3 * HHd, 0);  // q | k | v
+        rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, 1, 1, H, Hd, pos, 1.0f);
         copy_floats(kc + (size_t)pos * HHd, m->t_qkv + HHd, HHd);
         copy_floats(vc + (size_t)pos * HHd, m->t_qkv + 2 * HHd, HHd);
         attention_decode(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, c->max_seq_len);
-        matvec_forward(x, m->t_aty, W + lp->wo, HHd, D, NULL, 0, 1);  // x += Wo aty
+        matvec_forward(x, m->t_aty, W + lp->wo, HHd, D, 1);  // x += Wo aty
         rmsnorm_forward(xn, (float *)NULL, x, W + lp->mlp_norm, 1, D);
         if (!lp->moe) {
-            ffn_token(m, x, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->F, NULL, 1);
+            ffn_token(m, x, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->F, 1, NULL);
             continue;
         }
         // a group of one token: capacity never binds, every choice is kept
-        matvec_forward(m->t_z, xn, W + lp->router, D, E);
+        matvec_forward(m->t_z, xn, W + lp->router, D, E, 0);
         router_token(m->t_p, m->t_lse, m->t_top, m->t_z, m->router_bias + (size_t)im++ * E, E, K);
         cudaCheck(cudaMemsetAsync(m->t_acc, 0, D * sizeof(float)));
         for (int r = 0; r < K; r++) {
-            ffn_token(m, m->t_out, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->Fe, m->t_top + r, 0);
+            ffn_token(m, m->t_out, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->Fe, 0, m->t_top + r);
             moe_decode_accumulate(m->t_acc, m->t_out, m->t_p, m->t_top + r, D);
         }
         residual_forward(x, m->t_acc, x, D);
         if (c->extra_ffn) {
             rmsnorm_forward(xn, (float *)NULL, x, W + lp->extra_norm, 1, D);
-            ffn_token(m, x, xn, W + lp->x_gate, W + lp->x_up, W + lp->x_down, c->F, NULL, 1);
+            ffn_token(m, x, xn, W + lp->x_gate, W + lp->x_up, W + lp->x_down, c->F, 1, NULL);
         }
     }
     rmsnorm_forward(xn, (float *)NULL, x, W + pt->final_norm, 1, D);
-    matvec_forward(m->t_logits, xn, W + pt->lm_head, D, c->V);
+    matvec_forward(m->t_logits, xn, W + pt->lm_head, D, c->V, 0);
     cudaCheck(cudaMemcpy(m->h_logits, m->t_logits, c->V * sizeof(float), cudaMemcpyDeviceToHost));
     return m->h_logits;
 }
 
 // ----------------------------------------------------------------------------
-// data parallelism over NCCL (openmoe.h section 6; compiled with -DUSE_MPI):
+// data parallelism over NCCL (openmoe.h section 2; compiled with -DUSE_MPI):
 // one GPU per rank, the ranks' local rank picks it; MPI only carries the
 // NCCL id. Collectives run on the default stream, in order with the kernels.
 

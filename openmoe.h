@@ -1,15 +1,17 @@
-// openmoe.h: what both backends (openmoe.c, openmoe.cu) and all programs share.
+// openmoe.h: what both backends (openmoe.c, openmoe.cu) and all programs share,
+// in reading order:
 //
-//   1. checked C library calls, file helpers, the file magics: utils.h
-//   2. the config, presets and their validation                  (SPEC §1)
-//   3. the parameter table: one fp32 buffer, offsets in file order (SPEC §6)
-//   4. initialisation with a portable RNG                          (SPEC §5)
-//   5. the model file, and the per-call MoE settings               (SPEC §6, §8)
-//   6. the backend API, implemented by openmoe.c and by openmoe.cu
-//   7. what both backends compute the same way: routing groups, capacity,
-//      the router's softmax and top-K, RoPE tables, argument checks, losses
-//   8. sampling: temperature, top-p, argmax (train.c's samples, run.c)
+//   1. the config, its presets and their checks                    (SPEC §1)
+//   2. the backend API, implemented by openmoe.c and by openmoe.cu
+//   3. the tables: the parameters in one fp32 buffer, offsets in file order
+//      (SPEC §6), and the activations, sized by what the model uses
+//   4. what both backends compute the same way: initialisation with a
+//      portable RNG (SPEC §5), routing groups, capacity, the router's softmax
+//      and top-K, RoPE tables, argument checks, losses, optimizer state
+//   5. the model file                                              (SPEC §6)
+//   6. sampling: temperature, top-p, argmax (train.c's samples, run.c)
 //
+// Checked C library calls, file helpers and the file magics are utils.h's.
 // The debug state file (SPEC §7) is read and written by test/test_model.c,
 // its only user. Everything but the backend API is defined here as static
 // functions, so that each program is one translation unit plus one backend.
@@ -25,7 +27,7 @@ extern "C" {
 #endif
 
 // ----------------------------------------------------------------------------
-// 2. config (SPEC §1)
+// 1. the config, its presets and their checks (SPEC §1)
 
 // The bounds of the config's fields (config_check), each field bounded
 // whether the model uses it or not, so that no header asks for more than the
@@ -186,9 +188,171 @@ static inline int config_header_diff(const int32_t *h, const Config *c) {
 }
 
 // ----------------------------------------------------------------------------
-// 3. the parameter table: every tensor's offset into one fp32 buffer, in the
-// order of the model file (SPEC §6). Expert stacks [E, rows, cols] are one
-// tensor of E slices; optimizers and tests treat each slice as a matrix.
+// 2. the backend API. openmoe.c implements it on the CPU, openmoe.cu on one
+// GPU; train.c, run.c and test/test_model.c link with either.
+
+typedef struct Model Model;
+typedef struct ParamTable ParamTable;  // section 3
+
+// Per-call settings of routing and losses (SPEC §3, §4, §8); the debug state
+// file (test/test_model.c) stores them in its header.
+enum { CAP_T5X = 0, CAP_COLOSSALAI = 1, CAP_NONE = 2, N_CAP_RULES };   // capacity rules (SPEC §8)
+enum { DROP_POSITION = 0, DROP_PROBS = 1, N_DROP_POLICIES };          // drop policies (SPEC §8)
+static const char *const cap_rule_names[N_CAP_RULES] = {"t5x", "colossalai", "none"};
+static const char *const drop_policy_names[N_DROP_POLICIES] = {"position", "probs"};
+
+typedef struct {
+    int cf1000;        // capacity factor x 1000: 1250 train, 2000 eval
+    int min_capacity;  // 4
+    int group_size;    // tokens per routing group, 0 = all B*T tokens of the call
+    float lb_coef, rz_coef, lz_coef;  // 0.01, 1e-4, 1e-4
+    int capacity_rule; // CAP_T5X, CAP_COLOSSALAI or CAP_NONE (dropless)
+    int drop_policy;   // DROP_POSITION or DROP_PROBS
+} MoeSettings;
+
+// the range of capacity factors a flag may set: cf1000 stays an int >= 1
+#define MIN_CF 0.001
+#define MAX_CF 1000.0
+
+static inline MoeSettings moe_settings_default(void) {
+    MoeSettings s = {1250, 4, 4096, 0.01f, 1e-4f, 1e-4f, CAP_T5X, DROP_POSITION};
+    return s;
+}
+
+// index of name in names[n], or -1
+static inline int name_index(const char *name, const char *const *names, int n) {
+    for (int i = 0; i < n; i++)
+        if (strcmp(name, names[i]) == 0) return i;
+    return -1;
+}
+
+// the losses of a forward (SPEC §4), indices into model_forward's losses;
+// N_LOSSES 8, as the debug state file's losses[8] (SPEC §7), the last two 0
+enum { LOSS_TOTAL, LOSS_CE, LOSS_LB, LOSS_RZ, LOSS_LZ, LOSS_DROPPED, N_LOSSES = 8 };
+
+typedef enum { PRECISION_FP32 = 0, PRECISION_BF16 = 1 } Precision;
+
+// Optimizers (SPEC §5). The caller applies the learning-rate schedule.
+//
+// AdamW, per parameter, step t = 1, 2, ...; first the gradient is scaled by
+// min(1, grad_clip / global_norm):
+//   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+//   w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps) + lr * wd * w   (wd on matrices only)
+// Adafactor (Shazeer & Stern 2018, as T5X ran it for OpenMoE), no momentum,
+// no weight decay, no global clipping; per matrix slice [rows, cols] with
+// rows >= min_dim and cols >= min_dim (else per element), beta = 1 - t^(-decay):
+//   g2 = g^2 + eps1
+//   factored: r = beta r + (1-beta) rowmean(g2);  c = beta c + (1-beta) colmean(g2)
+//             u = g / sqrt(r / mean(r)) / sqrt(c)
+//   else:     v = beta v + (1-beta) g2;  u = g / sqrt(v)
+//   u /= max(1, rms(u) / clip_threshold)
+//   w -= lr * max(eps2, rms(w)) * u       (rms(w) before the update, per slice)
+typedef enum { OPT_ADAMW = 0, OPT_ADAFACTOR = 1 } OptKind;
+
+//
+// With freeze_router (SPEC §8, router freeze), the routers' gradients are
+// zeroed before the global norm (so they are left out of it) and the routers
+// and their optimizer state are not touched.
+typedef struct {
+    OptKind kind;
+    float lr;
+    float beta1, beta2, eps, weight_decay, grad_clip;    // AdamW
+    float decay, clip_threshold, eps1, eps2;             // Adafactor
+    int min_dim;                                         // Adafactor: factor slices with both dims >= this
+    int freeze_router;                                   // 1: the routers stay as they are
+    // ZeRO-1 (train.c's data parallelism): the model keeps the optimizer state
+    // of, and model_update steps, only the tensors that start in parameters
+    // [shard_lo, shard_hi); shard_hi 0 means all. Read by model_create.
+    size_t shard_lo, shard_hi;
+} OptSettings;
+
+static inline OptSettings opt_settings_default(OptKind kind) {
+    OptSettings o = {kind, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 0.8f, 1.0f, 1e-30f, 1e-3f, 128, 0, 0, 0};
+    if (kind == OPT_ADAFACTOR) o.lr = 0.01f;
+    return o;
+}
+
+// Router statistics of the last forward, one entry per MoE layer.
+typedef struct {
+    float lb;         // load-balance loss (mean over groups), before its coefficient
+    float rz;         // router z-loss
+    float dropped;    // dropped share of this layer's B*T*K assignments
+    int *routed;      // [E] top-K choices per expert, before dropping
+    int *kept;        // [E] assignments kept per expert
+} RouterStats;
+
+// Allocates parameters (zero), activations for batches up to B x T, and a
+// KV cache of max_seq_len positions for model_decode. With opt (not NULL)
+// also gradients and the state of optimizer opt->kind (zero); model_update
+// must then be called with the same kind and min_dim. Nothing is allocated
+// after this call. Exits with a message when memory or the backend fails.
+Model *model_create(const Config *c, int B, int T, Precision precision, const OptSettings *opt);
+void model_free(Model *m);
+
+const Config *model_config(const Model *m);
+const ParamTable *model_param_table(const Model *m);
+
+void model_set_params(Model *m, const float *params);   // host [n_params]
+void model_get_params(const Model *m, float *params);
+void model_get_grads(const Model *m, float *grads);
+void model_set_grads(Model *m, const float *grads);     // tests: feed known gradients to model_update
+
+// Forward of one batch: x, y [B*T] host arrays (y = -1 ignored; y may be
+// NULL for logits only). Returns the losses (N_LOSSES, indexed by LOSS_*).
+void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T,
+                   const MoeSettings *s, float *losses);
+void model_get_logits(const Model *m, float *logits);   // host [B*T*V] of the last forward
+const RouterStats *model_router_stats(const Model *m);  // [n_moe_layers] of the last forward
+// Routing of MoE layer i (0-based among MoE layers) in the last forward, host
+// arrays [B*T*K], rank-major per token: expert id, full-softmax probability,
+// 1 if the assignment was kept, 0 if capacity dropped it.
+void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint8_t *kept);
+
+// Gradients of the total loss of the last forward (which needs y).
+void model_backward(Model *m);
+// One optimizer step t (1-based) with the gradients of the last backward;
+// returns the global gradient norm before clipping.
+float model_update(Model *m, const OptSettings *o, int t);
+// optimizer state, host [opt_state_floats(...)] (with a ZeRO-1 shard: its
+// opt_state_floats_range(...), m then v for AdamW), for checkpoints
+void model_get_opt_state(const Model *m, float *state);
+void model_set_opt_state(Model *m, const float *state);
+
+// Loss-free balancing bias (SPEC §8): b[E] per MoE layer, host arrays
+// [n_moe*E]; top-K is chosen by p + b (combine weights and losses use p).
+// Zero after model_create.
+void model_set_router_bias(Model *m, const float *bias);
+void model_get_router_bias(const Model *m, float *bias);
+
+// Data parallelism, compiled with -DUSE_MPI (make MPI=1): the CPU backend
+// talks MPI, the CUDA backend NCCL. dp_init, once after MPI_Init and before
+// model_create, picks this rank's device (GPU: local rank) and connects the
+// ranks. model_grads_allreduce replaces the gradients by their mean over the
+// ranks; model_params_allgather gives every rank the parameters that rank r
+// stepped, [shard[r], shard[r+1]) (shard: n_ranks + 1 offsets).
+#ifdef USE_MPI
+void dp_init(int rank, int n_ranks, int local_rank);
+void model_grads_allreduce(Model *m);
+void model_params_allgather(Model *m, const size_t *shard);
+#endif
+
+// Inference with a KV cache: feeds token at position pos (0 <= pos <
+// max_seq_len; positions before pos must have been fed) and returns the
+// host logits [V] for the next token. Each token is routed on its own (a
+// group of one), so capacity never drops it: generation matches
+// model_forward with group_size 1.
+const float *model_decode(Model *m, int token, int pos);
+// 1 when model_decode's logits equal model_forward's (group size 1) bit for
+// bit, as on the CPU, where both sum each output in one fixed chain; 0 on the
+// GPU, where the forward's cuBLAS sums in its own order (run --verify then
+// checks the argmax only)
+extern const int model_decode_bitwise;
+
+// ----------------------------------------------------------------------------
+// 3. the tables. First the parameters: every tensor's offset into one fp32
+// buffer, in the order of the model file (SPEC §6). Expert stacks [E, rows,
+// cols] are one tensor of E slices; optimizers and tests treat each slice as
+// a matrix.
 
 typedef struct {
     size_t attn_norm, wq, wk, wv, wo;  // wq,wk,wv [H*Hd, D], wo [D, H*Hd]
@@ -207,13 +371,13 @@ typedef struct {
     int matrix;      // 1 for weight matrices (weight decay, factored Adafactor), 0 for norm weights
 } TensorInfo;
 
-typedef struct {
+struct ParamTable {
     size_t wte, final_norm, lm_head;
     LayerParams *layer;    // [L]
     TensorInfo *tensors;   // in file order
     int n_tensors;
     size_t n_params;
-} ParamTable;
+};
 
 static inline size_t tensor_numel(const TensorInfo *t) {
     return (size_t)t->slices * t->rows * t->cols;
@@ -298,8 +462,128 @@ static inline void param_table_free(ParamTable *p) {
 }
 
 // ----------------------------------------------------------------------------
-// 4. RNG and initialisation (SPEC §5). The RNG is splitmix64: a 64-bit state
-// that checkpoints save, identical on every platform and backend.
+// the tables, continued: the activations. Every tensor a forward keeps for
+// its backward, the backward's scratch and inference's buffers, described
+// once for both backends, as the parameter table describes the weights. A
+// row names a tensor, its element type, its size in elements and when a
+// model has it (else its pointer is NULL); its comment gives its shape. Each
+// backend declares its structs from the rows (ACT_POINTER), adds rows of its
+// own, and carves them all from one allocation in row order. floatX, the
+// type of a matmul's operands, is fp32 on the CPU and fp32 or bf16 in
+// openmoe.cu.
+//
+// The sizes are for the largest batch, B x T (BT = B*T), and for what the
+// model uses, so that a width no layer has allocates nothing: in a layer,
+// dense (it has a dense FFN), moe (router and experts) and extra (the extra
+// FFN after the MoE); in the model, any_moe (a MoE layer), ffn_elems (the
+// most FFN rows x width the backward holds at once: BT*F with a dense or
+// extra FFN, BT*K*Fe with experts) and ffn_width (the widest FFN, F or Fe).
+// flash: openmoe.cu's flash attention keeps no (T,T) matrices.
+
+// what ACT_SIZES and ACT_LAYER name, as locals of the function that carves:
+// c the config, Bmax x Tmax the largest batch, flash_ as above
+#define ACT_SIZES(c, Bmax, Tmax, flash_)                                                                          \
+    const size_t B = (Bmax), T = (Tmax), BT = B * T, D = (c)->D, H = (c)->H, Hd = (c)->Hd, HHd = H * Hd;        \
+    const size_t V = (c)->V, L = (c)->L, E = (c)->E, K = (c)->K, F = (c)->F, Fe = (c)->Fe;                      \
+    const size_t max_seq_len = (c)->max_seq_len, n_moe = n_moe_layers(c);                                       \
+    const int any_moe = n_moe > 0, any_ffn = L > n_moe || (any_moe && (c)->extra_ffn), flash = (flash_);        \
+    const size_t ffn_f = any_ffn ? F : 0, ffn_fe = any_moe ? Fe : 0;                                            \
+    const size_t ffn_elems = BT * ffn_f > BT * K * ffn_fe ? BT * ffn_f : BT * K * ffn_fe;                        \
+    const size_t ffn_width = ffn_f > ffn_fe ? ffn_f : ffn_fe;                                                    \
+    (void)B, (void)T, (void)BT, (void)D, (void)H, (void)Hd, (void)HHd, (void)V, (void)L, (void)E, (void)K;      \
+    (void)F, (void)Fe, (void)max_seq_len, (void)n_moe, (void)any_moe, (void)flash, (void)ffn_elems, (void)ffn_width
+#define ACT_LAYER(c, l)                                                                                          \
+    const int moe = is_moe_layer(c, l), dense = !moe, extra = moe && (c)->extra_ffn;                            \
+    (void)moe, (void)dense, (void)extra
+
+// a row as a struct member
+#define ACT_POINTER(name, type, n, when) type *name;
+
+// one layer's: what it keeps for the backward. (Its input, resid[l], and a
+// MoE layer's moe_out without the extra FFN, resid[l+1], point into resid.)
+//  name       type    elements          when
+#define LAYER_ACTS(_)                                                                                            \
+    _(ln1,       floatX, BT * D,           1)       /* (BT,D) RMSNorm(in): attention's input */                \
+    _(rstd1,     float,  BT,               1)       /* (BT) its 1/rms */                                         \
+    _(qkv,       floatX, BT * 3 * HHd,     1)       /* (BT,3HHd) q | k | v of each token, q, k after RoPE */    \
+    _(att,       floatX, B * H * T * T,    !flash)  /* (B,H,T,T) attention probabilities */                     \
+    _(atty,      floatX, BT * HHd,         1)       /* (BT,HHd) attention's output before Wo */                 \
+    _(mid,       float,  BT * D,           1)       /* (BT,D) the residual after attention */                   \
+    _(rstd2,     float,  BT,               1)       /* (BT) 1/rms of mid */                                      \
+    _(ln2,       floatX, BT * D,           dense)   /* (BT,D) RMSNorm(mid): the dense FFN's input */            \
+    _(gu,        floatX, BT * 3 * F,       dense)   /* (BT,3F) its [a | b | u] */                               \
+    _(h,         floatX, BT * F,           dense)   /* (BT,F) a * silu(b) * u */                                \
+    _(moe_in,    float,  BT * D,           moe)     /* (BT,D) RMSNorm(mid) in fp32: router input, rows' source */ \
+    _(z,         float,  BT * E,           moe)     /* (BT,E) router logits */                                  \
+    _(p,         float,  BT * E,           moe)     /* (BT,E) their softmax */                                  \
+    _(lse,       float,  BT,               moe)     /* (BT) their logsumexp */                                  \
+    _(top,       int,    BT * K,           moe)     /* (BT,K) the experts chosen, best first */                 \
+    _(kept,      int,    BT * K,           moe)     /* (BT,K) 1 where capacity kept the choice */               \
+    _(row_of,    int,    BT * K,           moe)     /* (BT,K) its row in the experts' buffers, -1: dropped */   \
+    _(row_token, int,    BT * K,           moe)     /* (BT*K) each expert row's token */                        \
+    _(start,     int,    E + 1,            moe)     /* (E+1) expert e's rows: start[e] .. start[e+1]-1 */       \
+    _(lbf,       float,  BT * E,           moe)     /* (groups,E) f_e of the load-balance loss, groups <= BT */ \
+    _(xe,        floatX, BT * K * D,       moe)     /* (BT*K,D) the experts' rows: their inputs */              \
+    _(gue,       floatX, BT * K * 3 * Fe,  moe)     /* (BT*K,3Fe) their [a | b | u] */                          \
+    _(he,        floatX, BT * K * Fe,      moe)     /* (BT*K,Fe) */                                             \
+    _(ye,        floatX, BT * K * D,       moe)     /* (BT*K,D) their outputs */                                \
+    _(moe_out,   float,  BT * D,           extra)   /* (BT,D) the residual after the MoE */                     \
+    _(ln3,       floatX, BT * D,           extra)   /* (BT,D) RMSNorm(moe_out): the extra FFN's input */        \
+    _(rstd3,     float,  BT,               extra)   /* (BT) */                                                   \
+    _(gux,       floatX, BT * 3 * F,       extra)   /* (BT,3F) */                                               \
+    _(hx,        floatX, BT * F,           extra)   /* (BT,F) */
+
+// the model's forward, after its layers'
+#define FORWARD_ACTS(_)                                                                                          \
+    _(resid,     float,  (L + 1) * BT * D, 1)       /* (L+1,BT,D) layer l reads resid[l], writes resid[l+1] */ \
+    _(lnf,       floatX, BT * D,           1)       /* (BT,D) the final norm's output */                        \
+    _(rstdf,     float,  BT,               1)       /* (BT) */                                                   \
+    _(logits,    floatX, BT * V,           1)       /* (BT,V) */                                                \
+    _(lse,       float,  BT,               1)       /* (BT) logsumexp of each token's logits */
+
+// the backward's scratch, with an optimizer only
+#define BACKWARD_ACTS(_)                                                                                         \
+    _(d_res,     float,  BT * D,           1)       /* (BT,D) the residual stream's gradient */                 \
+    _(d_ln,      float,  BT * D,           1)       /* (BT,D) the gradient at a norm's output */                \
+    _(datty,     floatX, BT * HHd,         1)       /* (BT,HHd) */                                              \
+    _(dqkv,      floatX, BT * 3 * HHd,     1)       /* (BT,3HHd) */                                             \
+    _(dscore,    floatX, B * H * T * T,    !flash)  /* (B,H,T,T) */                                             \
+    _(dgu,       floatX, 3 * ffn_elems,    1)       /* (BT,3F) or (BT*K,3Fe) */                                 \
+    _(dh,        floatX, ffn_elems,        1)       /* (BT,F) or (BT*K,Fe) */                                   \
+    _(dxe,       float,  BT * K * D,       any_moe) /* (BT*K,D) the experts' input gradients */                 \
+    _(dye,       floatX, BT * K * D,       any_moe) /* (BT*K,D) their output gradients */                       \
+    _(dp,        float,  BT * E,           any_moe) /* (BT,E) dLoss/dp, then dLoss/dz */                        \
+    _(dlogits,   floatX, BT * V,           1)       /* (BT,V) */
+
+// the batch, the loss sums, the RoPE tables and inference's buffers: no
+// floatX, so that both backends keep them in the Model itself, where the
+// forward, its losses and model_decode (fp32 in both) reach them
+#define MODEL_BUFFERS(_)                                                                                         \
+    _(x,         int,    BT,               1)       /* (BT) the tokens of the last forward */                   \
+    _(y,         int,    BT,               1)       /* (BT) its targets, -1: none */                            \
+    _(sums,      double, 2 + 2 * n_moe,    1)       /* its ce and lz sums, then per MoE layer lb's and rz's */  \
+    _(rope_cos,  float,  max_seq_len * (Hd / 2), 1) /* (max_seq_len,Hd/2) */                                   \
+    _(rope_sin,  float,  max_seq_len * (Hd / 2), 1) /* (max_seq_len,Hd/2) */                                   \
+    _(kcache,    float,  L * max_seq_len * HHd, 1)  /* (L,max_seq_len,HHd) the keys of the tokens decoded */    \
+    _(vcache,    float,  L * max_seq_len * HHd, 1)  /* (L,max_seq_len,HHd) their values */                      \
+    _(t_x,       float,  D,                1)       /* one token's residual stream */                           \
+    _(t_xn,      float,  D,                1)       /* its norm */                                              \
+    _(t_qkv,     float,  3 * HHd,          1)                                                                    \
+    _(t_att,     float,  H * max_seq_len,  1)       /* (H,max_seq_len) a row of scores per head */              \
+    _(t_aty,     float,  HHd,              1)                                                                    \
+    _(t_gu,      float,  3 * ffn_width,    1)                                                                    \
+    _(t_h,       float,  ffn_width,        1)                                                                    \
+    _(t_out,     float,  D,                1)       /* an expert's output */                                    \
+    _(t_acc,     float,  D,                1)       /* the MoE's output */                                      \
+    _(t_z,       float,  E,                any_moe) /* router logits */                                         \
+    _(t_p,       float,  E,                any_moe) /* their softmax */                                         \
+    _(t_top,     int,    K,                any_moe) /* the experts chosen */                                    \
+    _(t_logits,  float,  V,                1)
+
+// ----------------------------------------------------------------------------
+// 4. what both backends compute the same way. First the RNG and
+// initialisation (SPEC §5). The RNG is splitmix64: a 64-bit state that
+// checkpoints save, identical on every platform and backend.
 
 typedef struct { uint64_t s; } Rng;
 
@@ -348,245 +632,9 @@ static inline void params_init(const ParamTable *p, const Config *c, float *para
     }
 }
 
-// ----------------------------------------------------------------------------
-// 5. the model file (SPEC §6): the header (utils.h), whose words 2 ..
-// MODEL_HEADER_WORDS-1 hold the config (config_fields), then the fp32 parameters
-
-static inline void config_to_header(const Config *c, int32_t *h) {
-    memset(h, 0, HEADER_BYTES);
-    h[0] = MODEL_MAGIC;
-    h[1] = FILE_VERSION;
-    for (int i = 0; i < N_CONFIG_FIELDS; i++) h[config_fields[i].word] = config_value(c, i);
-}
-static inline void config_from_header(const int32_t *h, Config *c) {
-    for (int i = 0; i < N_CONFIG_FIELDS; i++) *config_field(c, i) = h[config_fields[i].word];
-}
-
-// reads a model file; exits with a message naming PATH on any problem.
-// Returns the parameters (malloc'd, n_params floats) and fills *c.
-static inline float *model_file_load(const char *path, Config *c) {
-    FILE *f = fopenCheck(path, "rb");
-    int32_t h[HEADER_INTS];
-    long size = header_read(f, path, "model", MODEL_MAGIC, MODEL_HEADER_WORDS, h);
-    config_from_header(h, c);
-    char why[160];
-    if (!config_check(c, why, sizeof(why))) die("%s: inconsistent header: %s", path, why);
-    uint64_t n = config_n_params(c), want = size_add(HEADER_BYTES, size_mul(sizeof(float), n));
-    if ((uint64_t)size != want)
-        die("%s: size %ld bytes, but its header describes %llu parameters (%llu bytes)", path, size,
-            (unsigned long long)n, (unsigned long long)want);
-    float *params = (float *)mallocCheck(n * sizeof(float));
-    freadCheck(params, sizeof(float), n, f, path);
-    fcloseCheck(f, path);
-    return params;
-}
-
-// the model file of c and params to f, an atomic_open'd tmp
-static inline void model_file_write(FILE *f, const char *tmp, const Config *c, const float *params) {
-    int32_t h[HEADER_INTS];
-    config_to_header(c, h);
-    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
-    fwriteCheck(params, sizeof(float), config_n_params(c), f, tmp);
-}
-
-static inline void model_file_save(const char *path, const Config *c, const float *params) {
-    char tmp[MAX_PATH_BYTES];
-    FILE *f = atomic_open(path, tmp, sizeof(tmp));
-    model_file_write(f, tmp, c, params);
-    atomic_commit(f, tmp, path);
-}
-
-// Per-call settings of routing and losses (SPEC §3, §4, §8); the debug state
-// file (test/test_model.c) stores them in its header.
-enum { CAP_T5X = 0, CAP_COLOSSALAI = 1, CAP_NONE = 2, N_CAP_RULES };   // capacity rules (SPEC §8)
-enum { DROP_POSITION = 0, DROP_PROBS = 1, N_DROP_POLICIES };          // drop policies (SPEC §8)
-static const char *const cap_rule_names[N_CAP_RULES] = {"t5x", "colossalai", "none"};
-static const char *const drop_policy_names[N_DROP_POLICIES] = {"position", "probs"};
-
-typedef struct {
-    int cf1000;        // capacity factor x 1000: 1250 train, 2000 eval
-    int min_capacity;  // 4
-    int group_size;    // tokens per routing group, 0 = all B*T tokens of the call
-    float lb_coef, rz_coef, lz_coef;  // 0.01, 1e-4, 1e-4
-    int capacity_rule; // CAP_T5X, CAP_COLOSSALAI or CAP_NONE (dropless)
-    int drop_policy;   // DROP_POSITION or DROP_PROBS
-} MoeSettings;
-
-// the range of capacity factors a flag may set: cf1000 stays an int >= 1
-#define MIN_CF 0.001
-#define MAX_CF 1000.0
-
-static inline MoeSettings moe_settings_default(void) {
-    MoeSettings s = {1250, 4, 4096, 0.01f, 1e-4f, 1e-4f, CAP_T5X, DROP_POSITION};
-    return s;
-}
-
-// index of name in names[n], or -1
-static inline int name_index(const char *name, const char *const *names, int n) {
-    for (int i = 0; i < n; i++)
-        if (strcmp(name, names[i]) == 0) return i;
-    return -1;
-}
-
-// the losses of a forward (SPEC §4), indices into model_forward's losses;
-// N_LOSSES 8, as the debug state file's losses[8] (SPEC §7), the last two 0
-enum { LOSS_TOTAL, LOSS_CE, LOSS_LB, LOSS_RZ, LOSS_LZ, LOSS_DROPPED, N_LOSSES = 8 };
-
-// ----------------------------------------------------------------------------
-// 6. the backend API. openmoe.c implements it on the CPU, openmoe.cu on one
-// GPU; train.c, run.c and test/test_model.c link with either.
-
-typedef struct Model Model;
-
-typedef enum { PRECISION_FP32 = 0, PRECISION_BF16 = 1 } Precision;
-
-// Optimizers (SPEC §5). The caller applies the learning-rate schedule.
-//
-// AdamW, per parameter, step t = 1, 2, ...; first the gradient is scaled by
-// min(1, grad_clip / global_norm):
-//   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
-//   w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps) + lr * wd * w   (wd on matrices only)
-// Adafactor (Shazeer & Stern 2018, as T5X ran it for OpenMoE), no momentum,
-// no weight decay, no global clipping; per matrix slice [rows, cols] with
-// rows >= min_dim and cols >= min_dim (else per element), beta = 1 - t^(-decay):
-//   g2 = g^2 + eps1
-//   factored: r = beta r + (1-beta) rowmean(g2);  c = beta c + (1-beta) colmean(g2)
-//             u = g / sqrt(r / mean(r)) / sqrt(c)
-//   else:     v = beta v + (1-beta) g2;  u = g / sqrt(v)
-//   u /= max(1, rms(u) / clip_threshold)
-//   w -= lr * max(eps2, rms(w)) * u       (rms(w) before the update, per slice)
-typedef enum { OPT_ADAMW = 0, OPT_ADAFACTOR = 1 } OptKind;
-
-//
-// With freeze_router (SPEC §8, router freeze), the routers' gradients are
-// zeroed before the global norm (so they are left out of it) and the routers
-// and their optimizer state are not touched.
-typedef struct {
-    OptKind kind;
-    float lr;
-    float beta1, beta2, eps, weight_decay, grad_clip;    // AdamW
-    float decay, clip_threshold, eps1, eps2;             // Adafactor
-    int min_dim;                                         // Adafactor: factor slices with both dims >= this
-    int freeze_router;                                   // 1: the routers stay as they are
-    // ZeRO-1 (train.c's data parallelism): the model keeps the optimizer state
-    // of, and model_update steps, only the tensors that start in parameters
-    // [shard_lo, shard_hi); shard_hi 0 means all. Read by model_create.
-    size_t shard_lo, shard_hi;
-} OptSettings;
-
-static inline OptSettings opt_settings_default(OptKind kind) {
-    OptSettings o = {kind, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 0.8f, 1.0f, 1e-30f, 1e-3f, 128, 0, 0, 0};
-    if (kind == OPT_ADAFACTOR) o.lr = 0.01f;
-    return o;
-}
-
-// a router matrix (frozen by OptSettings.freeze_router)
-static inline int is_router_tensor(const TensorInfo *t) {
-    const char *leaf = strchr(t->name, '.');
-    return leaf && strcmp(leaf + 1, "router") == 0;
-}
-
-// Optimizer state layout, shared so that checkpoints move between backends.
-// AdamW: m [n_params], then v [n_params]. Adafactor: per tensor, per slice in
-// file order: factored slices r [rows] then c [cols], others v [rows*cols].
-static inline int adafactor_factored(const TensorInfo *t, int min_dim) {
-    return t->matrix && t->rows >= min_dim && t->cols >= min_dim;
-}
-// the state floats of the tensors that start in parameters [lo, hi) (a
-// shard's tensors are whole: lo, hi are tensor offsets or n_params)
-static inline size_t opt_state_floats_range(const ParamTable *p, OptKind kind, int min_dim, size_t lo, size_t hi) {
-    if (kind == OPT_ADAMW) return 2 * (hi - lo);
-    size_t n = 0;
-    for (int i = 0; i < p->n_tensors; i++) {
-        const TensorInfo *t = &p->tensors[i];
-        if (t->offset < lo || t->offset >= hi) continue;
-        n += adafactor_factored(t, min_dim) ? (size_t)t->slices * (t->rows + t->cols) : tensor_numel(t);
-    }
-    return n;
-}
-static inline size_t opt_state_floats(const ParamTable *p, OptKind kind, int min_dim) {
-    return opt_state_floats_range(p, kind, min_dim, 0, p->n_params);
-}
-
-// Router statistics of the last forward, one entry per MoE layer.
-typedef struct {
-    float lb;         // load-balance loss (mean over groups), before its coefficient
-    float rz;         // router z-loss
-    float dropped;    // dropped share of this layer's B*T*K assignments
-    int *routed;      // [E] top-K choices per expert, before dropping
-    int *kept;        // [E] assignments kept per expert
-} RouterStats;
-
-// Allocates parameters (zero), activations for batches up to B x T, and a
-// KV cache of max_seq_len positions for model_decode. With opt (not NULL)
-// also gradients and the state of optimizer opt->kind (zero); model_update
-// must then be called with the same kind and min_dim. Nothing is allocated
-// after this call. Exits with a message when memory or the backend fails.
-Model *model_create(const Config *c, int B, int T, Precision precision, const OptSettings *opt);
-void model_free(Model *m);
-
-const Config *model_config(const Model *m);
-const ParamTable *model_param_table(const Model *m);
-
-void model_set_params(Model *m, const float *params);   // host [n_params]
-void model_get_params(const Model *m, float *params);
-void model_get_grads(const Model *m, float *grads);
-void model_set_grads(Model *m, const float *grads);     // tests: feed known gradients to model_update
-
-// Forward of one batch: x, y [B*T] host arrays (y = -1 ignored; y may be
-// NULL for logits only). Returns the losses (N_LOSSES, indexed by LOSS_*).
-void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T,
-                   const MoeSettings *s, float *losses);
-void model_get_logits(const Model *m, float *logits);   // host [B*T*V] of the last forward
-const RouterStats *model_router_stats(const Model *m);  // [n_moe_layers] of the last forward
-// Routing of MoE layer i (0-based among MoE layers) in the last forward, host
-// arrays [B*T*K], rank-major per token: expert id, full-softmax probability,
-// 1 if the assignment was kept, 0 if capacity dropped it.
-void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint8_t *kept);
-
-// Gradients of the total loss of the last forward (which needs y).
-void model_backward(Model *m);
-// One optimizer step t (1-based) with the gradients of the last backward;
-// returns the global gradient norm before clipping.
-float model_update(Model *m, const OptSettings *o, int t);
-// optimizer state, host [opt_state_floats(...)] (with a ZeRO-1 shard: its
-// opt_state_floats_range(...), m then v for AdamW), for checkpoints
-void model_get_opt_state(const Model *m, float *state);
-void model_set_opt_state(Model *m, const float *state);
-
-// Loss-free balancing bias (SPEC §8): b[E] per MoE layer, host arrays
-// [n_moe*E]; top-K is chosen by p + b (combine weights and losses use p).
-// Zero after model_create.
-void model_set_router_bias(Model *m, const float *bias);
-void model_get_router_bias(const Model *m, float *bias);
-
-// Data parallelism, compiled with -DUSE_MPI (make MPI=1): the CPU backend
-// talks MPI, the CUDA backend NCCL. dp_init, once after MPI_Init and before
-// model_create, picks this rank's device (GPU: local rank) and connects the
-// ranks. model_grads_allreduce replaces the gradients by their mean over the
-// ranks; model_params_allgather gives every rank the parameters that rank r
-// stepped, [shard[r], shard[r+1]) (shard: n_ranks + 1 offsets).
-#ifdef USE_MPI
-void dp_init(int rank, int n_ranks, int local_rank);
-void model_grads_allreduce(Model *m);
-void model_params_allgather(Model *m, const size_t *shard);
-#endif
-
-// Inference with a KV cache: feeds token at position pos (0 <= pos <
-// max_seq_len; positions before pos must have been fed) and returns the
-// host logits [V] for the next token. Each token is routed on its own (a
-// group of one), so capacity never drops it: generation matches
-// model_forward with group_size 1.
-const float *model_decode(Model *m, int token, int pos);
-// 1 when model_decode's logits equal model_forward's (group size 1) bit for
-// bit, as on the CPU, where both sum each output in one fixed chain; 0 on the
-// GPU, where the forward's cuBLAS sums in its own order (run --verify then
-// checks the argmax only)
-extern const int model_decode_bitwise;
-
-// ----------------------------------------------------------------------------
-// 7. what both backends compute the same way. HOST_DEVICE functions also run
-// inside openmoe.cu's kernels.
+// Routing groups, capacity, the router, RoPE, router statistics, argument
+// checks, the losses and the optimizer state's layout. HOST_DEVICE functions
+// also run inside openmoe.cu's kernels.
 
 #ifdef __CUDACC__
 #define HOST_DEVICE __host__ __device__
@@ -790,8 +838,84 @@ static inline void losses_from_sums(float *losses, double ce_sum, double lz_sum,
     losses[LOSS_DROPPED] = n_moe ? (float)((double)dropped / ((double)BTK * n_moe)) : 0.0f;
 }
 
+// a router matrix (frozen by OptSettings.freeze_router)
+static inline int is_router_tensor(const TensorInfo *t) {
+    const char *leaf = strchr(t->name, '.');
+    return leaf && strcmp(leaf + 1, "router") == 0;
+}
+
+// Optimizer state layout, shared so that checkpoints move between backends.
+// AdamW: m [n_params], then v [n_params]. Adafactor: per tensor, per slice in
+// file order: factored slices r [rows] then c [cols], others v [rows*cols].
+static inline int adafactor_factored(const TensorInfo *t, int min_dim) {
+    return t->matrix && t->rows >= min_dim && t->cols >= min_dim;
+}
+// the state floats of the tensors that start in parameters [lo, hi) (a
+// shard's tensors are whole: lo, hi are tensor offsets or n_params)
+static inline size_t opt_state_floats_range(const ParamTable *p, OptKind kind, int min_dim, size_t lo, size_t hi) {
+    if (kind == OPT_ADAMW) return 2 * (hi - lo);
+    size_t n = 0;
+    for (int i = 0; i < p->n_tensors; i++) {
+        const TensorInfo *t = &p->tensors[i];
+        if (t->offset < lo || t->offset >= hi) continue;
+        n += adafactor_factored(t, min_dim) ? (size_t)t->slices * (t->rows + t->cols) : tensor_numel(t);
+    }
+    return n;
+}
+static inline size_t opt_state_floats(const ParamTable *p, OptKind kind, int min_dim) {
+    return opt_state_floats_range(p, kind, min_dim, 0, p->n_params);
+}
+
 // ----------------------------------------------------------------------------
-// 8. sampling, shared by train.c and run.c
+// 5. the model file (SPEC §6): the header (utils.h), whose words 2 ..
+// MODEL_HEADER_WORDS-1 hold the config (config_fields), then the fp32 parameters
+
+static inline void config_to_header(const Config *c, int32_t *h) {
+    memset(h, 0, HEADER_BYTES);
+    h[0] = MODEL_MAGIC;
+    h[1] = FILE_VERSION;
+    for (int i = 0; i < N_CONFIG_FIELDS; i++) h[config_fields[i].word] = config_value(c, i);
+}
+static inline void config_from_header(const int32_t *h, Config *c) {
+    for (int i = 0; i < N_CONFIG_FIELDS; i++) *config_field(c, i) = h[config_fields[i].word];
+}
+
+// reads a model file; exits with a message naming PATH on any problem.
+// Returns the parameters (malloc'd, n_params floats) and fills *c.
+static inline float *model_file_load(const char *path, Config *c) {
+    FILE *f = fopenCheck(path, "rb");
+    int32_t h[HEADER_INTS];
+    long size = header_read(f, path, "model", MODEL_MAGIC, MODEL_HEADER_WORDS, h);
+    config_from_header(h, c);
+    char why[160];
+    if (!config_check(c, why, sizeof(why))) die("%s: inconsistent header: %s", path, why);
+    uint64_t n = config_n_params(c), want = size_add(HEADER_BYTES, size_mul(sizeof(float), n));
+    if ((uint64_t)size != want)
+        die("%s: size %ld bytes, but its header describes %llu parameters (%llu bytes)", path, size,
+            (unsigned long long)n, (unsigned long long)want);
+    float *params = (float *)mallocCheck(n * sizeof(float));
+    freadCheck(params, sizeof(float), n, f, path);
+    fcloseCheck(f, path);
+    return params;
+}
+
+// the model file of c and params to f, an atomic_open'd tmp
+static inline void model_file_write(FILE *f, const char *tmp, const Config *c, const float *params) {
+    int32_t h[HEADER_INTS];
+    config_to_header(c, h);
+    fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
+    fwriteCheck(params, sizeof(float), config_n_params(c), f, tmp);
+}
+
+static inline void model_file_save(const char *path, const Config *c, const float *params) {
+    char tmp[MAX_PATH_BYTES];
+    FILE *f = atomic_open(path, tmp, sizeof(tmp));
+    model_file_write(f, tmp, c, params);
+    atomic_commit(f, tmp, path);
+}
+
+// ----------------------------------------------------------------------------
+// 6. sampling, shared by train.c and run.c
 
 // the index of the largest of v (n), the first on ties
 static inline int argmax(const float *v, int n) {

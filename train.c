@@ -437,7 +437,7 @@ typedef struct {
 //   [24..25] with ul2, the UL2 generator's RNG state from which its next example is drawn (uint64, low
 //   word first), else 0
 //   [26..255] 0
-// then the optimizer state (openmoe.h section 6 layout) as fp32, then the
+// then the optimizer state (openmoe.h section 4 layout) as fp32, then the
 // router bias (SPEC §8) as fp32 when u > 0. The model's parameters are
 // DIR/model_NNNNNNNN.bin. Words 2..10 must match the resuming run (else it
 // could not continue exactly); 11..16 are the schedule and settings of the

@@ -1,5 +1,6 @@
 // bench_cpu.c: times the CPU backend for dev/bench.sh. It includes openmoe.c
-// so that the matmul itself can be timed; dev/bench_torch.py is its twin.
+// and gemm.c, so that the matmul itself can be timed; dev/bench_torch.py is
+// its twin.
 //
 //   bench_cpu step CONFIG B T STEPS [MODEL]  median ms of a training step (forward, backward,
 //                                            AdamW) and the losses of the first two; writes the
@@ -15,6 +16,7 @@
 //
 // CONFIG: V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn (as SPEC §1), or a preset name.
 #include "../openmoe.c"
+#include "../gemm.c"
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -77,16 +79,15 @@ static void bench_matmul(const char *shape) {
     float *out = (float *)callocAlignedCheck((size_t)N * OUT, sizeof(float), LINE_FLOATS * sizeof(float));
     float *dinp = (float *)callocAlignedCheck((size_t)N * IN, sizeof(float), LINE_FLOATS * sizeof(float));
     float *dw = (float *)callocAlignedCheck((size_t)OUT * IN, sizeof(float), LINE_FLOATS * sizeof(float));
-    float *scratch = (float *)mallocCheck((size_t)IN * VW * 4);  // matmul_forward's, for a narrow w
     Rng r = {3};
     for (size_t i = 0; i < (size_t)N * IN; i++) inp[i] = rng_uniform(&r) - 0.5f;
     for (size_t i = 0; i < (size_t)OUT * IN; i++) w[i] = rng_uniform(&r) - 0.5f;
     double best_f = 1e9, best_b = 1e9;
     for (int rep = 0; rep < 5; rep++) {
         double t0 = wall_seconds();
-        matmul_forward(out, inp, w, N, IN, OUT, scratch);
+        matmul_forward(out, inp, w, N, IN, OUT, OUT, 0);
         double t1 = wall_seconds();
-        matmul_backward(dinp, dw, out, inp, w, N, IN, OUT, 0);
+        matmul_backward(dinp, dw, out, inp, w, N, IN, OUT, OUT, 0);
         double t2 = wall_seconds();
         best_f = fmin(best_f, t1 - t0);
         best_b = fmin(best_b, t2 - t1);
@@ -98,7 +99,6 @@ static void bench_matmul(const char *shape) {
     free(out);
     free(dinp);
     free(dw);
-    free(scratch);
 }
 
 static void bench_decode(const Config *c, int tokens) {

@@ -19,3 +19,17 @@ expect_error() {
         fail "$name (exit $rc, stderr: $(echo "$err" | head -3))"
     fi
 }
+# in_scratch NAME TARGET...: makes the TARGETs, then works in a fresh $BUILD/NAME
+# (ROOT: the repository), where no default path (data/kjv/...) points at a
+# real corpus; a failed make is a FAIL line and the end of the test
+in_scratch() {
+    local name=$1; shift
+    ROOT=$(pwd)
+    S=${BUILD:-build/test}/$name
+    rm -rf "$S" && mkdir -p "$S" || { fail "$name: cannot make $S"; exit 0; }
+    if ! make -s "$@" > "$S/make.log" 2>&1; then
+        fail "$name: make $* failed: $(tail -3 "$S/make.log" | tr '\n' ' ')"
+        exit 0
+    fi
+    cd "$S" || exit 0
+}
