@@ -254,7 +254,8 @@ static int verify(Generation *g, float cf) {
     s.cf1000 = (int)lrintf(cf * 1000);
     s.group_size = 1;
     float losses[N_LOSSES];
-    model_forward(g->m, g->tokens, NULL, 1, n - 1, &s, losses);
+    Batch batch = {g->tokens, NULL, NULL, NULL, 1, n - 1, 0.0};
+    model_forward(g->m, &batch, &s, losses);
     float *all = (float *)mallocCheck((size_t)(n - 1) * V * sizeof(float));
     model_get_logits(g->m, all);
     int match = 0, same = 0;

@@ -697,11 +697,12 @@ static void log_row(const Run *r) {
 static void validate(Run *r) {
     int B = r->Bl, T = r->a.T, n_batches = r->a.val_batches * r->dp.n;
     float losses[N_LOSSES];
+    Batch batch = {r->x, r->y, NULL, NULL, B, T, 0.0};
     r->val_ce = r->val_loss = 0.0;
     for (int i = 0; i < n_batches; i++) {
         for (int b = 0; b < B; b++) r->starts[b] = ((long)i * B + b) * T;
         batch_fill(r->x, r->y, &r->val, r->starts, B, T);
-        model_forward(r->m, r->x, r->y, B, T, &r->s_eval, losses);
+        model_forward(r->m, &batch, &r->s_eval, losses);
         r->val_ce += losses[LOSS_CE] / n_batches;
         r->val_loss += losses[LOSS_TOTAL] / n_batches;
     }
@@ -791,10 +792,11 @@ static void trace_write(Run *r, const TokenData *data, int domain, const MoeSett
     float *prob = (float *)mallocCheck(nm * N * K * sizeof(float));
     uint8_t *kept = (uint8_t *)mallocCheck(nm * N * K);
     float losses[N_LOSSES];
+    Batch batch = {r->x, r->y, NULL, NULL, B, T, 0.0};
     for (int s0 = 0; s0 < n_seq; s0 += B) {
         for (int b = 0; b < B; b++) r->starts[b] = (long)(s0 + b) * T;
         batch_fill(r->x, r->y, data, r->starts, B, T);
-        model_forward(r->m, r->x, r->y, B, T, s, losses);
+        model_forward(r->m, &batch, s, losses);
         memcpy(tokens + (size_t)s0 * T, r->x, (size_t)B * T * sizeof(int32_t));
         for (int i = 0; i < nm; i++) {
             size_t at = i * N * K + (size_t)s0 * T * K;
@@ -1459,7 +1461,8 @@ static void train_step(Run *r) {
     double t0 = wall_seconds();
     windows_draw(r);
     batch_fill(r->x, r->y, &r->train, r->starts + (size_t)r->dp.rank * Bl, Bl, T);
-    model_forward(r->m, r->x, r->y, Bl, T, &r->s_train, r->losses);
+    Batch batch = {r->x, r->y, NULL, NULL, Bl, T, 0.0};
+    model_forward(r->m, &batch, &r->s_train, r->losses);
     model_backward(r->m);
     model_grads_allreduce(r->m);  // data parallelism: the whole batch's gradients on every rank
     r->opt.lr = learning_rate(r->a.kind, r->peak_lr, r->a.warmup, r->step, r->a.n_steps);

@@ -11,7 +11,10 @@
 #     (the GPU's logsumexp skipped NaNs and reported a finite loss).
 # And, in bf16 mode, a batch whose B*H passes the flash kernels' grid limit (65535 in y,
 # which the emulator enforces as the GPU does) takes the cuBLAS attention instead of
-# failing to launch.
+# failing to launch. And SPEC §10's packed rows (segments, padding, positions): the
+# reference cases packed (Hd 8: the cuBLAS attention in both modes) and packed_long (Hd 16,
+# examples that start in a later 64-token tile: the flash kernels in bf16 mode) against
+# test/reference.py, fp32 at SPEC §7's tolerances, bf16 at test/g_gpu.sh's.
 set -u
 source test/lib.sh
 BUILD=${BUILD:-build/test}
@@ -97,3 +100,11 @@ if [ $rc -lt 128 ] && grep -q "^losses: total [0-9]" $S/wide.log; then
 else
     fail "cuda_emu: bf16, B*H = 65536 (exit $rc): $(grep -m1 'cuda_emu\|error' $S/wide.log)"
 fi
+
+cases=$BUILD/cases
+[ -f $cases/packed_long.state.bin ] || $PY test/reference.py $cases > $S/reference.log 2>&1
+for name in packed packed_long; do
+    M=$cases/$name.model.bin ST=$cases/$name.state.bin
+    expect_ok "cuda_emu: fp32 $name (segments, padding, positions) against the reference" build/emu/test_emu $M $ST
+    expect_ok "cuda_emu: bf16 $name against the reference (200x)" build/emu/test_emu $M $ST --bf16 --tol-scale 200
+done

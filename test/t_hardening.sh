@@ -269,13 +269,18 @@ if "$A/run" -z tok.bin --encode < val.txt > val.ids 2> enc.err && "$A/run" -z to
 else
     fail "sanitizers: encode/decode: $(head -3 enc.err | tr '\n' ' ')"
 fi
-# a debug state: test_cpu writes what it computes for a batch, then reads it back
+# a debug state: test_cpu writes what it computes for a batch, then reads it back; a batch
+# of packed rows (SPEC §10: word [12], segments with padding, positions), which the mutation
+# test below then mutates
 $PY -c "
 import numpy as np
-h = np.zeros(256, np.int32); h[:10] = [240201740, 1, 2, 8, 1250, 4, 10000, 100, 100, 4096]
+h = np.zeros(256, np.int32); h[:13] = [240201740, 1, 2, 8, 1250, 4, 10000, 100, 100, 4096, 0, 0, 1]
 n = (open('micro.bin', 'rb').seek(0, 2) - 1024) // 4
-x = np.random.default_rng(0).integers(0, 256, (2, 16)).astype(np.int32)
-open('zero_state.bin', 'wb').write(h.tobytes() + x.tobytes() + np.zeros(16 * 256 + 8 + n, np.float32).tobytes())
+xy = np.random.default_rng(0).integers(0, 256, (2, 16)).astype(np.int32)
+seg = np.array([0, 0, 0, 1, 1, 1, -1, -1, 0, 0, 0, 0, 0, 1, 1, 1], np.int32)
+pos = np.array([0, 1, 2, 0, 1, 2, 0, 0, 3, 4, 5, 6, 7, 0, 1, 2], np.int32)
+open('zero_state.bin', 'wb').write(h.tobytes() + xy.tobytes() + seg.tobytes() + pos.tobytes()
+                                   + np.zeros(16 * 256 + 8 + n, np.float32).tobytes())
 "
 "$A/test_cpu" micro.bin zero_state.bin -o debug_state.bin > tc1.out 2>&1
 expect_ok "sanitizers: test_cpu reads back the state it wrote" "$A/test_cpu" micro.bin debug_state.bin
