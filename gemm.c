@@ -703,7 +703,8 @@ static void matvec_task(float *out, const float *x, Weight w, int IN, int o0, in
 
 void matvec_forward(float *out, const float *inp, Weight w, int IN, int OUT, int accumulate) {
     int blocks = OUT / VW, tasks = (blocks + MATVEC_BLOCKS - 1) / MATVEC_BLOCKS;
-#pragma omp parallel for schedule(static) if ((size_t)OUT * IN >= MATVEC_PARALLEL_MIN)
+    // dynamic: when one core is busy elsewhere, the other takes its tasks
+#pragma omp parallel for schedule(dynamic) if ((size_t)OUT * IN >= MATVEC_PARALLEL_MIN)
     for (int t = 0; t < tasks; t++) {
         int b0 = t * MATVEC_BLOCKS, nb = blocks - b0 < MATVEC_BLOCKS ? blocks - b0 : MATVEC_BLOCKS;
         matvec_task(out, inp, w, IN, b0 * VW, nb, accumulate);

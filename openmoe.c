@@ -1248,11 +1248,14 @@ static void attention_scores_row(float *att, const float *q, const float *k, int
     }
 }
 
+#define ATTENTION_DECODE_PARALLEL_MIN (1 << 18)  // multiply-adds of a token's attention above which heads go to threads
+
 // one token's attention, the row pos of attention_forward's three steps: q
 // of qkv (3HHd) against the cached kc, vc (pos+1 rows of HHd) -> out (HHd);
 // att (H, Tmax) scratch
 static void attention_decode(float *out, float *att, const float *qkv, const float *kc, const float *vc, int pos, int H,
                              int Hd, int Tmax) {
+#pragma omp parallel for schedule(static) if ((size_t)H * (pos + 1) * Hd >= ATTENTION_DECODE_PARALLEL_MIN)
     for (int h = 0; h < H; h++) {
         float *a = att + (size_t)h * Tmax;
         attention_scores_row(a, qkv + h * Hd, kc + h * Hd, pos + 1, Hd, H * Hd);
