@@ -55,6 +55,7 @@ static void state_settings_from_header(const int32_t *h, const char *path, const
     st->s.group_size = h[STATE_GROUP_SIZE];
     st->s.capacity_rule = h[STATE_CAPACITY_RULE];
     st->s.drop_policy = h[STATE_DROP_POLICY];
+    st->s.first_group = 0;  // no first group of its own: the state file has no word for one
     if (st->s.capacity_rule < 0 || st->s.capacity_rule >= N_CAP_RULES)
         die("%s: header word %d (capacity rule) is %d: must be 0 (t5x), 1 (colossalai) or 2 (none)", path,
             STATE_CAPACITY_RULE, st->s.capacity_rule);
@@ -348,7 +349,7 @@ static int check_gradients(int broken, Precision prec) {
     //          V  ctx  L  D  H Hd   F  E  K  every Fe extra
     Config c = {23, 8, 4, 12, 2, 6, 10, 4, 2, 2, 8, 1};
     int B = 2, T = 6, BT = B * T, K = c.K, n_moe = n_moe_layers(&c);
-    MoeSettings s = {800, 1, 5, 0.05f, 0.01f, 0.01f, CAP_T5X, DROP_POSITION};  // groups of 5, 5, 2; capacity 1-2: drops happen
+    MoeSettings s = {800, 1, 5, 0.05f, 0.01f, 0.01f, CAP_T5X, DROP_POSITION, 0};  // groups of 5, 5, 2; capacity 1-2: drops happen
     OptSettings opt = opt_settings_default(OPT_ADAMW);
     Model *m = model_create(&c, B, T, prec, &opt);
     const ParamTable *pt = model_param_table(m);
