@@ -81,13 +81,13 @@ endif
 test: $(CPU_TARGETS)
 	bash test/run_tests.sh
 
-# ./train in both builds, whatever PLAIN says, for test/t_plain.sh
-build/plain/train: train.c openmoe.c openmoe.h gemm.h utils.h tokenizer.h
+# ./train and ./run in both builds, whatever PLAIN says, for test/t_plain.sh and test/t_model_files.sh
+build/plain/%: %.c openmoe.c openmoe.h gemm.h utils.h tokenizer.h
 	@mkdir -p build/plain
-	$(CC) $(filter-out -DPLAIN,$(CFLAGS)) -DPLAIN train.c openmoe.c -o $@ $(LDLIBS)
-build/fast/train: train.c openmoe.c gemm.c openmoe.h gemm.h utils.h tokenizer.h
+	$(CC) $(filter-out -DPLAIN,$(CFLAGS)) -DPLAIN $*.c openmoe.c -o $@ $(LDLIBS)
+build/fast/%: %.c openmoe.c gemm.c openmoe.h gemm.h utils.h tokenizer.h
 	@mkdir -p build/fast
-	$(CC) $(filter-out -DPLAIN,$(CFLAGS)) train.c openmoe.c gemm.c -o $@ $(LDLIBS)
+	$(CC) $(filter-out -DPLAIN,$(CFLAGS)) $*.c openmoe.c gemm.c -o $@ $(LDLIBS)
 
 # ASan + UBSan builds for test/t_hardening.sh, beside the normal binaries
 # -fexpensive-optimizations: at -O1 GCC would not fuse gemm's a*b+c, and

@@ -247,16 +247,26 @@ static inline __attribute__((always_inline)) void gemm_tile_edge(float *C, int l
 // bp (kc,NR): the panel of columns j..j+nr-1 of B at depth k0..k0+kc-1, from
 // B (K,N) row-major or, transposed, from W (N,K) row-major (B = W^T); rows
 // ldb apart. Reading W's rows is what the transposed packing waits on, so it
-// asks for the next panel's rows meanwhile.
-static void gemm_pack_panel(float *bp, const float *B, int ldb, int transposed, int j, int nr, int N, int k0, int kc) {
+// asks for the next panel's rows meanwhile. W stored in bf16 or int8 is
+// widened row by row into fp32 first (weight_decode: the values a version-1
+// file holds), then packed as fp32 is.
+static void gemm_pack_panel(float *bp, const float *B, Weight W, int ldb, int transposed, int j, int nr, int N, int k0,
+                            int kc) {
     if (!transposed) {
         gemm_pack_b(bp, B + (size_t)k0 * ldb + j, ldb, nr, kc);
         return;
     }
-    const float *w = B + (size_t)j * ldb + k0;
+    size_t bytes = W.type == WEIGHT_FP32 ? 4 : W.type == WEIGHT_BF16 ? 2 : 1, at = (size_t)j * ldb + k0;
+    const char *next = (const char *)W.values + at * bytes;
     for (int r = NR; r < 2 * NR && j + r < N; r++)
-        for (int k = 0; k < kc; k += 64 / sizeof(float)) __builtin_prefetch(w + (size_t)r * ldb + k);
-    gemm_pack_bt(bp, w, ldb, nr, kc);
+        for (size_t k = 0; k < kc * bytes; k += 64) __builtin_prefetch(next + (size_t)r * ldb * bytes + k);
+    if (W.type == WEIGHT_FP32) {
+        gemm_pack_bt(bp, (const float *)W.values + at, ldb, nr, kc);
+        return;
+    }
+    float rows[NR * KC_IN_PLACE];  // kc <= a pass <= KC_IN_PLACE
+    for (int r = 0; r < nr; r++) weight_decode(rows + (size_t)r * kc, W, at + (size_t)r * ldb, kc);
+    gemm_pack_bt(bp, rows, kc, nr, kc);
 }
 
 // ----------------------------------------------------------------------------
@@ -279,7 +289,8 @@ typedef struct {  // C (M,N) (+)= A (M,K) @ B
     int ldc;
     const float *A;  // A[i*ars + k*aks]: A or a transposed view
     int ars, aks;
-    const float *B;  // B (K,N) row-major or, transposed, W (N,K) row-major for B = W^T; rows ldb apart
+    const float *B;  // B (K,N) row-major, rows ldb apart
+    Weight W;        // transposed: W (N,K) row-major as stored, rows ldb apart, for B = W^T
     int ldb, transposed;
     int M, N, K, accumulate;
     int pass, block_rows;                     // depth of a tile's pass; rows of A per block
@@ -295,8 +306,8 @@ static void gemm_pack_range(float *bblock, const Gemm *g, int j0, int j1, int d0
     for (int k0 = 0; k0 < dk; k0 += g->pass) {
         int kc = dk - k0 < g->pass ? dk - k0 : g->pass;
         for (int j = j0; j < j1; j += NR)
-            gemm_pack_panel(bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc, g->B, g->ldb, g->transposed, j,
-                            j1 - j < NR ? j1 - j : NR, g->N, d0 + k0, kc);
+            gemm_pack_panel(bblock + (size_t)k0 * cols + (size_t)(j - j0) * kc, g->B, g->W, g->ldb, g->transposed,
+                            j, j1 - j < NR ? j1 - j : NR, g->N, d0 + k0, kc);
     }
 }
 
@@ -492,8 +503,8 @@ static void gemm_task(const Gemm *g, int t, GemmHeld *held) {
 // C (M,N) (+)= A (M,K) @ B, as Gemm says: a product for gemm_on
 static Gemm gemm_product(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb, int transposed,
                          int M, int N, int K, int accumulate) {
-    return (Gemm){.C = C, .ldc = ldc, .A = A, .ars = ars, .aks = aks, .B = B, .ldb = ldb, .transposed = transposed,
-                  .M = M, .N = N, .K = K, .accumulate = accumulate};
+    return (Gemm){.C = C, .ldc = ldc, .A = A, .ars = ars, .aks = aks, .B = B, .W = weight_fp32(B), .ldb = ldb,
+                  .transposed = transposed, .M = M, .N = N, .K = K, .accumulate = accumulate};
 }
 
 // all threads for a product of g's size, one for a small one
@@ -538,12 +549,6 @@ static void gemm_on(Gemm *g, int n, int threads) {
 // ----------------------------------------------------------------------------
 // the products gemm.h names
 
-// C (M,N) (+)= A (M,K) @ B as Gemm says, on all threads (one for a small product)
-static void gemm_threaded(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb,
-                          int transposed, int M, int N, int K, int accumulate) {
-    Gemm g = gemm_product(C, ldc, A, ars, aks, B, ldb, transposed, M, N, K, accumulate);
-    gemm_on(&g, 1, gemm_threads(&g));
-}
 
 void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, int ldb, int M, int N, int K,
           int accumulate) {
@@ -574,17 +579,19 @@ static void gemm_narrow_rows(float *C, int ldc, const float *A, int lda, const f
     }
 }
 
-// C (M,N) = (or += with accumulate) A (M,K) @ W^T for W (N,K) row-major.
-// A narrow W's transpose goes to the calling thread's bblock, which every
-// thread then reads.
-static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, int M, int N, int K, int accumulate) {
+// C (M,N) = (or += with accumulate) A (M,K) @ W^T for W (N,K) row-major as
+// stored, on all threads (one for a small product). A narrow W's transpose
+// goes to the calling thread's bblock, which every thread then reads.
+static void gemm_bt(float *C, int ldc, const float *A, int lda, Weight W, int M, int N, int K, int accumulate) {
     if (N > VW || accumulate || (size_t)K * VW > GEMM_B_FLOATS) {
-        gemm_threaded(C, ldc, A, lda, 1, W, K, 1, M, N, K, accumulate);
+        Gemm g = gemm_product(C, ldc, A, lda, 1, NULL, K, 1, M, N, K, accumulate);
+        g.W = W;
+        gemm_on(&g, 1, gemm_threads(&g));
         return;
     }
     float *wt_narrow = gemm_bblock;
     for (int k = 0; k < K; k++)
-        for (int j = 0; j < VW; j++) wt_narrow[k * VW + j] = j < N ? W[(size_t)j * K + k] : 0.0f;
+        for (int j = 0; j < VW; j++) wt_narrow[k * VW + j] = j < N ? weight_value(W, (size_t)j * K + k) : 0.0f;
     int tiles = (M + MR - 1) / MR;
 #pragma omp parallel for schedule(static) if ((size_t)M * N * K > GEMM_PARALLEL_MIN)
     for (int t = 0; t < tiles; t++) gemm_narrow_rows(C, ldc, A, lda, wt_narrow, t * MR, t * MR + MR < M ? t * MR + MR : M, N, K);
@@ -593,20 +600,133 @@ static void gemm_bt(float *C, int ldc, const float *A, int lda, const float *W, 
 // ----------------------------------------------------------------------------
 // decode: one token's products and the transposes
 
-// out [OUT] (+)= inp [IN] @ w [IN,OUT]: one token (inference), same bits as
-// gemm. w is input-major (decode keeps each weight matrix so), so that a
-// vector holds VW neighbouring outputs: each output is one chain of
-// multiply-adds in i order, a + b*c as in gemm_tile (fused where the target
-// fuses gemm's). A chain waits on its own latency, so MATVEC_VECS vectors of
-// outputs run side by side.
-#define MATVEC_VECS 8                       // independent vector chains per block
-#define MATVEC_COLS (MATVEC_VECS * VW)      // outputs per block
-#define MATVEC_PARALLEL_MIN (1 << 20)       // multiply-adds below which one thread is faster
+// out (OUT) (+)= w (OUT,IN) @ inp (IN) over w as stored: one token's product,
+// the bits of matmul_forward's row. Each output is one chain in i order, and
+// a vector holds VW outputs' chains, so w is read VW rows at a time: per row
+// one vector's worth of bytes (VW fp32 values, 2VW bf16, 4VW int8), the VW x
+// VW block of 32-bit words transposed in registers (transpose_block), so that
+// word t of the result holds each row's values at inputs t*per .. t*per+per-1
+// (per = 1, 2, 4 values a word), which are widened to fp32 where they lie (a
+// bf16 is a shift or a mask away from its float; an int8 two shifts, a
+// conversion and its row's scale) and multiply-added in input order.
+// MATVEC_BLOCKS blocks of VW rows run side by side, as a chain waits on its
+// own latency. Int8 takes this path where each row's 4VW inputs of a block
+// share a scale (its group a multiple of 4VW); other groups, and inputs past
+// the last whole block, are decoded element by element first.
+#define MATVEC_BLOCKS 2                    // blocks of VW rows side by side
+#define MATVEC_PARALLEL_MIN (1 << 20)      // multiply-adds below which one thread is faster
+#ifndef MATVEC_AHEAD
+#define MATVEC_AHEAD 512                   // bytes of a row asked for ahead of their use
+#endif
 
-// outputs o0..o0+nv*VW-1, nv <= MATVEC_VECS whole vectors
-static void matvec_vectors(float *out, const float *inp, const float *wt, int IN, int ldw, int o0, int nv,
+typedef uint32_t vecu __attribute__((vector_size(VW * sizeof(float)), aligned(4)));
+typedef int32_t vecs __attribute__((vector_size(VW * sizeof(float)), aligned(4)));
+
+// acc (+)= the block r (VW words of VW rows, as loaded) times x, the block's
+// inputs in order; sv: the rows' scales (int8)
+static inline __attribute__((always_inline)) vecf matvec_block(vecf acc, vecf *r, const float *x, WeightType type,
+                                                               vecf sv) {
+    transpose_block(r);
+    for (int t = 0; t < VW; t++) {
+        if (type == WEIGHT_FP32) {
+            acc = acc + x[t] * r[t];
+        } else if (type == WEIGHT_BF16) {  // the lower half of a word is the earlier input
+            vecu u = (vecu)r[t];
+            acc = acc + x[2 * t] * (vecf)(u << 16);
+            acc = acc + x[2 * t + 1] * (vecf)(u & 0xFFFF0000u);
+        } else {  // bytes 0..3 of a word: inputs 4t .. 4t+3
+            vecu u = (vecu)r[t];
+            for (int k = 0; k < 4; k++) {
+                vecs q = (vecs)(u << (24 - 8 * k)) >> 24;  // the byte, sign-extended
+                vecf wk = sv * __builtin_convertvector(q, vecf);
+                acc = acc + x[4 * t + k] * wk;
+            }
+        }
+    }
+    return acc;
+}
+
+// outputs o0 .. o0 + nb*VW - 1, nb <= MATVEC_BLOCKS whole blocks of rows;
+// type is w.type, a constant where inlined
+static inline __attribute__((always_inline)) void matvec_rows(float *out, const float *x, Weight w, int IN, int o0,
+                                                              int nb, int accumulate, WeightType type) {
+    vecf acc[MATVEC_BLOCKS];
+    for (int b = 0; b < nb; b++) {
+        vecf zero = {0};
+        acc[b] = accumulate ? *(const vecf *)(out + o0 + b * VW) : zero;
+    }
+    int per = type == WEIGHT_FP32 ? 1 : type == WEIGHT_BF16 ? 2 : 4, step = VW * per, i = 0;
+    size_t bytes = 4 / per;
+    if (type != WEIGHT_INT8 || w.group % step == 0)
+        for (; i + step <= IN; i += step)
+            for (int b = 0; b < nb; b++) {
+                size_t row = (size_t)o0 + b * VW;
+                const char *v = (const char *)w.values + (row * IN + i) * bytes;
+                vecf r[VW], sv = {0};
+                for (int t = 0; t < VW; t++) r[t] = *(const vecf *)(v + (size_t)t * IN * bytes);
+                for (int t = 0; t < VW; t++) __builtin_prefetch(v + (size_t)t * IN * bytes + MATVEC_AHEAD, 0, 0);
+                if (type == WEIGHT_INT8)
+                    for (int t = 0; t < VW; t++) sv[t] = w.scales[((row + t) * IN + i) / w.group];
+                acc[b] = matvec_block(acc[b], r, x + i, type, sv);
+            }
+    for (; i + VW <= IN; i += VW)  // decoded first
+        for (int b = 0; b < nb; b++) {
+            float dec[VW * VW] __attribute__((aligned(64)));
+            vecf r[VW], none = {0};
+            for (int t = 0; t < VW; t++) weight_decode(dec + t * VW, w, ((size_t)o0 + b * VW + t) * IN + i, VW);
+            for (int t = 0; t < VW; t++) r[t] = *(const vecf *)(dec + t * VW);
+            acc[b] = matvec_block(acc[b], r, x + i, WEIGHT_FP32, none);
+        }
+    for (; i < IN; i++)  // one input at a time
+        for (int b = 0; b < nb; b++) {
+            vecf col;
+            for (int t = 0; t < VW; t++) col[t] = weight_value(w, ((size_t)o0 + b * VW + t) * IN + i);
+            acc[b] = acc[b] + x[i] * col;
+        }
+    for (int b = 0; b < nb; b++) *(vecf *)(out + o0 + b * VW) = acc[b];
+}
+
+// rows o0 .. o0 + n*VW - 1, the loops compiled for each type
+static inline __attribute__((always_inline)) void matvec_typed(float *out, const float *x, Weight w, int IN, int o0, int n, int accumulate) {
+    if (w.type == WEIGHT_FP32) matvec_rows(out, x, w, IN, o0, n, accumulate, WEIGHT_FP32);
+    else if (w.type == WEIGHT_BF16) matvec_rows(out, x, w, IN, o0, n, accumulate, WEIGHT_BF16);
+    else matvec_rows(out, x, w, IN, o0, n, accumulate, WEIGHT_INT8);
+}
+// a task's nb blocks of rows from o0: MATVEC_BLOCKS side by side (a constant: unrolled), or one at a time
+static void matvec_task(float *out, const float *x, Weight w, int IN, int o0, int nb, int accumulate) {
+    if (nb == MATVEC_BLOCKS) {
+        matvec_typed(out, x, w, IN, o0, MATVEC_BLOCKS, accumulate);
+        return;
+    }
+    for (int b = 0; b < nb; b++) matvec_typed(out, x, w, IN, o0 + b * VW, 1, accumulate);
+}
+
+void matvec_forward(float *out, const float *inp, Weight w, int IN, int OUT, int accumulate) {
+    int blocks = OUT / VW, tasks = (blocks + MATVEC_BLOCKS - 1) / MATVEC_BLOCKS;
+    // dynamic: when one core is busy elsewhere, the other takes its tasks
+#pragma omp parallel for schedule(dynamic) if ((size_t)OUT * IN >= MATVEC_PARALLEL_MIN)
+    for (int t = 0; t < tasks; t++) {
+        int b0 = t * MATVEC_BLOCKS, nb = blocks - b0 < MATVEC_BLOCKS ? blocks - b0 : MATVEC_BLOCKS;
+        matvec_task(out, inp, w, IN, b0 * VW, nb, accumulate);
+    }
+    for (int o = blocks * VW; o < OUT; o++) {  // the rows past the last whole block
+        float acc = accumulate ? out[o] : 0.0f;
+        for (int i = 0; i < IN; i++) acc = MADD(inp[i], weight_value(w, (size_t)o * IN + i), acc);
+        out[o] = acc;
+    }
+}
+
+// out [OUT] (+)= inp [IN] @ w [IN,OUT], w input-major (decode's cached
+// values), so that a vector holds VW neighbouring outputs: each output is one
+// chain of multiply-adds in i order, a + b*c as in gemm_tile. VECMAT_VECS
+// vectors of outputs run side by side.
+#define VECMAT_VECS 8                    // independent vector chains per block
+#define VECMAT_COLS (VECMAT_VECS * VW)   // outputs per block
+
+// outputs o0..o0+nv*VW-1, nv <= VECMAT_VECS whole vectors
+static void vecmat_vectors(float *out, const float *inp, const float *wt, int IN, int ldw, int o0, int nv,
                            int accumulate) {
-    vecf acc[MATVEC_VECS] = {{0}};
+    vecf acc[VECMAT_VECS] = {{0}};
     for (int v = 0; accumulate && v < nv; v++) acc[v] = *(const vecf *)(out + o0 + v * VW);
     for (int i = 0; i < IN; i++) {
         const float a = inp[i], *w = wt + (size_t)i * ldw + o0;
@@ -615,7 +735,7 @@ static void matvec_vectors(float *out, const float *inp, const float *wt, int IN
     for (int v = 0; v < nv; v++) *(vecf *)(out + o0 + v * VW) = acc[v];
 }
 // outputs o0..OUT-1, fewer than one vector
-static void matvec_scalars(float *out, const float *inp, const float *wt, int IN, int OUT, int ldw, int o0,
+static void vecmat_scalars(float *out, const float *inp, const float *wt, int IN, int OUT, int ldw, int o0,
                            int accumulate) {
     for (int o = o0; o < OUT; o++) {
         float acc = accumulate ? out[o] : 0.0f;
@@ -623,15 +743,15 @@ static void matvec_scalars(float *out, const float *inp, const float *wt, int IN
         out[o] = acc;
     }
 }
-void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT, int accumulate, int ldw) {
-    int n_blocks = (OUT + MATVEC_COLS - 1) / MATVEC_COLS;
+void vecmat_forward(float *out, const float *inp, const float *w, int IN, int OUT, int accumulate, int ldw) {
+    int n_blocks = (OUT + VECMAT_COLS - 1) / VECMAT_COLS;
 #pragma omp parallel for schedule(static) if ((size_t)OUT * IN >= MATVEC_PARALLEL_MIN)
     for (int b = 0; b < n_blocks; b++) {
-        int o0 = b * MATVEC_COLS, nv = (OUT - o0) / VW;
-        if (nv >= MATVEC_VECS) matvec_vectors(out, inp, w, IN, ldw, o0, MATVEC_VECS, accumulate);  // nv known: unrolled
+        int o0 = b * VECMAT_COLS, nv = (OUT - o0) / VW;
+        if (nv >= VECMAT_VECS) vecmat_vectors(out, inp, w, IN, ldw, o0, VECMAT_VECS, accumulate);  // nv known: unrolled
         else {
-            matvec_vectors(out, inp, w, IN, ldw, o0, nv, accumulate);
-            matvec_scalars(out, inp, w, IN, OUT, ldw, o0 + nv * VW, accumulate);
+            vecmat_vectors(out, inp, w, IN, ldw, o0, nv, accumulate);
+            vecmat_scalars(out, inp, w, IN, OUT, ldw, o0 + nv * VW, accumulate);
         }
     }
 }
@@ -668,7 +788,7 @@ void transpose(float *wt, const float *w, int OUT, int IN, int ldw) {
         transpose_rows(wt, w, OUT, IN, ldw, i0, i0 + TRANSPOSE_ROWS < IN ? i0 + TRANSPOSE_ROWS : IN);
 }
 
-void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT, int ldo, int accumulate) {
+void matmul_forward(float *out, const float *inp, Weight w, int N, int IN, int OUT, int ldo, int accumulate) {
     gemm_bt(out, ldo, inp, IN, w, N, OUT, IN, accumulate);
 }
 

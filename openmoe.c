@@ -7,10 +7,15 @@
 // with a KV cache. Shapes use B batch, T time, D width, HHd = H*Hd, BT = B*T
 // tokens, E experts, K experts per token, V vocabulary.
 //
+// Weights: a model with an optimizer owns its fp32 parameters; an inference
+// model may instead read a mapped model file's (model_set_weights), where the
+// products widen bf16 and int8 to the fp32 values of the decoded version-1
+// file as they read them (gemm.h: Weight), with the same results.
+//
 // Determinism: every output element is summed by one thread in a fixed order,
 // so results do not depend on the number of threads, and a token's result does
-// not depend on which rows it was batched with (model_decode reproduces
-// model_forward bit for bit).
+// not depend on which rows it was batched with (model_prefill and model_decode
+// reproduce model_forward bit for bit).
 #include "openmoe.h"
 #include "gemm.h"
 #include <float.h>
@@ -29,14 +34,15 @@
 // these loops instead, and both give the same bits.
 #ifdef PLAIN
 
-// out (N,OUT; rows ldo apart) = (or += with accumulate) inp (N,IN) @ w (OUT,IN)^T
-void matmul_forward(float *out, const float *inp, const float *w, int N, int IN, int OUT, int ldo, int accumulate) {
+// out (N,OUT; rows ldo apart) = (or += with accumulate) inp (N,IN) @ w (OUT,IN)^T,
+// w as stored: each weight decoded (weight_value) before its multiply-add
+void matmul_forward(float *out, const float *inp, Weight w, int N, int IN, int OUT, int ldo, int accumulate) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         for (int o = 0; o < OUT; o++) {
-            const float *x = inp + (size_t)n * IN, *wo = w + (size_t)o * IN;
+            const float *x = inp + (size_t)n * IN;
             float acc = accumulate ? out[(size_t)n * ldo + o] : 0.0f;
-            for (int i = 0; i < IN; i++) acc = MADD(x[i], wo[i], acc);
+            for (int i = 0; i < IN; i++) acc = MADD(x[i], weight_value(w, (size_t)o * IN + i), acc);
             out[(size_t)n * ldo + o] = acc;
         }
 }
@@ -73,8 +79,17 @@ void gemm(float *C, int ldc, const float *A, int ars, int aks, const float *B, i
     }
 }
 
+// out (OUT) = (or += with accumulate) w (OUT,IN) @ inp (IN), w as stored
+void matvec_forward(float *out, const float *inp, Weight w, int IN, int OUT, int accumulate) {
+    for (int o = 0; o < OUT; o++) {  // out[o]: a chain over i
+        float acc = accumulate ? out[o] : 0.0f;
+        for (int i = 0; i < IN; i++) acc = MADD(inp[i], weight_value(w, (size_t)o * IN + i), acc);
+        out[o] = acc;
+    }
+}
+
 // out (OUT) = (or += with accumulate) inp (IN) @ w (IN,OUT), w's rows ldw apart
-void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT, int accumulate, int ldw) {
+void vecmat_forward(float *out, const float *inp, const float *w, int IN, int OUT, int accumulate, int ldw) {
     if (!accumulate) memset(out, 0, OUT * sizeof(float));  // out[o]: a chain over i
     for (int i = 0; i < IN; i++)
         for (int o = 0; o < OUT; o++) out[o] = MADD(inp[i], w[(size_t)i * ldw + o], out[o]);
@@ -90,9 +105,9 @@ void transpose(float *wt, const float *w, int OUT, int IN, int ldw) {
 // ----------------------------------------------------------------------------
 // embedding
 
-// out (BT,D) = wte[x]
-static void encoder_forward(float *out, const int *x, const float *wte, int BT, int D) {
-    for (int n = 0; n < BT; n++) memcpy(out + (size_t)n * D, wte + (size_t)x[n] * D, D * sizeof(float));
+// out (BT,D) = wte[x], the rows decoded (weight_decode)
+static void encoder_forward(float *out, const int *x, Weight wte, int BT, int D) {
+    for (int n = 0; n < BT; n++) weight_decode(out + (size_t)n * D, wte, (size_t)x[n] * D, D);
 }
 
 // dwte[x[n]] += dout[n], in token order
@@ -145,7 +160,7 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
 
 // ----------------------------------------------------------------------------
 // RoPE, rotate-half: element i pairs with i + Hd/2, angle pos * 10000^(-2i/Hd).
-// The angles' cos and sin come from tables (max_seq_len, Hd/2) made once
+// The angles' cos and sin come from tables (T, Hd/2) made once
 // (rope_tables, openmoe.h).
 
 // one head's vector x (Hd) at its position's table row; sign -1 rotates back
@@ -264,8 +279,16 @@ static void attention_backward(float *dqkv, float *dscore, const float *dout, co
 // the gated FFN of OpenMoE (dense, extra and every expert):
 //   [a | b] = x Wg^T,  h = a * silu(b) * (x Wu^T),  out = h Wd^T
 // The matmuls write a and b and u side by side, gu (N,3F) = [a | b | u]; when
-// Wu follows Wg in the parameter buffer (dense and extra FFNs: w_gate, w_up
-// are adjacent in the file order) that is one matmul with OUT = 3F.
+// Wu follows Wg where they are stored (dense and extra FFNs: w_gate, w_up are
+// adjacent in the file order, unless int8 scales lie between) that is one
+// matmul with OUT = 3F.
+
+// whether the n stored elements of a are followed by b's, so that the two are
+// one matrix: the same type, b where a ends, no scales between them
+static int weight_follows(Weight a, size_t n, Weight b) {
+    if (a.type != b.type || a.type == WEIGHT_INT8) return 0;
+    return b.values == (const void *)((const char *)a.values + n * (a.type == WEIGHT_BF16 ? 2 : 4));
+}
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -278,10 +301,10 @@ static void ffn_gate_row(float *h, const float *gu, int F) {
 }
 
 // inp (N,D) -> out (N,D) (= or += with accumulate); keeps gu (N,3F), h (N,F) for the backward
-static void ffn_forward(float *out, float *gu, float *h, const float *inp, const float *wg, const float *wu,
-                        const float *wd, int N, int D, int F, int accumulate) {
+static void ffn_forward(float *out, float *gu, float *h, const float *inp, Weight wg, Weight wu, Weight wd, int N,
+                        int D, int F, int accumulate) {
     if (N <= 0) return;
-    if (wu == wg + 2 * (size_t)F * D) {
+    if (weight_follows(wg, 2 * (size_t)F * D, wu)) {
         matmul_forward(gu, inp, wg, N, D, 3 * F, 3 * F, 0);
     } else {
         matmul_forward(gu, inp, wg, N, D, 2 * F, 3 * F, 0);
@@ -324,7 +347,7 @@ static void ffn_backward(float *dinp, float *dwg, float *dwu, float *dwd, const 
 // inp (N,D), wr (E,D), bias (E) -> z, p (N,E), lse (N), top (N,K) chosen by p + bias
 static void router_forward(float *z, float *p, float *lse, int *top, const float *inp, const float *wr,
                            const float *bias, int N, int D, int E, int K) {
-    matmul_forward(z, inp, wr, N, D, E, E, 0);
+    matmul_forward(z, inp, weight_fp32(wr), N, D, E, E, 0);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++)
         lse[n] = router_row(p + (size_t)n * E, top + (size_t)n * K, z + (size_t)n * E, bias, E, K);
@@ -392,9 +415,9 @@ static void moe_keep_by_probs(int *kept, const int *top, const float *p, int g0,
 // -> kept (N,K) 0/1; key (N*K), seg (E+1), cursor (E) scratch.
 static void moe_capacity(int *kept, const int *top, const float *p, int N, int K, int E, const MoeSettings *s,
                          uint64_t *key, int *seg, int *cursor) {
-    int G = group_len(N, s->group_size);
-    for (int g0 = 0; g0 < N; g0 += G) {
-        int n1 = g0 + G < N ? g0 + G : N;
+    int P = group_first(N, s->first_group), G = group_len(N, s->group_size, P);
+    for (int g = 0; g < group_count(N, G, P); g++) {
+        int g0 = group_start(g, G, P), n1 = g0 + group_tokens(g, N, G, P);
         int C = moe_capacity_of(n1 - g0, E, K, s->cf1000, s->min_capacity, s->capacity_rule);
         if (s->drop_policy == DROP_PROBS && n1 - g0 > PROBS_MAX_GROUP)
             die("drop policy probs: a group of %d tokens does not fit its sort keys (group <= %d)", n1 - g0,
@@ -409,12 +432,12 @@ static void moe_capacity(int *kept, const int *top, const float *p, int N, int K
 // is the mean over the groups. lb_sum = the sum over the groups; lbf
 // (groups,E) keeps f for the backward; P (E) scratch.
 static void moe_load_balance_forward(double *lb_sum, float *lbf, const float *p, const int *top, int N, int K, int E,
-                                     int group_size, float *P) {
-    int G = group_len(N, group_size);
+                                     const MoeSettings *s, float *P) {
+    int first = group_first(N, s->first_group), G = group_len(N, s->group_size, first);
     double lb = 0.0;
-    for (int g0 = 0; g0 < N; g0 += G) {
-        int n1 = g0 + G < N ? g0 + G : N, len = n1 - g0;
-        float *f = lbf + (size_t)(g0 / G) * E;
+    for (int g = 0; g < group_count(N, G, first); g++) {
+        int g0 = group_start(g, G, first), len = group_tokens(g, N, G, first), n1 = g0 + len;
+        float *f = lbf + (size_t)g * E;
         for (int e = 0; e < E; e++) f[e] = P[e] = 0.0f;
         for (int n = g0; n < n1; n++) {
             for (int r = 0; r < K; r++) f[top[(size_t)n * K + r]] += 1.0f;
@@ -431,11 +454,11 @@ static void moe_load_balance_forward(double *lb_sum, float *lbf, const float *p,
 }
 
 // dp (N,E) += d(lb_w * lb)/dp = lb_w E f_e / len / n_groups (d lb_group / d p[n,e] = E f_e / len)
-static void moe_load_balance_backward(float *dp, const float *lbf, int N, int E, int group_size, float lb_w) {
-    int G = group_len(N, group_size), n_groups = (N + G - 1) / G;
+static void moe_load_balance_backward(float *dp, const float *lbf, int N, int E, const MoeSettings *s, float lb_w) {
+    int P = group_first(N, s->first_group), G = group_len(N, s->group_size, P), n_groups = group_count(N, G, P);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        int g = n / G, len = (g + 1) * G < N ? G : N - g * G;
+        int g = group_of(n, G, P), len = group_tokens(g, N, G, P);
         for (int e = 0; e < E; e++) dp[(size_t)n * E + e] += lb_w * E * lbf[(size_t)g * E + e] / len / n_groups;
     }
 }
@@ -609,9 +632,10 @@ struct Model {
     Config c;
     ParamTable table;
     int Bmax, Tmax;
-    float *params;            // (n_params)
-    float *params_t;          // (n_params) decode's copy: each weight matrix transposed, at its own offset
-    int params_t_fresh;       // params_t matches params (cleared by every change of params)
+    float *params;            // (n_params) its own parameters (with an optimizer, or model_set_params), else NULL
+    Weight *weight;           // [n_tensors] each tensor as the forward and decode read it: in params, or where a
+                              // mapped model file holds it; NULL until the model has weights
+    float *widened;           // a version-2 file's norms and routers in fp32, which the forward reads so
     float *grads;             // (n_params), NULL without an optimizer
     float *opt_state;         // (n_opt_state), layout of opt_state_floats() for the tensors of the shard
     size_t n_opt_state;
@@ -619,11 +643,13 @@ struct Model {
     OptKind opt_kind;
     int opt_min_dim;
     char *buffer;             // every activation and buffer, carved by acts_carve
+    size_t buffer_bytes;
     Acts acts;
     MODEL_BUFFERS(ACT_POINTER)
     float *router_bias;       // (n_moe, E) loss-free balancing bias, 0 unless set
     // the last forward
     int B, T, has_targets, n_targets;
+    int has_logits;           // it was a model_forward (a prefill keeps only its last position's)
     int has_segment, has_position;  // the batch gave segments, positions (in segment, position)
     double loss_targets;            // what its CE and z-loss are means over
     MoeSettings s;
@@ -634,18 +660,29 @@ struct Model {
 const Config *model_config(const Model *m) { return &m->c; }
 const ParamTable *model_param_table(const Model *m) { return &m->table; }
 
-// n floats for a large buffer, not zeroed and not yet touched: on Linux in
-// transparent huge pages where the kernel allows them (madvise mode), as the
-// first touch of each 4 KiB page can cost more than the work on it
-#define HUGE_PAGE_BYTES (2u << 20)
-static float *alloc_floats_huge(size_t n) {
-    size_t bytes = (n * sizeof(float) + HUGE_PAGE_BYTES - 1) / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;  // n: a checked size
-    float *p = (float *)aligned_alloc(HUGE_PAGE_BYTES, bytes);
-    if (!p) die("out of memory: %zu bytes for a buffer (%s:%d)", bytes, __FILE__, __LINE__);
-#ifdef MADV_HUGEPAGE
-    madvise(p, bytes, MADV_HUGEPAGE);  // a hint: where it fails, 4 KiB pages serve as well
-#endif
-    return p;
+// the weights from parameter offset off on (a tensor, or an expert's slice
+// of one), as they are stored
+static Weight param_weight(const Model *m, size_t off) {
+    if (!m->weight) die("the model has no weights: model_set_params or model_set_weights gives it some");
+    int i = param_tensor_of(&m->table, off);
+    return weight_at(m->weight[i], off - m->table.tensors[i].offset);
+}
+// the fp32 values from parameter offset off on: the norms and routers (in
+// every version, after model_set_weights' widening), any parameter of a model
+// with its own
+static const float *param_f32(const Model *m, size_t off) {
+    Weight w = param_weight(m, off);
+    if (w.type != WEIGHT_FP32) die("param_f32: the parameter at %zu is not stored in fp32", off);
+    return (const float *)w.values;
+}
+
+// bytes of zeros, not resident until touched (an anonymous mapping): an
+// inference model's KV cache and its logits for a whole sequence (run
+// --verify) take memory only as they are used
+static char *alloc_zeroed(size_t bytes) {
+    void *p = mmap(NULL, bytes ? bytes : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) die("out of memory: %zu bytes for the activations (%s)", bytes, strerror(errno));
+    return (char *)p;
 }
 
 // a bump allocator over one buffer: a first pass with base NULL only counts.
@@ -658,12 +695,15 @@ static void *carve(char *base, size_t *used, size_t bytes) {
     return p;
 }
 
-// every row of the tables at its offset in base; returns the bytes (base NULL: only counts)
+// every row of the tables at its offset in base; returns the bytes (base NULL:
+// only counts). The layers' rows for every layer with an optimizer, else once
+// for all layers (openmoe.h: ACT_SHARED_LAYER)
 static size_t acts_carve(Model *m, char *base) {
     const Config *c = &m->c;
     Acts *A = &m->acts;
     size_t used = 0;
-    ACT_SIZES(c, m->Bmax, m->Tmax, 0);
+    int keep = m->grads != NULL;
+    ACT_SIZES(c, m->Bmax, m->Tmax, 0, keep);
 #define CARVE(name, type, n, when) A->name = (when) ? (type *)carve(base, &used, size_mul(n, sizeof(type))) : NULL;
     FORWARD_ACTS(CARVE)
     if (m->grads) {
@@ -675,16 +715,39 @@ static size_t acts_carve(Model *m, char *base) {
     MODEL_BUFFERS(CARVE)
 #undef CARVE
 #define CARVE(name, type, n, when) a->name = (when) ? (type *)carve(base, &used, size_mul(n, sizeof(type))) : NULL;
+#define SHARE(name, type, n, when) a->name = (when) ? shared.name : NULL;
+    LayerActs shared;
+    memset(&shared, 0, sizeof(shared));
+    if (!keep) {
+        LayerActs *a = &shared;
+        ACT_SHARED_LAYER(c);
+        LAYER_ACTS(CARVE)
+    }
     for (int l = 0; l < c->L; l++) {
         LayerActs *a = &A->layer[l];
         ACT_LAYER(c, l);
-        LAYER_ACTS(CARVE)
-        a->in = A->resid ? A->resid + l * BT * D : NULL;
-        if (moe && !extra) a->moe_out = A->resid ? A->resid + (l + 1) * BT * D : NULL;
+        if (keep) {
+            LAYER_ACTS(CARVE)
+        } else {
+            LAYER_ACTS(SHARE)
+        }
+        a->in = A->resid ? A->resid + ACT_RESID(l) : NULL;
+        if (moe && !extra) a->moe_out = A->resid ? A->resid + ACT_RESID(l + 1) : NULL;
     }
+#undef SHARE
 #undef CARVE
-    A->final_in = A->resid ? A->resid + L * BT * D : NULL;
+    A->final_in = A->resid ? A->resid + ACT_RESID(L) : NULL;
     return used;
+}
+
+// the model's own parameters (zero), which the forward and decode then read
+static void params_own(Model *m) {
+    const ParamTable *pt = &m->table;
+    m->params = (float *)callocAlignedCheck(pt->n_params, sizeof(float), LINE_BYTES);
+    if (!m->weight) m->weight = (Weight *)callocCheck(pt->n_tensors, sizeof(Weight));
+    for (int i = 0; i < pt->n_tensors; i++) m->weight[i] = weight_fp32(m->params + pt->tensors[i].offset);
+    free(m->widened);
+    m->widened = NULL;
 }
 
 Model *model_create(const Config *c, int B, int T, Precision precision, const OptSettings *opt) {
@@ -698,10 +761,9 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
     param_table_build(&m->table, c);
     m->Bmax = B;
     m->Tmax = T;
-    size_t n = m->table.n_params;
-    m->params = (float *)callocAlignedCheck(n, sizeof(float), LINE_BYTES);
-    m->params_t = alloc_floats_huge(n);  // untouched (not resident) until a decode
     if (opt) {
+        size_t n = m->table.n_params;
+        params_own(m);
         m->opt_kind = opt->kind;
         m->opt_min_dim = opt->min_dim;
         m->grads = (float *)callocAlignedCheck(n, sizeof(float), LINE_BYTES);
@@ -711,9 +773,10 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
         m->opt_state = (float *)callocCheck(m->n_opt_state, sizeof(float));
     }
     m->acts.layer = (LayerActs *)callocCheck(c->L, sizeof(LayerActs));
-    m->buffer = (char *)callocAlignedCheck(acts_carve(m, NULL), 1, LINE_BYTES);
+    m->buffer_bytes = acts_carve(m, NULL);
+    m->buffer = alloc_zeroed(m->buffer_bytes);
     acts_carve(m, m->buffer);
-    rope_tables(m->rope_cos, m->rope_sin, c->max_seq_len, c->Hd);
+    rope_tables(m->rope_cos, m->rope_sin, T, c->Hd);
     m->stats = router_stats_create(n_moe_layers(c), c->E, &m->stat_ints);
     m->router_bias = (float *)callocCheck((size_t)n_moe_layers(c) * c->E, sizeof(float));
     return m;
@@ -722,10 +785,12 @@ Model *model_create(const Config *c, int B, int T, Precision precision, const Op
 void model_free(Model *m) {
     if (!m) return;
     free(m->params);
-    free(m->params_t);
+    free(m->weight);
+    free(m->widened);
     free(m->grads);
     free(m->opt_state);
-    free(m->buffer);
+    if (m->buffer && munmap(m->buffer, m->buffer_bytes ? m->buffer_bytes : 1) != 0)
+        die("model_free: munmap failed: %s", strerror(errno));
     free(m->acts.layer);
     free(m->stats);
     free(m->stat_ints);
@@ -735,10 +800,55 @@ void model_free(Model *m) {
 }
 
 void model_set_params(Model *m, const float *params) {
+    if (!m->params) params_own(m);
     memcpy(m->params, params, m->table.n_params * sizeof(float));
-    m->params_t_fresh = 0;
 }
-void model_get_params(const Model *m, float *params) { memcpy(params, m->params, m->table.n_params * sizeof(float)); }
+void model_get_params(const Model *m, float *params) {
+    if (!m->params) die("model_get_params: the model reads a model file's weights and has no parameters of its own");
+    memcpy(params, m->params, m->table.n_params * sizeof(float));
+}
+
+Precision model_file_precision(int version) { return PRECISION_FP32; }
+
+// Each tensor where f holds it: fp32 (version 1; version 3's norms and
+// routers), bf16 (version 2), int8 and its scales (version 3's matrices). A
+// version-2 file's norms and routers are widened into m->widened, as the
+// norms and the router's softmax read fp32.
+void model_set_weights(Model *m, const ModelFile *f) {
+    if (memcmp(&m->c, &f->c, sizeof(Config)) != 0)
+        die("model_set_weights: %s holds a model of another config than the model's", f->path);
+    if (m->params) die("model_set_weights: the model has parameters of its own (it was made with an optimizer)");
+    const ParamTable *pt = &m->table;
+    size_t *offset = (size_t *)mallocCheck(pt->n_tensors * sizeof(size_t)), n_wide = 0;
+    tensor_file_offsets(offset, pt, f->version, f->group);
+    for (int i = 0; i < pt->n_tensors; i++)
+        if (f->version == MODEL_BF16 && !tensor_quantized(&pt->tensors[i])) n_wide += tensor_numel(&pt->tensors[i]);
+    free(m->widened);
+    m->widened = n_wide ? (float *)mallocCheck(n_wide * sizeof(float)) : NULL;
+    if (!m->weight) m->weight = (Weight *)callocCheck(pt->n_tensors, sizeof(Weight));
+    float *wide = m->widened;
+    for (int i = 0; i < pt->n_tensors; i++) {
+        const TensorInfo *t = &pt->tensors[i];
+        const unsigned char *at = f->data + offset[i];
+        size_t n = tensor_numel(t);
+        Weight w = weight_fp32((const float *)at);
+        if (f->version == MODEL_BF16) {
+            Weight b = {WEIGHT_BF16, at, NULL, 0};
+            w = b;
+            if (!tensor_quantized(t)) {  // a norm or a router: widened
+                weight_decode(wide, b, 0, (int)n);
+                w = weight_fp32(wide);
+                wide += n;
+            }
+        } else if (f->version == MODEL_INT8 && tensor_quantized(t)) {
+            Weight q = {WEIGHT_INT8, at + n / f->group * sizeof(float), (const float *)at, f->group};
+            w = q;
+        }
+        m->weight[i] = w;
+    }
+    free(offset);
+}
+
 void model_get_grads(const Model *m, float *grads) {
     if (!m->grads) die("model_get_grads: the model was created without an optimizer, so it has no gradients");
     memcpy(grads, m->grads, m->table.n_params * sizeof(float));
@@ -748,6 +858,7 @@ void model_set_grads(Model *m, const float *grads) {
     memcpy(m->grads, grads, m->table.n_params * sizeof(float));
 }
 void model_get_logits(const Model *m, float *logits) {
+    if (!m->has_logits) die("model_get_logits: the last forward was a prefill, which keeps its last position's only");
     memcpy(logits, m->acts.logits, (size_t)m->B * m->T * m->c.V * sizeof(float));
 }
 const RouterStats *model_router_stats(const Model *m) { return m->stats; }
@@ -761,6 +872,7 @@ void model_get_router_bias(const Model *m, float *bias) {
 void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint8_t *kept) {
     int nm = n_moe_layers(&m->c), BTK = m->B * m->T * m->c.K, K = m->c.K;
     if (i < 0 || i >= nm) die("model_get_routing: MoE layer %d out of range [0, %d)", i, nm);
+    if (!m->grads) die("model_get_routing: a model without an optimizer keeps one layer's activations, not each's");
     const LayerActs *a = &m->acts.layer[(i + 1) * m->c.moe_every - 1];
     for (int j = 0; j < BTK; j++) {
         expert[j] = a->top[j];
@@ -772,18 +884,39 @@ void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint
 // ----------------------------------------------------------------------------
 // forward
 
+// q | k | v (N,3HHd) = inp (N,D) times wq, wk, wv: one matmul where they are
+// stored as one matrix (adjacent in the file order, no int8 scales between)
+static void qkv_forward(float *qkv, const float *inp, Weight wq, Weight wk, Weight wv, int N, int D, int HHd) {
+    size_t n = (size_t)HHd * D;
+    if (weight_follows(wq, n, wk) && weight_follows(wk, n, wv)) {
+        matmul_forward(qkv, inp, wq, N, D, 3 * HHd, 3 * HHd, 0);
+        return;
+    }
+    matmul_forward(qkv, inp, wq, N, D, HHd, 3 * HHd, 0);
+    matmul_forward(qkv + HHd, inp, wk, N, D, HHd, 3 * HHd, 0);
+    matmul_forward(qkv + 2 * HHd, inp, wv, N, D, HHd, 3 * HHd, 0);
+}
+
+// the keys and values of qkv (T,3HHd), one sequence, into the cache kc, vc (T,HHd)
+static void kv_cache_fill(float *kc, float *vc, const float *qkv, int T, int HHd) {
+    for (int t = 0; t < T; t++) {
+        copy_floats(kc + (size_t)t * HHd, qkv + (size_t)t * 3 * HHd + HHd, HHd);
+        copy_floats(vc + (size_t)t * HHd, qkv + (size_t)t * 3 * HHd + 2 * HHd, HHd);
+    }
+}
+
 // the MoE sublayer im (0-based among MoE layers): moe_out (BT,D) = mid +
 // MoE(RMSNorm(mid)). Leaves the layer's lb and rz sums in m->sums and its
 // routed/kept counts in m->stats[im], for model_forward's router statistics.
+// An expert's weights are read only when it has rows.
 static void moe_forward(Model *m, LayerActs *a, const LayerParams *lp, int im, int BT) {
     const Config *c = &m->c;
     Acts *A = &m->acts;
     int D = c->D, E = c->E, K = c->K, Fe = c->Fe;
-    const float *W = m->params;
-    const floatX *WX = W;  // the matmuls' weights (openmoe.cu: a bf16 copy in bf16 mode)
     int *routed = m->stats[im].routed, *kept = m->stats[im].kept;
-    rmsnorm_forward(a->moe_in, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
-    router_forward(a->z, a->p, a->lse, a->top, a->moe_in, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E, K);
+    rmsnorm_forward(a->moe_in, a->rstd2, a->mid, param_f32(m, lp->mlp_norm), BT, D);
+    router_forward(a->z, a->p, a->lse, a->top, a->moe_in, param_f32(m, lp->router), m->router_bias + (size_t)im * E,
+                   BT, D, E, K);
     moe_capacity(a->kept, a->top, a->p, BT, K, E, &m->s, A->prio_key, A->seg, A->cursor);
     moe_rows(a->start, a->row_token, a->row_of, routed, kept, a->top, a->kept, BT, K, E, A->cursor);
     const int *start = a->start;
@@ -791,74 +924,104 @@ static void moe_forward(Model *m, LayerActs *a, const LayerParams *lp, int im, i
     for (int e = 0; e < E; e++) {
         size_t r0 = start[e];
         int rows = start[e + 1] - start[e];
+        if (rows == 0) continue;
         ffn_forward(a->ye + r0 * D, a->gue + r0 * 3 * Fe, a->he + r0 * Fe, a->xe + r0 * D,
-                    WX + lp->w_gate + (size_t)e * 2 * Fe * D, WX + lp->w_up + (size_t)e * Fe * D,
-                    WX + lp->w_down + (size_t)e * D * Fe, rows, D, Fe, 0);
+                    param_weight(m, lp->w_gate + (size_t)e * 2 * Fe * D), param_weight(m, lp->w_up + (size_t)e * Fe * D),
+                    param_weight(m, lp->w_down + (size_t)e * D * Fe), rows, D, Fe, 0);
     }
     moe_combine(a->moe_out, a->mid, a->ye, a->p, a->top, a->row_of, BT, K, E, D);
-    moe_load_balance_forward(m->sums + 2 + 2 * im, a->lbf, a->p, a->top, BT, K, E, m->s.group_size, A->lbP);
+    moe_load_balance_forward(m->sums + 2 + 2 * im, a->lbf, a->p, a->top, BT, K, E, &m->s, A->lbP);
     router_z_loss_sum(m->sums + 3 + 2 * im, a->lse, BT);
 }
 
-static void forward_layers(Model *m, int B, int T) {
+// the layers and the final norm: A->lnf (BT,D) from the tokens m->x. With
+// fill_cache (one sequence, B = 1), each layer's keys and values go to the
+// KV cache at positions 0..T-1.
+static void forward_layers(Model *m, int B, int T, int fill_cache) {
     const Config *c = &m->c;
     Acts *A = &m->acts;
-    int BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, V = c->V;
-    const float *W = m->params;
-    const floatX *WX = W;
+    int BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd;
     const int *seg = m->has_segment ? m->segment : NULL, *pos = m->has_position ? m->position : NULL;
-    encoder_forward(A->resid, m->x, W + m->table.wte, BT, D);
+    encoder_forward(A->layer[0].in, m->x, param_weight(m, m->table.wte), BT, D);
     int im = 0;
     for (int l = 0; l < c->L; l++) {
         LayerActs *a = &A->layer[l];
         const LayerParams *lp = &m->table.layer[l];
         float *out = l + 1 < c->L ? A->layer[l + 1].in : A->final_in;
-        // mid = in + Attn(RMSNorm(in)): q, k, v in one matmul (wq, wk, wv are adjacent)
-        rmsnorm_forward(a->ln1, a->rstd1, a->in, W + lp->attn_norm, BT, D);
-        matmul_forward(a->qkv, a->ln1, WX + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
+        // mid = in + Attn(RMSNorm(in))
+        rmsnorm_forward(a->ln1, a->rstd1, a->in, param_f32(m, lp->attn_norm), BT, D);
+        qkv_forward(a->qkv, a->ln1, param_weight(m, lp->wq), param_weight(m, lp->wk), param_weight(m, lp->wv), BT,
+                    D, HHd);
         rope_forward(a->qkv, m->rope_cos, m->rope_sin, pos, BT, T, H, Hd, 0, 1.0f);
+        if (fill_cache)
+            kv_cache_fill(m->kcache + (size_t)l * m->Tmax * HHd, m->vcache + (size_t)l * m->Tmax * HHd, a->qkv, T, HHd);
         attention_forward(a->atty, a->att, a->qkv, seg, B, T, H, Hd, A->kt);
         copy_floats(a->mid, a->in, (size_t)BT * D);  // the residual, then += atty Wo^T
-        matmul_forward(a->mid, a->atty, WX + lp->wo, BT, HHd, D, D, 1);
+        matmul_forward(a->mid, a->atty, param_weight(m, lp->wo), BT, HHd, D, D, 1);
         if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
-            rmsnorm_forward(a->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
+            rmsnorm_forward(a->ln2, a->rstd2, a->mid, param_f32(m, lp->mlp_norm), BT, D);
             copy_floats(out, a->mid, (size_t)BT * D);
-            ffn_forward(out, a->gu, a->h, a->ln2, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, 1);
+            ffn_forward(out, a->gu, a->h, a->ln2, param_weight(m, lp->w_gate), param_weight(m, lp->w_up),
+                        param_weight(m, lp->w_down), BT, D, c->F, 1);
             continue;
         }
         // moe_out = mid + MoE(RMSNorm(mid)); then out = moe_out + FFN_extra(RMSNorm(moe_out))
         moe_forward(m, a, lp, im++, BT);
         if (c->extra_ffn) {
-            rmsnorm_forward(a->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
+            rmsnorm_forward(a->ln3, a->rstd3, a->moe_out, param_f32(m, lp->extra_norm), BT, D);
             copy_floats(out, a->moe_out, (size_t)BT * D);
-            ffn_forward(out, a->gux, a->hx, a->ln3, WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, 1);
+            ffn_forward(out, a->gux, a->hx, a->ln3, param_weight(m, lp->x_gate), param_weight(m, lp->x_up),
+                        param_weight(m, lp->x_down), BT, D, c->F, 1);
         }
     }
-    rmsnorm_forward(A->lnf, A->rstdf, A->final_in, W + m->table.final_norm, BT, D);
-    matmul_forward(A->logits, A->lnf, WX + m->table.lm_head, BT, D, V, V, 0);
-    crossentropy_forward(m->sums, A->lse, A->logits, m->y, BT, V);
+    rmsnorm_forward(A->lnf, A->rstdf, A->final_in, param_f32(m, m->table.final_norm), BT, D);
+}
+
+// the batch and settings of a forward, checked and kept
+static void forward_begin(Model *m, const Batch *b, const MoeSettings *s) {
+    forward_args_check(b->B, b->T, m->Bmax, m->Tmax, s);
+    m->B = b->B;
+    m->T = b->T;
+    m->s = *s;
+    m->has_targets = b->y != NULL;
+    m->has_segment = b->segment != NULL;
+    m->has_position = b->position != NULL;
+    m->n_targets = forward_batch_copy(m->x, m->y, m->segment, m->position, b, m->c.V, m->Tmax);
+    m->loss_targets = forward_loss_targets(b, m->n_targets);
+}
+
+// the router statistics of the forward (model_router_stats); returns the assignments dropped
+static long forward_router_stats(Model *m) {
+    int BT = m->B * m->T, P = group_first(BT, m->s.first_group), G = group_len(BT, m->s.group_size, P);
+    return router_stats_from_sums(m->stats, m->sums + 2, n_moe_layers(&m->c), group_count(BT, G, P), BT, m->c.K,
+                                  m->c.E);
 }
 
 void model_forward(Model *m, const Batch *batch, const MoeSettings *s, float *losses) {
     const Config *c = &m->c;
-    int B = batch->B, T = batch->T;
-    forward_args_check(B, T, m->Bmax, m->Tmax, s);
-    int BT = B * T, K = c->K, E = c->E, nm = n_moe_layers(c);
-    m->B = B;
-    m->T = T;
-    m->s = *s;
-    m->has_targets = batch->y != NULL;
-    m->has_segment = batch->segment != NULL;
-    m->has_position = batch->position != NULL;
-    m->n_targets = forward_batch_copy(m->x, m->y, m->segment, m->position, batch, c->V, c->max_seq_len);
-    m->loss_targets = forward_loss_targets(batch, m->n_targets);
-    forward_layers(m, B, T);
+    Acts *A = &m->acts;
+    forward_begin(m, batch, s);
+    forward_layers(m, batch->B, batch->T, 0);
+    int BT = batch->B * batch->T;
+    matmul_forward(A->logits, A->lnf, param_weight(m, m->table.lm_head), BT, c->D, c->V, c->V, 0);
+    crossentropy_forward(m->sums, A->lse, A->logits, m->y, BT, c->V);
+    m->has_logits = 1;
+    long dropped = forward_router_stats(m);
+    losses_from_sums(losses, m->sums[0], m->sums[1], m->loss_targets, m->stats, n_moe_layers(c), dropped,
+                     (long)BT * c->K, s);
+}
 
-    // the losses and router statistics from the sums and counts
-    const double *sums = m->sums;
-    int G = group_len(BT, s->group_size), n_groups = (BT + G - 1) / G;
-    long dropped = router_stats_from_sums(m->stats, sums + 2, nm, n_groups, BT, K, E);
-    losses_from_sums(losses, sums[0], sums[1], m->loss_targets, m->stats, nm, dropped, (long)BT * K, s);
+// the last position's logits as decode computes them (a matvec: the chains of the forward's matmul row)
+const float *model_prefill(Model *m, const int32_t *x, int T, const MoeSettings *s) {
+    const Config *c = &m->c;
+    Batch batch = {x, NULL, NULL, NULL, 1, T, 0.0};  // one segment at positions 0..T-1, as decode continues it
+    forward_begin(m, &batch, s);
+    forward_layers(m, 1, T, 1);
+    matvec_forward(m->t_logits, m->acts.lnf + (size_t)(T - 1) * c->D, param_weight(m, m->table.lm_head), c->D, c->V,
+                   0);
+    m->has_logits = 0;
+    forward_router_stats(m);
+    return m->t_logits;
 }
 
 // ----------------------------------------------------------------------------
@@ -884,7 +1047,7 @@ static void moe_backward(Model *m, LayerActs *a, const LayerParams *lp, int BT) 
                      a->he + r0 * Fe, WX + og, WX + ou, WX + od, rows, D, Fe, A->dgu, A->dh);
     }
     // the router: combine weights, load balance and z-loss all act on p
-    moe_load_balance_backward(A->dp, a->lbf, BT, E, m->s.group_size, m->s.lb_coef / nm);
+    moe_load_balance_backward(A->dp, a->lbf, BT, E, &m->s, m->s.lb_coef / nm);
     router_backward(A->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
     matmul_backward(A->d_ln, G + lp->router, A->dp, a->moe_in, W + lp->router, BT, D, E, E, 0);
     moe_dispatch_backward(A->d_ln, A->dxe, a->row_of, BT, K, D);
@@ -1033,7 +1196,6 @@ static void adafactor_update(float *w, const float *g, float *state, int S, int 
 
 float model_update(Model *m, const OptSettings *o, int t) {
     update_args_check(m->grads != NULL, m->opt_kind, m->opt_min_dim, o, t);
-    m->params_t_fresh = 0;
     const ParamTable *pt = &m->table;
     for (int i = 0; o->freeze_router && i < pt->n_tensors; i++)  // frozen routers: out of the norm
         if (is_router_tensor(&pt->tensors[i]))
@@ -1075,8 +1237,9 @@ void model_set_opt_state(Model *m, const float *state) {
 }
 
 // ----------------------------------------------------------------------------
-// inference: one token at a time with a KV cache. Every step is the row
-// version of the batched code above, with the same order of operations.
+// inference: one token at a time with a KV cache (model_prefill above fills
+// it with a prompt's keys and values). Every step is the row version of the
+// batched code above, with the same order of operations.
 
 // att (n) = the dot products of q (Hd) with n keys (rows ld apart), each
 // gemm's chain over i: DOTS_SIDE_BY_SIDE keys at a time, as a chain waits on
@@ -1097,16 +1260,19 @@ static void attention_scores_row(float *att, const float *q, const float *k, int
     }
 }
 
+#define ATTENTION_DECODE_PARALLEL_MIN (1 << 18)  // multiply-adds of a token's attention above which heads go to threads
+
 // one token's attention, the row pos of attention_forward's three steps: q
 // of qkv (3HHd) against the cached kc, vc (pos+1 rows of HHd) -> out (HHd);
-// att (H, max_seq_len) scratch
+// att (H, Tmax) scratch
 static void attention_decode(float *out, float *att, const float *qkv, const float *kc, const float *vc, int pos, int H,
-                             int Hd, int max_seq_len) {
+                             int Hd, int Tmax) {
+#pragma omp parallel for schedule(static) if ((size_t)H * (pos + 1) * Hd >= ATTENTION_DECODE_PARALLEL_MIN)
     for (int h = 0; h < H; h++) {
-        float *a = att + (size_t)h * max_seq_len;
+        float *a = att + (size_t)h * Tmax;
         attention_scores_row(a, qkv + h * Hd, kc + h * Hd, pos + 1, Hd, H * Hd);
         attention_softmax_row(a, pos, pos + 1, NULL);
-        matvec_forward(out + h * Hd, a, vc + h * Hd, pos + 1, Hd, 0, H * Hd);
+        vecmat_forward(out + h * Hd, a, vc + h * Hd, pos + 1, Hd, 0, H * Hd);
     }
 }
 
@@ -1115,107 +1281,78 @@ static void moe_decode_accumulate(float *acc, const float *y, const float *p, co
     for (int i = 0; i < D; i++) acc[i] = acc[i] + p[*top] * y[i];
 }
 
-// params_t: the weight matrices model_decode reads, each (OUT,IN) transposed
-// to (IN,OUT) for matvec_forward, at its own offset; wq | wk | wv, and an
-// FFN's w_gate | w_up where they are adjacent (as ffn_token reads them),
-// each as one matrix. Made on the first decode after the parameters change,
-// not before: a model that never decodes never touches these pages.
-static void params_t_matrix(Model *m, size_t off, int OUT, int IN) {
-    transpose(m->params_t + off, m->params + off, OUT, IN, IN);
-}
-static void params_t_ffn(Model *m, size_t wg, size_t wu, size_t wd, int F) {
-    int D = m->c.D;
-    if (wu == wg + 2 * (size_t)F * D) {
-        params_t_matrix(m, wg, 3 * F, D);
-    } else {
-        params_t_matrix(m, wg, 2 * F, D);
-        params_t_matrix(m, wu, F, D);
+// one token's q | k | v (3HHd) = wq, wk, wv times x (D), as qkv_forward
+static void qkv_token(float *qkv, const float *x, Weight wq, Weight wk, Weight wv, int D, int HHd) {
+    size_t n = (size_t)HHd * D;
+    if (weight_follows(wq, n, wk) && weight_follows(wk, n, wv)) {
+        matvec_forward(qkv, x, wq, D, 3 * HHd, 0);
+        return;
     }
-    params_t_matrix(m, wd, D, F);
-}
-static void params_t_refresh(Model *m) {
-    if (m->params_t_fresh) return;
-    const Config *c = &m->c;
-    const ParamTable *pt = &m->table;
-    int D = c->D, HHd = c->H * c->Hd, Fe = c->Fe;
-    for (int l = 0; l < c->L; l++) {
-        const LayerParams *lp = &pt->layer[l];
-        params_t_matrix(m, lp->wq, 3 * HHd, D);
-        params_t_matrix(m, lp->wo, D, HHd);
-        if (!lp->moe) {
-            params_t_ffn(m, lp->w_gate, lp->w_up, lp->w_down, c->F);
-            continue;
-        }
-        params_t_matrix(m, lp->router, c->E, D);
-        for (int e = 0; e < c->E; e++)
-            params_t_ffn(m, lp->w_gate + (size_t)e * 2 * Fe * D, lp->w_up + (size_t)e * Fe * D,
-                         lp->w_down + (size_t)e * D * Fe, Fe);
-        if (c->extra_ffn) params_t_ffn(m, lp->x_gate, lp->x_up, lp->x_down, c->F);
-    }
-    params_t_matrix(m, pt->lm_head, c->V, D);
-    m->params_t_fresh = 1;
+    matvec_forward(qkv, x, wq, D, HHd, 0);
+    matvec_forward(qkv + HHd, x, wk, D, HHd, 0);
+    matvec_forward(qkv + 2 * HHd, x, wv, D, HHd, 0);
 }
 
-// one token's gated FFN: out (D) = (or += with accumulate) FFN(x); wg, wu, wd in params_t
-static void ffn_token(Model *m, float *out, const float *x, const float *wg, const float *wu, const float *wd, int F,
-                      int accumulate) {
+// one token's gated FFN: out (D) = (or += with accumulate) FFN(x), as ffn_forward
+static void ffn_token(Model *m, float *out, const float *x, Weight wg, Weight wu, Weight wd, int F, int accumulate) {
     int D = m->c.D;
-    if (wu == wg + 2 * (size_t)F * D) {
-        matvec_forward(m->t_gu, x, wg, D, 3 * F, 0, 3 * F);
+    if (weight_follows(wg, 2 * (size_t)F * D, wu)) {
+        matvec_forward(m->t_gu, x, wg, D, 3 * F, 0);
     } else {
-        matvec_forward(m->t_gu, x, wg, D, 2 * F, 0, 2 * F);
-        matvec_forward(m->t_gu + 2 * F, x, wu, D, F, 0, F);
+        matvec_forward(m->t_gu, x, wg, D, 2 * F, 0);
+        matvec_forward(m->t_gu + 2 * F, x, wu, D, F, 0);
     }
     ffn_gate_row(m->t_h, m->t_gu, F);
-    matvec_forward(out, m->t_h, wd, F, D, accumulate, D);
+    matvec_forward(out, m->t_h, wd, F, D, accumulate);
 }
 
 const int model_decode_bitwise = 1;  // matvec_forward sums as gemm does
 
+// Every product reads the weights as stored (matvec_forward), so a token
+// touches the weights of its K experts and of no other.
 const float *model_decode(Model *m, int token, int pos) {
     const Config *c = &m->c;
     if (token < 0 || token >= c->V) die("model_decode: token %d out of range [0, %d)", token, c->V);
-    if (pos < 0 || pos >= c->max_seq_len) die("model_decode: position %d outside the context [0, %d)", pos, c->max_seq_len);
-    int D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, E = c->E, K = c->K, im = 0;
-    params_t_refresh(m);
-    const float *W = m->params, *WT = m->params_t;  // norms and embedding; the weight matrices
+    if (pos < 0 || pos >= m->Tmax) die("model_decode: position %d outside the model's [0, %d)", pos, m->Tmax);
+    int D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, E = c->E, K = c->K, Fe = c->Fe, im = 0;
     const ParamTable *pt = &m->table;
     float *x = m->t_x, *xn = m->t_xn;
-    copy_floats(x, W + pt->wte + (size_t)token * D, D);
+    encoder_forward(x, &token, param_weight(m, pt->wte), 1, D);
     for (int l = 0; l < c->L; l++) {
         const LayerParams *lp = &pt->layer[l];
-        float *kc = m->kcache + (size_t)l * c->max_seq_len * HHd, *vc = m->vcache + (size_t)l * c->max_seq_len * HHd;
-        rmsnorm_forward(xn, NULL, x, W + lp->attn_norm, 1, D);
-        matvec_forward(m->t_qkv, xn, WT + lp->wq, D, 3 * HHd, 0, 3 * HHd);  // q | k | v
+        float *kc = m->kcache + (size_t)l * m->Tmax * HHd, *vc = m->vcache + (size_t)l * m->Tmax * HHd;
+        rmsnorm_forward(xn, NULL, x, param_f32(m, lp->attn_norm), 1, D);
+        qkv_token(m->t_qkv, xn, param_weight(m, lp->wq), param_weight(m, lp->wk), param_weight(m, lp->wv), D, HHd);
         rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, NULL, 1, 1, H, Hd, pos, 1.0f);
         copy_floats(kc + (size_t)pos * HHd, m->t_qkv + HHd, HHd);
         copy_floats(vc + (size_t)pos * HHd, m->t_qkv + 2 * HHd, HHd);
-        attention_decode(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, c->max_seq_len);
-        matvec_forward(x, m->t_aty, WT + lp->wo, HHd, D, 1, D);  // x += Wo aty
-        rmsnorm_forward(xn, NULL, x, W + lp->mlp_norm, 1, D);
+        attention_decode(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, m->Tmax);
+        matvec_forward(x, m->t_aty, param_weight(m, lp->wo), HHd, D, 1);  // x += Wo aty
+        rmsnorm_forward(xn, NULL, x, param_f32(m, lp->mlp_norm), 1, D);
         if (!lp->moe) {
-            ffn_token(m, x, xn, WT + lp->w_gate, WT + lp->w_up, WT + lp->w_down, c->F, 1);
+            ffn_token(m, x, xn, param_weight(m, lp->w_gate), param_weight(m, lp->w_up), param_weight(m, lp->w_down),
+                      c->F, 1);
             continue;
         }
         // a group of one token: capacity never binds, every choice is kept
-        matvec_forward(m->t_z, xn, WT + lp->router, D, E, 0, E);
+        matvec_forward(m->t_z, xn, weight_fp32(param_f32(m, lp->router)), D, E, 0);
         router_row(m->t_p, m->t_top, m->t_z, m->router_bias + (size_t)im++ * E, E, K);
         memset(m->t_acc, 0, D * sizeof(float));
         for (int r = 0; r < K; r++) {
-            int e = m->t_top[r];
-            size_t Fe = c->Fe;
-            ffn_token(m, m->t_out, xn, WT + lp->w_gate + e * 2 * Fe * D, WT + lp->w_up + e * Fe * D,
-                      WT + lp->w_down + e * D * Fe, c->Fe, 0);
+            size_t e = m->t_top[r];
+            ffn_token(m, m->t_out, xn, param_weight(m, lp->w_gate + e * 2 * Fe * D),
+                      param_weight(m, lp->w_up + e * Fe * D), param_weight(m, lp->w_down + e * D * Fe), Fe, 0);
             moe_decode_accumulate(m->t_acc, m->t_out, m->t_p, m->t_top + r, D);
         }
         residual_forward(x, m->t_acc, x, D);
         if (c->extra_ffn) {
-            rmsnorm_forward(xn, NULL, x, W + lp->extra_norm, 1, D);
-            ffn_token(m, x, xn, WT + lp->x_gate, WT + lp->x_up, WT + lp->x_down, c->F, 1);
+            rmsnorm_forward(xn, NULL, x, param_f32(m, lp->extra_norm), 1, D);
+            ffn_token(m, x, xn, param_weight(m, lp->x_gate), param_weight(m, lp->x_up), param_weight(m, lp->x_down),
+                      c->F, 1);
         }
     }
-    rmsnorm_forward(xn, NULL, x, W + pt->final_norm, 1, D);
-    matvec_forward(m->t_logits, xn, WT + pt->lm_head, D, c->V, 0, c->V);
+    rmsnorm_forward(xn, NULL, x, param_f32(m, pt->final_norm), 1, D);
+    matvec_forward(m->t_logits, xn, param_weight(m, pt->lm_head), D, c->V, 0);
     return m->t_logits;
 }
 
@@ -1245,7 +1382,6 @@ void model_grads_allreduce(Model *m) {
 
 // each rank's shard broadcast from it, in rank order
 void model_params_allgather(Model *m, const size_t *shard) {
-    m->params_t_fresh = 0;
     int n_ranks;
     mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &n_ranks), "MPI_Comm_size");
     for (int r = 0; r < n_ranks; r++) {

@@ -210,7 +210,9 @@ struct Model {
     Precision precision;
     int flash;                // attention by the flash kernels (bf16 mode), else by cuBLAS with (T,T) matrices
     int moe_exact;            // always the exact expert-row layout (OPENMOE_MOE_LAYOUT=exact), see moe_rows_padded
-    float *params;            // (n_params) fp32 master weights
+    float *params;            // (n_params) fp32 master weights, NULL until set: never for a bf16 or int8 file's
+    float *small;             // a model on a model file's weights: its norms and routers in fp32 (the forward
+    size_t *small_at;         // reads them so); small_at [n_tensors] (host): where each is in small
     float *grads;             // (n_params), NULL without an optimizer
     float *opt_state;         // (n_opt_state), layout of opt_state_floats() for the tensors of the shard
     size_t n_opt_state;
@@ -239,6 +241,7 @@ struct Model {
     cudaEvent_t buckets_copied;  // the last copy out of h_order etc. is done: they may be rewritten
     // the last forward
     int B, T, has_targets, n_targets;
+    int has_logits;           // it was a model_forward (a prefill keeps only its last position's)
     int has_segment, has_position;  // the batch gave segments, positions (in segment, position)
     double loss_targets;            // what its CE and z-loss are means over
     MoeSettings s;
@@ -349,14 +352,14 @@ static void copy_floats(float *dst, const float *src, size_t n) {
 // ----------------------------------------------------------------------------
 // embedding
 
-// out (BT,D) = wte[x]: one block per token
-__global__ void encoder_forward_kernel(float *out, const int *x, const float *wte, int D) {
+// out (BT,D) = wte[x], wte fp32 or the bf16 copy (a model on a bf16 file's weights): one block per token
+template <typename W> __global__ void encoder_forward_kernel(float *out, const int *x, const W *wte, int D) {
     int n = blockIdx.x;
-    const float *w = wte + (size_t)x[n] * D;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) out[(size_t)n * D + i] = w[i];
+    const W *w = wte + (size_t)x[n] * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) out[(size_t)n * D + i] = to_float(w[i]);
 }
-static void encoder_forward(float *out, const int *x, const float *wte, int BT, int D) {
-    encoder_forward_kernel<<<BT, 128>>>(out, x, wte, D);
+template <typename W> static void encoder_forward(float *out, const int *x, const W *wte, int BT, int D) {
+    encoder_forward_kernel<W><<<BT, 128>>>(out, x, wte, D);
     launchCheck();
 }
 
@@ -458,7 +461,7 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
 
 // ----------------------------------------------------------------------------
 // RoPE, rotate-half: element i pairs with i + Hd/2, angle pos * 10000^(-2i/Hd),
-// from tables (max_seq_len, Hd/2) made once on the host, as openmoe.c does.
+// from tables (T, Hd/2) made once on the host, as openmoe.c does.
 // Applied in place to the q and k parts of qkv rows (row stride ld); token n
 // is at position pos[n] (pos NULL: pos0 + n % T). sign -1 rotates back (the backward).
 
@@ -729,10 +732,10 @@ static void router_backward(float *dp, const float *p, const float *lse, float r
 // numbers the ones that chose e: pos = earlier assignments to e in the group.
 // An assignment is kept iff pos < C (the first C of each expert). count (E per
 // group) = assignments per expert before dropping.
-__global__ void moe_capacity_kernel(int *kept, int *pos, int *count, const int *top, int N, int K, int E, int G,
+__global__ void moe_capacity_kernel(int *kept, int *pos, int *count, const int *top, int N, int K, int E, int G, int P,
                                     int cf1000, int min_capacity, int rule) {
     __shared__ int s_top[CAP_CHUNK], s_pos[CAP_CHUNK];
-    int g = blockIdx.x, g0 = g * G, len = g0 + G < N ? G : N - g0, e = threadIdx.x;
+    int g = blockIdx.x, g0 = group_start(g, G, P), len = group_tokens(g, N, G, P), e = threadIdx.x;
     int total = len * K, cnt = 0, C = moe_capacity_of(len, E, K, cf1000, min_capacity, rule);
     for (int q0 = 0; q0 < total; q0 += CAP_CHUNK) {
         int nq = total - q0 < CAP_CHUNK ? total - q0 : CAP_CHUNK;
@@ -762,10 +765,11 @@ __global__ void moe_capacity_kernel(int *kept, int *pos, int *count, const int *
 // NaN p included, so no two assignments share a place. It scans the group's
 // G*K assignments: O(G*K) per assignment.
 __global__ void moe_probs_rank_kernel(int *kept, int *pos, const int *top, const float *p, int N, int K, int E, int G,
-                                      int cf1000, int min_capacity, int rule) {
+                                      int P, int cf1000, int min_capacity, int rule) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)N * K) return;
-    int n = (int)(i / K), r = (int)(i % K), e = top[i], g0 = n / G * G, n1 = g0 + G < N ? g0 + G : N;
+    int n = (int)(i / K), r = (int)(i % K), e = top[i], g = group_of(n, G, P);
+    int g0 = group_start(g, G, P), n1 = g0 + group_tokens(g, N, G, P);
     uint64_t key = probs_key(p[(size_t)n * E + e], r, n - g0);
     int before = 0;
     for (int m = g0; m < n1; m++)
@@ -781,14 +785,15 @@ __global__ void moe_probs_rank_kernel(int *kept, int *pos, const int *top, const
 // queue and count (groups,E) the queues' lengths, for moe_rows.
 static void moe_capacity(int *kept, const int *top, const float *p, int N, int K, int E, const MoeSettings *s,
                          int *pos, int *count) {
-    int G = group_len(N, s->group_size), n_groups = (N + G - 1) / G;
-    if (s->drop_policy == DROP_PROBS && G > PROBS_MAX_GROUP)
-        die("drop policy probs: a group of %d tokens does not fit its sort keys (group <= %d)", G, PROBS_MAX_GROUP);
-    moe_capacity_kernel<<<n_groups, MAX_EXPERTS>>>(kept, pos, count, top, N, K, E, G, s->cf1000, s->min_capacity,
+    int P = group_first(N, s->first_group), G = group_len(N, s->group_size, P), n_groups = group_count(N, G, P);
+    if (s->drop_policy == DROP_PROBS && (G > PROBS_MAX_GROUP || P > PROBS_MAX_GROUP))
+        die("drop policy probs: a group of %d tokens does not fit its sort keys (group <= %d)", G > P ? G : P,
+            PROBS_MAX_GROUP);
+    moe_capacity_kernel<<<n_groups, MAX_EXPERTS>>>(kept, pos, count, top, N, K, E, G, P, s->cf1000, s->min_capacity,
                                                    s->capacity_rule);
     launchCheck();
     if (s->drop_policy == DROP_PROBS) {  // the same counts, other places in the queues
-        moe_probs_rank_kernel<<<ceil_div((size_t)N * K, 256), 256>>>(kept, pos, top, p, N, K, E, G, s->cf1000,
+        moe_probs_rank_kernel<<<ceil_div((size_t)N * K, 256), 256>>>(kept, pos, top, p, N, K, E, G, P, s->cf1000,
                                                                      s->min_capacity, s->capacity_rule);
         launchCheck();
     }
@@ -802,10 +807,10 @@ static void moe_capacity(int *kept, const int *top, const float *p, int N, int K
 // e = t % E over slice j = t / E of the group's tokens; thread e then adds the
 // S slices in order, and thread 0 the E products in expert order.
 __global__ void moe_load_balance_forward_kernel(double *lb_group, float *lbf, const float *p, const int *top, int N,
-                                                int K, int E, int G) {
+                                                int K, int E, int G, int first) {
     __shared__ float s_f[MAX_EXPERTS], s_P[MAX_EXPERTS];
     __shared__ double s_term[MAX_EXPERTS];
-    int g = blockIdx.x, g0 = g * G, len = g0 + G < N ? G : N - g0;
+    int g = blockIdx.x, g0 = group_start(g, G, first), len = group_tokens(g, N, G, first);
     int S = blockDim.x / E, t = threadIdx.x, e = t % E, j = t / E;
     float f = 0.0f, P = 0.0f;
     if (j < S) {
@@ -842,25 +847,25 @@ __global__ void moe_load_balance_forward_kernel(double *lb_group, float *lbf, co
 }
 // lb_sum = the sum over the groups; lbf (groups,E) keeps f for the backward; lb_group (groups) scratch
 static void moe_load_balance_forward(double *lb_sum, float *lbf, const float *p, const int *top, int N, int K, int E,
-                                     int group_size, double *lb_group) {
-    int G = group_len(N, group_size), n_groups = (N + G - 1) / G;
-    moe_load_balance_forward_kernel<<<n_groups, MAX_EXPERTS>>>(lb_group, lbf, p, top, N, K, E, G);
+                                     const MoeSettings *s, double *lb_group) {
+    int P = group_first(N, s->first_group), G = group_len(N, s->group_size, P), n_groups = group_count(N, G, P);
+    moe_load_balance_forward_kernel<<<n_groups, MAX_EXPERTS>>>(lb_group, lbf, p, top, N, K, E, G, P);
     launchCheck();
     sum_kernel<<<1, RED_THREADS>>>(lb_sum, lb_group, n_groups);
     launchCheck();
 }
 
 // dp (N,E) += d(lb_w * lb)/dp = lb_w E f_e / len / n_groups (d lb_group / d p[n,e] = E f_e / len)
-__global__ void moe_load_balance_backward_kernel(float *dp, const float *lbf, int N, int E, int G, int n_groups,
+__global__ void moe_load_balance_backward_kernel(float *dp, const float *lbf, int N, int E, int G, int P, int n_groups,
                                                  float lb_w) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * E) return;
-    int n = (int)(idx / E), e = idx % E, g = n / G, len = (g + 1) * G < N ? G : N - g * G;
+    int n = (int)(idx / E), e = idx % E, g = group_of(n, G, P), len = group_tokens(g, N, G, P);
     dp[idx] += lb_w * E * lbf[(size_t)g * E + e] / len / n_groups;
 }
-static void moe_load_balance_backward(float *dp, const float *lbf, int N, int E, int group_size, float lb_w) {
-    int G = group_len(N, group_size), n_groups = (N + G - 1) / G;
-    moe_load_balance_backward_kernel<<<ceil_div((size_t)N * E, 256), 256>>>(dp, lbf, N, E, G, n_groups, lb_w);
+static void moe_load_balance_backward(float *dp, const float *lbf, int N, int E, const MoeSettings *s, float lb_w) {
+    int P = group_first(N, s->first_group), G = group_len(N, s->group_size, P), n_groups = group_count(N, G, P);
+    moe_load_balance_backward_kernel<<<ceil_div((size_t)N * E, 256), 256>>>(dp, lbf, N, E, G, P, n_groups, lb_w);
     launchCheck();
 }
 
@@ -878,10 +883,10 @@ static void moe_load_balance_backward(float *dp, const float *lbf, int N, int E,
 // kept rows only, and the host reads start[] to run one matmul per expert.
 // Returns R_pad, or 0 for the exact layout.
 static int moe_padded_rows(int N, int K, int E, const MoeSettings *s) {
-    int G = group_len(N, s->group_size);
+    int P = group_first(N, s->first_group), G = group_len(N, s->group_size, P);
     long long R = 0;
-    for (int g0 = 0; g0 < N; g0 += G) {
-        int len = g0 + G < N ? G : N - g0;
+    for (int g = 0; g < group_count(N, G, P); g++) {
+        int len = group_tokens(g, N, G, P);
         int C = moe_capacity_of(len, E, K, s->cf1000, s->min_capacity, s->capacity_rule);
         R += C < len ? C : len;
     }
@@ -894,13 +899,14 @@ static int moe_padded_rows(int N, int K, int E, const MoeSettings *s) {
 // owns R_pad rows, its kept rows first); goff (groups,E) = first row of (g, e);
 // routed/kept (E) the statistics of model_router_stats.
 __global__ void moe_offsets_kernel(int *start, int *goff, int *routed, int *kept, const int *count, int n_groups,
-                                   int N, int G, int E, int K, int cf1000, int min_capacity, int rule, int R_pad) {
+                                   int N, int G, int P, int E, int K, int cf1000, int min_capacity, int rule,
+                                   int R_pad) {
     __shared__ int s_rows[MAX_EXPERTS], s_start[MAX_EXPERTS + 1];
     int e = threadIdx.x;
     if (e < E) {
         int rows = 0, all = 0;
         for (int g = 0; g < n_groups; g++) {
-            int len = (g + 1) * G < N ? G : N - g * G, C = moe_capacity_of(len, E, K, cf1000, min_capacity, rule);
+            int len = group_tokens(g, N, G, P), C = moe_capacity_of(len, E, K, cf1000, min_capacity, rule);
             int cnt = count[(size_t)g * E + e];
             all += cnt;
             rows += cnt < C ? cnt : C;
@@ -919,7 +925,7 @@ __global__ void moe_offsets_kernel(int *start, int *goff, int *routed, int *kept
     if (e < E) {
         int run = s_start[e];
         for (int g = 0; g < n_groups; g++) {
-            int len = (g + 1) * G < N ? G : N - g * G, C = moe_capacity_of(len, E, K, cf1000, min_capacity, rule);
+            int len = group_tokens(g, N, G, P), C = moe_capacity_of(len, E, K, cf1000, min_capacity, rule);
             int cnt = count[(size_t)g * E + e];
             goff[(size_t)g * E + e] = run;
             run += cnt < C ? cnt : C;
@@ -929,10 +935,10 @@ __global__ void moe_offsets_kernel(int *start, int *goff, int *routed, int *kept
 
 // one thread per assignment i = n*K + r: its row (or -1) and the row's token
 __global__ void moe_rows_kernel(int *row_of, int *row_token, const int *top, const int *kept, const int *pos,
-                                const int *goff, int N, int K, int E, int G) {
+                                const int *goff, int N, int K, int E, int G, int P) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)N * K) return;
-    int n = (int)(i / K), g = n / G;
+    int n = (int)(i / K), g = group_of(n, G, P);
     if (kept[i]) {
         int row = goff[(size_t)g * E + top[i]] + pos[i];
         row_of[i] = row;
@@ -951,12 +957,12 @@ __global__ void moe_rows_kernel(int *row_of, int *row_token, const int *top, con
 static void moe_rows(int *start, int *row_token, int *row_of, int *routed, int *kept_cnt, const int *top,
                      const int *kept, int N, int K, int E, int *start_host, const int *pos, const int *count,
                      const MoeSettings *s, int R_pad, int *goff) {
-    int G = group_len(N, s->group_size), n_groups = (N + G - 1) / G;
-    moe_offsets_kernel<<<1, MAX_EXPERTS>>>(start, goff, routed, kept_cnt, count, n_groups, N, G, E, K, s->cf1000,
+    int P = group_first(N, s->first_group), G = group_len(N, s->group_size, P), n_groups = group_count(N, G, P);
+    moe_offsets_kernel<<<1, MAX_EXPERTS>>>(start, goff, routed, kept_cnt, count, n_groups, N, G, P, E, K, s->cf1000,
                                            s->min_capacity, s->capacity_rule, R_pad);
     launchCheck();
     if (R_pad > 0) cudaCheck(cudaMemsetAsync(row_token, 0xff, (size_t)E * R_pad * sizeof(int)));  // -1: a padding row
-    moe_rows_kernel<<<ceil_div((size_t)N * K, 256), 256>>>(row_of, row_token, top, kept, pos, goff, N, K, E, G);
+    moe_rows_kernel<<<ceil_div((size_t)N * K, 256), 256>>>(row_of, row_token, top, kept, pos, goff, N, K, E, G, P);
     launchCheck();
     if (R_pad > 0) {
         for (int e = 0; e <= E; e++) start_host[e] = e * R_pad;
@@ -1205,7 +1211,7 @@ template <typename X> static size_t acts_carve(Model *m, char *base) {
     size_t used = 0, n_params = m->table.n_params;
     int grads = m->grads != NULL, bf16_mode = sizeof(X) != sizeof(float), max_slices;
     size_t n_opt_partial = m->n_opt_partial = opt_partial_size(m, &max_slices);
-    ACT_SIZES(c, m->Bmax, m->Tmax, m->flash);
+    ACT_SIZES(c, m->Bmax, m->Tmax, m->flash, grads);
 #define CARVE(name, type, n, when) A->name = (when) ? (type *)carve(base, &used, size_mul(n, sizeof(type))) : NULL;
     FORWARD_ACTS(CARVE)
     if (grads) {
@@ -1217,18 +1223,34 @@ template <typename X> static size_t acts_carve(Model *m, char *base) {
     MODEL_BUFFERS(CARVE)
     GPU_MODEL_BUFFERS(CARVE)
 #undef CARVE
+    // the layers' rows: every layer's with an optimizer, else once for all (openmoe.h: ACT_SHARED_LAYER)
 #define CARVE(name, type, n, when) a->name = (when) ? (type *)carve(base, &used, size_mul(n, sizeof(type))) : NULL;
+#define SHARE(name, type, n, when) a->name = (when) ? shared.name : NULL;
+    LayerActs<X> shared;
+    memset(&shared, 0, sizeof(shared));
+    if (!grads) {
+        LayerActs<X> *a = &shared;
+        ACT_SHARED_LAYER(c);
+        LAYER_ACTS(CARVE)
+        GPU_LAYER_ACTS(CARVE)
+    }
     for (int l = 0; l < c->L; l++) {
         LayerActs<X> *a = &A->layer[l];
         ACT_LAYER(c, l);
-        LAYER_ACTS(CARVE)
-        GPU_LAYER_ACTS(CARVE)
-        a->in = A->resid ? A->resid + l * BT * D : NULL;
-        if (moe && !extra) a->moe_out = A->resid ? A->resid + (l + 1) * BT * D : NULL;
+        if (grads) {
+            LAYER_ACTS(CARVE)
+            GPU_LAYER_ACTS(CARVE)
+        } else {
+            LAYER_ACTS(SHARE)
+            GPU_LAYER_ACTS(SHARE)
+        }
+        a->in = A->resid ? A->resid + ACT_RESID(l) : NULL;
+        if (moe && !extra) a->moe_out = A->resid ? A->resid + ACT_RESID(l + 1) : NULL;
         a->start_host = m->h_start + l * (E + 1);
     }
+#undef SHARE
 #undef CARVE
-    A->final_in = A->resid ? A->resid + L * BT * D : NULL;
+    A->final_in = A->resid ? A->resid + ACT_RESID(L) : NULL;
     if (!bf16_mode) {  // fp32 mode: the matmuls read the master weights and d_res themselves
         A->params_x = (X *)m->params;
         A->dres_x = (X *)A->d_res;
@@ -1291,7 +1313,15 @@ static void kernel_choices(Model *m) {
     }
 }
 
-// parameters (zero), and with opt the gradients and the optimizer state of the shard (zero)
+// the model's own fp32 parameters (zero), which fp32 mode's matmuls read too
+static void params_own(Model *m) {
+    size_t n = m->table.n_params;
+    cudaCheck(cudaMalloc(&m->params, n * sizeof(float)));
+    cudaCheck(cudaMemset(m->params, 0, n * sizeof(float)));
+    if (m->precision == PRECISION_FP32) m->a32.params_x = m->params;
+}
+
+// with opt: the parameters (zero), the gradients and the optimizer state of the shard (zero)
 static void params_alloc(Model *m, const OptSettings *opt) {
     const ParamTable *pt = &m->table;
     int HHd = m->c.H * m->c.Hd;
@@ -1301,9 +1331,8 @@ static void params_alloc(Model *m, const OptSettings *opt) {
             die("model_create: layer %d: wq, wk, wv are not adjacent in the parameter table", l);
     }
     size_t n = pt->n_params;
-    cudaCheck(cudaMalloc(&m->params, n * sizeof(float)));
-    cudaCheck(cudaMemset(m->params, 0, n * sizeof(float)));
     if (!opt) return;
+    params_own(m);
     m->opt_kind = opt->kind;
     m->opt_min_dim = opt->min_dim;
     m->shard_lo = opt->shard_lo;
@@ -1331,9 +1360,9 @@ static void acts_alloc(Model *m) {
     m->buffer_bytes = bytes;
     if (bf) acts_carve<bf16>(m, m->buffer);
     else acts_carve<float>(m, m->buffer);
-    size_t half = (size_t)c->max_seq_len * (c->Hd / 2);
+    size_t half = (size_t)m->Tmax * (c->Hd / 2);
     float *cs = (float *)mallocCheck(2 * half * sizeof(float));
-    rope_tables(cs, cs + half, c->max_seq_len, c->Hd);
+    rope_tables(cs, cs + half, m->Tmax, c->Hd);
     cudaCheck(cudaMemcpy(m->rope_cos, cs, half * sizeof(float), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpy(m->rope_sin, cs + half, half * sizeof(float), cudaMemcpyHostToDevice));
     free(cs);
@@ -1385,6 +1414,8 @@ void model_free(Model *m) {
     cudaCheck(cudaDeviceSynchronize());
     cublas_release();
     cudaCheck(cudaFree(m->params));
+    cudaCheck(cudaFree(m->small));
+    free(m->small_at);
     cudaCheck(cudaFree(m->grads));
     cudaCheck(cudaFree(m->opt_state));
     cudaCheck(cudaFree(m->buffer));
@@ -1412,12 +1443,122 @@ void model_free(Model *m) {
 }
 
 void model_set_params(Model *m, const float *params) {
+    if (m->small) die("model_set_params: the model computes with a model file's weights (model_set_weights)");
+    if (!m->params) params_own(m);
     cudaCheck(cudaMemcpy(m->params, params, m->table.n_params * sizeof(float), cudaMemcpyHostToDevice));
     params_to_x(m);
     cudaCheck(cudaDeviceSynchronize());
 }
 void model_get_params(const Model *m, float *params) {
+    if (!m->params) die("model_get_params: the model computes with a model file's weights and has no fp32 copy");
     cudaCheck(cudaMemcpy(params, m->params, m->table.n_params * sizeof(float), cudaMemcpyDeviceToHost));
+}
+
+// the fp32 values from parameter offset off on, on the device: the master
+// weights, or (a model on a file's weights) the norms and routers in small
+static const float *param_f32(const Model *m, size_t off) {
+    if (m->params) return m->params + off;
+    if (!m->small) die("the model has no weights: model_set_params or model_set_weights gives it some");
+    int i = param_tensor_of(&m->table, off);
+    if (m->small_at[i] == SIZE_MAX) die("param_f32: tensor %s is not kept in fp32", m->table.tensors[i].name);
+    return m->small + m->small_at[i] + (off - m->table.tensors[i].offset);
+}
+
+Precision model_file_precision(int version) { return version == MODEL_FP32 ? PRECISION_FP32 : PRECISION_BF16; }
+
+#define UPLOAD_BYTES (64u << 20)  // a model file goes to the device in pieces of at most this many bytes
+
+// bf16 (n) = the int8 values q (n) times their scales s (one per G): s * q in fp32, rounded to bf16
+__global__ void int8_to_bf16_kernel(bf16 *out, const int8_t *q, const float *s, int G, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __float2bfloat16(s[i / G] * (float)q[i]);
+}
+
+// tensor t of f (at its bytes `at`) into params_x (bf16 mode), through staging
+// (UPLOAD_BYTES of device memory): bf16 as it is, int8 decoded (s * q
+// rounded to bf16), fp32 rounded to bf16
+static void tensor_upload_x(Model *m, const ModelFile *f, const TensorInfo *t, const unsigned char *at, char *staging) {
+    bf16 *dst = m->a16.params_x + t->offset;
+    size_t n = tensor_numel(t);
+    if (f->version == MODEL_BF16) {
+        cudaCheck(cudaMemcpy(dst, at, n * sizeof(bf16), cudaMemcpyHostToDevice));
+        return;
+    }
+    if (f->version == MODEL_INT8 && tensor_quantized(t)) {  // G values and their scale: G + 4 bytes a group
+        int G = f->group;
+        size_t groups = UPLOAD_BYTES / (G + sizeof(float)), n_groups = n / G;
+        const float *scales = (const float *)at;
+        const int8_t *q = (const int8_t *)(at + n_groups * sizeof(float));
+        for (size_t g0 = 0; g0 < n_groups; g0 += groups) {
+            size_t k = n_groups - g0 < groups ? n_groups - g0 : groups;
+            float *s_dev = (float *)staging;
+            int8_t *q_dev = (int8_t *)(staging + k * sizeof(float));
+            cudaCheck(cudaMemcpy(s_dev, scales + g0, k * sizeof(float), cudaMemcpyHostToDevice));
+            cudaCheck(cudaMemcpy(q_dev, q + g0 * G, k * G, cudaMemcpyHostToDevice));
+            int8_to_bf16_kernel<<<ceil_div(k * G, 256), 256>>>(dst + g0 * G, q_dev, s_dev, G, k * G);
+            launchCheck();
+            cudaCheck(cudaDeviceSynchronize());  // staging is refilled next
+        }
+        return;
+    }
+    size_t per = UPLOAD_BYTES / sizeof(float);  // fp32
+    for (size_t i0 = 0; i0 < n; i0 += per) {
+        size_t k = n - i0 < per ? n - i0 : per;
+        cudaCheck(cudaMemcpy(staging, (const float *)at + i0, k * sizeof(float), cudaMemcpyHostToDevice));
+        cast_to_x(dst + i0, (const float *)staging, k);
+        cudaCheck(cudaDeviceSynchronize());
+    }
+}
+
+// Version 1 into the fp32 master weights (fp32 mode; bf16 mode makes its copy
+// from them). Versions 2 and 3 (bf16 mode) straight into the bf16 copy, a
+// piece at a time, with no fp32 copy of the weights on the device: the
+// norms and routers, which the forward reads in fp32, go to small as well.
+void model_set_weights(Model *m, const ModelFile *f) {
+    if (memcmp(&m->c, &f->c, sizeof(Config)) != 0)
+        die("model_set_weights: %s holds a model of another config than the model's", f->path);
+    if (m->params || m->small) die("model_set_weights: the model has weights already");
+    const ParamTable *pt = &m->table;
+    size_t *offset = (size_t *)mallocCheck(pt->n_tensors * sizeof(size_t));
+    tensor_file_offsets(offset, pt, f->version, f->group);
+    if (f->version == MODEL_FP32) {
+        params_own(m);  // the file's parameters are the master weights' layout
+        cudaCheck(cudaMemcpy(m->params, f->data + HEADER_BYTES, pt->n_params * sizeof(float), cudaMemcpyHostToDevice));
+        params_to_x(m);
+        cudaCheck(cudaDeviceSynchronize());
+        free(offset);
+        return;
+    }
+    if (m->precision != PRECISION_BF16)
+        die("model_set_weights: %s is version %d: the CUDA backend computes it in bf16 mode (model_file_precision)",
+            f->path, f->version);
+    size_t n_small = 0;
+    m->small_at = (size_t *)mallocCheck(pt->n_tensors * sizeof(size_t));
+    for (int i = 0; i < pt->n_tensors; i++) {
+        m->small_at[i] = tensor_quantized(&pt->tensors[i]) ? SIZE_MAX : n_small;
+        if (!tensor_quantized(&pt->tensors[i])) n_small += tensor_numel(&pt->tensors[i]);
+    }
+    float *h_small = (float *)mallocCheck(n_small * sizeof(float));
+    char *staging;
+    cudaCheck(cudaMalloc(&staging, UPLOAD_BYTES));
+    for (int i = 0; i < pt->n_tensors; i++) {
+        const TensorInfo *t = &pt->tensors[i];
+        const unsigned char *at = f->data + offset[i];
+        tensor_upload_x(m, f, t, at, staging);
+        if (m->small_at[i] == SIZE_MAX) continue;
+        float *dst = h_small + m->small_at[i];
+        for (size_t j = 0; j < tensor_numel(t); j++) {  // a norm or a router in fp32: bf16 widened, or as stored
+            uint32_t u = 0;
+            if (f->version == MODEL_BF16) memcpy((char *)&u + 2, at + 2 * j, 2);  // the upper half (little-endian)
+            else memcpy(&u, at + 4 * j, 4);
+            memcpy(&dst[j], &u, 4);
+        }
+    }
+    cudaCheck(cudaMalloc(&m->small, n_small * sizeof(float)));
+    cudaCheck(cudaMemcpy(m->small, h_small, n_small * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaFree(staging));
+    free(h_small);
+    free(offset);
 }
 void model_get_grads(const Model *m, float *grads) {
     if (!m->grads) die("model_get_grads: the model was created without an optimizer, so it has no gradients");
@@ -1428,6 +1569,7 @@ void model_set_grads(Model *m, const float *grads) {
     cudaCheck(cudaMemcpy(m->grads, grads, m->table.n_params * sizeof(float), cudaMemcpyHostToDevice));
 }
 void model_get_logits(const Model *m, float *logits) {
+    if (!m->has_logits) die("model_get_logits: the last forward was a prefill, which keeps its last position's only");
     size_t n = (size_t)m->B * m->T * m->c.V;
     if (m->precision == PRECISION_FP32) {
         cudaCheck(cudaMemcpy(logits, m->a32.logits, n * sizeof(float), cudaMemcpyDeviceToHost));
@@ -1445,6 +1587,7 @@ void model_get_routing(const Model *m, int i, int32_t *expert, float *prob, uint
     int nm = n_moe_layers(&m->c), K = m->c.K, E = m->c.E;
     size_t BT = (size_t)m->B * m->T, BTK = BT * K;
     if (i < 0 || i >= nm) die("model_get_routing: MoE layer %d out of range [0, %d)", i, nm);
+    if (!m->grads) die("model_get_routing: a model without an optimizer keeps one layer's activations, not each's");
     int l = (i + 1) * m->c.moe_every - 1, bf = m->precision == PRECISION_BF16;
     const int *top = bf ? m->a16.layer[l].top : m->a32.layer[l].top;
     const int *kp = bf ? m->a16.layer[l].kept : m->a32.layer[l].kept;
@@ -1469,11 +1612,11 @@ template <typename X> static void moe_forward(Model *m, LayerActs<X> *a, const L
     const Config *c = &m->c;
     Acts<X> *A = acts<X>(m);
     int D = c->D, E = c->E, K = c->K, Fe = c->Fe;
-    const float *W = m->params;
     const X *WX = A->params_x;
     int *routed = m->stat_counts + (size_t)2 * im * E, *kept = routed + E;
-    rmsnorm_forward(a->moe_in, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
-    router_forward(a->z, a->p, a->lse, a->top, a->moe_in, W + lp->router, m->router_bias + (size_t)im * E, BT, D, E, K);
+    rmsnorm_forward(a->moe_in, a->rstd2, a->mid, param_f32(m, lp->mlp_norm), BT, D);
+    router_forward(a->z, a->p, a->lse, a->top, a->moe_in, param_f32(m, lp->router), m->router_bias + (size_t)im * E, BT,
+                   D, E, K);
     moe_capacity(a->kept, a->top, a->p, BT, K, E, &m->s, a->pos, a->count);
     a->R_pad = m->moe_exact ? 0 : moe_padded_rows(BT, K, E, &m->s);
     moe_rows(a->start, a->row_token, a->row_of, routed, kept, a->top, a->kept, BT, K, E, a->start_host, a->pos,
@@ -1493,33 +1636,51 @@ template <typename X> static void moe_forward(Model *m, LayerActs<X> *a, const L
         }
     }
     moe_combine(a->moe_out, a->mid, a->ye, a->p, a->top, a->row_of, BT, K, E, D);
-    moe_load_balance_forward(m->sums + 2 + 2 * im, a->lbf, a->p, a->top, BT, K, E, m->s.group_size, a->lb_group);
+    moe_load_balance_forward(m->sums + 2 + 2 * im, a->lbf, a->p, a->top, BT, K, E, &m->s, a->lb_group);
     router_z_loss_sum(m->sums + 3 + 2 * im, a->lse, BT);
 }
 
-template <typename X> static void forward_layers(Model *m, int B, int T) {
+// the keys and values of qkv (T,3HHd), one sequence, into the cache kc, vc (T,HHd)
+template <typename X> __global__ void kv_cache_fill_kernel(float *kc, float *vc, const X *qkv, int T, int HHd) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)T * HHd) return;
+    size_t t = idx / HHd, i = idx % HHd;
+    kc[idx] = to_float(qkv[t * 3 * HHd + HHd + i]);
+    vc[idx] = to_float(qkv[t * 3 * HHd + 2 * HHd + i]);
+}
+template <typename X> static void kv_cache_fill(float *kc, float *vc, const X *qkv, int T, int HHd) {
+    kv_cache_fill_kernel<X><<<ceil_div((size_t)T * HHd, 256), 256>>>(kc, vc, qkv, T, HHd);
+    launchCheck();
+}
+
+// the layers and the final norm: A->lnf (BT,D) from the tokens m->x. With
+// fill_cache (one sequence, B = 1), each layer's keys and values go to the KV
+// cache at positions 0..T-1.
+template <typename X> static void forward_layers(Model *m, int B, int T, int fill_cache) {
     const Config *c = &m->c;
     Acts<X> *A = acts<X>(m);
-    int BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, V = c->V;
-    const float *W = m->params;
+    int BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd;
     const X *WX = A->params_x;
     const int *seg = m->has_segment ? m->segment : NULL, *pos = m->has_position ? m->position : NULL;
-    encoder_forward(A->resid, m->x, W + m->table.wte, BT, D);
+    if (m->params) encoder_forward(A->layer[0].in, m->x, m->params + m->table.wte, BT, D);
+    else encoder_forward(A->layer[0].in, m->x, WX + m->table.wte, BT, D);  // a bf16 file's weights
     int im = 0;
     for (int l = 0; l < c->L; l++) {
         LayerActs<X> *a = &A->layer[l];
         const LayerParams *lp = &m->table.layer[l];
         float *out = l + 1 < c->L ? A->layer[l + 1].in : A->final_in;
         // mid = in + Attn(RMSNorm(in)): q, k, v in one matmul (wq, wk, wv are adjacent)
-        rmsnorm_forward(a->ln1, a->rstd1, a->in, W + lp->attn_norm, BT, D);
+        rmsnorm_forward(a->ln1, a->rstd1, a->in, param_f32(m, lp->attn_norm), BT, D);
         matmul_forward(a->qkv, a->ln1, WX + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
         rope_forward(a->qkv, m->rope_cos, m->rope_sin, pos, BT, T, H, Hd, 0, 1.0f);
+        if (fill_cache)
+            kv_cache_fill(m->kcache + (size_t)l * m->Tmax * HHd, m->vcache + (size_t)l * m->Tmax * HHd, a->qkv, T, HHd);
         if (m->flash) attention_forward_flash(a->atty, a->att_lse, a->qkv, seg, B, T, H, Hd);
         else attention_forward(a->atty, a->att, a->qkv, seg, B, T, H, Hd, A->scores);
         copy_floats(a->mid, a->in, (size_t)BT * D);  // the residual, then += atty Wo^T
         matmul_forward(a->mid, a->atty, WX + lp->wo, BT, HHd, D, D, 1);
         if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
-            rmsnorm_forward(a->ln2, a->rstd2, a->mid, W + lp->mlp_norm, BT, D);
+            rmsnorm_forward(a->ln2, a->rstd2, a->mid, param_f32(m, lp->mlp_norm), BT, D);
             copy_floats(out, a->mid, (size_t)BT * D);
             ffn_forward(out, a->gu, a->h, a->ln2, WX + lp->w_gate, WX + lp->w_up, WX + lp->w_down, BT, D, c->F, 1);
             continue;
@@ -1527,48 +1688,102 @@ template <typename X> static void forward_layers(Model *m, int B, int T) {
         // moe_out = mid + MoE(RMSNorm(mid)); then out = moe_out + FFN_extra(RMSNorm(moe_out))
         moe_forward(m, a, lp, im++, BT);
         if (c->extra_ffn) {
-            rmsnorm_forward(a->ln3, a->rstd3, a->moe_out, W + lp->extra_norm, BT, D);
+            rmsnorm_forward(a->ln3, a->rstd3, a->moe_out, param_f32(m, lp->extra_norm), BT, D);
             copy_floats(out, a->moe_out, (size_t)BT * D);
             ffn_forward(out, a->gux, a->hx, a->ln3, WX + lp->x_gate, WX + lp->x_up, WX + lp->x_down, BT, D, c->F, 1);
         }
     }
-    rmsnorm_forward(A->lnf, A->rstdf, A->final_in, W + m->table.final_norm, BT, D);
-    matmul_forward(A->logits, A->lnf, WX + m->table.lm_head, BT, D, V, V, 0);
+    rmsnorm_forward(A->lnf, A->rstdf, A->final_in, param_f32(m, m->table.final_norm), BT, D);
+}
+
+// the logits (BT,V) of the forward and its cross-entropy sums
+template <typename X> static void forward_logits(Model *m, int BT) {
+    Acts<X> *A = acts<X>(m);
+    int D = m->c.D, V = m->c.V;
+    matmul_forward(A->logits, A->lnf, A->params_x + m->table.lm_head, BT, D, V, V, 0);
     crossentropy_forward(m->sums, A->lse, A->logits, m->y, BT, V);
 }
 
-void model_forward(Model *m, const Batch *batch, const MoeSettings *s, float *losses) {
-    const Config *c = &m->c;
-    int B = batch->B, T = batch->T;
-    forward_args_check(B, T, m->Bmax, m->Tmax, s);
-    int BT = B * T, K = c->K, E = c->E, nm = n_moe_layers(c);
-    m->B = B;
-    m->T = T;
+// the batch and settings of a forward, checked, kept and copied to the device
+static void forward_begin(Model *m, const Batch *b, const MoeSettings *s) {
+    forward_args_check(b->B, b->T, m->Bmax, m->Tmax, s);
+    int BT = b->B * b->T;
+    m->B = b->B;
+    m->T = b->T;
     m->s = *s;
-    m->has_targets = batch->y != NULL;
-    m->has_segment = batch->segment != NULL;
-    m->has_position = batch->position != NULL;
-    m->n_targets = forward_batch_copy(m->h_x, m->h_y, m->h_segment, m->h_position, batch, c->V, c->max_seq_len);
-    m->loss_targets = forward_loss_targets(batch, m->n_targets);
+    m->has_targets = b->y != NULL;
+    m->has_segment = b->segment != NULL;
+    m->has_position = b->position != NULL;
+    m->n_targets = forward_batch_copy(m->h_x, m->h_y, m->h_segment, m->h_position, b, m->c.V, m->Tmax);
+    m->loss_targets = forward_loss_targets(b, m->n_targets);
     cudaCheck(cudaMemcpyAsync(m->x, m->h_x, BT * sizeof(int), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpyAsync(m->y, m->h_y, BT * sizeof(int), cudaMemcpyHostToDevice));
     if (m->has_segment)
         cudaCheck(cudaMemcpyAsync(m->segment, m->h_segment, BT * sizeof(int), cudaMemcpyHostToDevice));
     if (m->has_position)
         cudaCheck(cudaMemcpyAsync(m->position, m->h_position, BT * sizeof(int), cudaMemcpyHostToDevice));
-    if (m->precision == PRECISION_BF16) forward_layers<bf16>(m, B, T);
-    else forward_layers<float>(m, B, T);
+}
 
-    // the losses and router statistics from the sums and counts, copied to the
-    // host here, after the whole forward: the one sync of a forward (in a MoE
-    // layer it would be one per layer)
+// the router statistics of the forward (model_router_stats) from the device's
+// sums and counts, copied to the host here, after the whole forward: its one
+// sync (in a MoE layer it would be one per layer). Returns the assignments dropped
+static long forward_router_stats(Model *m) {
+    int BT = m->B * m->T, K = m->c.K, E = m->c.E, nm = n_moe_layers(&m->c);
     cudaCheck(cudaMemcpy(m->h_sums, m->sums, (2 + 2 * (size_t)nm) * sizeof(double), cudaMemcpyDeviceToHost));
     if (nm > 0)
         cudaCheck(cudaMemcpy(m->stat_ints, m->stat_counts, (size_t)nm * 2 * E * sizeof(int), cudaMemcpyDeviceToHost));
-    const double *sums = m->h_sums;
-    int G = group_len(BT, s->group_size), n_groups = (BT + G - 1) / G;
-    long dropped = router_stats_from_sums(m->stats, sums + 2, nm, n_groups, BT, K, E);
-    losses_from_sums(losses, sums[0], sums[1], m->loss_targets, m->stats, nm, dropped, (long)BT * K, s);
+    int P = group_first(BT, m->s.first_group), G = group_len(BT, m->s.group_size, P);
+    return router_stats_from_sums(m->stats, m->h_sums + 2, nm, group_count(BT, G, P), BT, K, E);
+}
+
+void model_forward(Model *m, const Batch *batch, const MoeSettings *s, float *losses) {
+    const Config *c = &m->c;
+    int B = batch->B, T = batch->T;
+    forward_begin(m, batch, s);
+    if (m->precision == PRECISION_BF16) {
+        forward_layers<bf16>(m, B, T, 0);
+        forward_logits<bf16>(m, B * T);
+    } else {
+        forward_layers<float>(m, B, T, 0);
+        forward_logits<float>(m, B * T);
+    }
+    m->has_logits = 1;
+    long dropped = forward_router_stats(m);
+    losses_from_sums(losses, m->h_sums[0], m->h_sums[1], m->loss_targets, m->stats, n_moe_layers(c), dropped,
+                     (long)B * T * c->K, s);
+}
+
+// out (n) = inp (n) in fp32
+template <typename X> __global__ void widen_kernel(float *out, const X *inp, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = to_float(inp[i]);
+}
+
+// the last position's logits: the first row of the logits buffer, in fp32 on the host
+template <typename X> static const float *prefill_logits(Model *m, int T) {
+    Acts<X> *A = acts<X>(m);
+    int D = m->c.D, V = m->c.V;
+    matmul_forward(A->logits, A->lnf + (size_t)(T - 1) * D, A->params_x + m->table.lm_head, 1, D, V, V, 0);
+    widen_kernel<X><<<ceil_div(V, 256), 256>>>(m->t_logits, A->logits, V);
+    launchCheck();
+    cudaCheck(cudaMemcpy(m->h_logits, m->t_logits, V * sizeof(float), cudaMemcpyDeviceToHost));
+    return m->h_logits;
+}
+
+const float *model_prefill(Model *m, const int32_t *x, int T, const MoeSettings *s) {
+    Batch batch = {x, NULL, NULL, NULL, 1, T, 0.0};  // one segment at positions 0..T-1, as decode continues it
+    forward_begin(m, &batch, s);
+    const float *logits;
+    if (m->precision == PRECISION_BF16) {
+        forward_layers<bf16>(m, 1, T, 1);
+        logits = prefill_logits<bf16>(m, T);
+    } else {
+        forward_layers<float>(m, 1, T, 1);
+        logits = prefill_logits<float>(m, T);
+    }
+    m->has_logits = 0;
+    forward_router_stats(m);
+    return logits;
 }
 
 // ----------------------------------------------------------------------------
@@ -1602,7 +1817,7 @@ template <typename X> static void moe_backward(Model *m, LayerActs<X> *a, const 
         }
     }
     // the router: combine weights, load balance and z-loss all act on p
-    moe_load_balance_backward(A->dp, a->lbf, BT, E, m->s.group_size, m->s.lb_coef / nm);
+    moe_load_balance_backward(A->dp, a->lbf, BT, E, &m->s, m->s.lb_coef / nm);
     router_backward(A->dp, a->p, a->lse, m->s.rz_coef / nm, BT, E);
     matmul_backward(A->d_ln, G + lp->router, A->dp, a->moe_in, W + lp->router, BT, D, E, E, 0);
     moe_dispatch_backward(A->d_ln, A->dxe, a->row_of, BT, K, D);
@@ -1922,36 +2137,40 @@ void model_set_opt_state(Model *m, const float *state) {
 }
 
 // ----------------------------------------------------------------------------
-// inference: one token at a time with a KV cache, in fp32 with the master
-// weights (in both precisions). Each step is the one-row version of the
-// batched code above; the expert matrices are picked on the device (sel), so
-// the only sync is the copy of the logits.
+// inference: one token at a time with a KV cache, in fp32, with the fp32
+// master weights (in both precisions), or with the bf16 copy where that is
+// all the model has (bf16 and int8 files): W, the weights' type, is float or
+// bf16. Each step is the one-row version of the batched code above; the
+// expert matrices are picked on the device (sel), so the only sync is the
+// copy of the logits.
 
 // out (OUT) = (or += with accumulate) w (OUT,IN) @ inp (IN), w advanced by
 // sel[0] * sel_stride when sel is not NULL (an expert's slice): one warp per row
-__global__ void matvec_forward_kernel(float *out, const float *inp, const float *w, const int *sel, size_t sel_stride,
+template <typename W>
+__global__ void matvec_forward_kernel(float *out, const float *inp, const W *w, const int *sel, size_t sel_stride,
                                       int IN, int OUT, int accumulate) {
     int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (o >= OUT) return;
     if (sel) w += (size_t)sel[0] * sel_stride;
-    const float *wo = w + (size_t)o * IN;
+    const W *wo = w + (size_t)o * IN;
     float acc = 0.0f;
-    for (int i = lane; i < IN; i += 32) acc += inp[i] * wo[i];
+    for (int i = lane; i < IN; i += 32) acc += inp[i] * to_float(wo[i]);
     acc = warp_sum(acc);
     if (lane == 0) out[o] = accumulate ? out[o] + acc : acc;
 }
-static void matvec_forward(float *out, const float *inp, const float *w, int IN, int OUT, int accumulate,
+template <typename W>
+static void matvec_forward(float *out, const float *inp, const W *w, int IN, int OUT, int accumulate,
                            const int *sel = NULL, size_t sel_stride = 0) {
-    matvec_forward_kernel<<<ceil_div(OUT, 8), 256>>>(out, inp, w, sel, sel_stride, IN, OUT, accumulate);
+    matvec_forward_kernel<W><<<ceil_div(OUT, 8), 256>>>(out, inp, w, sel, sel_stride, IN, OUT, accumulate);
     launchCheck();
 }
 
 // one query per head (blockIdx.x) against the cached keys and values 0..pos
 __global__ void attention_decode_kernel(float *out, float *att, const float *qkv, const float *kc, const float *vc,
-                                        int pos, int H, int Hd, int max_seq_len) {
+                                        int pos, int H, int Hd, int Tmax) {
     int h = blockIdx.x, HHd = H * Hd;
     const float *q = qkv + (size_t)h * Hd;
-    float *a = att + (size_t)h * max_seq_len;
+    float *a = att + (size_t)h * Tmax;
     for (int s = threadIdx.x; s <= pos; s += blockDim.x) {
         const float *k = kc + (size_t)s * HHd + (size_t)h * Hd;
         float dot = 0.0f;
@@ -1974,10 +2193,10 @@ __global__ void attention_decode_kernel(float *out, float *att, const float *qkv
         out[(size_t)h * Hd + i] = acc;
     }
 }
-// qkv (3HHd) of position pos, kc, vc (max_seq_len, HHd) -> out (HHd); att (H, max_seq_len) scratch
+// qkv (3HHd) of position pos, kc, vc (Tmax, HHd) -> out (HHd); att (H, Tmax) scratch
 static void attention_decode(float *out, float *att, const float *qkv, const float *kc, const float *vc, int pos, int H,
-                             int Hd, int max_seq_len) {
-    attention_decode_kernel<<<H, 128>>>(out, att, qkv, kc, vc, pos, H, Hd, max_seq_len);
+                             int Hd, int Tmax) {
+    attention_decode_kernel<<<H, 128>>>(out, att, qkv, kc, vc, pos, H, Hd, Tmax);
     launchCheck();
 }
 
@@ -1998,7 +2217,8 @@ static void moe_decode_accumulate(float *acc, const float *y, const float *p, co
 }
 
 // one token's gated FFN: out (D) = (or += with accumulate) FFN(x); the weights of expert sel[0] when sel is not NULL
-static void ffn_token(Model *m, float *out, const float *x, const float *wg, const float *wu, const float *wd, int F,
+template <typename W>
+static void ffn_token(Model *m, float *out, const float *x, const W *wg, const W *wu, const W *wd, int F,
                       int accumulate, const int *sel) {
     int D = m->c.D;
     if (!sel && wu == wg + 2 * (size_t)F * D) {
@@ -2014,46 +2234,53 @@ static void ffn_token(Model *m, float *out, const float *x, const float *wg, con
 
 const int model_decode_bitwise = 0;  // cuBLAS sums the forward's products in its own order
 
-const float *model_decode(Model *m, int token, int pos) {
+// the token's logits into t_logits, the weight matrices read from WW (fp32 or bf16)
+template <typename W> static void decode_token(Model *m, int token, int pos, const W *WW) {
     const Config *c = &m->c;
-    if (token < 0 || token >= c->V) die("model_decode: token %d out of range [0, %d)", token, c->V);
-    if (pos < 0 || pos >= c->max_seq_len) die("model_decode: position %d outside the context [0, %d)", pos, c->max_seq_len);
     int D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd, E = c->E, K = c->K, im = 0;
-    const float *W = m->params;
     const ParamTable *pt = &m->table;
     float *x = m->t_x, *xn = m->t_xn;
-    copy_floats(x, W + pt->wte + (size_t)token * D, D);
+    widen_kernel<W><<<ceil_div(D, 256), 256>>>(x, WW + pt->wte + (size_t)token * D, D);  // the embedding's row
+    launchCheck();
     for (int l = 0; l < c->L; l++) {
         const LayerParams *lp = &pt->layer[l];
-        float *kc = m->kcache + (size_t)l * c->max_seq_len * HHd, *vc = m->vcache + (size_t)l * c->max_seq_len * HHd;
-        rmsnorm_forward(xn, (float *)NULL, x, W + lp->attn_norm, 1, D);
-        matvec_forward(m->t_qkv, xn, W + lp->wq, D, 3 * HHd, 0);  // q | k | v
+        float *kc = m->kcache + (size_t)l * m->Tmax * HHd, *vc = m->vcache + (size_t)l * m->Tmax * HHd;
+        rmsnorm_forward(xn, (float *)NULL, x, param_f32(m, lp->attn_norm), 1, D);
+        matvec_forward(m->t_qkv, xn, WW + lp->wq, D, 3 * HHd, 0);  // q | k | v
         rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, (const int *)NULL, 1, 1, H, Hd, pos, 1.0f);
         copy_floats(kc + (size_t)pos * HHd, m->t_qkv + HHd, HHd);
         copy_floats(vc + (size_t)pos * HHd, m->t_qkv + 2 * HHd, HHd);
-        attention_decode(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, c->max_seq_len);
-        matvec_forward(x, m->t_aty, W + lp->wo, HHd, D, 1);  // x += Wo aty
-        rmsnorm_forward(xn, (float *)NULL, x, W + lp->mlp_norm, 1, D);
+        attention_decode(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, m->Tmax);
+        matvec_forward(x, m->t_aty, WW + lp->wo, HHd, D, 1);  // x += Wo aty
+        rmsnorm_forward(xn, (float *)NULL, x, param_f32(m, lp->mlp_norm), 1, D);
         if (!lp->moe) {
-            ffn_token(m, x, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->F, 1, NULL);
+            ffn_token(m, x, xn, WW + lp->w_gate, WW + lp->w_up, WW + lp->w_down, c->F, 1, NULL);
             continue;
         }
         // a group of one token: capacity never binds, every choice is kept
-        matvec_forward(m->t_z, xn, W + lp->router, D, E, 0);
+        matvec_forward(m->t_z, xn, param_f32(m, lp->router), D, E, 0);
         router_token(m->t_p, m->t_lse, m->t_top, m->t_z, m->router_bias + (size_t)im++ * E, E, K);
         cudaCheck(cudaMemsetAsync(m->t_acc, 0, D * sizeof(float)));
         for (int r = 0; r < K; r++) {
-            ffn_token(m, m->t_out, xn, W + lp->w_gate, W + lp->w_up, W + lp->w_down, c->Fe, 0, m->t_top + r);
+            ffn_token(m, m->t_out, xn, WW + lp->w_gate, WW + lp->w_up, WW + lp->w_down, c->Fe, 0, m->t_top + r);
             moe_decode_accumulate(m->t_acc, m->t_out, m->t_p, m->t_top + r, D);
         }
         residual_forward(x, m->t_acc, x, D);
         if (c->extra_ffn) {
-            rmsnorm_forward(xn, (float *)NULL, x, W + lp->extra_norm, 1, D);
-            ffn_token(m, x, xn, W + lp->x_gate, W + lp->x_up, W + lp->x_down, c->F, 1, NULL);
+            rmsnorm_forward(xn, (float *)NULL, x, param_f32(m, lp->extra_norm), 1, D);
+            ffn_token(m, x, xn, WW + lp->x_gate, WW + lp->x_up, WW + lp->x_down, c->F, 1, NULL);
         }
     }
-    rmsnorm_forward(xn, (float *)NULL, x, W + pt->final_norm, 1, D);
-    matvec_forward(m->t_logits, xn, W + pt->lm_head, D, c->V, 0);
+    rmsnorm_forward(xn, (float *)NULL, x, param_f32(m, pt->final_norm), 1, D);
+    matvec_forward(m->t_logits, xn, WW + pt->lm_head, D, c->V, 0);
+}
+
+const float *model_decode(Model *m, int token, int pos) {
+    const Config *c = &m->c;
+    if (token < 0 || token >= c->V) die("model_decode: token %d out of range [0, %d)", token, c->V);
+    if (pos < 0 || pos >= m->Tmax) die("model_decode: position %d outside the model's [0, %d)", pos, m->Tmax);
+    if (m->params) decode_token(m, token, pos, (const float *)m->params);
+    else decode_token(m, token, pos, (const bf16 *)m->a16.params_x);  // a bf16 or int8 file's weights
     cudaCheck(cudaMemcpy(m->h_logits, m->t_logits, c->V * sizeof(float), cudaMemcpyDeviceToHost));
     return m->h_logits;
 }

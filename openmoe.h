@@ -20,6 +20,7 @@
 
 #include <stddef.h>
 #include <float.h>
+#include <sys/mman.h>
 #include "utils.h"
 
 #ifdef __cplusplus
@@ -33,8 +34,8 @@ extern "C" {
 // whether the model uses it or not, so that no header asks for more than the
 // largest models need. Each admits the presets and OpenMoE's released models
 // (base, 8B, 34B) with room to spare:
-// the longest context: RoPE tables and the KV cache are allocated for all of
-// it (OpenMoE's models have 2048)
+// the longest context (OpenMoE's models have 2048); a model's RoPE tables and
+// KV cache are sized by the sequences it is made for (model_create's T)
 #define MAX_SEQ_LEN (1 << 20)
 // the vocabulary: OpenMoE's is 256384, the largest tokenizers in use about 10^6
 #define MAX_V (1 << 22)
@@ -208,6 +209,9 @@ typedef struct {
     float lb_coef, rz_coef, lz_coef;  // 0.01, 1e-4, 1e-4
     int capacity_rule; // CAP_T5X, CAP_COLOSSALAI or CAP_NONE (dropless)
     int drop_policy;   // DROP_POSITION or DROP_PROBS
+    int first_group;   // > 0: tokens 0..first_group-1 are the first routing group, and the groups of
+                       // group_size follow it (run --verify: the prompt one group, as prefilled, then
+                       // each generated token its own)
 } MoeSettings;
 
 // the range of capacity factors a flag may set: cf1000 stays an int >= 1
@@ -215,7 +219,7 @@ typedef struct {
 #define MAX_CF 1000.0
 
 static inline MoeSettings moe_settings_default(void) {
-    MoeSettings s = {1250, 4, 4096, 0.01f, 1e-4f, 1e-4f, CAP_T5X, DROP_POSITION};
+    MoeSettings s = {1250, 4, 4096, 0.01f, 1e-4f, 1e-4f, CAP_T5X, DROP_POSITION, 0};
     return s;
 }
 
@@ -281,19 +285,40 @@ typedef struct {
     int *kept;        // [E] assignments kept per expert
 } RouterStats;
 
-// Allocates parameters (zero), activations for batches up to B x T, and a
-// KV cache of max_seq_len positions for model_decode. With opt (not NULL)
-// also gradients and the state of optimizer opt->kind (zero); model_update
-// must then be called with the same kind and min_dim. Nothing is allocated
-// after this call. Exits with a message when memory or the backend fails.
+// A model for batches of up to B sequences of up to T tokens: activations
+// for B x T, and RoPE tables and a KV cache for positions 0..T-1, which
+// model_prefill and model_decode fill (T <= max_seq_len). With opt (not
+// NULL): parameters (zero), gradients and the state of optimizer opt->kind
+// (zero), and every layer keeps its activations for model_backward;
+// model_update must then be called with the same kind and min_dim. Without
+// opt (inference): no parameters until model_set_params copies them in or
+// model_set_weights points the model at a model file's, and the layers share
+// one set of activations, as no backward reads them (model_get_routing is
+// then refused). Nothing else is allocated after this call. Exits with a
+// message when memory or the backend fails.
 Model *model_create(const Config *c, int B, int T, Precision precision, const OptSettings *opt);
 void model_free(Model *m);
 
 const Config *model_config(const Model *m);
 const ParamTable *model_param_table(const Model *m);
 
-void model_set_params(Model *m, const float *params);   // host [n_params]
-void model_get_params(const Model *m, float *params);
+void model_set_params(Model *m, const float *params);   // host [n_params], copied
+void model_get_params(const Model *m, float *params);   // of a model with parameters of its own
+
+// The weights of a mapped model file (section 5), for a model of its config
+// made without an optimizer: the model computes with them where they lie
+// (the file stays mapped while it does), and holds no parameters of its own.
+// The CPU reads every version in place, the products widening bf16 and int8
+// to the fp32 values a version-1 file of the decoded weights holds, so that
+// its results have those bits; it touches an expert's weights only when a
+// token uses the expert. The GPU uploads them: version 1 as its fp32
+// weights, versions 2 and 3 as the bf16 copy its bf16 mode computes with,
+// with no fp32 copy (the norms and routers, read in fp32, aside).
+typedef struct ModelFile ModelFile;
+void model_set_weights(Model *m, const ModelFile *f);
+// the precision a backend computes a model file of this version in: the CPU
+// fp32 always; the GPU fp32 for version 1, bf16 for versions 2 and 3
+Precision model_file_precision(int version);
 void model_get_grads(const Model *m, float *grads);
 void model_set_grads(Model *m, const float *grads);     // tests: feed known gradients to model_update
 
@@ -306,7 +331,7 @@ typedef struct {
     const int32_t *x;         // the tokens
     const int32_t *y;         // the targets, -1: none; NULL: logits only
     const int32_t *segment;   // each token's segment in its row, >= -1; NULL: one segment per row
-    const int32_t *position;  // each token's RoPE position, in [0, max_seq_len); NULL: 0..T-1 in every row
+    const int32_t *position;  // each token's RoPE position, in [0, the model's T); NULL: 0..T-1 in every row
     int B, T;
     // what the CE and the output z-loss sums are divided by; 0: the number of
     // targets in y. Data parallelism (train.c) gives every rank the mean of
@@ -353,16 +378,23 @@ void model_grads_allreduce(Model *m);
 void model_params_allgather(Model *m, const size_t *shard);
 #endif
 
-// Inference with a KV cache: feeds token at position pos (0 <= pos <
-// max_seq_len; positions before pos must have been fed) and returns the
-// host logits [V] for the next token. Each token is routed on its own (a
-// group of one), so capacity never drops it: generation matches
-// model_forward with group_size 1.
+// Inference with a KV cache, one sequence. model_prefill runs the prompt x
+// (T tokens) as one forward pass, routed as s says (model_forward's batch of
+// one), puts its keys and values into the cache at positions 0..T-1 and
+// returns the host logits [V] of its last position. model_decode feeds one
+// token at position pos (0 <= pos < the model's T; positions before pos must
+// have been fed) and returns the host logits [V] for the next token. Each
+// decoded token is routed on its own (a group of one), so capacity never
+// drops it: a prefill routed so too (group_size 1) followed by decoding
+// matches model_forward with group_size 1, and a prefill of the first
+// n tokens as one group matches model_forward with first_group n and
+// group_size 1.
+const float *model_prefill(Model *m, const int32_t *x, int T, const MoeSettings *s);
 const float *model_decode(Model *m, int token, int pos);
-// 1 when model_decode's logits equal model_forward's (group size 1) bit for
-// bit, as on the CPU, where both sum each output in one fixed chain; 0 on the
-// GPU, where the forward's cuBLAS sums in its own order (run --verify then
-// checks the argmax only)
+// 1 when model_prefill's and model_decode's logits equal model_forward's bit
+// for bit, as on the CPU, where all sum each output in one fixed chain; 0 on
+// the GPU, where the forward's cuBLAS sums in its own order (run --verify
+// then checks the argmax only)
 extern const int model_decode_bitwise;
 
 // ----------------------------------------------------------------------------
@@ -472,6 +504,17 @@ static inline void param_table_build(ParamTable *p, const Config *c) {
             (unsigned long long)config_n_params(c));
 }
 
+// the tensor that holds parameter off (the last that starts at or before it)
+static inline int param_tensor_of(const ParamTable *p, size_t off) {
+    int lo = 0, hi = p->n_tensors - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (p->tensors[mid].offset <= off) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
 static inline void param_table_free(ParamTable *p) {
     free(p->layer);
     free(p->tensors);
@@ -497,21 +540,33 @@ static inline void param_table_free(ParamTable *p) {
 // extra FFN, BT*K*Fe with experts) and ffn_width (the widest FFN, F or Fe).
 // flash: openmoe.cu's flash attention keeps no (T,T) matrices.
 
+// The layers' rows are carved for every layer where a backward will read
+// them (keep: a model with an optimizer); an inference model carves them
+// once, for the kinds of layer it has (ACT_SHARED_LAYER), every layer
+// reusing them, and keeps two residuals, a layer's input and its output.
+// T is also the number of positions the RoPE tables and KV cache hold.
+
 // what ACT_SIZES and ACT_LAYER name, as locals of the function that carves:
-// c the config, Bmax x Tmax the largest batch, flash_ as above
-#define ACT_SIZES(c, Bmax, Tmax, flash_)                                                                          \
+// c the config, Bmax x Tmax the largest batch, flash_ as above, keep_ as above
+#define ACT_SIZES(c, Bmax, Tmax, flash_, keep_)                                                                   \
     const size_t B = (Bmax), T = (Tmax), BT = B * T, D = (c)->D, H = (c)->H, Hd = (c)->Hd, HHd = H * Hd;        \
     const size_t V = (c)->V, L = (c)->L, E = (c)->E, K = (c)->K, F = (c)->F, Fe = (c)->Fe;                      \
-    const size_t max_seq_len = (c)->max_seq_len, n_moe = n_moe_layers(c);                                       \
+    const size_t n_moe = n_moe_layers(c), n_resid = (keep_) ? L + 1 : 2;                                        \
     const int any_moe = n_moe > 0, any_ffn = L > n_moe || (any_moe && (c)->extra_ffn), flash = (flash_);        \
     const size_t ffn_f = any_ffn ? F : 0, ffn_fe = any_moe ? Fe : 0;                                            \
     const size_t ffn_elems = BT * ffn_f > BT * K * ffn_fe ? BT * ffn_f : BT * K * ffn_fe;                        \
     const size_t ffn_width = ffn_f > ffn_fe ? ffn_f : ffn_fe;                                                    \
     (void)B, (void)T, (void)BT, (void)D, (void)H, (void)Hd, (void)HHd, (void)V, (void)L, (void)E, (void)K;      \
-    (void)F, (void)Fe, (void)max_seq_len, (void)n_moe, (void)any_moe, (void)flash, (void)ffn_elems, (void)ffn_width
+    (void)F, (void)Fe, (void)n_moe, (void)n_resid, (void)any_moe, (void)flash, (void)ffn_elems, (void)ffn_width
 #define ACT_LAYER(c, l)                                                                                          \
     const int moe = is_moe_layer(c, l), dense = !moe, extra = moe && (c)->extra_ffn;                            \
     (void)moe, (void)dense, (void)extra
+// the rows of every kind of layer the model has, carved once for an inference model
+#define ACT_SHARED_LAYER(c)                                                                                      \
+    const int moe = any_moe, dense = (int)L > (int)n_moe, extra = any_moe && (c)->extra_ffn;                   \
+    (void)moe, (void)dense, (void)extra
+// where layer l's input lies among the n_resid residuals (resid (n_resid,BT,D))
+#define ACT_RESID(l) ((size_t)(l) % n_resid * BT * D)
 
 // a row as a struct member
 #define ACT_POINTER(name, type, n, when) type *name;
@@ -552,7 +607,7 @@ static inline void param_table_free(ParamTable *p) {
 
 // the model's forward, after its layers'
 #define FORWARD_ACTS(_)                                                                                          \
-    _(resid,     float,  (L + 1) * BT * D, 1)       /* (L+1,BT,D) layer l reads resid[l], writes resid[l+1] */ \
+    _(resid,     float,  n_resid * BT * D, 1)       /* (n_resid,BT,D) layer l reads ACT_RESID(l), writes l+1's */ \
     _(lnf,       floatX, BT * D,           1)       /* (BT,D) the final norm's output */                        \
     _(rstdf,     float,  BT,               1)       /* (BT) */                                                   \
     _(logits,    floatX, BT * V,           1)       /* (BT,V) */                                                \
@@ -581,14 +636,14 @@ static inline void param_table_free(ParamTable *p) {
     _(segment,   int,    BT,               1)       /* (BT) its segments, when the batch has them */            \
     _(position,  int,    BT,               1)       /* (BT) its positions, when the batch has them */           \
     _(sums,      double, 2 + 2 * n_moe,    1)       /* its ce and lz sums, then per MoE layer lb's and rz's */  \
-    _(rope_cos,  float,  max_seq_len * (Hd / 2), 1) /* (max_seq_len,Hd/2) */                                   \
-    _(rope_sin,  float,  max_seq_len * (Hd / 2), 1) /* (max_seq_len,Hd/2) */                                   \
-    _(kcache,    float,  L * max_seq_len * HHd, 1)  /* (L,max_seq_len,HHd) the keys of the tokens decoded */    \
-    _(vcache,    float,  L * max_seq_len * HHd, 1)  /* (L,max_seq_len,HHd) their values */                      \
+    _(rope_cos,  float,  T * (Hd / 2),     1)       /* (T,Hd/2) positions 0..T-1 */                             \
+    _(rope_sin,  float,  T * (Hd / 2),     1)       /* (T,Hd/2) */                                              \
+    _(kcache,    float,  L * T * HHd,      1)       /* (L,T,HHd) the keys of the tokens prefilled and decoded */ \
+    _(vcache,    float,  L * T * HHd,      1)       /* (L,T,HHd) their values */                                \
     _(t_x,       float,  D,                1)       /* one token's residual stream */                           \
     _(t_xn,      float,  D,                1)       /* its norm */                                              \
     _(t_qkv,     float,  3 * HHd,          1)                                                                    \
-    _(t_att,     float,  H * max_seq_len,  1)       /* (H,max_seq_len) a row of scores per head */              \
+    _(t_att,     float,  H * T,            1)       /* (H,T) a row of scores per head */                        \
     _(t_aty,     float,  HHd,              1)                                                                    \
     _(t_gu,      float,  3 * ffn_width,    1)                                                                    \
     _(t_h,       float,  ffn_width,        1)                                                                    \
@@ -661,9 +716,27 @@ static inline void params_init(const ParamTable *p, const Config *c, float *para
 #define HOST_DEVICE
 #endif
 
-// routing groups (SPEC §3): tokens [g*G, min((g+1)*G, N)) with G = group_len (group_size 0: all N)
-static inline HOST_DEVICE int group_len(int N, int group_size) {
-    return group_size <= 0 || group_size > N ? N : group_size;
+// Routing groups (SPEC §3): the N tokens of a call in flattened order, cut
+// into groups of group_size (0: one group of them all). With first_group > 0
+// (MoeSettings), tokens 0..P-1, P = group_first(N, first_group), are group 0,
+// and the groups of group_size follow from token P. G = group_len(N,
+// group_size, P) is those groups' size (the last may be shorter).
+static inline HOST_DEVICE int group_first(int N, int first_group) {
+    return first_group <= 0 ? 0 : first_group < N ? first_group : N;
+}
+static inline HOST_DEVICE int group_len(int N, int group_size, int P) {
+    int rest = N - P > 0 ? N - P : 1;
+    return group_size <= 0 || group_size > rest ? rest : group_size;
+}
+static inline HOST_DEVICE int group_count(int N, int G, int P) { return (P > 0) + (N - P + G - 1) / G; }
+// group g's first token, the group of token n, and the tokens of group g
+static inline HOST_DEVICE int group_start(int g, int G, int P) {
+    return P > 0 ? (g == 0 ? 0 : P + (g - 1) * G) : g * G;
+}
+static inline HOST_DEVICE int group_of(int n, int G, int P) { return P > 0 ? (n < P ? 0 : 1 + (n - P) / G) : n / G; }
+static inline HOST_DEVICE int group_tokens(int g, int N, int G, int P) {
+    int g0 = group_start(g, G, P), end = P > 0 && g == 0 ? P : g0 + G;
+    return (end < N ? end : N) - g0;
 }
 
 // expert capacity of a group of n tokens, in integers, by rule (SPEC §3, §8):
@@ -743,9 +816,9 @@ static inline HOST_DEVICE void router_backward_row(float *d, const float *p, flo
     for (int e = 0; e < E; e++) d[e] = p[e] * (d[e] - pd) + zl * p[e];
 }
 
-// RoPE tables (SPEC §2): cos, sin (max_seq_len, Hd/2) of pos * 10000^(-2i/Hd), computed in double
-static inline void rope_tables(float *cosv, float *sinv, int max_seq_len, int Hd) {
-    for (int pos = 0; pos < max_seq_len; pos++)
+// RoPE tables (SPEC §2): cos, sin (T, Hd/2) of pos * 10000^(-2i/Hd) for positions 0..T-1, computed in double
+static inline void rope_tables(float *cosv, float *sinv, int T, int Hd) {
+    for (int pos = 0; pos < T; pos++)
         for (int i = 0; i < Hd / 2; i++) {
             double theta = pos * pow(10000.0, -2.0 * i / Hd);
             cosv[(size_t)pos * (Hd / 2) + i] = (float)cos(theta);
@@ -807,15 +880,18 @@ static inline void forward_args_check(int B, int T, int Bmax, int Tmax, const Mo
     if (B <= 0 || T <= 0 || B > Bmax || T > Tmax)
         die("model_forward: batch %d x %d does not fit the model's %d x %d", B, T, Bmax, Tmax);
     if (s->cf1000 <= 0 || s->min_capacity < 0 || s->group_size < 0 || s->capacity_rule < 0 ||
-        s->capacity_rule >= N_CAP_RULES || s->drop_policy < 0 || s->drop_policy >= N_DROP_POLICIES)
+        s->capacity_rule >= N_CAP_RULES || s->drop_policy < 0 || s->drop_policy >= N_DROP_POLICIES ||
+        s->first_group < 0)
         die("model_forward: bad MoE settings (cf1000 %d, min_capacity %d, group_size %d, capacity rule %d, "
-            "drop policy %d)", s->cf1000, s->min_capacity, s->group_size, s->capacity_rule, s->drop_policy);
+            "drop policy %d, first group %d)", s->cf1000, s->min_capacity, s->group_size, s->capacity_rule,
+            s->drop_policy, s->first_group);
 }
 
-// the batch b checked against the vocabulary V and the context max_seq_len,
-// and copied: x, y to xd, yd (y NULL: no targets, yd all -1), its segments
-// and positions, where it has them, to segd, posd; returns the number of targets
-static inline int forward_batch_copy(int *xd, int *yd, int *segd, int *posd, const Batch *b, int V, int max_seq_len) {
+// the batch b checked against the vocabulary V and the model's positions
+// [0, Tmax) (its RoPE tables), and copied: x, y to xd, yd (y NULL: no
+// targets, yd all -1), its segments and positions, where it has them, to
+// segd, posd; returns the number of targets
+static inline int forward_batch_copy(int *xd, int *yd, int *segd, int *posd, const Batch *b, int V, int Tmax) {
     int n_targets = 0, BT = b->B * b->T;
     const int32_t *x = b->x, *y = b->y, *seg = b->segment, *pos = b->position;
     if (!x) die("model_forward: the batch has no tokens (x NULL)");
@@ -825,8 +901,8 @@ static inline int forward_batch_copy(int *xd, int *yd, int *segd, int *posd, con
         if (x[n] < 0 || x[n] >= V) die("model_forward: token x[%d] = %d out of range [0, %d)", n, x[n], V);
         if (y && (y[n] < -1 || y[n] >= V)) die("model_forward: target y[%d] = %d out of range [-1, %d)", n, y[n], V);
         if (seg && seg[n] < -1) die("model_forward: segment[%d] = %d, must be >= -1 (-1: padding)", n, seg[n]);
-        if (pos && (pos[n] < 0 || pos[n] >= max_seq_len))
-            die("model_forward: position[%d] = %d out of the context [0, %d)", n, pos[n], max_seq_len);
+        if (pos && (pos[n] < 0 || pos[n] >= Tmax))
+            die("model_forward: position[%d] = %d outside the model's [0, %d)", n, pos[n], Tmax);
         xd[n] = x[n];
         yd[n] = y ? y[n] : -1;
         if (seg) segd[n] = seg[n];
@@ -902,8 +978,19 @@ static inline size_t opt_state_floats(const ParamTable *p, OptKind kind, int min
 }
 
 // ----------------------------------------------------------------------------
-// 5. the model file (SPEC §6): the header (utils.h), whose words 2 ..
-// MODEL_HEADER_WORDS-1 hold the config (config_fields), then the fp32 parameters
+// 5. the model file (SPEC §6, §11): the header (utils.h), whose words 2 ..
+// MODEL_HEADER_WORDS-1 hold the config (config_fields) and, in version 3,
+// word MODEL_GROUP_WORD the group G; then the parameters in file order.
+// Version 1 (what train writes and reads): fp32. Version 2: bf16. Version 3:
+// each matrix but the routers as its fp32 scales [n/G], then its int8 values
+// [n] in groups of G along its rows; the norms and routers fp32. run reads
+// every version in place, mapped (model_file_map); train and test_cpu read
+// version 1 into memory (model_file_load).
+
+enum { MODEL_FP32 = 1, MODEL_BF16 = 2, MODEL_INT8 = 3 };  // the versions
+#define MODEL_GROUP_WORD 14
+#define MODEL_GROUP_ALIGN 4   // G is a multiple of this, so that every tensor starts 4-byte aligned
+#define INT8_WEIGHT_MAX 127   // every int8 value is within +-127, every scale s >= 0 with s * 127 finite
 
 static inline void config_to_header(const Config *c, int32_t *h) {
     memset(h, 0, HEADER_BYTES);
@@ -915,23 +1002,170 @@ static inline void config_from_header(const int32_t *h, Config *c) {
     for (int i = 0; i < N_CONFIG_FIELDS; i++) *config_field(c, i) = h[config_fields[i].word];
 }
 
-// reads a model file; exits with a message naming PATH on any problem.
-// Returns the parameters (malloc'd, n_params floats) and fills *c.
-static inline float *model_file_load(const char *path, Config *c) {
-    FILE *f = fopenCheck(path, "rb");
-    int32_t h[HEADER_INTS];
-    long size = header_read(f, path, "model", MODEL_MAGIC, MODEL_HEADER_WORDS, h);
+// version 3 stores every matrix but the routers in int8
+static inline int tensor_quantized(const TensorInfo *t) { return t->matrix && !is_router_tensor(t); }
+
+// the bytes tensor t takes in a file of this version (G: version 3's group)
+static inline uint64_t tensor_file_bytes(const TensorInfo *t, int version, int G) {
+    uint64_t n = tensor_numel(t);
+    if (version == MODEL_BF16) return 2 * n;
+    if (version == MODEL_INT8 && tensor_quantized(t)) return n + 4 * (n / G);
+    return 4 * n;
+}
+
+// offset[i]: where tensor i of p starts in a file of this version
+static inline void tensor_file_offsets(size_t *offset, const ParamTable *p, int version, int G) {
+    size_t at = HEADER_BYTES;
+    for (int i = 0; i < p->n_tensors; i++) {
+        offset[i] = at;
+        at += tensor_file_bytes(&p->tensors[i], version, G);
+    }
+}
+
+// the size of a model file of config c in this version, from the config
+// alone (saturating): version 3's fp32 parameters are the norms, D (2L + 1)
+// and D per MoE layer with an extra FFN, and the routers, E D per MoE layer
+static inline uint64_t model_file_bytes(const Config *c, int version, int G) {
+    uint64_t n = config_n_params(c);
+    if (version == MODEL_FP32) return size_add(HEADER_BYTES, size_mul(4, n));
+    if (version == MODEL_BF16) return size_add(HEADER_BYTES, size_mul(2, n));
+    uint64_t D = c->D, moe = size_add(size_mul(c->E, D), c->extra_ffn ? D : 0);
+    uint64_t nf = size_add(size_mul(D, 2 * (uint64_t)c->L + 1), size_mul(n_moe_layers(c), moe)), nq = n - nf;
+    return size_add(size_add(HEADER_BYTES, size_mul(4, nf)), size_add(nq, size_mul(4, nq / G)));
+}
+
+// why G cannot be version 3's group for config c (NULL: it can)
+static inline const char *model_group_problem(const Config *c, int G, char *why, size_t nwhy) {
+    if (G <= 0 || G % MODEL_GROUP_ALIGN) {
+        snprintf(why, nwhy, "G = %d is not a positive multiple of %d", G, MODEL_GROUP_ALIGN);
+        return why;
+    }
+    const char *names[4] = {"D", "H*Hd", "F", "Fe"};
+    int widths[4] = {c->D, c->H * c->Hd, c->F, c->Fe};
+    for (int i = 0; i < 4; i++)
+        if (widths[i] % G) {
+            snprintf(why, nwhy, "G = %d does not divide %s = %d", G, names[i], widths[i]);
+            return why;
+        }
+    return NULL;
+}
+
+// reads the header of the open model file f into h and checks it as SPEC §6
+// and §11 ask: the magic, a version 1 to 3, the config, version 3's group,
+// zeros past them, and the file's size for its version; exits with a message
+// naming PATH on any problem. Fills c, *version and *G (0 but in version 3)
+// and returns the file's size.
+static inline long model_header_read(FILE *f, const char *path, int32_t *h, Config *c, int *version, int *G) {
+    long size = file_size(f, path);
+    if (size < HEADER_BYTES)
+        die("%s: not a model file: %ld bytes, shorter than the %d-byte header", path, size, HEADER_BYTES);
+    freadCheck(h, sizeof(int32_t), HEADER_INTS, f, path);
+    if (h[0] != MODEL_MAGIC) die("%s: bad magic %d (a model file starts with %d)", path, h[0], MODEL_MAGIC);
+    *version = h[1];
+    if (*version < MODEL_FP32 || *version > MODEL_INT8)
+        die("%s: unknown version %d (versions 1, 2 and 3 are read)", path, *version);
+    for (int i = *version == MODEL_INT8 ? MODEL_GROUP_WORD + 1 : MODEL_HEADER_WORDS; i < HEADER_INTS; i++)
+        if (h[i] != 0) die("%s: header word %d is %d, must be 0", path, i, h[i]);
     config_from_header(h, c);
     char why[160];
     if (!config_check(c, why, sizeof(why))) die("%s: inconsistent header: %s", path, why);
-    uint64_t n = config_n_params(c), want = size_add(HEADER_BYTES, size_mul(sizeof(float), n));
+    *G = *version == MODEL_INT8 ? h[MODEL_GROUP_WORD] : 0;
+    if (*version == MODEL_INT8 && model_group_problem(c, *G, why, sizeof(why)))
+        die("%s: header word %d: %s", path, MODEL_GROUP_WORD, why);
+    uint64_t want = model_file_bytes(c, *version, *G);
     if ((uint64_t)size != want)
-        die("%s: size %ld bytes, but its header describes %llu parameters (%llu bytes)", path, size,
-            (unsigned long long)n, (unsigned long long)want);
+        die("%s: size %ld bytes, but its header describes %llu parameters in version %d (%llu bytes)", path, size,
+            (unsigned long long)config_n_params(c), *version, (unsigned long long)want);
+    return size;
+}
+
+// reads a version-1 model file into memory (train, test_cpu); exits with a
+// message naming PATH on any problem. Returns the parameters (malloc'd,
+// n_params floats) and fills *c.
+static inline float *model_file_load(const char *path, Config *c) {
+    FILE *f = fopenCheck(path, "rb");
+    int32_t h[HEADER_INTS];
+    int version, G;
+    model_header_read(f, path, h, c, &version, &G);
+    if (version != MODEL_FP32)
+        die("%s: version %d (%s weights): train and test_cpu read version 1 (fp32) only; dev/convert_model.py "
+            "--dtype fp32 converts it", path, version, version == MODEL_BF16 ? "bf16" : "int8");
+    uint64_t n = config_n_params(c);
     float *params = (float *)mallocCheck(n * sizeof(float));
     freadCheck(params, sizeof(float), n, f, path);
     fcloseCheck(f, path);
     return params;
+}
+
+// A model file of any version, mapped read-only (run): the pages are read
+// from the file as the model touches them and never copied, so that a machine
+// with less memory than the file still runs it (more slowly).
+struct ModelFile {
+    const char *path;
+    Config c;
+    int version, group;         // MODEL_FP32, MODEL_BF16 or MODEL_INT8; version 3's G (else 0)
+    const unsigned char *data;  // the file, from its header on
+    size_t bytes;
+};
+
+// whether a version-3 scale is good: >= 0 with s * 127 finite (not a NaN,
+// an infinity, a negative or a huge one)
+static inline int int8_scale_ok(float s) { return s >= 0.0f && s * (float)INT8_WEIGHT_MAX <= FLT_MAX; }
+
+// the first bad scale of a version-3 file: its tensor (returned; -1 when
+// every scale is good), its index *at in the tensor's scales and its value
+static inline int model_file_bad_scale(const ModelFile *f, const ParamTable *p, size_t *at, float *value) {
+    size_t *offset = (size_t *)mallocCheck(p->n_tensors * sizeof(size_t));
+    tensor_file_offsets(offset, p, f->version, f->group);
+    int found = -1;
+    for (int i = 0; i < p->n_tensors && found < 0; i++) {
+        if (!tensor_quantized(&p->tensors[i])) continue;
+        const float *s = (const float *)(f->data + offset[i]);
+        size_t n = tensor_numel(&p->tensors[i]) / f->group;
+        int bad = 0;
+        for (size_t j = 0; j < n; j++) bad |= !int8_scale_ok(s[j]);  // one pass without a branch
+        for (size_t j = 0; bad && j < n; j++)
+            if (!int8_scale_ok(s[j])) {
+                found = i, *at = j, *value = s[j];
+                break;
+            }
+    }
+    free(offset);
+    return found;
+}
+
+static inline void model_file_unmap(ModelFile *f) {
+    if (f->data && munmap((void *)f->data, f->bytes) != 0) die("%s: munmap failed: %s", f->path, strerror(errno));
+    f->data = NULL;
+}
+
+// maps model file PATH, checked as model_header_read says and, in version 3,
+// every scale; exits with a message naming PATH on any problem. (The int8
+// values are read only as the model uses them: a -128, which no writer
+// makes, decodes to s * -128.)
+static inline void model_file_map(ModelFile *f, const char *path) {
+    FILE *fp = fopenCheck(path, "rb");
+    int32_t h[HEADER_INTS];
+    f->path = path;
+    f->bytes = (size_t)model_header_read(fp, path, h, &f->c, &f->version, &f->group);
+    void *data = mmap(NULL, f->bytes, PROT_READ, MAP_PRIVATE, fileno(fp), 0);
+    if (data == MAP_FAILED) die("%s: cannot map its %zu bytes: %s", path, f->bytes, strerror(errno));
+    fcloseCheck(fp, path);  // the mapping stays
+    f->data = (const unsigned char *)data;
+    if (f->version != MODEL_INT8) return;
+    ParamTable p;
+    param_table_build(&p, &f->c);
+    size_t at;
+    float bad;
+    int t = model_file_bad_scale(f, &p, &at, &bad);
+    if (t >= 0) {
+        char name[sizeof(p.tensors[t].name)];
+        memcpy(name, p.tensors[t].name, sizeof(name));
+        param_table_free(&p);
+        model_file_unmap(f);
+        die("%s: tensor %s: scale %zu is %g; a scale is >= 0 with s*127 finite", path, name, at, bad);
+    }
+    param_table_free(&p);
 }
 
 // the model file of c and params to f, an atomic_open'd tmp

@@ -760,14 +760,14 @@ static void routing_print(const Run *r) {
 
 // generates SAMPLE_TOKENS tokens with temperature 1 after the token
 // sample_start (EOS, which precedes every verse of the data), printing text
-// when a tokenizer is at hand
+// when a tokenizer is at hand; within -t, the positions the model holds
 static void print_sample(Run *r) {
     const Config *c = &r->c;
     const Tokenizer *tok = r->tok;
     Sampler s = {c->V, 1.0f, TOPP_OFF, {(uint64_t)r->a.seed + r->step}, r->probs};
     int token = r->sample_start;
     printf("sample: ");
-    for (int pos = 0; pos < SAMPLE_TOKENS && pos + 1 < c->max_seq_len; pos++) {
+    for (int pos = 0; pos < SAMPLE_TOKENS && pos + 1 < r->a.T; pos++) {
         token = sample_token(&s, model_decode(r->m, token, pos));
         if (!tok) {
             printf("%d ", token);

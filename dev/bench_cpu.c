@@ -11,6 +11,9 @@
 //                                            each, answered as it comes (bench.sh alternates
 //                                            this process with bench_torch.py's)
 //   bench_cpu decode CONFIG TOKENS           tokens/s of model_decode with a KV cache
+//   bench_cpu matvec OUT IN                  GB/s of decode's product over weights (OUT,IN) stored
+//                                            in fp32, bf16 and int8 (groups of 64), against a
+//                                            plain read of the same bytes: what memory gives
 //   bench_cpu peak                           GFLOP/s of independent vector FMAs on every
 //                                            thread at the CPU's widest vectors: the ceiling
 //
@@ -86,7 +89,7 @@ static void bench_matmul(const char *shape) {
     double best_f = 1e9, best_b = 1e9;
     for (int rep = 0; rep < 5; rep++) {
         double t0 = wall_seconds();
-        matmul_forward(out, inp, w, N, IN, OUT, OUT, 0);
+        matmul_forward(out, inp, weight_fp32(w), N, IN, OUT, OUT, 0);
         double t1 = wall_seconds();
         matmul_backward(dinp, dw, out, inp, w, N, IN, OUT, OUT, 0);
         double t2 = wall_seconds();
@@ -114,6 +117,62 @@ static void bench_decode(const Config *c, int tokens) {
     }
     printf("decode_tok_s %.1f\n", tokens / (wall_seconds() - t0));
     model_free(m);
+}
+
+// the sum of n floats' worth of bytes read as vectors, on every thread: a
+// read of memory at the speed the cores can ask for it
+static float read_all(const float *p, size_t n) {
+    float total = 0.0f;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+    for (size_t b = 0; b < n / (4 * VW); b++) {
+        const vecf *v = (const vecf *)(p + b * 4 * VW);
+        vecf acc = v[0] + v[1] + v[2] + v[3];
+        for (int i = 0; i < VW; i++) total += acc[i];
+    }
+    return total;
+}
+
+#define MATVEC_G 64   // int8's group
+#define MATVEC_REPS 9  // the median of these
+static void bench_matvec(int OUT, int IN) {
+    if (OUT <= 0 || IN <= 0 || IN % MATVEC_G) die("matvec %d %d: positive, IN a multiple of %d", OUT, IN, MATVEC_G);
+    size_t n = (size_t)OUT * IN;
+    float *w = (float *)callocAlignedCheck(n, sizeof(float), 64), *x = (float *)mallocCheck(IN * sizeof(float));
+    float *out = (float *)mallocCheck(OUT * sizeof(float)), *scales = (float *)mallocCheck(n / MATVEC_G * sizeof(float));
+    uint16_t *b16 = (uint16_t *)callocAlignedCheck(n, 2, 64);
+    int8_t *q = (int8_t *)callocAlignedCheck(n, 1, 64);
+    Rng r = {5};
+    for (size_t i = 0; i < n; i++) {
+        w[i] = rng_uniform(&r) - 0.5f;
+        uint32_t u;
+        memcpy(&u, &w[i], 4);
+        b16[i] = (uint16_t)(u >> 16);  // normal numbers: subnormals would slow the multiply-adds
+        q[i] = (int8_t)(rng_u64(&r) % 255 - 127);
+    }
+    for (size_t i = 0; i < n / MATVEC_G; i++) scales[i] = 0.01f;
+    for (int i = 0; i < IN; i++) x[i] = rng_uniform(&r);
+    Weight ws[3] = {weight_fp32(w), {WEIGHT_BF16, b16, NULL, 0}, {WEIGHT_INT8, q, scales, MATVEC_G}};
+    const char *names[3] = {"fp32", "bf16", "int8"};
+    double bytes[3] = {4.0 * n, 2.0 * n, n + 4.0 * n / MATVEC_G}, t[MATVEC_REPS];
+    for (int k = 0; k < 3; k++) {
+        for (int rep = 0; rep < MATVEC_REPS; rep++) {
+            double t0 = wall_seconds();
+            matvec_forward(out, x, ws[k], IN, OUT, 0);
+            t[rep] = wall_seconds() - t0;
+        }
+        qsort(t, MATVEC_REPS, sizeof(double), cmp_double);
+        double kernel = bytes[k] / t[MATVEC_REPS / 2] / 1e9;
+        for (int rep = 0; rep < MATVEC_REPS; rep++) {
+            double t0 = wall_seconds();
+            volatile float sink = read_all((const float *)ws[k].values, (size_t)(bytes[k] / 4) / (4 * VW) * (4 * VW));
+            (void)sink;
+            t[rep] = wall_seconds() - t0;
+        }
+        qsort(t, MATVEC_REPS, sizeof(double), cmp_double);
+        printf("matvec %d x %d %s: %.1f GB/s (a plain read of its bytes: %.1f GB/s)\n", OUT, IN, names[k], kernel,
+               bytes[k] / t[MATVEC_REPS / 2] / 1e9);
+    }
+    free(w), free(x), free(out), free(scales), free(b16), free(q);
 }
 
 // PEAK_CHAINS independent chains of vector multiply-adds per thread: what the
@@ -188,8 +247,10 @@ int main(int argc, char **argv) {
         bench_decode(&c, atoi(argv[3]));
     } else if (argc == 2 && strcmp(argv[1], "peak") == 0) {
         bench_peak();
+    } else if (argc == 4 && strcmp(argv[1], "matvec") == 0) {
+        bench_matvec(atoi(argv[2]), atoi(argv[3]));
     } else {
-        fprintf(stderr, "usage: bench_cpu step CONFIG B T STEPS [MODEL] | matmul N:IN:OUT ... | matmul - | decode CONFIG TOKENS | peak\n");
+        fprintf(stderr, "usage: bench_cpu step CONFIG B T STEPS [MODEL] | matmul N:IN:OUT ... | matmul - | decode CONFIG TOKENS | peak | matvec OUT IN\n");
         return 2;
     }
     return 0;

@@ -2,8 +2,9 @@
 // one per build (make build/fuzz/fuzz_NAME compiles this file with -DFUZZ_NAME;
 // test/t_fuzz.sh makes their seeds and runs them):
 //
-//   model        a model file (SPEC §6): model_file_load, model_create, a
-//                forward of 2 tokens and 2 decode steps
+//   model        a model file of any version (SPEC §6, §11), as run reads it:
+//                model_file_map, model_create, model_set_weights, a forward of
+//                2 tokens, a prefill of 1 and a decode step
 //   tokenizer    a tokenizer file (tokenizer.bin-spec 1): tokenizer_load, then
 //                a fixed text encoded and its ids decoded
 //   text         any bytes through the fixed tokenizers: run's --encode and
@@ -173,37 +174,42 @@ static void work_remove(void) {
 }
 
 #ifdef FUZZ_model
-// the floats model_create(c, 1, 2) and decoding hold, over-estimated: the
-// parameters twice (one copy in 2 MiB pages), the KV cache and RoPE tables of
-// the context, and a few rows of every width per layer
+// the floats model_create(c, 1, 2) and a forward hold, over-estimated: a
+// copy of the parameters (the file's pages as they are read; a bf16 file's
+// widened norms), and a few rows of every width per layer
 static double model_floats(const Config *c) {
-    double HHd = (double)c->H * c->Hd, ctx = c->max_seq_len;
-    double widths = c->D + HHd + 2.0 * c->F + 2.0 * c->Fe * c->K + c->E + c->V + ctx * c->H;
-    return 2.0 * config_n_params(c) + (2 << 20) / 4 + 2.0 * c->L * ctx * HHd + ctx * c->Hd + 64.0 * (c->L + 2) * widths;
+    double HHd = (double)c->H * c->Hd;
+    double widths = c->D + HHd + 2.0 * c->F + 2.0 * c->Fe * c->K + c->E + c->V + c->H;
+    return config_n_params(c) + 64.0 * (c->L + 2) * widths;
 }
 // models larger than this are skipped, not built (a bound on the fuzzer's memory)
 #define MODEL_MAX_FLOATS (32.0 * 1024 * 1024)
 
+static ModelFile held_file;  // mapped by the reader: unmapped after a refusal too
+
 static void fuzz_setup(void) {}
 
 static void fuzz_one(const char *path, const uint8_t *data, size_t size) {
-    Config c;
-    float *params = model_file_load(path, &c);
+    model_file_unmap(&held_file);
+    model_file_map(&held_file, path);
+    const Config c = held_file.c;
     if (model_floats(&c) > MODEL_MAX_FLOATS) {
-        free(params);
+        model_file_unmap(&held_file);
         return;
     }
     int T = c.max_seq_len < 2 ? c.max_seq_len : 2;
-    Model *m = model_create(&c, 1, T, PRECISION_FP32, NULL);
-    model_set_params(m, params);
-    free(params);
+    Model *m = model_create(&c, 1, T, model_file_precision(held_file.version), NULL);
+    model_set_weights(m, &held_file);
     int32_t x[2] = {0, c.V - 1};
     float losses[N_LOSSES];
     MoeSettings s = moe_settings_default();
     Batch batch = {x, NULL, NULL, NULL, 1, T, 0.0};
     model_forward(m, &batch, &s, losses);
-    for (int pos = 0; pos < T; pos++) model_decode(m, x[pos], pos);
+    s.first_group = 1;
+    model_prefill(m, x, 1, &s);
+    if (T > 1) model_decode(m, x[1], 1);
     model_free(m);
+    model_file_unmap(&held_file);
 }
 #endif
 

@@ -137,6 +137,13 @@ fi
 if [ -f data/kjv/tokenizer.bin ] && [ -f $G/train_gpu/model_00000006.bin ] && [ "$tr" = data/kjv/train.bin ]; then
     expect_ok "run_gpu --verify: KV-cache decode matches the forward" \
         ./run_gpu $G/train_gpu/model_00000006.bin -t 0 -n 64 --verify
+    # versions 2 and 3 (SPEC §11): uploaded as the bf16 copy with no fp32 copy on the
+    # device, computed in bf16 mode; their prefill and decode against a full forward
+    for d in "bf16" "int8 --group 64"; do
+        # shellcheck disable=SC2086  # d is a list of words
+        $PYTHON dev/convert_model.py $G/train_gpu/model_00000006.bin $G/v.${d%% *}.bin --dtype $d > /dev/null
+        expect_ok "run_gpu --verify on a ${d%% *} model file (bf16 mode)" ./run_gpu $G/v.${d%% *}.bin -t 0 -n 64 --verify
+    done
 else
     echo "SKIP run_gpu --verify: needs data/kjv (make data)"
 fi

@@ -71,7 +71,7 @@ patch_word() {  # patch_word IN OUT WORD VALUE: set int32 header word WORD
         dd of="$2" bs=4 seek="$3" conv=notrunc status=none
 }
 patch_word $m $BUILD/m_magic.bin 0 1234;     expect_error "model: wrong magic" "m_magic.bin: bad magic" ./test_cpu $BUILD/m_magic.bin $s
-patch_word $m $BUILD/m_version.bin 1 2;      expect_error "model: unknown version" "unknown version 2" ./test_cpu $BUILD/m_version.bin $s
+patch_word $m $BUILD/m_version.bin 1 4;      expect_error "model: unknown version" "unknown version 4" ./test_cpu $BUILD/m_version.bin $s
 head -c 5000 $m > $BUILD/m_trunc.bin;        expect_error "model: truncated" "m_trunc.bin: size 5000 bytes" ./test_cpu $BUILD/m_trunc.bin $s
 head -c 100 $m > $BUILD/m_short.bin;         expect_error "model: shorter than its header" "shorter than the 1024-byte header" ./test_cpu $BUILD/m_short.bin $s
 patch_word $m $BUILD/m_k.bin 10 99;          expect_error "model: K > E" "K = 99 > E" ./test_cpu $BUILD/m_k.bin $s

@@ -14,7 +14,10 @@
 # failing to launch. And SPEC §10's packed rows (segments, padding, positions): the
 # reference cases packed (Hd 8: the cuBLAS attention in both modes) and packed_long (Hd 16,
 # examples that start in a later 64-token tile: the flash kernels in bf16 mode) against
-# test/reference.py, fp32 at SPEC §7's tolerances, bf16 at test/g_gpu.sh's.
+# test/reference.py, fp32 at SPEC §7's tolerances, bf16 at test/g_gpu.sh's. And run_emu on
+# model files of versions 2 and 3 (SPEC §11), which the CUDA backend uploads as its bf16
+# copy with no fp32 copy of the weights: its prefill and decode against one full forward
+# (--verify, the argmax), the prompt one routing group.
 set -u
 source test/lib.sh
 BUILD=${BUILD:-build/test}
@@ -27,7 +30,7 @@ if ! command -v "${CXX:-g++}" > /dev/null; then
     echo "SKIP cuda_emu: no ${CXX:-g++}"
     exit 0
 fi
-if ! make -s test_cpu > "$S/make.log" 2>&1 || ! bash dev/cuda_emu/build.sh test_emu > "$S/emu_build.log" 2>&1; then
+if ! make -s test_cpu > "$S/make.log" 2>&1 || ! bash dev/cuda_emu/build.sh test_emu run_emu > "$S/emu_build.log" 2>&1; then
     fail "cuda_emu: build failed: $(tail -3 "$S/make.log" "$S/emu_build.log" | tr '\n' ' ')"
     exit 0
 fi
@@ -107,4 +110,23 @@ for name in packed packed_long; do
     M=$cases/$name.model.bin ST=$cases/$name.state.bin
     expect_ok "cuda_emu: fp32 $name (segments, padding, positions) against the reference" build/emu/test_emu $M $ST
     expect_ok "cuda_emu: bf16 $name against the reference (200x)" build/emu/test_emu $M $ST --bf16 --tol-scale 200
+done
+
+# run_emu on versions 1, 2 and 3 of a micro model (V 256, L 2, D 32, E 4; G 16)
+spm_train --input=tokenizer.bin-spec --model_prefix=$S/tok --vocab_size=200 --model_type=unigram \
+    --character_coverage=0.995 --minloglevel=2 > $S/spm.log 2>&1 && $PY dev/export_tokenizer.py $S/tok.model $S/tok.bin \
+    > /dev/null || fail "cuda_emu: a tokenizer: $(tail -2 $S/spm.log)"
+$PY - "$S" <<'PY'
+import sys, numpy as np
+V, ctx, L, D, H, Hd, F, E, K, every, Fe, extra = c = [256, 32, 2, 32, 2, 16, 48, 4, 2, 2, 32, 1]
+n = 2 * V * D + D + (2 * D + 4 * H * Hd * D + 4 * F * D) + (2 * D + 4 * H * Hd * D + E * D + 4 * E * Fe * D + D + 4 * F * D)
+h = np.zeros(256, np.int32)
+h[:14] = [240201739, 1] + c
+open(sys.argv[1] + "/micro.bin", "wb").write(h.tobytes() + np.random.default_rng(3).normal(0, 0.3, n).astype(np.float32).tobytes())
+PY
+$PY dev/convert_model.py $S/micro.bin $S/micro_bf16.bin --dtype bf16 > /dev/null &&
+    $PY dev/convert_model.py $S/micro.bin $S/micro_int8.bin --dtype int8 --group 16 > /dev/null || fail "cuda_emu: convert"
+for v in micro micro_bf16 micro_int8; do
+    expect_ok "cuda_emu: run_emu --verify on $v.bin, the prompt one routing group" \
+        build/emu/run_emu $S/$v.bin -z $S/tok.bin -i "the model file" -t 0 -n 12 --verify --prompt-routing group
 done

@@ -77,7 +77,11 @@ open("zero_state.bin", "wb").write(h.tobytes() + x.tobytes() + y.tobytes()
                                    + np.zeros(B * T * 32 + 8 + n_params(nano), np.float32).tobytes())
 EOF
 [ -s nano.bin ] || { fail "fuzz: could not write the seed models"; exit 0; }
-cp nano.bin dense.bin moe.bin "$F/seeds/model/"
+# nano in bf16 and in int8 groups of 4 (SPEC §11), which run reads as well
+"$PY" "$ROOT/dev/convert_model.py" nano.bin nano_bf16.bin --dtype bf16 > /dev/null &&
+    "$PY" "$ROOT/dev/convert_model.py" nano.bin nano_int8.bin --dtype int8 --group 4 > /dev/null ||
+    fail "fuzz: could not convert the seed model to versions 2 and 3"
+cp nano.bin dense.bin moe.bin nano_bf16.bin nano_int8.bin "$F/seeds/model/"
 cp tokens.bin tokens4.bin "$F/seeds/tokens/"
 # a checkpoint of nano after 2 steps with the router bias (its state is the seed;
 # test/fuzz_targets.c's checkpoint harness sets up the same run)

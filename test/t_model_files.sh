@@ -131,3 +131,99 @@ cp $M/bin.fp32.bin $M/nan.bin
 printf '\000\000\300\177' | dd of=$M/nan.bin bs=1 seek=$((1024 + 4 * 100)) conv=notrunc status=none
 refuses "convert an fp32 file with a NaN" "$M/nan.bin: tensor wte has 1 values that are not finite (NaN or inf)$" \
     convert_model.py $M/nan.bin $M/out/x.bin --dtype bf16
+
+# 7. ./run reads every version in place, and a version-2 or -3 file computes
+#    exactly as the version-1 file of its decoded weights (SPEC §11): the same
+#    ids and the same logits (--verify's hash of every position's, which it
+#    has checked against one full forward bit for bit), in the gemm.c build
+#    and the plain one (make PLAIN=1), with the prompt as one routing group
+#    (the default for a model with OpenMoE's tokenizer) and token by token.
+#    Besides the micro files, a wider model for every path of gemm.c's
+#    decode: whole blocks of rows and the rows past them, bf16 words, int8
+#    groups of 64 (words of 4 values) and of 32 (decoded first)
+if ! make -s build/plain/run build/fast/run > $M/make.log 2>&1; then
+    fail "run: make build/plain/run build/fast/run failed: $(tail -3 $M/make.log | tr '\n' ' ')"
+    exit 0
+fi
+spm_train --input=tokenizer.bin-spec --model_prefix=$M/tok --vocab_size=320 --model_type=unigram --pad_id=0 \
+    --eos_id=1 --unk_id=2 --bos_id=-1 --character_coverage=0.995 --minloglevel=2 > $M/spm.log 2>&1 &&
+    $PYTHON dev/export_tokenizer.py $M/tok.model $M/tok.bin > /dev/null || fail "run: the tokenizer: $(tail -2 $M/spm.log)"
+$PYTHON - $M/wide.bin <<'PY'
+import sys, numpy as np
+V, ctx, L, D, H, Hd, F, E, K, every, Fe, extra = c = [392, 64, 2, 128, 2, 64, 192, 4, 2, 2, 128, 1]
+HHd, n_moe = H * Hd, L // every
+n = 2 * V * D + D + (L - n_moe) * (2 * D + 4 * HHd * D + 4 * F * D) \
+    + n_moe * (2 * D + 4 * HHd * D + E * D + 4 * E * Fe * D + D + 4 * F * D)
+h = np.zeros(256, np.int32)
+h[:14] = [240201739, 1] + c
+w = np.random.default_rng(11).normal(0, 0.08, n).astype(np.float32)
+open(sys.argv[1], "wb").write(h.tobytes() + w.tobytes())
+PY
+conv $M/wide.bin $M/wide.bf16.bin --dtype bf16
+conv $M/wide.bin $M/wide.int8.bin --dtype int8 --group 64
+conv $M/wide.bin $M/wide.int8g32.bin --dtype int8 --group 32
+for f in wide.bf16 wide.int8 wide.int8g32; do conv $M/$f.bin $M/$f.fp32.bin --dtype fp32; done
+# runs FILE: every build and prompt routing, the ids and --verify's line of each
+runs() {
+    for build in fast plain; do
+        for routing in group token; do
+            echo "$build $routing: $(build/$build/run "$1" -z $M/tok.bin -i "Experts in C route every token" -t 0 \
+                -n 20 --ids --verify --prompt-routing $routing 2> /dev/null | tr '\n' ' ')"
+        done
+    done
+}
+while read -r compact decoded what; do
+    runs $M/$compact.bin > $M/$compact.runs
+    runs $M/$decoded.bin > $M/$decoded.runs
+    if [ "$(grep -c 'verify: 20/20 positions match; logits bit-identical at 20/20' $M/$compact.runs)" = 4 ] &&
+        cmp -s $M/$compact.runs $M/$decoded.runs && [ "$(cut -d: -f2- $M/$compact.runs | sort -u | wc -l)" -le 2 ]; then
+        pass "run: $what = its fp32 decoding, ids and logits byte for byte (gemm.c and plain builds, prompt one group and token by token)"
+    else
+        fail "run: $what differs from its fp32 decoding: $(diff $M/$compact.runs $M/$decoded.runs | head -3 | tr '\n' ' ')"
+    fi
+done <<'LIST'
+bin.bf16 rt.bf16.fp32 bf16 (micro)
+bin.int8 rt.int8.fp32 int8 G=8 (micro)
+wide.bf16 wide.bf16.fp32 bf16 (wide)
+wide.int8 wide.int8.fp32 int8 G=64 (wide)
+wide.int8g32 wide.int8g32.fp32 int8 G=32 (wide)
+LIST
+# the plain and gemm.c builds agree; int8 differs from bf16 (the comparisons above can tell files apart)
+if [ "$(grep '^fast group' $M/wide.int8.runs | cut -d: -f2-)" = "$(grep '^plain group' $M/wide.int8.runs | cut -d: -f2-)" ] &&
+    ! cmp -s $M/wide.int8.runs $M/wide.bf16.runs; then
+    pass "run: the plain build gives the gemm.c build's bits; int8 and bf16 files give other logits"
+else
+    fail "run: the builds disagree, or int8 and bf16 give the same logits"
+fi
+
+# 8. ./run refuses a bad model file naming it: every defect of section 6 that
+#    its reader can see (it reads the int8 values only as it uses them), a G
+#    not a multiple of 4, version words in other versions' places
+patch_word() {  # FILE WORD VALUE: header word WORD of FILE set to VALUE
+    $PYTHON -c "import sys, numpy as np; f = open(sys.argv[1], 'r+b'); f.seek(4 * int(sys.argv[2])); f.write(np.int32(int(sys.argv[3])).tobytes())" "$@"
+}
+cp $M/bin.int8.bin $M/group-6.bin && patch_word $M/group-6.bin 14 6
+cp $M/bin.bf16.bin $M/v2-word14.bin && patch_word $M/v2-word14.bin 14 8
+cp $M/bin.bf16.bin $M/v2-as-v3.bin && patch_word $M/v2-as-v3.bin 1 3
+while IFS='|' read -r kind pattern; do
+    expect_error "run refuses $kind, naming the file" "^error: $M/$kind.bin: $pattern" \
+        ./run $M/$kind.bin -z $M/tok.bin -n 1
+done <<'EOF2'
+nan-scale|tensor l0.wq: scale 3 is nan; a scale is >= 0 with s\*127 finite$
+inf-scale|tensor l0.wq: scale 3 is inf; a scale is >= 0
+huge-scale|tensor l0.wq: scale 3 is 3.40282e+36; a scale is >= 0
+negative-scale|tensor l0.wq: scale 3 is -[0-9.e-]*; a scale is >= 0
+version-2|size 365632 bytes, but its header describes 240912 parameters in version 2 (482848 bytes)$
+version-4|unknown version 4 (versions 1, 2 and 3 are read)$
+group-half|size 365632 bytes, but its header describes 240912 parameters in version 3 (485440 bytes)$
+group-not-dividing|header word 14: G = 16 does not divide F = 40$
+group-6|header word 14: G = 6 is not a positive multiple of 4$
+word-15|header word 15 is 1, must be 0$
+truncated|size 365631 bytes, but its header describes 240912 parameters in version 3 (365632 bytes)$
+v2-as-v1|size 482848 bytes, but its header describes 240912 parameters in version 1 (964672 bytes)$
+v2-word14|header word 14 is 8, must be 0$
+v2-as-v3|header word 14: G = 0 is not a positive multiple of 4$
+EOF2
+expect_error "train refuses a version-2 file, naming it and the converter" \
+    "^error: $M/bin.bf16.bin: version 2 (bf16 weights): train and test_cpu read version 1 (fp32) only; dev/convert_model.py" \
+    ./train -c $M/bin.bf16.bin -n 1

@@ -57,6 +57,7 @@ static void state_settings_from_header(const int32_t *h, const char *path, const
     st->s.group_size = h[STATE_GROUP_SIZE];
     st->s.capacity_rule = h[STATE_CAPACITY_RULE];
     st->s.drop_policy = h[STATE_DROP_POLICY];
+    st->s.first_group = 0;  // no first group of its own: the state file has no word for one
     st->packed = h[STATE_PACKED];
     if (st->packed != 0 && st->packed != 1)
         die("%s: header word %d (segments and positions) is %d: must be 0 (none) or 1 (they follow y)", path,
@@ -219,9 +220,12 @@ static int check_state(const char *model_path, const char *state_path, const cha
     DebugState st;
     state_file_load(state_path, &c, &st);
     OptSettings opt = opt_settings_default(OPT_ADAMW);
-    Model *m = model_create(&c, st.B + 1, st.T, prec, &opt);  // room for one more: a smaller batch must work too
+    size_t BT = (size_t)st.B * st.T;
+    int Tmax = st.T;  // and room for the batch's positions (SPEC §10: an example may start past column 0)
+    for (size_t i = 0; st.position && i < BT; i++) Tmax = st.position[i] >= Tmax ? st.position[i] + 1 : Tmax;
+    Model *m = model_create(&c, st.B + 1, Tmax, prec, &opt);  // room for one more: a smaller batch must work too
     model_set_params(m, params);
-    size_t BT = (size_t)st.B * st.T, n = model_param_table(m)->n_params;
+    size_t n = model_param_table(m)->n_params;
     DebugState mine = st;
     mine.logits = (float *)mallocCheck(BT * c.V * sizeof(float));
     mine.grads = (float *)mallocCheck(n * sizeof(float));
@@ -475,9 +479,9 @@ static int check_gradients(int broken, Precision prec) {
     //          V  ctx  L  D  H Hd   F  E  K  every Fe extra
     Config c = {23, 8, 4, 12, 2, 6, 10, 4, 2, 2, 8, 1};
     enum { B = 2, T = 6, BT = B * T };
-    MoeSettings s = {800, 1, 5, 0.05f, 0.01f, 0.01f, CAP_T5X, DROP_POSITION};  // groups of 5, 5, 2; capacity 1-2: drops happen
+    MoeSettings s = {800, 1, 5, 0.05f, 0.01f, 0.01f, CAP_T5X, DROP_POSITION, 0};  // groups of 5, 5, 2; capacity 1-2: drops happen
     OptSettings opt = opt_settings_default(OPT_ADAMW);
-    Model *m = model_create(&c, B, T, prec, &opt);
+    Model *m = model_create(&c, B, c.max_seq_len, prec, &opt);  // positions up to 7 (the packed batch)
     const ParamTable *pt = model_param_table(m);
     float *w = (float *)mallocCheck(pt->n_params * sizeof(float));
     params_init(pt, &c, w, 1234);
