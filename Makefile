@@ -151,11 +151,15 @@ tiny:
 build/train_mpi: train.c $(CPU_DEPS) tokenizer.h
 	@mkdir -p build
 	mpicc $(CFLAGS) $(MPI_CFLAGS) train.c $(CPU_SRC) -o $@ $(LDLIBS)
-# the routing variants of SPEC §8 on tiny, one run each (dev/experiments.sh):
-# 800 steps each unless STEPS=N is given; out/experiments/summary.md
+# the routing variants of SPEC §8 on tiny, one run each, then causal LM
+# against UL2 (SPEC §10) on two long runs (dev/experiments.sh): 800 steps each
+# unless STEPS=N is given, the long ones 5000 unless LONG_STEPS=N;
+# out/experiments/summary.md
+LONG_STEPS ?= 5000
 experiments: train
 	$(MAKE) data
-	PYTHON=$(PYTHON) bash dev/experiments.sh $(if $(filter command line environment,$(origin STEPS)),$(STEPS),800)
+	PYTHON=$(PYTHON) LONG_STEPS=$(LONG_STEPS) bash dev/experiments.sh \
+		$(if $(filter command line environment,$(origin STEPS)),$(STEPS),800)
 
 build/bench_cpu: dev/bench_cpu.c openmoe.c gemm.c openmoe.h gemm.h utils.h
 	@mkdir -p build

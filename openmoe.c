@@ -173,37 +173,41 @@ static void rope_row(float *x, const float *cosv, const float *sinv, int Hd, flo
     }
 }
 
-// in place on the q and k parts of qkv (N,3HHd), token n at position pos0 +
-// n % T; the backward is the rotation by -angle
-static void rope_forward(float *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int pos0,
-                         float sign) {
+// in place on the q and k parts of qkv (N,3HHd), token n at position pos[n]
+// (pos NULL: pos0 + n % T); the backward is the rotation by -angle
+static void rope_forward(float *qkv, const float *cosv, const float *sinv, const int *pos, int N, int T, int H, int Hd,
+                         int pos0, float sign) {
     int half = Hd / 2, HHd = H * Hd;
 #pragma omp parallel for schedule(static) if (N > 1)
     for (int n = 0; n < N; n++) {
-        size_t pos = pos0 + n % T;
+        size_t p = pos ? pos[n] : pos0 + n % T;
         for (int h = 0; h < 2 * H; h++)  // q's heads, then k's
-            rope_row(qkv + (size_t)n * 3 * HHd + (size_t)h * Hd, cosv + pos * half, sinv + pos * half, Hd, sign);
+            rope_row(qkv + (size_t)n * 3 * HHd + (size_t)h * Hd, cosv + p * half, sinv + p * half, Hd, sign);
     }
 }
-static void rope_backward(float *dqkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd) {
-    rope_forward(dqkv, cosv, sinv, N, T, H, Hd, 0, -1.0f);
+static void rope_backward(float *dqkv, const float *cosv, const float *sinv, const int *pos, int N, int T, int H,
+                          int Hd) {
+    rope_forward(dqkv, cosv, sinv, pos, N, T, H, Hd, 0, -1.0f);
 }
 
 // ----------------------------------------------------------------------------
 // causal attention, no 1/sqrt(Hd) (OpenMoE folds it into Wq's init). Per
 // (batch, head) it is three small matmuls on strided views of q, k, v: head
 // h of token n is at qkv[n*3HHd + h*Hd] (q), + HHd (k), + 2HHd (v).
-// scores = q k^T, softmax over s <= t, out = P v. The masked probabilities
-// are exactly 0, so the sums equal those of the one-token path in
-// model_decode bit for bit.
+// scores = q k^T, softmax over the keys s <= t of t's segment (all s <= t
+// without segments), out = P v. The masked probabilities are exactly 0, so
+// the sums equal those of the one-token path in model_decode bit for bit,
+// and the backward needs no mask: P is 0 where it would apply.
 
-// scores att[0..t] -> probabilities in place; att[t+1..T-1] = 0
-static void attention_softmax_row(float *att, int t, int T) {
+// scores att[0..t] -> probabilities in place, 0 at the keys of other segments
+// than t's (seg (T): the row's segments; NULL: one); att[t+1..T-1] = 0
+static void attention_softmax_row(float *att, int t, int T, const int *seg) {
     float maxs = -FLT_MAX;
-    for (int s = 0; s <= t; s++) maxs = att[s] > maxs ? att[s] : maxs;
+    for (int s = 0; s <= t; s++)
+        if (!seg || seg[s] == seg[t]) maxs = att[s] > maxs ? att[s] : maxs;
     float sum = 0.0f;
     for (int s = 0; s <= t; s++) {
-        att[s] = expf(att[s] - maxs);
+        att[s] = !seg || seg[s] == seg[t] ? expf(att[s] - maxs) : 0.0f;
         sum += att[s];
     }
     float inv = 1.0f / sum;
@@ -213,20 +217,22 @@ static void attention_softmax_row(float *att, int t, int T) {
 
 #define AB 64  // attention rows per block: a block needs keys 0..its last row only
 
-// qkv (BT,3HHd) -> out (BT,HHd), att (B,H,T,T) probabilities; kt (B,H,Hd,T) scratch
-static void attention_forward(float *out, float *att, const float *qkv, int B, int T, int H, int Hd, float *kt) {
+// qkv (BT,3HHd), seg (BT) or NULL -> out (BT,HHd), att (B,H,T,T) probabilities; kt (B,H,Hd,T) scratch
+static void attention_forward(float *out, float *att, const float *qkv, const int *seg, int B, int T, int H, int Hd,
+                              float *kt) {
     int HHd = H * Hd, ld = 3 * HHd;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
             size_t bh = (size_t)b * H + h;
             const float *q = qkv + (size_t)b * T * ld + h * Hd, *k = q + HHd, *v = q + 2 * HHd;
+            const int *row_seg = seg ? seg + (size_t)b * T : NULL;
             float *P = att + bh * T * T, *kT = kt + bh * Hd * T, *o = out + (size_t)b * T * HHd + h * Hd;
             transpose(kT, k, T, Hd, ld);
             for (int i0 = 0; i0 < T; i0 += AB) {
                 int i1 = i0 + AB < T ? i0 + AB : T;
                 gemm(P + (size_t)i0 * T, T, q + (size_t)i0 * ld, ld, 1, kT, T, i1 - i0, i1, Hd, 0);
-                for (int t = i0; t < i1; t++) attention_softmax_row(P + (size_t)t * T, t, T);
+                for (int t = i0; t < i1; t++) attention_softmax_row(P + (size_t)t * T, t, T, row_seg);
                 gemm(o + (size_t)i0 * HHd, HHd, P + (size_t)i0 * T, T, 1, v, ld, i1 - i0, Hd, i1, 0);
             }
         }
@@ -569,9 +575,9 @@ static void crossentropy_forward(double *sums, float *lse, const float *logits, 
     sums[1] = lz;
 }
 
-// dlogits (N,V) = d(ce + lz_coef * lz)/dlogits, with ce and lz means over the m targets
+// dlogits (N,V) = d(ce + lz_coef * lz)/dlogits, with ce and lz means over m (forward_loss_targets)
 static void crossentropy_backward(float *dlogits, const float *logits, const float *lse, const int *y,
-                                  int N, int V, int m, float lz_coef) {
+                                  int N, int V, float m, float lz_coef) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         float *d = dlogits + (size_t)n * V;
@@ -644,6 +650,8 @@ struct Model {
     // the last forward
     int B, T, has_targets, n_targets;
     int has_logits;           // it was a model_forward (a prefill keeps only its last position's)
+    int has_segment, has_position;  // the batch gave segments, positions (in segment, position)
+    double loss_targets;            // what its CE and z-loss are means over
     MoeSettings s;
     RouterStats *stats;       // [n_moe]
     int *stat_ints;           // the routed and kept counts behind stats
@@ -933,6 +941,7 @@ static void forward_layers(Model *m, int B, int T, int fill_cache) {
     const Config *c = &m->c;
     Acts *A = &m->acts;
     int BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd;
+    const int *seg = m->has_segment ? m->segment : NULL, *pos = m->has_position ? m->position : NULL;
     encoder_forward(A->layer[0].in, m->x, param_weight(m, m->table.wte), BT, D);
     int im = 0;
     for (int l = 0; l < c->L; l++) {
@@ -943,10 +952,10 @@ static void forward_layers(Model *m, int B, int T, int fill_cache) {
         rmsnorm_forward(a->ln1, a->rstd1, a->in, param_f32(m, lp->attn_norm), BT, D);
         qkv_forward(a->qkv, a->ln1, param_weight(m, lp->wq), param_weight(m, lp->wk), param_weight(m, lp->wv), BT,
                     D, HHd);
-        rope_forward(a->qkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 0, 1.0f);
+        rope_forward(a->qkv, m->rope_cos, m->rope_sin, pos, BT, T, H, Hd, 0, 1.0f);
         if (fill_cache)
             kv_cache_fill(m->kcache + (size_t)l * m->Tmax * HHd, m->vcache + (size_t)l * m->Tmax * HHd, a->qkv, T, HHd);
-        attention_forward(a->atty, a->att, a->qkv, B, T, H, Hd, A->kt);
+        attention_forward(a->atty, a->att, a->qkv, seg, B, T, H, Hd, A->kt);
         copy_floats(a->mid, a->in, (size_t)BT * D);  // the residual, then += atty Wo^T
         matmul_forward(a->mid, a->atty, param_weight(m, lp->wo), BT, HHd, D, D, 1);
         if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
@@ -969,13 +978,16 @@ static void forward_layers(Model *m, int B, int T, int fill_cache) {
 }
 
 // the batch and settings of a forward, checked and kept
-static void forward_begin(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s) {
-    forward_args_check(B, T, m->Bmax, m->Tmax, s);
-    m->B = B;
-    m->T = T;
+static void forward_begin(Model *m, const Batch *b, const MoeSettings *s) {
+    forward_args_check(b->B, b->T, m->Bmax, m->Tmax, s);
+    m->B = b->B;
+    m->T = b->T;
     m->s = *s;
-    m->has_targets = y != NULL;
-    m->n_targets = forward_tokens_copy(m->x, m->y, x, y, B * T, m->c.V);
+    m->has_targets = b->y != NULL;
+    m->has_segment = b->segment != NULL;
+    m->has_position = b->position != NULL;
+    m->n_targets = forward_batch_copy(m->x, m->y, m->segment, m->position, b, m->c.V, m->Tmax);
+    m->loss_targets = forward_loss_targets(b, m->n_targets);
 }
 
 // the router statistics of the forward (model_router_stats); returns the assignments dropped
@@ -985,25 +997,25 @@ static long forward_router_stats(Model *m) {
                                   m->c.E);
 }
 
-void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s,
-                   float *losses) {
+void model_forward(Model *m, const Batch *batch, const MoeSettings *s, float *losses) {
     const Config *c = &m->c;
     Acts *A = &m->acts;
-    forward_begin(m, x, y, B, T, s);
-    forward_layers(m, B, T, 0);
-    int BT = B * T;
+    forward_begin(m, batch, s);
+    forward_layers(m, batch->B, batch->T, 0);
+    int BT = batch->B * batch->T;
     matmul_forward(A->logits, A->lnf, param_weight(m, m->table.lm_head), BT, c->D, c->V, c->V, 0);
     crossentropy_forward(m->sums, A->lse, A->logits, m->y, BT, c->V);
     m->has_logits = 1;
     long dropped = forward_router_stats(m);
-    losses_from_sums(losses, m->sums[0], m->sums[1], m->n_targets, m->stats, n_moe_layers(c), dropped,
+    losses_from_sums(losses, m->sums[0], m->sums[1], m->loss_targets, m->stats, n_moe_layers(c), dropped,
                      (long)BT * c->K, s);
 }
 
 // the last position's logits as decode computes them (a matvec: the chains of the forward's matmul row)
 const float *model_prefill(Model *m, const int32_t *x, int T, const MoeSettings *s) {
     const Config *c = &m->c;
-    forward_begin(m, x, NULL, 1, T, s);
+    Batch batch = {x, NULL, NULL, NULL, 1, T, 0.0};  // one segment at positions 0..T-1, as decode continues it
+    forward_begin(m, &batch, s);
     forward_layers(m, 1, T, 1);
     matvec_forward(m->t_logits, m->acts.lnf + (size_t)(T - 1) * c->D, param_weight(m, m->table.lm_head), c->D, c->V,
                    0);
@@ -1052,7 +1064,7 @@ static void backward_layers(Model *m) {
     const ParamTable *pt = &m->table;
     memset(G, 0, pt->n_params * sizeof(float));
 
-    crossentropy_backward(A->dlogits, A->logits, A->lse, m->y, BT, V, m->n_targets, m->s.lz_coef);
+    crossentropy_backward(A->dlogits, A->logits, A->lse, m->y, BT, V, (float)m->loss_targets, m->s.lz_coef);
     matmul_backward(A->d_ln, G + pt->lm_head, A->dlogits, A->lnf, WX + pt->lm_head, BT, D, V, V, 0);
     memset(A->d_res, 0, (size_t)BT * D * sizeof(float));
     rmsnorm_backward(A->d_res, G + pt->final_norm, A->d_ln, A->final_in, W + pt->final_norm, A->rstdf, BT, D);
@@ -1075,7 +1087,7 @@ static void backward_layers(Model *m) {
         // d_res now holds d mid; attention: mid = in + Wo attn(...)
         matmul_backward(A->datty, G + lp->wo, A->d_res, a->atty, WX + lp->wo, BT, HHd, D, D, 0);
         attention_backward(A->dqkv, A->dscore, A->datty, a->att, a->qkv, B, T, H, Hd, A->kt);
-        rope_backward(A->dqkv, m->rope_cos, m->rope_sin, BT, T, H, Hd);
+        rope_backward(A->dqkv, m->rope_cos, m->rope_sin, m->has_position ? m->position : NULL, BT, T, H, Hd);
         matmul_backward(A->d_ln, G + lp->wq, A->dqkv, a->ln1, WX + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
         rmsnorm_backward(A->d_res, G + lp->attn_norm, A->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D);
     }
@@ -1259,7 +1271,7 @@ static void attention_decode(float *out, float *att, const float *qkv, const flo
     for (int h = 0; h < H; h++) {
         float *a = att + (size_t)h * Tmax;
         attention_scores_row(a, qkv + h * Hd, kc + h * Hd, pos + 1, Hd, H * Hd);
-        attention_softmax_row(a, pos, pos + 1);
+        attention_softmax_row(a, pos, pos + 1, NULL);
         vecmat_forward(out + h * Hd, a, vc + h * Hd, pos + 1, Hd, 0, H * Hd);
     }
 }
@@ -1311,7 +1323,7 @@ const float *model_decode(Model *m, int token, int pos) {
         float *kc = m->kcache + (size_t)l * m->Tmax * HHd, *vc = m->vcache + (size_t)l * m->Tmax * HHd;
         rmsnorm_forward(xn, NULL, x, param_f32(m, lp->attn_norm), 1, D);
         qkv_token(m->t_qkv, xn, param_weight(m, lp->wq), param_weight(m, lp->wk), param_weight(m, lp->wv), D, HHd);
-        rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, 1, 1, H, Hd, pos, 1.0f);
+        rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, NULL, 1, 1, H, Hd, pos, 1.0f);
         copy_floats(kc + (size_t)pos * HHd, m->t_qkv + HHd, HHd);
         copy_floats(vc + (size_t)pos * HHd, m->t_qkv + 2 * HHd, HHd);
         attention_decode(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, m->Tmax);

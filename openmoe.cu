@@ -229,6 +229,7 @@ struct Model {
     float *router_bias;       // (n_moe, E) loss-free balancing bias, 0 unless set
     // host side
     int *h_x, *h_y;           // (BT) pinned staging of the batch
+    int *h_segment, *h_position;  // (BT) pinned: its segments and positions
     int *h_order, *h_ustart;  // pinned: the encoder_backward buckets
     int *h_start;             // (L,E+1) each layer's start, copied to the host (LayerActs.start_host)
     int *h_bucket;            // (V) counting sort scratch
@@ -241,6 +242,8 @@ struct Model {
     // the last forward
     int B, T, has_targets, n_targets;
     int has_logits;           // it was a model_forward (a prefill keeps only its last position's)
+    int has_segment, has_position;  // the batch gave segments, positions (in segment, position)
+    double loss_targets;            // what its CE and z-loss are means over
     MoeSettings s;
     RouterStats *stats;       // [n_moe]
     int *stat_ints;           // host: the routed and kept counts behind stats
@@ -460,11 +463,11 @@ static void rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
 // RoPE, rotate-half: element i pairs with i + Hd/2, angle pos * 10000^(-2i/Hd),
 // from tables (T, Hd/2) made once on the host, as openmoe.c does.
 // Applied in place to the q and k parts of qkv rows (row stride ld); token n
-// is at position pos0 + n % T. sign -1 rotates back (the backward).
+// is at position pos[n] (pos NULL: pos0 + n % T). sign -1 rotates back (the backward).
 
 template <typename X>
-__global__ void rope_forward_kernel(X *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int pos0,
-                                    float sign) {
+__global__ void rope_forward_kernel(X *qkv, const float *cosv, const float *sinv, const int *pos, int N, int T, int H,
+                                    int Hd, int pos0, float sign) {
     int half = Hd / 2;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, total = (size_t)N * 2 * H * half;
     if (idx >= total) return;
@@ -473,48 +476,58 @@ __global__ void rope_forward_kernel(X *qkv, const float *cosv, const float *sinv
     int h = rest % H;
     rest /= H;
     int part = rest % 2;  // 0: q, 1: k
-    int n = (int)(rest / 2), pos = pos0 + n % T;
+    int n = (int)(rest / 2), p = pos ? pos[n] : pos0 + n % T;
     X *x = qkv + (size_t)n * 3 * H * Hd + (size_t)part * H * Hd + (size_t)h * Hd;
-    float c = cosv[(size_t)pos * half + i], s = sign * sinv[(size_t)pos * half + i];
+    float c = cosv[(size_t)p * half + i], s = sign * sinv[(size_t)p * half + i];
     float a = to_float(x[i]), b = to_float(x[i + half]);
     x[i] = from_float<X>(a * c - b * s);
     x[i + half] = from_float<X>(b * c + a * s);
 }
 template <typename X>
-static void rope_forward(X *qkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd, int pos0,
-                         float sign) {
+static void rope_forward(X *qkv, const float *cosv, const float *sinv, const int *pos, int N, int T, int H, int Hd,
+                         int pos0, float sign) {
     size_t total = (size_t)N * 2 * H * (Hd / 2);
-    rope_forward_kernel<X><<<ceil_div(total, 256), 256>>>(qkv, cosv, sinv, N, T, H, Hd, pos0, sign);
+    rope_forward_kernel<X><<<ceil_div(total, 256), 256>>>(qkv, cosv, sinv, pos, N, T, H, Hd, pos0, sign);
     launchCheck();
 }
 template <typename X>
-static void rope_backward(X *dqkv, const float *cosv, const float *sinv, int N, int T, int H, int Hd) {
-    rope_forward(dqkv, cosv, sinv, N, T, H, Hd, 0, -1.0f);
+static void rope_backward(X *dqkv, const float *cosv, const float *sinv, const int *pos, int N, int T, int H, int Hd) {
+    rope_forward(dqkv, cosv, sinv, pos, N, T, H, Hd, 0, -1.0f);
 }
 
 // ----------------------------------------------------------------------------
 // causal attention, no 1/sqrt(Hd) (folded into Wq's init). Per batch b one
 // strided-batched cuBLAS call over the H heads for each product: scores =
-// q k^T (fp32), the softmax over s <= t (fp32, probabilities stored in X, 0
-// above the diagonal), out = P v. Head h of token n is at qkv[n*3HHd + h*Hd]
-// (q), + HHd (k), + 2HHd (v).
+// q k^T (fp32), the softmax over the keys s <= t of t's segment (fp32,
+// probabilities stored in X, 0 elsewhere), out = P v. Head h of token n is at
+// qkv[n*3HHd + h*Hd] (q), + HHd (k), + 2HHd (v). The backward needs no mask:
+// P is 0 where it would apply.
 
-// one warp per row (b, h, t) of scores (B*H*T rows of T)
+// whether query t sees key s of its row: s <= t, in t's segment (seg: the row's; NULL: one segment)
+__device__ __forceinline__ bool attention_visible(const int *seg, int s, int t) {
+    return s <= t && (!seg || seg[s] == seg[t]);
+}
+
+// one warp per row (b, h, t) of scores (B*H*T rows of T); seg (B,T) or NULL
 template <typename X>
-__global__ void attention_softmax_kernel(X *att, const float *scores, int T, int rows) {
+__global__ void attention_softmax_kernel(X *att, const float *scores, const int *seg, int T, int H, int rows) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     int t = row % T;
+    const int *sg = seg ? seg + (size_t)(row / T / H) * T : NULL;
     const float *sc = scores + (size_t)row * T;
     X *p = att + (size_t)row * T;
     float maxs = -FLT_MAX;
-    for (int s = lane; s <= t; s += 32) maxs = fmaxf(maxs, sc[s]);
+    for (int s = lane; s <= t; s += 32)
+        if (attention_visible(sg, s, t)) maxs = fmaxf(maxs, sc[s]);
     maxs = warp_max(maxs);
     float sum = 0.0f;
-    for (int s = lane; s <= t; s += 32) sum += expf(sc[s] - maxs);
+    for (int s = lane; s <= t; s += 32)
+        if (attention_visible(sg, s, t)) sum += expf(sc[s] - maxs);
     sum = warp_sum(sum);
     float inv = 1.0f / sum;
-    for (int s = lane; s < T; s += 32) p[s] = from_float<X>(s <= t ? expf(sc[s] - maxs) * inv : 0.0f);
+    for (int s = lane; s < T; s += 32)
+        p[s] = from_float<X>(attention_visible(sg, s, t) ? expf(sc[s] - maxs) * inv : 0.0f);
 }
 
 // through the softmax: dS = P (dP - rowsum(P dP)) for s <= t, 0 above; one warp per row
@@ -532,9 +545,9 @@ __global__ void attention_softmax_backward_kernel(X *dscore, const float *dP, co
     for (int s = lane; s < T; s += 32) ds[s] = from_float<X>(s <= t ? to_float(p[s]) * (dp[s] - pdp) : 0.0f);
 }
 
-// qkv (BT,3HHd) -> out (BT,HHd), att (B,H,T,T); scores (B,H,T,T) fp32 scratch
+// qkv (BT,3HHd), seg (BT) or NULL -> out (BT,HHd), att (B,H,T,T); scores (B,H,T,T) fp32 scratch
 template <typename X>
-static void attention_forward(X *out, X *att, const X *qkv, int B, int T, int H, int Hd, float *scores) {
+static void attention_forward(X *out, X *att, const X *qkv, const int *seg, int B, int T, int H, int Hd, float *scores) {
     int HHd = H * Hd, ld = 3 * HHd;
     long long TT = (long long)T * T;
     for (int b = 0; b < B; b++) {
@@ -544,7 +557,7 @@ static void attention_forward(X *out, X *att, const X *qkv, int B, int T, int H,
         gemm(S, T, q, ld, 1, k, ld, T, T, Hd, 0, 1, H, TT, Hd, Hd);
     }
     int rows = B * H * T;
-    attention_softmax_kernel<X><<<ceil_div(rows, 4), 128>>>(att, scores, T, rows);
+    attention_softmax_kernel<X><<<ceil_div(rows, 4), 128>>>(att, scores, seg, T, H, rows);
     launchCheck();
     for (int b = 0; b < B; b++) {
         const X *v = qkv + (size_t)b * T * ld + 2 * HHd;
@@ -586,14 +599,15 @@ static void attention_backward(X *dqkv, X *dscore, const X *dout, const X *att, 
 static int flash_supported(int Hd);
 static size_t flash_smem_bytes(int Hd);
 static void flash_init(int Hd);
-// qkv (BT,3HHd) -> out (BT,HHd), lse (B,H,T)
-static void attention_forward_flash(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int Hd);
-static void attention_forward_flash(float *, float *, const float *, int, int, int, int);
+// qkv (BT,3HHd), seg (BT) or NULL -> out (BT,HHd), lse (B,H,T)
+static void attention_forward_flash(bf16 *out, float *lse, const bf16 *qkv, const int *seg, int B, int T, int H,
+                                    int Hd);
+static void attention_forward_flash(float *, float *, const float *, const int *, int, int, int, int);
 // dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; out, lse from the forward; dvec (B,H,T) scratch
 static void attention_backward_flash(bf16 *dqkv, float *dvec, const bf16 *dout, const bf16 *out, const float *lse,
-                                     const bf16 *qkv, int B, int T, int H, int Hd);
+                                     const bf16 *qkv, const int *seg, int B, int T, int H, int Hd);
 static void attention_backward_flash(float *, float *, const float *, const float *, const float *, const float *,
-                                     int, int, int, int);
+                                     const int *, int, int, int, int);
 
 // ----------------------------------------------------------------------------
 // the gated FFN of OpenMoE (dense, extra and every expert):
@@ -1113,10 +1127,10 @@ static void crossentropy_forward(double *sums, float *lse, const X *logits, cons
     launchCheck();
 }
 
-// dlogits (N,V) = d(ce + lz_coef * lz)/dlogits, ce and lz means over the m targets: one block per row
+// dlogits (N,V) = d(ce + lz_coef * lz)/dlogits, ce and lz means over m (forward_loss_targets): one block per row
 template <typename X>
 __global__ void crossentropy_backward_kernel(X *dlogits, const X *logits, const float *lse, const int *y, int V,
-                                             int m, float lz_coef) {
+                                             float m, float lz_coef) {
     int n = blockIdx.x;
     X *d = dlogits + (size_t)n * V;
     if (y[n] < 0) {
@@ -1132,9 +1146,9 @@ __global__ void crossentropy_backward_kernel(X *dlogits, const X *logits, const 
     }
 }
 template <typename X>
-static void crossentropy_backward(X *dlogits, const X *logits, const float *lse, const int *y, int N, int V, int m,
+static void crossentropy_backward(X *dlogits, const X *logits, const float *lse, const int *y, int N, int V, float m,
                                   float lz_coef) {
-    crossentropy_backward_kernel<X><<<N, 256>>>(dlogits, logits, lse, y, V, m > 0 ? m : 1, lz_coef);
+    crossentropy_backward_kernel<X><<<N, 256>>>(dlogits, logits, lse, y, V, m > 0.0f ? m : 1.0f, lz_coef);
     launchCheck();
 }
 
@@ -1361,6 +1375,8 @@ static void host_alloc(Model *m) {
     int nm = n_moe_layers(c) > 0 ? n_moe_layers(c) : 1;
     cudaCheck(cudaMallocHost(&m->h_x, BT * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_y, BT * sizeof(int)));
+    cudaCheck(cudaMallocHost(&m->h_segment, BT * sizeof(int)));
+    cudaCheck(cudaMallocHost(&m->h_position, BT * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_order, BT * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_ustart, (BT + 1) * sizeof(int)));
     cudaCheck(cudaMallocHost(&m->h_logits, c->V * sizeof(float)));
@@ -1406,6 +1422,8 @@ void model_free(Model *m) {
     cudaCheck(cudaFree(m->router_bias));
     cudaCheck(cudaFreeHost(m->h_x));
     cudaCheck(cudaFreeHost(m->h_y));
+    cudaCheck(cudaFreeHost(m->h_segment));
+    cudaCheck(cudaFreeHost(m->h_position));
     cudaCheck(cudaFreeHost(m->h_order));
     cudaCheck(cudaFreeHost(m->h_ustart));
     cudaCheck(cudaFreeHost(m->h_logits));
@@ -1643,6 +1661,7 @@ template <typename X> static void forward_layers(Model *m, int B, int T, int fil
     Acts<X> *A = acts<X>(m);
     int BT = B * T, D = c->D, H = c->H, Hd = c->Hd, HHd = H * Hd;
     const X *WX = A->params_x;
+    const int *seg = m->has_segment ? m->segment : NULL, *pos = m->has_position ? m->position : NULL;
     if (m->params) encoder_forward(A->layer[0].in, m->x, m->params + m->table.wte, BT, D);
     else encoder_forward(A->layer[0].in, m->x, WX + m->table.wte, BT, D);  // a bf16 file's weights
     int im = 0;
@@ -1653,11 +1672,11 @@ template <typename X> static void forward_layers(Model *m, int B, int T, int fil
         // mid = in + Attn(RMSNorm(in)): q, k, v in one matmul (wq, wk, wv are adjacent)
         rmsnorm_forward(a->ln1, a->rstd1, a->in, param_f32(m, lp->attn_norm), BT, D);
         matmul_forward(a->qkv, a->ln1, WX + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
-        rope_forward(a->qkv, m->rope_cos, m->rope_sin, BT, T, H, Hd, 0, 1.0f);
+        rope_forward(a->qkv, m->rope_cos, m->rope_sin, pos, BT, T, H, Hd, 0, 1.0f);
         if (fill_cache)
             kv_cache_fill(m->kcache + (size_t)l * m->Tmax * HHd, m->vcache + (size_t)l * m->Tmax * HHd, a->qkv, T, HHd);
-        if (m->flash) attention_forward_flash(a->atty, a->att_lse, a->qkv, B, T, H, Hd);
-        else attention_forward(a->atty, a->att, a->qkv, B, T, H, Hd, A->scores);
+        if (m->flash) attention_forward_flash(a->atty, a->att_lse, a->qkv, seg, B, T, H, Hd);
+        else attention_forward(a->atty, a->att, a->qkv, seg, B, T, H, Hd, A->scores);
         copy_floats(a->mid, a->in, (size_t)BT * D);  // the residual, then += atty Wo^T
         matmul_forward(a->mid, a->atty, WX + lp->wo, BT, HHd, D, D, 1);
         if (!lp->moe) {  // out = mid + FFN(RMSNorm(mid))
@@ -1686,16 +1705,23 @@ template <typename X> static void forward_logits(Model *m, int BT) {
 }
 
 // the batch and settings of a forward, checked, kept and copied to the device
-static void forward_begin(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s) {
-    forward_args_check(B, T, m->Bmax, m->Tmax, s);
-    int BT = B * T;
-    m->B = B;
-    m->T = T;
+static void forward_begin(Model *m, const Batch *b, const MoeSettings *s) {
+    forward_args_check(b->B, b->T, m->Bmax, m->Tmax, s);
+    int BT = b->B * b->T;
+    m->B = b->B;
+    m->T = b->T;
     m->s = *s;
-    m->has_targets = y != NULL;
-    m->n_targets = forward_tokens_copy(m->h_x, m->h_y, x, y, BT, m->c.V);
+    m->has_targets = b->y != NULL;
+    m->has_segment = b->segment != NULL;
+    m->has_position = b->position != NULL;
+    m->n_targets = forward_batch_copy(m->h_x, m->h_y, m->h_segment, m->h_position, b, m->c.V, m->Tmax);
+    m->loss_targets = forward_loss_targets(b, m->n_targets);
     cudaCheck(cudaMemcpyAsync(m->x, m->h_x, BT * sizeof(int), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpyAsync(m->y, m->h_y, BT * sizeof(int), cudaMemcpyHostToDevice));
+    if (m->has_segment)
+        cudaCheck(cudaMemcpyAsync(m->segment, m->h_segment, BT * sizeof(int), cudaMemcpyHostToDevice));
+    if (m->has_position)
+        cudaCheck(cudaMemcpyAsync(m->position, m->h_position, BT * sizeof(int), cudaMemcpyHostToDevice));
 }
 
 // the router statistics of the forward (model_router_stats) from the device's
@@ -1710,10 +1736,10 @@ static long forward_router_stats(Model *m) {
     return router_stats_from_sums(m->stats, m->h_sums + 2, nm, group_count(BT, G, P), BT, K, E);
 }
 
-void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, const MoeSettings *s,
-                   float *losses) {
+void model_forward(Model *m, const Batch *batch, const MoeSettings *s, float *losses) {
     const Config *c = &m->c;
-    forward_begin(m, x, y, B, T, s);
+    int B = batch->B, T = batch->T;
+    forward_begin(m, batch, s);
     if (m->precision == PRECISION_BF16) {
         forward_layers<bf16>(m, B, T, 0);
         forward_logits<bf16>(m, B * T);
@@ -1723,7 +1749,7 @@ void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T, c
     }
     m->has_logits = 1;
     long dropped = forward_router_stats(m);
-    losses_from_sums(losses, m->h_sums[0], m->h_sums[1], m->n_targets, m->stats, n_moe_layers(c), dropped,
+    losses_from_sums(losses, m->h_sums[0], m->h_sums[1], m->loss_targets, m->stats, n_moe_layers(c), dropped,
                      (long)B * T * c->K, s);
 }
 
@@ -1745,7 +1771,8 @@ template <typename X> static const float *prefill_logits(Model *m, int T) {
 }
 
 const float *model_prefill(Model *m, const int32_t *x, int T, const MoeSettings *s) {
-    forward_begin(m, x, NULL, 1, T, s);
+    Batch batch = {x, NULL, NULL, NULL, 1, T, 0.0};  // one segment at positions 0..T-1, as decode continues it
+    forward_begin(m, &batch, s);
     const float *logits;
     if (m->precision == PRECISION_BF16) {
         forward_layers<bf16>(m, 1, T, 1);
@@ -1821,9 +1848,10 @@ template <typename X> static void backward_layers(Model *m) {
     const X *WX = A->params_x;
     float *G = m->grads;
     const ParamTable *pt = &m->table;
+    const int *seg = m->has_segment ? m->segment : NULL, *pos = m->has_position ? m->position : NULL;
     cudaCheck(cudaMemsetAsync(G, 0, pt->n_params * sizeof(float)));
 
-    crossentropy_backward(A->dlogits, A->logits, A->lse, m->y, BT, V, m->n_targets, m->s.lz_coef);
+    crossentropy_backward(A->dlogits, A->logits, A->lse, m->y, BT, V, (float)m->loss_targets, m->s.lz_coef);
     matmul_backward(A->d_ln, G + pt->lm_head, A->dlogits, A->lnf, WX + pt->lm_head, BT, D, V, V, 0);
     cudaCheck(cudaMemsetAsync(A->d_res, 0, (size_t)BT * D * sizeof(float)));
     rmsnorm_backward(A->d_res, G + pt->final_norm, A->d_ln, A->final_in, W + pt->final_norm, A->rstdf, BT, D,
@@ -1847,9 +1875,10 @@ template <typename X> static void backward_layers(Model *m) {
         }
         // d_res now holds d mid; attention: mid = in + Wo attn(...)
         matmul_backward(A->datty, G + lp->wo, A->dres_x, a->atty, WX + lp->wo, BT, HHd, D, D, 0);
-        if (m->flash) attention_backward_flash(A->dqkv, A->dvec, A->datty, a->atty, a->att_lse, a->qkv, B, T, H, Hd);
+        if (m->flash)
+            attention_backward_flash(A->dqkv, A->dvec, A->datty, a->atty, a->att_lse, a->qkv, seg, B, T, H, Hd);
         else attention_backward(A->dqkv, A->dscore, A->datty, a->att, a->qkv, B, T, H, Hd, A->scores);
-        rope_backward(A->dqkv, m->rope_cos, m->rope_sin, BT, T, H, Hd);
+        rope_backward(A->dqkv, m->rope_cos, m->rope_sin, pos, BT, T, H, Hd);
         matmul_backward(A->d_ln, G + lp->wq, A->dqkv, a->ln1, WX + lp->wq, BT, D, 3 * HHd, 3 * HHd, 0);
         rmsnorm_backward(A->d_res, G + lp->attn_norm, A->d_ln, a->in, W + lp->attn_norm, a->rstd1, BT, D, A->dres_x,
                          A->dw_partial);
@@ -2218,7 +2247,7 @@ template <typename W> static void decode_token(Model *m, int token, int pos, con
         float *kc = m->kcache + (size_t)l * m->Tmax * HHd, *vc = m->vcache + (size_t)l * m->Tmax * HHd;
         rmsnorm_forward(xn, (float *)NULL, x, param_f32(m, lp->attn_norm), 1, D);
         matvec_forward(m->t_qkv, xn, WW + lp->wq, D, 3 * HHd, 0);  // q | k | v
-        rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, 1, 1, H, Hd, pos, 1.0f);
+        rope_forward(m->t_qkv, m->rope_cos, m->rope_sin, (const int *)NULL, 1, 1, H, Hd, pos, 1.0f);
         copy_floats(kc + (size_t)pos * HHd, m->t_qkv + HHd, HHd);
         copy_floats(vc + (size_t)pos * HHd, m->t_qkv + 2 * HHd, HHd);
         attention_decode(m->t_aty, m->t_att, m->t_qkv, kc, vc, pos, H, Hd, m->Tmax);
@@ -2435,8 +2464,11 @@ __device__ void flash_mma(float *c, int ldc, const bf16 *a, int lda, const bf16 
     for (int j = 0; j < NC; j++) wmma::store_matrix_sync(c + j * 16, acc[j], ldc, wmma::mem_row_major);
 }
 
-// out (B,T,HHd) and lse (B,H,T) from qkv (B,T,3HHd): block (query tile, b*H + h)
-template <int HD> __global__ void attention_forward_flash_kernel(bf16 *out, float *lse, const bf16 *qkv, int T, int H) {
+// out (B,T,HHd) and lse (B,H,T) from qkv (B,T,3HHd), the keys of each query
+// those at or before it in its segment (seg (B,T); NULL: one per row): block
+// (query tile, b*H + h)
+template <int HD>
+__global__ void attention_forward_flash_kernel(bf16 *out, float *lse, const bf16 *qkv, const int *seg, int T, int H) {
     typedef FlashFwd<HD> L;
     DYNAMIC_SMEM(smem);
     L sm(smem);
@@ -2445,6 +2477,7 @@ template <int HD> __global__ void attention_forward_flash_kernel(bf16 *out, floa
     int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, q0 = blockIdx.x * FA_TILE;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
     const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *k = q + HHd, *v = q + 2 * HHd;
+    const int *sg = seg ? seg + (size_t)b * T : NULL;
     FlashTileRegs<HD> nk, nv;  // the next key tile, in flight
     flash_fetch_tile<HD>(nk, q, ld, q0, T);
     flash_put_tile<HD>(sQ, nk);
@@ -2456,7 +2489,7 @@ template <int HD> __global__ void attention_forward_flash_kernel(bf16 *out, floa
         sSum[i] = 0.0f;
     }
     // the softmax's share of each lane: row r (two lanes per row), every other column from `half`
-    int r = r0 + lane / 2, half = lane % 2, t = q0 + r;
+    int r = r0 + lane / 2, half = lane % 2, t = q0 + r, seg_t = sg && t < T ? sg[t] : 0;
     int last = (q0 + FA_TILE < T ? q0 + FA_TILE : T) - 1;  // the last key any row of the tile sees
     for (int k0 = 0; k0 <= last; k0 += FA_TILE) {
         __syncthreads();  // the previous tiles are consumed
@@ -2474,19 +2507,20 @@ template <int HD> __global__ void attention_forward_flash_kernel(bf16 *out, floa
         float *sr = sS + r * L::LDS, mx = -INFINITY;
         for (int c = half; c < FA_TILE; c += 2) {
             int s = k0 + c;
-            float x = s <= t && s < T ? sr[c] : -INFINITY;
+            float x = s <= t && s < T && (!sg || sg[s] == seg_t) ? sr[c] : -INFINITY;
             sr[c] = x;
             mx = fmaxf(mx, x);
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        float m_old = sMax[r], m_new = fmaxf(m_old, mx), sum = 0.0f;  // m_new is finite: key 0 is in the first tile
+        // m_new is -inf while no key of the row's segment has come (never without segments: key 0 is in the first tile)
+        float m_old = sMax[r], m_new = fmaxf(m_old, mx), sum = 0.0f;
         for (int c = half; c < FA_TILE; c += 2) {
             float pv = sr[c] == -INFINITY ? 0.0f : expf(sr[c] - m_new);
             sP[r * L::LDP + c] = from_float<bf16>(pv);
             sum += pv;
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        float scale = expf(m_old - m_new);  // 0 at the first tile (m_old = -inf)
+        float scale = m_new == -INFINITY ? 1.0f : expf(m_old - m_new);  // 0 at the row's first key (m_old = -inf)
         for (int i = half; i < HD; i += 2) sO[r * L::LDO + i] *= scale;
         __syncwarp();  // both lanes of the row have read sMax[r] and sSum[r]
         if (half == 0) {
@@ -2522,12 +2556,13 @@ __global__ void attention_backward_dot_kernel(float *dvec, const bf16 *dout, con
 }
 
 // the backward's shared step for one (query tile, key tile) pair, on the warp's
-// 16 query rows: S = q k^T, P = exp(S - lse) where s <= t (fp32, in sS),
-// dP = dout v^T (sdP), dS = P (dP - dvec) -> sdS (bf16); P -> sP (bf16) when sP
+// 16 query rows: S = q k^T, P = exp(S - lse) where t sees s (s <= t in t's
+// segment, sg the row's segments or NULL; fp32, in sS), dP = dout v^T (sdP),
+// dS = P (dP - dvec) -> sdS (bf16); P -> sP (bf16) when sP
 template <int HD>
 __device__ void flash_backward_scores(float *sS, float *sdP, bf16 *sP, bf16 *sdS, const bf16 *sQ, const bf16 *sdO,
-                                      const bf16 *sK, const bf16 *sV, const float *sLse, const float *sDvec, int q0,
-                                      int k0, int T) {
+                                      const bf16 *sK, const bf16 *sV, const float *sLse, const float *sDvec,
+                                      const int *sg, int q0, int k0, int T) {
     typedef FlashLd<HD> L;
     int lane = threadIdx.x % 32, r0 = (threadIdx.x / 32) * 16;
     flash_mma<HD, FA_TILE / 16, false, true>(sS + r0 * L::LDS, L::LDS, sQ + r0 * L::LDH, L::LDH, sK, L::LDH, false);
@@ -2537,7 +2572,7 @@ __device__ void flash_backward_scores(float *sS, float *sdP, bf16 *sP, bf16 *sdS
         int t = q0 + r;
         for (int c = lane; c < FA_TILE; c += 32) {
             int s = k0 + c;
-            float pv = s <= t && t < T ? expf(sS[r * L::LDS + c] - sLse[r]) : 0.0f;
+            float pv = s <= t && t < T && (!sg || sg[s] == sg[t]) ? expf(sS[r * L::LDS + c] - sLse[r]) : 0.0f;
             if (sP) sP[r * L::LDP + c] = from_float<bf16>(pv);
             sdS[r * L::LDP + c] = from_float<bf16>(pv * (sdP[r * L::LDS + c] - sDvec[r]));
         }
@@ -2569,7 +2604,7 @@ __device__ void flash_fetch_rows(float *l, float *d, const float *lse, const flo
 // dk, dv of one key tile (blockIdx.x) of (b, h) = blockIdx.y, over the query tiles that see it
 template <int HD>
 __global__ void attention_backward_flash_dkv_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
-                                                    const float *dvec, int T, int H) {
+                                                    const float *dvec, const int *seg, int T, int H) {
     typedef FlashDkv<HD> L;
     DYNAMIC_SMEM(smem);
     L sm(smem);
@@ -2578,6 +2613,7 @@ __global__ void attention_backward_flash_dkv_kernel(bf16 *dqkv, const bf16 *dout
     int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, k0 = blockIdx.x * FA_TILE;
     int r0 = (threadIdx.x / 32) * 16;
     const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *dy = dout + (size_t)b * T * HHd + (size_t)h * HD;
+    const int *sg = seg ? seg + (size_t)b * T : NULL;
     const float *lse_bh = lse + (size_t)bh * T, *dvec_bh = dvec + (size_t)bh * T;
     FlashTileRegs<HD> nq, ndo;  // the next query tile, in flight
     float nl, nd;
@@ -2607,7 +2643,7 @@ __global__ void attention_backward_flash_dkv_kernel(bf16 *dqkv, const bf16 *dout
             flash_fetch_tile<HD>(ndo, dy, HHd, q0 + FA_TILE, T);
             flash_fetch_rows(&nl, &nd, lse_bh, dvec_bh, q0 + FA_TILE, T);
         }
-        flash_backward_scores<HD>(sS, sdP, sP, sdS, sQ, sdO, sK, sV, sLse, sDvec, q0, k0, T);
+        flash_backward_scores<HD>(sS, sdP, sP, sdS, sQ, sdO, sK, sV, sLse, sDvec, sg, q0, k0, T);
         __syncthreads();  // dk, dv need every warp's rows of P and dS
         // the warp's 16 key rows: dv += P^T dout, dk += dS^T q
         flash_mma_acc<FA_TILE, HD / 16, true, false>(dv, sP + r0, L::LDP, sdO, L::LDH);
@@ -2621,7 +2657,7 @@ __global__ void attention_backward_flash_dkv_kernel(bf16 *dqkv, const bf16 *dout
 // dq of one query tile (blockIdx.x) of (b, h) = blockIdx.y, over the key tiles it sees
 template <int HD>
 __global__ void attention_backward_flash_dq_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
-                                                   const float *dvec, int T, int H) {
+                                                   const float *dvec, const int *seg, int T, int H) {
     typedef FlashDq<HD> L;
     DYNAMIC_SMEM(smem);
     L sm(smem);
@@ -2630,6 +2666,7 @@ __global__ void attention_backward_flash_dq_kernel(bf16 *dqkv, const bf16 *dout,
     int bh = blockIdx.y, b = bh / H, h = bh % H, HHd = H * HD, ld = 3 * HHd, q0 = blockIdx.x * FA_TILE;
     int r0 = (threadIdx.x / 32) * 16;
     const bf16 *q = qkv + (size_t)b * T * ld + (size_t)h * HD, *dy = dout + (size_t)b * T * HHd + (size_t)h * HD;
+    const int *sg = seg ? seg + (size_t)b * T : NULL;
     FlashTileRegs<HD> nk, nv;  // the next key tile, in flight
     float nl, nd;
     flash_fetch_tile<HD>(nk, q, ld, q0, T);
@@ -2655,7 +2692,7 @@ __global__ void attention_backward_flash_dq_kernel(bf16 *dqkv, const bf16 *dout,
             flash_fetch_tile<HD>(nk, q + HHd, ld, k0 + FA_TILE, T);
             flash_fetch_tile<HD>(nv, q + 2 * HHd, ld, k0 + FA_TILE, T);
         }
-        flash_backward_scores<HD>(sS, sdP, NULL, sdS, sQ, sdO, sK, sV, sLse, sDvec, q0, k0, T);
+        flash_backward_scores<HD>(sS, sdP, NULL, sdS, sQ, sdO, sK, sV, sLse, sDvec, sg, q0, k0, T);
         __syncwarp();
         // the warp's 16 query rows: dq += dS k
         flash_mma_acc<FA_TILE, HD / 16, false, false>(dq, sdS + r0 * L::LDP, L::LDP, sK, L::LDH);
@@ -2676,18 +2713,21 @@ template <int HD> static size_t flash_smem_bytes_hd(void) {
     size_t f = FlashFwd<HD>::bytes(), kv = FlashDkv<HD>::bytes(), q = FlashDq<HD>::bytes();
     return f > kv ? (f > q ? f : q) : (kv > q ? kv : q);
 }
-template <int HD> static void attention_forward_flash_hd(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H) {
+template <int HD>
+static void attention_forward_flash_hd(bf16 *out, float *lse, const bf16 *qkv, const int *seg, int B, int T, int H) {
     dim3 grid(ceil_div(T, FA_TILE), B * H);
-    attention_forward_flash_kernel<HD><<<grid, FA_THREADS, FlashFwd<HD>::bytes()>>>(out, lse, qkv, T, H);
+    attention_forward_flash_kernel<HD><<<grid, FA_THREADS, FlashFwd<HD>::bytes()>>>(out, lse, qkv, seg, T, H);
     launchCheck();
 }
 template <int HD>
 static void attention_backward_flash_hd(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse,
-                                        const float *dvec, int B, int T, int H) {
+                                        const float *dvec, const int *seg, int B, int T, int H) {
     dim3 grid(ceil_div(T, FA_TILE), B * H);
-    attention_backward_flash_dkv_kernel<HD><<<grid, FA_THREADS, FlashDkv<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec, T, H);
+    attention_backward_flash_dkv_kernel<HD><<<grid, FA_THREADS, FlashDkv<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec,
+                                                                                         seg, T, H);
     launchCheck();
-    attention_backward_flash_dq_kernel<HD><<<grid, FA_THREADS, FlashDq<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec, T, H);
+    attention_backward_flash_dq_kernel<HD><<<grid, FA_THREADS, FlashDq<HD>::bytes()>>>(dqkv, dout, qkv, lse, dvec,
+                                                                                       seg, T, H);
     launchCheck();
 }
 
@@ -2720,25 +2760,26 @@ static void flash_init(int Hd) {
     flash_dispatch(Hd, [](auto hd) { flash_set_smem<decltype(hd)::value>(); });
 }
 
-// qkv (BT,3HHd) -> out (BT,HHd), lse (B,H,T)
-static void attention_forward_flash(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int Hd) {
-    flash_dispatch(Hd, [&](auto hd) { attention_forward_flash_hd<decltype(hd)::value>(out, lse, qkv, B, T, H); });
+// qkv (BT,3HHd), seg (BT) or NULL -> out (BT,HHd), lse (B,H,T)
+static void attention_forward_flash(bf16 *out, float *lse, const bf16 *qkv, const int *seg, int B, int T, int H,
+                                    int Hd) {
+    flash_dispatch(Hd, [&](auto hd) { attention_forward_flash_hd<decltype(hd)::value>(out, lse, qkv, seg, B, T, H); });
 }
-static void attention_forward_flash(float *, float *, const float *, int, int, int, int) {
+static void attention_forward_flash(float *, float *, const float *, const int *, int, int, int, int) {
     die("flash attention runs in bf16 mode only");
 }
 
 // dout (BT,HHd) -> dqkv (BT,3HHd), overwritten; out, lse from the forward; dvec (B,H,T) scratch
 static void attention_backward_flash(bf16 *dqkv, float *dvec, const bf16 *dout, const bf16 *out, const float *lse,
-                                     const bf16 *qkv, int B, int T, int H, int Hd) {
+                                     const bf16 *qkv, const int *seg, int B, int T, int H, int Hd) {
     int BT = B * T;
     attention_backward_dot_kernel<<<ceil_div((size_t)BT * H, 4), 128>>>(dvec, dout, out, BT, T, H, Hd);
     launchCheck();
     flash_dispatch(Hd, [&](auto hd) {
-        attention_backward_flash_hd<decltype(hd)::value>(dqkv, dout, qkv, lse, dvec, B, T, H);
+        attention_backward_flash_hd<decltype(hd)::value>(dqkv, dout, qkv, lse, dvec, seg, B, T, H);
     });
 }
 static void attention_backward_flash(float *, float *, const float *, const float *, const float *, const float *,
-                                     int, int, int, int) {
+                                     const int *, int, int, int, int) {
     die("flash attention runs in bf16 mode only");
 }

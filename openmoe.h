@@ -322,10 +322,27 @@ Precision model_file_precision(int version);
 void model_get_grads(const Model *m, float *grads);
 void model_set_grads(Model *m, const float *grads);     // tests: feed known gradients to model_update
 
-// Forward of one batch: x, y [B*T] host arrays (y = -1 ignored; y may be
-// NULL for logits only). Returns the losses (N_LOSSES, indexed by LOSS_*).
-void model_forward(Model *m, const int32_t *x, const int32_t *y, int B, int T,
-                   const MoeSettings *s, float *losses);
+// One batch: B rows of T tokens, host arrays [B*T] (row b, column t at
+// b*T + t). SPEC §10 packs several examples into a row: each token carries
+// its segment (which example) and its position in it. A query sees the keys
+// at or before it in its own segment; padding (segment -1) is a segment of
+// its own, so that no real token sees it and no softmax is empty.
+typedef struct {
+    const int32_t *x;         // the tokens
+    const int32_t *y;         // the targets, -1: none; NULL: logits only
+    const int32_t *segment;   // each token's segment in its row, >= -1; NULL: one segment per row
+    const int32_t *position;  // each token's RoPE position, in [0, the model's T); NULL: 0..T-1 in every row
+    int B, T;
+    // what the CE and the output z-loss sums are divided by; 0: the number of
+    // targets in y. Data parallelism (train.c) gives every rank the mean of
+    // the ranks' counts, so that the mean of the ranks' gradients is that of
+    // the mean over all the batch's targets.
+    double loss_targets;
+} Batch;
+
+// Forward of one batch; returns the losses (N_LOSSES, indexed by LOSS_*).
+// Without segments and positions, a row is computed exactly as SPEC §2 says.
+void model_forward(Model *m, const Batch *batch, const MoeSettings *s, float *losses);
 void model_get_logits(const Model *m, float *logits);   // host [B*T*V] of the last forward
 const RouterStats *model_router_stats(const Model *m);  // [n_moe_layers] of the last forward
 // Routing of MoE layer i (0-based among MoE layers) in the last forward, host
@@ -616,6 +633,8 @@ static inline void param_table_free(ParamTable *p) {
 #define MODEL_BUFFERS(_)                                                                                         \
     _(x,         int,    BT,               1)       /* (BT) the tokens of the last forward */                   \
     _(y,         int,    BT,               1)       /* (BT) its targets, -1: none */                            \
+    _(segment,   int,    BT,               1)       /* (BT) its segments, when the batch has them */            \
+    _(position,  int,    BT,               1)       /* (BT) its positions, when the batch has them */           \
     _(sums,      double, 2 + 2 * n_moe,    1)       /* its ce and lz sums, then per MoE layer lb's and rz's */  \
     _(rope_cos,  float,  T * (Hd / 2),     1)       /* (T,Hd/2) positions 0..T-1 */                             \
     _(rope_sin,  float,  T * (Hd / 2),     1)       /* (T,Hd/2) */                                              \
@@ -868,18 +887,35 @@ static inline void forward_args_check(int B, int T, int Bmax, int Tmax, const Mo
             s->drop_policy, s->first_group);
 }
 
-// x, y (BT) checked against the vocabulary V and copied to xd, yd (y NULL:
-// no targets, yd all -1); returns the number of targets
-static inline int forward_tokens_copy(int *xd, int *yd, const int32_t *x, const int32_t *y, int BT, int V) {
-    int n_targets = 0;
+// the batch b checked against the vocabulary V and the model's positions
+// [0, Tmax) (its RoPE tables), and copied: x, y to xd, yd (y NULL: no
+// targets, yd all -1), its segments and positions, where it has them, to
+// segd, posd; returns the number of targets
+static inline int forward_batch_copy(int *xd, int *yd, int *segd, int *posd, const Batch *b, int V, int Tmax) {
+    int n_targets = 0, BT = b->B * b->T;
+    const int32_t *x = b->x, *y = b->y, *seg = b->segment, *pos = b->position;
+    if (!x) die("model_forward: the batch has no tokens (x NULL)");
+    if (!(b->loss_targets >= 0.0 && b->loss_targets <= DBL_MAX))
+        die("model_forward: loss_targets %g, must be finite and >= 0", b->loss_targets);
     for (int n = 0; n < BT; n++) {
         if (x[n] < 0 || x[n] >= V) die("model_forward: token x[%d] = %d out of range [0, %d)", n, x[n], V);
         if (y && (y[n] < -1 || y[n] >= V)) die("model_forward: target y[%d] = %d out of range [-1, %d)", n, y[n], V);
+        if (seg && seg[n] < -1) die("model_forward: segment[%d] = %d, must be >= -1 (-1: padding)", n, seg[n]);
+        if (pos && (pos[n] < 0 || pos[n] >= Tmax))
+            die("model_forward: position[%d] = %d outside the model's [0, %d)", n, pos[n], Tmax);
         xd[n] = x[n];
         yd[n] = y ? y[n] : -1;
+        if (seg) segd[n] = seg[n];
+        if (pos) posd[n] = pos[n];
         n_targets += yd[n] >= 0;
     }
     return n_targets;
+}
+
+// what a forward's CE and output z-loss are means over: b->loss_targets, or
+// the n_targets of its y
+static inline double forward_loss_targets(const Batch *b, int n_targets) {
+    return b->loss_targets > 0.0 ? b->loss_targets : (double)n_targets;
 }
 
 // model_update's arguments, against the optimizer the model was created with
@@ -890,10 +926,10 @@ static inline void update_args_check(int has_grads, OptKind kind, int min_dim, c
     if (t < 1) die("model_update: step %d, steps count from 1", t);
 }
 
-// the losses (N_LOSSES) of a forward (SPEC §4) from its sums: ce and lz over
-// its n_targets targets; lb and rz, the means of the MoE layers' stats;
-// dropped of the n_moe * BTK assignments
-static inline void losses_from_sums(float *losses, double ce_sum, double lz_sum, int n_targets,
+// the losses (N_LOSSES) of a forward (SPEC §4) from its sums: ce and lz
+// means over n_targets (forward_loss_targets); lb and rz, the means of the
+// MoE layers' stats; dropped of the n_moe * BTK assignments
+static inline void losses_from_sums(float *losses, double ce_sum, double lz_sum, double n_targets,
                                     const RouterStats *stats, int n_moe, long dropped, long BTK,
                                     const MoeSettings *s) {
     double lb = 0.0, rz = 0.0;

@@ -319,7 +319,8 @@ static void generate(Generation *g, int print_ids) {
 static int verify(Generation *g) {
     int n = g->n, V = g->c.V;
     float losses[N_LOSSES];
-    model_forward(g->m, g->tokens, NULL, 1, n - 1, &g->route, losses);
+    Batch batch = {g->tokens, NULL, NULL, NULL, 1, n - 1, 0.0};
+    model_forward(g->m, &batch, &g->route, losses);
     float *all = (float *)mallocCheck((size_t)(n - 1) * V * sizeof(float));
     model_get_logits(g->m, all);
     int match = 0, same = 0;
@@ -384,7 +385,8 @@ static int score(const RunArgs *a) {
     double ce = 0.0;
     float losses[N_LOSSES];
     for (long w = 0; w < windows; w++) {
-        model_forward(m, tokens + w * T, tokens + w * T + 1, 1, T, &s, losses);
+        Batch batch = {tokens + w * T, tokens + w * T + 1, NULL, NULL, 1, T, 0.0};
+        model_forward(m, &batch, &s, losses);
         ce += losses[LOSS_CE];
     }
     printf("score: %s: %ld windows of %d tokens, cross-entropy %.6f\n", a->score_path, windows, T, ce / windows);

@@ -100,6 +100,7 @@ static void batch_fill(int32_t *x, int32_t *y, const TokenData *d, const long *s
 #define UL2_START_TOKEN 0    // the model's input before an example's first token (seqio's shift fills 0)
 #define UL2_PAD_TOKEN 0      // the input at padding
 #define UL2_MAX_MODE_IDS 64  // room for a mode prefix's ids
+#define UL2_VAL_SEED 0       // the validation examples' seed, whatever -s is: every run sees the same
 
 enum { OBJ_CAUSAL, OBJ_UL2, N_OBJECTIVES };
 static const char *const objective_names[N_OBJECTIVES] = {"causal", "ul2"};
@@ -410,6 +411,8 @@ typedef struct {
     size_t n_state, n_bias;
     Rng data_rng;                // the batches' offsets
     Ul2 ul2;                     // with --objective ul2: the batches of its steps
+    Ul2 ul2_val;                 // and its validation examples, this rank's share of a batch at a time
+    uint64_t ul2_val_start;      // the state ul2_val starts from at every validation
     int step;                    // the last step taken
     FILE *logf;                  // rank 0
     char log_path[4096 + 16];
@@ -421,7 +424,10 @@ typedef struct {
     float losses[N_LOSSES];      // mean over the ranks
     float norm;
     double ms;
+    int step_ul2;                // 1: a UL2 step (SPEC §10), 0: causal LM
+    long targets;                // the targets of its whole batch
     double val_ce, val_loss;     // NAN without validation
+    double val_ul2_ce;           // NAN without validation or without UL2
 } Run;
 
 // ----------------------------------------------------------------------------
@@ -669,14 +675,16 @@ static void log_open(Run *r) {
     } else {
         fprintf(out, "step\tloss\tce\tlb\trz\tlz\tdropped\tlr\tnorm\tms\ttok_s\tval_ce\tval_loss");
         for (int i = 0; i < r->nm; i++) fprintf(out, "\tdrop_moe%d", i);
-        fprintf(out, "\n");
+        fprintf(out, "\tul2\ttargets\tval_ul2_ce\n");
     }
     if (in) fclose(in);
     atomic_commit(out, tmp, r->log_path);
     r->logf = fopenCheck(r->log_path, "a");
 }
 
-// the row of the last step
+// the row of the last step: its losses (ce and lz over the batch's targets),
+// the validation losses when due, per MoE layer the dropped share; ul2 1 for
+// a UL2 step (SPEC §10); the batch's targets; the UL2 validation loss
 static void log_row(const Run *r) {
     const float *l = r->losses;
     int BT = r->a.B * r->a.T;
@@ -685,7 +693,7 @@ static void log_row(const Run *r) {
             BT / (r->ms / 1e3));
     fprintf(r->logf, "\t%.6f\t%.6f", r->val_ce, r->val_loss);
     for (int i = 0; i < r->nm; i++) fprintf(r->logf, "\t%.6f", r->drop[i]);
-    fprintf(r->logf, "\n");
+    fprintf(r->logf, "\t%d\t%ld\t%.6f\n", r->step_ul2, r->targets, r->val_ul2_ce);
     if (fflush(r->logf) != 0 || ferror(r->logf)) die("%s: write failed: %s", r->log_path, strerror(errno));
 }
 
@@ -697,14 +705,44 @@ static void log_row(const Run *r) {
 static void validate(Run *r) {
     int B = r->Bl, T = r->a.T, n_batches = r->a.val_batches * r->dp.n;
     float losses[N_LOSSES];
+    Batch batch = {r->x, r->y, NULL, NULL, B, T, 0.0};
     r->val_ce = r->val_loss = 0.0;
     for (int i = 0; i < n_batches; i++) {
         for (int b = 0; b < B; b++) r->starts[b] = ((long)i * B + b) * T;
         batch_fill(r->x, r->y, &r->val, r->starts, B, T);
-        model_forward(r->m, r->x, r->y, B, T, &r->s_eval, losses);
+        model_forward(r->m, &batch, &r->s_eval, losses);
         r->val_ce += losses[LOSS_CE] / n_batches;
         r->val_loss += losses[LOSS_TOTAL] / n_batches;
     }
+}
+
+// the targets of n tokens' y
+static long targets_count(const int32_t *y, size_t n) {
+    long k = 0;
+    for (size_t i = 0; i < n; i++) k += y[i] >= 0;
+    return k;
+}
+
+// with --objective ul2, the UL2 loss (SPEC §10) at the evaluation settings:
+// the CE over all the targets of as many batches of packed examples as
+// validate reads, drawn from the validation data, the same at every validation
+static void validate_ul2(Run *r) {
+    Ul2 *g = &r->ul2_val;
+    int n_batches = r->a.val_batches * r->dp.n;
+    size_t BT = (size_t)g->B * g->T;
+    float losses[N_LOSSES];
+    Batch batch = {g->x, g->y, g->segment, g->position, g->B, g->T, 0.0};
+    double ce_sum = 0.0;
+    long targets = 0;
+    ul2_restore(g, r->ul2_val_start);
+    for (int i = 0; i < n_batches; i++) {
+        ul2_batch(g);
+        long n = targets_count(g->y, BT);
+        model_forward(r->m, &batch, &r->s_eval, losses);
+        ce_sum += (double)losses[LOSS_CE] * n;
+        targets += n;
+    }
+    r->val_ul2_ce = targets ? ce_sum / targets : NAN;
 }
 
 // per MoE layer of the last forward: its losses, dropped share and each expert's share of the assignments
@@ -744,11 +782,14 @@ static void print_sample(Run *r) {
     printf("\n");
 }
 
-// validation at the evaluation capacity factor, the router load of its last batch, a sample
+// validation at the evaluation capacity factor, the router load of its last
+// causal batch, a sample; with --objective ul2 also the UL2 loss
 static void evaluate(Run *r) {
+    if (r->a.objective == OBJ_UL2) validate_ul2(r);
     validate(r);
-    printf("val  %5d | ce %.4f | loss %.4f | cf %.2f; per MoE layer, last batch:\n", r->step, r->val_ce, r->val_loss,
-           r->a.cf_eval);
+    printf("val  %5d | ce %.4f | loss %.4f", r->step, r->val_ce, r->val_loss);
+    if (r->a.objective == OBJ_UL2) printf(" | ul2 ce %.4f", r->val_ul2_ce);
+    printf(" | cf %.2f; per MoE layer, last batch:\n", r->a.cf_eval);
     routing_print(r);
     print_sample(r);
 }
@@ -791,10 +832,11 @@ static void trace_write(Run *r, const TokenData *data, int domain, const MoeSett
     float *prob = (float *)mallocCheck(nm * N * K * sizeof(float));
     uint8_t *kept = (uint8_t *)mallocCheck(nm * N * K);
     float losses[N_LOSSES];
+    Batch batch = {r->x, r->y, NULL, NULL, B, T, 0.0};
     for (int s0 = 0; s0 < n_seq; s0 += B) {
         for (int b = 0; b < B; b++) r->starts[b] = (long)(s0 + b) * T;
         batch_fill(r->x, r->y, data, r->starts, B, T);
-        model_forward(r->m, r->x, r->y, B, T, s, losses);
+        model_forward(r->m, &batch, s, losses);
         memcpy(tokens + (size_t)s0 * T, r->x, (size_t)B * T * sizeof(int32_t));
         for (int i = 0; i < nm; i++) {
             size_t at = i * N * K + (size_t)s0 * T * K;
@@ -859,9 +901,13 @@ static float learning_rate(OptKind kind, float lr, int warmup, int step, int n) 
 // data parallelism (make train MPI=1, then mpirun -np N ./train ...; README
 // "Several GPUs"). -b is the global batch: rank r trains on windows
 // [r*B/N, (r+1)*B/N) of the batch a 1-rank run draws (the data RNG advances
-// the same on every rank), so a run gives the same steps on any rank count,
-// up to float rounding. Every rank has all targets (B/N*T each), so the mean
-// of the ranks' losses and gradients is those of the whole batch. MoE routing
+// the same on every rank; so does the UL2 generator, whose rows these are in
+// UL2 steps), so a run gives the same steps on any rank count, up to float
+// rounding. The CE and output z-loss of every rank are sums over its targets
+// divided by the batch's targets / N (Batch.loss_targets; with causal LM every
+// rank has B/N*T targets), so the mean of the ranks' losses and gradients is
+// those of the whole batch, whose packed UL2 rows hold different numbers of
+// targets. MoE routing
 // groups (-q) stay inside one rank's tokens: capacity is per group and the
 // load-balance and z-losses are means over groups, so a run equals the 1-rank
 // run when -q divides B/N*T; with -q 0 (or -q > B/N*T) each rank's tokens
@@ -943,6 +989,12 @@ static void dp_mean(float *x, int n, const Ranks *dp) {
     mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
     for (int i = 0; i < n; i++) x[i] /= dp->n;
 }
+
+// the sum of n over the ranks
+static long dp_sum(long n) {
+    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, &n, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
+    return n;
+}
 #else
 // A launcher (mpirun -np N, srun -n N) starting this build, which has no MPI,
 // starts N copies that each train alone and write over each other's files in
@@ -968,6 +1020,7 @@ static void dp_end(void) {}
 static void dp_same(uint64_t h, const char *what) {}
 static void dp_bcast(void *p, size_t bytes) {}
 static void dp_mean(float *x, int n, const Ranks *dp) {}
+static long dp_sum(long n) { return n; }
 static void dp_sum_router_loads(const RouterStats *stats, int n_moe, int E) {}
 static void model_grads_allreduce(Model *m) {}
 static void model_params_allgather(Model *m, const size_t *shard) {}
@@ -1173,9 +1226,6 @@ static void args_parse(TrainArgs *a, int argc, char **argv) {
     if (a->ul2_steps > 0 && a->objective != OBJ_UL2)
         die("--ul2-steps %d: switches from UL2 to causal LM, and needs --objective ul2", a->ul2_steps);
     if (a->ul2_steps > a->n_steps) die("--ul2-steps %d is beyond the run's -n %d steps", a->ul2_steps, a->n_steps);
-    if (a->objective == OBJ_UL2 && a->dump_rows == 0)
-        die("--objective ul2: training on UL2 batches is not built yet (the model does not take segments and "
-            "positions); --dump-examples N FILE shows them");
     if (a->warmup < 0) a->warmup = a->kind == OPT_ADAFACTOR ? 10000 : a->n_steps / 50;
     if (a->warmup < 1) a->warmup = 1;
 }
@@ -1434,6 +1484,7 @@ static void run_free(Run *r) {
     free(r->probs);
     free(r->drop);
     ul2_free(&r->ul2);
+    ul2_free(&r->ul2_val);
     model_free(r->m);
 }
 
@@ -1451,15 +1502,36 @@ static void windows_draw(Run *r) {
     for (int b = 0; b < r->a.B; b++) r->starts[b] = (long)(rng_u64(&r->data_rng) % (uint64_t)(r->train.n - r->a.T));
 }
 
-// step r->step: B windows of T+1 tokens at random offsets (this rank's share
-// of them: windows_draw), forward, backward, update; the whole batch's losses and dropped
-// shares (the mean over the ranks), and the time it took
-static void train_step(Run *r) {
-    int Bl = r->Bl, T = r->a.T, nm = r->nm;
-    double t0 = wall_seconds();
+// this rank's share of step r->step's batch: in a UL2 step the generator's
+// next B packed rows, whose CE is over the targets of all the ranks' rows
+// (their count in r->targets); else B windows of T+1 tokens at random offsets
+// (windows_draw)
+static Batch step_batch(Run *r) {
+    int Bl = r->Bl, T = r->a.T;
+    r->step_ul2 = ul2_step(&r->a, r->step);
+    if (r->step_ul2) {
+        Ul2 *g = &r->ul2;
+        ul2_batch(g);
+        size_t at = (size_t)r->dp.rank * Bl * T;
+        r->targets = dp_sum(targets_count(g->y + at, (size_t)Bl * T));
+        Batch b = {g->x + at, g->y + at, g->segment + at, g->position + at, Bl, T, (double)r->targets / r->dp.n};
+        return b;
+    }
     windows_draw(r);
     batch_fill(r->x, r->y, &r->train, r->starts + (size_t)r->dp.rank * Bl, Bl, T);
-    model_forward(r->m, r->x, r->y, Bl, T, &r->s_train, r->losses);
+    r->targets = (long)r->a.B * T;
+    Batch b = {r->x, r->y, NULL, NULL, Bl, T, 0.0};
+    return b;
+}
+
+// step r->step: this rank's share of its batch (step_batch), forward,
+// backward, update; the whole batch's losses and dropped shares (the mean
+// over the ranks), and the time it took
+static void train_step(Run *r) {
+    int nm = r->nm;
+    double t0 = wall_seconds();
+    Batch batch = step_batch(r);
+    model_forward(r->m, &batch, &r->s_train, r->losses);
     model_backward(r->m);
     model_grads_allreduce(r->m);  // data parallelism: the whole batch's gradients on every rank
     r->opt.lr = learning_rate(r->a.kind, r->peak_lr, r->a.warmup, r->step, r->a.n_steps);
@@ -1480,8 +1552,10 @@ static void train_step(Run *r) {
 static void step_print(const Run *r) {
     const float *l = r->losses;
     printf("step %5d/%d | loss %.4f (ce %.4f lb %.4f rz %.4f lz %.2f) | drop %.3f | lr %.2e | norm %.3f | "
-           "%.1f ms | %.0f tok/s\n", r->step, r->a.n_steps, l[LOSS_TOTAL], l[LOSS_CE], l[LOSS_LB], l[LOSS_RZ],
+           "%.1f ms | %.0f tok/s", r->step, r->a.n_steps, l[LOSS_TOTAL], l[LOSS_CE], l[LOSS_LB], l[LOSS_RZ],
            l[LOSS_LZ], l[LOSS_DROPPED], r->opt.lr, r->norm, r->ms, r->a.B * r->a.T / (r->ms / 1e3));
+    if (r->step_ul2) printf(" | ul2, %ld targets", r->targets);
+    printf("\n");
 }
 
 static int validation_due(const Run *r) {
@@ -1533,12 +1607,15 @@ static void checkpoint_write(Run *r) {
 // tokenizer). Between UL2 batches the generator goes through the state a
 // checkpoint keeps (ul2_state, ul2_restore), as a run resumed there would.
 
-// the generator from the training data and the tokenizer, and its lengths
+// the generator from the training data and the tokenizer, and its lengths;
+// the validation examples' from the validation data, seeded alike in every run
 static void ul2_setup(Run *r) {
     if (!r->tok)
         die("--objective ul2 needs the data's tokenizer, for its sentinels and mode prefixes: %s is missing (-z FILE)",
             r->a.tok_path);
     ul2_make(&r->ul2, &r->train, r->tok, r->a.tok_path, r->a.B, r->a.T, r->a.seed);
+    ul2_make(&r->ul2_val, &r->val, r->tok, r->a.tok_path, r->Bl, r->a.T, UL2_VAL_SEED);
+    r->ul2_val_start = ul2_state(&r->ul2_val);
     if (r->lead) ul2_print(&r->ul2);
 }
 
@@ -1622,7 +1699,7 @@ int main(int argc, char **argv) {
         r.step++;
         train_step(&r);
         step_print(&r);
-        r.val_ce = r.val_loss = NAN;
+        r.val_ce = r.val_loss = r.val_ul2_ce = NAN;
         if (r.lead && validation_due(&r)) evaluate(&r);
         if (r.lead) log_row(&r);
         fflush(stdout);

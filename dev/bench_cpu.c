@@ -54,11 +54,12 @@ static void bench_step(const Config *c, int B, int T, int steps, const char *mod
         y[i] = (int32_t)(rng_u64(&r) % c->V);
     }
     MoeSettings s = moe_settings_default();
+    Batch batch = {x, y, NULL, NULL, B, T, 0.0};
     float losses[N_LOSSES], first[2] = {0};
     double *ms = (double *)mallocCheck(steps * sizeof(double));
     for (int i = -1; i < steps; i++) {  // one warm-up step
         double t0 = wall_seconds();
-        model_forward(m, x, y, B, T, &s, losses);
+        model_forward(m, &batch, &s, losses);
         model_backward(m);
         model_update(m, &o, i + 2);
         if (i >= 0) ms[i] = 1e3 * (wall_seconds() - t0);

@@ -60,13 +60,14 @@ int main(int argc, char **argv) {
         x[i] = (int32_t)(rng_u64(&r) % c.V);
         y[i] = (int32_t)(rng_u64(&r) % c.V);
     }
+    Batch batch = {x, y, NULL, NULL, B, T, 0.0};
     float losses[N_LOSSES];
     double *tf = (double *)mallocCheck(steps * sizeof(double)), *tb = (double *)mallocCheck(steps * sizeof(double));
     double *tu = (double *)mallocCheck(steps * sizeof(double)), *ts = (double *)mallocCheck(steps * sizeof(double));
     for (int i = -3; i < steps; i++) {  // three warm-up steps
         cudaDeviceSynchronize();
         double t0 = wall_seconds();
-        model_forward(m, x, y, B, T, &s, losses);  // ends with a sync (the losses)
+        model_forward(m, &batch, &s, losses);  // ends with a sync (the losses)
         double t1 = wall_seconds();
         model_backward(m);
         cudaDeviceSynchronize();

@@ -3,7 +3,8 @@
 Reads OUT/variants.tsv (name, train flags), and for each variant
 OUT/NAME/log.tsv (train.c's log) and OUT/NAME/analysis/metrics.json
 (dev/analyze_routing.py's numbers). Writes OUT/summary.md, OUT/summary.json
-and OUT/experiments.png. Columns, each for the variant's final model:
+and OUT/experiments.png (with the long runs also OUT/ul2.json and
+OUT/ul2.png). Columns, each for the variant's final model:
   val CE     validation cross-entropy at the evaluation capacity factor (2.0),
              the log's last val_ce;
   drop Q1/Q4 dropped share of all K assignments in the first and the last
@@ -17,6 +18,21 @@ Verdict, per variant: Drop-towards-the-End remains when the in-domain last
 quarter drops >= 1.2x the first quarter at the evaluation factor (the rule
 of dev/analyze_routing.py); its cost is the val CE and tok/s against the
 default's.
+
+Then, from OUT/objectives.tsv, the two long runs: causal LM throughout
+("long") and UL2 for the first half ("ul2", --ul2-steps S = half the steps),
+same seed, data and batch, so equal tokens. Their validation CE (the causal
+LM's, on the usual validation windows) over the steps goes to OUT/ul2.png
+with the UL2 run's UL2 loss (val_ul2_ce), and the paper's Fig. 2 question
+(does UL2 help early and stall later?) gets a verdict:
+  helps early   the UL2 run's validation CE is below the causal run's on
+                average over the validations of the first quarter of steps;
+  stalls later  from a quarter of the steps to the switch S the UL2 run's
+                validation CE falls less than the causal run's;
+and the difference at the end, after the causal steps. Early Routing
+Learning on the long runs: dev/analyze_routing.py's verdict (the id -> top-1
+expert map of the first checkpoint at or after a quarter of training agrees
+>= 70% with the final one in every MoE layer).
 """
 import json
 import os
@@ -65,6 +81,91 @@ def pct(x):
     return "n/a" if np.isnan(x) else f"{100 * x:.1f}%"
 
 
+def load_objectives(out):
+    """name -> dict(flags, log, metrics) of OUT/objectives.tsv's runs; {} without it."""
+    path = f"{out}/objectives.tsv"
+    if not os.path.exists(path):
+        return {}
+    runs = {}
+    for line in open(path):
+        if not line.strip():
+            continue
+        name, flags = (line.rstrip("\n").split("\t") + [""])[:2]
+        log = np.atleast_1d(np.genfromtxt(f"{out}/{name}/log.tsv", names=True, delimiter="\t"))
+        with open(f"{out}/{name}/analysis/metrics.json") as f:
+            metrics = json.load(f)
+        runs[name] = dict(name=name, flags=flags.strip(), log=log, metrics=metrics)
+    return runs
+
+
+def val_at(log, col="val_ce"):
+    """steps, values of a log column where it was measured"""
+    ok = ~np.isnan(log[col])
+    return log["step"][ok].astype(int), log[col][ok]
+
+
+def ul2_verdict(causal, ul2):
+    """the Fig. 2 numbers of the two long runs (see the module's docstring)"""
+    flags = ul2["flags"].split()
+    switch = int(flags[flags.index("--ul2-steps") + 1])
+    steps, ce_c = val_at(causal["log"])
+    steps_u, ce_u = val_at(ul2["log"])
+    assert (steps == steps_u).all(), "the two runs validated at other steps"
+    n = int(steps[-1])
+    at = lambda s: int(np.flatnonzero(steps >= s)[0])  # noqa: E731  the first validation at or after step s
+    early = steps <= n / 4
+    q, sw = at(n / 4), at(switch)
+    d_early = float(np.mean(ce_u[early] - ce_c[early]))
+    fall_c, fall_u = float(ce_c[q] - ce_c[sw]), float(ce_u[q] - ce_u[sw])
+    targets = lambda r, phase: float(r["log"]["targets"][phase(r["log"]["step"])].sum())  # noqa: E731
+    first = lambda s: s <= switch  # noqa: E731
+    return dict(switch=switch, steps=n, d_early=d_early, helps_early=d_early < 0, quarter_step=int(steps[q]),
+                switch_step=int(steps[sw]), fall_causal=fall_c, fall_ul2=fall_u, stalls_later=fall_u < fall_c,
+                end_causal=float(ce_c[-1]), end_ul2=float(ce_u[-1]), d_end=float(ce_u[-1] - ce_c[-1]),
+                targets_share=targets(ul2, first) / targets(causal, first),
+                table=[(int(steps[at(f * n)]), float(ce_c[at(f * n)]), float(ce_u[at(f * n)]))
+                       for f in (0.1, 0.25, 0.5, 0.75, 1.0)])
+
+
+def early_routing_line(r):
+    v = r["metrics"]["verdicts"]["early_routing"]
+    if v["holds"] is None:
+        return f"no verdict (no checkpoint between a quarter of the {v['final_step']} steps and the end)"
+    stays = (f"; >= {v['criterion']:.0%} in every layer from step {v['stays_above_from']} on"
+             if v["stays_above_from"] is not None else "; never >= the criterion in every layer to the end")
+    return (f"{'holds' if v['holds'] else 'does not hold'} — at step {v['step']}, the first checkpoint at or after a"
+            f" quarter of the {v['final_step']} steps, the id -> top-1 expert map agrees {pct(v['agreement'])} with"
+            f" the final one in its worst MoE layer (chance {pct(v['chance'])}; criterion {v['criterion']:.0%})"
+            + stays)
+
+
+def objectives_lines(runs):
+    """summary.md's section on the long runs"""
+    causal, ul2 = runs["long"], runs["ul2"]
+    v = ul2_verdict(causal, ul2)
+    lines = ["", f"# UL2 against causal LM, tiny, {v['steps']} steps each (same seed, data and batch: equal tokens)",
+             "", f"`ul2`: `{ul2['flags']}` (SPEC §10's mixture of denoisers for steps 1..{v['switch']}, causal LM"
+             " after); `long`: causal LM throughout. Validation CE is the causal LM's, on the usual validation"
+             f" windows, at the evaluation capacity factor. In its UL2 steps the `ul2` run trained on"
+             f" {100 * v['targets_share']:.0f}% of the targets the causal run trained on in the same steps"
+             " (the loss is on the targets alone, and packing leaves padding).", "",
+             "| step | causal LM val CE | UL2 then causal val CE | difference |", "|---|---|---|---|"]
+    for step, c, u in v["table"]:
+        lines.append(f"| {step} | {c:.4f} | {u:.4f} | {u - c:+.4f} |")
+    lines += ["", f"- **UL2 helps early: {'yes' if v['helps_early'] else 'no'}** — over the validations up to step"
+              f" {v['steps'] // 4} (a quarter), UL2 minus causal {v['d_early']:+.3f} nats on average.",
+              f"- **UL2 stalls later: {'yes' if v['stalls_later'] else 'no'}** — from step {v['quarter_step']} to the"
+              f" switch at step {v['switch_step']} the UL2 run's validation CE fell {v['fall_ul2']:.3f} nats, the"
+              f" causal run's {v['fall_causal']:.3f}.",
+              f"- **At the end** (step {v['steps']}, {v['steps'] - v['switch']} causal steps after the switch):"
+              f" {v['end_ul2']:.4f} against {v['end_causal']:.4f} ({v['d_end']:+.4f} nats).",
+              "", "Early Routing Learning on the long runs:", ""]
+    for r in (causal, ul2):
+        lines.append(f"- **{r['name']}**: {early_routing_line(r)}.")
+    lines += ["", "Plot: ul2.png.", ""]
+    return lines, v
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "out/experiments"
     variants = [line.rstrip("\n").split("\t") for line in open(f"{out}/variants.tsv") if line.strip()]
@@ -82,13 +183,21 @@ def main():
     for r in rows:
         lines.append(f"- **{r['name']}**: {verdict(r, base)}")
     lines += ["", "Columns: see dev/experiments_summary.py. Plot: experiments.png.", ""]
+    runs = load_objectives(out)
+    if runs:
+        more, v = objectives_lines(runs)
+        lines += more
+        v["early_routing"] = {n: r["metrics"]["verdicts"]["early_routing"] for n, r in runs.items()}
+        with open(f"{out}/ul2.json", "w") as f:
+            json.dump(v, f, indent=1)
+        plot_ul2(out, runs, v)
     with open(f"{out}/summary.md", "w") as f:
         f.write("\n".join(lines))
     with open(f"{out}/summary.json", "w") as f:
         json.dump([{k: v for k, v in r.items() if k != "ce_curve"} for r in rows], f, indent=1)
     plot(out, rows)
     print("\n".join(lines))
-    print(f"wrote {out}/summary.md, summary.json, experiments.png")
+    print(f"wrote {out}/summary.md, summary.json, experiments.png" + (", ul2.json, ul2.png" if runs else ""))
 
 
 def plot(out, rows):
@@ -115,6 +224,26 @@ def plot(out, rows):
         a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "experiments.png"), dpi=90)
+
+
+def plot_ul2(out, runs, v):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+    for r, label in ((runs["long"], "causal LM throughout"), (runs["ul2"], f"UL2 to step {v['switch']}, then causal")):
+        ax[0].plot(*val_at(r["log"]), marker=".", label=label)
+    ax[1].plot(*val_at(runs["ul2"]["log"], "val_ul2_ce"), marker=".", color="C1", label="UL2 run: UL2 loss")
+    for a in ax:
+        a.axvline(v["switch"], color="0.6", lw=1, ls="--", label=f"switch to causal LM (step {v['switch']})")
+        a.set_xlabel("step")
+        a.set_ylabel("cross-entropy (nats)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    ax[0].set_title("validation CE of causal LM (the usual windows)")
+    ax[1].set_title("validation CE of packed UL2 examples (their targets)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "ul2.png"), dpi=90)
 
 
 if __name__ == "__main__":

@@ -109,16 +109,18 @@ def model_oracle(d, model_cfg):
 
 def debug_state_oracle(d, c):
     h = words(d)
-    if h is None or h[0] != 240201740 or h[1] != 1 or h[10] not in (0, 1, 2) or h[11] not in (0, 1) or any(h[12:]):
-        return "refuse"  # [10] capacity rule, [11] drop policy (SPEC §7, §8)
+    if (h is None or h[0] != 240201740 or h[1] != 1 or h[10] not in (0, 1, 2) or h[11] not in (0, 1)
+            or h[12] not in (0, 1) or any(h[13:])):
+        return "refuse"  # [10] capacity rule, [11] drop policy (SPEC §7, §8), [12] segments and positions (§10)
     Bs, Ts, cf, mincap, lb, rz, lz, group = h[2:10]
     if Bs <= 0 or Ts <= 0 or Ts > c[1] or cf <= 0 or mincap < 0 or group < 0 or min(lb, rz, lz) < 0:
         return "refuse"
-    BT, V = Bs * Ts, c[0]
-    if len(d) != 1024 + 4 * (2 * BT + BT * V + 8 + n_params(c)):
+    BT, V, ints = Bs * Ts, c[0], 4 if h[12] else 2
+    if len(d) != 1024 + 4 * (ints * BT + BT * V + 8 + n_params(c)):
         return "refuse"
-    x = np.frombuffer(d, "<i4", BT, 1024)
-    y = np.frombuffer(d, "<i4", BT, 1024 + 4 * BT)
+    x, y, seg, pos = (np.frombuffer(d, "<i4", BT, 1024 + 4 * BT * i) for i in (0, 1, 2, 3))
+    if h[12] and (seg.min() < -1 or pos.min() < 0 or pos.max() >= c[1]):
+        return "refuse"  # a segment below -1 (padding), a position outside the context
     return "accept" if x.min() >= 0 and x.max() < V and y.min() >= -1 and y.max() < V else "refuse"
 
 
@@ -285,9 +287,10 @@ def main():
         return run([f"{BIN}/test_cpu", "micro.bin", "mut_state.bin"], "mut_state.bin", quiet_compare=True)
     micro_cfg = words(open(w("micro.bin"), "rb").read())[2:14]
     dbg = w("debug_state.bin")
-    BTd = words(open(dbg, "rb").read())[2] * words(open(dbg, "rb").read())[3]
-    campaign("debug_state", dbg, list(range(12)),
-                                     [(1024, 1024 + 8 * BTd), (1024 + 8 * BTd, size(dbg))],
+    hd = words(open(dbg, "rb").read())
+    ints = 4 * hd[2] * hd[3] * (4 if hd[12] else 2)  # bytes of x, y (and segment, position)
+    campaign("debug_state", dbg, list(range(13)),
+                                     [(1024, 1024 + ints), (1024 + ints, size(dbg))],
                                      lambda d: debug_state_oracle(d, micro_cfg), exe_state)
 
     # checkpoint: train -r from a directory holding model_2 and a mutated state_2

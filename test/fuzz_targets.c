@@ -203,7 +203,8 @@ static void fuzz_one(const char *path, const uint8_t *data, size_t size) {
     int32_t x[2] = {0, c.V - 1};
     float losses[N_LOSSES];
     MoeSettings s = moe_settings_default();
-    model_forward(m, x, NULL, 1, T, &s, losses);
+    Batch batch = {x, NULL, NULL, NULL, 1, T, 0.0};
+    model_forward(m, &batch, &s, losses);
     s.first_group = 1;
     model_prefill(m, x, 1, &s);
     if (T > 1) model_decode(m, x[1], 1);

@@ -8,7 +8,7 @@ cases.txt), float64 PyTorch on the CPU:
     and the small preset's widths (V 32000, D 512, E 8), where test_gpu is also
     judged against test_cpu -o;
   - flash attention (bf16 mode) at head widths 32, 64 and 128 over several
-    64-row tiles with T not a multiple of 64;
+    64-row tiles with T not a multiple of 64, and with packed rows (SPEC §10);
   - sharp attention: wq and wk scaled up so that attention logits reach ~100
     and the softmax's running max moves from one key tile to the next (with
     reference.py's small logits a flash kernel that never rescales passes).
@@ -66,6 +66,10 @@ def main():
                  about="Hd 64, T 130"),
         ref.Case("flash128", replace(attn(128, 160), L=1, H=1), 1, 129, ref.Settings(group_size=0), seed=23000,
                  about="Hd 128, T 129 (a one-row last tile)"),
+        ref.Case("flash64_packed", attn(64, 200), 2, 150, ref.Settings(group_size=0), seed=24000, ignore=0.3,
+                 packing=(((40, 0), (80, 0), (-30, 0)), ((100, 10), (50, 0))),
+                 about="Hd 64, SPEC §10's packed rows: examples starting inside and at the edge of 64-row"
+                       " tiles, padding, positions from 10"),
     ]
     if not quick:
         cases.append(ref.Case("small_l2", replace(small, L=2, max_seq_len=128), 2, 128, ref.Settings(group_size=128),

@@ -6,6 +6,7 @@ openmoe.c, so that comparing the two really checks something. It is
 
   - a module: the model of SPEC §2-§4 in plain vectorised PyTorch, for any
     dtype and device (float64 for the test cases, float32 for dev/bench),
+    with SPEC §10's packed rows (a segment and a position per token),
     the optimizers of openmoe.h section 6 in float64 numpy, and readers and
     writers of the model file (SPEC §6) and the debug state file (SPEC §7);
   - a CLI that writes the test cases that test_cpu / test_gpu compare with:
@@ -250,25 +251,37 @@ def rope_tables(T, Hd, dtype, device):
     return ang.cos().to(dtype=dtype, device=device), ang.sin().to(dtype=dtype, device=device)
 
 
+def rope_at(position, Hd, dtype, device):
+    """cos, sin [B, 1, T, Hd/2] of each token's position [B, T] (SPEC §10),
+    for rope() on [B, H, T, Hd]: the rows of rope_tables at the positions."""
+    cos, sin = rope_tables(int(position.max()) + 1, Hd, dtype, device)
+    return cos[position][:, None], sin[position][:, None]
+
+
 def rope(x, cos, sin):
     """Rotate-half RoPE over the full head: x [B, H, T, Hd], element i pairs
-    with i + Hd/2 and both turn by the angle of pair i."""
+    with i + Hd/2 and both turn by the angle of pair i (cos, sin [T, Hd/2],
+    or [B, 1, T, Hd/2] per token)."""
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]                          # [B, H, T, Hd/2] each
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def attention(x, wq, wk, wv, wo, H, Hd, cos, sin):
+def attention(x, wq, wk, wv, wo, H, Hd, cos, sin, segment=None):
     """Causal multi-head attention, no 1/sqrt(Hd) (it is folded into Wq's init).
-    x [B, T, D]; wq, wk, wv [H*Hd, D]; wo [D, H*Hd] -> [B, T, D]."""
+    x [B, T, D]; wq, wk, wv [H*Hd, D]; wo [D, H*Hd] -> [B, T, D]. With
+    segment [B, T] (SPEC §10) a query sees only the keys of its own segment
+    (padding, -1, is one more segment)."""
     B, T, _ = x.shape
     q = (x @ wq.T).view(B, T, H, Hd).transpose(1, 2)         # [B, H, T, Hd]
     k = (x @ wk.T).view(B, T, H, Hd).transpose(1, 2)
     v = (x @ wv.T).view(B, T, H, Hd).transpose(1, 2)
     q, k = rope(q, cos, sin), rope(k, cos, sin)
     scores = q @ k.transpose(-2, -1)                          # [B, H, T, T]
-    future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-    att = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    hidden = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)   # [T, T] the future
+    if segment is not None:
+        hidden = hidden | (segment[:, None, :] != segment[:, :, None])[:, None]  # [B, 1, T, T]
+    att = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
     out = (att @ v).transpose(1, 2).reshape(B, T, H * Hd)     # [B, T, H*Hd]
     return out @ wo.T
 
@@ -444,20 +457,25 @@ def mlp_block(h, w, cfg, l, moe_fn):
     return h, res
 
 
-def forward(params, cfg, x, y, s):
+def forward(params, cfg, x, y, s, segment=None, position=None):
     """SPEC §2-§4. params: dict name -> tensor (one dtype, one device);
-    x [B, T] int64 tokens; y [B, T] int64 targets (-1 ignored) or None.
-    Returns logits [B, T, V], losses (dict of scalars: total, ce, lb, rz, lz
-    as tensors, dropped as a float) and the routing of each MoE layer."""
+    x [B, T] int64 tokens; y [B, T] int64 targets (-1 ignored) or None;
+    segment, position [B, T] int64 (SPEC §10) or None: one segment per row,
+    positions 0..T-1. Returns logits [B, T, V], losses (dict of scalars:
+    total, ce, lb, rz, lz as tensors, dropped as a float) and the routing of
+    each MoE layer."""
     B, T = x.shape
     w = params
-    cos, sin = rope_tables(T, cfg.Hd, w["wte"].dtype, w["wte"].device)
+    if position is None:
+        cos, sin = rope_tables(T, cfg.Hd, w["wte"].dtype, w["wte"].device)
+    else:
+        cos, sin = rope_at(position, cfg.Hd, w["wte"].dtype, w["wte"].device)
     h = w["wte"][x]                                           # [B, T, D]
     lbs, rzs, routing, n_dropped = [], [], [], 0
     for l in range(cfg.L):
         p = f"l{l}."
         h = h + attention(rmsnorm(h, w[p + "attn_norm"]), w[p + "wq"], w[p + "wk"], w[p + "wv"],
-                          w[p + "wo"], cfg.H, cfg.Hd, cos, sin)
+                          w[p + "wo"], cfg.H, cfg.Hd, cos, sin, segment)
         h, res = mlp_block(h, w, cfg, l, lambda *a: moe(*a, cfg.K, s))
         if res:
             _, lb, rz, nd, r = res
@@ -478,12 +496,12 @@ def forward(params, cfg, x, y, s):
     return logits, losses, routing
 
 
-def forward_backward(params, cfg, x, y, s):
+def forward_backward(params, cfg, x, y, s, segment=None, position=None):
     """forward() and the gradients of the total loss. Returns numpy arrays in
     float64: logits [B*T*V], losses [8] (state file order), grads [n_params]
     (file order; zero for a parameter the loss does not reach), and the routing."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    logits, L, routing = forward(leaves, cfg, x, y, s)
+    logits, L, routing = forward(leaves, cfg, x, y, s, segment, position)
     L["total"].backward()
     grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in leaves.items()}
     losses = np.zeros(N_LOSSES)
@@ -646,31 +664,33 @@ def read_model(path):
     return cfg, np.frombuffer(raw[4 * HEADER_INTS:], dtype="<f4").copy()
 
 
-def write_state(path, cfg, s, x, y, logits, losses, grads):
-    """Debug state file: header, x, y int32 [B*T], logits [B*T*V],
-    losses [8], grads [n_params] float32."""
+def write_state(path, cfg, s, x, y, logits, losses, grads, segment=None, position=None):
+    """Debug state file: header, x, y int32 [B*T], with segment and position
+    (word [12] = 1: SPEC §10) segment, position int32 [B*T], then logits
+    [B*T*V], losses [8], grads [n_params] float32."""
     B, T = x.shape
+    packed = segment is not None
     h = np.zeros(HEADER_INTS, dtype="<i4")
-    h[:12] = [STATE_MAGIC, 1, B, T, s.cf1000, s.min_capacity, s.lb_e6, s.rz_e6, s.lz_e6, s.group_size,
-              s.capacity_rule, s.drop_policy]
+    h[:13] = [STATE_MAGIC, 1, B, T, s.cf1000, s.min_capacity, s.lb_e6, s.rz_e6, s.lz_e6, s.group_size,
+              s.capacity_rule, s.drop_policy, int(packed)]
     assert logits.size == B * T * cfg.V and len(losses) == N_LOSSES and grads.size == n_params(cfg)
-    _atomic_write(path, [h, np.asarray(x).astype("<i4").reshape(-1), np.asarray(y).astype("<i4").reshape(-1),
-                         np.asarray(logits).astype("<f4"), np.asarray(losses).astype("<f4"),
-                         np.asarray(grads).astype("<f4")])
+    ints = [np.asarray(a).astype("<i4").reshape(-1) for a in ((x, y, segment, position) if packed else (x, y))]
+    _atomic_write(path, [h] + ints + [np.asarray(logits).astype("<f4"), np.asarray(losses).astype("<f4"),
+                                      np.asarray(grads).astype("<f4")])
 
 
 def read_state(path, cfg):
-    """Returns a dict: B, T, settings, x, y [B, T] int64, logits, losses,
-    grads (float32 vectors)."""
+    """Returns a dict: B, T, settings, x, y [B, T] int64, segment, position
+    [B, T] int64 or None (word [12] 0), logits, losses, grads (float32 vectors)."""
     raw = open(path, "rb").read()
     h = np.frombuffer(raw[:4 * HEADER_INTS], dtype="<i4")
-    if h[0] != STATE_MAGIC or h[1] != 1 or np.any(h[12:] != 0):
+    if h[0] != STATE_MAGIC or h[1] != 1 or h[12] not in (0, 1) or np.any(h[13:] != 0):
         raise ValueError(f"{path}: not a version 1 state file")
-    B, T = int(h[2]), int(h[3])
+    B, T, packed = int(h[2]), int(h[3]), bool(h[12])
     s = Settings(cf1000=int(h[4]), min_capacity=int(h[5]), lb_e6=int(h[6]), rz_e6=int(h[7]),
                  lz_e6=int(h[8]), group_size=int(h[9]), capacity_rule=int(h[10]), drop_policy=int(h[11]))
     BT, n = B * T, n_params(cfg)
-    if len(raw) != 4 * (HEADER_INTS + 2 * BT + BT * cfg.V + N_LOSSES + n):
+    if len(raw) != 4 * (HEADER_INTS + (4 if packed else 2) * BT + BT * cfg.V + N_LOSSES + n):
         raise ValueError(f"{path}: size {len(raw)} does not match B={B} T={T} V={cfg.V} n_params={n}")
     off = 4 * HEADER_INTS
 
@@ -681,10 +701,13 @@ def read_state(path, cfg):
         return a
     x = take(BT, "<i4").astype(np.int64).reshape(B, T)
     y = take(BT, "<i4").astype(np.int64).reshape(B, T)
+    segment = take(BT, "<i4").astype(np.int64).reshape(B, T) if packed else None
+    position = take(BT, "<i4").astype(np.int64).reshape(B, T) if packed else None
     logits = take(BT * cfg.V, "<f4")
     losses = take(N_LOSSES, "<f4")
     grads = take(n, "<f4")
-    return dict(B=B, T=T, settings=s, x=x, y=y, logits=logits, losses=losses, grads=grads)
+    return dict(B=B, T=T, settings=s, x=x, y=y, segment=segment, position=position, logits=logits, losses=losses,
+                grads=grads)
 
 
 # -----------------------------------------------------------------------------
@@ -703,6 +726,8 @@ class Case:
     router_var: float = 0.5   # init_params' router variance x D: larger routes more unevenly
     optimizers: tuple = ()    # ("adamw", "adafactor") for cases with optimizer files:
                               # moe_basic, moe_drop (grad norm < 1), hhd_ne_d (> 1, AdamW clips)
+    packing: tuple = ()       # SPEC §10's packed rows, one tuple per row of (length, first position)
+                              # per segment, a length < 0 being that much padding; () one segment per row
     about: str = ""
 
 
@@ -760,6 +785,18 @@ CASES = [
          Settings(), seed=14000,
          about="logits of 1032 x 1040 floats, past the 4 MB above which the CPU matmul streams"
                " C's last pass to memory (rows on cache lines, a ragged last panel of 16 columns)"),
+    Case("packed", Config(97, 24, 4, 32, 4, 8, 64, 8, 2, 2, 48, 1), 3, 16,
+         Settings(cf1000=1000, group_size=24), seed=15000, ignore=0.3,
+         packing=(((5, 0), (7, 0), (-4, 0)), ((3, 0), (4, 0), (4, 0), (5, 0)), ((16, 5),)),
+         about="SPEC §10: rows of 2 examples and padding, of 4 examples, of one example at positions"
+               " 5..20 (not its columns; RoPE is relative, so a RoPE by column shows at the padding, all at"
+               " position 0); 30% of the targets ignored, none at padding; groups of 24 that drop"),
+    Case("packed_long", Config(80, 200, 2, 32, 2, 16, 48, 4, 2, 2, 32, 1), 2, 160,
+         Settings(group_size=0), seed=16000, ignore=0.5,
+         packing=(((70, 0), (60, 0), (-30, 0)), ((130, 0), (30, 40))),
+         about="SPEC §10 across 64-token tiles: examples starting at 70 and 130, so that rows"
+               " see no key of the first tiles (flash attention's running max starts later); padding;"
+               " an example at positions 40..69; half the targets ignored"),
 ]
 
 ADAMW_TEST = AdamWSettings(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
@@ -768,8 +805,27 @@ MARGIN = 1e-4      # required gap between consecutive top-(K+1) probabilities, r
 MAX_RESEEDS = 100
 
 
+def make_packing(case):
+    """segment, position [B, T] int64 of case.packing (SPEC §10): segments
+    0, 1, ... in each row, padding -1 at position 0; (None, None) without."""
+    if not case.packing:
+        return None, None
+    segment = torch.zeros(case.B, case.T, dtype=torch.int64)
+    position = torch.zeros(case.B, case.T, dtype=torch.int64)
+    assert len(case.packing) == case.B
+    for b, row in enumerate(case.packing):
+        t = 0
+        for k, (n, first) in enumerate(row):
+            segment[b, t:t + abs(n)] = k if n > 0 else -1
+            position[b, t:t + abs(n)] = torch.arange(first, first + n) if n > 0 else 0
+            t += abs(n)
+        assert t == case.T, f"{case.name}: row {b} holds {t} tokens, not T = {case.T}"
+    return segment, position
+
+
 def make_batch(case, seed):
-    """x, y [B, T] int64 from a seeded generator; a share case.ignore of y is -1."""
+    """x, y [B, T] int64 from a seeded generator; a share case.ignore of y is
+    -1, and every target at padding (make_packing)."""
     g = torch.Generator().manual_seed(seed + 1)
     c = case.cfg
     x = torch.randint(0, c.V, (case.B, case.T), generator=g)
@@ -778,6 +834,9 @@ def make_batch(case, seed):
         y[:] = -1
     elif case.ignore > 0:
         y[torch.rand(case.B, case.T, generator=g, dtype=torch.float64) < case.ignore] = -1
+    segment, _ = make_packing(case)
+    if segment is not None:
+        y[segment < 0] = -1
     return x, y
 
 
@@ -802,7 +861,7 @@ def build_case(case):
         params = init_params(case.cfg, seed, router_var=case.router_var)
         x, y = make_batch(case, seed)
         with torch.no_grad():
-            _, _, routing = forward(params, case.cfg, x, None, case.s)
+            _, _, routing = forward(params, case.cfg, x, None, case.s, *make_packing(case))
         if routing_margin(routing, case.cfg.K) > MARGIN:
             return seed, params, x, y
     raise RuntimeError(f"{case.name}: no seed in {case.seed}..+{MAX_RESEEDS} keeps the routing margin")
@@ -815,11 +874,13 @@ def write_cases(outdir, cases=CASES):
         t0 = time.time()
         cfg = case.cfg
         seed, params, x, y = build_case(case)
-        logits, losses, grads, _ = forward_backward(params, cfg, x, y, case.s)
+        segment, position = make_packing(case)
+        logits, losses, grads, _ = forward_backward(params, cfg, x, y, case.s, segment, position)
         base = os.path.join(outdir, case.name)
         params_flat = flatten(cfg, params)                   # exactly float32 values
         write_model(base + ".model.bin", cfg, params_flat)
-        write_state(base + ".state.bin", cfg, case.s, _np(x), _np(y), logits, losses, grads)
+        write_state(base + ".state.bin", cfg, case.s, _np(x), _np(y), logits, losses, grads,
+                    *(None if a is None else _np(a) for a in (segment, position)))
         # the optimizers start from the model file and take the stored float32 gradient
         _, p32 = read_model(base + ".model.bin")
         g32 = read_state(base + ".state.bin", cfg)["grads"]
@@ -878,9 +939,9 @@ def worst(checks):
     return h, what
 
 
-def compute(params, cfg, x, y, s, dtype):
+def compute(params, cfg, x, y, s, dtype, segment=None, position=None):
     p = {k: v.to(dtype) for k, v in params.items()}
-    logits, losses, grads, routing = forward_backward(p, cfg, x, y, s)
+    logits, losses, grads, routing = forward_backward(p, cfg, x, y, s, segment, position)
     return dict(logits=logits, losses=losses, grads=grads), routing
 
 
@@ -899,13 +960,44 @@ def finite_difference_check(case, params, x, y, grads, per_tensor=2, h=1e-5):
                 f = flat.copy()
                 f[i] += delta
                 with torch.no_grad():
-                    return float(forward(unflatten(cfg, f), cfg, x, y, case.s)[1]["total"])
+                    return float(forward(unflatten(cfg, f), cfg, x, y, case.s, *make_packing(case))[1]["total"])
             fd = (total(h) - total(-h)) / (2 * h)
             rel = abs(fd - grads[i]) / (abs(grads[i]) + 1e-3 * gmax)
             if rel > worst_rel:
                 worst_rel, where = rel, s.name
     return worst_rel < 1e-4, (f"reference autograd == finite differences {case.name}"
                               f" (worst relative diff {worst_rel:.1e} at {where})")
+
+
+def packing_check():
+    """SPEC §10 another way than attention()'s mask: in a model without MoE
+    layers (routing would couple the tokens of a group), each example of
+    the packed case's rows gives the logits it gives alone, as a row of its
+    own at its positions; and a state file keeps segments and positions."""
+    case = next(c for c in CASES if c.name == "packed")
+    cfg = replace(case.cfg, moe_every=case.cfg.L + 1)
+    params = init_params(cfg, case.seed)
+    x, y = make_batch(case, case.seed)
+    segment, position = make_packing(case)
+    worst, n = 0.0, 0
+    with torch.no_grad():
+        packed = forward(params, cfg, x, None, case.s, segment, position)[0]      # [B, T, V]
+        for b in range(case.B):
+            for k in sorted(set(segment[b].tolist()) - {-1}):
+                cols = (segment[b] == k).nonzero()[:, 0]
+                alone = forward(params, cfg, x[b:b + 1, cols], None, case.s, None, position[b:b + 1, cols])[0]
+                worst = max(worst, float((alone - packed[b:b + 1, cols]).abs().max()))
+                n += 1
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "s.bin")
+        zeros = np.zeros(case.B * case.T * cfg.V)
+        write_state(path, cfg, case.s, _np(x), _np(y), zeros, np.zeros(N_LOSSES), np.zeros(n_params(cfg)),
+                    _np(segment), _np(position))
+        st = read_state(path, cfg)
+        kept = np.array_equal(st["segment"], _np(segment)) and np.array_equal(st["position"], _np(position))
+    return (worst < 1e-12 and n == 7 and kept,
+            f"reference packing: {n} examples of packed rows give their logits alone (max diff {worst:.1e});"
+            f" a state file keeps segments and positions")
 
 
 def selfcheck():
@@ -920,8 +1012,9 @@ def selfcheck():
     for case in CASES:
         cfg = case.cfg
         seed, params, x, y = build_case(case)
-        ref, routing = compute(params, cfg, x, y, case.s, torch.float64)
-        got, routing32 = compute(params, cfg, x, y, case.s, torch.float32)
+        packing = make_packing(case)
+        ref, routing = compute(params, cfg, x, y, case.s, torch.float64, *packing)
+        got, routing32 = compute(params, cfg, x, y, case.s, torch.float32, *packing)
         checks = compare(cfg, ref, got)
         h, what = worst(checks)
         headrooms.append((case.name, h, what))
@@ -941,7 +1034,7 @@ def selfcheck():
 
         # autograd against central differences in float64, on a few elements
         # of every tensor (routing stays put under a 1e-5 step: the margin)
-        if case.name in ("moe_drop", "no_targets", "top3"):
+        if case.name in ("moe_drop", "no_targets", "top3", "packed"):
             verdict(*finite_difference_check(case, params, x, y, ref["grads"]))
 
     # the comparison can fail: a perturbed gradient, logit, loss, dropped fraction
@@ -996,6 +1089,7 @@ def selfcheck():
     seed2, params2, x2, y2 = build_case(case)
     verdict(seed2 == seed and np.array_equal(flatten(cfg, params2), flatten(cfg, params))
             and torch.equal(x2, x) and torch.equal(y2, y), "reference cases are deterministic")
+    verdict(*packing_check())
 
     # AdamW against torch.optim.AdamW (float64): same clipping, decay on
     # matrices only; once with this case's gradient, once 10x (clipped)

@@ -87,6 +87,13 @@ patch_word $s $BUILD/s_t.bin 3 100000;       expect_error "state: T longer than 
 patch_word $s $BUILD/s_cap.bin 10 3;        expect_error "state: unknown capacity rule" "s_cap.bin: header word 10 (capacity rule) is 3" ./test_cpu $m $BUILD/s_cap.bin
 patch_word $s $BUILD/s_drop.bin 11 -1;      expect_error "state: unknown drop policy" "s_drop.bin: header word 11 (drop policy) is -1" ./test_cpu $m $BUILD/s_drop.bin
 patch_word $s $BUILD/s_x.bin 256 100000;     expect_error "state: token out of range" "token x\[0\] = 100000 is out of range" ./test_cpu $m $BUILD/s_x.bin
+# SPEC §10's word [12] and the segments and positions after y (the packed case: B*T = 48, segment at word
+# 256 + 96, position at 256 + 144; its context is 24)
+pm=$cases/packed.model.bin ps=$cases/packed.state.bin
+patch_word $s $BUILD/s_w12.bin 12 2;         expect_error "state: word 12 not 0/1" "s_w12.bin: header word 12 (segments and positions) is 2" ./test_cpu $m $BUILD/s_w12.bin
+patch_word $s $BUILD/s_w12s.bin 12 1;        expect_error "state: word 12 without the arrays" "s_w12s.bin: size .* with segments and positions" ./test_cpu $m $BUILD/s_w12s.bin
+patch_word $ps $BUILD/s_seg.bin 352 -2;      expect_error "state: segment below -1" "s_seg.bin: segment\[0\] = -2, must be >= -1" ./test_cpu $pm $BUILD/s_seg.bin
+patch_word $ps $BUILD/s_pos.bin 401 24;      expect_error "state: position outside the context" "s_pos.bin: position\[1\] = 24 is out of the context \[0, 24)" ./test_cpu $pm $BUILD/s_pos.bin
 
 # 5. the config parser (the benchmarks' -c) and the model header's words, which
 #    must be in SPEC §6's order: V, max_seq_len (2048 when parsed), L, D, H, Hd,

@@ -11,9 +11,13 @@
 #     (the GPU's logsumexp skipped NaNs and reported a finite loss).
 # And, in bf16 mode, a batch whose B*H passes the flash kernels' grid limit (65535 in y,
 # which the emulator enforces as the GPU does) takes the cuBLAS attention instead of
-# failing to launch. And run_emu on model files of versions 2 and 3 (SPEC §11), which the
-# CUDA backend uploads as its bf16 copy with no fp32 copy of the weights: its prefill and
-# decode against one full forward (--verify, the argmax), the prompt one routing group.
+# failing to launch. And SPEC §10's packed rows (segments, padding, positions): the
+# reference cases packed (Hd 8: the cuBLAS attention in both modes) and packed_long (Hd 16,
+# examples that start in a later 64-token tile: the flash kernels in bf16 mode) against
+# test/reference.py, fp32 at SPEC §7's tolerances, bf16 at test/g_gpu.sh's. And run_emu on
+# model files of versions 2 and 3 (SPEC §11), which the CUDA backend uploads as its bf16
+# copy with no fp32 copy of the weights: its prefill and decode against one full forward
+# (--verify, the argmax), the prompt one routing group.
 set -u
 source test/lib.sh
 BUILD=${BUILD:-build/test}
@@ -99,6 +103,14 @@ if [ $rc -lt 128 ] && grep -q "^losses: total [0-9]" $S/wide.log; then
 else
     fail "cuda_emu: bf16, B*H = 65536 (exit $rc): $(grep -m1 'cuda_emu\|error' $S/wide.log)"
 fi
+
+cases=$BUILD/cases
+[ -f $cases/packed_long.state.bin ] || $PY test/reference.py $cases > $S/reference.log 2>&1
+for name in packed packed_long; do
+    M=$cases/$name.model.bin ST=$cases/$name.state.bin
+    expect_ok "cuda_emu: fp32 $name (segments, padding, positions) against the reference" build/emu/test_emu $M $ST
+    expect_ok "cuda_emu: bf16 $name against the reference (200x)" build/emu/test_emu $M $ST --bf16 --tol-scale 200
+done
 
 # run_emu on versions 1, 2 and 3 of a micro model (V 256, L 2, D 32, E 4; G 16)
 spm_train --input=tokenizer.bin-spec --model_prefix=$S/tok --vocab_size=200 --model_type=unigram \

@@ -89,7 +89,8 @@ cp tokens.bin tokens4.bin "$F/seeds/tokens/"
     -o checkpoint > train.log 2>&1 && cp checkpoint/state_00000002.bin "$F/seeds/checkpoint/" ||
     fail "fuzz: ./train did not make the seed checkpoint: $(tail -2 train.log | tr '\n' ' ')"
 # debug states: what test_cpu computes for the zero state's batch, and with the
-# other capacity rules and the drop policy probs (header words 10, 11)
+# other capacity rules and the drop policy probs (header words 10, 11), and as packed
+# rows (word 12: segments and positions, SPEC §10)
 "$ROOT/test_cpu" nano.bin zero_state.bin -o debug_state.bin > test_cpu.log 2>&1
 if [ -s debug_state.bin ]; then
     "$PY" - "$F/seeds/debug_state" <<'EOF'
@@ -98,6 +99,10 @@ b = bytearray(open("debug_state.bin", "rb").read())
 for name, rule, policy in (("t5x", 0, 0), ("colossalai_probs", 1, 1), ("none", 2, 0)):
     b[40:48] = np.array([rule, policy], np.int32).tobytes()
     open(f"{sys.argv[1]}/{name}.bin", "wb").write(b)
+# packed rows (SPEC §10): word [12] = 1, segments (padding -1) and positions after y (B*T = 8)
+b[40:52] = np.array([0, 0, 1], np.int32).tobytes()
+seg_pos = np.array([0, 0, 1, -1, 0, 0, 0, 0, 0, 1, 0, 0, 2, 3, 4, 5], np.int32).tobytes()
+open(f"{sys.argv[1]}/packed.bin", "wb").write(b[:1024 + 64] + seg_pos + b[1024 + 64:])
 EOF
 else
     fail "fuzz: test_cpu -o did not write the seed debug state: $(tail -2 test_cpu.log | tr '\n' ' ')"

@@ -261,6 +261,18 @@ expect_ok "sanitizers: resume to 4" "$A/train" "${TR[@]}" -n 4 -e 2 -v 2 -a 2 -r
 cmp -s ck/state_00000004.bin ckr/state_00000004.bin && cmp -s ck/model_00000004.bin ckr/model_00000004.bin &&
     pass "sanitizers: the resumed run ends bit-identical" || fail "sanitizers: resumed run differs"
 expect_ok "sanitizers: adafactor 2 steps" "$A/train" "${TR[@]}" -n 2 -x adafactor -v 0 -o ckaf
+# UL2 (SPEC §10): packed rows (segments, padding, positions) through the model, and their validation;
+# the tokenizer with 40 sentinels, the token files relabelled to its 296 ids, tiny at that vocabulary
+$PY "$ROOT/dev/export_tokenizer.py" tok.model tok_ul2.bin --extra-ids 40 > export_ul2.log 2>&1
+$PY -c "
+import numpy as np
+for name in ('train', 'val'):
+    b = bytearray(open(name + '.bin', 'rb').read())
+    b[12:16] = np.int32(296).tobytes()
+    open(name + '_ul2.bin', 'wb').write(b)
+"
+expect_ok "sanitizers: UL2 train 3 steps, causal LM after step 2 (--objective ul2 --ul2-steps 2)" "$A/train" -c tiny \
+    -i train_ul2.bin -j val_ul2.bin -z tok_ul2.bin -b 2 -t 64 -n 3 -e 0 -v 3 -V 1 --objective ul2 --ul2-steps 2 -o ckul2
 expect_ok "sanitizers: run --verify" "$A/run" ck/model_00000004.bin -z tok.bin -i "static inline" -n 12 -t 0 --verify
 expect_ok "sanitizers: run sampling" "$A/run" ck/model_00000004.bin -z tok.bin -i "the" -n 12 -t 0.8 -p 0.9
 if "$A/run" -z tok.bin --encode < val.txt > val.ids 2> enc.err && "$A/run" -z tok.bin --decode < val.ids > val.dec 2>> enc.err &&
@@ -269,13 +281,18 @@ if "$A/run" -z tok.bin --encode < val.txt > val.ids 2> enc.err && "$A/run" -z to
 else
     fail "sanitizers: encode/decode: $(head -3 enc.err | tr '\n' ' ')"
 fi
-# a debug state: test_cpu writes what it computes for a batch, then reads it back
+# a debug state: test_cpu writes what it computes for a batch, then reads it back; a batch
+# of packed rows (SPEC §10: word [12], segments with padding, positions), which the mutation
+# test below then mutates
 $PY -c "
 import numpy as np
-h = np.zeros(256, np.int32); h[:10] = [240201740, 1, 2, 8, 1250, 4, 10000, 100, 100, 4096]
+h = np.zeros(256, np.int32); h[:13] = [240201740, 1, 2, 8, 1250, 4, 10000, 100, 100, 4096, 0, 0, 1]
 n = (open('micro.bin', 'rb').seek(0, 2) - 1024) // 4
-x = np.random.default_rng(0).integers(0, 256, (2, 16)).astype(np.int32)
-open('zero_state.bin', 'wb').write(h.tobytes() + x.tobytes() + np.zeros(16 * 256 + 8 + n, np.float32).tobytes())
+xy = np.random.default_rng(0).integers(0, 256, (2, 16)).astype(np.int32)
+seg = np.array([0, 0, 0, 1, 1, 1, -1, -1, 0, 0, 0, 0, 0, 1, 1, 1], np.int32)
+pos = np.array([0, 1, 2, 0, 1, 2, 0, 0, 3, 4, 5, 6, 7, 0, 1, 2], np.int32)
+open('zero_state.bin', 'wb').write(h.tobytes() + xy.tobytes() + seg.tobytes() + pos.tobytes()
+                                   + np.zeros(16 * 256 + 8 + n, np.float32).tobytes())
 "
 "$A/test_cpu" micro.bin zero_state.bin -o debug_state.bin > tc1.out 2>&1
 expect_ok "sanitizers: test_cpu reads back the state it wrote" "$A/test_cpu" micro.bin debug_state.bin

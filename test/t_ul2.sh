@@ -19,9 +19,14 @@
 #     another -s; --ul2-steps S gives causal windows after step S;
 #   - a causal run's checkpoint keeps words 22..25 at 0 (as files written
 #     before §10), and one whose words say UL2 is refused by a causal run;
+#   - training: --objective ul2 --ul2-steps 6 trains steps 1..6 on the packed
+#     rows (fewer targets than tokens), then causal LM; validation reports
+#     the causal CE and the UL2 CE; stopped in the UL2 steps or at the switch
+#     and resumed, it continues bit for bit; on 2 MPI ranks (build/train_mpi)
+#     it gives 1 rank's losses, each rank's CE over the whole batch's targets;
 #   - bad input: unknown --objective, --ul2-steps negative, beyond -n or
-#     without ul2, UL2 training (not built yet), no tokenizer, a tokenizer
-#     without sentinels or with too few, -t too short, a bad --dump-examples.
+#     without ul2, no tokenizer, a tokenizer without sentinels or with too
+#     few, -t too short, a bad --dump-examples.
 set -u
 source test/lib.sh
 BUILD=${BUILD:-build/test}
@@ -175,8 +180,6 @@ expect_error "ul2: --ul2-steps beyond -n" "^error: --ul2-steps 11 is beyond the 
     "$TRAIN" "${B[@]}" -n 10 --objective ul2 --ul2-steps 11 --dump-examples 1 x.tsv
 expect_error "ul2: --ul2-steps without --objective ul2" "^error: --ul2-steps 5: .*needs --objective ul2" \
     "$TRAIN" "${B[@]}" --ul2-steps 5
-expect_error "ul2: training on UL2 batches is refused until the model takes segments" \
-    "^error: --objective ul2: training on UL2 batches is not built yet" "$TRAIN" "${B[@]}" --objective ul2
 expect_error "ul2: no tokenizer" "^error: --objective ul2 needs the data's tokenizer.*data/kjv/tokenizer.bin is missing" \
     "$TRAIN" -c tiny -i train300.bin -j val300.bin -t 256 --objective ul2 --dump-examples 1 x.tsv
 expect_error "ul2: a tokenizer without sentinels" "^error: tok0.bin: the tokenizer has no sentinels" \
@@ -196,3 +199,59 @@ expect_error "ul2: --dump-examples 0" "^error: --dump-examples 0: needs a whole 
     "$TRAIN" "${B[@]}" --dump-examples 0 x.tsv
 expect_error "ul2: --dump-examples to a directory that does not exist" "no_such_dir/x.tsv" \
     "$TRAIN" "${B[@]}" --dump-examples 2 no_such_dir/x.tsv
+
+# --- training ---------------------------------------------------------------------------
+# tiny at the tokenizer's 1000 ids, batches of 4 x 64: UL2 in steps 1..6, then causal LM
+TR=(-c tiny "${D[@]}" -b 4 -t 64 -n 10 -e 3 -v 5 -V 2 -q 128 -s 7 --objective ul2 --ul2-steps 6)
+if "$TRAIN" "${TR[@]}" -o full > full.log 2>&1 && $PY - > full.check 2>&1 <<'EOF'
+import numpy as np
+log = np.genfromtxt("full/log.tsv", names=True, delimiter="\t")
+ul2, targets = log["ul2"], log["targets"]
+assert (ul2 == (log["step"] <= 6)).all(), f"ul2 column {ul2}"
+assert (targets[:6] > 0).all() and (targets[:6] < 4 * 64 / 2).all() and (targets[6:] == 4 * 64).all(), targets
+for col in ("val_ce", "val_ul2_ce", "loss"):
+    due = np.isin(log["step"], (5, 10)) if col != "loss" else np.ones(len(log), bool)
+    assert np.isfinite(log[col][due]).all() and np.isnan(log[col][~due]).all(), f"{col}: {log[col]}"
+print(f"targets {targets[:6].astype(int)}; val_ul2_ce {log['val_ul2_ce'][4]:.3f} {log['val_ul2_ce'][9]:.3f}")
+EOF
+then
+    pass "ul2 training: steps 1..6 on packed rows ($(cat full.check)), causal LM after; validation gives val_ce and val_ul2_ce"
+else
+    fail "ul2 training: $(tail -n 2 full.log full.check | tr "\n" " ")"
+fi
+no_timing() { cut -f 1-9,12- "$1"; }
+for stop in 4 6; do  # in the UL2 steps, at the switch
+    rm -rf "r$stop"
+    "$TRAIN" "${TR[@]}" -o "r$stop" -y $stop > "r$stop.log" 2>&1 && "$TRAIN" "${TR[@]}" -o "r$stop" -r >> "r$stop.log" 2>&1
+    if cmp -s full/model_00000010.bin "r$stop/model_00000010.bin" && cmp -s full/state_00000010.bin "r$stop/state_00000010.bin" &&
+        cmp -s <(no_timing full/log.tsv) <(no_timing "r$stop/log.tsv"); then
+        pass "ul2 training: stopped after step $stop and resumed, the same model, state and log bit for bit"
+    else
+        fail "ul2 training: stopped after step $stop and resumed, it differs from the straight run"
+    fi
+done
+
+# 2 ranks of 2 rows against 1 rank of 4 (routing groups -q 128: one rank's rows); the ranks'
+# rows hold other numbers of targets, and each rank's CE is over all of them
+if command -v mpirun > /dev/null && command -v mpicc > /dev/null && (cd "$ROOT" && make -s build/train_mpi) > mpi_make.log 2>&1; then
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
+    if OMP_NUM_THREADS=1 timeout 120 mpirun --oversubscribe -x OMP_NUM_THREADS -np 2 "$ROOT/build/train_mpi" "${TR[@]}" \
+            -o two > two.log 2>&1 && $PY - > two.check 2>&1 <<'EOF'
+import numpy as np, sys
+a, b = (np.genfromtxt(p, names=True, delimiter="\t") for p in ("two/log.tsv", "full/log.tsv"))
+worst = 0.0
+for col in ("loss", "ce", "lb", "rz", "lz", "dropped", "val_ce", "val_loss", "val_ul2_ce", "targets"):
+    x, y = a[col], b[col]
+    d = np.where(np.isnan(y), 0.0, np.abs(x - y) / (1 + np.abs(y)))
+    if not (np.isnan(x) == np.isnan(y)).all() or (d > 1e-4).any(): sys.exit(f"{col}: {x} against {y}")
+    worst = max(worst, np.nanmax(d))
+print(f"worst relative difference {worst:.2e}")
+EOF
+    then
+        pass "ul2 training: 2 MPI ranks give 1 rank's losses step for step, UL2 and causal ($(cat two.check))"
+    else
+        fail "ul2 training: 2 MPI ranks differ from 1 rank: $(tail -n 2 two.log two.check | tr "\n" " ")"
+    fi
+else
+    echo "SKIP ul2 training on 2 MPI ranks: mpirun, mpicc or build/train_mpi missing"
+fi

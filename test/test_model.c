@@ -30,7 +30,7 @@ static float opt_tol_scale = 1.0f;
 
 enum {
     STATE_B = 2, STATE_T, STATE_CF1000, STATE_MIN_CAPACITY, STATE_LB_COEF, STATE_RZ_COEF, STATE_LZ_COEF,
-    STATE_GROUP_SIZE, STATE_CAPACITY_RULE, STATE_DROP_POLICY, STATE_HEADER_WORDS
+    STATE_GROUP_SIZE, STATE_CAPACITY_RULE, STATE_DROP_POLICY, STATE_PACKED, STATE_HEADER_WORDS
 };
 #define STATE_COEF_SCALE 1e6
 
@@ -38,6 +38,8 @@ typedef struct {
     int B, T;
     MoeSettings s;
     int32_t *x, *y;   // [B*T] tokens, targets (-1 = ignored)
+    int packed;       // header word [12] (SPEC §10): 1 when segment and position follow y
+    int32_t *segment, *position;  // [B*T] when packed, else NULL: one segment per row, positions 0..T-1
     float *logits;    // [B*T*V]
     float losses[N_LOSSES];
     float *grads;     // [n_params]
@@ -56,6 +58,10 @@ static void state_settings_from_header(const int32_t *h, const char *path, const
     st->s.capacity_rule = h[STATE_CAPACITY_RULE];
     st->s.drop_policy = h[STATE_DROP_POLICY];
     st->s.first_group = 0;  // no first group of its own: the state file has no word for one
+    st->packed = h[STATE_PACKED];
+    if (st->packed != 0 && st->packed != 1)
+        die("%s: header word %d (segments and positions) is %d: must be 0 (none) or 1 (they follow y)", path,
+            STATE_PACKED, st->packed);
     if (st->s.capacity_rule < 0 || st->s.capacity_rule >= N_CAP_RULES)
         die("%s: header word %d (capacity rule) is %d: must be 0 (t5x), 1 (colossalai) or 2 (none)", path,
             STATE_CAPACITY_RULE, st->s.capacity_rule);
@@ -71,22 +77,29 @@ static void state_settings_from_header(const int32_t *h, const char *path, const
 }
 
 static void state_file_load(const char *path, const Config *c, DebugState *st) {
+    memset(st, 0, sizeof(*st));
     FILE *f = fopenCheck(path, "rb");
     int32_t h[HEADER_INTS];
     long size = header_read(f, path, "state", STATE_MAGIC, STATE_HEADER_WORDS, h);
     state_settings_from_header(h, path, c, st);
-    size_t BT = (size_t)st->B * st->T, n_params = config_n_params(c);
-    uint64_t nfloat = size_add(size_add(2 * BT, size_mul(BT, c->V)), N_LOSSES + n_params);
+    size_t BT = (size_t)st->B * st->T, n_params = config_n_params(c), n_ints = (st->packed ? 4 : 2) * BT;
+    uint64_t nfloat = size_add(size_add(n_ints, size_mul(BT, c->V)), N_LOSSES + n_params);
     uint64_t want = size_add(HEADER_BYTES, size_mul(sizeof(float), nfloat));
     if ((uint64_t)size != want)
-        die("%s: size %ld bytes, but B=%d T=%d V=%d and %zu parameters make %llu bytes", path, size, st->B, st->T,
-            c->V, n_params, (unsigned long long)want);
+        die("%s: size %ld bytes, but B=%d T=%d V=%d%s and %zu parameters make %llu bytes", path, size, st->B, st->T,
+            c->V, st->packed ? " with segments and positions" : "", n_params, (unsigned long long)want);
     st->x = (int32_t *)mallocCheck(BT * sizeof(int32_t));
     st->y = (int32_t *)mallocCheck(BT * sizeof(int32_t));
     st->logits = (float *)mallocCheck(BT * c->V * sizeof(float));
     st->grads = (float *)mallocCheck(n_params * sizeof(float));
     freadCheck(st->x, sizeof(int32_t), BT, f, path);
     freadCheck(st->y, sizeof(int32_t), BT, f, path);
+    if (st->packed) {
+        st->segment = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+        st->position = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+        freadCheck(st->segment, sizeof(int32_t), BT, f, path);
+        freadCheck(st->position, sizeof(int32_t), BT, f, path);
+    }
     freadCheck(st->logits, sizeof(float), BT * c->V, f, path);
     freadCheck(st->losses, sizeof(float), N_LOSSES, f, path);
     freadCheck(st->grads, sizeof(float), n_params, f, path);
@@ -94,6 +107,9 @@ static void state_file_load(const char *path, const Config *c, DebugState *st) {
     for (size_t i = 0; i < BT; i++) {
         if (st->x[i] < 0 || st->x[i] >= c->V) die("%s: token x[%zu] = %d is out of range [0, %d)", path, i, st->x[i], c->V);
         if (st->y[i] < -1 || st->y[i] >= c->V) die("%s: target y[%zu] = %d is out of range [-1, %d)", path, i, st->y[i], c->V);
+        if (st->packed && st->segment[i] < -1) die("%s: segment[%zu] = %d, must be >= -1", path, i, st->segment[i]);
+        if (st->packed && (st->position[i] < 0 || st->position[i] >= c->max_seq_len))
+            die("%s: position[%zu] = %d is out of the context [0, %d)", path, i, st->position[i], c->max_seq_len);
     }
 }
 
@@ -111,12 +127,17 @@ static void state_file_save(const char *path, const Config *c, const DebugState 
     h[STATE_GROUP_SIZE] = st->s.group_size;
     h[STATE_CAPACITY_RULE] = st->s.capacity_rule;
     h[STATE_DROP_POLICY] = st->s.drop_policy;
+    h[STATE_PACKED] = st->packed;
     size_t BT = (size_t)st->B * st->T;
     char tmp[MAX_PATH_BYTES];
     FILE *f = atomic_open(path, tmp, sizeof(tmp));
     fwriteCheck(h, sizeof(int32_t), HEADER_INTS, f, tmp);
     fwriteCheck(st->x, sizeof(int32_t), BT, f, tmp);
     fwriteCheck(st->y, sizeof(int32_t), BT, f, tmp);
+    if (st->packed) {
+        fwriteCheck(st->segment, sizeof(int32_t), BT, f, tmp);
+        fwriteCheck(st->position, sizeof(int32_t), BT, f, tmp);
+    }
     fwriteCheck(st->logits, sizeof(float), BT * c->V, f, tmp);
     fwriteCheck(st->losses, sizeof(float), N_LOSSES, f, tmp);
     fwriteCheck(st->grads, sizeof(float), config_n_params(c), f, tmp);
@@ -126,6 +147,8 @@ static void state_file_save(const char *path, const Config *c, const DebugState 
 static void state_free(DebugState *st) {
     free(st->x);
     free(st->y);
+    free(st->segment);
+    free(st->position);
     free(st->logits);
     free(st->grads);
     memset(st, 0, sizeof(*st));
@@ -197,21 +220,26 @@ static int check_state(const char *model_path, const char *state_path, const cha
     DebugState st;
     state_file_load(state_path, &c, &st);
     OptSettings opt = opt_settings_default(OPT_ADAMW);
-    Model *m = model_create(&c, st.B + 1, st.T, prec, &opt);  // room for one more: a smaller batch must work too
+    size_t BT = (size_t)st.B * st.T;
+    int Tmax = st.T;  // and room for the batch's positions (SPEC §10: an example may start past column 0)
+    for (size_t i = 0; st.position && i < BT; i++) Tmax = st.position[i] >= Tmax ? st.position[i] + 1 : Tmax;
+    Model *m = model_create(&c, st.B + 1, Tmax, prec, &opt);  // room for one more: a smaller batch must work too
     model_set_params(m, params);
-    size_t BT = (size_t)st.B * st.T, n = model_param_table(m)->n_params;
+    size_t n = model_param_table(m)->n_params;
     DebugState mine = st;
     mine.logits = (float *)mallocCheck(BT * c.V * sizeof(float));
     mine.grads = (float *)mallocCheck(n * sizeof(float));
-    model_forward(m, st.x, st.y, st.B, st.T, &st.s, mine.losses);
+    Batch batch = {st.x, st.y, st.segment, st.position, st.B, st.T, 0.0};
+    model_forward(m, &batch, &st.s, mine.losses);
     model_get_logits(m, mine.logits);
     model_backward(m);
     model_get_grads(m, mine.grads);
 
     float tol = 1e-4f * opt_tol_scale;
-    printf("%s: B=%d T=%d V=%d L=%d D=%d E=%d K=%d, cf %.3f, group %d, capacity %s, drop %s, %zu params\n",
+    printf("%s: B=%d T=%d V=%d L=%d D=%d E=%d K=%d, cf %.3f, group %d, capacity %s, drop %s, %zu params%s\n",
            state_path, st.B, st.T, c.V, c.L, c.D, c.E, c.K, st.s.cf1000 / 1000.0, st.s.group_size,
-           cap_rule_names[st.s.capacity_rule], drop_policy_names[st.s.drop_policy], n);
+           cap_rule_names[st.s.capacity_rule], drop_policy_names[st.s.drop_policy], n,
+           st.packed ? ", segments and positions" : "");
     printf("losses: total %.6f ce %.6f lb %.6f rz %.6f lz %.6f dropped %.6f (reference %.6f %.6f %.6f %.6f %.6f %.6f)\n",
            mine.losses[0], mine.losses[1], mine.losses[2], mine.losses[3], mine.losses[4], mine.losses[5],
            st.losses[0], st.losses[1], st.losses[2], st.losses[3], st.losses[4], st.losses[5]);
@@ -345,40 +373,23 @@ static int same_routing(Model *m, int n_moe, int BTK, int32_t *e0, uint8_t *k0, 
     return 1;
 }
 
-static int check_gradients(int broken, Precision prec) {
-    //          V  ctx  L  D  H Hd   F  E  K  every Fe extra
-    Config c = {23, 8, 4, 12, 2, 6, 10, 4, 2, 2, 8, 1};
-    int B = 2, T = 6, BT = B * T, K = c.K, n_moe = n_moe_layers(&c);
-    MoeSettings s = {800, 1, 5, 0.05f, 0.01f, 0.01f, CAP_T5X, DROP_POSITION, 0};  // groups of 5, 5, 2; capacity 1-2: drops happen
-    OptSettings opt = opt_settings_default(OPT_ADAMW);
-    Model *m = model_create(&c, B, T, prec, &opt);
+// finite differences of the total loss on one batch against the backward,
+// on up to 16 elements of every tensor of m (weights w) drawn from r
+static int gradcheck_batch(Model *m, float *w, const Batch *batch, const MoeSettings *s, int broken, Rng *r,
+                           const char *what) {
     const ParamTable *pt = model_param_table(m);
+    int n_moe = n_moe_layers(model_config(m)), BTK = batch->B * batch->T * model_config(m)->K;
     size_t n = pt->n_params;
-    float *w = (float *)mallocCheck(n * sizeof(float)), *g = (float *)mallocCheck(n * sizeof(float));
-    params_init(pt, &c, w, 1234);
-    Rng r = {99};
-    for (int i = 0; i < pt->n_tensors; i++) {  // make routing decisive and norm weights non-trivial
-        const TensorInfo *t = &pt->tensors[i];
-        for (size_t j = t->offset; j < t->offset + tensor_numel(t); j++) {
-            if (strstr(t->name, "router")) w[j] *= 40.0f;
-            if (!t->matrix) w[j] = 0.5f + rng_uniform(&r);
-        }
-    }
-    int32_t x[12], y[12];
-    for (int i = 0; i < BT; i++) {
-        x[i] = (int32_t)(rng_u64(&r) % c.V);
-        y[i] = i % 5 == 3 ? -1 : (int32_t)(rng_u64(&r) % c.V);
-    }
+    float *g = (float *)mallocCheck(n * sizeof(float));
     float losses[N_LOSSES];
     model_set_params(m, w);
-    model_forward(m, x, y, B, T, &s, losses);
+    model_forward(m, batch, s, losses);
     model_backward(m);
     model_get_grads(m, g);
     if (broken)
         for (size_t j = 0; j < n; j++) g[j] *= 1.1f;
-    printf("gradcheck: micro config, loss %.5f, dropped %.3f%s\n", losses[LOSS_TOTAL], losses[LOSS_DROPPED],
-           broken ? " (gradients deliberately scaled by 1.1)" : "");
-    int BTK = BT * K;
+    printf("gradcheck: micro config, %s, loss %.5f, dropped %.3f%s\n", what, losses[LOSS_TOTAL],
+           losses[LOSS_DROPPED], broken ? " (gradients deliberately scaled by 1.1)" : "");
     int32_t *e0 = (int32_t *)mallocCheck((size_t)n_moe * BTK * sizeof(int32_t)), e1[24];
     uint8_t *k0 = (uint8_t *)mallocCheck((size_t)n_moe * BTK), k1[24];
     float p1[24];
@@ -392,15 +403,15 @@ static int check_gradients(int broken, Precision prec) {
         double maxerr = 0.0, maxg = 0.0;
         int samples = numel < 16 ? (int)numel : 16;
         for (int k = 0; k < samples; k++) {
-            size_t j = t->offset + (numel <= 16 ? (size_t)k : rng_u64(&r) % numel);
+            size_t j = t->offset + (numel <= 16 ? (size_t)k : rng_u64(r) % numel);
             float w0 = w[j], lp[N_LOSSES], lm[N_LOSSES];
             w[j] = w0 + eps;
             model_set_params(m, w);
-            model_forward(m, x, y, B, T, &s, lp);
+            model_forward(m, batch, s, lp);
             int same = same_routing(m, n_moe, BTK, e0, k0, e1, p1, k1);
             w[j] = w0 - eps;
             model_set_params(m, w);
-            model_forward(m, x, y, B, T, &s, lm);
+            model_forward(m, batch, s, lm);
             same &= same_routing(m, n_moe, BTK, e0, k0, e1, p1, k1);
             w[j] = w0;
             if (!same) {  // the perturbation moved a routing decision: no derivative there
@@ -418,12 +429,83 @@ static int check_gradients(int broken, Precision prec) {
         if (!tok || broken) printf("%-6s %-14s max|fd-grad| %.3e, allowed %.3e\n", tok ? "ok" : "FAILED", t->name, maxerr, allowed);
         ok &= tok;
     }
-    printf("gradcheck: %d tensors, %d samples skipped for a routing change\n%s\n", pt->n_tensors, skipped,
-           ok ? "PASS" : "FAIL");
-    free(w);
+    printf("gradcheck: %s: %d tensors, %d samples skipped for a routing change: %s\n", what, pt->n_tensors, skipped,
+           ok ? "ok" : "FAILED");
     free(g);
     free(e0);
     free(k0);
+    return ok;
+}
+
+// a batch given one segment per row and positions 0..T-1 explicitly (SPEC
+// §10) gives the logits, losses and gradients of the same batch without them
+// (SPEC §2) bit for bit
+static int check_one_segment(Model *m, const float *w, const Batch *plain, const MoeSettings *s) {
+    int BT = plain->B * plain->T, V = model_config(m)->V;
+    size_t n = model_param_table(m)->n_params, nl = (size_t)BT * V;
+    int32_t *segment = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+    int32_t *position = (int32_t *)mallocCheck(BT * sizeof(int32_t));
+    for (int i = 0; i < BT; i++) {
+        segment[i] = 0;
+        position[i] = i % plain->T;
+    }
+    Batch given = *plain;
+    given.segment = segment;
+    given.position = position;
+    float *out[2], losses[2][N_LOSSES];
+    const Batch *batches[2] = {plain, &given};
+    model_set_params(m, w);
+    for (int k = 0; k < 2; k++) {
+        out[k] = (float *)mallocCheck((nl + n) * sizeof(float));
+        model_forward(m, batches[k], s, losses[k]);
+        model_get_logits(m, out[k]);
+        model_backward(m);
+        model_get_grads(m, out[k] + nl);
+    }
+    int same = memcmp(out[0], out[1], (nl + n) * sizeof(float)) == 0 &&
+               memcmp(losses[0], losses[1], sizeof(losses[0])) == 0;
+    printf("one segment per row at positions 0..T-1, given explicitly: logits, losses and gradients %s\n",
+           same ? "bit-identical to none given: ok" : "differ from none given: FAILED");
+    free(segment);
+    free(position);
+    free(out[0]);
+    free(out[1]);
+    return same;
+}
+
+// the micro model on two batches: one segment per row (SPEC §2), and rows
+// packed with segments, padding and positions (SPEC §10); and the first given explicitly
+static int check_gradients(int broken, Precision prec) {
+    //          V  ctx  L  D  H Hd   F  E  K  every Fe extra
+    Config c = {23, 8, 4, 12, 2, 6, 10, 4, 2, 2, 8, 1};
+    enum { B = 2, T = 6, BT = B * T };
+    MoeSettings s = {800, 1, 5, 0.05f, 0.01f, 0.01f, CAP_T5X, DROP_POSITION, 0};  // groups of 5, 5, 2; capacity 1-2: drops happen
+    OptSettings opt = opt_settings_default(OPT_ADAMW);
+    Model *m = model_create(&c, B, c.max_seq_len, prec, &opt);  // positions up to 7 (the packed batch)
+    const ParamTable *pt = model_param_table(m);
+    float *w = (float *)mallocCheck(pt->n_params * sizeof(float));
+    params_init(pt, &c, w, 1234);
+    Rng r = {99};
+    for (int i = 0; i < pt->n_tensors; i++) {  // make routing decisive and norm weights non-trivial
+        const TensorInfo *t = &pt->tensors[i];
+        for (size_t j = t->offset; j < t->offset + tensor_numel(t); j++) {
+            if (strstr(t->name, "router")) w[j] *= 40.0f;
+            if (!t->matrix) w[j] = 0.5f + rng_uniform(&r);
+        }
+    }
+    int32_t x[BT], y[BT];
+    for (int i = 0; i < BT; i++) {
+        x[i] = (int32_t)(rng_u64(&r) % c.V);
+        y[i] = i % 5 == 3 ? -1 : (int32_t)(rng_u64(&r) % c.V);
+    }
+    // row 0: two examples and a padding token; row 1: one example from position 2
+    int32_t segment[BT] = {0, 0, 0, 1, 1, -1, 0, 0, 0, 0, 0, 0}, position[BT] = {0, 1, 2, 0, 1, 0, 2, 3, 4, 5, 6, 7};
+    Batch plain = {x, y, NULL, NULL, B, T, 0.0}, packed = {x, y, segment, position, B, T, 0.0};
+    int ok = gradcheck_batch(m, w, &plain, &s, broken, &r, "one segment per row");
+    ok &= gradcheck_batch(m, w, &packed, &s, broken, &r, "segments, padding, positions");
+    ok &= check_one_segment(m, w, &plain, &s);
+    printf("%s\n", ok ? "PASS" : "FAIL");
+    free(w);
     model_free(m);
     return ok;
 }

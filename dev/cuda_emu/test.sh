@@ -38,8 +38,10 @@ if $E/test_emu --gradcheck --break > /dev/null 2>&1; then fail "emu gradcheck mi
 if [ -f data/kjv/tokenizer.bin ]; then
     ./train -c tiny -o $BUILD/emu_tiny -b 2 -t 32 -n 2 -e 0 -v 0 > $BUILD/emu_train_cpu.log 2>&1 &&
         expect_ok "emu decode matches forward (run --verify)" $E/run_emu $BUILD/emu_tiny/model_00000002.bin -t 0 -n 24 --verify
-    # training steps: the emulated CUDA backend against the CPU backend, plain and in the routing variants (SPEC §8)
-    for variant in "" "--capacity none --router-bias 0.01 --freeze-router 1" "--capacity colossalai --drop-policy probs"; do
+    # training steps: the emulated CUDA backend against the CPU backend, plain, in the routing variants (SPEC §8),
+    # and on UL2's packed rows (SPEC §10: segments and positions copied to the device; -t 64 for the denoisers)
+    for variant in "" "--capacity none --router-bias 0.01 --freeze-router 1" "--capacity colossalai --drop-policy probs" \
+        "--objective ul2 --ul2-steps 2 -t 64"; do
         # shellcheck disable=SC2086  # variant is a list of words
         ./train -c tiny -o $BUILD/emu_cpu -b 2 -t 32 -n 3 -e 0 -v 0 -s 7 $variant > $BUILD/emu_cpu.log 2>&1
         # shellcheck disable=SC2086
