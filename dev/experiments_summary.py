@@ -29,10 +29,11 @@ with the UL2 run's UL2 loss (val_ul2_ce), and the paper's Fig. 2 question
                 average over the validations of the first quarter of steps;
   stalls later  from a quarter of the steps to the switch S the UL2 run's
                 validation CE falls less than the causal run's;
-and the difference at the end, after the causal steps. Early Routing
-Learning on the long runs: dev/analyze_routing.py's verdict (the id -> top-1
-expert map of the first checkpoint at or after a quarter of training agrees
->= 70% with the final one in every MoE layer).
+and the difference at the end, after the causal steps, and each run's lowest
+validation CE with its step. Early Routing Learning on the long runs:
+dev/analyze_routing.py's verdict (the id -> top-1 expert map of the first
+checkpoint at or after a quarter of training agrees >= 70% with the final
+one in every MoE layer).
 """
 import json
 import os
@@ -119,7 +120,10 @@ def ul2_verdict(causal, ul2):
     fall_c, fall_u = float(ce_c[q] - ce_c[sw]), float(ce_u[q] - ce_u[sw])
     targets = lambda r, phase: float(r["log"]["targets"][phase(r["log"]["step"])].sum())  # noqa: E731
     first = lambda s: s <= switch  # noqa: E731
+    bc, bu = int(np.argmin(ce_c)), int(np.argmin(ce_u))
     return dict(switch=switch, steps=n, d_early=d_early, helps_early=d_early < 0, quarter_step=int(steps[q]),
+                best_causal=float(ce_c[bc]), best_causal_step=int(steps[bc]), best_ul2=float(ce_u[bu]),
+                best_ul2_step=int(steps[bu]),
                 switch_step=int(steps[sw]), fall_causal=fall_c, fall_ul2=fall_u, stalls_later=fall_u < fall_c,
                 end_causal=float(ce_c[-1]), end_ul2=float(ce_u[-1]), d_end=float(ce_u[-1] - ce_c[-1]),
                 targets_share=targets(ul2, first) / targets(causal, first),
@@ -159,6 +163,9 @@ def objectives_lines(runs):
               f" causal run's {v['fall_causal']:.3f}.",
               f"- **At the end** (step {v['steps']}, {v['steps'] - v['switch']} causal steps after the switch):"
               f" {v['end_ul2']:.4f} against {v['end_causal']:.4f} ({v['d_end']:+.4f} nats).",
+              f"- **Lowest validation CE**: causal {v['best_causal']:.4f} at step {v['best_causal_step']}, UL2 then"
+              f" causal {v['best_ul2']:.4f} at step {v['best_ul2_step']} (a best before the end is a run that"
+              " overfits its data after it).",
               "", "Early Routing Learning on the long runs:", ""]
     for r in (causal, ul2):
         lines.append(f"- **{r['name']}**: {early_routing_line(r)}.")
