@@ -106,7 +106,7 @@ static void bench_matmul(const char *shape) {
 }
 
 static void bench_decode(const Config *c, int tokens) {
-    Model *m = random_model(c, 1, 1, NULL, NULL);
+    Model *m = random_model(c, 1, tokens, NULL, NULL);  // its KV cache holds the tokens
     int tok = 1;
     double t0 = wall_seconds();
     for (int pos = 0; pos < tokens; pos++) {
