@@ -128,3 +128,13 @@ expect_error "config: H*Hd past the width bound is refused" "H\*Hd = 131072, mus
 
 # 6. the router's top-K (openmoe.h router_row, O(E*K) a token) against its definition, K scans (issue 27, finding 3)
 expect_ok "router: top-K equals its definition (K scans, ties to the lower index) on random rows" ./test_cpu --router
+
+# 7. make bench's C side runs (its speed is make bench's, not a test's): a
+#    training step, and decoding past the first position, which needs a KV
+#    cache that holds the tokens (it held one when issue 29 sized the cache by T)
+if make -s build/bench_cpu > $BUILD/bench_build.log 2>&1; then
+    expect_ok "bench_cpu step tiny: make bench's training rows run" build/bench_cpu step tiny 2 32 1
+    expect_ok "bench_cpu decode tiny: make bench's generation row runs" build/bench_cpu decode tiny 8
+else
+    cat $BUILD/bench_build.log; fail "build/bench_cpu does not build"
+fi
