@@ -224,6 +224,13 @@ v2-as-v1|size 482848 bytes, but its header describes 240912 parameters in versio
 v2-word14|header word 14 is 8, must be 0$
 v2-as-v3|header word 14: G = 0 is not a positive multiple of 4$
 EOF2
+# token data of its own, so that train reaches the model file (the KJV data may not exist)
+$PYTHON - $M/tokens.bin <<'EOF2'
+import sys, numpy as np
+ids = np.arange(4096, dtype=np.uint16) % 256
+h = np.zeros(256, dtype="<i4"); h[:5] = [240201741, 1, 2, 256, len(ids)]
+with open(sys.argv[1], "wb") as f: f.write(h.tobytes()); f.write(ids.astype("<u2").tobytes())
+EOF2
 expect_error "train refuses a version-2 file, naming it and the converter" \
     "^error: $M/bin.bf16.bin: version 2 (bf16 weights): train and test_cpu read version 1 (fp32) only; dev/convert_model.py" \
-    ./train -c $M/bin.bf16.bin -n 1
+    ./train -c $M/bin.bf16.bin -i $M/tokens.bin -j $M/tokens.bin -k $M/tokens.bin -z $M/none -n 1
