@@ -610,73 +610,83 @@ static void gemm_bt(float *C, int ldc, const float *A, int lda, Weight W, int M,
 // bf16 is a shift or a mask away from its float; an int8 two shifts, a
 // conversion and its row's scale) and multiply-added in input order.
 // MATVEC_BLOCKS blocks of VW rows run side by side, as a chain waits on its
-// own latency. Int8 takes this path where each row's 4VW inputs of a block
+// own latency. A thread's rows are one run of memory, and a task asks for
+// the next task's rows while it runs, a block's bytes for each block it
+// reads: the hardware's prefetchers do not follow VW rows read side by side
+// (this doubles int8's speed from memory, doc/engine-notes.md). Int8 takes this path where each row's 4VW inputs of a block
 // share a scale (its group a multiple of 4VW); other groups, and inputs past
 // the last whole block, are decoded element by element first.
 #define MATVEC_BLOCKS 2                    // blocks of VW rows side by side
-#define MATVEC_PARALLEL_MIN (1 << 20)      // multiply-adds below which one thread is faster
-#ifndef MATVEC_AHEAD
-#define MATVEC_AHEAD 512                   // bytes of a row asked for ahead of their use
-#endif
+#define MATVEC_PARALLEL_MIN (1 << 15)      // multiply-adds below which one thread is faster
+#define LINE 64                            // bytes of a cache line
+#define BLOCK_BYTES (VW * VW * 4)          // bytes of a block: VW rows, a vector each
 
 typedef uint32_t vecu __attribute__((vector_size(VW * sizeof(float)), aligned(4)));
 typedef int32_t vecs __attribute__((vector_size(VW * sizeof(float)), aligned(4)));
 
-// acc (+)= the block r (VW words of VW rows, as loaded) times x, the block's
-// inputs in order; sv: the rows' scales (int8)
-static inline __attribute__((always_inline)) vecf matvec_block(vecf acc, vecf *r, const float *x, WeightType type,
-                                                               vecf sv) {
-    transpose_block(r);
-    for (int t = 0; t < VW; t++) {
-        if (type == WEIGHT_FP32) {
-            acc = acc + x[t] * r[t];
-        } else if (type == WEIGHT_BF16) {  // the lower half of a word is the earlier input
-            vecu u = (vecu)r[t];
-            acc = acc + x[2 * t] * (vecf)(u << 16);
-            acc = acc + x[2 * t + 1] * (vecf)(u & 0xFFFF0000u);
-        } else {  // bytes 0..3 of a word: inputs 4t .. 4t+3
-            vecu u = (vecu)r[t];
-            for (int k = 0; k < 4; k++) {
-                vecs q = (vecs)(u << (24 - 8 * k)) >> 24;  // the byte, sign-extended
-                vecf wk = sv * __builtin_convertvector(q, vecf);
-                acc = acc + x[4 * t + k] * wk;
-            }
-        }
+// acc (+)= one word of a transposed block times x, the word's inputs in order
+// (one, two or four per row); sv: the rows' scales (int8)
+static inline __attribute__((always_inline)) vecf matvec_word(vecf acc, vecf word, const float *x, WeightType type,
+                                                              vecf sv) {
+    if (type == WEIGHT_FP32) return acc + x[0] * word;
+    vecu u = (vecu)word;
+    if (type == WEIGHT_BF16) {  // the lower half of a word is the earlier input
+        acc = acc + x[0] * (vecf)(u << 16);
+        return acc + x[1] * (vecf)(u & 0xFFFF0000u);
+    }
+    for (int k = 0; k < 4; k++) {  // bytes 0..3: inputs 0..3
+        vecs q = (vecs)(u << (24 - 8 * k)) >> 24;  // the byte, sign-extended
+        acc = acc + x[k] * (sv * __builtin_convertvector(q, vecf));
     }
     return acc;
+}
+
+// acc[b] (+)= the transposed blocks r[b] times x, the blocks' chains side by
+// side so that each waits on its own latency only
+static inline __attribute__((always_inline)) void matvec_blocks(vecf *acc, vecf r[][VW], const float *x, int nb,
+                                                                WeightType type, const vecf *sv) {
+    int per = type == WEIGHT_FP32 ? 1 : type == WEIGHT_BF16 ? 2 : 4;
+    for (int t = 0; t < VW; t++)
+        for (int b = 0; b < nb; b++) acc[b] = matvec_word(acc[b], r[b][t], x + t * per, type, sv[b]);
 }
 
 // outputs o0 .. o0 + nb*VW - 1, nb <= MATVEC_BLOCKS whole blocks of rows;
 // type is w.type, a constant where inlined
 static inline __attribute__((always_inline)) void matvec_rows(float *out, const float *x, Weight w, int IN, int o0,
                                                               int nb, int accumulate, WeightType type) {
-    vecf acc[MATVEC_BLOCKS];
+    vecf acc[MATVEC_BLOCKS], r[MATVEC_BLOCKS][VW], sv[MATVEC_BLOCKS] = {{0}};
     for (int b = 0; b < nb; b++) {
         vecf zero = {0};
         acc[b] = accumulate ? *(const vecf *)(out + o0 + b * VW) : zero;
     }
     int per = type == WEIGHT_FP32 ? 1 : type == WEIGHT_BF16 ? 2 : 4, step = VW * per, i = 0;
     size_t bytes = 4 / per;
+    const char *next = (const char *)w.values + ((size_t)o0 + nb * VW) * IN * bytes;  // the next task's rows
     if (type != WEIGHT_INT8 || w.group % step == 0)
-        for (; i + step <= IN; i += step)
+        for (; i + step <= IN; i += step) {
             for (int b = 0; b < nb; b++) {
                 size_t row = (size_t)o0 + b * VW;
                 const char *v = (const char *)w.values + (row * IN + i) * bytes;
-                vecf r[VW], sv = {0};
-                for (int t = 0; t < VW; t++) r[t] = *(const vecf *)(v + (size_t)t * IN * bytes);
-                for (int t = 0; t < VW; t++) __builtin_prefetch(v + (size_t)t * IN * bytes + MATVEC_AHEAD, 0, 0);
-                if (type == WEIGHT_INT8)
-                    for (int t = 0; t < VW; t++) sv[t] = w.scales[((row + t) * IN + i) / w.group];
-                acc[b] = matvec_block(acc[b], r, x + i, type, sv);
+                for (int t = 0; t < VW; t++) r[b][t] = *(const vecf *)(v + (size_t)t * IN * bytes);
+                const char *ask = next + ((size_t)(i / step) * nb + b) * BLOCK_BYTES;
+                for (int l = 0; l < BLOCK_BYTES; l += LINE) __builtin_prefetch(ask + l, 0, 2);  // into L2
+                if (type == WEIGHT_INT8) {  // row r's scales: IN / group apart
+                    const float *s = w.scales + row * (IN / w.group) + i / w.group;
+                    for (int t = 0; t < VW; t++) sv[b][t] = s[(size_t)t * (IN / w.group)];
+                }
+                transpose_block(r[b]);
             }
-    for (; i + VW <= IN; i += VW)  // decoded first
+            matvec_blocks(acc, r, x + i, nb, type, sv);
+        }
+    for (; i + VW <= IN; i += VW) {  // decoded first
         for (int b = 0; b < nb; b++) {
             float dec[VW * VW] __attribute__((aligned(64)));
-            vecf r[VW], none = {0};
             for (int t = 0; t < VW; t++) weight_decode(dec + t * VW, w, ((size_t)o0 + b * VW + t) * IN + i, VW);
-            for (int t = 0; t < VW; t++) r[t] = *(const vecf *)(dec + t * VW);
-            acc[b] = matvec_block(acc[b], r, x + i, WEIGHT_FP32, none);
+            for (int t = 0; t < VW; t++) r[b][t] = *(const vecf *)(dec + t * VW);
+            transpose_block(r[b]);
         }
+        matvec_blocks(acc, r, x + i, nb, WEIGHT_FP32, sv);
+    }
     for (; i < IN; i++)  // one input at a time
         for (int b = 0; b < nb; b++) {
             vecf col;
@@ -703,8 +713,8 @@ static void matvec_task(float *out, const float *x, Weight w, int IN, int o0, in
 
 void matvec_forward(float *out, const float *inp, Weight w, int IN, int OUT, int accumulate) {
     int blocks = OUT / VW, tasks = (blocks + MATVEC_BLOCKS - 1) / MATVEC_BLOCKS;
-    // dynamic: when one core is busy elsewhere, the other takes its tasks
-#pragma omp parallel for schedule(dynamic) if ((size_t)OUT * IN >= MATVEC_PARALLEL_MIN)
+    // static: a thread's tasks are neighbours, so that each asks for the next one's rows
+#pragma omp parallel for schedule(static) if ((size_t)OUT * IN >= MATVEC_PARALLEL_MIN)
     for (int t = 0; t < tasks; t++) {
         int b0 = t * MATVEC_BLOCKS, nb = blocks - b0 < MATVEC_BLOCKS ? blocks - b0 : MATVEC_BLOCKS;
         matvec_task(out, inp, w, IN, b0 * VW, nb, accumulate);
@@ -722,6 +732,7 @@ void matvec_forward(float *out, const float *inp, Weight w, int IN, int OUT, int
 // vectors of outputs run side by side.
 #define VECMAT_VECS 8                    // independent vector chains per block
 #define VECMAT_COLS (VECMAT_VECS * VW)   // outputs per block
+#define VECMAT_PARALLEL_MIN (1 << 20)    // multiply-adds below which one thread is faster
 
 // outputs o0..o0+nv*VW-1, nv <= VECMAT_VECS whole vectors
 static void vecmat_vectors(float *out, const float *inp, const float *wt, int IN, int ldw, int o0, int nv,
@@ -745,7 +756,7 @@ static void vecmat_scalars(float *out, const float *inp, const float *wt, int IN
 }
 void vecmat_forward(float *out, const float *inp, const float *w, int IN, int OUT, int accumulate, int ldw) {
     int n_blocks = (OUT + VECMAT_COLS - 1) / VECMAT_COLS;
-#pragma omp parallel for schedule(static) if ((size_t)OUT * IN >= MATVEC_PARALLEL_MIN)
+#pragma omp parallel for schedule(static) if ((size_t)OUT * IN >= VECMAT_PARALLEL_MIN)
     for (int b = 0; b < n_blocks; b++) {
         int o0 = b * VECMAT_COLS, nv = (OUT - o0) / VW;
         if (nv >= VECMAT_VECS) vecmat_vectors(out, inp, w, IN, ldw, o0, VECMAT_VECS, accumulate);  // nv known: unrolled

@@ -129,6 +129,15 @@ expect_error "config: H*Hd past the width bound is refused" "H\*Hd = 131072, mus
 # 6. the router's top-K (openmoe.h router_row, O(E*K) a token) against its definition, K scans (issue 27, finding 3)
 expect_ok "router: top-K equals its definition (K scans, ties to the lower index) on random rows" ./test_cpu --router
 
+# 6b. decode's product (gemm.c matvec_forward) against its definition bit for
+#     bit on every path, and a planted rounding (int8 as (x·s)·q) it catches
+expect_ok "matvec: decode's product equals its definition (fp32, bf16, int8 groups 4..128)" ./test_cpu --matvec
+if ./test_cpu --matvec --break > $BUILD/matvec_break.log; then
+    fail "matvec: int8 computed as (x·s)·q passed the check"
+else
+    pass "matvec: int8 computed as (x·s)·q is caught"
+fi
+
 # 7. make bench's C side runs (its speed is make bench's, not a test's): a
 #    training step, and decoding past the first position, which needs a KV
 #    cache that holds the tokens (it held one when issue 29 sized the cache by T)

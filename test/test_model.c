@@ -17,6 +17,9 @@
 //       the model header words 2..13 of a config as config_parse reads it
 //   test_cpu --router
 //       router_row's top-K (openmoe.h) against its definition on random rows
+//   test_cpu --matvec [--break]
+//       decode's product (gemm.h matvec_forward) against its definition, bit
+//       for bit, on every path; --break plants a rounding the check must catch
 //
 // Exit status 0 only when every comparison holds.
 #include "openmoe.h"
@@ -577,6 +580,82 @@ static int check_router(void) {
 }
 
 // ----------------------------------------------------------------------------
+// check 6 (CPU): matvec_forward, decode's product over weights as stored,
+// against its definition (gemm.h): each output one chain of multiply-adds in
+// input order over weight_value, bit for bit. The shapes reach every path:
+// whole tasks and a last task of one block, rows past the last whole block,
+// inputs past the last whole vector, int8 groups that hold a block's inputs
+// (64, 128) and groups that do not (8, 4), accumulate, and a product big
+// enough to run on every thread. --break computes the definition's int8
+// weights as (x·s)·q, a rounding the check must see.
+
+#ifndef __CUDACC__
+#include "gemm.h"
+
+typedef struct {
+    WeightType type;
+    int OUT, IN, group;  // group: int8 only
+} MatvecCase;
+
+static const MatvecCase matvec_cases[] = {
+    {WEIGHT_FP32, 83, 100, 0},     {WEIGHT_FP32, 1427, 768, 0},  {WEIGHT_BF16, 83, 120, 0},
+    {WEIGHT_BF16, 1427, 768, 0},   {WEIGHT_INT8, 83, 768, 64},   {WEIGHT_INT8, 1427, 768, 64},
+    {WEIGHT_INT8, 99, 256, 128},   {WEIGHT_INT8, 83, 120, 8},    {WEIGHT_INT8, 50, 44, 4},
+};
+
+static float matvec_definition(const float *x, Weight w, int IN, size_t o, float acc, int broken) {
+    for (int i = 0; i < IN; i++) {
+        size_t e = o * IN + i;
+        if (broken && w.type == WEIGHT_INT8)
+            acc = MADD(x[i] * w.scales[e / w.group], (float)((const int8_t *)w.values)[e], acc);
+        else
+            acc = MADD(x[i], weight_value(w, e), acc);
+    }
+    return acc;
+}
+
+static int check_matvec(int broken) {
+    Rng rng = {29};
+    int wrong_cases = 0, n_cases = (int)(sizeof(matvec_cases) / sizeof(matvec_cases[0]));
+    for (int c = 0; c < n_cases; c++) {
+        MatvecCase mc = matvec_cases[c];
+        size_t n = (size_t)mc.OUT * mc.IN;
+        int G = mc.type == WEIGHT_INT8 ? mc.group : 1;
+        float *x = (float *)mallocCheck(mc.IN * sizeof(float)), *out = (float *)mallocCheck(mc.OUT * sizeof(float));
+        float *start = (float *)mallocCheck(mc.OUT * sizeof(float)), *scales = (float *)mallocCheck(n / G * sizeof(float));
+        float *f32 = (float *)mallocCheck(n * sizeof(float));
+        uint16_t *b16 = (uint16_t *)mallocCheck(n * sizeof(uint16_t));
+        int8_t *q = (int8_t *)mallocCheck(n);
+        for (size_t e = 0; e < n; e++) {
+            f32[e] = rng_uniform(&rng) - 0.5f;
+            b16[e] = (uint16_t)(0x3C00 + rng_u64(&rng) % 0x0800) | (uint16_t)(rng_u64(&rng) % 2 << 15);
+            q[e] = (int8_t)((int)(rng_u64(&rng) % 255) - 127);
+        }
+        for (size_t g = 0; g < n / G; g++) scales[g] = (0.5f + rng_uniform(&rng)) / 127.0f;
+        for (int i = 0; i < mc.IN; i++) x[i] = rng_uniform(&rng) - 0.5f;
+        for (int o = 0; o < mc.OUT; o++) start[o] = rng_uniform(&rng);
+        Weight w = {mc.type, mc.type == WEIGHT_FP32 ? (const void *)f32 : mc.type == WEIGHT_BF16 ? (const void *)b16 : q,
+                    scales, mc.group};
+        int wrong = 0;
+        for (int accumulate = 0; accumulate <= 1; accumulate++) {
+            memcpy(out, start, mc.OUT * sizeof(float));
+            matvec_forward(out, x, w, mc.IN, mc.OUT, accumulate);
+            for (int o = 0; o < mc.OUT; o++) {
+                float want = matvec_definition(x, w, mc.IN, o, accumulate ? start[o] : 0.0f, broken);
+                if (memcmp(&want, &out[o], sizeof(float)) != 0) wrong++;
+            }
+        }
+        const char *names[3] = {"fp32", "bf16", "int8"};
+        printf("matvec %s %d x %d (group %d): %d of %d outputs differ from the definition\n", names[mc.type], mc.OUT,
+               mc.IN, mc.group, wrong, 2 * mc.OUT);
+        wrong_cases += wrong > 0;
+        free(x), free(out), free(start), free(scales), free(f32), free(b16), free(q);
+    }
+    return wrong_cases == 0;
+}
+#endif
+
+// ----------------------------------------------------------------------------
 
 __attribute__((noreturn)) static void usage(const char *prog) {
     fprintf(stderr,
@@ -585,17 +664,19 @@ __attribute__((noreturn)) static void usage(const char *prog) {
             "       %s --gradcheck [--break]\n"
             "       %s --config SPEC\n"
             "       %s --router\n"
+            "       %s --matvec [--break]   (CPU)\n"
             "Compares one forward+backward (or three optimizer steps) with a debug state\n"
             "file at SPEC §7's tolerances; exits 0 only if all hold. --config prints the\n"
             "model header words 2..13 of a preset name or V,L,D,H,Hd,F,E,K,moe_every,Fe,extra_ffn;\n"
-            "--router compares the router's top-K with its definition.\n",
-            prog, prog, prog, prog, prog);
+            "--router compares the router's top-K with its definition; --matvec decode's\n"
+            "product with its definition, bit for bit.\n",
+            prog, prog, prog, prog, prog, prog);
     exit(2);
 }
 
 int main(int argc, char **argv) {
     const char *pos[2] = {NULL, NULL}, *out = NULL, *update = NULL, *expect = NULL, *config = NULL;
-    int npos = 0, gradcheck = 0, broken = 0, router = 0;
+    int npos = 0, gradcheck = 0, broken = 0, router = 0, matvec = 0;
     Precision prec = PRECISION_FP32;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "-o") == 0 && i + 1 < argc) out = argv[++i];
@@ -608,6 +689,7 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--break") == 0) broken = 1;
         else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) config = argv[++i];
         else if (strcmp(argv[i], "--router") == 0) router = 1;
+        else if (strcmp(argv[i], "--matvec") == 0) matvec = 1;
         else if (argv[i][0] != '-' && npos < 2) pos[npos++] = argv[i];
         else usage(argv[0]);
     }
@@ -616,6 +698,13 @@ int main(int argc, char **argv) {
     int ok;
     if (config) ok = check_config(config);
     else if (router) ok = check_router();
+    else if (matvec) {
+#ifndef __CUDACC__
+        ok = check_matvec(broken);
+#else
+        die("--matvec checks the CPU's matvec_forward (gemm.h): run test_cpu");
+#endif
+    }
     else if (gradcheck) ok = check_gradients(broken, prec);
     else if (npos != 2) usage(argv[0]);
     else if (update) ok = check_update(pos[0], pos[1], update, expect, prec);
