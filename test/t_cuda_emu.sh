@@ -31,7 +31,7 @@ if ! command -v "${CXX:-g++}" > /dev/null; then
     exit 0
 fi
 if ! make -s test_cpu > "$S/make.log" 2>&1 || ! bash dev/cuda_emu/build.sh test_emu run_emu > "$S/emu_build.log" 2>&1; then
-    fail "cuda_emu: build failed: $(tail -3 "$S/make.log" "$S/emu_build.log" | tr '\n' ' ')"
+    fail "cuda_emu: build failed: $(tail -n 3 "$S/make.log" "$S/emu_build.log" | tr '\n' ' ')"
     exit 0
 fi
 

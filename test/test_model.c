@@ -587,9 +587,11 @@ static int check_router(void) {
 // inputs past the last whole vector, int8 groups that hold a block's inputs
 // (64, 128) and groups that do not (8, 4), accumulate, and a product big
 // enough to run on every thread. --break computes the definition's int8
-// weights as (x·s)·q, a rounding the check must see.
+// weights as (x·s)·q, a rounding the check must see. test_cpu only: the
+// CUDA builds (nvcc, and the emulator's g++) compile this file as C++ and
+// link openmoe.cu, which has no matvec_forward.
 
-#ifndef __CUDACC__
+#ifndef __cplusplus
 #include "gemm.h"
 
 typedef struct {
@@ -699,7 +701,7 @@ int main(int argc, char **argv) {
     if (config) ok = check_config(config);
     else if (router) ok = check_router();
     else if (matvec) {
-#ifndef __CUDACC__
+#ifndef __cplusplus
         ok = check_matvec(broken);
 #else
         die("--matvec checks the CPU's matvec_forward (gemm.h): run test_cpu");
