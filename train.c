@@ -678,8 +678,9 @@ static void log_open(Run *r) {
         fprintf(out, "\tul2\ttargets\tval_ul2_ce\n");
     }
     if (in) fclose(in);
-    atomic_commit(out, tmp, r->log_path);
-    r->logf = fopenCheck(r->log_path, "a");
+    atomic_flush(out, tmp);
+    atomic_rename(tmp, r->log_path);
+    r->logf = out;  // still open: the rows go to the file just renamed, not to whatever the name holds later
 }
 
 // the row of the last step: its losses (ce and lz over the batch's targets),

@@ -148,7 +148,8 @@ static inline long file_size(FILE *f, const char *path) {
 // write to PATH.tmp, then rename over PATH, so that PATH is never half written;
 // die() removes the .tmp of a write that failed. atomic_commit closes and
 // renames; atomic_close then atomic_rename do it in two steps, so that several
-// files (MAX_PENDING_TMP) are all written before any is renamed. The
+// files (MAX_PENDING_TMP) are all written before any is renamed; atomic_flush
+// then atomic_rename leave the file open, to go on writing what was renamed. The
 // .tmp is made anew (O_EXCL, O_NOFOLLOW): a link planted under its name is
 // removed, never followed, and one planted again after that makes the open
 // fail. A fixed name rather than mkstemp's: a killed run's .tmp is replaced by
@@ -167,8 +168,11 @@ static inline FILE *atomic_open(const char *path, char *tmp, size_t ntmp) {
     if (!f) die("%s: fdopen failed: %s", tmp, strerror(errno));
     return f;
 }
-static inline void atomic_close(FILE *f, const char *tmp) {
+static inline void atomic_flush(FILE *f, const char *tmp) {
     if (fflush(f) != 0 || ferror(f)) die("%s: write failed: %s", tmp, strerror(errno));
+}
+static inline void atomic_close(FILE *f, const char *tmp) {
+    atomic_flush(f, tmp);
     fcloseCheck(f, tmp);
 }
 static inline void atomic_rename(const char *tmp, const char *path) {
