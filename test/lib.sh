@@ -20,12 +20,14 @@ expect_error() {
     fi
 }
 # in_scratch NAME TARGET...: makes the TARGETs, then works in a fresh $BUILD/NAME
-# (ROOT: the repository), where no default path (data/kjv/...) points at a
-# real corpus; a failed make is a FAIL line and the end of the test
+# (S; ROOT: the repository; BUILD made absolute, as expect_ok writes there),
+# where no default path (data/kjv/...) points at a real corpus; a failed make
+# is a FAIL line and the end of the test
 in_scratch() {
     local name=$1; shift
     ROOT=$(pwd)
-    S=${BUILD:-build/test}/$name
+    mkdir -p "${BUILD:-build/test}" && BUILD=$(cd "${BUILD:-build/test}" && pwd) || { fail "$name: no $BUILD"; exit 0; }
+    S=$BUILD/$name
     rm -rf "$S" && mkdir -p "$S" || { fail "$name: cannot make $S"; exit 0; }
     if ! make -s "$@" > "$S/make.log" 2>&1; then
         fail "$name: make $* failed: $(tail -3 "$S/make.log" | tr '\n' ' ')"

@@ -21,21 +21,10 @@
 # (data/kjv/...) never point at a real corpus.
 set -u
 source test/lib.sh
-BUILD=${BUILD:-build/test}
 PY=${PYTHON:-/usr/bin/python3}
-ROOT=$(pwd)
-mkdir -p "$BUILD"
-BUILD=$(cd "$BUILD" && pwd)  # expect_ok writes $BUILD/last.log, and the tests run in $S
-S=$BUILD/train
-rm -rf "$S"
-mkdir -p "$S"
-if ! make -s train run > "$S/make.log" 2>&1; then
-    fail "train: make train run failed: $(tail -3 "$S/make.log" | tr '\n' ' ')"
-    exit 0
-fi
+in_scratch train train run
 TRAIN=$ROOT/train
 RUN=$ROOT/run
-cd "$S"
 
 # --- inputs ---------------------------------------------------------------------------
 # tokens FILE V IDS [FIELD=VALUE...]: a token data file (tokenizer.bin-spec §2) of the

@@ -29,24 +29,13 @@
 #     few, -t too short, a bad --dump-examples.
 set -u
 source test/lib.sh
-BUILD=${BUILD:-build/test}
 PY=${PYTHON:-/usr/bin/python3}
-ROOT=$(pwd)
-mkdir -p "$BUILD"
-BUILD=$(cd "$BUILD" && pwd)
-U=$BUILD/ul2
-rm -rf "$U"
-mkdir -p "$U"
-if ! make -s train > "$U/make.log" 2>&1; then
-    fail "ul2: make train failed: $(tail -3 "$U/make.log" | tr '\n' ' ')"
-    exit 0
-fi
+in_scratch ul2 train
 TRAIN=$ROOT/train
 CHECK=("$PY" "$ROOT/test/check_ul2.py")
 for pkg in sentencepiece python3-sentencepiece bible-kjv; do
     dpkg -s "$pkg" > /dev/null 2>&1 || { echo "SKIP ul2: Debian package $pkg is missing"; exit 0; }
 done
-cd "$U"
 
 # --- a tokenizer and data ----------------------------------------------------------------
 bible -f gen1:1-rev22:21 < /dev/null | sed -E 's/^[^ ]+ //' > kjv.txt
@@ -58,10 +47,10 @@ if ! spm_train --input=spm.txt --model_prefix=tok --vocab_size=700 --model_type=
     fail "ul2: spm_train failed: $(tail -2 spm.log)"
     exit 0
 fi
-for S in 300 10 0; do
-    $PY "$ROOT/dev/export_tokenizer.py" tok.model tok$S.bin --extra-ids $S > /dev/null
+for n in 300 10 0; do  # tokN.bin: N sentinels
+    $PY "$ROOT/dev/export_tokenizer.py" tok.model tok$n.bin --extra-ids $n > /dev/null
 done
-# train$S.bin, val$S.bin: the verses, each followed by EOS, in the vocabulary of tok$S.bin
+# trainN.bin, valN.bin: the verses, each followed by EOS, in the vocabulary of tokN.bin
 $PY - <<'EOF'
 import numpy as np, sentencepiece as spm
 sp = spm.SentencePieceProcessor(model_file="tok.model")
