@@ -609,13 +609,13 @@ static void gemm_bt(float *C, int ldc, const float *A, int lda, Weight W, int M,
 // (per = 1, 2, 4 values a word), which are widened to fp32 where they lie (a
 // bf16 is a shift or a mask away from its float; an int8 two shifts, a
 // conversion and its row's scale) and multiply-added in input order.
-// MATVEC_BLOCKS blocks of VW rows run side by side, as a chain waits on its
-// own latency. A thread's rows are one run of memory, and a task asks for
-// the next task's rows while it runs, a block's bytes for each block it
-// reads: the hardware's prefetchers do not follow VW rows read side by side
-// (this doubles int8's speed from memory, doc/engine-notes.md). Int8 takes this path where each row's 4VW inputs of a block
-// share a scale (its group a multiple of 4VW); other groups, and inputs past
-// the last whole block, are decoded element by element first.
+// MATVEC_BLOCKS blocks of VW rows run side by side, word by word, as a chain
+// waits on its own latency. A thread's rows are one run of memory, and a
+// task asks for the next task's rows while it runs, a block's bytes for each
+// block it reads: the hardware's prefetchers do not follow VW rows read side
+// by side. Int8 takes this path where each row's 4VW inputs of a block share
+// a scale (its group a multiple of 4VW); other groups, and inputs past the
+// last whole block, are decoded element by element first.
 #define MATVEC_BLOCKS 2                    // blocks of VW rows side by side
 #define MATVEC_PARALLEL_MIN (1 << 15)      // multiply-adds below which one thread is faster
 #define LINE 64                            // bytes of a cache line
@@ -670,7 +670,7 @@ static inline __attribute__((always_inline)) void matvec_rows(float *out, const 
                 for (int t = 0; t < VW; t++) r[b][t] = *(const vecf *)(v + (size_t)t * IN * bytes);
                 const char *ask = next + ((size_t)(i / step) * nb + b) * BLOCK_BYTES;
                 for (int l = 0; l < BLOCK_BYTES; l += LINE) __builtin_prefetch(ask + l, 0, 2);  // into L2
-                if (type == WEIGHT_INT8) {  // row r's scales: IN / group apart
+                if (type == WEIGHT_INT8) {  // the rows' scales, IN / group apart
                     const float *s = w.scales + row * (IN / w.group) + i / w.group;
                     for (int t = 0; t < VW; t++) sv[b][t] = s[(size_t)t * (IN / w.group)];
                 }
