@@ -799,7 +799,17 @@ void transpose(float *wt, const float *w, int OUT, int IN, int ldw) {
         transpose_rows(wt, w, OUT, IN, ldw, i0, i0 + TRANSPOSE_ROWS < IN ? i0 + TRANSPOSE_ROWS : IN);
 }
 
+// A product of a few rows (an expert's share of a short prompt, a prompt of
+// one token) runs as that many matvecs, each reading W where it lies, which
+// is cheaper than packing panels of W (widened to fp32) for so few rows.
+#define MATVEC_ROWS_FP32 2     // rows up to which matvecs beat the packing, fp32 weights
+#define MATVEC_ROWS_NARROW 3   // the same, bf16 and int8 weights (their packing widens)
+
 void matmul_forward(float *out, const float *inp, Weight w, int N, int IN, int OUT, int ldo, int accumulate) {
+    if (N <= (w.type == WEIGHT_FP32 ? MATVEC_ROWS_FP32 : MATVEC_ROWS_NARROW)) {
+        for (int n = 0; n < N; n++) matvec_forward(out + (size_t)n * ldo, inp + (size_t)n * IN, w, IN, OUT, accumulate);
+        return;
+    }
     gemm_bt(out, ldo, inp, IN, w, N, OUT, IN, accumulate);
 }
 

@@ -581,8 +581,9 @@ static int check_router(void) {
 
 // ----------------------------------------------------------------------------
 // check 6 (CPU): matvec_forward, decode's product over weights as stored,
-// against its definition (gemm.h): each output one chain of multiply-adds in
-// input order over weight_value, bit for bit. The shapes reach every path:
+// and matmul_forward of 1 to MATMUL_ROWS rows over the same weights, against
+// the definition (gemm.h): each output one chain of multiply-adds in input
+// order over weight_value, bit for bit. The shapes reach every path:
 // whole tasks and a last task of one block, rows past the last whole block,
 // inputs past the last whole vector, int8 groups that hold a block's inputs
 // (64, 128) and groups that do not (8, 4), accumulate, and a product big
@@ -593,6 +594,8 @@ static int check_router(void) {
 
 #ifndef __cplusplus
 #include "gemm.h"
+
+#define MATMUL_ROWS 5  // matmul_forward checked for 1 .. this many rows
 
 typedef struct {
     WeightType type;
@@ -638,7 +641,7 @@ static int check_matvec(int broken) {
         for (int o = 0; o < mc.OUT; o++) start[o] = rng_uniform(&rng);
         Weight w = {mc.type, mc.type == WEIGHT_FP32 ? (const void *)f32 : mc.type == WEIGHT_BF16 ? (const void *)b16 : q,
                     scales, mc.group};
-        int wrong = 0;
+        int wrong = 0, rows_wrong = 0;
         for (int accumulate = 0; accumulate <= 1; accumulate++) {
             memcpy(out, start, mc.OUT * sizeof(float));
             matvec_forward(out, x, w, mc.IN, mc.OUT, accumulate);
@@ -647,10 +650,27 @@ static int check_matvec(int broken) {
                 if (memcmp(&want, &out[o], sizeof(float)) != 0) wrong++;
             }
         }
+        // matmul_forward over N rows, each x, rows ldo apart: a few rows run
+        // as matvecs, more through the packed panels; every row is x's chain
+        for (int N = 1; N <= MATMUL_ROWS; N++) {
+            int ldo = mc.OUT + 3;
+            float *xs = (float *)mallocCheck((size_t)N * mc.IN * sizeof(float));
+            float *outs = (float *)mallocCheck((size_t)N * ldo * sizeof(float));
+            for (int n = 0; n < N; n++) memcpy(xs + (size_t)n * mc.IN, x, mc.IN * sizeof(float));
+            for (int n = 0; n < N; n++) memcpy(outs + (size_t)n * ldo, start, mc.OUT * sizeof(float));
+            matmul_forward(outs, xs, w, N, mc.IN, mc.OUT, ldo, 1);
+            for (int n = 0; n < N; n++)
+                for (int o = 0; o < mc.OUT; o++) {
+                    float want = matvec_definition(x, w, mc.IN, o, start[o], broken);
+                    if (memcmp(&want, &outs[(size_t)n * ldo + o], sizeof(float)) != 0) rows_wrong++;
+                }
+            free(xs), free(outs);
+        }
         const char *names[3] = {"fp32", "bf16", "int8"};
-        printf("matvec %s %d x %d (group %d): %d of %d outputs differ from the definition\n", names[mc.type], mc.OUT,
-               mc.IN, mc.group, wrong, 2 * mc.OUT);
-        wrong_cases += wrong > 0;
+        printf("matvec %s %d x %d (group %d): %d of %d outputs differ from the definition; matmul_forward of 1..%d "
+               "rows: %d\n",
+               names[mc.type], mc.OUT, mc.IN, mc.group, wrong, 2 * mc.OUT, MATMUL_ROWS, rows_wrong);
+        wrong_cases += wrong + rows_wrong > 0;
         free(x), free(out), free(start), free(scales), free(f32), free(b16), free(q);
     }
     return wrong_cases == 0;
