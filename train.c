@@ -678,7 +678,7 @@ static void log_open(Run *r) {
         fprintf(out, "\tul2\ttargets\tval_ul2_ce\n");
     }
     if (in) fclose(in);
-    atomic_flush(out, tmp);
+    fflushCheck(out, tmp);
     atomic_rename(tmp, r->log_path);
     r->logf = out;  // still open: the rows go to the file just renamed, not to whatever the name holds later
 }
@@ -695,7 +695,7 @@ static void log_row(const Run *r) {
     fprintf(r->logf, "\t%.6f\t%.6f", r->val_ce, r->val_loss);
     for (int i = 0; i < r->nm; i++) fprintf(r->logf, "\t%.6f", r->drop[i]);
     fprintf(r->logf, "\t%d\t%ld\t%.6f\n", r->step_ul2, r->targets, r->val_ul2_ce);
-    if (fflush(r->logf) != 0 || ferror(r->logf)) die("%s: write failed: %s", r->log_path, strerror(errno));
+    fflushCheck(r->logf, r->log_path);
 }
 
 // ----------------------------------------------------------------------------

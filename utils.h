@@ -85,6 +85,12 @@ static inline void fclose_check(FILE *f, const char *path, const char *file, int
 }
 #define fcloseCheck(f, path) fclose_check(f, path, __FILE__, __LINE__)
 
+// what was written to f reached the OS (a full disk shows here, not at fwrite)
+static inline void fflush_check(FILE *f, const char *path, const char *file, int line) {
+    if (fflush(f) != 0 || ferror(f)) die("%s: write failed: %s  [%s:%d]", path, strerror(errno), file, line);
+}
+#define fflushCheck(f, path) fflush_check(f, path, __FILE__, __LINE__)
+
 static inline void *malloc_check(size_t size, const char *file, int line) {
     void *p = malloc(size ? size : 1);
     if (!p) die("out of memory allocating %zu bytes  [%s:%d]", size, file, line);
@@ -148,7 +154,7 @@ static inline long file_size(FILE *f, const char *path) {
 // write to PATH.tmp, then rename over PATH, so that PATH is never half written;
 // die() removes the .tmp of a write that failed. atomic_commit closes and
 // renames; atomic_close then atomic_rename do it in two steps, so that several
-// files (MAX_PENDING_TMP) are all written before any is renamed; atomic_flush
+// files (MAX_PENDING_TMP) are all written before any is renamed; fflushCheck
 // then atomic_rename leave the file open, to go on writing what was renamed. The
 // .tmp is made anew (O_EXCL, O_NOFOLLOW): a link planted under its name is
 // removed, never followed, and one planted again after that makes the open
@@ -168,11 +174,8 @@ static inline FILE *atomic_open(const char *path, char *tmp, size_t ntmp) {
     if (!f) die("%s: fdopen failed: %s", tmp, strerror(errno));
     return f;
 }
-static inline void atomic_flush(FILE *f, const char *tmp) {
-    if (fflush(f) != 0 || ferror(f)) die("%s: write failed: %s", tmp, strerror(errno));
-}
 static inline void atomic_close(FILE *f, const char *tmp) {
-    atomic_flush(f, tmp);
+    fflushCheck(f, tmp);
     fcloseCheck(f, tmp);
 }
 static inline void atomic_rename(const char *tmp, const char *path) {
