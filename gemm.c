@@ -624,6 +624,9 @@ static void gemm_bt(float *C, int ldc, const float *A, int lda, Weight W, int M,
 typedef uint32_t vecu __attribute__((vector_size(VW * sizeof(float)), aligned(4)));
 typedef int32_t vecs __attribute__((vector_size(VW * sizeof(float)), aligned(4)));
 
+// the values of a type in one 32-bit word
+static inline int values_per_word(WeightType type) { return type == WEIGHT_FP32 ? 1 : type == WEIGHT_BF16 ? 2 : 4; }
+
 // acc (+)= one word of a transposed block times x, the word's inputs in order
 // (one, two or four per row); sv: the rows' scales (int8)
 static inline __attribute__((always_inline)) vecf matvec_word(vecf acc, vecf word, const float *x, WeightType type,
@@ -645,7 +648,7 @@ static inline __attribute__((always_inline)) vecf matvec_word(vecf acc, vecf wor
 // side so that each waits on its own latency only
 static inline __attribute__((always_inline)) void matvec_blocks(vecf *acc, vecf r[][VW], const float *x, int nb,
                                                                 WeightType type, const vecf *sv) {
-    int per = type == WEIGHT_FP32 ? 1 : type == WEIGHT_BF16 ? 2 : 4;
+    int per = values_per_word(type);
     for (int t = 0; t < VW; t++)
         for (int b = 0; b < nb; b++) acc[b] = matvec_word(acc[b], r[b][t], x + t * per, type, sv[b]);
 }
@@ -659,7 +662,7 @@ static inline __attribute__((always_inline)) void matvec_rows(float *out, const 
         vecf zero = {0};
         acc[b] = accumulate ? *(const vecf *)(out + o0 + b * VW) : zero;
     }
-    int per = type == WEIGHT_FP32 ? 1 : type == WEIGHT_BF16 ? 2 : 4, step = VW * per, i = 0;
+    int per = values_per_word(type), step = VW * per, i = 0;
     size_t bytes = 4 / per;
     const char *next = (const char *)w.values + ((size_t)o0 + nb * VW) * IN * bytes;  // the next task's rows
     if (type != WEIGHT_INT8 || w.group % step == 0)
